@@ -1,0 +1,3 @@
+"""nodulekit: lung-nodule segmentation on a hand-written engine (CUDA kernels + Numba)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,321 @@
+"""The op list: every operation the U-Net needs, its shapes, dtypes and math.
+
+This module is the contract between the network (``nodulekit/nn``) and the backends
+(``reference.py`` in float64, ``cpu.py`` with NumPy + Numba, ``cuda.py`` with CuPy
+kernels). Each public method of :class:`Backend` checks its arguments, then calls the
+backend's ``_name`` implementation. So a wrong dtype, layout or shape raises the same
+``ValueError`` on every backend, saying what was expected and what came.
+
+Conventions (see DESIGN.md):
+
+- activations are NHWC, contiguous, in the backend's float dtype (float32; the
+  reference backend uses float64);
+- convolution weights are ``[K, R, S, C]`` (out, kernel rows, kernel cols, in), the
+  2x2 up-convolution's ``[K, 2, 2, C]``, biases ``[K]``;
+- CT slices enter as int16 Hounsfield units ``[N, H, W]`` with uint8 masks
+  ``[N, H, W]`` (nonzero = nodule); masks leave the augmentation as uint8 ``{0, 1}``
+  with a channel axis, ``[N, H, W, 1]``.
+
+The ops, with their math (x, y: input, output; K out channels; C in channels):
+
+``conv2d_forward(x, w, b, relu)``
+    3x3 or 1x1 convolution, stride 1, zero "same" padding ``P = R // 2``::
+
+        y[n,h,w,k] = b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k,r,s,c]
+        y = max(y, 0) if relu
+
+``conv2d_backward(dy, x, w, y, relu, need_dx)`` -> ``(dx, dw, db)``
+    With ``dz = dy * (y > 0)`` when relu (``y`` is the forward output), else ``dz = dy``::
+
+        db[k]       = sum_{n,h,w} dz[n,h,w,k]
+        dw[k,r,s,c] = sum_{n,h,w} dz[n,h,w,k] * x[n, h+r-P, w+s-P, c]
+        dx[n,h,w,c] = sum_{k,r,s} dz[n, h-r+P, w-s+P, k] * w[k,r,s,c]
+
+    ``dx`` is None when ``need_dx`` is False (the first layer needs no input gradient).
+
+``maxpool2x2_forward(x)`` -> ``(y, argmax)``
+    ``y[n,i,j,c] = max_{a,b in {0,1}} x[n, 2i+a, 2j+b, c]``, output ``H // 2, W // 2``
+    (an odd last row or column is dropped, as in PyTorch). ``argmax`` (uint8) holds
+    ``2a + b`` of the maximum; the first in row-major order wins a tie.
+
+``maxpool2x2_backward(dy, argmax, input_hw)`` -> ``dx``
+    ``dx[n, 2i+a, 2j+b, c] = dy[n,i,j,c]`` where ``argmax == 2a + b``, else 0;
+    ``dx`` has the forward input's shape ``[N, H, W, C]``.
+
+``upconv2x2_forward(x, w, b)``
+    2x2 transposed convolution, stride 2: ``[N,H,W,C] -> [N,2H,2W,K]``::
+
+        y[n, 2i+a, 2j+b, k] = b[k] + sum_c x[n,i,j,c] * w[k,a,b,c]
+
+``upconv2x2_backward(dy, x, w)`` -> ``(dx, dw, db)``::
+
+        dx[n,i,j,c] = sum_{a,b,k} dy[n,2i+a,2j+b,k] * w[k,a,b,c]
+        dw[k,a,b,c] = sum_{n,i,j} dy[n,2i+a,2j+b,k] * x[n,i,j,c]
+        db[k]       = sum_{n,h,w} dy[n,h,w,k]
+
+``concat_channels(a, b)`` / ``split_channels(dy, ca)``
+    ``y = [a | b]`` along channels (the U-Net puts the skip first); the split returns
+    the two gradients as contiguous arrays.
+
+``sigmoid_dice_loss(logits, target, smooth)`` -> ``(loss, dice, dlogits)``
+    With ``p = sigmoid(z)``, per sample i (sums over the sample's pixels)::
+
+        I = sum p*t,  S = sum p + sum t
+        dice_i = (2 I + s) / (S + s),   loss = mean_i (1 - dice_i)
+        dloss/dz = -(1/N) * (2 t (S + s) - (2 I + s)) / (S + s)^2 * p (1 - p)
+
+    ``loss`` is a 0-d array (no device sync), ``dice`` is ``[N]``.
+
+``adam_step(param, grad, m, v, step, lr, beta1, beta2, eps)`` (in place)
+    PyTorch's Adam (no weight decay), ``step`` counted from 1::
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        param -= lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)
+
+``window_augment(hu, mask, aug, center, width)`` -> ``(image, mask_out)``
+    Per sample ``aug[n] = (flip_h, flip_v, angle_deg)``. Forward transform: flip left-right
+    if flip_h, flip up-down if flip_v, then rotate by angle (counter-clockwise as
+    displayed, as ``np.rot90``) about the centre ``(cy, cx) = ((H-1)/2, (W-1)/2)``.
+    Computed by inverse mapping each output pixel (y, x)::
+
+        dy, dx = y - cy, x - cx
+        sy = cy + cos(t) dy + sin(t) dx          (t = angle in radians)
+        sx = cx + cos(t) dx - sin(t) dy
+        if flip_v: sy = H - 1 - sy
+        if flip_h: sx = W - 1 - sx
+
+    The image samples HU bilinearly at (sy, sx), a neighbour outside the slice being air
+    (-1000 HU), then windows it: ``clip((hu - (center - width/2)) / width, 0, 1)``.
+    The mask takes its nearest pixel, ``floor(s + 0.5)`` per axis, 0 outside; nonzero
+    becomes 1. The reference computes coordinates in float64; the CPU backend too; a
+    GPU in float32 may differ on the rare exact tie.
+
+``confusion_counts(logits, target)`` -> int64 ``[N, 3]``
+    Per sample: true positives, false positives, false negatives of the prediction
+    ``p > 0.5``, computed as ``logits > 0`` (the same in exact arithmetic, and free of
+    sigmoid's rounding to 0.5 near zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+AIR_HU = -1000.0
+WINDOW_CENTER = -500.0
+WINDOW_WIDTH = 1600.0
+
+OP_NAMES = (
+    "conv2d_forward",
+    "conv2d_backward",
+    "maxpool2x2_forward",
+    "maxpool2x2_backward",
+    "upconv2x2_forward",
+    "upconv2x2_backward",
+    "concat_channels",
+    "split_channels",
+    "sigmoid_dice_loss",
+    "adam_step",
+    "window_augment",
+    "confusion_counts",
+)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _describe(a) -> str:
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        return f"a {type(a).__name__}"
+    return f"{a.dtype} array of shape {tuple(a.shape)}"
+
+
+def check_array(op: str, name: str, a, dtype, ndim: int, layout: str = "", shape=None):
+    """Raise ValueError unless ``a`` is a C-contiguous array of ``dtype`` and ``ndim`` dims.
+
+    ``shape`` may fix some dimensions (None = any). ``layout`` names the axes for
+    the message, e.g. "NHWC".
+    """
+    where = f"{op}: {name}"
+    want = f"{np.dtype(dtype).name} {layout or f'{ndim}-d'} array"
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        raise ValueError(f"{where} must be a {want}, got {_describe(a)}")
+    if a.dtype != np.dtype(dtype):
+        raise ValueError(f"{where} must be a {want}, got {_describe(a)}")
+    if a.ndim != ndim:
+        raise ValueError(f"{where} must be a {want} ({ndim} dims), got {_describe(a)}")
+    if shape is not None:
+        for axis, (want_d, got_d) in enumerate(zip(shape, a.shape)):
+            if want_d is not None and want_d != got_d:
+                exp = tuple("*" if d is None else d for d in shape)
+                raise ValueError(
+                    f"{where} must have shape {exp} ({layout or 'dims'}), got {tuple(a.shape)}"
+                    f" (axis {axis}: expected {want_d}, got {got_d})"
+                )
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{where} must be C-contiguous ({layout}); got a strided view")
+
+
+def _check_positive(op: str, a, name: str):
+    if any(d <= 0 for d in a.shape):
+        raise ValueError(f"{op}: {name} has an empty dimension: shape {tuple(a.shape)}")
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class Backend:
+    """Base of every backend: checks arguments, then calls ``self._<op>``.
+
+    A backend provides ``name``, ``xp`` (its array module), ``dtype`` (its float
+    dtype), ``precision`` (a named choice, e.g. "fp32") and the ``_<op>`` methods.
+    """
+
+    name = "abstract"
+    xp = np
+    dtype = np.dtype(np.float32)
+    precision = "fp32"
+
+    # ---- memory helpers used by nn/ (keep cupy out of the layers above)
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def empty(self, shape, dtype=None):
+        return self.xp.empty(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def asarray(self, a, dtype=None):
+        """Host or device array -> this backend's contiguous array."""
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+
+    def to_host(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def synchronize(self) -> None:
+        """Wait for queued work (a no-op on the CPU)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.precision}>"
+
+    # ---- convolution
+    def conv2d_forward(self, x, w, b, relu: bool = False):
+        op = "conv2d_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "KRSC")
+        _check_positive(op, x, "x")
+        k, r, s, c = w.shape
+        if r != s or r not in (1, 3):
+            raise ValueError(f"{op}: w must be [K,3,3,C] or [K,1,1,C], got {tuple(w.shape)}")
+        check_array(op, "w", w, self.dtype, 4, "KRSC", (None, r, r, x.shape[3]))
+        check_array(op, "b", b, self.dtype, 1, "K", (k,))
+        return self._conv2d_forward(x, w, b, bool(relu))
+
+    def conv2d_backward(self, dy, x, w, y=None, relu: bool = False, need_dx: bool = True):
+        op = "conv2d_backward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "KRSC", (None, None, None, x.shape[3]))
+        k, r, s, _ = w.shape
+        if r != s or r not in (1, 3):
+            raise ValueError(f"{op}: w must be [K,3,3,C] or [K,1,1,C], got {tuple(w.shape)}")
+        n, h, wd, _ = x.shape
+        check_array(op, "dy", dy, self.dtype, 4, "NHWK", (n, h, wd, k))
+        if relu:
+            if y is None:
+                raise ValueError(f"{op}: relu=True needs y, the forward output")
+            check_array(op, "y", y, self.dtype, 4, "NHWK", (n, h, wd, k))
+        return self._conv2d_backward(dy, x, w, y if relu else None, bool(relu), bool(need_dx))
+
+    # ---- max-pool
+    def maxpool2x2_forward(self, x):
+        op = "maxpool2x2_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        if x.shape[1] < 2 or x.shape[2] < 2:
+            raise ValueError(f"{op}: x must be at least 2x2 in H and W, got {tuple(x.shape)}")
+        return self._maxpool2x2_forward(x)
+
+    def maxpool2x2_backward(self, dy, argmax, input_hw):
+        op = "maxpool2x2_backward"
+        h, w = (int(v) for v in input_hw)
+        check_array(op, "dy", dy, self.dtype, 4, "NHWC", (None, h // 2, w // 2, None))
+        check_array(op, "argmax", argmax, np.uint8, 4, "NHWC", tuple(dy.shape))
+        return self._maxpool2x2_backward(dy, argmax, (h, w))
+
+    # ---- up-convolution
+    def upconv2x2_forward(self, x, w, b):
+        op = "upconv2x2_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        check_array(op, "b", b, self.dtype, 1, "K", (w.shape[0],))
+        return self._upconv2x2_forward(x, w, b)
+
+    def upconv2x2_backward(self, dy, x, w):
+        op = "upconv2x2_backward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        n, h, wd, _ = x.shape
+        check_array(op, "dy", dy, self.dtype, 4, "NHWK", (n, 2 * h, 2 * wd, w.shape[0]))
+        return self._upconv2x2_backward(dy, x, w)
+
+    # ---- concat
+    def concat_channels(self, a, b):
+        op = "concat_channels"
+        check_array(op, "a", a, self.dtype, 4, "NHWC")
+        check_array(op, "b", b, self.dtype, 4, "NHWC", tuple(a.shape[:3]) + (None,))
+        return self._concat_channels(a, b)
+
+    def split_channels(self, dy, ca: int):
+        op = "split_channels"
+        check_array(op, "dy", dy, self.dtype, 4, "NHWC")
+        if not 0 < int(ca) < dy.shape[3]:
+            raise ValueError(f"{op}: ca must be in 1..{dy.shape[3] - 1}, got {ca}")
+        return self._split_channels(dy, int(ca))
+
+    # ---- loss
+    def sigmoid_dice_loss(self, logits, target, smooth: float = 1.0):
+        op = "sigmoid_dice_loss"
+        check_array(op, "logits", logits, self.dtype, 4, "NHW1", (None, None, None, 1))
+        check_array(op, "target", target, np.uint8, 4, "NHW1", tuple(logits.shape))
+        if not smooth >= 0:
+            raise ValueError(f"{op}: smooth must be >= 0, got {smooth}")
+        return self._sigmoid_dice_loss(logits, target, float(smooth))
+
+    # ---- optimiser
+    def adam_step(self, param, grad, m, v, step: int, lr: float,
+                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        op = "adam_step"
+        check_array(op, "param", param, self.dtype, 1, "flat")
+        for name, a in (("grad", grad), ("m", m), ("v", v)):
+            check_array(op, name, a, self.dtype, 1, "flat", tuple(param.shape))
+        if int(step) < 1:
+            raise ValueError(f"{op}: step counts from 1, got {step}")
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and lr >= 0 and eps > 0):
+            raise ValueError(f"{op}: need 0<=betas<1, lr>=0, eps>0; got "
+                             f"lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
+        return self._adam_step(param, grad, m, v, int(step), float(lr),
+                               float(beta1), float(beta2), float(eps))
+
+    # ---- input pipeline
+    def window_augment(self, hu, mask, aug, center: float = WINDOW_CENTER,
+                       width: float = WINDOW_WIDTH):
+        op = "window_augment"
+        check_array(op, "hu", hu, np.int16, 3, "NHW")
+        _check_positive(op, hu, "hu")
+        check_array(op, "mask", mask, np.uint8, 3, "NHW", tuple(hu.shape))
+        check_array(op, "aug", aug, np.float32, 2, "[N, 3] (flip_h, flip_v, angle_deg)",
+                    (hu.shape[0], 3))
+        if not (width > 0 and math.isfinite(center)):
+            raise ValueError(f"{op}: window width must be > 0, got width={width}, center={center}")
+        return self._window_augment(hu, mask, aug, float(center), float(width))
+
+    def confusion_counts(self, logits, target):
+        op = "confusion_counts"
+        check_array(op, "logits", logits, self.dtype, 4, "NHW1", (None, None, None, 1))
+        check_array(op, "target", target, np.uint8, 4, "NHW1", tuple(logits.shape))
+        return self._confusion_counts(logits, target)
+
+
+def identity_augmentation(n: int) -> np.ndarray:
+    """The ``aug`` array that leaves every sample as it is (evaluation)."""
+    return np.zeros((n, 3), dtype=np.float32)
