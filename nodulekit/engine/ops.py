@@ -146,7 +146,7 @@ def check_array(op: str, name: str, a, dtype, ndim: int, layout: str = "", shape
     if a.ndim != ndim:
         raise ValueError(f"{where} must be a {want} ({ndim} dims), got {_describe(a)}")
     if shape is not None:
-        for axis, (want_d, got_d) in enumerate(zip(shape, a.shape)):
+        for axis, (want_d, got_d) in enumerate(zip(shape, a.shape, strict=True)):
             if want_d is not None and want_d != got_d:
                 exp = tuple("*" if d is None else d for d in shape)
                 raise ValueError(

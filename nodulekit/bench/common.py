@@ -1,0 +1,100 @@
+"""What every benchmark shares: timing, the device's name, the run's provenance."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(backend_name: str) -> str:
+    """A sentence naming the hardware a benchmark ran on."""
+    if backend_name == "cuda":
+        from nodulekit.engine import cuda_usable
+
+        ok, name = cuda_usable()
+        return f"GPU {name}" if ok else "GPU (unknown)"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores"
+
+
+def device_slug(backend_name: str) -> str:
+    """Short file-name-safe device name, for bench/results/<slug>-<date>.json."""
+    text = device_description(backend_name).lower()
+    keep = "".join(ch if ch.isalnum() else "-" for ch in text)
+    return "-".join(part for part in keep.split("-") if part)[:60]
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(backend_name: str) -> dict:
+    import numpy
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(backend_name),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int,
+              sync: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
+    """Median wall time of fn() in milliseconds after warm-up, and every sample."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), samples
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(
+            "the benchmarks time against PyTorch, which is not installed here: "
+            "pip install 'nodulekit[bench]'  (pins torch==2.13.0)") from exc
+    return torch

@@ -1,0 +1,107 @@
+"""`nodulekit bench step`: one training step of our U-Net against the PyTorch reference.
+
+A step is forward, sigmoid + Dice loss, backward and Adam, on the same architecture, the
+same weights and the same batch on both sides. PyTorch runs channels_last (NHWC, as ours)
+in float32 with TF32 off on a GPU, so both sides compute the same thing. Reported: the
+median of ``repeats`` steps after ``warmup``, and the ratio ours / torch (< 1: we are
+faster). Both run in this one process, one after the other, on the same device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nodulekit.bench.common import median_ms, provenance, require_torch
+from nodulekit.engine import get_backend, resolve_device
+from nodulekit.nn import Adam, UNet, training_step
+
+
+def synthetic_batch(batch: int, size: int, seed: int):
+    """A windowed-CT-like image in [0, 1] and a mask with one disk per sample."""
+    rng = np.random.default_rng(seed)
+    image = rng.random((batch, size, size, 1), dtype=np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((batch, size, size, 1), dtype=np.uint8)
+    for n in range(batch):
+        cy, cx = rng.uniform(size * 0.25, size * 0.75, 2)
+        r = rng.uniform(size * 0.03, size * 0.12)
+        mask[n, ..., 0] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return image, mask
+
+
+def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,
+                   batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
+                   lr: float = 1e-4) -> dict:
+    torch = require_torch()
+    from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
+
+    backend_name, why = resolve_device(device)
+    backend = get_backend(backend_name)
+    image, mask = synthetic_batch(batch, size, seed)
+
+    # ---- ours
+    model = UNet(backend, depth=depth, width=width, seed=seed)
+    start_weights = model.state_dict()
+    optimizer = Adam(backend, model.params, model.grads, lr=lr)
+    x, t = backend.asarray(image), backend.asarray(mask)
+    first_loss_ours = float(training_step(model, optimizer, x, t))
+    ours_ms, ours_all = median_ms(lambda: training_step(model, optimizer, x, t), repeats,
+                                  warmup, backend.synchronize)
+
+    # ---- torch
+    tdev = "cuda" if backend_name == "cuda" else "cpu"
+    if tdev == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    tmodel = TorchUNet(depth, width).load_ours(start_weights).to(tdev)
+    tmodel = tmodel.to(memory_format=torch.channels_last)
+    topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
+    tx = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(tdev)
+    tx = tx.contiguous(memory_format=torch.channels_last)
+    tt = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy()).to(tdev)
+
+    def torch_step():
+        topt.zero_grad(set_to_none=True)
+        loss = torch_dice_loss(tmodel(tx), tt)
+        loss.backward()
+        topt.step()
+        return loss
+
+    first_loss_torch = float(torch_step())
+    tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+    torch_ms, torch_all = median_ms(torch_step, repeats, warmup, tsync)
+
+    return {
+        "benchmark": "step",
+        **provenance(backend_name),
+        "backend": backend_name,
+        "device_choice": why,
+        "config": {"width": width, "depth": depth, "size": size, "batch": batch,
+                   "repeats": repeats, "warmup": warmup, "seed": seed, "lr": lr,
+                   "parameters": model.num_parameters, "precision": backend.precision,
+                   "torch_memory_format": "channels_last"},
+        "first_step_loss": {"ours": first_loss_ours, "torch": first_loss_torch},
+        "ours_ms": ours_ms,
+        "torch_ms": torch_ms,
+        "ratio": ours_ms / torch_ms,
+        "ours_ms_samples": ours_all,
+        "torch_ms_samples": torch_all,
+        "images_per_s": {"ours": batch / ours_ms * 1e3, "torch": batch / torch_ms * 1e3},
+    }
+
+
+def format_step(r: dict) -> str:
+    c = r["config"]
+    return "\n".join([
+        f"device: {r['device']}  ({r['device_choice']})",
+        f"U-Net depth {c['depth']} width {c['width']} ({c['parameters']:,} parameters), "
+        f"batch {c['batch']} x {c['size']}x{c['size']}, {c['precision']}",
+        f"first-step loss: ours {r['first_step_loss']['ours']:.6f}  "
+        f"torch {r['first_step_loss']['torch']:.6f}",
+        f"training step (median of {c['repeats']} after {c['warmup']} warm-up):",
+        f"  ours  {r['ours_ms']:9.1f} ms   {r['images_per_s']['ours']:7.1f} images/s",
+        f"  torch {r['torch_ms']:9.1f} ms   {r['images_per_s']['torch']:7.1f} images/s",
+        f"  ratio ours/torch {r['ratio']:.2f}  ({'faster' if r['ratio'] < 1 else 'slower'}"
+        f" than torch)",
+    ])

@@ -1,0 +1,194 @@
+"""The CPU backend: NumPy + Numba, float32.
+
+Convolutions are patches (im2col) times BLAS SGEMM, one block of output rows at a time so
+the patch matrix stays small (it would be 9*C floats per pixel for the whole batch) and
+warm in cache when the GEMM reads it. The backward pass reuses the forward machinery:
+
+- dW = dZ^T @ patches(x)                      (one GEMM per block, summed)
+- dX = patches(dZ) @ W_flipped                 (a 'same' convolution of dZ with the
+                                                 kernel rotated 180 degrees, C and K swapped)
+
+so there is no scatter (col2im). The ReLU's mask and the bias gradient are fused into one
+pass over dY. Everything else is a single Numba loop (``cpu_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nodulekit.engine import cpu_kernels as kern
+from nodulekit.engine.ops import AIR_HU, Backend
+
+# Patch-matrix block: about this many bytes (L2-sized blocks measured best here).
+PATCH_BLOCK_BYTES = 1 << 21
+MIN_BLOCK_ROWS = 256
+
+
+def _block_rows(columns: int) -> int:
+    return max(MIN_BLOCK_ROWS, PATCH_BLOCK_BYTES // (4 * max(columns, 1)))
+
+
+def _reduction_blocks(rows: int) -> int:
+    # enough partial sums to keep both cores busy, few enough to add up cheaply
+    return max(1, min(64, rows // 1024))
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    xp = np
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, precision: str = "fp32"):
+        if precision != "fp32":
+            raise ValueError(f"the cpu backend computes in fp32 only; got precision={precision!r}")
+        self.precision = precision
+
+    # ------------------------------------------------------------------ convolution
+    def _conv_gemm(self, x, w2d_t, r_size, out2d):
+        """out2d[M, K] = patches(x)[M, R*R*C] @ w2d_t[R*R*C, K], block by block."""
+        n, h, w, c = x.shape
+        rows = n * h * w
+        if r_size == 1:
+            np.matmul(x.reshape(rows, c), w2d_t, out=out2d)
+            return out2d
+        cols_n = r_size * r_size * c
+        step = _block_rows(cols_n)
+        cols = np.empty((min(step, rows), cols_n), dtype=np.float32)
+        for m0 in range(0, rows, step):
+            m1 = min(rows, m0 + step)
+            blk = cols[: m1 - m0]
+            kern.im2col(x, m0, m1, r_size, blk)
+            np.matmul(blk, w2d_t, out=out2d[m0:m1])
+        return out2d
+
+    def _conv2d_forward(self, x, w, b, relu):
+        n, h, wd, _ = x.shape
+        k, r = w.shape[0], w.shape[1]
+        y = np.empty((n, h, wd, k), dtype=np.float32)
+        y2d = y.reshape(n * h * wd, k)
+        self._conv_gemm(x, w.reshape(k, -1).T, r, y2d)
+        kern.bias_relu_inplace(y2d, b, relu)
+        return y
+
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+        n, h, wd, c = x.shape
+        k, r = w.shape[0], w.shape[1]
+        rows = n * h * wd
+        dy2d = dy.reshape(rows, k)
+        dz2d = np.empty_like(dy2d)
+        partial = np.empty((_reduction_blocks(rows), k), dtype=np.float32)
+        y2d = y.reshape(rows, k) if relu else dy2d
+        kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
+        db = partial.sum(axis=0)
+
+        # dW[K, R*R*C] = dZ^T @ patches(x)
+        cols_n = r * r * c
+        dw2d = np.zeros((k, cols_n), dtype=np.float32)
+        if r == 1:
+            np.matmul(dz2d.T, x.reshape(rows, c), out=dw2d)
+        else:
+            step = _block_rows(cols_n)
+            cols = np.empty((min(step, rows), cols_n), dtype=np.float32)
+            tmp = np.empty_like(dw2d)
+            for m0 in range(0, rows, step):
+                m1 = min(rows, m0 + step)
+                blk = cols[: m1 - m0]
+                kern.im2col(x, m0, m1, r, blk)
+                np.matmul(dz2d[m0:m1].T, blk, out=tmp)
+                dw2d += tmp
+        dw = dw2d.reshape(w.shape)
+
+        dx = None
+        if need_dx:
+            # 'same' convolution of dZ with the kernel rotated 180 degrees, K <-> C
+            w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0))
+            dx = np.empty((n, h, wd, c), dtype=np.float32)
+            self._conv_gemm(dz2d.reshape(n, h, wd, k), w_flip.reshape(c, -1).T, r,
+                            dx.reshape(rows, c))
+        return dx, dw, db
+
+    # ------------------------------------------------------------------ max-pool
+    def _maxpool2x2_forward(self, x):
+        n, h, w, c = x.shape
+        y = np.empty((n, h // 2, w // 2, c), dtype=np.float32)
+        argmax = np.empty(y.shape, dtype=np.uint8)
+        kern.maxpool2x2_forward(x, y, argmax)
+        return y, argmax
+
+    def _maxpool2x2_backward(self, dy, argmax, input_hw):
+        n, _, _, c = dy.shape
+        dx = np.empty((n, input_hw[0], input_hw[1], c), dtype=np.float32)
+        kern.maxpool2x2_backward(dy, argmax, dx)
+        return dx
+
+    # ------------------------------------------------------------------ up-convolution
+    @staticmethod
+    def _upconv_matrix(w):
+        """w [K,2,2,C] -> [C, 2*2*K] with columns ordered (a, b, k)."""
+        return np.ascontiguousarray(w.transpose(3, 1, 2, 0)).reshape(w.shape[3], -1)
+
+    def _upconv2x2_forward(self, x, w, b):
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        tmp = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
+        np.matmul(x.reshape(-1, c), self._upconv_matrix(w), out=tmp.reshape(n * h * wd, 4 * k))
+        y = np.empty((n, 2 * h, 2 * wd, k), dtype=np.float32)
+        kern.upconv_scatter(tmp, b, y)
+        return y
+
+    def _upconv2x2_backward(self, dy, x, w):
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        rows = n * h * wd
+        g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
+        kern.upconv_gather(dy, g)
+        g2d = g.reshape(rows, 4 * k)
+        wm = self._upconv_matrix(w)
+        dx = np.matmul(g2d, wm.T).reshape(n, h, wd, c)
+        dwm = np.matmul(x.reshape(rows, c).T, g2d)  # [C, (a, b, k)]
+        dw = np.ascontiguousarray(dwm.reshape(c, 2, 2, k).transpose(3, 1, 2, 0))
+        dy2d = dy.reshape(-1, k)
+        partial = np.empty((_reduction_blocks(dy2d.shape[0]), k), dtype=np.float32)
+        kern.column_sums(dy2d, partial)
+        return dx, dw, partial.sum(axis=0)
+
+    # ------------------------------------------------------------------ concat
+    def _concat_channels(self, a, b):
+        y = np.empty(a.shape[:3] + (a.shape[3] + b.shape[3],), dtype=np.float32)
+        kern.concat_channels(a, b, y)
+        return y
+
+    def _split_channels(self, dy, ca):
+        da = np.empty(dy.shape[:3] + (ca,), dtype=np.float32)
+        db = np.empty(dy.shape[:3] + (dy.shape[3] - ca,), dtype=np.float32)
+        kern.split_channels(dy, da, db)
+        return da, db
+
+    # ------------------------------------------------------------------ loss and metrics
+    def _sigmoid_dice_loss(self, logits, target, smooth):
+        n = logits.shape[0]
+        dice = np.empty(n, dtype=np.float64)
+        dlogits = np.empty_like(logits)
+        kern.sigmoid_dice_loss(logits.reshape(n, -1), target.reshape(n, -1), smooth, dice,
+                               dlogits.reshape(n, -1))
+        return np.asarray(np.mean(1.0 - dice)), dice, dlogits
+
+    def _confusion_counts(self, logits, target):
+        n = logits.shape[0]
+        counts = np.empty((n, 3), dtype=np.int64)
+        kern.confusion_counts(logits.reshape(n, -1), target.reshape(n, -1), counts)
+        return counts
+
+    # ------------------------------------------------------------------ optimiser
+    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        kern.adam_step(param, grad, m, v, lr / bc1, beta1, beta2, eps, np.sqrt(bc2))
+
+    # ------------------------------------------------------------------ input pipeline
+    def _window_augment(self, hu, mask, aug, center, width):
+        n, h, w = hu.shape
+        image = np.empty((n, h, w, 1), dtype=np.float32)
+        mask_out = np.empty((n, h, w, 1), dtype=np.uint8)
+        kern.window_augment(hu, mask, aug, center, width, AIR_HU, image, mask_out)
+        return image, mask_out

@@ -1,0 +1,179 @@
+"""The reference backend: every op of ``ops.py`` in plain float64 NumPy.
+
+This is the spec in executable form: each method mirrors its formula in the ``ops.py``
+docstring, obvious over fast (a loop over the kernel taps, ``einsum`` for the sums over
+channels). The CPU and CUDA backends are checked against it; it is checked against
+PyTorch in float64 (``tests/test_ops.py``). Keep inputs small: nothing here is tuned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nodulekit.engine.ops import AIR_HU, Backend
+
+f64 = np.float64
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    xp = np
+    dtype = np.dtype(np.float64)
+    precision = "fp64"
+
+    # ---- convolution: y[n,h,w,k] = b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k,r,s,c]
+    def _conv2d_forward(self, x, w, b, relu):
+        n, h, wd, _ = x.shape
+        k, R, S, _ = w.shape
+        P = R // 2
+        xp = np.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))  # xp[n, h+P, w+P, c] = x[n, h, w, c]
+        y = np.zeros((n, h, wd, k), f64) + b
+        for r in range(R):
+            for s in range(S):
+                y += np.einsum("nhwc,kc->nhwk", xp[:, r:r + h, s:s + wd, :], w[:, r, s, :])
+        return np.maximum(y, 0.0) if relu else y
+
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+        n, h, wd, _ = x.shape
+        _, R, S, _ = w.shape
+        P = R // 2
+        dz = dy * (y > 0) if relu else dy
+        db = dz.sum(axis=(0, 1, 2))
+        # dw[k,r,s,c] = sum_{n,h,w} dz[n,h,w,k] * x[n, h+r-P, w+s-P, c]
+        xp = np.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
+        dw = np.zeros(w.shape, f64)
+        for r in range(R):
+            for s in range(S):
+                dw[:, r, s, :] = np.einsum("nhwk,nhwc->kc", dz, xp[:, r:r + h, s:s + wd, :])
+        if not need_dx:
+            return None, dw, db
+        # dx[n,h,w,c] = sum_{k,r,s} dz[n, h-r+P, w-s+P, k] * w[k,r,s,c]
+        # with dz padded by P on each side, row h-r+P of dz is row h-r+2P of dzp.
+        dzp = np.pad(dz, ((0, 0), (P, P), (P, P), (0, 0)))
+        dx = np.zeros(x.shape, f64)
+        for r in range(R):
+            for s in range(S):
+                a, c = 2 * P - r, 2 * P - s
+                dx += np.einsum("nhwk,kc->nhwc", dzp[:, a:a + h, c:c + wd, :], w[:, r, s, :])
+        return dx, dw, db
+
+    # ---- max-pool: y[n,i,j,c] = max_{a,b} x[n, 2i+a, 2j+b, c]; argmax = 2a+b, first wins
+    def _maxpool2x2_forward(self, x):
+        n, h, w, c = x.shape
+        ho, wo = h // 2, w // 2
+        # the four taps in row-major order (a, b) = (0,0), (0,1), (1,0), (1,1)
+        taps = np.stack([x[:, a:2 * ho:2, b:2 * wo:2, :] for a in (0, 1) for b in (0, 1)])
+        argmax = np.argmax(taps, axis=0).astype(np.uint8)  # np.argmax: the first max wins
+        y = np.max(taps, axis=0)
+        return np.ascontiguousarray(y, dtype=f64), argmax
+
+    def _maxpool2x2_backward(self, dy, argmax, input_hw):
+        n, ho, wo, c = dy.shape
+        dx = np.zeros((n, input_hw[0], input_hw[1], c), f64)
+        for a in (0, 1):
+            for b in (0, 1):
+                dx[:, a:2 * ho:2, b:2 * wo:2, :] = np.where(argmax == 2 * a + b, dy, 0.0)
+        return dx
+
+    # ---- up-convolution: y[n, 2i+a, 2j+b, k] = b[k] + sum_c x[n,i,j,c] * w[k,a,b,c]
+    def _upconv2x2_forward(self, x, w, b):
+        n, h, wd, _ = x.shape
+        y = np.zeros((n, 2 * h, 2 * wd, w.shape[0]), f64)
+        for a in (0, 1):
+            for bb in (0, 1):
+                y[:, a::2, bb::2, :] = b + np.einsum("nijc,kc->nijk", x, w[:, a, bb, :])
+        return y
+
+    def _upconv2x2_backward(self, dy, x, w):
+        dx = np.zeros(x.shape, f64)
+        dw = np.zeros(w.shape, f64)
+        for a in (0, 1):
+            for b in (0, 1):
+                dy_ab = dy[:, a::2, b::2, :]  # dy[n, 2i+a, 2j+b, k]
+                dx += np.einsum("nijk,kc->nijc", dy_ab, w[:, a, b, :])
+                dw[:, a, b, :] = np.einsum("nijk,nijc->kc", dy_ab, x)
+        db = dy.sum(axis=(0, 1, 2))
+        return dx, dw, db
+
+    # ---- concat / split along channels
+    def _concat_channels(self, a, b):
+        return np.concatenate([a, b], axis=3)
+
+    def _split_channels(self, dy, ca):
+        return np.ascontiguousarray(dy[..., :ca]), np.ascontiguousarray(dy[..., ca:])
+
+    # ---- sigmoid + Dice loss + its gradient
+    def _sigmoid_dice_loss(self, logits, target, smooth):
+        z = logits
+        t = target.astype(f64)
+        n = z.shape[0]
+        with np.errstate(over="ignore"):  # exp(-z) = inf for z << 0 gives p = 0, as it should
+            p = 1.0 / (1.0 + np.exp(-z))
+        I = (p * t).sum(axis=(1, 2, 3))
+        S = p.sum(axis=(1, 2, 3)) + t.sum(axis=(1, 2, 3))
+        dice = (2 * I + smooth) / (S + smooth)
+        loss = np.asarray(np.mean(1.0 - dice), dtype=f64)
+        I, S = I[:, None, None, None], S[:, None, None, None]
+        dlogits = -(1.0 / n) * (2 * t * (S + smooth) - (2 * I + smooth)) / (S + smooth) ** 2
+        dlogits = dlogits * p * (1 - p)
+        return loss, dice, dlogits
+
+    # ---- Adam, in place, step counted from 1
+    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+        m[:] = beta1 * m + (1 - beta1) * grad
+        v[:] = beta2 * v + (1 - beta2) * grad * grad
+        denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
+        param -= lr / (1 - beta1**step) * m / denom
+
+    # ---- window + flip + rotate, by inverse mapping
+    def _window_augment(self, hu, mask, aug, center, width):
+        n, H, W = hu.shape
+        cy, cx = (H - 1) / 2, (W - 1) / 2
+        yy, xx = np.meshgrid(np.arange(H, dtype=f64), np.arange(W, dtype=f64), indexing="ij")
+        image = np.empty((n, H, W, 1), f64)
+        mask_out = np.empty((n, H, W, 1), np.uint8)
+        for i in range(n):
+            flip_h, flip_v, angle = (float(a) for a in aug[i])
+            t = math.radians(angle)
+            dy, dx = yy - cy, xx - cx
+            sy = cy + math.cos(t) * dy + math.sin(t) * dx
+            sx = cx + math.cos(t) * dx - math.sin(t) * dy
+            if flip_v:
+                sy = H - 1 - sy
+            if flip_h:
+                sx = W - 1 - sx
+            v = _bilinear(hu[i].astype(f64), sy, sx, AIR_HU)
+            image[i, ..., 0] = np.clip((v - (center - width / 2)) / width, 0.0, 1.0)
+            near = _pixel(mask[i], np.floor(sy + 0.5), np.floor(sx + 0.5), 0)
+            mask_out[i, ..., 0] = near != 0
+        return image, mask_out
+
+    # ---- metrics: TP, FP, FN of (logits > 0) against target
+    def _confusion_counts(self, logits, target):
+        pred = logits[..., 0] > 0
+        t = target[..., 0] != 0
+        tp = (pred & t).sum(axis=(1, 2))
+        fp = (pred & ~t).sum(axis=(1, 2))
+        fn = (~pred & t).sum(axis=(1, 2))
+        return np.stack([tp, fp, fn], axis=1).astype(np.int64)
+
+
+def _pixel(img, yi, xi, outside):
+    """img[yi, xi] for integer-valued float index arrays, ``outside`` where off the image."""
+    H, W = img.shape
+    inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+    yc = np.clip(yi, 0, H - 1).astype(np.intp)
+    xc = np.clip(xi, 0, W - 1).astype(np.intp)
+    return np.where(inside, img[yc, xc], outside)
+
+
+def _bilinear(img, sy, sx, outside):
+    """Bilinear sample of ``img`` at (sy, sx); each neighbour off the image is ``outside``."""
+    y0, x0 = np.floor(sy), np.floor(sx)
+    fy, fx = sy - y0, sx - x0
+    return ((1 - fy) * (1 - fx) * _pixel(img, y0, x0, outside)
+            + (1 - fy) * fx * _pixel(img, y0, x0 + 1, outside)
+            + fy * (1 - fx) * _pixel(img, y0 + 1, x0, outside)
+            + fy * fx * _pixel(img, y0 + 1, x0 + 1, outside))

@@ -1,0 +1,164 @@
+"""One helper, ``check_op``: a backend's op against the float64 reference and against torch.
+
+In the style of tinygrad's ``helper_test_op``: a test builds seeded inputs once, then
+describes the op twice, as ``run(backend, **inputs)`` (forward then backward through the
+engine, returning named outputs) and ``run_torch(**inputs)`` (the same outputs from
+``nodulekit.reference.torch_ops``). ``check_op`` runs
+
+- the backend under test on the inputs cast to its dtype,
+- the reference backend in float64 (skipped when the backend *is* the reference),
+- torch in the backend's dtype (float64 for the reference, float32 for cpu/cuda),
+
+and compares every named output, forward and backward side by side, with the tolerance of
+the backend's precision. Float inputs are drawn as float32 values (``rand``) so that every
+run sees exactly the same numbers and only the arithmetic differs.
+
+Tolerances. An output passes when, elementwise,
+``|got - want| <= rtol * |want| + atol * sqrt(L) * max|want|``: ``L`` is the op's reduction
+length for that output (terms summed per element), ``max|want|`` makes ``atol`` scale-free
+(dlogits are ~1e-4, HU-window values ~1). Rounding error of a sum of L terms grows like
+sqrt(L) relative to its scale; a wrong index or a missed term errs at O(max|want|).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from nodulekit.engine import get_backend
+
+# precision -> (rtol, atol per sqrt(L), relative to max|want|)
+TOLERANCES = {
+    # float64 against float64: only the order of summation differs (~1e-16 per add).
+    "fp64": (1e-10, 1e-12),
+    # float32 (unit roundoff 6e-8) against float64 or against torch's float32: rounding
+    # drift ~6e-8 * sqrt(L) of scale; 1e-6 * sqrt(L) leaves ~16x room for any summation
+    # order (blocked GEMM, im2col, atomics), rtol 1e-4 ~ 1000 ulps for elementwise maths.
+    "fp32": (1e-4, 1e-6),
+}
+
+# Exact outputs (argmax codes, masks, counts, copies) must match bit for bit: no tolerance.
+
+# torch's grid_sample normalises pixel coordinates to [-1, 1] and back in the run dtype:
+# in float32 that moves a sample by ~W * 6e-8 px, i.e. up to ~1e-6 window units per px of
+# a 2000 HU step at W = 16. Used for window_augment against torch float32 only.
+GRID32_ATOL = 1e-5
+
+# The float64 formula clip((hu - lo) / width, 0, 1) rounded to float32 by a backend that
+# computes it in float32: at most two roundings of a value <= 1, i.e. < 2**-23.
+WINDOW32_ATOL = 2.0**-23
+
+_REFERENCE = None
+
+
+def reference():
+    global _REFERENCE
+    if _REFERENCE is None:
+        _REFERENCE = get_backend("reference")
+    return _REFERENCE
+
+
+def tolerance(precision: str, reduce_len: int = 1) -> tuple[float, float]:
+    """(rtol, atol relative to max|want|) for a backend precision and reduction length."""
+    if precision not in TOLERANCES:
+        raise KeyError(f"no tolerance for precision {precision!r}: add a row to TOLERANCES")
+    rtol, atol = TOLERANCES[precision]
+    return rtol, atol * math.sqrt(max(int(reduce_len), 1))
+
+
+def rand(rng: np.random.Generator, *shape, scale: float = 1.0) -> np.ndarray:
+    """Normal draws that are exact float32 values, held in float64."""
+    return (rng.standard_normal(shape) * scale).astype(np.float32).astype(np.float64)
+
+
+def cast(inputs: dict, dtype) -> dict:
+    """Float arrays -> ``dtype`` (a copy, so in-place ops cannot touch the caller's)."""
+    return {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+            else (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+
+
+def _host(backend, a):
+    return None if a is None else np.asarray(backend.to_host(a))
+
+
+def assert_close(got, want, precision: str, reduce_len: int = 1, what: str = "") -> None:
+    """Compare one float output with the tolerance of ``precision`` (see module doc)."""
+    rtol, atol = tolerance(precision, reduce_len)
+    want = np.asarray(want, dtype=np.float64)
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=rtol,
+                               atol=atol * (scale if scale > 0 else 1.0),
+                               err_msg=f"{what} (precision {precision}, L={reduce_len})")
+
+
+def compare(got: dict, want: dict, precision: str, reduce: dict, exact, label: str,
+            atol_override: dict | None = None):
+    atol_override = atol_override or {}
+    assert got.keys() == want.keys(), f"{label}: outputs {sorted(got)} vs {sorted(want)}"
+    for key, w in want.items():
+        g = got[key]
+        what = f"{label}: output {key!r}"
+        if w is None or g is None:
+            assert g is None and w is None, f"{what}: one side is None"
+            continue
+        assert g.shape == w.shape, f"{what}: shape {g.shape}, expected {w.shape}"
+        if key in exact:
+            np.testing.assert_array_equal(g, w, err_msg=f"{what} (exact)")
+        elif key in atol_override:
+            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=0,
+                                       atol=atol_override[key], err_msg=f"{what} (atol)")
+        else:
+            assert_close(g, w, precision, reduce.get(key, 1), what)
+
+
+def _check_types(backend, outputs: dict, ref_outputs: dict, free_float=()) -> None:
+    """Float outputs in the backend's dtype, others as the reference's; arrays contiguous.
+
+    ``free_float``: outputs that may be any float dtype (the contract leaves it open).
+    """
+    for key, a in outputs.items():
+        r = ref_outputs[key]
+        if a is None:
+            continue
+        if key in free_float:
+            assert a.dtype.kind == "f", f"{backend.name}: output {key!r} is {a.dtype}"
+            continue
+        want = backend.dtype if r.dtype.kind == "f" else r.dtype
+        assert a.dtype == want, f"{backend.name}: output {key!r} is {a.dtype}, expected {want}"
+        assert a.ndim == 0 or a.flags.c_contiguous, f"{backend.name}: {key!r} not C-contiguous"
+
+
+def check_op(backend: str, run: Callable[..., dict], run_torch: Callable[..., dict],
+             inputs: dict, reduce: dict | None = None, exact=(),
+             torch32_atol: dict | None = None, free_float=()) -> dict:
+    """Run ``run`` on ``backend`` and compare it with the reference and with torch.
+
+    ``inputs``: named arrays (floats as from ``rand``; ints as they enter the op) and
+    scalars, passed as keyword arguments to both callables. ``reduce``: output name ->
+    reduction length L (default 1). ``exact``: output names compared bit for bit.
+    ``torch32_atol``: output name -> absolute tolerance that replaces the precision's in
+    the comparison with torch when the backend is not float64 (where torch's float32
+    computes differently, e.g. GRID32_ATOL). ``free_float``: outputs whose float dtype
+    the contract leaves open (the Dice loss and per-sample dice: a backend may keep them
+    in float64); every other float output must be in the backend's dtype.
+    Returns the backend's outputs (host arrays) for further checks.
+    """
+    reduce = reduce or {}
+    be = get_backend(backend)
+    ref = reference()
+    dev_inputs = {k: be.asarray(v) if isinstance(v, np.ndarray) else v
+                  for k, v in cast(inputs, be.dtype).items()}
+    raw = run(be, **dev_inputs)
+    got = {k: _host(be, v) for k, v in raw.items()}
+
+    want = {k: _host(ref, v) for k, v in run(ref, **cast(inputs, np.float64)).items()}
+    _check_types(be, raw, want, free_float)
+    if be.name != ref.name:
+        compare(got, want, be.precision, reduce, exact, f"{be.name} vs reference")
+
+    tgot = run_torch(**cast(inputs, be.dtype))
+    override = None if be.dtype == np.float64 else torch32_atol
+    compare(got, tgot, be.precision, reduce, exact, f"{be.name} vs torch", override)
+    return got

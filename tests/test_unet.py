@@ -1,0 +1,147 @@
+"""The whole U-Net against the PyTorch reference: loss, every gradient, 20 Adam steps.
+
+Tolerances, from the precision:
+- reference backend (float64) vs torch float64: 1e-9 relative to each gradient's largest
+  entry (only summation order differs).
+- cpu backend (float32) vs torch float64: 2e-4 relative to each gradient's largest entry.
+  A depth-4 net chains ~20 float32 reductions of up to a few thousand terms; the error
+  measured here is ~1e-6 relative; 2e-4 leaves room for other BLAS builds.
+- 20 Adam steps (lr 1e-3), cpu float32 vs torch float32: loss within 1e-4 absolute at
+  every step, final weights within 2e-4 absolute (each step moves a weight by <= ~lr; a
+  gradient entry near zero can flip its update's sign on rounding, so a few entries may
+  differ by up to a couple of lr; 2e-4 = 0.2 lr covers what we measured, 4e-6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nodulekit.engine import get_backend
+from nodulekit.nn import Adam, UNet, training_step
+from nodulekit.nn.layout import ParameterLayout, unet_parameter_shapes
+from nodulekit.reference.torch_unet import (
+    TorchUNet,
+    ours_to_torch,
+    torch_dice_loss,
+    torch_to_ours,
+)
+
+
+def _batch(n, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.random((n, h, w, 1))
+    yy, xx = np.mgrid[:h, :w]
+    mask = np.zeros((n, h, w, 1), dtype=np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 6)
+        mask[i, ..., 0] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return image, mask
+
+
+def _torch_loss_and_grads(weights, depth, width, image, mask, dtype):
+    model = TorchUNet(depth, width).to(dtype).load_ours(weights)
+    x = torch.tensor(image.transpose(0, 3, 1, 2), dtype=dtype)
+    t = torch.tensor(mask.transpose(0, 3, 1, 2))
+    loss = torch_dice_loss(model(x), t)
+    loss.backward()
+    return loss.item(), model.grads_ours()
+
+
+@pytest.mark.parametrize("backend_name,rel_tol", [("reference", 1e-9), ("cpu", 2e-4)])
+@pytest.mark.parametrize("depth,width,n,h,w", [(2, 4, 2, 12, 20), (4, 3, 1, 32, 48),
+                                               (4, 4, 3, 16, 16)])
+def test_unet_gradients_match_torch(backend_name, rel_tol, depth, width, n, h, w):
+    be = get_backend(backend_name)
+    model = UNet(be, depth=depth, width=width, seed=3)
+    image, mask = _batch(n, h, w)
+    logits = model.forward(be.asarray(image, dtype=be.dtype))
+    loss, _, dlogits = be.sigmoid_dice_loss(logits, mask)
+    model.backward(dlogits)
+
+    weights = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    t_loss, t_grads = _torch_loss_and_grads(weights, depth, width, image, mask, torch.float64)
+    assert float(loss) == pytest.approx(t_loss, rel=rel_tol, abs=rel_tol)
+    assert set(t_grads) == set(model.g)
+    for name, t_grad in t_grads.items():
+        ours = be.to_host(model.g[name]).astype(np.float64)
+        scale = max(np.abs(t_grad).max(), 1e-12)
+        err = np.abs(ours - t_grad).max() / scale
+        assert err <= rel_tol, f"{name}: relative error {err:.2e} > {rel_tol:.0e}"
+
+
+def test_twenty_adam_steps_match_torch():
+    depth, width, lr = 2, 4, 1e-3
+    be = get_backend("cpu")
+    model = UNet(be, depth=depth, width=width, seed=5)
+    opt = Adam(be, model.params, model.grads, lr=lr)
+    image, mask = _batch(2, 16, 24, seed=1)
+    x = image.astype(np.float32)
+
+    tmodel = TorchUNet(depth, width).load_ours(model.state_dict())
+    topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2))
+    tt = torch.tensor(mask.transpose(0, 3, 1, 2))
+
+    ours_losses, torch_losses = [], []
+    for _ in range(20):
+        ours_losses.append(float(training_step(model, opt, x, mask)))
+        topt.zero_grad()
+        loss = torch_dice_loss(tmodel(tx), tt)
+        loss.backward()
+        topt.step()
+        torch_losses.append(loss.item())
+    np.testing.assert_allclose(ours_losses, torch_losses, atol=1e-4)
+    assert ours_losses[-1] < ours_losses[0] - 1e-3, "20 steps should lower the loss"
+    final = tmodel.export_ours()
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(value, final[name], atol=2e-4, err_msg=name)
+
+
+def test_input_size_must_divide_by_two_to_the_depth():
+    model = UNet(get_backend("cpu"), depth=3, width=2)
+    with pytest.raises(ValueError, match=r"multiples of 2\*\*depth = 8.*got 20x16"):
+        model.forward(np.zeros((1, 20, 16, 1), np.float32))
+
+
+def test_wrong_input_dtype_and_channels_are_named():
+    model = UNet(get_backend("cpu"), depth=2, width=2)
+    with pytest.raises(ValueError, match=r"float32 NHWC array.*got float64"):
+        model.forward(np.zeros((1, 16, 16, 1)))
+    with pytest.raises(ValueError, match=r"axis 3: expected 1, got 3"):
+        model.forward(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_parameters_live_in_one_flat_buffer():
+    be = get_backend("cpu")
+    model = UNet(be, depth=2, width=4, seed=0)
+    shapes = unet_parameter_shapes(2, 4)
+    assert model.num_parameters == sum(int(np.prod(s)) for _, s in shapes)
+    for name, view in model.p.items():
+        assert np.shares_memory(view, model.params), name
+        assert np.shares_memory(model.g[name], model.grads), name
+    model.params[:] = 7.0
+    assert float(model.p["head.b"][0]) == 7.0
+
+
+def test_he_init_is_seeded_with_the_right_spread():
+    layout = ParameterLayout(unet_parameter_shapes(2, 32))
+    a, b, c = layout.he_normal(1), layout.he_normal(1), layout.he_normal(2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    views = layout.views(a)
+    w = views["enc1.conv2.w"]  # fan_in 3*3*64
+    assert np.std(w) == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.05)
+    up = views["dec0.up.w"]  # fan_in = input channels, 64
+    assert np.std(up) == pytest.approx(np.sqrt(2 / 64), rel=0.05)
+    assert not views["enc0.conv1.b"].any()
+
+
+def test_weight_converters_round_trip_and_agree_with_torch_layers():
+    rng = np.random.default_rng(0)
+    for name, shape in unet_parameter_shapes(2, 3):
+        value = rng.standard_normal(shape).astype(np.float32)
+        assert np.array_equal(torch_to_ours(name, ours_to_torch(name, value)), value)
+    model = TorchUNet(2, 3)
+    for name, shape in model.shapes:
+        assert tuple(model.p(name).shape) == ours_to_torch(name, np.empty(shape)).shape
