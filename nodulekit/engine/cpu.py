@@ -1,10 +1,12 @@
 """The CPU backend: NumPy + Numba, float32.
 
-Convolutions are patches (im2col) times BLAS SGEMM, one block of output rows at a time so
+Convolutions are patches (im2col) times BLAS SGEMM, one block of output pixels at a time so
 the patch matrix stays small (it would be 9*C floats per pixel for the whole batch) and
-warm in cache when the GEMM reads it. The backward pass reuses the forward machinery:
+warm in cache when the GEMM reads it. The patch matrix is built transposed, pixels along
+its rows, so the GEMM's wide dimension is the long pixel axis, not the narrow channel
+count. The backward pass reuses the forward machinery:
 
-- dW = dZ^T @ patches(x)                      (one GEMM per block, summed)
+- dW = (patches(x)^T @ dZ)^T                   (one GEMM per block, summed)
 - dX = patches(dZ) @ W_flipped                 (a 'same' convolution of dZ with the
                                                  kernel rotated 180 degrees, C and K swapped)
 
@@ -17,10 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from nodulekit.engine import cpu_kernels as kern
+from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
 
-# Patch-matrix block: about this many bytes (L2-sized blocks measured best here).
-PATCH_BLOCK_BYTES = 1 << 21
+# One job's block of the patch matrix: about this many bytes (L2-sized, so the GEMM
+# reads it from cache right after it is gathered).
+PATCH_BLOCK_BYTES = 1 << 20
 MIN_BLOCK_ROWS = 256
 
 
@@ -33,41 +37,64 @@ def _reduction_blocks(rows: int) -> int:
     return max(1, min(64, rows // 1024))
 
 
+_WORKERS: dict[int | None, Workers] = {}
+
+
+def _shared_workers(threads: int | None) -> Workers:
+    if threads not in _WORKERS:
+        _WORKERS[threads] = Workers(threads)
+    return _WORKERS[threads]
+
+
 class CPUBackend(Backend):
     name = "cpu"
     xp = np
     dtype = np.dtype(np.float32)
 
-    def __init__(self, precision: str = "fp32"):
+    def __init__(self, precision: str = "fp32", threads: int | None = None):
         if precision != "fp32":
             raise ValueError(f"the cpu backend computes in fp32 only; got precision={precision!r}")
         self.precision = precision
+        self.workers = _shared_workers(threads)
 
     # ------------------------------------------------------------------ convolution
-    def _conv_gemm(self, x, w2d_t, r_size, out2d):
-        """out2d[M, K] = patches(x)[M, R*R*C] @ w2d_t[R*R*C, K], block by block."""
+    def _conv(self, x, w2d, r_size, b, relu, out2d):
+        """out2d[M, K] = epilogue(patches(x) @ w2d^T + b), one block of pixels per job.
+
+        Per block: cols_t [R*R*C, mb] = patches^T;  y_t [K, mb] = w2d @ cols_t (SGEMM);
+        then back to NHWC with bias and ReLU fused. A 1x1 kernel needs no patches.
+        """
         n, h, w, c = x.shape
         rows = n * h * w
+        k = w2d.shape[0]
         if r_size == 1:
-            np.matmul(x.reshape(rows, c), w2d_t, out=out2d)
+            x2d = x.reshape(rows, c)
+
+            def job1(m0, m1, _):
+                np.matmul(x2d[m0:m1], w2d.T, out=out2d[m0:m1])
+
+            self.workers.run(job1, rows, _block_rows(c + k))
+            kern.bias_relu_inplace(out2d, b, relu)
             return out2d
         cols_n = r_size * r_size * c
         step = _block_rows(cols_n)
-        cols = np.empty((min(step, rows), cols_n), dtype=np.float32)
-        for m0 in range(0, rows, step):
-            m1 = min(rows, m0 + step)
-            blk = cols[: m1 - m0]
-            kern.im2col(x, m0, m1, r_size, blk)
-            np.matmul(blk, w2d_t, out=out2d[m0:m1])
+        scratch = self.workers.scratch("conv", [((cols_n, step), np.float32),
+                                                ((k, step), np.float32)])
+
+        def job(m0, m1, worker):
+            cols_t, y_t = (a[:, : m1 - m0] for a in scratch[worker])
+            kern.im2col_t(x, m0, m1, r_size, cols_t)
+            np.matmul(w2d, cols_t, out=y_t)
+            kern.transpose_bias_relu(y_t, b, relu, m0, out2d)
+
+        self.workers.run(job, rows, step)
         return out2d
 
     def _conv2d_forward(self, x, w, b, relu):
         n, h, wd, _ = x.shape
         k, r = w.shape[0], w.shape[1]
         y = np.empty((n, h, wd, k), dtype=np.float32)
-        y2d = y.reshape(n * h * wd, k)
-        self._conv_gemm(x, w.reshape(k, -1).T, r, y2d)
-        kern.bias_relu_inplace(y2d, b, relu)
+        self._conv(x, w.reshape(k, -1), r, b, relu, y.reshape(n * h * wd, k))
         return y
 
     def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
@@ -81,30 +108,39 @@ class CPUBackend(Backend):
         kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
         db = partial.sum(axis=0)
 
-        # dW[K, R*R*C] = dZ^T @ patches(x)
+        # dW^T[R*R*C, K] = patches(x)^T @ dZ: each worker sums its blocks, then we add up
         cols_n = r * r * c
-        dw2d = np.zeros((k, cols_n), dtype=np.float32)
+        workers = self.workers
+        acc = np.zeros((workers.count, cols_n, k), dtype=np.float32)
         if r == 1:
-            np.matmul(dz2d.T, x.reshape(rows, c), out=dw2d)
+            x2d = x.reshape(rows, c)
+
+            def job1(m0, m1, worker):
+                acc[worker] += np.matmul(x2d[m0:m1].T, dz2d[m0:m1])
+
+            workers.run(job1, rows, _block_rows(c + k))
         else:
             step = _block_rows(cols_n)
-            cols = np.empty((min(step, rows), cols_n), dtype=np.float32)
-            tmp = np.empty_like(dw2d)
-            for m0 in range(0, rows, step):
-                m1 = min(rows, m0 + step)
-                blk = cols[: m1 - m0]
-                kern.im2col(x, m0, m1, r, blk)
-                np.matmul(dz2d[m0:m1].T, blk, out=tmp)
-                dw2d += tmp
-        dw = dw2d.reshape(w.shape)
+            scratch = workers.scratch("conv", [((cols_n, step), np.float32),
+                                               ((cols_n, k), np.float32)])
+
+            def job(m0, m1, worker):
+                cols_t = scratch[worker][0][:, : m1 - m0]
+                tmp = scratch[worker][1][:cols_n, :k]
+                kern.im2col_t(x, m0, m1, r, cols_t)
+                np.matmul(cols_t, dz2d[m0:m1], out=tmp)
+                acc[worker] += tmp
+
+            workers.run(job, rows, step)
+        dw = np.ascontiguousarray(acc.sum(axis=0).T).reshape(w.shape)
 
         dx = None
         if need_dx:
             # 'same' convolution of dZ with the kernel rotated 180 degrees, K <-> C
             w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0))
             dx = np.empty((n, h, wd, c), dtype=np.float32)
-            self._conv_gemm(dz2d.reshape(n, h, wd, k), w_flip.reshape(c, -1).T, r,
-                            dx.reshape(rows, c))
+            self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(c, -1), r,
+                       np.zeros(c, dtype=np.float32), False, dx.reshape(rows, c))
         return dx, dw, db
 
     # ------------------------------------------------------------------ max-pool

@@ -64,7 +64,9 @@ The ops, with their math (x, y: input, output; K out channels; C in channels):
         dice_i = (2 I + s) / (S + s),   loss = mean_i (1 - dice_i)
         dloss/dz = -(1/N) * (2 t (S + s) - (2 I + s)) / (S + s)^2 * p (1 - p)
 
-    ``loss`` is a 0-d array (no device sync), ``dice`` is ``[N]``.
+    ``target`` holds 0 or 1 (``window_augment`` makes it so; a 0/255 mask is not checked
+    for here, to spare a pass over the data). ``loss`` is a 0-d array (no device sync),
+    ``dice`` is ``[N]``; both float64 on every backend (the sums accumulate in float64).
 
 ``adam_step(param, grad, m, v, step, lr, beta1, beta2, eps)`` (in place)
     PyTorch's Adam (no weight decay), ``step`` counted from 1::
@@ -148,7 +150,7 @@ def check_array(op: str, name: str, a, dtype, ndim: int, layout: str = "", shape
     if shape is not None:
         for axis, (want_d, got_d) in enumerate(zip(shape, a.shape, strict=True)):
             if want_d is not None and want_d != got_d:
-                exp = tuple("*" if d is None else d for d in shape)
+                exp = "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
                 raise ValueError(
                     f"{where} must have shape {exp} ({layout or 'dims'}), got {tuple(a.shape)}"
                     f" (axis {axis}: expected {want_d}, got {got_d})"
