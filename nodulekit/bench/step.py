@@ -66,9 +66,9 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         loss = torch_dice_loss(tmodel(tx), tt)
         loss.backward()
         topt.step()
-        return loss
+        return loss.detach()
 
-    first_loss_torch = float(torch_step())
+    first_loss_torch = torch_step().item()
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     torch_ms, torch_all = median_ms(torch_step, repeats, warmup, tsync)
 
