@@ -152,13 +152,18 @@ def run_ops_bench(device: str = "cpu", op_filter: str | None = None, repeats: in
     tsync = torch.cuda.synchronize if gpu else (lambda: None)
     rng = np.random.default_rng(seed)
 
+    timer, copy = median_ms, None
+    if gpu:  # GPU time by CUDA events; memory-bound ops against the D2D copy ceiling
+        from nodulekit.bench.gpu_timing import copy_bandwidth_gbps, event_median_ms
+
+        timer, copy = event_median_ms, copy_bandwidth_gbps()
     rows = []
     for case in _cases(backend, batch, size, width, depth, rng):
         if op_filter and op_filter not in case.op:
             continue
-        ours_ms, _ = median_ms(case.ours, repeats, warmup, backend.synchronize)
+        ours_ms, _ = timer(case.ours, repeats, warmup, backend.synchronize)
         torch_fn = make_torch_op(case.op, *case.torch_args, device=tdev, **case.torch_kwargs)
-        torch_ms, _ = median_ms(torch_fn, repeats, warmup, tsync)
+        torch_ms, _ = timer(torch_fn, repeats, warmup, tsync)
         row = {"op": case.op, "label": case.label, "shape": case.shape,
                "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ours_ms / torch_ms}
         if case.flops:
@@ -167,12 +172,16 @@ def run_ops_bench(device: str = "cpu", op_filter: str | None = None, repeats: in
         if case.bytes:
             row["ours_gbps"] = case.bytes / ours_ms / 1e6
             row["torch_gbps"] = case.bytes / torch_ms / 1e6
+            if copy:
+                row["ours_pct_copy"] = 100 * row["ours_gbps"] / copy["gbps"]
+                row["torch_pct_copy"] = 100 * row["torch_gbps"] / copy["gbps"]
         rows.append(row)
     return {"benchmark": "ops", **provenance(backend_name), "backend": backend_name,
             "device_choice": why,
             "config": {"batch": batch, "size": size, "width": width, "depth": depth,
-                       "repeats": repeats, "warmup": warmup, "precision": backend.precision},
-            "ops": rows}
+                       "repeats": repeats, "warmup": warmup, "precision": backend.precision,
+                       "timing": "CUDA events" if gpu else "host clock"},
+            **({"copy_bandwidth": copy} if copy else {}), "ops": rows}
 
 
 def format_table(result: dict) -> str:
@@ -180,6 +189,9 @@ def format_table(result: dict) -> str:
     lines = [f"device: {result['device']}  ({result['device_choice']})",
              f"U-Net shapes: batch {c['batch']}, {c['size']}x{c['size']}, width {c['width']}, "
              f"{c['precision']}; median of {c['repeats']}; ratio = ours / torch",
+             *([f"device-to-device copy: {result['copy_bandwidth']['gbps']:.0f} GB/s (read + "
+                f"written); memory-bound ops show % of it"] if "copy_bandwidth" in result
+               else []),
              f"{'op':<20} {'where':<26} {'shape':<26} {'ours ms':>9} {'torch ms':>9} "
              f"{'ratio':>6}  napkin (ours | torch)"]
     for r in result["ops"]:
@@ -187,6 +199,8 @@ def format_table(result: dict) -> str:
             napkin = f"{r['ours_gflops']:.1f} | {r['torch_gflops']:.1f} GFLOP/s"
         elif "ours_gbps" in r:
             napkin = f"{r['ours_gbps']:.1f} | {r['torch_gbps']:.1f} GB/s"
+            if "ours_pct_copy" in r:
+                napkin += f" ({r['ours_pct_copy']:.0f}% | {r['torch_pct_copy']:.0f}% of copy)"
         else:
             napkin = ""
         lines.append(f"{r['op']:<20} {r['label']:<26} {r['shape']:<26} {r['ours_ms']:9.3f} "

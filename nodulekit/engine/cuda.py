@@ -1,0 +1,517 @@
+"""The CUDA backend: CuPy arrays, every op a hand-written kernel from ``kernels/*.cu``.
+
+Each ``kernels/<family>.cu`` file is one CuPy ``RawModule``, compiled by NVRTC on first use
+with :data:`NVRTC_OPTIONS` (CuPy adds ``-ftz=true``, ``-arch=sm_XY`` and
+``--device-as-default-execution-space``; ``kernel_check.py`` compiles with exactly that list
+in CI) and kept in CuPy's on-disk cache, keyed by the source text. This module launches the
+kernels: it picks a variant (tile shape, float4 or scalar), computes the grid, allocates
+outputs and temporaries, and passes every scalar as an explicit NumPy type (``np.int32``,
+``np.int64``, ``np.float64``) that matches the kernel's C parameter.
+
+The kernels, by op (each file's header comment gives its math, launch shape and napkin
+math):
+
+====================  ========================================================
+conv2d_forward        conv.cu  conv_forward_{128x64,256x16} (bias + ReLU fused)
+conv2d_backward       reduce.cu relu_grad_channel_sums / channel_sums, sum_partials (db);
+                      conv.cu conv_weight_grad_* (+ sum_partials); flip_transpose_weight
+                      and conv_forward_* on dz (dx)
+maxpool2x2_*          pool.cu  maxpool2x2_{forward,backward}[_vec4]
+upconv2x2_*           upconv.cu upconv_forward_128x64, upconv_backward_data_128x64,
+                      upconv_weight_grad_64x128 (+ sum_partials); channel_sums (db)
+concat / split        concat.cu copy_channels[_vec4], once per half
+sigmoid_dice_loss     dice.cu  dice_partial_sums (its last block: dice, loss), dice_grad
+adam_step             adam.cu  adam_step[_vec4], one launch for the flat buffer
+window_augment        window.cu window_augment
+confusion_counts      metrics.cu confusion_counts
+====================  ========================================================
+
+Beyond the op contract, :meth:`CudaBackend.upconv2x2_concat_forward` and
+:meth:`CudaBackend.upconv2x2_split_backward` let the up-convolution write straight into its
+half of the decoder's concat buffer (and read its half of the concat gradient), which
+saves a concat and a split pass per decoder level.
+
+Precision is fp32 only until the fast convolutions (tf32, bf16) arrive; other values raise
+``ValueError``. Where the CPU backend computes in float64 the kernels mostly do too: the
+window's source coordinates and mask rounding (its bilinear weights and window in float32),
+the Dice sums above each thread's few pixels and the loss, the Adam update. Every
+reduction has a fixed order (per-block partial results, then one pass that adds them), so
+a result does not change from run to run; only the confusion counts use atomics (integer).
+
+CuPy is imported lazily: this module imports without it (``kernel_check.py`` and the tests'
+CPU emulator of the kernels use it), and :class:`CudaBackend` then says what to install.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import numpy as np
+
+from nodulekit.engine.ops import AIR_HU, Backend, check_array
+
+# Options we pass to cupy.RawModule; CuPy appends CUPY_APPENDED_OPTIONS when it compiles.
+NVRTC_OPTIONS = ("-std=c++17",)
+# What CuPy 13/14 appends for NVRTC (cupy/cuda/compiler.py), in its order, for an sm_XY
+# device: '-ftz=true' in _compile_with_cache_cuda, then the arch and
+# '--device-as-default-execution-space' in _compile_using_nvrtc.
+CUPY_APPENDED_OPTIONS = ("-ftz=true", "-arch=sm_{arch}", "--device-as-default-execution-space")
+
+# The kernels each file must define (tests check the sources and the compiled cubins).
+KERNELS = {
+    "adam.cu": ("adam_step", "adam_step_vec4"),
+    "concat.cu": ("copy_channels", "copy_channels_vec4"),
+    "conv.cu": ("conv_forward_128x64", "conv_forward_256x16", "conv_weight_grad_64x128",
+                "conv_weight_grad_64x16", "conv_weight_grad_16x128", "flip_transpose_weight"),
+    "dice.cu": ("dice_partial_sums", "dice_grad"),
+    "metrics.cu": ("confusion_counts",),
+    "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
+                "maxpool2x2_backward_vec4"),
+    "reduce.cu": ("relu_grad_channel_sums", "channel_sums", "sum_partials"),
+    "upconv.cu": ("upconv_forward_128x64", "upconv_backward_data_128x64",
+                  "upconv_weight_grad_64x128"),
+    "window.cu": ("window_augment",),
+}
+
+THREADS = 256          # threads per block of every kernel but the channel-sum layout
+BLOCKS_PER_SM = 32     # grid-stride kernels: at most this many blocks per SM
+INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- kernel files
+
+
+def kernel_dir():
+    """The folder of the .cu files: ``nodulekit/kernels`` inside the installed package
+    (package data in a wheel; the source tree in an editable install). The repository's
+    top-level ``kernels`` is a symbolic link to it."""
+    return resources.files("nodulekit") / "kernels"
+
+
+def kernel_files() -> list[str]:
+    """Names of every ``*.cu`` file shipped with the package, sorted."""
+    return sorted(p.name for p in kernel_dir().iterdir() if p.name.endswith(".cu"))
+
+
+def kernel_source(name: str) -> str:
+    """The text of ``kernels/<name>``."""
+    path = kernel_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no kernel file {name!r} in {kernel_dir()}; "
+                                f"there are: {', '.join(kernel_files())}")
+    return path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- CuPy runtime
+
+_MODULES: dict = {}  # (device id, file) -> cupy.RawModule, shared by all backends
+
+
+class CupyRuntime:
+    """Arrays, kernel launches and synchronisation through CuPy on the current device."""
+
+    def __init__(self):
+        try:
+            import cupy
+        except ImportError as exc:
+            raise ImportError("the cuda backend needs CuPy: pip install 'nodulekit[cuda]' "
+                              f"(cupy-cuda13x); importing it failed: {exc}") from exc
+        self.cp = cupy
+        self.xp = cupy
+        self.device = cupy.cuda.Device()
+        self.sm_count = int(self.device.attributes["MultiProcessorCount"])
+        self._functions: dict = {}
+
+    def module(self, file: str):
+        key = (self.device.id, file)
+        if key not in _MODULES:
+            _MODULES[key] = self.cp.RawModule(code=kernel_source(file), options=NVRTC_OPTIONS)
+        return _MODULES[key]
+
+    def launch(self, file: str, kernel: str, grid, block, args) -> None:
+        fn = self._functions.get((file, kernel))
+        if fn is None:
+            fn = self._functions[(file, kernel)] = self.module(file).get_function(kernel)
+        fn(tuple(grid), tuple(block), tuple(args))
+
+    def empty(self, shape, dtype):
+        return self.cp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.cp.zeros(shape, dtype=dtype)
+
+    def asarray(self, a, dtype=None):
+        return self.cp.ascontiguousarray(self.cp.asarray(a, dtype=dtype))
+
+    def to_host(self, a) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def synchronize(self) -> None:
+        self.cp.cuda.get_current_stream().synchronize()
+
+    @staticmethod
+    def address(a) -> int:
+        return int(a.data.ptr)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _i32(v) -> np.int32:
+    v = int(v)
+    if not -INT32_MAX - 1 <= v <= INT32_MAX:
+        raise ValueError(f"cuda backend: {v} does not fit the kernels' 32-bit indices")
+    return np.int32(v)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _check_sizes(op: str, *arrays) -> None:
+    for a in arrays:
+        if a is not None and a.size > INT32_MAX:
+            raise ValueError(f"{op}: {a.size} elements is more than the kernels' 32-bit pixel "
+                             f"and channel indices allow; use a smaller batch")
+
+
+class CudaBackend(Backend):
+    """The ops of ``ops.py`` as CUDA kernels (see the module docstring for which kernel)."""
+
+    name = "cuda"
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, precision: str = "fp32", runtime=None):
+        if precision != "fp32":
+            raise ValueError(
+                f"the cuda backend computes in fp32 only for now (readable direct-convolution "
+                f"kernels; tf32 and bf16 come with the fast convolutions); got "
+                f"precision={precision!r}")
+        self.precision = precision
+        self.rt = runtime if runtime is not None else CupyRuntime()
+        self.xp = self.rt.xp
+        self.sm_count = int(self.rt.sm_count)
+        self._zero_bias: dict[int, object] = {}
+        self._dice_counter = None
+
+    # ------------------------------------------------------------------ memory
+    def zeros(self, shape, dtype=None):
+        return self.rt.zeros(shape, np.dtype(self.dtype if dtype is None else dtype))
+
+    def empty(self, shape, dtype=None):
+        return self.rt.empty(shape, np.dtype(self.dtype if dtype is None else dtype))
+
+    def asarray(self, a, dtype=None):
+        return self.rt.asarray(a, dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        return self.rt.to_host(a)
+
+    def synchronize(self) -> None:
+        self.rt.synchronize()
+
+    # ------------------------------------------------------------------ launch helpers
+    def _launch(self, file: str, kernel: str, grid, block, *args) -> None:
+        self.rt.launch(file, kernel, grid, block, args)
+
+    def _grid_stride(self, total: int) -> tuple[int, int, int]:
+        """Blocks for a 1-D grid-stride loop over ``total`` items, 256 threads each."""
+        return (max(1, min(_cdiv(total, THREADS), BLOCKS_PER_SM * self.sm_count)), 1, 1)
+
+    def _aligned(self, *arrays) -> bool:
+        """Every array starts on a 16-byte boundary (float4 / uchar4 access is legal)."""
+        return all(self.rt.address(a) % 16 == 0 for a in arrays)
+
+    def _splits(self, rows: int, tiles: int, step: int = 16, min_rows: int = 256):
+        """Cut ``rows`` reduction rows into ranges so ``tiles * splits`` blocks fill the GPU.
+
+        Returns (splits, rows per split); rows per split is a multiple of ``step``.
+        """
+        target = 4 * self.sm_count
+        splits = max(1, min(_cdiv(target, max(tiles, 1)), _cdiv(rows, min_rows), 65535))
+        per = _cdiv(_cdiv(rows, splits), step) * step
+        return _cdiv(rows, per), per
+
+    def _zeros_bias(self, k: int):
+        if k not in self._zero_bias:
+            self._zero_bias[k] = self.zeros((k,))
+        return self._zero_bias[k]
+
+    def _sum_partials(self, partial, splits: int, length: int, out) -> None:
+        self._launch("reduce.cu", "sum_partials", self._grid_stride(length), (THREADS, 1, 1),
+                     partial, _i32(splits), np.int64(length), out)
+
+    def _channel_sums(self, a, ld: int, off: int, m: int, k: int, out, dz=None, y=None):
+        """out[k] = sum over the m rows of a[row * ld + off + k]; with ``y`` given, first
+        dz = a * (y > 0) (written to ``dz``), and the sums are of dz."""
+        bx = min(32, 1 << (max(k, 1) - 1).bit_length())
+        by = THREADS // bx
+        col_blocks = _cdiv(k, bx)
+        splits, rows = self._splits(m, col_blocks, step=by, min_rows=4 * by)
+        partial = self.empty((splits, k))
+        grid, block = (col_blocks, splits, 1), (bx, by, 1)
+        if y is not None:
+            self._launch("reduce.cu", "relu_grad_channel_sums", grid, block, a, y, dz,
+                         _i32(m), _i32(k), _i32(rows), partial)
+        else:
+            self._launch("reduce.cu", "channel_sums", grid, block, a, _i32(ld), _i32(off),
+                         _i32(m), _i32(k), _i32(rows), partial)
+        self._sum_partials(partial, splits, k, out)
+
+    # ------------------------------------------------------------------ convolution
+    def _conv_forward(self, x, w, b, relu: bool, y) -> None:
+        n, h, wd, c = x.shape
+        k, r = w.shape[0], w.shape[1]
+        m = n * h * wd
+        kernel, bm, bn = (("conv_forward_128x64", 128, 64) if k > 16
+                          else ("conv_forward_256x16", 256, 16))
+        grid = (_cdiv(m, bm), _cdiv(k, bn), 1)
+        self._launch("conv.cu", kernel, grid, (THREADS, 1, 1), x, w, b, _i32(relu), y,
+                     _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
+
+    def _conv2d_forward(self, x, w, b, relu):
+        n, h, wd, _ = x.shape
+        y = self.empty((n, h, wd, w.shape[0]))
+        _check_sizes("conv2d_forward", x, y)
+        self._conv_forward(x, w, b, relu, y)
+        return y
+
+    def _conv_weight_grad(self, dz, x, wshape):
+        n, h, wd, c = x.shape
+        k, r = wshape[0], wshape[1]
+        j, m = r * r * c, n * h * wd
+        if j <= 16:
+            kernel, ba, bb = "conv_weight_grad_64x16", 64, 16
+        elif k <= 16:
+            kernel, ba, bb = "conv_weight_grad_16x128", 16, 128
+        else:
+            kernel, ba, bb = "conv_weight_grad_64x128", 64, 128
+        tiles = (_cdiv(j, bb), _cdiv(k, ba))
+        splits, rows = self._splits(m, tiles[0] * tiles[1])
+        dw = self.empty(wshape)
+        out = dw if splits == 1 else self.empty((splits, k * j))
+        self._launch("conv.cu", kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dz, x,
+                     out, _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r), _i32(rows))
+        if splits > 1:
+            self._sum_partials(out, splits, k * j, dw)
+        return dw
+
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+        n, h, wd, c = x.shape
+        k, r = w.shape[0], w.shape[1]
+        m = n * h * wd
+        _check_sizes("conv2d_backward", x, dy)
+        db = self.empty((k,))
+        if relu:
+            dz = self.empty(dy.shape)
+            self._channel_sums(dy, k, 0, m, k, db, dz=dz, y=y)
+        else:
+            dz = dy
+            self._channel_sums(dy, k, 0, m, k, db)
+        dw = self._conv_weight_grad(dz, x, w.shape)
+        dx = None
+        if need_dx:
+            wf = self.empty((c, r, r, k))
+            self._launch("conv.cu", "flip_transpose_weight", self._grid_stride(w.size),
+                         (THREADS, 1, 1), w, wf, _i32(k), _i32(r), _i32(c))
+            dx = self.empty(x.shape)
+            self._conv_forward(dz, wf, self._zeros_bias(c), False, dx)
+        return dx, dw, db
+
+    # ------------------------------------------------------------------ max-pool
+    def _maxpool2x2_forward(self, x):
+        n, h, w, c = x.shape
+        y = self.empty((n, h // 2, w // 2, c))
+        argmax = self.empty(y.shape, np.uint8)
+        _check_sizes("maxpool2x2_forward", x)
+        vec = c % 4 == 0 and self._aligned(x, y, argmax)
+        total = y.size // 4 if vec else y.size
+        self._launch("pool.cu", "maxpool2x2_forward_vec4" if vec else "maxpool2x2_forward",
+                     self._grid_stride(total), (THREADS, 1, 1), x, y, argmax, _i32(n), _i32(h),
+                     _i32(w), _i32(c))
+        return y, argmax
+
+    def _maxpool2x2_backward(self, dy, argmax, input_hw):
+        n, _, _, c = dy.shape
+        h, w = input_hw
+        dx = self.empty((n, h, w, c))
+        _check_sizes("maxpool2x2_backward", dx)
+        vec = c % 4 == 0 and self._aligned(dy, argmax, dx)
+        total = dx.size // 4 if vec else dx.size
+        self._launch("pool.cu", "maxpool2x2_backward_vec4" if vec else "maxpool2x2_backward",
+                     self._grid_stride(total), (THREADS, 1, 1), dy, argmax, dx, _i32(n),
+                     _i32(h), _i32(w), _i32(c))
+        return dx
+
+    # ------------------------------------------------------------------ up-convolution
+    def _upconv_forward(self, x, w, b, y, ld: int, off: int) -> None:
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        grid = (_cdiv(n * h * wd, 128), _cdiv(4 * k, 64), 1)
+        self._launch("upconv.cu", "upconv_forward_128x64", grid, (THREADS, 1, 1), x, w, b, y,
+                     _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
+
+    def _upconv_backward(self, dy, ld: int, off: int, x, w):
+        """dx, dw, db from the K channels at ``off`` of ``dy`` (``ld`` channels per pixel)."""
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        m = n * h * wd
+        dx = self.empty(x.shape)
+        self._launch("upconv.cu", "upconv_backward_data_128x64",
+                     (_cdiv(m, 128), _cdiv(c, 64), 1), (THREADS, 1, 1), dy, w, dx, _i32(n),
+                     _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
+        tiles = (_cdiv(c, 128), _cdiv(4 * k, 64))
+        splits, rows = self._splits(m, tiles[0] * tiles[1])
+        dw = self.empty(w.shape)
+        out = dw if splits == 1 else self.empty((splits, w.size))
+        self._launch("upconv.cu", "upconv_weight_grad_64x128", (tiles[0], tiles[1], splits),
+                     (THREADS, 1, 1), dy, x, out, _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k),
+                     _i32(ld), _i32(off), _i32(rows))
+        if splits > 1:
+            self._sum_partials(out, splits, w.size, dw)
+        db = self.empty((k,))
+        self._channel_sums(dy, ld, off, 4 * m, k, db)
+        return dx, dw, db
+
+    def _upconv2x2_forward(self, x, w, b):
+        n, h, wd, _ = x.shape
+        k = w.shape[0]
+        y = self.empty((n, 2 * h, 2 * wd, k))
+        _check_sizes("upconv2x2_forward", x, y)
+        self._upconv_forward(x, w, b, y, k, 0)
+        return y
+
+    def _upconv2x2_backward(self, dy, x, w):
+        _check_sizes("upconv2x2_backward", x, dy)
+        return self._upconv_backward(dy, w.shape[0], 0, x, w)
+
+    # ------------------------------------------------------------------ concat
+    def _copy_channels(self, src, src_ld, src_off, dst, dst_ld, dst_off, pixels, c) -> None:
+        vec = (c % 4 == 0 and src_ld % 4 == 0 and src_off % 4 == 0 and dst_ld % 4 == 0
+               and dst_off % 4 == 0 and self._aligned(src, dst))
+        total = pixels * c // 4 if vec else pixels * c
+        self._launch("concat.cu", "copy_channels_vec4" if vec else "copy_channels",
+                     self._grid_stride(total), (THREADS, 1, 1), src, _i32(src_ld),
+                     _i32(src_off), dst, _i32(dst_ld), _i32(dst_off), _i32(pixels), _i32(c))
+
+    def _concat_channels(self, a, b):
+        n, h, w, ca = a.shape
+        cb = b.shape[3]
+        y = self.empty((n, h, w, ca + cb))
+        _check_sizes("concat_channels", y)
+        p = n * h * w
+        self._copy_channels(a, ca, 0, y, ca + cb, 0, p, ca)
+        self._copy_channels(b, cb, 0, y, ca + cb, ca, p, cb)
+        return y
+
+    def _split_channels(self, dy, ca):
+        n, h, w, ct = dy.shape
+        _check_sizes("split_channels", dy)
+        da = self.empty((n, h, w, ca))
+        db = self.empty((n, h, w, ct - ca))
+        p = n * h * w
+        self._copy_channels(dy, ct, 0, da, ca, 0, p, ca)
+        self._copy_channels(dy, ct, ca, db, ct - ca, 0, p, ct - ca)
+        return da, db
+
+    # ---- fused decoder entry: up-convolution straight into / out of the concat buffer
+    def upconv2x2_concat_forward(self, skip, x, w, b):
+        """``concat_channels(skip, upconv2x2_forward(x, w, b))`` without the concat pass:
+        the skip is copied into the first channels, the up-convolution writes the rest."""
+        op = "upconv2x2_concat_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        check_array(op, "b", b, self.dtype, 1, "K", (w.shape[0],))
+        n, h, wd, _ = x.shape
+        check_array(op, "skip", skip, self.dtype, 4, "NHWC", (n, 2 * h, 2 * wd, None))
+        cs, k = skip.shape[3], w.shape[0]
+        y = self.empty((n, 2 * h, 2 * wd, cs + k))
+        _check_sizes(op, y)
+        self._copy_channels(skip, cs, 0, y, cs + k, 0, n * 4 * h * wd, cs)
+        self._upconv_forward(x, w, b, y, cs + k, cs)
+        return y
+
+    def upconv2x2_split_backward(self, dcat, ca: int, x, w):
+        """``split_channels(dcat, ca)`` then ``upconv2x2_backward`` on the second part,
+        reading it in place: returns (dskip, dx, dw, db)."""
+        op = "upconv2x2_split_backward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        n, h, wd, _ = x.shape
+        k = w.shape[0]
+        check_array(op, "dcat", dcat, self.dtype, 4, "NHWC", (n, 2 * h, 2 * wd, int(ca) + k))
+        ca = int(ca)
+        if ca < 1:
+            raise ValueError(f"{op}: ca must be >= 1, got {ca}")
+        _check_sizes(op, dcat)
+        ct = ca + k
+        dskip = self.empty((n, 2 * h, 2 * wd, ca))
+        self._copy_channels(dcat, ct, 0, dskip, ca, 0, n * 4 * h * wd, ca)
+        return (dskip, *self._upconv_backward(dcat, ct, ca, x, w))
+
+    # ------------------------------------------------------------------ loss and metrics
+    def _per_sample_blocks(self, n: int, items: int) -> int:
+        """Blocks per sample for grid (B, N) reductions: ~16 blocks per SM in all, and
+        enough that no thread sums more than 8 items (dice.cu sums those in float32)."""
+        want = max(_cdiv(16 * self.sm_count, n), _cdiv(items, 8 * THREADS))
+        return max(1, min(want, _cdiv(items, THREADS), 65535))
+
+    def _sigmoid_dice_loss(self, logits, target, smooth):
+        n = logits.shape[0]
+        p = logits.size // n
+        _check_sizes("sigmoid_dice_loss", logits)
+        if n > 65535:
+            raise ValueError(f"sigmoid_dice_loss: at most 65535 samples, got {n}")
+        dlogits = self.empty(logits.shape)
+        vec = p % 4 == 0 and self._aligned(logits, target, dlogits)
+        blocks = self._per_sample_blocks(n, p // 4 if vec else p)
+        partial = self.empty((n, blocks, 2), np.float64)
+        sums = self.empty((n, 2), np.float64)
+        dice = self.empty((n,), np.float64)
+        loss = self.empty((), np.float64)
+        if self._dice_counter is None:  # zero; the kernel's last block sets it back to zero
+            self._dice_counter = self.zeros((1,), np.uint32)
+        self._launch("dice.cu", "dice_partial_sums", (blocks, n, 1), (THREADS, 1, 1), logits,
+                     target, _i32(p), _i32(vec), np.float64(smooth), partial,
+                     self._dice_counter, sums, dice, loss)
+        self._launch("dice.cu", "dice_grad", (blocks, n, 1), (THREADS, 1, 1), logits, target,
+                     _i32(p), _i32(n), np.float64(smooth), sums, _i32(vec), dlogits)
+        return loss, dice, dlogits
+
+    def _confusion_counts(self, logits, target):
+        n = logits.shape[0]
+        p = logits.size // n
+        _check_sizes("confusion_counts", logits)
+        if n > 65535:
+            raise ValueError(f"confusion_counts: at most 65535 samples, got {n}")
+        counts = self.zeros((n, 3), np.int64)
+        blocks = self._per_sample_blocks(n, p)
+        self._launch("metrics.cu", "confusion_counts", (blocks, n, 1), (THREADS, 1, 1), logits,
+                     target, _i32(p), counts)
+        return counts
+
+    # ------------------------------------------------------------------ optimiser
+    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        size = param.size
+        vec = self._aligned(param, grad, m, v)
+        self._launch("adam.cu", "adam_step_vec4" if vec else "adam_step",
+                     self._grid_stride(_cdiv(size, 4) if vec else size), (THREADS, 1, 1),
+                     param, grad, m, v, np.int64(size), np.float64(lr / bc1), np.float64(beta1),
+                     np.float64(beta2), np.float64(eps), np.float64(math.sqrt(bc2)))
+
+    # ------------------------------------------------------------------ input pipeline
+    def _window_augment(self, hu, mask, aug, center, width):
+        n, h, w = hu.shape
+        if h > 65535 or n > 65535:
+            raise ValueError(f"window_augment: at most 65535 rows and samples, got {hu.shape}")
+        _check_sizes("window_augment", hu)
+        image = self.empty((n, h, w, 1))
+        mask_out = self.empty((n, h, w, 1), np.uint8)
+        threads = min(THREADS, _cdiv(w, 32) * 32)
+        self._launch("window.cu", "window_augment", (_cdiv(w, threads), h, n), (threads, 1, 1),
+                     hu, mask, aug, np.float64(center), np.float64(width), np.float64(AIR_HU),
+                     image, mask_out, _i32(h), _i32(w))
+        return image, mask_out

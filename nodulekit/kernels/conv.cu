@@ -1,0 +1,260 @@
+// conv.cu: direct 3x3 / 1x1 convolution, stride 1, "same" zero padding, NHWC, fp32:
+// forward (bias + ReLU fused), and the weight gradient. The data gradient is the forward
+// kernel run on dz with the kernel flipped and transposed; the bias gradient and the
+// ReLU's mask are in reduce.cu.
+//
+// What it computes (ops.py), with P = R / 2, x [N,H,W,C], w [K,R,R,C], y [N,H,W,K]:
+//   forward   y[n,h,w,k] = relu?(b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k,r,s,c])
+//   dw        dw[k,r,s,c] = sum_{n,h,w} dz[n,h,w,k] * x[n, h+r-P, w+s-P, c]
+//   dx        dx[n,h,w,c] = sum_{k,r,s} dz[n, h-r+P, w-s+P, k] * w[k,r,s,c]
+//             = forward(dz, wf) with wf[c, r', s', k] = w[k, R-1-r', R-1-s', c]
+//             (flip_transpose_weight), no bias, no ReLU.
+//
+// How (one readable scheme for all three): think of pixels m = (n, h, w) as rows and of
+// the reduction index j = (r, s, c) (contiguous c, as in w's rows) as columns of a "patch
+// matrix" X[m, j] = x[n, h+r-P, w+s-P, c] (0 off the image), never stored. Then
+//   forward:  y[m, k] = sum_j X[m, j] w[k, j]           (rows m, cols k, reduce over j)
+//   dw:       dw[k, j] = sum_m dz[m, k] X[m, j]          (rows k, cols j, reduce over m)
+// Each block owns a tile of the result; per step it stages BR = 16 reduction indices of
+// both operands in shared memory (the patch values gathered straight from x), then each
+// thread accumulates a TM x TN register tile of outer products from shared memory. A
+// thread's rows are ty + i * (BM / TM) and its columns tx + q * (BN / TN), so neighbouring
+// threads read neighbouring shared words and write neighbouring outputs. No tensor cores,
+// no double buffering: the fast versions (tf32/bf16 wgmma) are a later issue and will be
+// checked against these.
+//
+// Launches (256 threads each; tiles picked by cuda.py):
+//   conv_forward_128x64   grid (ceil(M/128), ceil(K/64))   8x4 outputs per thread (K > 16)
+//   conv_forward_256x16   grid (ceil(M/256), ceil(K/16))   8x2 outputs per thread (K <= 16)
+//   conv_weight_grad_64x128  grid (ceil(J/128), ceil(K/64), splits)   4x8 per thread
+//   conv_weight_grad_64x16   grid (ceil(J/16), ceil(K/64), splits)    4x1 (J <= 16)
+//   conv_weight_grad_16x128  grid (ceil(J/128), ceil(K/16), splits)   1x8 (K <= 16)
+//       the pixels are cut into `splits` ranges of `rows` so that enough blocks run when
+//       the output is small (level 0: K x J = 64 x 576); split s writes its own slice of
+//       a [splits, K, J] buffer and reduce.cu's sum_partials adds them in order (or, with
+//       one split, the block writes dw directly).
+//   flip_transpose_weight    1-D grid-stride over K*R*R*C
+//
+// Napkin math (paper shape, enc0.conv2: 12 x 512 x 512, C = K = 64, 3x3): the forward is
+// 2 * M * K * 9C = 2 * 3.15 M * 64 * 576 = 232 GFLOP; x and y are 805 MB each. Per
+// reduction step a thread does TM*TN = 32 FMAs for TM + TN = 12 shared loads; a 128x64
+// block stages 16 x (128 + 64) floats (12 KB) for 16 x 128 x 64 FMAs: 21 FLOP per staged
+// byte, and x is re-read 9x (once per tap), mostly from L1/L2. So it is compute-bound on
+// FP32 FMA (~60 TFLOP/s on an H100 SXM at best); a first version like this reaches a
+// fraction of that: 232 GFLOP at 15 TFLOP/s is 15 ms. The backward costs twice the forward
+// (dx and dw), plus the ReLU pass of reduce.cu. A whole U-Net step at the paper's shape is
+// about 14 TFLOP.
+//
+// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch)
+//        pytest tests/test_cuda_emu.py -k conv   (the same tests, CPU emulator)
+//        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
+
+#define BR 16  // reduction indices staged per step
+
+// ------------------------------------------------------------------------------ forward
+// out[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); X gathered from x, w is [K, J]
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
+                                                  const float* __restrict__ w,
+                                                  const float* __restrict__ bias, int relu,
+                                                  float* __restrict__ y, int N, int H, int W,
+                                                  int C, int K, int R) {
+    constexpr int NT = (BM / TM) * (BN / TN);  // 256 threads
+    static_assert(NT % BR == 0, "each thread stages a fixed reduction index");
+    __shared__ float As[BR][BM + 1];  // As[jj][i] = X[m0 + i, j0 + jj]   (+1: fewer conflicts)
+    __shared__ float Bs[BR][BN + 1];  // Bs[jj][q] = w[k0 + q, j0 + jj]
+    __shared__ int pix_n[BM], pix_h[BM], pix_w[BM];
+
+    const int P = R / 2, J = R * R * C, M = N * H * W;
+    const int m0 = blockIdx.x * BM, k0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
+
+    // the block's BM pixels, decoded once; a pixel past the end gets h far off the image
+    for (int i = tid; i < BM; i += NT) {
+        const int m = m0 + i;
+        if (m < M) {
+            const int n = m / (H * W), rem = m - n * (H * W);
+            pix_n[i] = n;
+            pix_h[i] = rem / W;
+            pix_w[i] = rem - (rem / W) * W;
+        } else {
+            pix_n[i] = 0;
+            pix_h[i] = -(1 << 28);
+            pix_w[i] = 0;
+        }
+    }
+
+    float acc[TM][TN];
+    for (int i = 0; i < TM; ++i)
+        for (int q = 0; q < TN; ++q) acc[i][q] = 0.0f;
+
+    const int jj = tid % BR;  // the reduction index this thread stages
+    for (int j0 = 0; j0 < J; j0 += BR) {
+        __syncthreads();  // the previous step's reads are done (and pix_* written)
+        const int j = j0 + jj;
+        const bool j_ok = j < J;
+        const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+        const int s = rs - r * R, c = j - rs * C;
+        for (int i = tid / BR; i < BM; i += NT / BR) {
+            const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
+            float v = 0.0f;
+            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
+            As[jj][i] = v;
+        }
+        for (int q = tid / BR; q < BN; q += NT / BR) {
+            const int k = k0 + q;
+            Bs[jj][q] = (j_ok && k < K) ? w[(long long)k * J + j] : 0.0f;
+        }
+        __syncthreads();
+        for (int u = 0; u < BR; ++u) {
+            float a[TM], b[TN];
+            for (int i = 0; i < TM; ++i) a[i] = As[u][ty + i * (BM / TM)];
+            for (int q = 0; q < TN; ++q) b[q] = Bs[u][tx + q * (BN / TN)];
+            for (int i = 0; i < TM; ++i)
+                for (int q = 0; q < TN; ++q) acc[i][q] += a[i] * b[q];
+        }
+    }
+
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + ty + i * (BM / TM);
+        if (m >= M) continue;
+        for (int q = 0; q < TN; ++q) {
+            const int k = k0 + tx + q * (BN / TN);
+            if (k >= K) continue;
+            float v = acc[i][q] + bias[k];
+            if (relu && v < 0.0f) v = 0.0f;
+            y[(long long)m * K + k] = v;
+        }
+    }
+}
+
+extern "C" __global__ void
+conv_forward_128x64(const float* __restrict__ x, const float* __restrict__ w,
+                    const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
+                    int H, int W, int C, int K, int R) {
+    conv_forward_tile<128, 64, 8, 4>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void
+conv_forward_256x16(const float* __restrict__ x, const float* __restrict__ w,
+                    const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
+                    int H, int W, int C, int K, int R) {
+    conv_forward_tile<256, 16, 8, 2>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+// ------------------------------------------------------------------------ weight gradient
+// out[split, k, j] = sum over the split's pixels m of dz[m, k] * X[m, j]
+template <int BA, int BB, int TA, int TB>
+__device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ dz,
+                                                      const float* __restrict__ x,
+                                                      float* __restrict__ out, int N, int H,
+                                                      int W, int C, int K, int R, int rows) {
+    constexpr int NT = (BA / TA) * (BB / TB);  // 256 threads
+    static_assert(NT % BA == 0 && NT % BB == 0, "each thread stages a fixed column");
+    __shared__ float Ds[BR][BA];  // Ds[mm][a] = dz[m0 + mm, k0 + a]
+    __shared__ float Xs[BR][BB];  // Xs[mm][b] = X[m0 + mm, j0 + b]
+    __shared__ int pix_n[BR], pix_h[BR], pix_w[BR];
+
+    const int P = R / 2, J = R * R * C, M = N * H * W;
+    const int j0 = blockIdx.x * BB, k0 = blockIdx.y * BA, split = blockIdx.z;
+    const int m_begin = split * rows, m_end = min(M, m_begin + rows);
+    const int tid = threadIdx.x, tx = tid % (BB / TB), ty = tid / (BB / TB);
+
+    // the columns this thread stages stay the same for every step: decode them once
+    const int ka = tid % BA, k = k0 + ka;
+    const int jb = tid % BB, j = j0 + jb;
+    const bool j_ok = j < J;
+    const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+    const int s = rs - r * R, c = j - rs * C;
+
+    float acc[TA][TB];
+    for (int i = 0; i < TA; ++i)
+        for (int q = 0; q < TB; ++q) acc[i][q] = 0.0f;
+
+    for (int m0 = m_begin; m0 < m_end; m0 += BR) {
+        __syncthreads();  // the previous step's reads of Ds, Xs and pix_* are done
+        if (tid < BR) {
+            const int m = m0 + tid;
+            if (m < m_end) {
+                const int n = m / (H * W), rem = m - n * (H * W);
+                pix_n[tid] = n;
+                pix_h[tid] = rem / W;
+                pix_w[tid] = rem - (rem / W) * W;
+            } else {
+                pix_n[tid] = 0;
+                pix_h[tid] = -(1 << 28);
+                pix_w[tid] = 0;
+            }
+        }
+        for (int mm = tid / BA; mm < BR; mm += NT / BA) {
+            const int m = m0 + mm;
+            Ds[mm][ka] = (m < m_end && k < K) ? dz[(long long)m * K + k] : 0.0f;
+        }
+        __syncthreads();  // pix_* ready
+        for (int mm = tid / BB; mm < BR; mm += NT / BB) {
+            const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
+            float v = 0.0f;
+            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                v = x[(((long long)pix_n[mm] * H + hh) * W + ww) * C + c];
+            Xs[mm][jb] = v;
+        }
+        __syncthreads();
+        for (int u = 0; u < BR; ++u) {
+            float a[TA], b[TB];
+            for (int i = 0; i < TA; ++i) a[i] = Ds[u][ty + i * (BA / TA)];
+            for (int q = 0; q < TB; ++q) b[q] = Xs[u][tx + q * (BB / TB)];
+            for (int i = 0; i < TA; ++i)
+                for (int q = 0; q < TB; ++q) acc[i][q] += a[i] * b[q];
+        }
+    }
+
+    float* o = out + (long long)split * K * J;
+    for (int i = 0; i < TA; ++i) {
+        const int kk = k0 + ty + i * (BA / TA);
+        if (kk >= K) continue;
+        for (int q = 0; q < TB; ++q) {
+            const int jj = j0 + tx + q * (BB / TB);
+            if (jj < J) o[(long long)kk * J + jj] = acc[i][q];
+        }
+    }
+}
+
+extern "C" __global__ void
+conv_weight_grad_64x128(const float* __restrict__ dz, const float* __restrict__ x,
+                        float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                        int rows) {
+    conv_weight_grad_tile<64, 128, 4, 8>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void
+conv_weight_grad_64x16(const float* __restrict__ dz, const float* __restrict__ x,
+                       float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                       int rows) {
+    conv_weight_grad_tile<64, 16, 4, 1>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void
+conv_weight_grad_16x128(const float* __restrict__ dz, const float* __restrict__ x,
+                        float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                        int rows) {
+    conv_weight_grad_tile<16, 128, 1, 8>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+// ----------------------------------------------------------------- data-gradient weights
+// wf[c, r, s, k] = w[k, R-1-r, R-1-s, c]: the kernel rotated 180 degrees, in and out swapped
+extern "C" __global__ void flip_transpose_weight(const float* __restrict__ w,
+                                                 float* __restrict__ wf, int K, int R, int C) {
+    const long long total = (long long)K * R * R * C;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        // e indexes wf = [C, R, R, K]
+        long long rest = e / K;
+        const int k = (int)(e - rest * K);
+        const int s = (int)(rest % R);
+        rest /= R;
+        const int r = (int)(rest % R);
+        const int c = (int)(rest / R);
+        wf[e] = w[(((long long)k * R + (R - 1 - r)) * R + (R - 1 - s)) * C + c];
+    }
+}

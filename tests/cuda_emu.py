@@ -1,0 +1,278 @@
+"""Run nodulekit's CUDA kernels on the CPU: a runtime for ``CudaBackend(runtime=...)``.
+
+Nobody can run the kernels without a GPU, and GPU time is rare. So the tests also run the
+*real* ``kernels/*.cu`` sources, launched by the *real* ``nodulekit/engine/cuda.py``, on the
+CPU: each file is compiled by g++ as C++17 with ``tests/cuda_emu.h`` in front (CUDA's
+built-ins as plain C++; a block's threads are OS threads meeting at real barriers; blocks
+run one after another), plus one generated wrapper per ``extern "C" __global__`` kernel.
+:class:`EmuRuntime` then stands in for CuPy: NumPy arrays for device memory, kernel calls
+through ctypes. On every launch it checks what would otherwise fail only on the GPU:
+
+- each argument's type against the kernel's C signature: arrays must have the pointer's
+  element type and be C-contiguous; scalars must be the NumPy type of the C type exactly
+  (``np.int32`` for ``int``, ``np.float64`` for ``double``, ...), as CuPy needs;
+- the launch shape against the CUDA limits (1024 threads a block, grid y/z <= 65535);
+- that no thread left the kernel while others waited in ``__syncthreads``;
+- guard bytes around every array the runtime allocated: a write past either end of an
+  array is reported, with the kernel and the argument. Fresh ``empty`` arrays are filled
+  with NaN bytes, so an output element a kernel never writes shows up as NaN.
+
+What it cannot see: races between blocks (they run one at a time), warp-level behaviour,
+and the GPU's floating-point details (FMA contraction, flushed denormals, CUDA's libm).
+Those need the GPU run (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from nodulekit.engine.cuda import kernel_source
+
+HEADER = Path(__file__).with_name("cuda_emu.h")
+CXX = os.environ.get("CXX", "g++")
+CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
+            "-fno-gnu-unique", "-fvisibility=hidden", "-w"]
+
+SIGNATURE = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
+    r"(\w+)\s*\(([^)]*)\)", re.S)
+
+# C scalar type -> (ctypes type, the NumPy scalar type CuPy wants for it)
+SCALARS = {
+    "int": (ctypes.c_int, np.int32),
+    "unsigned int": (ctypes.c_uint, np.uint32),
+    "long long": (ctypes.c_longlong, np.int64),
+    "float": (ctypes.c_float, np.float32),
+    "double": (ctypes.c_double, np.float64),
+}
+# C pointee type -> the array dtypes it may point to
+POINTEES = {
+    "float": (np.float32,),
+    "double": (np.float64,),
+    "short": (np.int16,),
+    "unsigned char": (np.uint8,),
+    "int": (np.int32,),
+    "unsigned int": (np.uint32,),
+    "unsigned long long": (np.uint64, np.int64),
+}
+GUARD = 256  # bytes before and after every array
+POISON = 0xFF  # NaN as float32 / float64
+
+
+def compiler_available() -> tuple[bool, str]:
+    if shutil.which(CXX) is None:
+        return False, f"no C++ compiler {CXX!r} on PATH (set CXX) to emulate the kernels"
+    return True, CXX
+
+
+def parse_kernels(source: str) -> dict[str, list[tuple[str, bool, str]]]:
+    """``extern "C" __global__`` kernels of a source -> [(C type, is pointer, name)]."""
+    kernels = {}
+    for name, params in SIGNATURE.findall(source):
+        out = []
+        for param in params.split(","):
+            text = " ".join(param.replace("__restrict__", " ").split())
+            is_ptr = "*" in text
+            text = text.replace("*", " ")
+            words = [w for w in text.split() if w != "const"]
+            out.append((" ".join(words[:-1]), is_ptr, words[-1]))
+        kernels[name] = out
+    return kernels
+
+
+def _wrapper(kernels) -> str:
+    lines = []
+    for name, params in kernels.items():
+        decl = ", ".join(f"{t}{'*' if p else ''} {n}" for t, p, n in params)
+        names = ", ".join(n for _, _, n in params)
+        lines.append(
+            f'extern "C" __attribute__((visibility("default"))) int emu_launch_{name}('
+            f"unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz"
+            f"{', ' if decl else ''}{decl}) {{\n"
+            f"    return emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}},\n"
+            f"                       [&] {{ {name}({names}); }});\n"
+            f"}}\n")
+    return "\n".join(lines)
+
+
+def _cache_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / f"nodulekit-cuda-emu-{os.getuid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _register_shared(cdll, path: Path) -> list[str]:
+    """Tell the library where its __shared__ arrays (function-local statics, ``_ZZ...``
+    symbols) are, so it can poison them before every block. Returns their names."""
+    proc = subprocess.run(["nm", "-S", "--defined-only", str(path)], capture_output=True,
+                          text=True, check=True)
+    symbols = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            symbols[parts[3]] = (int(parts[0], 16), int(parts[1], 16), parts[2])
+    anchor = symbols["_ZN3emu6anchorE"][0]
+    cdll.emu_add_shared.argtypes = [ctypes.c_longlong, ctypes.c_ulonglong]
+    names = []
+    for name, (value, size, kind) in symbols.items():
+        if name.startswith("_ZZ") and kind in "bBdDvV" and not name.startswith("_ZZNSt"):
+            cdll.emu_add_shared(value - anchor, size)
+            names.append(name)
+    return names
+
+
+class EmuModule:
+    """One kernels/*.cu file compiled for the CPU, with a launcher per kernel."""
+
+    def __init__(self, file: str):
+        self.file = file
+        source = kernel_source(file)
+        self.kernels = parse_kernels(source)
+        if not self.kernels:
+            raise RuntimeError(f"{file}: no extern \"C\" __global__ kernels found")
+        text = f'#line 1 "{file}"\n{source}\n#line 1 "emu-wrappers"\n{_wrapper(self.kernels)}'
+        key = hashlib.sha256((HEADER.read_text() + text + " ".join(CXXFLAGS)).encode())
+        lib = _cache_dir() / f"{Path(file).stem}-{key.hexdigest()[:16]}.so"
+        if not lib.exists():
+            src = lib.with_suffix(".cpp")
+            src.write_text(text)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            cmd = [CXX, *CXXFLAGS, "-include", str(HEADER), "-x", "c++", str(src), "-o", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"emulating {file}: g++ failed:\n{proc.stderr[-4000:]}")
+            os.replace(tmp, lib)
+        self.lib = ctypes.CDLL(str(lib))
+        self.shared = _register_shared(self.lib, lib)
+        self.launchers = {}
+        for name, params in self.kernels.items():
+            fn = getattr(self.lib, f"emu_launch_{name}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_uint] * 6 + [
+                ctypes.c_void_p if p else SCALARS[t][0] for t, p, _ in params]
+            self.launchers[name] = fn
+
+
+class EmuRuntime:
+    """Stands in for ``CupyRuntime``: NumPy memory with guards, kernels run on the CPU."""
+
+    xp = np
+
+    def __init__(self, sm_count: int = 4):
+        self.sm_count = sm_count  # small, so that tiny test shapes still split their work
+        self.modules: dict[str, EmuModule] = {}
+        self.launched: set[tuple[str, str]] = set()
+        self._roots = weakref.WeakValueDictionary()  # id(raw buffer) -> raw buffer
+        self._layout: dict[int, tuple[int, int]] = {}  # id(raw buffer) -> (start, nbytes)
+
+    # ---- memory
+    def _alloc(self, shape, dtype, fill: int):
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in (shape if isinstance(shape, tuple | list) else (shape,)))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = np.full(nbytes + 2 * GUARD + 256, POISON, dtype=np.uint8)
+        start = GUARD + (-(raw.ctypes.data + GUARD)) % 256  # the array starts 256-aligned
+        raw[start:start + nbytes] = fill
+        for dead in [k for k in self._layout if k not in self._roots]:
+            del self._layout[dead]
+        self._roots[id(raw)] = raw
+        self._layout[id(raw)] = (start, nbytes)
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+    def empty(self, shape, dtype):
+        return self._alloc(shape, dtype, POISON)
+
+    def zeros(self, shape, dtype):
+        return self._alloc(shape, dtype, 0)
+
+    def asarray(self, a, dtype=None):
+        src = np.asarray(a, dtype=dtype)
+        out = self._alloc(src.shape, src.dtype, POISON)
+        out[...] = src
+        return out
+
+    def to_host(self, a) -> np.ndarray:
+        return np.array(a, copy=True)
+
+    def synchronize(self) -> None:
+        pass
+
+    @staticmethod
+    def address(a) -> int:
+        return int(a.ctypes.data)
+
+    # ---- kernels
+    def module(self, file: str) -> EmuModule:
+        if file not in self.modules:
+            self.modules[file] = EmuModule(file)
+        return self.modules[file]
+
+    def launch(self, file: str, kernel: str, grid, block, args) -> None:
+        mod = self.module(file)
+        where = f"{file}:{kernel}"
+        if kernel not in mod.kernels:
+            raise RuntimeError(f"{where}: no such kernel (have {sorted(mod.kernels)})")
+        params = mod.kernels[kernel]
+        grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
+        if len(grid) != 3 or len(block) != 3:
+            raise RuntimeError(f"{where}: pass grid and block as 3-tuples, got {grid}, {block}")
+        if min(grid + block) < 1 or grid[0] >= 2**31 or max(grid[1:]) > 65535:
+            raise RuntimeError(f"{where}: grid {grid} outside CUDA's limits")
+        if block[0] > 1024 or block[1] > 1024 or block[2] > 64 or np.prod(block) > 1024:
+            raise RuntimeError(f"{where}: block {block} outside CUDA's limits")
+        if len(args) != len(params):
+            raise TypeError(f"{where}: {len(params)} parameters, {len(args)} arguments")
+        cargs, arrays = [], []
+        for i, ((ctype, is_ptr, pname), arg) in enumerate(zip(params, args, strict=True)):
+            what = f"{where} argument {i} ({ctype}{'*' if is_ptr else ''} {pname})"
+            if is_ptr:
+                if not isinstance(arg, np.ndarray):
+                    raise TypeError(f"{what}: expected an array, got {type(arg).__name__}")
+                if arg.dtype.type not in POINTEES[ctype]:
+                    raise TypeError(f"{what}: array of {arg.dtype}, expected "
+                                    f"{'/'.join(np.dtype(t).name for t in POINTEES[ctype])}")
+                if not arg.flags.c_contiguous:
+                    raise TypeError(f"{what}: array is not C-contiguous")
+                self._check_guards(arg, what)  # ours, and intact before the launch
+                cargs.append(ctypes.c_void_p(arg.ctypes.data))
+                arrays.append((i, pname, arg))
+            else:
+                want = SCALARS[ctype][1]
+                if type(arg) is not want:
+                    raise TypeError(f"{what}: pass np.{want.__name__}, got "
+                                    f"{type(arg).__module__}.{type(arg).__name__} {arg!r}")
+                cargs.append(SCALARS[ctype][0](arg.item()))
+        rc = mod.launchers[kernel](*grid, *block, *cargs)
+        self.launched.add((file, kernel))
+        if rc:
+            raise RuntimeError(f"{where}: threads of a block met different barriers (a thread "
+                               f"left the kernel while others waited in __syncthreads?)")
+        for i, pname, arr in arrays:
+            self._check_guards(arr, f"{where} argument {i} ({pname})")
+
+    def _check_guards(self, arr, what: str) -> None:
+        root = arr
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        layout = self._layout.get(id(root))
+        if layout is None or self._roots.get(id(root)) is not root:
+            raise TypeError(f"{what}: a host array, not one of this runtime's (CuPy would "
+                            f"refuse a NumPy array too)")
+        start, nbytes = layout
+        before, after = root[:start], root[start + nbytes:]
+        if (before != POISON).any() or (after != POISON).any():
+            lo = np.flatnonzero(before != POISON)
+            hi = np.flatnonzero(after != POISON)
+            raise RuntimeError(
+                f"{what}: out-of-bounds write: {len(lo)} guard bytes before and {len(hi)} "
+                f"after the array's {nbytes} bytes were changed")

@@ -1,0 +1,132 @@
+"""test_cuda_ops.py's tests again, on the CPU: the real kernels through a CUDA emulator.
+
+Every ``test_*`` function of ``test_cuda_ops.py`` runs here with ``device = "cuda-emu"``:
+``CudaBackend`` (the real ``nodulekit/engine/cuda.py``) on ``tests/cuda_emu.py``'s runtime,
+which compiles each ``kernels/*.cu`` with g++ and runs a block's threads as fibers meeting
+at real barriers, checking argument types, launch limits and out-of-bounds writes. It runs
+in every CI run (no GPU needed; skipped, saying why, only without a C++ compiler), so a
+wrong index, a missing barrier or a mistyped argument fails here before any GPU session.
+
+Also here: every kernel that ``cuda.py`` declares is launched, and the emulator refuses
+what CuPy would refuse.
+"""
+
+from __future__ import annotations
+
+import cuda_emu
+import pytest
+import test_cuda_ops
+from test_cuda_ops import emu_backend, get_backend
+
+EMU_OK, EMU_WHY = cuda_emu.compiler_available()
+pytestmark = pytest.mark.skipif(not EMU_OK, reason=EMU_WHY)
+
+# the test functions of test_cuda_ops, collected here too (without its gpu mark and skip)
+for _name in dir(test_cuda_ops):
+    if _name.startswith("test_"):
+        globals()[_name] = getattr(test_cuda_ops, _name)
+_backends = test_cuda_ops._backends
+tdev = test_cuda_ops.tdev
+rng = test_cuda_ops.rng
+
+
+@pytest.fixture
+def device():
+    return "cuda-emu"
+
+
+def test_every_declared_kernel_runs():
+    """One small call per kernel variant (tile shapes, float4 / scalar, one or several
+    reduction splits, the fused decoder entries): every kernel cuda.py declares is
+    launched, and returns finite numbers."""
+    import numpy as np
+
+    from nodulekit.engine.cuda import KERNELS, CudaBackend
+
+    rt = cuda_emu.EmuRuntime()
+    be = CudaBackend(runtime=rt)
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return be.asarray(rng.standard_normal(shape).astype(np.float32))
+
+    outputs = []
+    for (n, h, w, c, k, r) in [(2, 9, 11, 20, 80, 3), (1, 5, 7, 1, 4, 3), (1, 6, 5, 40, 8, 1)]:
+        x, wt, b = f32(n, h, w, c), f32(k, r, r, c), f32(k)
+        y = be.conv2d_forward(x, wt, b, relu=True)
+        outputs += [y, *be.conv2d_backward(f32(n, h, w, k), x, wt, y, relu=True)]
+        outputs += be.conv2d_backward(f32(n, h, w, k), x, wt, need_dx=False)[1:]
+    for c in (3, 8):
+        y, am = be.maxpool2x2_forward(f32(2, 7, 9, c))
+        outputs += [y, be.maxpool2x2_backward(f32(*y.shape), am, (7, 9))]
+    x, wt, b = f32(2, 3, 5, 6), f32(4, 2, 2, 6), f32(4)
+    outputs += [be.upconv2x2_forward(x, wt, b), *be.upconv2x2_backward(f32(2, 6, 10, 4), x, wt)]
+    outputs += [be.upconv2x2_concat_forward(f32(2, 6, 10, 3), x, wt, b),
+                *be.upconv2x2_split_backward(f32(2, 6, 10, 7), 3, x, wt)]
+    for ca, cb in ((4, 8), (3, 2)):
+        outputs += [be.concat_channels(f32(2, 3, 4, ca), f32(2, 3, 4, cb)),
+                    *be.split_channels(f32(2, 3, 4, ca + cb), ca)]
+    for hw in (8, 7):
+        z = f32(2, hw, hw, 1)
+        t = be.asarray((rng.random((2, hw, hw, 1)) < 0.3).astype(np.uint8))
+        outputs += [*be.sigmoid_dice_loss(z, t), be.confusion_counts(z, t)]
+    for size, offset in ((10, 0), (10, 1)):
+        buf = [f32(size + offset)[offset:] for _ in range(4)]
+        buf[3][...] = abs(buf[3])
+        be.adam_step(*buf, 3, 1e-3)
+        outputs += buf
+    hu = be.asarray(rng.integers(-1000, 1000, (2, 5, 6)).astype(np.int16))
+    mask = be.asarray((rng.random((2, 5, 6)) < 0.5).astype(np.uint8))
+    aug = be.asarray(np.array([[1, 0, 10.0], [0, 1, -5.0]], np.float32))
+    outputs += be.window_augment(hu, mask, aug)
+
+    missing = sorted(f"{f}:{k}" for f, ks in KERNELS.items() for k in ks
+                     if (f, k) not in rt.launched)
+    assert not missing, f"kernels no call launched: {missing}"
+    assert rt.launched <= {(f, k) for f, ks in KERNELS.items() for k in ks}
+    for out in outputs:
+        if out is not None and out.dtype.kind == "f":
+            assert np.isfinite(out).all()
+
+
+def test_emulator_rejects_what_cupy_would():
+    """Arguments CuPy would pass wrongly (a Python int for an int, a float64 array for a
+    float*), a host array, and an impossible launch shape fail loudly."""
+    import numpy as np
+
+    be = emu_backend()
+    rt = be.rt
+    x = be.zeros((4,))
+    good = (x, x, x, x, np.int64(4), np.float64(1e-3), np.float64(0.9), np.float64(0.999),
+            np.float64(1e-8), np.float64(1.0))
+    rt.launch("adam.cu", "adam_step", (1, 1, 1), (32, 1, 1), good)
+    with pytest.raises(TypeError, match=r"argument 4 \(long long n\): pass np.int64"):
+        rt.launch("adam.cu", "adam_step", (1, 1, 1), (32, 1, 1), good[:4] + (4,) + good[5:])
+    with pytest.raises(TypeError, match=r"array of float64, expected float32"):
+        rt.launch("adam.cu", "adam_step", (1, 1, 1), (32, 1, 1),
+                  (be.zeros((4,), np.float64),) + good[1:])
+    with pytest.raises(TypeError, match="a host array"):
+        rt.launch("adam.cu", "adam_step", (1, 1, 1), (32, 1, 1),
+                  (np.zeros(4, np.float32),) + good[1:])
+    with pytest.raises(RuntimeError, match="outside CUDA's limits"):
+        rt.launch("adam.cu", "adam_step", (1, 1, 1), (2048, 1, 1), good)
+    assert get_backend("cuda-emu") is be
+
+
+def test_precision_other_than_fp32_is_refused():
+    from nodulekit.engine.cuda import CudaBackend
+
+    for precision in ("tf32", "bf16"):
+        with pytest.raises(ValueError, match=rf"fp32 only for now.*precision='{precision}'"):
+            CudaBackend(precision=precision, runtime=test_cuda_ops._EMU.get("runtime"))
+
+
+def test_without_cupy_the_backend_says_what_to_install(monkeypatch):
+    """cuda.py imports without CuPy; making the backend then names the package."""
+    import sys
+
+    from nodulekit.engine.cuda import CudaBackend
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'nodulekit\[cuda\]'"):
+        CudaBackend()

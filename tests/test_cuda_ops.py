@@ -1,0 +1,504 @@
+"""The CUDA backend on a GPU: every op forward and backward, the U-Net, 50 training steps.
+
+Marked ``gpu`` and skipped, saying why, where no GPU is usable (``cuda_usable()``); run them
+with ``pytest -m gpu`` (``bench/gpu_check.sh`` does). Each op is checked with
+``tests/opcheck.py``'s ``check_op``: against ``reference.py`` in float64 and against torch
+*on the GPU* (cuDNN, TF32 off) in float32, at the shapes of ``test_ops.py`` (odd sizes,
+C = 1, K = 1, batch 1) plus shapes that span several tiles and blocks of every kernel
+variant (float4 and scalar paths, one and several reduction splits).
+
+``tests/test_cuda_emu.py`` runs these same test functions with ``device = "cuda-emu"``:
+the same kernels and the same ``cuda.py`` on the CPU (``tests/cuda_emu.py``), in every CI
+run. So everything here but the GPU's own arithmetic is exercised before a GPU session.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import cuda_emu
+import numpy as np
+import opcheck
+import pytest
+from opcheck import GRID32_ATOL, check_op, rand
+from test_ops import CONCAT, CONFUSION, CONV, DICE, ERRORS, POOL, UPCONV, WINDOW, _slices, _target
+
+from nodulekit.engine import cuda_usable
+from nodulekit.engine import get_backend as real_get_backend
+from nodulekit.engine.ops import identity_augmentation
+from nodulekit.reference import torch_ops as T
+
+GPU_OK, GPU_WHY = cuda_usable()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not GPU_OK, reason=f"needs a usable CUDA GPU: {GPU_WHY}")]
+
+
+@pytest.fixture
+def device():
+    """Which CUDA backend the tests run: "cuda" here, "cuda-emu" in test_cuda_emu.py."""
+    return "cuda"
+
+
+_EMU = {}
+
+
+def emu_backend():
+    """One CudaBackend on the CPU emulator for the whole session (compiled once)."""
+    if "backend" not in _EMU:
+        from nodulekit.engine.cuda import CudaBackend
+
+        _EMU["runtime"] = cuda_emu.EmuRuntime()
+        _EMU["backend"] = CudaBackend(runtime=_EMU["runtime"])
+    return _EMU["backend"]
+
+
+def get_backend(name, precision="fp32"):
+    return emu_backend() if name == "cuda-emu" else real_get_backend(name, precision)
+
+
+@pytest.fixture(autouse=True)
+def _backends(monkeypatch):
+    """check_op looks backends up by name: teach it "cuda-emu"."""
+    monkeypatch.setattr(opcheck, "get_backend", get_backend)
+
+
+@pytest.fixture
+def tdev(device):
+    """The device torch runs on next to ours."""
+    return "cuda" if device == "cuda" else "cpu"
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+def dev(device, *arrays):
+    be = get_backend(device)
+    out = tuple(be.asarray(a, dtype=be.dtype if a.dtype.kind == "f" else None) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+def host(device, *arrays):
+    be = get_backend(device)
+    out = tuple(None if a is None else np.asarray(be.to_host(a)) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+# --------------------------------------------------------------------------- convolution
+
+CONV_CUDA = CONV + [  # N, H, W, C, K, R, relu, need_dx: several tiles, every variant
+    pytest.param(2, 9, 11, 20, 80, 3, True, True, id="n2-9x11-c20-k80-3x3-relu"),
+    pytest.param(1, 5, 7, 33, 17, 1, False, True, id="n1-5x7-c33-k17-1x1"),
+    pytest.param(2, 16, 17, 5, 40, 3, True, True, id="n2-16x17-c5-k40-3x3-relu"),
+    pytest.param(3, 12, 10, 16, 16, 3, True, True, id="n3-12x10-c16-k16-3x3-relu"),
+    pytest.param(2, 12, 12, 8, 1, 1, False, True, id="n2-12x12-c8-k1-1x1-head"),
+    pytest.param(2, 20, 12, 1, 8, 3, True, False, id="n2-20x12-c1-k8-3x3-first"),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV_CUDA)
+def test_conv2d(device, tdev, rng, n, h, w, c, k, r, relu, need_dx):
+    inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5),
+                  b=rand(rng, k, scale=0.5), dy=rand(rng, n, h, w, k))
+
+    def run(be, x, w, b, dy):
+        y = be.conv2d_forward(x, w, b, relu)
+        dx, dw, db = be.conv2d_backward(dy, x, w, y, relu, need_dx)
+        return dict(y=y, dx=dx, dw=dw, db=db)
+
+    def run_torch(x, w, b, dy):
+        dx, dw, db = T.conv2d_backward(dy, x, w, b, relu, need_dx, device=tdev)
+        return dict(y=T.conv2d_forward(x, w, b, relu, device=tdev), dx=dx, dw=dw, db=db)
+
+    got = check_op(device, run, run_torch, inputs,
+                   reduce=dict(y=r * r * c, dx=k * r * r, dw=n * h * w, db=n * h * w))
+    assert (got["dx"] is None) == (not need_dx)
+
+
+# --------------------------------------------------------------------------- max-pool
+
+POOL_CUDA = POOL + [  # N, H, W, C: float4 path (C % 4 == 0), odd sizes, many blocks
+    pytest.param(2, 9, 7, 8, id="n2-9x7-c8-vec4"),
+    pytest.param(3, 34, 30, 12, id="n3-34x30-c12-vec4"),
+    pytest.param(2, 33, 31, 5, id="n2-33x31-c5"),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c", POOL_CUDA)
+def test_maxpool2x2(device, tdev, rng, n, h, w, c):
+    inputs = dict(x=rand(rng, n, h, w, c), dy=rand(rng, n, h // 2, w // 2, c))
+
+    def run(be, x, dy):
+        y, argmax = be.maxpool2x2_forward(x)
+        return dict(y=y, argmax=argmax, dx=be.maxpool2x2_backward(dy, argmax, (h, w)))
+
+    def run_torch(x, dy):
+        y, argmax = T.maxpool2x2_forward(x, device=tdev)
+        return dict(y=y, argmax=argmax, dx=T.maxpool2x2_backward(dy, x, device=tdev))
+
+    check_op(device, run, run_torch, inputs, exact=("y", "argmax", "dx"))
+
+
+@pytest.mark.parametrize("c", [3, 4], ids=["scalar", "vec4"])
+def test_maxpool2x2_ties_and_odd_sizes(device, rng, c):
+    """First maximum in row-major order wins (values in {0, 1}); odd last row/column dropped."""
+    be = get_backend(device)
+    x = rng.integers(0, 2, (2, 7, 9, c)).astype(np.float64)
+    x[0, :2, :2, :] = 1.0
+    x[:, 6, :, :] = x[:, :, 8, :] = 100.0  # would win every window it took part in
+    y, argmax = be.maxpool2x2_forward(dev(device, x))
+    y, argmax = host(device, y, argmax)
+    expect = np.zeros((2, 3, 4, c), np.uint8)
+    for idx in np.ndindex(*expect.shape):
+        nn, i, j, cc = idx
+        window = [x[nn, 2 * i + a, 2 * j + b, cc] for a in (0, 1) for b in (0, 1)]
+        expect[idx] = window.index(max(window))
+    np.testing.assert_array_equal(argmax, expect)
+    np.testing.assert_array_equal(y, x[:, :6, :8].reshape(2, 3, 2, 4, 2, c).max(axis=(2, 4)))
+    dx = host(device, be.maxpool2x2_backward(dev(device, np.ones((2, 3, 4, c))),
+                                             dev(device, expect), (7, 9)))
+    assert dx.shape == (2, 7, 9, c) and dx.sum() == 2 * 3 * 4 * c
+    assert not dx[:, 6].any() and not dx[:, :, 8].any()
+
+
+# --------------------------------------------------------------------------- up-convolution
+
+UPCONV_CUDA = UPCONV + [  # N, H, W, C, K: several row / column / reduction tiles
+    pytest.param(2, 9, 10, 20, 19, id="n2-9x10-c20-k19"),
+    pytest.param(1, 6, 7, 130, 3, id="n1-6x7-c130-k3"),
+    pytest.param(3, 11, 9, 4, 40, id="n3-11x9-c4-k40"),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,k", UPCONV_CUDA)
+def test_upconv2x2(device, tdev, rng, n, h, w, c, k):
+    inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, 2, 2, c, scale=c ** -.5),
+                  b=rand(rng, k, scale=0.5), dy=rand(rng, n, 2 * h, 2 * w, k))
+
+    def run(be, x, w, b, dy):
+        dx, dw, db = be.upconv2x2_backward(dy, x, w)
+        return dict(y=be.upconv2x2_forward(x, w, b), dx=dx, dw=dw, db=db)
+
+    def run_torch(x, w, b, dy):
+        dx, dw, db = T.upconv2x2_backward(dy, x, w, device=tdev)
+        return dict(y=T.upconv2x2_forward(x, w, b, device=tdev), dx=dx, dw=dw, db=db)
+
+    check_op(device, run, run_torch, inputs,
+             reduce=dict(y=c, dx=4 * k, dw=n * h * w, db=4 * n * h * w))
+
+
+@pytest.mark.parametrize("n,h,w,cs,c,k", [(2, 3, 5, 3, 4, 5), (1, 4, 4, 8, 12, 8)],
+                         ids=["scalar", "vec4"])
+def test_upconv_straight_into_the_concat_buffer(device, rng, n, h, w, cs, c, k):
+    """The fused decoder entry points give exactly what concat / split around the op give."""
+    be = get_backend(device)
+    skip, x, wt, b = dev(device, rand(rng, n, 2 * h, 2 * w, cs), rand(rng, n, h, w, c),
+                         rand(rng, k, 2, 2, c), rand(rng, k))
+    fused = host(device, be.upconv2x2_concat_forward(skip, x, wt, b))
+    plain = host(device, be.concat_channels(skip, be.upconv2x2_forward(x, wt, b)))
+    np.testing.assert_array_equal(fused, plain)
+
+    dcat = dev(device, rand(rng, n, 2 * h, 2 * w, cs + k))
+    fused = host(device, *be.upconv2x2_split_backward(dcat, cs, x, wt))
+    dskip, dup = be.split_channels(dcat, cs)
+    plain = (host(device, dskip), *host(device, *be.upconv2x2_backward(dup, x, wt)))
+    for name, f, p in zip(("dskip", "dx", "dw", "db"), fused, plain, strict=True):
+        np.testing.assert_array_equal(f, p, err_msg=name)
+
+
+# --------------------------------------------------------------------------- concat / split
+
+CONCAT_CUDA = CONCAT + [  # N, H, W, CA, CB
+    pytest.param(2, 5, 7, 8, 4, id="n2-5x7-ca8-cb4-vec4"),
+    pytest.param(2, 9, 40, 16, 16, id="n2-9x40-ca16-cb16-vec4"),
+    pytest.param(1, 6, 6, 4, 6, id="n1-6x6-ca4-cb6-mixed"),
+]
+
+
+@pytest.mark.parametrize("n,h,w,ca,cb", CONCAT_CUDA)
+def test_concat_split_channels(device, tdev, rng, n, h, w, ca, cb):
+    inputs = dict(a=rand(rng, n, h, w, ca), b=rand(rng, n, h, w, cb),
+                  dy=rand(rng, n, h, w, ca + cb))
+
+    def run(be, a, b, dy):
+        da, db = be.split_channels(dy, ca)
+        return dict(y=be.concat_channels(a, b), da=da, db=db)
+
+    def run_torch(a, b, dy):
+        da, db = T.split_channels(dy, ca, device=tdev)
+        return dict(y=T.concat_channels(a, b, device=tdev), da=da, db=db)
+
+    check_op(device, run, run_torch, inputs, exact=("y", "da", "db"))
+
+
+# --------------------------------------------------------------------------- Dice loss
+
+DICE_CUDA = DICE + [  # N, H, W, target, smooth, logit scale
+    pytest.param(3, 40, 36, "random", 1.0, 3.0, id="n3-40x36-random-vec4"),
+    pytest.param(2, 37, 41, "one-empty", 1.0, 3.0, id="n2-37x41-one-empty-scalar"),
+    pytest.param(2, 16, 16, "random", 1.0, 200.0, id="n2-16x16-extreme-logits"),
+]
+
+
+@pytest.mark.parametrize("n,h,w,kind,smooth,scale", DICE_CUDA)
+def test_sigmoid_dice_loss(device, tdev, rng, n, h, w, kind, smooth, scale):
+    inputs = dict(z=rand(rng, n, h, w, 1, scale=scale), t=_target(rng, kind, n, h, w))
+
+    def run(be, z, t):
+        loss, dice, dz = be.sigmoid_dice_loss(z, t, smooth)
+        return dict(loss=loss, dice=dice, dlogits=dz)
+
+    def run_torch(z, t):
+        loss, dice, dz = T.sigmoid_dice_loss(z, t, smooth, device=tdev)
+        return dict(loss=loss, dice=dice, dlogits=dz)
+
+    got = check_op(device, run, run_torch, inputs,
+                   reduce=dict(loss=n * h * w, dice=h * w, dlogits=h * w),
+                   free_float=("loss", "dice"))
+    assert got["loss"].shape == () and got["dice"].shape == (n,)
+    assert got["loss"].dtype == np.float64 and got["dice"].dtype == np.float64
+    assert np.isfinite(got["dlogits"]).all()
+
+
+# --------------------------------------------------------------------------- Adam
+
+ADAM = [  # size, step, lr, beta1, beta2, eps
+    pytest.param(1, 1, 1e-3, 0.9, 0.999, 1e-8, id="size1-step1"),
+    pytest.param(7, 3, 1e-3, 0.9, 0.999, 1e-8, id="size7-step3"),
+    pytest.param(1000, 1, 1e-4, 0.9, 0.999, 1e-8, id="size1000-step1-lr1e-4"),
+    pytest.param(257, 10, 0.1, 0.5, 0.9, 1e-6, id="size257-step10-betas.5-.9"),
+    pytest.param(100003, 7, 1e-3, 0.9, 0.999, 1e-8, id="size100003-step7"),
+]
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("size,step,lr,beta1,beta2,eps", ADAM)
+def test_adam_step(device, tdev, rng, size, step, lr, beta1, beta2, eps, offset):
+    """One step against torch.optim.Adam; 'misaligned' passes views that start one float
+    into their buffers (the scalar kernel; the float4 one needs 16-byte alignment)."""
+    inputs = dict(param=rand(rng, size), grad=rand(rng, size), m=rand(rng, size, scale=0.1),
+                  v=np.abs(rand(rng, size, scale=0.1)))
+
+    def run(be, param, grad, m, v):
+        if offset:  # the same values, one float into a longer buffer
+            param, grad, m, v = (_shifted(be, a) for a in (param, grad, m, v))
+        out = be.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps)
+        assert out is None, "adam_step works in place"
+        return dict(param=param, m=m, v=v)
+
+    def run_torch(param, grad, m, v):
+        p, m, v = T.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, device=tdev)
+        return dict(param=p, m=m, v=v)
+
+    check_op(device, run, run_torch, inputs)
+
+
+def test_adam_step_where_eps_matters(device, tdev, rng):
+    """Gradients of ~1e-9 from zero state: sqrt(v_hat) ~ eps, so eps outside the square
+    root (PyTorch) or anywhere else gives a visibly different step."""
+    size = 64
+    inputs = dict(param=rand(rng, size), grad=rand(rng, size, scale=1e-9),
+                  m=np.zeros(size), v=np.zeros(size))
+
+    def run(be, param, grad, m, v):
+        be.adam_step(param, grad, m, v, 1, 1e-3)
+        return dict(param=param, m=m, v=v)
+
+    def run_torch(param, grad, m, v):
+        p, m, v = T.adam_step(param, grad, m, v, 1, 1e-3, device=tdev)
+        return dict(param=p, m=m, v=v)
+
+    check_op(device, run, run_torch, inputs)
+
+
+def _shifted(be, a):
+    buf = be.zeros((a.size + 1,), a.dtype)
+    buf[1:] = a
+    return buf[1:]
+
+
+@pytest.mark.parametrize("size", [5, 300, 4099])
+def test_adam_20_steps(device, tdev, rng, size):
+    steps = 20
+    inputs = dict(param=rand(rng, size), grads=rand(rng, steps, size))
+
+    def run(be, param, grads):
+        m, v = be.zeros(param.shape), be.zeros(param.shape)
+        for i in range(steps):
+            be.adam_step(param, grads[i], m, v, i + 1, 1e-2)
+        return dict(param=param, m=m, v=v)
+
+    def run_torch(param, grads):
+        p, m, v = T.adam_steps(param, list(grads), 1e-2, device=tdev)
+        return dict(param=p, m=m, v=v)
+
+    check_op(device, run, run_torch, inputs, reduce=dict(param=steps, m=steps, v=steps))
+
+
+# --------------------------------------------------------------------------- window_augment
+
+WINDOW_CUDA = WINDOW + [  # N, H, W: a row wider than one block of 256 threads
+    pytest.param(2, 5, 300, id="n2-5x300"),
+    pytest.param(3, 33, 29, id="n3-33x29"),
+]
+
+
+@pytest.mark.parametrize("n,h,w", WINDOW_CUDA)
+def test_window_augment(device, tdev, rng, n, h, w):
+    hu, mask = _slices(rng, n, h, w)
+    aug = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, rng.uniform(-20, 20, n)], 1)
+    inputs = dict(hu=hu, mask=mask, aug=aug.astype(np.float32))
+
+    def run(be, hu, mask, aug):
+        image, m = be.window_augment(hu, mask, be.asarray(aug, dtype=np.float32))
+        return dict(image=image, mask=m)
+
+    def run_torch(hu, mask, aug):
+        image, m = T.window_augment(hu, mask, aug.astype(np.float32), dtype=aug.dtype,
+                                    device=tdev)
+        return dict(image=image, mask=m)
+
+    # torch's float32 grid moves a sample by ~size * 6e-8 px: GRID32_ATOL is sized for 16 px
+    got = check_op(device, run, run_torch, inputs, reduce=dict(image=4), exact=("mask",),
+                   torch32_atol=dict(image=GRID32_ATOL * max(h, w, 16) / 16))
+    assert set(np.unique(got["mask"])) <= {0, 1}
+
+
+@pytest.mark.parametrize("n,h,w", [(4, 16, 16), (3, 33, 29), (2, 8, 300)],
+                         ids=["16x16", "33x29", "8x300"])
+def test_window_augment_matches_the_cpu_backend(device, rng, n, h, w):
+    """The source coordinates and the mask's rounding run in float64 in the CPU's order of
+    operations, the bilinear weights and the window in float32: the mask matches the CPU
+    backend except where CUDA's cos/sin differ from the host's in the last bit and that
+    moves a pixel across an exact .5 tie (rare; the emulator uses the host's libm and must
+    match exactly), the image within a few float32 ulps."""
+    hu, mask = _slices(rng, n, h, w)
+    aug = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, rng.uniform(-20, 20, n)],
+                   1).astype(np.float32)
+    aug[0] = (0, 0, 90.0)  # exact ties for the mask on every pixel of a row or column
+    be, cpu = get_backend(device), real_get_backend("cpu")
+    image, m = host(device, *be.window_augment(be.asarray(hu), be.asarray(mask),
+                                               be.asarray(aug)))
+    image_cpu, m_cpu = cpu.window_augment(hu, mask, aug)
+    np.testing.assert_allclose(image, image_cpu, rtol=0, atol=1e-6)
+    assert (m != m_cpu).mean() <= 1e-3
+    if device == "cuda-emu":
+        np.testing.assert_array_equal(m, m_cpu)
+
+
+def test_window_augment_identity_and_flips(device, rng):
+    hu, mask = _slices(rng, 2, 9, 12)
+    be = get_backend(device)
+
+    def aug(flip_h, flip_v, angle):
+        return be.asarray(np.array([[flip_h, flip_v, angle]] * 2, np.float32))
+
+    hud, maskd = be.asarray(hu), be.asarray(mask)
+    image0, mask0 = host(device, *be.window_augment(hud, maskd, be.asarray(
+        identity_augmentation(2))))
+    window = np.clip((hu.astype(np.float64) + 1300) / 1600, 0, 1)
+    np.testing.assert_allclose(image0[..., 0], window, rtol=0, atol=2.0**-23)
+    np.testing.assert_array_equal(mask0[..., 0], (mask != 0).astype(np.uint8))
+    for flip_h, flip_v, axes in ((1, 0, (2,)), (0, 1, (1,)), (1, 1, (1, 2))):
+        image, m = host(device, *be.window_augment(hud, maskd, aug(flip_h, flip_v, 0.0)))
+        np.testing.assert_array_equal(image, np.flip(image0, axis=axes))
+        np.testing.assert_array_equal(m, np.flip(mask0, axis=axes))
+
+
+# --------------------------------------------------------------------------- confusion counts
+
+CONFUSION_CUDA = CONFUSION + [pytest.param(3, 70, 50, "random", id="n3-70x50")]
+
+
+@pytest.mark.parametrize("n,h,w,kind", CONFUSION_CUDA)
+def test_confusion_counts(device, tdev, rng, n, h, w, kind):
+    z = rand(rng, n, h, w, 1)
+    z[0, 0, :3, 0] = [0.0, -0.0, 1e-30]
+    inputs = dict(z=z, t=_target(rng, kind, n, h, w))
+
+    def run(be, z, t):
+        return dict(counts=be.confusion_counts(z, t))
+
+    def run_torch(z, t):
+        return dict(counts=T.confusion_counts(z, t, device=tdev))
+
+    got = check_op(device, run, run_torch, inputs, exact=("counts",))
+    assert got["counts"].dtype == np.int64 and got["counts"].shape == (n, 3)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("call,expect", [pytest.param(c, e, id=i) for i, c, e in ERRORS])
+def test_bad_arguments_raise_value_error(device, call, expect):
+    be = get_backend(device)
+    with pytest.raises(ValueError) as info:
+        call(be)
+    for part in expect(be):
+        assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
+
+
+# --------------------------------------------------------------------------- the U-Net
+
+
+def _unet_grads_vs_torch(device, depth, width, n, h, w, rel_tol):
+    import torch
+    from test_unet import _batch, _torch_loss_and_grads
+
+    from nodulekit.nn import UNet
+
+    be = get_backend(device)
+    model = UNet(be, depth=depth, width=width, seed=3)
+    image, mask = _batch(n, h, w)
+    logits = model.forward(be.asarray(image, dtype=be.dtype))
+    loss, _, dlogits = be.sigmoid_dice_loss(logits, be.asarray(mask))
+    model.backward(dlogits)
+    weights = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    t_loss, t_grads = _torch_loss_and_grads(weights, depth, width, image, mask, torch.float64)
+    assert float(loss) == pytest.approx(t_loss, rel=rel_tol, abs=rel_tol)
+    assert set(t_grads) == set(model.g)
+    for name, t_grad in t_grads.items():
+        ours = be.to_host(model.g[name]).astype(np.float64)
+        scale = max(np.abs(t_grad).max(), 1e-12)
+        err = np.abs(ours - t_grad).max() / scale
+        assert err <= rel_tol, f"{name}: relative error {err:.2e} > {rel_tol:.0e}"
+
+
+@pytest.mark.parametrize("depth,width,n,h,w", [(2, 4, 2, 12, 20), (4, 3, 1, 32, 48),
+                                               (3, 20, 2, 24, 16)])
+def test_unet_gradients_match_torch(device, depth, width, n, h, w):
+    """Every gradient of the whole U-Net against the PyTorch reference U-Net in float64,
+    within 2e-4 of each gradient's largest entry (as the CPU backend, tests/test_unet.py)."""
+    _unet_grads_vs_torch(device, depth, width, n, h, w, 2e-4)
+
+
+def _train(backend, steps, depth, width, image, mask, lr):
+    from nodulekit.nn import Adam, UNet, training_step
+
+    model = UNet(backend, depth=depth, width=width, seed=7)
+    opt = Adam(backend, model.params, model.grads, lr=lr)
+    x, t = backend.asarray(image), backend.asarray(mask)
+    losses = [float(training_step(model, opt, x, t)) for _ in range(steps)]
+    return np.array(losses), model.state_dict()
+
+
+def test_training_steps_match_the_cpu_backend(device):
+    """50 training steps (forward, Dice, backward, Adam) from the same start on both
+    backends. Both compute in float32 with different summation orders, so the runs drift
+    apart by rounding; what is checked is that they stay together: the loss within 1e-4
+    at every step, every weight within lr / 2 (each step moves a weight by about lr at
+    most, and a gradient entry near zero can flip its update's sign on rounding). The CPU
+    emulator of the kernels stays within 3e-8 (loss) and 3e-4 lr (weights) over 50 steps."""
+    from test_unet import _batch
+
+    steps = 50 if device == "cuda" else 12  # the emulator is slow; 12 still compounds
+    lr, depth, width = 1e-3, 2, 4
+    image, mask = _batch(2, 16, 24, seed=11)
+    image = image.astype(np.float32)
+    ours, w_ours = _train(get_backend(device), steps, depth, width, image, mask, lr)
+    cpu, w_cpu = _train(real_get_backend("cpu"), steps, depth, width, image, mask, lr)
+    np.testing.assert_allclose(ours, cpu, rtol=0, atol=1e-4)
+    assert ours[-1] < ours[0], f"the loss should fall: {ours[0]:.4f} -> {ours[-1]:.4f}"
+    for name, value in w_ours.items():
+        np.testing.assert_allclose(value, w_cpu[name], rtol=0, atol=lr / 2, err_msg=name)
