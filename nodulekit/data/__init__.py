@@ -1,0 +1,40 @@
+"""From a folder of CT files to batches of int16 HU slices with masks.
+
+    dicom.py       one DICOM slice -> HU int16 + metadata, with clear errors
+    masks.py       PNG masks -> uint8 {0, 1}, checked
+    nodules.py     connected components, diameters in mm, the paper's diameter bins
+    layout.py      UniToChest and plain folder trees -> slice records with splits
+    synth.py       a synthetic chest CT data set in the UniToChest layout
+    decode.py      the work of one preprocessing worker
+    preprocess.py  decoding in parallel into the HDF5 cache
+    cache.py       the cache's layout, and reading it
+    loader.py      batches with augmentation parameters, prefetched by worker threads
+
+Names below are imported on first use, so that `import nodulekit.data` stays cheap (the
+preprocessing workers import only what they need).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DicomError": "dicom", "read_slice": "dicom", "read_slices": "dicom",
+    "MaskError": "masks", "read_mask": "masks",
+    "diameter_bin": "nodules", "DIAMETER_BINS": "nodules", "BIN_LABELS": "nodules",
+    "read_layout": "layout", "split_patients": "layout", "SPLITS": "layout",
+    "SynthConfig": "synth", "synthesize": "synth", "render_slice": "synth",
+    "PreprocessError": "preprocess", "PreprocessReport": "preprocess",
+    "Cache": "cache", "open_cache": "cache", "CacheError": "cache",
+    "Loader": "loader", "Batch": "loader", "train_loader": "loader",
+    "eval_loader": "loader", "LoaderError": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"nodulekit.data.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'nodulekit.data' has no attribute {name!r}")

@@ -1,0 +1,386 @@
+"""One CT slice from a DICOM file: HU as int16 plus the metadata the pipeline needs.
+
+Parsing is pydicom's; this module only checks what pydicom hands back and turns every way
+a file can be unusable into a `DicomError` that names the file and the reason:
+
+- not DICOM at all, or truncated (its last element runs past the end of the file);
+- no pixel data;
+- not CT (refused unless ``allow_non_ct=True``);
+- multi-frame (`read_slice` refuses; `read_slices` splits it into slices);
+- compressed pixel data with no decoder installed (the message names what to install);
+- not a single-channel image.
+
+Soft problems are warned about (`DicomWarning`) and also kept in `SliceMeta.warnings`, so a
+worker process can pass them back to whoever writes the report:
+
+- RescaleSlope / RescaleIntercept missing: slope 1 and intercept 0 are used;
+- HU outside int16: clipped.
+
+HU follows DESIGN.md: ``hu = stored * RescaleSlope + RescaleIntercept``, rounded to int16.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+INT16_MIN = int(np.iinfo(np.int16).min)
+INT16_MAX = int(np.iinfo(np.int16).max)
+
+# pydicom names a missing decoder's requirement by its import name; pip wants these.
+_PIP_NAMES = {"gdcm": "python-gdcm", "pillow": "pillow"}
+
+
+class DicomError(ValueError):
+    """A file that cannot be read as a CT slice; `path` and `reason` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DicomWarning(UserWarning):
+    """A slice that was read, but with a fix-up (default rescale, clipped HU)."""
+
+
+@dataclass(frozen=True)
+class SliceMeta:
+    """What the pipeline keeps about one slice besides its pixels."""
+
+    path: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    instance_number: int | None
+    slice_position: float | None  # mm along the patient axis (ImagePositionPatient z)
+    pixel_spacing: tuple[float, float] | None  # (row, column) mm
+    slice_thickness: float | None  # mm
+    modality: str
+    rescale_slope: float
+    rescale_intercept: float
+    frame: int | None = None  # index within a multi-frame file, None for a plain slice
+    warnings: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class CTSlice:
+    hu: np.ndarray  # int16 (H, W), C-contiguous
+    meta: SliceMeta
+
+
+def read_slice(path: str | os.PathLike, *, allow_non_ct: bool = False,
+               out: np.ndarray | None = None) -> CTSlice:
+    """Read a single-frame DICOM file into HU int16 and its metadata.
+
+    A multi-frame file is refused (use `read_slices` to split it into slices).
+    out: an int16 C-contiguous array to write the HU into when the slice has its shape
+    (saves an allocation and a copy); otherwise a new array is made.
+    """
+    ds = _open(path)
+    frames = _number_of_frames(ds)
+    if frames > 1:
+        raise DicomError(path, f"multi-frame image with {frames} frames; this reads one slice "
+                               "per file (read_slices(..., split_frames=True) splits it)")
+    _check_image(ds, path, allow_non_ct)
+    stored = _pixels(ds, path)
+    return _make_slice(ds, path, stored, frame=None, out=out)
+
+
+def read_slices(path: str | os.PathLike, *, allow_non_ct: bool = False,
+                split_frames: bool = True) -> list[CTSlice]:
+    """Read a DICOM file into one `CTSlice` per frame (a plain file gives a list of one)."""
+    ds = _open(path)
+    frames = _number_of_frames(ds)
+    if frames > 1 and not split_frames:
+        raise DicomError(path, f"multi-frame image with {frames} frames and split_frames=False")
+    _check_image(ds, path, allow_non_ct)
+    stored = _pixels(ds, path)
+    if frames <= 1:
+        return [_make_slice(ds, path, stored, frame=None)]
+    positions = _per_frame_positions(ds, frames)
+    out = []
+    for i in range(frames):
+        s = _make_slice(ds, path, stored[i], frame=i)
+        if positions[i] is not None:
+            s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i]))
+        out.append(s)
+    return out
+
+
+def read_header(path: str | os.PathLike) -> pydicom.Dataset:
+    """The dataset without its pixel data (fast: for patient IDs when building a split)."""
+    return _open(path, stop_before_pixels=True)
+
+
+def stored_to_hu(stored: np.ndarray, slope: float, intercept: float,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """HU int16 from stored values, and how many pixels had to be clipped into int16.
+
+    out: optional int16 C-contiguous array of the same shape to write the result into.
+    """
+    if out is not None and (out.shape != stored.shape or out.dtype != np.int16
+                            or not out.flags.c_contiguous):
+        out = None
+    if float(slope) == 1.0 and float(intercept).is_integer():
+        # Exact integer arithmetic, the common case: when the result surely fits in int16,
+        # add in int16 directly (a third of the memory traffic of int32).
+        shift = int(intercept)
+        lo, hi = int(stored.min()), int(stored.max())
+        if INT16_MIN <= lo + shift and hi + shift <= INT16_MAX:
+            # One pass in int16. Wrap-around is harmless here: the sum is computed modulo
+            # 2**16 and the true result is known to fit, so it comes out exact.
+            wrapped = np.int16((shift + 32768) % 65536 - 32768)
+            hu = np.add(stored, wrapped, out=out, dtype=np.int16, casting="unsafe")
+            return hu, 0
+        hu = stored.astype(np.int32) + shift
+    else:
+        hu = np.rint(stored.astype(np.float64) * float(slope) + float(intercept))
+    lo, hi = hu.min(), hu.max()
+    clipped = 0
+    if lo < INT16_MIN or hi > INT16_MAX:
+        clipped = int(np.count_nonzero((hu < INT16_MIN) | (hu > INT16_MAX)))
+        hu = np.clip(hu, INT16_MIN, INT16_MAX)
+    if out is None:
+        return np.ascontiguousarray(hu, dtype=np.int16), clipped
+    out[...] = hu
+    return out, clipped
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _open(path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except FileNotFoundError:
+        raise DicomError(path, "no such file") from None
+    except IsADirectoryError:
+        raise DicomError(path, "is a directory, not a DICOM file") from None
+    except InvalidDicomError:
+        raise DicomError(path, "not a DICOM file (no 'DICM' marker after the 128-byte "
+                               "preamble)") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise DicomError(path, f"not a readable DICOM file, or truncated ({e})") from None
+    if not stop_before_pixels:
+        _check_not_truncated(ds, path)
+    return ds
+
+
+def _check_not_truncated(ds: pydicom.Dataset, path) -> None:
+    """pydicom stops quietly at end of file; the last element's declared length tells."""
+    tags = list(ds.keys())
+    if not tags:
+        raise DicomError(path, "truncated: no data elements after the file meta header")
+    last = ds.get_item(max(tags))
+    value_tell = getattr(last, "value_tell", None)
+    length = getattr(last, "length", None)
+    if value_tell is None or length is None or length == 0xFFFFFFFF:
+        return
+    size = os.path.getsize(path)
+    if value_tell + length > size:
+        raise DicomError(path, f"truncated: element {last.tag} needs bytes up to "
+                               f"{value_tell + length} but the file ends at {size}")
+
+
+def _number_of_frames(ds: pydicom.Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _check_image(ds: pydicom.Dataset, path, allow_non_ct: bool) -> None:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomError(path, "no pixel data: not an image (or truncated before its pixels)")
+    modality = str(ds.get("Modality", "") or "").strip()
+    if modality != "CT" and not allow_non_ct:
+        what = f"modality is {modality!r}" if modality else "no Modality tag"
+        raise DicomError(path, f"{what}, not CT (allow_non_ct=True / --allow-non-ct reads "
+                               "it anyway)")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise DicomError(path, f"{samples} samples per pixel "
+                               f"({ds.get('PhotometricInterpretation', '?')}): not a grey CT "
+                               "slice")
+    _check_decoder(ds, path)
+
+
+def _check_decoder(ds: pydicom.Dataset, path) -> None:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None:
+        raise DicomError(path, "no Transfer Syntax UID in the file meta header: cannot tell "
+                               "how the pixels are encoded")
+    if not uid.is_compressed:
+        return
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise DicomError(path, f"pixel data compressed as {uid.name} ({uid}), which pydicom "
+                               "cannot decode") from None
+    if not decoder.is_available:
+        raise DicomError(path, f"pixel data compressed as {uid.name} and no decoder for it "
+                               f"is installed; install one of: {_install_hint(decoder)}")
+
+
+def _install_hint(decoder) -> str:
+    options = []
+    for _plugin, deps in sorted(decoder._unavailable.items()):
+        names = [d.split(">")[0].split("=")[0].strip() for d in deps]
+        pip = " ".join(_PIP_NAMES.get(n, n) for n in names)
+        options.append(f"{' + '.join(deps)} (pip install {pip})")
+    if not options:  # pydicom lists no plugin: say what usually works for compressed CT
+        options.append("pylibjpeg + pylibjpeg-openjpeg (pip install pylibjpeg "
+                       "pylibjpeg-openjpeg)")
+    return "; ".join(options)
+
+
+# Uncompressed little-endian transfer syntaxes, whose pixels are the raw bytes.
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Stored values of an uncompressed one-frame 16-bit slice straight from its bytes.
+
+    The common CT case, which pydicom's general decoder handles about 2x slower; the rules
+    are pydicom's own (mask unused high bits, sign-extend signed values). Anything else
+    returns None and goes through `ds.pixel_array`.
+    """
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    allocated, stored_bits = ds.get("BitsAllocated"), ds.get("BitsStored")
+    signed = ds.get("PixelRepresentation")
+    if (allocated != 16 or signed not in (0, 1) or not rows or not cols
+            or stored_bits is None or not 1 <= stored_bits <= 16
+            or _number_of_frames(ds) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1):
+        return None
+    data = ds.get("PixelData")
+    if not isinstance(data, bytes) or len(data) < rows * cols * 2:
+        return None  # let pydicom say what is wrong
+    raw = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * cols)
+    pixels = raw.reshape(rows, cols)  # read-only view: stored_to_hu makes the copy
+    if stored_bits < 16:
+        pixels = pixels.copy()
+        shift = 16 - stored_bits
+        if signed:
+            pixels <<= shift
+            pixels >>= shift  # arithmetic shift: sign-extends
+        else:
+            pixels &= (1 << stored_bits) - 1
+    return pixels
+
+
+def _pixels(ds: pydicom.Dataset, path) -> np.ndarray:
+    native = _native_pixels(ds)
+    if native is not None:
+        return native
+    try:
+        stored = ds.pixel_array
+    except ValueError as e:
+        text = str(e)
+        if "less than expected" in text or "doesn't match the expected" in text:
+            raise DicomError(path, f"truncated pixel data: {text}") from None
+        raise DicomError(path, f"pixel data could not be decoded: {text}") from None
+    except (RuntimeError, NotImplementedError) as e:
+        raise DicomError(path, f"pixel data could not be decoded: {e}") from None
+    except Exception as e:  # a decoder plugin raising its own type on a corrupt stream
+        raise DicomError(path, f"pixel data could not be decoded ({type(e).__name__}: "
+                               f"{e})") from None
+    if stored.dtype.kind not in "iub":
+        raise DicomError(path, f"{stored.dtype} pixels; integer stored values expected for CT")
+    return stored
+
+
+def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None,
+                out: np.ndarray | None = None) -> CTSlice:
+    notes: list[str] = []
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None or intercept is None or slope == "" or intercept == "":
+        missing = [n for n, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept))
+                   if v is None or v == ""]
+        notes.append(f"no {' / '.join(missing)}: using slope 1 and intercept 0")
+        slope = 1.0 if slope is None or slope == "" else slope
+        intercept = 0.0 if intercept is None or intercept == "" else intercept
+    slope, intercept = float(slope), float(intercept)
+    hu, clipped = stored_to_hu(stored, slope, intercept, out=out)
+    if clipped:
+        notes.append(f"{clipped} pixel(s) outside int16 HU [{INT16_MIN}, {INT16_MAX}]: clipped")
+    for note in notes:
+        warnings.warn(f"{path}: {note}", DicomWarning, stacklevel=3)
+    meta = SliceMeta(
+        path=str(path),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        slice_position=_slice_position(ds),
+        pixel_spacing=_spacing(ds),
+        slice_thickness=_float_or_none(ds.get("SliceThickness")),
+        modality=str(ds.get("Modality", "") or ""),
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        frame=frame,
+        warnings=tuple(notes),
+    )
+    return CTSlice(hu=hu, meta=meta)
+
+
+def _slice_position(ds) -> float | None:
+    ipp = ds.get("ImagePositionPatient")
+    if ipp is not None and len(ipp) == 3:
+        return _float_or_none(ipp[2])
+    return _float_or_none(ds.get("SliceLocation"))
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    ps = ds.get("PixelSpacing")
+    if ps is None:
+        # Enhanced multi-frame CT keeps it in the shared functional groups.
+        try:
+            ps = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        except (AttributeError, IndexError, KeyError):
+            return None
+    try:
+        return float(ps[0]), float(ps[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _per_frame_positions(ds, frames: int) -> list[float | None]:
+    try:
+        groups = ds.PerFrameFunctionalGroupsSequence
+        found = [_float_or_none(g.PlanePositionSequence[0].ImagePositionPatient[2])
+                 for g in groups]
+    except (AttributeError, IndexError, KeyError):
+        found = []
+    return (found + [None] * frames)[:frames]
+
+
+def _int_or_none(v) -> int | None:
+    try:
+        return None if v is None or v == "" else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(v) -> float | None:
+    try:
+        return None if v is None or v == "" else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """Whether a file name looks like a DICOM slice (.dcm, .dicom, .ima, or no suffix)."""
+    suffix = Path(path).suffix.lower()
+    return suffix in (".dcm", ".dicom", ".ima") or suffix == ""

@@ -1,0 +1,430 @@
+"""Which slices a data folder holds, with their masks and split: UniToChest or a plain tree.
+
+Two layouts are read:
+
+- **UniToChest** (DESIGN.md): split folders ``train/ val/ test/``, each with
+  ``images/patient_XXXX/exam_N/*.dcm``, PNG masks mirrored under ``masks/``, and
+  ``<split>_dataset.csv`` with columns ``patientID, exam, slice, image, mask`` (``image`` and
+  ``mask`` relative to ``images/`` and ``masks/``; ``mask`` empty for a slice without a
+  nodule). Column names are matched leniently (case, spaces, underscores); paths are also
+  tried relative to the split folder.
+- **A plain folder tree** of DICOM files with masks either beside them (``X.dcm`` +
+  ``X_mask.png``) or in a mirrored tree (``images/...`` and ``masks/...``, or the tree itself
+  and ``masks/...``). A slice without a mask has no nodule. Patients (the PatientID tag,
+  else the top folder) get a seeded patient-level 80/10/10 split.
+
+Nothing that does not fit is guessed: a mask without a slice, a listed file that is
+missing, a DICOM the CSV does not list, a slice with two candidate masks, all become
+`Problem` entries in the returned `DataIndex` (size mismatches and non-binary masks are found
+when the pixels are read, see `masks.read_mask`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
+LAYOUTS = ("auto", "unitochest", "folder")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+class LayoutError(ValueError):
+    """A data folder that cannot be read at all."""
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    split: str
+    patient: str
+    exam: str
+    slice: int | None  # slice number within the exam (CSV `slice` or InstanceNumber)
+    image: str  # absolute path of the DICOM file
+    mask: str | None  # absolute path of the PNG mask; None: no nodule in this slice
+    source: str  # image path relative to the data root, for reports and the cache
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something in the data that does not fit. `skipped`: a file left out of the data set;
+    otherwise a note (the data set is read as described in `reason`)."""
+
+    path: str
+    reason: str
+    skipped: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class DataIndex:
+    root: Path
+    layout: str
+    records: list[SliceRecord]
+    problems: list[Problem] = field(default_factory=list)
+
+    def split(self, name: str) -> list[SliceRecord]:
+        return [r for r in self.records if r.split == name]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.split == s for r in self.records) for s in SPLITS}
+
+
+def split_patients(patients: Iterable[str], seed: int = 0,
+                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, str]:
+    """Seeded patient-level split: patient -> "train" / "val" / "test".
+
+    The patients are sorted first, so the split depends only on the set and the seed.
+    With three or more patients every split gets at least one.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not sum(fractions) > 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    unique = sorted(set(patients))
+    n = len(unique)
+    total = float(sum(fractions))
+    n_val = math.floor(n * fractions[1] / total + 0.5)
+    n_test = math.floor(n * fractions[2] / total + 0.5)
+    if n >= 3:
+        n_val = max(n_val, 1) if fractions[1] > 0 else 0
+        n_test = max(n_test, 1) if fractions[2] > 0 else 0
+    while n - n_val - n_test < 1 and fractions[0] > 0 and (n_val or n_test):
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    order = np.random.default_rng(seed).permutation(n)
+    out = {}
+    for rank, i in enumerate(order.tolist()):
+        out[unique[i]] = ("train" if rank < n - n_val - n_test
+                          else "val" if rank < n - n_test else "test")
+    return out
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """"unitochest" when a split folder with images/ or a *_dataset.csv exists, else "folder"."""
+    root = Path(root)
+    for split in SPLITS:
+        d = root / split
+        if d.is_dir() and ((d / f"{split}_dataset.csv").is_file() or (d / "images").is_dir()):
+            return "unitochest"
+    return "folder"
+
+
+def read_layout(root: str | os.PathLike, layout: str = "auto", *, seed: int = 0,
+                fractions: Sequence[float] = DEFAULT_FRACTIONS) -> DataIndex:
+    """The slices under `root`; `seed` and `fractions` split a plain folder tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a directory")
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "unitochest":
+        return read_unitochest(root)
+    return read_folder_tree(root, seed=seed, fractions=fractions)
+
+
+# ----------------------------------------------------------------------------- UniToChest
+
+
+def read_unitochest(root: str | os.PathLike) -> DataIndex:
+    root = Path(root)
+    records: list[SliceRecord] = []
+    problems: list[Problem] = []
+    found_any = False
+    for split in SPLITS:
+        d = root / split
+        if not d.is_dir():
+            problems.append(Problem(str(d), "split folder missing: this split will be empty",
+                                    skipped=False))
+            continue
+        found_any = True
+        csv_path = d / f"{split}_dataset.csv"
+        if not csv_path.is_file():
+            others = sorted(d.glob("*.csv"))
+            if len(others) == 1:
+                csv_path = others[0]
+        if csv_path.is_file():
+            recs, probs = _read_split_csv(root, split, csv_path)
+        else:
+            problems.append(Problem(str(d), f"no {split}_dataset.csv: slices found by "
+                                            "scanning images/ with masks/ mirrored",
+                                    skipped=False))
+            recs, probs = _scan_split(root, split)
+        records.extend(recs)
+        problems.extend(probs)
+    if not found_any:
+        raise LayoutError(f"{root}: no train/, val/ or test/ folder: not a UniToChest layout")
+    return DataIndex(root, "unitochest", _sorted(records), problems)
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "").replace(" ", "").replace("-", "")
+
+
+def _read_split_csv(root: Path, split: str, csv_path: Path):
+    # Plain strings and one directory walk instead of a stat per listed file: a real split
+    # lists a quarter of a million slices.
+    d = os.path.abspath(root / split)
+    images_dir, masks_dir = os.path.join(d, "images"), os.path.join(d, "masks")
+    root_s = os.path.abspath(root)
+    image_files = {os.path.abspath(p) for p in _walk(Path(images_dir))}
+    mask_files = {os.path.abspath(p) for p in _walk(Path(masks_dir))}
+    records: list[SliceRecord] = []
+    problems: list[Problem] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = {_norm(c): c for c in (reader.fieldnames or [])}
+        if "image" not in columns:
+            raise LayoutError(f"{csv_path}: no 'image' column (columns: "
+                              f"{', '.join(reader.fieldnames or [])})")
+        for missing in ("patientid", "exam", "slice", "mask"):
+            if missing not in columns:
+                problems.append(Problem(str(csv_path), f"no '{missing}' column; derived from "
+                                                       "the image path instead", skipped=False))
+
+        def field_of(row, name: str) -> str:
+            return (row.get(columns[name]) or "").strip() if name in columns else ""
+
+        listed: set[str] = set()
+        listed_masks: set[str] = set()
+        for line, row in enumerate(reader, start=2):
+            where = f"{csv_path}:{line}"
+            image_text = field_of(row, "image")
+            if not image_text:
+                problems.append(Problem(where, "empty 'image' field; row ignored"))
+                continue
+            image = _find(image_text, (images_dir, d, root_s), image_files)
+            if image is None:
+                problems.append(Problem(where, f"image {image_text!r} listed but not found "
+                                               f"under {images_dir}"))
+                continue
+            if image in listed:
+                problems.append(Problem(where, f"image {image_text!r} listed twice; this row "
+                                               "ignored"))
+                continue
+            listed.add(image)
+            rel = _under(image, images_dir) or os.path.basename(image)
+            mask_text = field_of(row, "mask")
+            mask = None
+            if mask_text:
+                mask = _find(mask_text, (masks_dir, d, root_s), mask_files)
+                if mask is None:
+                    problems.append(Problem(where, f"mask {mask_text!r} listed but not found; "
+                                                   "slice skipped (its truth is unknown)"))
+                    continue
+                listed_masks.add(mask)
+            else:
+                mirror = os.path.join(masks_dir, os.path.splitext(rel)[0] + ".png")
+                if mirror in mask_files:
+                    listed_masks.add(mirror)
+                    problems.append(Problem(mirror, "mask file exists but the CSV lists no "
+                                                    "mask for its slice; kept as a slice "
+                                                    "without nodule, as the CSV says",
+                                            skipped=False))
+            parts = rel.split(os.sep)
+            patient = field_of(row, "patientid") or _patient_from_path(Path(rel))
+            exam = field_of(row, "exam") or (parts[-2] if len(parts) > 1 else "1")
+            slice_text = field_of(row, "slice")
+            slice_no = _int_or_none(slice_text)
+            if slice_text and slice_no is None:
+                problems.append(Problem(where, f"slice {slice_text!r} is not an integer; "
+                                               "ordered by file name instead", skipped=False))
+            source = _under(image, root_s) or image
+            records.append(SliceRecord(split, patient, exam, slice_no, image, mask,
+                                       source.replace(os.sep, "/")))
+    for path in sorted(image_files - listed):
+        if _looks_like_dicom(Path(path)):
+            problems.append(Problem(path, f"DICOM not listed in {csv_path.name}; skipped"))
+    for path in sorted(mask_files - listed_masks):
+        if path.lower().endswith(".png"):
+            problems.append(Problem(path, "mask without a slice in the CSV; ignored"))
+    return records, problems
+
+
+def _find(text: str, bases: tuple[str, ...], known: set[str]) -> str | None:
+    """The first of base/text that exists, as an absolute normalised path."""
+    for base in bases:
+        candidate = os.path.normpath(os.path.join(base, text))
+        if candidate in known or os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _under(path: str, base: str) -> str | None:
+    """`path` relative to `base` when it lies under it (both absolute), else None."""
+    prefix = base.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else None
+
+
+def _scan_split(root: Path, split: str):
+    d = root / split
+    images_dir = d / "images" if (d / "images").is_dir() else d
+    masks_dir = d / "masks"
+    records, problems, _ = _pair_tree(root, images_dir, masks_dir, exclude=masks_dir)
+    out = []
+    for r in records:
+        rel = _rel_image(images_dir, Path(r.image))
+        out.append(SliceRecord(split, _patient_from_path(rel),
+                               rel.parent.name if len(rel.parts) > 1 else "1",
+                               _number_from_name(rel), r.image, r.mask, r.source))
+    return out, problems
+
+
+# ----------------------------------------------------------------------------- folder tree
+
+
+def read_folder_tree(root: str | os.PathLike, *, seed: int = 0,
+                     fractions: Sequence[float] = DEFAULT_FRACTIONS) -> DataIndex:
+    """DICOMs anywhere under `root`, masks beside them or mirrored; split by patient."""
+    from nodulekit.data.dicom import DicomError, read_header
+
+    root = Path(root)
+    images_dir = root / "images" if (root / "images").is_dir() else root
+    masks_dir = root / "masks"
+    pairs, problems, _ = _pair_tree(root, images_dir, masks_dir, exclude=masks_dir)
+    if not pairs:
+        raise LayoutError(f"{root}: no DICOM files found (looked for *.dcm, *.dicom, *.ima "
+                          "and files with a DICM marker)")
+    keyed = []
+    for r in pairs:
+        rel = _rel_image(images_dir, Path(r.image))
+        patient = exam = None
+        slice_no = None
+        try:
+            ds = read_header(r.image)
+            patient = str(ds.get("PatientID", "") or "").strip() or None
+            exam = str(ds.get("SeriesInstanceUID", "") or ds.get("StudyInstanceUID", "")
+                       or "").strip() or None
+            slice_no = _int_or_none(ds.get("InstanceNumber"))
+        except DicomError:
+            pass  # decoding reports it, with the reason, when the cache is built
+        patient = patient or (rel.parts[0] if len(rel.parts) > 1 else "unknown")
+        exam = exam or (rel.parent.as_posix() if len(rel.parts) > 1 else "1")
+        keyed.append((patient, exam, slice_no, r))
+    split_of = split_patients((k[0] for k in keyed), seed=seed, fractions=fractions)
+    records = [SliceRecord(split_of[p], p, e, s, r.image, r.mask, r.source)
+               for p, e, s, r in keyed]
+    return DataIndex(root, "folder", _sorted(records), problems)
+
+
+def _pair_tree(root: Path, images_dir: Path, masks_dir: Path, exclude: Path):
+    """(records without split/patient, problems, used masks) for DICOMs under images_dir."""
+    records: list[SliceRecord] = []
+    problems: list[Problem] = []
+    used: set[Path] = set()
+    sidecars: list[Path] = []
+    images: list[Path] = []
+    for path in _walk(images_dir, exclude=exclude):
+        name = path.name.lower()
+        if name.endswith("_mask.png"):
+            sidecars.append(path)
+        elif _looks_like_dicom(path):
+            images.append(path)
+    for image in images:
+        rel = _rel_image(images_dir, image)
+        candidates = [image.with_name(image.stem + "_mask.png")]
+        if masks_dir.is_dir():
+            candidates += [masks_dir / rel.with_suffix(".png"),
+                           masks_dir / rel.parent / (rel.stem + "_mask.png")]
+        found = [c for c in candidates if c.is_file()]
+        if len(found) > 1:
+            problems.append(Problem(str(image), "two masks for this slice ("
+                                                + ", ".join(map(str, found))
+                                                + "); skipped, not guessed"))
+            used.update(_abs(f) for f in found)
+            continue
+        mask = _abs(found[0]) if found else None
+        if mask is not None:
+            used.add(mask)
+        records.append(SliceRecord("", "", "", None, str(_abs(image)),
+                                   None if mask is None else str(mask),
+                                   _relative(root, image)))
+    orphans = [p for p in sidecars if _abs(p) not in used]
+    if masks_dir.is_dir():
+        orphans += [p for p in _walk(masks_dir)
+                    if p.suffix.lower() == ".png" and _abs(p) not in used]
+    for path in orphans:
+        problems.append(Problem(str(path), "mask without a slice; ignored"))
+    return records, problems, used
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _walk(top: Path, exclude: Path | None = None) -> list[Path]:
+    if not top.is_dir():
+        return []
+    out = []
+    skip = _abs(exclude) if exclude is not None and exclude.is_dir() else None
+    for dirpath, dirnames, filenames in os.walk(top):
+        base = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
+                             and (skip is None or _abs(base / n) != skip))
+        out.extend(base / n for n in sorted(filenames) if not n.startswith("."))
+    return out
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in _DICOM_SUFFIXES:
+        return True
+    if suffix:  # .png, .csv, .txt, ...: not a slice
+        return False
+    try:  # no suffix, as many scanners write: the DICM marker decides
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _rel_image(images_dir: Path, image: Path) -> Path:
+    try:
+        return _abs(image).relative_to(_abs(images_dir))
+    except ValueError:
+        return Path(image.name)
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return _abs(path).relative_to(_abs(root)).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    """Absolute and normalised, without following links (resolve() costs a stat per part)."""
+    return Path(os.path.abspath(path))
+
+
+def _patient_from_path(rel: Path) -> str:
+    first = rel.parts[0] if len(rel.parts) > 1 else "unknown"
+    return first[len("patient_"):] if first.startswith("patient_") else first
+
+
+def _number_from_name(rel: Path) -> int | None:
+    digits = "".join(ch for ch in rel.stem if ch.isdigit())
+    return int(digits) if digits else None
+
+
+def _int_or_none(v) -> int | None:
+    try:
+        return None if v is None or v == "" else int(str(v).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def _sorted(records: list[SliceRecord]) -> list[SliceRecord]:
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return sorted(records, key=lambda r: (order.get(r.split, len(SPLITS)), r.patient, r.exam,
+                                          r.slice is None, r.slice or 0, r.source))

@@ -1,0 +1,290 @@
+"""Batches of HU slices, masks and augmentation parameters from the HDF5 cache.
+
+What a batch is (`Batch`): ``hu`` int16 [B, H, W], ``mask`` uint8 [B, H, W] in {0, 1}, both
+C-contiguous; ``aug`` float32 [B, 3] with columns (flip_h, flip_v, angle_deg): flips in
+{0., 1.} with p = 0.5 each, the angle uniform in [-max_angle, max_angle] (DESIGN.md: 20
+degrees); all zeros when augmentation is off. ``index`` int64 [B]: the cache rows, to find
+each slice's metadata. ``hu, mask, aug = batch`` unpacks the three arrays.
+
+What an epoch is (the paper's sampling): with ``sampling="nodules"`` the split's slices that
+contain a nodule, plus, when ``empty_fraction`` > 0, that fraction of its empty slices drawn
+afresh each epoch (the paper's fine-tuning uses 2%); with ``sampling="all"`` every slice in
+cache order (evaluation). Everything random (which empty slices, the order, the
+augmentation parameters of each sample) is drawn up front in the main thread from one RNG
+seeded by (seed, epoch), so an epoch's batches depend on nothing else: not on
+`num_workers`, not on `queue_size`, not on timing.
+
+Workers are threads that read whole HDF5 chunks (one per slice) into the batch arrays; up
+to `queue_size` batches are read ahead of the consumer, like ECVL's `num_workers` and
+`queue_ratio_size` (ECVL's queue holds queue_ratio_size x num_workers batches). Threads are
+enough: a batch costs a few memory copies, and the consumer (a training step) releases the
+GIL while it computes.
+
+For data parallelism, ``rank``/``world_size`` give each rank every world_size-th batch of
+the epoch, truncated so every rank gets the same number: disjoint and equal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from nodulekit.data.cache import Cache, CacheSplit
+
+AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
+MAX_ANGLE_DEG = 20.0
+SAMPLINGS = ("nodules", "all")
+
+
+class LoaderError(ValueError):
+    """A loader that cannot be built as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    hu: np.ndarray  # int16 [B, H, W]
+    mask: np.ndarray  # uint8 [B, H, W], {0, 1}
+    aug: np.ndarray  # float32 [B, 3]: flip_h, flip_v, angle_deg
+    index: np.ndarray  # int64 [B]: rows of the split in the cache
+
+    def __iter__(self):
+        """``hu, mask, aug = batch``."""
+        return iter((self.hu, self.mask, self.aug))
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which rows go in which batch, and each sample's augmentation, for one epoch."""
+
+    rows: list[np.ndarray]  # int64 per batch
+    aug: list[np.ndarray]  # float32 [b, 3] per batch
+
+
+class Loader:
+    """Batches from one split of a cache; see the module docstring.
+
+    cache: a cache path or an open `Cache` (then the caller closes it).
+    sampling: "nodules" (slices with a nodule, plus `empty_fraction` of the empty ones per
+        epoch) or "all" (every slice).
+    shuffle, augment, drop_last: training defaults; `eval_loader` turns them off.
+    num_workers: reading threads (0: read in the consumer's thread when it asks).
+    queue_size: batches read ahead of the consumer (default 2 x num_workers).
+    in_memory: read the whole split into RAM once (small caches, tests).
+    """
+
+    def __init__(self, cache: str | os.PathLike | Cache, split: str = "train", *,
+                 batch_size: int = 12, sampling: str = "nodules", empty_fraction: float = 0.0,
+                 shuffle: bool = True, augment: bool = True, drop_last: bool = True,
+                 seed: int = 0, num_workers: int = 0, queue_size: int | None = None,
+                 rank: int = 0, world_size: int = 1, max_angle_deg: float = MAX_ANGLE_DEG,
+                 in_memory: bool = False):
+        if batch_size < 1:
+            raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
+        if sampling not in SAMPLINGS:
+            raise LoaderError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if not 0.0 <= empty_fraction <= 1.0:
+            raise LoaderError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
+        if sampling == "all" and empty_fraction:
+            raise LoaderError("empty_fraction applies to sampling='nodules'; 'all' already "
+                              "takes every empty slice")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise LoaderError(f"need 0 <= rank < world_size, got rank {rank}, world_size "
+                              f"{world_size}")
+        if num_workers < 0:
+            raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
+        self._own_cache = not isinstance(cache, Cache)
+        self.cache = Cache(cache) if self._own_cache else cache
+        try:
+            self.split: CacheSplit = self.cache.split(split)
+        except BaseException:
+            self.close()
+            raise
+        self.batch_size = int(batch_size)
+        self.sampling = sampling
+        self.empty_fraction = float(empty_fraction)
+        self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), drop_last
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.queue_size = max(1, 2 * self.num_workers if queue_size is None else int(queue_size))
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.max_angle_deg = float(max_angle_deg)
+        self._epoch = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+        has_nodule = self.split.meta["has_nodule"].astype(bool)
+        self._has_nodule = has_nodule
+        if sampling == "nodules":
+            self._base_rows = np.flatnonzero(has_nodule).astype(np.int64)
+            self._empty_rows = np.flatnonzero(~has_nodule).astype(np.int64)
+            self._n_empty = int(round(self.empty_fraction * len(self._empty_rows)))
+            if len(self._base_rows) == 0:
+                self.close()
+                raise LoaderError(f"{self.cache.path}: split {split!r} has no slice with a "
+                                  "nodule, so sampling='nodules' has nothing to draw "
+                                  "(use sampling='all')")
+        else:
+            self._base_rows = np.arange(len(self.split), dtype=np.int64)
+            self._empty_rows = np.empty(0, dtype=np.int64)
+            self._n_empty = 0
+        self._reader = _RowReader(self.split, has_nodule, in_memory)
+
+    # ------------------------------------------------------------------------- planning
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples in one epoch over all ranks, before batching."""
+        return len(self._base_rows) + self._n_empty
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        n = self.samples_per_epoch
+        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches // self.world_size
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's batches (rows and augmentation) for this rank; cheap, no I/O."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        rows = self._base_rows
+        if self._n_empty:
+            extra = rng.choice(self._empty_rows, size=self._n_empty, replace=False)
+            rows = np.concatenate([rows, np.sort(extra)])
+        if self.shuffle:
+            rows = rows[rng.permutation(len(rows))]
+        aug = np.zeros((len(rows), 3), dtype=np.float32)
+        if self.augment:
+            aug[:, 0:2] = rng.random((len(rows), 2)) < 0.5
+            aug[:, 2] = rng.uniform(-self.max_angle_deg, self.max_angle_deg, len(rows))
+        n_batches = len(self) * self.world_size
+        starts = [k * self.batch_size for k in range(n_batches)]
+        mine = starts[self.rank::self.world_size][:len(self)]
+        return EpochPlan(rows=[rows[s:s + self.batch_size] for s in mine],
+                         aug=[aug[s:s + self.batch_size] for s in mine])
+
+    # ------------------------------------------------------------------------- iterating
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that the next `iter(loader)` gives."""
+        self._epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """This epoch's batches; the next `iter` gives the next epoch."""
+        epoch = self._epoch
+        self._epoch += 1
+        return self.epoch(epoch)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of `epoch` for this rank, in order."""
+        plan = self.plan(epoch)
+        if self.num_workers == 0:
+            for rows, aug in zip(plan.rows, plan.aug, strict=True):
+                yield self._make(rows, aug)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.num_workers,
+                                                thread_name_prefix="nodulekit-loader")
+        pending: deque = deque()
+        jobs = iter(zip(plan.rows, plan.aug, strict=True))
+        try:
+            for rows, aug in jobs:
+                pending.append(self._executor.submit(self._make, rows, aug))
+                if len(pending) >= self.queue_size:
+                    break
+            while pending:
+                batch = pending.popleft().result()
+                nxt = next(jobs, None)
+                if nxt is not None:
+                    pending.append(self._executor.submit(self._make, *nxt))
+                yield batch
+        finally:
+            for future in pending:  # the consumer stopped early: drop what was read ahead
+                future.cancel()
+
+    def _make(self, rows: np.ndarray, aug: np.ndarray) -> Batch:
+        hu, mask = self._reader.read(rows)
+        return Batch(hu=hu, mask=mask, aug=np.ascontiguousarray(aug, dtype=np.float32),
+                     index=np.ascontiguousarray(rows, dtype=np.int64))
+
+    # ------------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        if getattr(self, "_executor", None) is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        if getattr(self, "_own_cache", False) and getattr(self, "cache", None) is not None:
+            self.cache.close()
+            self.cache = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
+                 empty_fraction: float = 0.0, seed: int = 0, num_workers: int = 2,
+                 queue_size: int | None = None, rank: int = 0, world_size: int = 1,
+                 in_memory: bool = False) -> Loader:
+    """The paper's training loader: nodule slices (+ a fraction of empty ones), shuffled,
+    augmented, incomplete last batch dropped."""
+    return Loader(cache, "train", batch_size=batch_size, sampling="nodules",
+                  empty_fraction=empty_fraction, shuffle=True, augment=True, drop_last=True,
+                  seed=seed, num_workers=num_workers, queue_size=queue_size, rank=rank,
+                  world_size=world_size, in_memory=in_memory)
+
+
+def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
+                batch_size: int = 12, sampling: str = "all", num_workers: int = 2,
+                queue_size: int | None = None, rank: int = 0, world_size: int = 1,
+                in_memory: bool = False) -> Loader:
+    """Every slice of a split (or only the nodule slices) in cache order, no augmentation,
+    the last partial batch kept."""
+    return Loader(cache, split, batch_size=batch_size, sampling=sampling, shuffle=False,
+                  augment=False, drop_last=False, num_workers=num_workers,
+                  queue_size=queue_size, rank=rank, world_size=world_size,
+                  in_memory=in_memory)
+
+
+class _RowReader:
+    """Reads cache rows into fresh batch arrays, as cheaply as the cache's layout allows."""
+
+    def __init__(self, split: CacheSplit, has_nodule: np.ndarray, in_memory: bool):
+        self.split = split
+        self.has_nodule = has_nodule
+        self.h, self.w = split.image_shape
+        self.memory: tuple[np.ndarray, np.ndarray] | None = None
+        if in_memory:
+            self.memory = (split.hu[()], split.mask[()])
+        # Whole-chunk reads skip HDF5's selection machinery (about 4x faster); they need
+        # one unfiltered chunk per slice, which is what `preprocess` writes.
+        self.raw = all(ds.chunks == (1, self.h, self.w)
+                       and ds.id.get_create_plist().get_nfilters() == 0
+                       and ds.dtype.isnative for ds in (split.hu, split.mask))
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b = len(rows)
+        if self.memory is not None:
+            return (np.ascontiguousarray(self.memory[0][rows]),
+                    np.ascontiguousarray(self.memory[1][rows]))
+        hu = np.empty((b, self.h, self.w), dtype=np.int16)
+        mask = np.zeros((b, self.h, self.w), dtype=np.uint8)
+        if self.raw:
+            hu_bytes = hu.reshape(b, -1).view(np.uint8)
+            mask_bytes = mask.reshape(b, -1)
+            for j, i in enumerate(rows.tolist()):
+                self.split.hu.id.read_direct_chunk((i, 0, 0), out=hu_bytes[j])
+                if self.has_nodule[i]:  # an empty slice's mask chunk was never written
+                    self.split.mask.id.read_direct_chunk((i, 0, 0), out=mask_bytes[j])
+        else:
+            for j, i in enumerate(rows.tolist()):
+                self.split.hu.read_direct(hu, np.s_[i], np.s_[j])
+                self.split.mask.read_direct(mask, np.s_[i], np.s_[j])
+        return hu, mask

@@ -1,0 +1,283 @@
+"""synth -> preprocess -> cache -> loader, against the generator's ground truth."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from nodulekit.data import preprocess as preprocess_module
+from nodulekit.data.cache import FORMAT_VERSION, Cache, CacheError
+from nodulekit.data.loader import eval_loader
+from nodulekit.data.preprocess import PreprocessError, preprocess
+from nodulekit.data.synth import SynthConfig, render_slice, synthesize
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline") / "data"
+    return synthesize(root, SynthConfig(size=128, patients=4, slices_per_patient=10, seed=7))
+
+
+@pytest.fixture(scope="module")
+def cache_path(synth_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "cache.h5"
+    report = preprocess(synth_set.root, out, workers=0, progress=False)
+    assert report.skipped == [] and report.fixups == []
+    return out
+
+
+def test_synth_is_reproducible_and_realistic(synth_set):
+    cfg = synth_set.config
+    again = render_slice(cfg, 0, 3)
+    first = synth_set.truth(next(s for s in synth_set.slices if s.patient == 0
+                                 and s.slice_index == 3))
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_array_equal(again[1], first[1])
+    hu, _ = render_slice(cfg, 1, 0)
+    assert hu.dtype == np.int16
+    corner = hu[:8, :8]
+    assert abs(float(corner.mean()) + 1000) < 30  # air
+    assert np.percentile(hu, 99.9) > 300  # bone somewhere
+    assert ((hu > -950) & (hu < -750)).mean() > 0.05  # lung parenchyma
+    assert ((hu > -20) & (hu < 80)).mean() > 0.1  # soft tissue
+    assert hu.min() >= -1024 and hu.max() <= 3071
+    # A different seed is a different data set.
+    other = render_slice(SynthConfig(size=128, patients=4, slices_per_patient=10, seed=8), 0, 3)
+    assert not np.array_equal(other[0], again[0])
+
+
+def test_synth_files_carry_real_tags(synth_set):
+    s = synth_set.slices[5]
+    ds = pydicom.dcmread(synth_set.root / s.image)
+    assert ds.Modality == "CT"
+    assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
+    assert float(ds.PixelSpacing[0]) == pytest.approx(360 / 128)
+    assert float(ds.SliceThickness) in (1.0, 1.25, 1.5, 2.0)
+    assert int(ds.InstanceNumber) == s.instance_number
+    assert float(ds.ImagePositionPatient[2]) == pytest.approx(s.z_mm)
+    assert ds.PatientID == s.patient_id
+    if s.mask:
+        png = np.asarray(Image.open(synth_set.root / s.mask))
+        assert set(np.unique(png).tolist()) == {0, 255}
+
+
+def test_synth_nodules_follow_table_3():
+    from nodulekit.data import synth
+
+    cfg = SynthConfig(size=64, patients=400, slices_per_patient=4, seed=0)
+    d = np.array([n.diameter_mm for p in range(cfg.patients)
+                  for n in synth._anatomy(cfg, p).nodules])
+    assert d.min() >= 1.0 and d.max() <= 136.0
+    assert 0.6 < np.mean(d < 10) < 0.9  # Table 3: 75% under 10 mm
+    assert 0.1 < np.mean((d >= 10) & (d < 30)) < 0.35  # 22%
+    assert np.mean(d > 30) < 0.1  # 3%
+
+
+def test_synth_refuses_to_overwrite(synth_set):
+    with pytest.raises(FileExistsError, match="overwrite"):
+        synthesize(synth_set.root, synth_set.config)
+
+
+def test_hu_and_masks_through_the_pipeline_equal_the_ground_truth(synth_set, cache_path):
+    by_source = {s.image: s for s in synth_set.slices}
+    seen = 0
+    with Cache(cache_path) as cache:
+        for split in cache.splits:
+            meta = cache.split(split).meta
+            with eval_loader(cache, split, batch_size=7, num_workers=2) as loader:
+                for batch in loader:
+                    hu, mask, aug = batch
+                    assert hu.dtype == np.int16 and mask.dtype == np.uint8
+                    assert hu.flags.c_contiguous and mask.flags.c_contiguous
+                    assert not aug.any()
+                    for j, row in enumerate(batch.index):
+                        s = by_source[meta["source"][row]]
+                        truth_hu, truth_mask = synth_set.truth(s)
+                        np.testing.assert_array_equal(hu[j], truth_hu)
+                        np.testing.assert_array_equal(mask[j], truth_mask)
+                        assert meta["has_nodule"][row] == bool(truth_mask.any())
+                        seen += 1
+    assert seen == len(synth_set.slices)
+
+
+def test_cache_layout_and_metadata(synth_set, cache_path):
+    with h5py.File(cache_path, "r") as f:
+        assert f.attrs["format"] == "nodulekit-cache"
+        assert f.attrs["format_version"] == FORMAT_VERSION
+        assert f.attrs["window_center"] == -500 and f.attrs["window_width"] == 1600
+        assert str(f.attrs["created_by"]).startswith("nodulekit ")
+        for split in ("train", "val", "test"):
+            g = f[split]
+            n = g["hu"].shape[0]
+            assert g["hu"].dtype == np.int16 and g["hu"].chunks == (1, 128, 128)
+            assert g["mask"].dtype == np.uint8 and g["mask"].shape == (n, 128, 128)
+            assert g["meta/pixel_spacing"].shape == (n, 2)
+            assert set(np.unique(g["mask"][()]).tolist()) <= {0, 1}
+    with Cache(cache_path) as cache:
+        total = sum(len(cache.split(s)) for s in cache.splits)
+        assert total == len(synth_set.slices)
+        m = cache.split("train").meta
+        assert np.all(np.diff(m["slice"][m["patient"] == m["patient"][0]]) > 0)  # ordered
+        assert np.allclose(m["pixel_spacing"], 360 / 128)
+        rows = cache.split("train").nodule_rows()
+        assert np.all(m["n_nodules"][rows] >= 1)
+        assert np.all(np.isnan(m["max_diameter_mm"][cache.split("train").empty_rows()]))
+        bins = cache.split("train").diameter_bins()
+        assert all((b is None) == (not m["has_nodule"][i]) for i, b in enumerate(bins))
+
+
+def test_nodule_diameters_match_the_generator(synth_set, cache_path):
+    """Nodules several pixels across are measured (largest section, linked over slices)
+    within about a pixel of the generator's diameter."""
+    pixel = synth_set.config.pixel_spacing_mm
+    checked = 0
+    with Cache(cache_path) as cache:
+        for split in cache.splits:
+            m = cache.split(split).meta
+            for nodule in synth_set.nodules:
+                if nodule.diameter_mm < 4 * pixel:
+                    continue
+                pid = f"{nodule.patient + 1:04d}"
+                centre = np.flatnonzero((m["patient"] == pid) & np.isclose(
+                    m["slice_position"], nodule.center_mm[2], atol=1e-3))
+                if len(centre) == 0:
+                    continue  # that patient is in another split
+                measured = m["nodule_diameter_mm"][centre[0]]
+                measured = measured[~np.isnan(measured)]
+                assert np.min(np.abs(measured - nodule.diameter_mm)) <= 1.5 * pixel, (
+                    nodule, measured)
+                checked += 1
+    assert checked >= 2
+
+
+def test_workers_give_the_same_cache(synth_set, cache_path, tmp_path):
+    out = tmp_path / "parallel.h5"
+    report = preprocess(synth_set.root, out, workers=2, progress=False)
+    assert report.workers == 2 and report.total_slices == len(synth_set.slices)
+    with Cache(cache_path) as a, Cache(out) as b:
+        for split in a.splits:
+            sa, sb = a.split(split), b.split(split)
+            np.testing.assert_array_equal(sa.hu[()], sb.hu[()])
+            np.testing.assert_array_equal(sa.mask[()], sb.mask[()])
+            for key, value in sa.meta.items():
+                np.testing.assert_array_equal(value, sb.meta[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def damaged_set(synth_set, tmp_path):
+    """A copy of the synthetic set with one bad file of each kind:
+    reason -> (bad file, the slice's image source it takes out)."""
+    root = tmp_path / "damaged"
+    shutil.copytree(synth_set.root, root)
+    train = [s for s in synth_set.slices if s.split == "train"]
+    with_mask = [s for s in train if s.mask]
+    without_mask = [s for s in train if not s.mask]
+    bad = {}
+    truncated = root / without_mask[0].image
+    truncated.write_bytes(truncated.read_bytes()[:-5000])
+    bad["truncated"] = (truncated, without_mask[0].image)
+    mr = root / without_mask[1].image
+    ds = pydicom.dcmread(mr)
+    ds.Modality = "MR"
+    ds.save_as(mr, enforce_file_format=True)
+    bad["'MR', not CT"] = (mr, without_mask[1].image)
+    grey = root / with_mask[0].mask
+    pixels = np.asarray(Image.open(grey)).copy()
+    pixels[0, 0] = 128
+    Image.fromarray(pixels).save(grey)
+    bad["not a binary mask"] = (grey, with_mask[0].image)
+    small = root / with_mask[1].mask
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(small)
+    bad["size 64x64 differs"] = (small, with_mask[1].image)
+    text = root / without_mask[2].image
+    text.write_text("not an image")
+    bad["not a DICOM file"] = (text, without_mask[2].image)
+    return root, bad
+
+
+def test_skipped_files_are_reported_with_the_reason(damaged_set, tmp_path):
+    root, bad = damaged_set
+    out = tmp_path / "c.h5"
+    report = preprocess(root, out, workers=0, progress=False)
+    assert len(report.skipped) == len(bad)
+    text = report.format()
+    for reason, (path, _) in bad.items():
+        # Each skip names the file at fault and says what is wrong with it.
+        assert any(reason in p.reason and str(path) in f"{p.path} {p.reason}"
+                   for p in report.skipped), (reason, report.skipped)
+        assert reason in text
+    with Cache(out) as cache:
+        assert len(cache.skipped()) == len(bad)
+        sources = set(cache.split("train").meta["source"].tolist())
+    assert sources.isdisjoint(source for _, source in bad.values())
+    with open(root / "train" / "train_dataset.csv") as f:
+        listed = len(f.read().splitlines()) - 1
+    assert len(sources) == listed - len(bad)
+
+
+def test_strict_turns_a_skip_into_an_error(damaged_set, tmp_path):
+    root, bad = damaged_set
+    with pytest.raises(PreprocessError, match="--strict"):
+        preprocess(root, tmp_path / "c.h5", workers=0, strict=True, progress=False)
+    assert os.listdir(tmp_path) == ["damaged"]  # nothing written, no temporary left
+
+
+def test_existing_output_is_kept_unless_overwrite(synth_set, tmp_path):
+    out = tmp_path / "c.h5"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        preprocess(synth_set.root, out, workers=0, progress=False)
+    assert out.read_bytes() == b"precious"
+    preprocess(synth_set.root, out, workers=0, overwrite=True, progress=False)
+    with Cache(out) as cache:
+        assert len(cache.split("train")) > 0
+
+
+def test_interrupted_run_leaves_nothing_half_written(synth_set, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    original = preprocess_module._CacheWriter.add
+    calls = {"n": 0}
+
+    def add_then_interrupt(self, decoded):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, decoded)
+
+    monkeypatch.setattr(preprocess_module._CacheWriter, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(synth_set.root, out, workers=2, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_a_cache(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "something else"
+    with pytest.raises(CacheError, match="not a nodulekit cache"):
+        Cache(path)
+    with pytest.raises(CacheError, match="no such file"):
+        Cache(tmp_path / "absent.h5")
+
+
+def test_diameters_are_nan_padded(cache_path):
+    with Cache(cache_path) as cache:
+        m = cache.split("train").meta
+        for row in range(len(m["n_nodules"])):
+            k = int(m["n_nodules"][row])
+            section = m["section_diameter_mm"][row]
+            assert np.all(~np.isnan(section[:k])) and np.all(np.isnan(section[k:]))
+            if k:
+                assert m["max_diameter_mm"][row] == pytest.approx(
+                    np.max(m["nodule_diameter_mm"][row][:k]))
+                assert not math.isnan(m["max_diameter_mm"][row])
