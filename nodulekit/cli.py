@@ -35,13 +35,11 @@ def _device_option(f):
 @click.option("--repeats", default=20, show_default=True, help="Timed runs per op (median).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-@click.option("--threads", default=None, type=int,
-              help="CPU threads for both sides (default: all cores).")
-def bench_ops(device, op_filter, repeats, json_path, threads):
+def bench_ops(device, op_filter, repeats, json_path):
     """Per-op timing: op, shape, our ms, torch ms, ratio (ours / torch)."""
     from nodulekit.bench.ops import format_table, run_ops_bench
 
-    result = run_ops_bench(device=device, op_filter=op_filter, repeats=repeats, threads=threads)
+    result = run_ops_bench(device=device, op_filter=op_filter, repeats=repeats)
     click.echo(format_table(result))
     _write_json(result, json_path)
 
@@ -55,16 +53,14 @@ def bench_ops(device, op_filter, repeats, json_path, threads):
 @click.option("--repeats", default=10, show_default=True, help="Timed steps (median).")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=None, type=int,
-              help="CPU threads for both sides (default: all cores).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_step(device, width, depth, size, batch, repeats, warmup, seed, threads, json_path):
+def bench_step(device, width, depth, size, batch, repeats, warmup, seed, json_path):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
 
     result = run_step_bench(device=device, width=width, depth=depth, size=size, batch=batch,
-                            repeats=repeats, warmup=warmup, seed=seed, threads=threads)
+                            repeats=repeats, warmup=warmup, seed=seed)
     click.echo(format_step(result))
     _write_json(result, json_path)
 
@@ -81,8 +77,305 @@ def _write_json(result, json_path):
         click.echo(f"wrote {json_path}")
 
 
+# ----------------------------------------------------------------------------- train
+# (train, evaluate, predict, inspect: nodulekit/train and nodulekit/nn/summary.py)
+
+_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _run_device_options(f):
+    f = click.option("--precision", default=None, type=click.Choice(_PRECISIONS),
+                     help="Arithmetic on the GPU (the CPU computes fp32)  [default: fp32]")(f)
+    return click.option("--device", default="auto", show_default=True,
+                        type=click.Choice(["auto", "cpu", "cuda"]),
+                        help="'auto' picks cuda when a GPU is usable, else cpu, and says so.")(f)
+
+
+def _library_errors():
+    """The library's error types that mean 'bad input', shown without a traceback."""
+    from nodulekit.data.cache import CacheError
+    from nodulekit.data.layout import LayoutError
+    from nodulekit.data.loader import LoaderError
+    from nodulekit.data.preprocess import PreprocessError
+    from nodulekit.train.checkpoint import CheckpointError
+    from nodulekit.train.trainer import TrainingDiverged
+
+    return (ValueError, FileExistsError, RuntimeError, CacheError, LayoutError, LoaderError,
+            PreprocessError, CheckpointError, TrainingDiverged)
+
+
+@main.command()
+@click.argument("data", required=False, type=click.Path(exists=True))
+@click.option("--epochs", type=int, default=None, help="Epochs in all (paper: 200; demo: 8).")
+@click.option("--batch-size", type=int, default=None, help="Slices per step (paper: 12).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4).")
+@click.option("--width", type=int, default=None, help="Channels of the first level (paper: 64).")
+@click.option("--depth", type=int, default=None, help="Poolings (paper: 4).")
+@click.option("--size", type=int, default=None,
+              help="Centre-crop the slices to SIZE x SIZE (default: the cache's slice size; "
+                   "no resizing). Must be a multiple of 2**depth.")
+@_run_device_options
+@click.option("--seed", type=int, default=None, help="Initialisation and data order  [default: 0]")
+@click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--queue", type=int, default=None, help="Batches read ahead (default 2 x workers).")
+@click.option("--empty-fraction", type=float, default=None,
+              help="Fraction of the empty slices added to each epoch (paper: 0, then 0.02 to "
+                   "fine-tune).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default: runs/<data>-<date>-<time>).")
+@click.option("--resume", type=click.Path(exists=True), default=None,
+              help="Continue the run in this folder from its checkpoint_last.h5.")
+@click.option("--finetune-from", type=click.Path(exists=True), default=None,
+              help="Start from this checkpoint's (or run folder's best) weights.")
+@click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train(data, epochs, batch_size, lr, width, depth, size, device, precision, seed, workers,
+          queue, empty_fraction, out, resume, finetune_from, no_test, no_progress):
+    """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
+    folder first). Without DATA: a small synthetic demo set, generated once into
+    ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
+    from nodulekit.train.trainer import train as run_train
+
+    try:
+        result = run_train(data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                           width=width, depth=depth, size=size, device=device,
+                           precision=precision, seed=seed, workers=workers, queue=queue,
+                           empty_fraction=empty_fraction, resume=resume,
+                           finetune_from=finetune_from, progress=not no_progress,
+                           test=not no_test, echo=click.echo)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130) from None
+    except _library_errors() as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"run folder: {result.out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("data", required=False, type=click.Path(exists=True))
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for summary.json (default: <run>/evaluate-<split>).")
+@_run_device_options
+@click.option("--batch-size", type=int, default=None, help="Slices per forward pass.")
+@click.option("--size", type=int, default=None, help="Centre-crop the slices to SIZE x SIZE.")
+@click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def evaluate(run, data, split, out, device, precision, batch_size, size, workers, no_progress):
+    """Dice and IoU of RUN (a run folder: its best checkpoint; or a checkpoint file) on a split
+    of DATA (default: the data it trained on): per slice, global, and by nodule diameter."""
+    from nodulekit.train.evaluate import evaluate as run_evaluate
+    from nodulekit.train.evaluate import format_summary
+
+    try:
+        summary, path = run_evaluate(run, data, split=split, out=out, device=device,
+                                     precision=precision or "fp32", batch_size=batch_size,
+                                     size=size, workers=workers, progress=not no_progress,
+                                     report=click.echo)
+    except _library_errors() as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for masks/, overlays/, probabilities/ and predictions.csv.")
+@click.option("--truth", default="auto", show_default=True,
+              help="Truth masks for the overlays: 'auto' (UniToChest's masks/ beside "
+                   "images/), 'none', or a folder mirroring the inputs.")
+@click.option("--probabilities", is_flag=True, help="Also write p = sigmoid(logit) as PNG.")
+@_run_device_options
+@click.option("--batch-size", default=8, show_default=True, help="Slices per forward pass.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def predict(checkpoint, inputs, out, truth, probabilities, device, precision, batch_size,
+            no_progress):
+    """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
+    0/255 PNG masks named like UniToChest's, and overlays in the paper's Fig. 4 colours
+    (yellow agreement, green false positive, red false negative)."""
+    from nodulekit.train.predict import predict as run_predict
+
+    try:
+        result = run_predict(checkpoint, inputs, out, truth=truth, probabilities=probabilities,
+                             device=device, precision=precision or "fp32",
+                             batch_size=batch_size, progress=not no_progress,
+                             report=click.echo)
+    except _library_errors() as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {result.written} mask(s) and overlay(s) under {result.out}")
+    if result.summary:
+        a, nod = result.summary["all"], result.summary["nodule_slices"]
+        click.echo(f"against the truth masks: {a['slices']} slices, mean Dice "
+                   f"{a['mean_dice']:.4f}, mean IoU {a['mean_iou']:.4f}, global Dice "
+                   f"{a['global_dice']:.4f}; {nod['slices']} with a nodule")
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} input(s) could not be read "
+                                   f"(listed above)")
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.option("--width", type=int, default=None, help="[default: 64, or the checkpoint's]")
+@click.option("--depth", type=int, default=None, help="[default: 4, or the checkpoint's]")
+@click.option("--size", type=int, default=None,
+              help="Input H = W  [default: 512, or the checkpoint's input size]")
+@click.option("--batch", type=int, default=None,
+              help="Batch size  [default: 1, or the checkpoint's batch size]")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the layers and totals as JSON here ('-' for stdout).")
+@click.option("--kernels", is_flag=True, help="Instead: compile every CUDA kernel for sm_90 "
+              "with NVRTC (as CuPy does) and show registers, shared memory and spills.")
+def inspect(checkpoint, width, depth, size, batch, json_path, kernels):
+    """The U-Net layer by layer: output shape, parameters, FLOPs, activation memory, for an
+    input size and batch; from CHECKPOINT's configuration or from the options."""
+    if kernels:
+        from nodulekit.engine.kernel_check import compile_all, format_kernel_report
+
+        reports = compile_all()
+        click.echo(format_kernel_report(reports))
+        if not all(r.ok for r in reports):
+            raise click.ClickException("some kernels do not compile cleanly (listed above)")
+        return
+    from dataclasses import asdict
+
+    from nodulekit.nn.summary import format_layers, totals, unet_layers
+
+    shape = None
+    if checkpoint:
+        from nodulekit.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+        try:
+            cfg = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best")).config
+        except _library_errors() as e:
+            raise click.ClickException(str(e)) from None
+        width = cfg["width"] if width is None else width
+        depth = cfg["depth"] if depth is None else depth
+        shape = cfg.get("image_shape") if size is None else None
+        batch = cfg.get("batch_size", 1) if batch is None else batch
+    width, depth, batch = width or 64, depth or 4, batch or 1
+    shape = shape or (size or 512, size or 512)
+    try:
+        layers = unet_layers(depth=depth, width=width, size=tuple(shape), batch=batch)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_layers(layers, title=f"U-Net depth {depth} width {width}, input "
+                                           f"{batch} x {shape[0]} x {shape[1]} x 1, fp32"))
+    _write_json({"depth": depth, "width": width, "input": [batch, *shape, 1],
+                 "layers": [asdict(x) for x in layers], "totals": totals(layers)}, json_path)
+
+
 # ----------------------------------------------------------------------------- data
 # (synth, preprocess, bench loader: nodulekit/data, added below this line)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--size", default=512, show_default=True, help="Slice height = width (pixels).")
+@click.option("--patients", default=10, show_default=True)
+@click.option("--slices-per-patient", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=None, type=int,
+              help="Processes writing patients (default: one per CPU; 0: none).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, progress):
+    """Write a synthetic chest CT data set in the UniToChest layout to OUT."""
+    from nodulekit.data.synth import SynthConfig, synthesize
+
+    try:
+        cfg = SynthConfig(size=size, patients=patients, slices_per_patient=slices_per_patient,
+                          seed=seed)
+        result = synthesize(out, cfg, overwrite=overwrite, progress=progress, workers=workers)
+    except (ValueError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--layout", default="auto", show_default=True,
+              type=click.Choice(["auto", "unitochest", "folder"]),
+              help="auto: UniToChest when DATA has train/ val/ test/ folders.")
+@click.option("--workers", default=None, type=int,
+              help="Decoding processes (default: one per CPU; 0: decode in this process).")
+@click.option("--strict", is_flag=True, help="Any file that would be skipped is an error.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-non-ct", is_flag=True, help="Also read slices whose Modality is not CT.")
+@click.option("--split-seed", default=0, show_default=True,
+              help="Seed of the 80/10/10 patient split of a plain folder tree.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the report (every skipped file and why) as JSON here.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def preprocess(data, out, layout, workers, strict, overwrite, allow_non_ct, split_seed,
+               report_path, progress):
+    """Decode the CT slices and masks under DATA into the HDF5 cache OUT."""
+    from nodulekit.data.cache import CacheError
+    from nodulekit.data.layout import LayoutError
+    from nodulekit.data.preprocess import PreprocessError
+    from nodulekit.data.preprocess import preprocess as run_preprocess
+
+    try:
+        report = run_preprocess(data, out, layout=layout, workers=workers, strict=strict,
+                                overwrite=overwrite, progress=progress,
+                                allow_non_ct=allow_non_ct, split_seed=split_seed)
+    except (FileExistsError, PreprocessError, LayoutError, CacheError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.format())
+    if report_path:
+        _write_json(report.to_dict(), report_path)
+
+
+@bench.command("loader")
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A data set to read (default: synthesize one in a temporary folder).")
+@click.option("--size", default=512, show_default=True, help="Synthetic slice size.")
+@click.option("--patients", default=12, show_default=True, help="Synthetic patients.")
+@click.option("--slices-per-patient", default=200, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Preprocessing processes.")
+@click.option("--repeats", default=3, show_default=True,
+              help="Alternating runs of the plain loop and preprocessing (medians).")
+@click.option("--batch", default=12, show_default=True, help="Loader batch size.")
+@click.option("--batches", default=200, show_default=True, help="Timed loader batches.")
+@click.option("--num-workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--queue-size", default=4, show_default=True, help="Batches read ahead.")
+@click.option("--step-seconds", default=None, type=float,
+              help="A training step's time to compare with (default: time one CPU step "
+                   "of our U-Net with `bench step`'s width and depth at --size and --batch).")
+@click.option("--sweep", is_flag=True, help="Also time the loader over workers x queue size.")
+@click.option("--sweep-workers", default="0,1,2,4", show_default=True, callback=lambda c, p, v:
+              _int_list(v))
+@click.option("--sweep-queue", default="1,2,4,8,16", show_default=True, callback=lambda c, p, v:
+              _int_list(v))
+@click.option("--consumer-ms", default=0.0, show_default=True,
+              help="Simulated work per batch in the sweep (0: raw loader speed).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for stdout).")
+def bench_loader(data, size, patients, slices_per_patient, workers, repeats, batch, batches,
+                 num_workers, queue_size, step_seconds, sweep, sweep_workers, sweep_queue,
+                 consumer_ms, seed, json_path):
+    """Preprocessing against a plain pydicom loop, loader batches/s, and a sweep."""
+    from nodulekit.bench.loader import format_loader, run_loader_bench
+
+    result = run_loader_bench(
+        data=data, size=size, patients=patients, slices_per_patient=slices_per_patient,
+        workers=workers, repeats=repeats, batch=batch, batches=batches,
+        num_workers=num_workers, queue_size=queue_size, step_seconds=step_seconds,
+        sweep=sweep, sweep_workers=sweep_workers, sweep_queue=sweep_queue,
+        consumer_ms=consumer_ms, seed=seed, progress=True)
+    click.echo(format_loader(result))
+    _write_json(result, json_path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""A training run's configuration: the paper's defaults, the demo's, and resolving them.
+
+Options left unset (None) take the defaults of the data they train on:
+
+- real data (a cache or a data-set folder): the paper's protocol, batch 12, Adam lr 1e-4,
+  200 epochs, width 64 and depth 4 (DESIGN.md's U-Net), the HU window 1600 / -500, nodule
+  slices only (``empty_fraction`` 0), the model kept on the best validation mean IoU;
+- the embedded demo (no DATA): a small synthetic set and a small model sized to train on a
+  2-core CPU in a few minutes (`DEMO_DEFAULTS`; see `nodulekit.train.demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+PAPER_DEFAULTS = {"epochs": 200, "batch_size": 12, "lr": 1e-4, "width": 64, "depth": 4,
+                  "empty_fraction": 0.0}
+# Measured on a 2-core CPU (README, "Training"): about 4 minutes, test Dice above 0.8.
+DEMO_DEFAULTS = {"epochs": 8, "batch_size": 8, "lr": 1e-3, "width": 16, "depth": 4,
+                 "empty_fraction": 0.1}
+SELECTION_METRIC = "val_mean_iou"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a run computes (stored in config.json and checkpoints)."""
+
+    data: str  # what the user named: a cache, a data-set folder, or "demo"
+    data_kind: str  # "cache" | "folder" | "demo"
+    cache: str  # absolute path of the HDF5 cache the run reads
+    out: str  # the run folder
+    epochs: int
+    batch_size: int
+    lr: float
+    width: int
+    depth: int
+    image_shape: list[int]  # the network's input H, W (after any centre crop)
+    cache_shape: list[int]  # the cache's slice H, W
+    device: str = "auto"  # as asked
+    backend: str = "cpu"  # what it resolved to
+    precision: str = "fp32"
+    seed: int = 0
+    workers: int = 2
+    queue: int | None = None
+    empty_fraction: float = 0.0
+    finetune_from: str | None = None
+    in_channels: int = 1
+    window_center: float = -500.0
+    window_width: float = 1600.0
+    smooth: float = 1.0
+    selection_metric: str = SELECTION_METRIC
+    eval_batch_size: int = 0  # 0: the training batch size
+    test_after: bool = True  # evaluate the best model on the test split at the end
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}")
+        return cls(**d)
+
+    @property
+    def crop(self) -> bool:
+        return list(self.image_shape) != list(self.cache_shape)
+
+    def validate(self) -> None:
+        problems = []
+        if self.epochs < 0:
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"learning rate must be > 0, got {self.lr}")
+        if self.width < 1 or self.depth < 1:
+            problems.append(f"width and depth must be >= 1, got width {self.width}, "
+                            f"depth {self.depth}")
+        if not 0.0 <= self.empty_fraction <= 1.0:
+            problems.append(f"empty fraction must be in [0, 1], got {self.empty_fraction}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        check_input_shape(self.image_shape, self.depth)
+
+
+def check_input_shape(shape, depth: int) -> None:
+    """ValueError unless H and W are positive multiples of 2**depth."""
+    f = 2 ** int(depth)
+    h, w = (int(v) for v in shape)
+    if h <= 0 or w <= 0 or h % f or w % f:
+        raise ValueError(
+            f"the input size {h}x{w} is not divisible by 2**depth = {f} (depth {depth}); "
+            f"pass --size with a multiple of {f} (slices are centre-cropped to it, e.g. "
+            f"--size {max(f, min(h, w) // f * f)}) or a smaller --depth")
+
+
+def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
+    """The network's input (H, W): the cache's, or a centre crop of it to size x size.
+
+    Resizing is not done: a size larger than the slices is an error.
+    """
+    h, w = (int(v) for v in cache_shape)
+    if size is None:
+        shape = [h, w]
+    else:
+        size = int(size)
+        if size > h or size > w:
+            raise ValueError(f"--size {size} is larger than the cache's {h}x{w} slices; "
+                             "nodulekit crops but does not resize (preprocess at the size "
+                             "you want, or use --size <= the slice size)")
+        shape = [size, size]
+    check_input_shape(shape, depth)
+    return shape
+
+
+def center_crop(hu, mask, shape):
+    """Centre crop of [N, H, W] HU and mask arrays to `shape` (H, W), C-contiguous."""
+    import numpy as np
+
+    h, w = hu.shape[1:3]
+    th, tw = (int(v) for v in shape)
+    if (h, w) == (th, tw):
+        return hu, mask
+    r0, c0 = (h - th) // 2, (w - tw) // 2
+    window = np.s_[:, r0:r0 + th, c0:c0 + tw]
+    return np.ascontiguousarray(hu[window]), np.ascontiguousarray(mask[window])

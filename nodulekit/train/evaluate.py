@@ -1,0 +1,216 @@
+"""Running a model over a split of a cache, and `nodulekit evaluate`'s summary.
+
+`infer_split` runs the network over every slice of a split (no augmentation) and returns the
+per-slice confusion counts of the thresholded prediction (p > 0.5, computed on the device by
+`Backend.confusion_counts`) and each slice's soft Dice (for the validation loss).
+`evaluate` loads a checkpoint, runs `infer_split`, and writes ``summary.json``: per-slice
+Dice and IoU (a slice with empty truth and empty prediction scores 1, the paper's
+convention), their means, the global Dice, the counts, and the table by nodule diameter
+(`nodulekit.train.metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nodulekit.train import metrics
+from nodulekit.train.config import center_crop, check_input_shape
+
+
+@dataclass
+class SplitResult:
+    counts: np.ndarray  # int64 [N, 3]: tp, fp, fn per slice, in cache row order
+    soft_dice: np.ndarray  # float64 [N]: the loss's per-slice Dice (smoothing included)
+    rows: np.ndarray  # int64 [N]: cache rows
+    seconds: float  # wall time of the pass (reading included)
+
+    @property
+    def loss(self) -> float:
+        """Mean Dice loss over the slices (what training minimises), NaN for no slice."""
+        return float(np.mean(1.0 - self.soft_dice)) if len(self.soft_dice) else float("nan")
+
+
+def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int = 8,
+                workers: int = 2, queue: int | None = None, window=(-500.0, 1600.0),
+                smooth: float = 1.0, progress: bool = False, desc: str = "",
+                in_memory: bool | None = None) -> SplitResult:
+    """The model over every slice of `split`; see the module docstring.
+
+    cache: a path or an open `nodulekit.data.cache.Cache`. image_shape: centre-crop the
+    slices to this (H, W) first (None: the slices as they are).
+    """
+    from tqdm import tqdm
+
+    from nodulekit.data.loader import eval_loader
+
+    be = model.backend
+    center, width = window
+    loader = eval_loader(cache, split, batch_size=batch_size, num_workers=workers,
+                         queue_size=queue, in_memory=_small(cache, split)
+                         if in_memory is None else in_memory)
+    counts, soft, rows = [], [], []
+    t0 = time.perf_counter()
+    try:
+        shape = loader.split.image_shape if image_shape is None else tuple(image_shape)
+        check_input_shape(shape, model.depth)
+        with tqdm(total=len(loader), desc=desc or split, unit="batch", leave=False,
+                  disable=not progress) as bar:
+            for batch in loader.epoch(0):
+                hu, mask = center_crop(batch.hu, batch.mask, shape)
+                image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
+                                                  be.asarray(batch.aug), center, width)
+                logits = model.forward(image, keep_for_backward=False)
+                counts.append(be.to_host(be.confusion_counts(logits, target)))
+                _, dice, _ = be.sigmoid_dice_loss(logits, target, smooth)
+                soft.append(be.to_host(dice))
+                rows.append(batch.index)
+                bar.update(1)
+        be.synchronize()
+    finally:
+        loader.close()
+    if counts:
+        return SplitResult(np.concatenate(counts).astype(np.int64),
+                           np.concatenate(soft).astype(np.float64), np.concatenate(rows),
+                           time.perf_counter() - t0)
+    return SplitResult(np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0, np.int64),
+                       time.perf_counter() - t0)
+
+
+def _small(cache, split: str, limit_bytes: int = 256 << 20) -> bool:
+    """Whether a split is small enough to read into memory once (faster, fewer reads)."""
+    from nodulekit.data.cache import Cache
+
+    own = not isinstance(cache, Cache)
+    c = Cache(cache) if own else cache
+    try:
+        s = c.split(split)
+        h, w = s.image_shape
+        return len(s) * h * w * 3 <= limit_bytes
+    finally:
+        if own:
+            c.close()
+
+
+def split_summary(result: SplitResult, split_meta: dict) -> dict:
+    """summary.json's numbers: overall, nodule slices, per diameter bin, and per slice."""
+    rows = result.rows
+    bins = metrics.slice_bins(split_meta["max_diameter_mm"][rows])
+    out = metrics.summarize(result.counts, bins)
+    dice, iou = metrics.slice_scores(result.counts)
+    per_slice = []
+    for j, r in enumerate(rows.tolist()):
+        tp, fp, fn = (int(v) for v in result.counts[j])
+        per_slice.append({
+            "row": r, "patient": str(split_meta["patient"][r]), "exam": str(split_meta["exam"][r]),
+            "slice": int(split_meta["slice"][r]), "source": str(split_meta["source"][r]),
+            "bin": bins[j], "max_diameter_mm": _num(split_meta["max_diameter_mm"][r]),
+            "tp": tp, "fp": fp, "fn": fn, "dice": float(dice[j]), "iou": float(iou[j])})
+    out["slices"] = per_slice
+    out["loss"] = result.loss
+    return out
+
+
+def _num(v):
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
+             split: str = "test", out: str | os.PathLike | None = None, device: str = "auto",
+             precision: str = "fp32", batch_size: int | None = None, size: int | None = None,
+             workers: int = 2, progress: bool = True, report=print) -> tuple[dict, Path]:
+    """Evaluate a checkpoint (or a run folder's best one) on a split; write summary.json.
+
+    data: a cache (.h5) or a data-set folder (preprocessed into `out` first); None: the
+    data the run trained on. out: where summary.json goes (default: <run>/evaluate-<split>).
+    size: centre-crop the slices to size x size (default: whole slices).
+    Returns (summary, path of summary.json).
+    """
+    from nodulekit.engine import get_backend, resolve_device
+    from nodulekit.train.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve_checkpoint,
+    )
+    from nodulekit.train.config import resolve_size
+    from nodulekit.train.runfiles import write_json
+
+    ckpt_path = resolve_checkpoint(checkpoint, prefer="best")
+    ckpt = load_checkpoint(ckpt_path)
+    out = Path(out) if out is not None else ckpt_path.parent / f"evaluate-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    cache = resolve_eval_data(data, ckpt.config, out, report=report, progress=progress)
+    backend_name, sentence = resolve_device(device)
+    report(sentence)
+    be = get_backend(backend_name, precision)
+    model = model_from_checkpoint(ckpt, be)
+
+    from nodulekit.data.cache import open_cache
+
+    with open_cache(cache) as c:
+        s = c.split(split)
+        if len(s) == 0:
+            raise ValueError(f"{cache}: split {split!r} has no slices")
+        shape = resolve_size(s.image_shape, size, model.depth)
+        cfg = ckpt.config
+        window = (float(cfg.get("window_center", -500.0)), float(cfg.get("window_width", 1600.0)))
+        bs = batch_size or int(cfg.get("eval_batch_size") or cfg.get("batch_size") or 8)
+        report(f"evaluating {ckpt_path} (epoch {ckpt.epoch}) on {cache} [{split}]: "
+               f"{len(s)} slices at {shape[0]}x{shape[1]}")
+        result = infer_split(model, c, split, image_shape=shape, batch_size=bs,
+                             workers=workers, window=window,
+                             smooth=float(cfg.get("smooth", 1.0)), progress=progress)
+        summary = split_summary(result, s.meta)
+    summary = {
+        "checkpoint": str(ckpt_path.resolve()), "checkpoint_epoch": ckpt.epoch,
+        "data": str(Path(cache).resolve()), "split": split, "image_shape": list(shape),
+        "device": be.name, "precision": be.precision,
+        "threshold": "p > 0.5 (logit > 0)",
+        "convention": "per-slice Dice = 2TP/(2TP+FP+FN), IoU = TP/(TP+FP+FN); a slice with "
+                      "empty truth and empty prediction scores 1; global = on summed counts",
+        "seconds": result.seconds,
+        "seconds_per_image": result.seconds / max(1, len(result.rows)),
+        **summary,
+    }
+    path = out / "summary.json"
+    write_json(path, summary)
+    return summary, path
+
+
+def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True) -> Path:
+    """A cache path for evaluation: DATA as given (a folder is preprocessed into `out`),
+    or the cache the run trained on."""
+    if data is None:
+        cache = config.get("cache")
+        if not cache or not Path(cache).is_file():
+            raise ValueError(f"no DATA given and the run's cache {cache!r} is not there; name "
+                             "a cache (.h5) or a data-set folder")
+        return Path(cache)
+    data = Path(data)
+    if data.is_dir():
+        from nodulekit.data.preprocess import preprocess
+
+        cache = out / "cache.h5"
+        if not cache.is_file():
+            report(f"preprocessing {data} into {cache}")
+            report(preprocess(data, cache, progress=progress).format())
+        return cache
+    if not data.is_file():
+        raise ValueError(f"{data}: no such file or folder")
+    return data
+
+
+def format_summary(summary: dict) -> str:
+    a = summary["all"]
+    head = (f"{summary['split']} split of {summary['data']}: {a['slices']} slices, "
+            f"checkpoint epoch {summary['checkpoint_epoch']}, "
+            f"{summary['seconds_per_image'] * 1e3:.1f} ms per image on {summary['device']}")
+    table = metrics.format_table(summary)
+    tail = (f"mean Dice {a['mean_dice']:.4f}  mean IoU {a['mean_iou']:.4f}  (per slice, all "
+            f"slices; empty-empty = 1)   global Dice {a['global_dice']:.4f}")
+    return "\n".join([head, table, tail])

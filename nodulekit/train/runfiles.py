@@ -1,0 +1,188 @@
+"""The run folder's human-facing files: the log, metrics.csv, progress.png, config.json.
+
+A run folder holds::
+
+    config.json            the resolved configuration, versions, the device
+    metrics.csv            one row per epoch (see METRIC_COLUMNS)
+    progress.png           loss and Dice curves per epoch (like the paper's Fig. 3)
+    checkpoint_last.h5     written after every epoch
+    checkpoint_best.h5     the epoch with the best validation mean IoU so far
+    train.log              everything printed, with a time stamp per line
+    test/summary.json      the best model on the test split (when the cache has one)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice", "val_iou",
+                  "val_global_dice", "seconds", "train_seconds", "images_per_s", "best")
+LOG_NAME = "train.log"
+
+
+class Reporter:
+    """Prints lines (above a tqdm bar when one is active) and appends them to a log file."""
+
+    def __init__(self, log_path: str | os.PathLike | None = None, echo=None, quiet=False):
+        self.log_path = Path(log_path) if log_path else None
+        self._echo = echo
+        self.quiet = quiet
+        self._file = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, message: str = "") -> None:
+        if not self.quiet:
+            if self._echo is not None:
+                self._echo(message)
+            else:
+                from tqdm import tqdm
+
+                tqdm.write(message, file=sys.stdout)
+        self.log(message)
+
+    def log(self, message: str) -> None:
+        """Into the log file only."""
+        if self._file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            for line in str(message).splitlines() or [""]:
+                self._file.write(f"{stamp}  {line}\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def _jsonable(obj):
+    """NaN and inf as null (strict JSON), NumPy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not hasattr(obj, "__len__"):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import h5py
+    import numpy
+
+    from nodulekit import __version__
+
+    out = {"nodulekit": __version__, "python": platform.python_version(),
+           "numpy": numpy.__version__, "h5py": h5py.__version__}
+    for name in ("click", "tqdm", "matplotlib", "pydicom"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    try:
+        import numba
+
+        out["numba"] = numba.__version__
+    except ImportError:
+        pass
+    if "cupy" in sys.modules:
+        out["cupy"] = sys.modules["cupy"].__version__
+    return out
+
+
+def device_description(backend_name: str) -> str:
+    from nodulekit.bench.common import device_description as describe
+
+    return describe(backend_name)
+
+
+def write_metrics_csv(path: str | os.PathLike, history: list[dict]) -> None:
+    lines = [",".join(METRIC_COLUMNS)]
+    for row in history:
+        cells = []
+        for col in METRIC_COLUMNS:
+            v = row.get(col, "")
+            if isinstance(v, float):
+                v = "nan" if math.isnan(v) else f"{v:.6g}"
+            elif isinstance(v, bool):
+                v = int(v)
+            cells.append(str(v))
+        lines.append(",".join(cells))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        out.append({k: (float(v) if k not in ("epoch", "step", "best") else int(v))
+                    for k, v in r.items()})
+    return out
+
+
+def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "") -> None:
+    """Loss (train, validation) and validation Dice / IoU per epoch, two panels (Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_loss, ax_score = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("Dice loss")
+    ax_loss.set_ylim(bottom=0)
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_score.plot(epochs, [r["val_dice"] for r in history], "o-", label="validation Dice")
+    ax_score.plot(epochs, [r["val_iou"] for r in history], "s-", label="validation IoU")
+    best = [r for r in history if r.get("best")]
+    if best:
+        b = best[-1]
+        ax_score.axvline(b["epoch"], color="grey", ls="--", lw=1,
+                         label=f"best (epoch {b['epoch']})")
+    ax_score.set_xlabel("epoch")
+    ax_score.set_ylabel("mean per slice")
+    ax_score.set_ylim(0, 1)
+    ax_score.legend(loc="lower right")
+    ax_score.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,157 @@
+"""Resuming is exact, a diverging loss stops cleanly, fine-tuning starts from weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_train_helpers import TINY_MODEL, read_params, tiny_data, tiny_train  # noqa: F401
+
+from nodulekit.train.checkpoint import load_checkpoint
+from nodulekit.train.runfiles import read_metrics_csv
+from nodulekit.train.trainer import TrainingDiverged, train
+
+TIMING = ("seconds", "train_seconds", "images_per_s")
+
+
+def _same_run(a, b):
+    """Two run folders hold bit-identical weights, optimizer state and metrics."""
+    for name in ("checkpoint_last.h5", "checkpoint_best.h5"):
+        ca, cb = load_checkpoint(a / name), load_checkpoint(b / name)
+        np.testing.assert_array_equal(ca.params, cb.params, err_msg=name)
+        np.testing.assert_array_equal(ca.adam["m"], cb.adam["m"], err_msg=name)
+        np.testing.assert_array_equal(ca.adam["v"], cb.adam["v"], err_msg=name)
+        assert (ca.epoch, ca.global_step, ca.best_epoch) == (cb.epoch, cb.global_step,
+                                                             cb.best_epoch)
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in TIMING}
+                for r in read_metrics_csv(run / "metrics.csv")]
+
+    assert rows(a) == rows(b)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811
+    _, cache = tiny_data
+    full = tiny_train(cache, tmp_path / "full", epochs=3)
+    steps_per_epoch = full.history[0]["step"]
+
+    def kill_in_epoch_3(epoch, step):
+        if epoch == 2 and step == 2 * steps_per_epoch + 1:  # one step into epoch 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny_train(cache, tmp_path / "cut", epochs=3, callback=kill_in_epoch_3)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint_last.h5").epoch == 2
+    assert len(read_metrics_csv(tmp_path / "cut" / "metrics.csv")) == 2
+
+    resumed = train(resume=tmp_path / "cut", device="cpu", workers=0, progress=False,
+                    echo=lambda *_: None)
+    assert resumed.config.epochs == 3 and len(resumed.history) == 3
+    _same_run(tmp_path / "full", tmp_path / "cut")
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert "resuming from" in log and "2 epoch(s)" in log
+
+
+def test_resume_cannot_change_what_the_run_computes(tiny_data, tmp_path):  # noqa: F811
+    _, cache = tiny_data
+    tiny_train(cache, tmp_path / "run", epochs=1)
+    with pytest.raises(ValueError, match="lr is 0.001, cannot change it to 0.01"):
+        train(resume=tmp_path / "run", lr=0.01, device="cpu", progress=False,
+              echo=lambda *_: None)
+    with pytest.raises(ValueError, match="already holds a run"):
+        tiny_train(cache, tmp_path / "run", epochs=1)
+    # more epochs is allowed: it extends the run
+    more = train(resume=tmp_path / "run", epochs=2, device="cpu", workers=0, progress=False,
+                 echo=lambda *_: None)
+    assert [r["epoch"] for r in more.history] == [1, 2]
+
+
+def test_killed_process_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
+    """SIGKILL a real `nodulekit train` at whatever point it has reached after its first
+    checkpoint, resume it, and compare with a run that was never stopped."""
+    _, cache = tiny_data
+    epochs = 12
+    args = ["--epochs", str(epochs), "--width", str(TINY_MODEL["width"]),
+            "--depth", str(TINY_MODEL["depth"]), "--batch-size", str(TINY_MODEL["batch_size"]),
+            "--lr", str(TINY_MODEL["lr"]), "--device", "cpu", "--workers", "0",
+            "--no-progress", "--no-test"]
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "nodulekit.cli", "train", str(cache), "--out", str(run), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint_last.h5").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.01)
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = load_checkpoint(run / "checkpoint_last.h5").epoch
+    assert 1 <= done < epochs
+    assert not [p for p in run.iterdir() if p.name.endswith(".partial")]
+
+    result = subprocess.run([sys.executable, "-m", "nodulekit.cli", "train", "--resume",
+                             str(run), "--device", "cpu", "--workers", "0", "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {run / 'checkpoint_last.h5'}: {done} epoch(s)" in result.stdout
+
+    tiny_train(cache, tmp_path / "straight", epochs=epochs, test=False)
+    _same_run(tmp_path / "straight", run)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,  # noqa: F811
+                                                           monkeypatch):
+    import nodulekit.nn
+
+    _, cache = tiny_data
+    real = nodulekit.nn.training_step
+    calls = {"n": 0}
+
+    def poisoned(model, opt, image, target, smooth=1.0):
+        calls["n"] += 1
+        loss = real(model, opt, image, target, smooth)
+        return np.float64("nan") if calls["n"] == steps_per_epoch + 2 else loss
+
+    steps_per_epoch = tiny_train(cache, tmp_path / "probe", epochs=1).history[0]["step"]
+    monkeypatch.setattr(nodulekit.nn, "training_step", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged) as err:
+        tiny_train(cache, run, epochs=3)
+    msg = str(err.value)
+    assert f"epoch 2, step 2 of {steps_per_epoch}" in msg and "nan" in msg
+    assert f"{run / 'checkpoint_last.h5'} (after epoch 1)" in msg
+    ck = load_checkpoint(run / "checkpoint_last.h5")
+    assert ck.epoch == 1 and np.isfinite(ck.params).all()
+    assert len(read_metrics_csv(run / "metrics.csv")) == 1
+
+
+def test_finetune_starts_from_the_weights(tiny_data, tmp_path):  # noqa: F811
+    _, cache = tiny_data
+    base = tiny_train(cache, tmp_path / "base", epochs=1, test=False)
+    best = read_params(tmp_path / "base" / "checkpoint_best.h5")
+    ft = tiny_train(cache, tmp_path / "ft", epochs=1, finetune_from=tmp_path / "base",
+                    empty_fraction=0.5, width=None, depth=None, seed=5, test=False)
+    assert ft.config.finetune_from == str(tmp_path / "base" / "checkpoint_best.h5")
+    assert (ft.config.width, ft.config.depth) == (base.config.width, base.config.depth)
+    ck = load_checkpoint(tmp_path / "ft" / "checkpoint_last.h5")
+    assert ck.epoch == 1 and ck.adam["step"] == ck.global_step  # a fresh optimizer
+    # one epoch of Adam (a few steps of at most ~lr each) from the fine-tuned weights:
+    # close to them, far from a fresh initialisation with the run's own seed
+    from nodulekit.engine import get_backend
+    from nodulekit.nn import UNet
+
+    fresh = UNet(get_backend("cpu"), depth=ft.config.depth, width=ft.config.width,
+                 seed=ft.config.seed).params
+    assert np.abs(ck.params - best).max() < 0.02 < np.abs(ck.params - fresh).max()
+    with pytest.raises(ValueError, match="--width 8 differs"):
+        tiny_train(cache, tmp_path / "ft2", epochs=1, finetune_from=tmp_path / "base",
+                   width=8)
