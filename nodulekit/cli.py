@@ -127,10 +127,16 @@ def _library_errors():
               help="Continue the run in this folder from its checkpoint_last.h5.")
 @click.option("--finetune-from", type=click.Path(exists=True), default=None,
               help="Start from this checkpoint's (or run folder's best) weights.")
+@click.option("--smooth", type=float, default=None,
+              help="The Dice loss's smoothing s (paper: 1; demo: 0.01).")
+@click.option("--lr-scaling", type=click.Choice(["none", "fan_in"]), default=None,
+              help="'fan_in': each layer's Adam step scaled by sqrt(9 / fan-in) (stabilises "
+                   "the normalisation-free U-Net at high lr; demo default). Paper: none.")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(data, epochs, batch_size, lr, width, depth, size, device, precision, seed, workers,
-          queue, empty_fraction, out, resume, finetune_from, no_test, no_progress):
+          queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling, no_test,
+          no_progress):
     """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
     folder first). Without DATA: a small synthetic demo set, generated once into
     ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
@@ -141,7 +147,8 @@ def train(data, epochs, batch_size, lr, width, depth, size, device, precision, s
                            width=width, depth=depth, size=size, device=device,
                            precision=precision, seed=seed, workers=workers, queue=queue,
                            empty_fraction=empty_fraction, resume=resume,
-                           finetune_from=finetune_from, progress=not no_progress,
+                           finetune_from=finetune_from, smooth=smooth,
+                           lr_scaling=lr_scaling, progress=not no_progress,
                            test=not no_test, echo=click.echo)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None

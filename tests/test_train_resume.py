@@ -37,7 +37,9 @@ def _same_run(a, b):
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811
     _, cache = tiny_data
-    full = tiny_train(cache, tmp_path / "full", epochs=3)
+    # the demo's options (per-layer lr scaling, small smoothing) take the other step path
+    opts = dict(epochs=3, lr_scaling="fan_in", smooth=0.01)
+    full = tiny_train(cache, tmp_path / "full", **opts)
     steps_per_epoch = full.history[0]["step"]
 
     def kill_in_epoch_3(epoch, step):
@@ -45,13 +47,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # n
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tiny_train(cache, tmp_path / "cut", epochs=3, callback=kill_in_epoch_3)
+        tiny_train(cache, tmp_path / "cut", callback=kill_in_epoch_3, **opts)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint_last.h5").epoch == 2
     assert len(read_metrics_csv(tmp_path / "cut" / "metrics.csv")) == 2
 
     resumed = train(resume=tmp_path / "cut", device="cpu", workers=0, progress=False,
                     echo=lambda *_: None)
     assert resumed.config.epochs == 3 and len(resumed.history) == 3
+    assert (resumed.config.lr_scaling, resumed.config.smooth) == ("fan_in", 0.01)
     _same_run(tmp_path / "full", tmp_path / "cut")
     log = (tmp_path / "cut" / "train.log").read_text()
     assert "resuming from" in log and "2 epoch(s)" in log
@@ -155,3 +158,34 @@ def test_finetune_starts_from_the_weights(tiny_data, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="--width 8 differs"):
         tiny_train(cache, tmp_path / "ft2", epochs=1, finetune_from=tmp_path / "base",
                    width=8)
+
+
+def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
+    """With lr_scaling="fan_in" each tensor moves by its factor times Adam's step."""
+    from nodulekit.engine import get_backend
+    from nodulekit.nn import Adam, UNet
+    from nodulekit.train.config import lr_scale
+    from nodulekit.train.trainer import _step
+
+    be = get_backend("cpu")
+    model = UNet(be, depth=2, width=4, seed=0)
+    scale = lr_scale(model.layout, "fan_in")
+    slots = model.layout.slots
+    assert lr_scale(model.layout, "none") is None
+    assert scale[slots["enc0.conv1.w"].offset] == 1.0  # 3x3 on one channel: fan-in 9
+    assert scale[slots["enc0.conv2.w"].offset] == pytest.approx((9 / 36) ** 0.5)
+    assert scale[slots["enc0.conv2.b"].offset] == pytest.approx((9 / 36) ** 0.5)
+    assert scale[slots["dec0.up.w"].offset] == 1.0  # 2x2 up-conv: fan-in = C = 8 < 9
+    assert scale[slots["bottom.conv2.w"].offset] == pytest.approx((9 / (9 * 16)) ** 0.5)
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 16, 16, 1), dtype=np.float32)
+    t = (rng.random((2, 16, 16, 1)) < 0.3).astype(np.uint8)
+    plain = UNet(be, depth=2, width=4, seed=0)
+    opt_plain = Adam(be, plain.params, plain.grads, lr=1e-3)
+    opt = Adam(be, model.params, model.grads, lr=1e-3)
+    start = model.params.copy()
+    _step(plain, opt_plain, x, t, 1.0, None)
+    _step(model, opt, x, t, 1.0, scale)
+    np.testing.assert_allclose(model.params - start, (plain.params - start) * scale,
+                               rtol=1e-4, atol=2e-7)  # float32 rounding of params ~ 1

@@ -58,6 +58,8 @@ def provenance(backend_name: str) -> dict:
         "commit": git_commit(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
+        # other work on the machine skews CPU timings: say how busy it was
+        "loadavg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     try:
         import numba

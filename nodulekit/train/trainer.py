@@ -34,6 +34,7 @@ from nodulekit.train.config import (
     PAPER_DEFAULTS,
     TrainConfig,
     center_crop,
+    lr_scale,
     resolve_size,
 )
 
@@ -57,7 +58,7 @@ class TrainResult:
 
 # Options that define what a run computes: they cannot change when it is resumed.
 _FIXED_ON_RESUME = ("batch_size", "lr", "width", "depth", "size", "seed", "empty_fraction",
-                    "finetune_from", "data", "precision")
+                    "finetune_from", "data", "precision", "smooth", "lr_scaling")
 
 
 def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
@@ -66,8 +67,9 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
           device: str = "auto", precision: str | None = None, seed: int | None = None,
           workers: int = 2, queue: int | None = None, empty_fraction: float | None = None,
           resume: str | os.PathLike | None = None,
-          finetune_from: str | os.PathLike | None = None, progress: bool = True,
-          test: bool = True, echo=None, callback=None) -> TrainResult:
+          finetune_from: str | os.PathLike | None = None, smooth: float | None = None,
+          lr_scaling: str | None = None, progress: bool = True, test: bool = True,
+          echo=None, callback=None) -> TrainResult:
     """Train a U-Net; see the module docstring. Options left None take the defaults of the
     data (the paper's for real data, `DEMO_DEFAULTS` for the embedded demo set).
 
@@ -87,7 +89,8 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
     t_start = time.perf_counter()
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width,
              "depth": depth, "size": size, "seed": seed, "empty_fraction": empty_fraction,
-             "finetune_from": finetune_from, "data": data, "precision": precision}
+             "finetune_from": finetune_from, "data": data, "precision": precision,
+             "smooth": smooth, "lr_scaling": lr_scaling}
     pre = _Buffered(echo)  # lines printed before the run folder (and its log) exists
     if resume is not None:
         config, ckpt = _resumed_config(resume, given, device=device, workers=workers,
@@ -189,7 +192,8 @@ def _new_config(data, *, out, device, workers, queue, test, report, progress, **
         depth=int(o["depth"]), image_shape=image_shape, cache_shape=cache_shape,
         device=device, backend=backend, precision=o["precision"] or "fp32",
         seed=int(o["seed"] or 0), workers=int(workers), queue=queue,
-        empty_fraction=float(o["empty_fraction"]), finetune_from=finetune, test_after=test)
+        empty_fraction=float(o["empty_fraction"]), finetune_from=finetune, test_after=test,
+        smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]))
     config.validate()
     return config
 
@@ -237,7 +241,7 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     from nodulekit.data.cache import open_cache
     from nodulekit.data.loader import train_loader
     from nodulekit.engine import get_backend, resolve_device
-    from nodulekit.nn import Adam, UNet, training_step
+    from nodulekit.nn import Adam, UNet
     from nodulekit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from nodulekit.train.evaluate import _small, infer_split
     from nodulekit.train.metrics import global_scores, slice_scores
@@ -262,6 +266,9 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
         model = UNet(be, depth=config.depth, width=config.width,
                      in_channels=config.in_channels, seed=config.seed)
     opt = Adam(be, model.params, model.grads, lr=config.lr)
+    scale = lr_scale(model.layout, config.lr_scaling)
+    if scale is not None:
+        scale = be.asarray(scale, dtype=be.dtype)
     start_epoch, global_step, history = 0, 0, []
     best_epoch, best_score = 0, -math.inf
     if ckpt is not None:
@@ -292,8 +299,9 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                f"({len(loader)} batches of {config.batch_size}), {n_val} validation and "
                f"{n_test} test slices")
         report(f"model: U-Net depth {config.depth} width {config.width}, "
-               f"{model.num_parameters:,} parameters; Adam lr {config.lr:g}; "
-               f"{config.epochs} epochs; seed {config.seed}")
+               f"{model.num_parameters:,} parameters; Adam lr {config.lr:g}"
+               f"{' scaled by fan-in' if scale is not None else ''}; Dice smoothing "
+               f"{config.smooth:g}; {config.epochs} epochs; seed {config.seed}")
         if n_val == 0:
             report("warning: no validation slices; the last epoch counts as the best")
         _write_config(run, config, be, device_description, versions, write_json, ckpt)
@@ -309,8 +317,8 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                     hu, mask = center_crop(batch.hu, batch.mask, config.image_shape)
                     image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
                                                       be.asarray(batch.aug), center, width)
-                    loss = float(be.to_host(training_step(model, opt, image, target,
-                                                          config.smooth)))
+                    loss = float(be.to_host(_step(model, opt, image, target, config.smooth,
+                                                  scale)))
                     global_step += 1
                     if not math.isfinite(loss):
                         last = run / "checkpoint_last.h5"
@@ -393,6 +401,26 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
         result.seconds = time.perf_counter() - t_start
         report(f"total {result.seconds:.1f} s")
     return result
+
+
+def _step(model, opt, image, target, smooth: float, scale):
+    """One training step; with a per-parameter lr scale, Adam's step is scaled after it."""
+    import nodulekit.nn
+
+    if scale is None:
+        return nodulekit.nn.training_step(model, opt, image, target, smooth)
+    be = model.backend
+    xp = be.xp
+    logits = model.forward(image)
+    loss, _, dlogits = be.sigmoid_dice_loss(logits, target, smooth)
+    model.backward(dlogits)
+    before = model.params.copy()
+    opt.step()
+    # params = before + scale * (Adam's step): the same as Adam with lr * scale per entry
+    xp.subtract(model.params, before, out=model.params)
+    xp.multiply(model.params, scale, out=model.params)
+    xp.add(model.params, before, out=model.params)
+    return loss
 
 
 def _save(path: Path, state: dict, kind: str) -> None:
