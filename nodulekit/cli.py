@@ -106,7 +106,7 @@ def _library_errors():
 
 @main.command()
 @click.argument("data", required=False, type=click.Path(exists=True))
-@click.option("--epochs", type=int, default=None, help="Epochs in all (paper: 200; demo: 8).")
+@click.option("--epochs", type=int, default=None, help="Epochs in all (paper: 200; demo: 5).")
 @click.option("--batch-size", type=int, default=None, help="Slices per step (paper: 12).")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4).")
 @click.option("--width", type=int, default=None, help="Channels of the first level (paper: 64).")
@@ -132,11 +132,14 @@ def _library_errors():
 @click.option("--lr-scaling", type=click.Choice(["none", "fan_in"]), default=None,
               help="'fan_in': each layer's Adam step scaled by sqrt(9 / fan-in) (stabilises "
                    "the normalisation-free U-Net at high lr; demo default). Paper: none.")
+@click.option("--bce-weight", type=float, default=None,
+              help="Add this x the per-slice summed BCE to the Dice loss (paper: 0; demo: "
+                   "0.01; keeps the net from settling on 'no nodule anywhere').")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(data, epochs, batch_size, lr, width, depth, size, device, precision, seed, workers,
-          queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling, no_test,
-          no_progress):
+          queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling, bce_weight,
+          no_test, no_progress):
     """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
     folder first). Without DATA: a small synthetic demo set, generated once into
     ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
@@ -148,8 +151,9 @@ def train(data, epochs, batch_size, lr, width, depth, size, device, precision, s
                            precision=precision, seed=seed, workers=workers, queue=queue,
                            empty_fraction=empty_fraction, resume=resume,
                            finetune_from=finetune_from, smooth=smooth,
-                           lr_scaling=lr_scaling, progress=not no_progress,
-                           test=not no_test, echo=click.echo)
+                           lr_scaling=lr_scaling, bce_weight=bce_weight,
+                           progress=not no_progress,
+                           test=not no_test)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
     except _library_errors() as e:

@@ -37,8 +37,8 @@ def _same_run(a, b):
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811
     _, cache = tiny_data
-    # the demo's options (per-layer lr scaling, small smoothing) take the other step path
-    opts = dict(epochs=3, lr_scaling="fan_in", smooth=0.01)
+    # the demo's options (per-layer lr scaling, small smoothing, BCE) take the other step path
+    opts = dict(epochs=3, lr_scaling="fan_in", smooth=0.01, bce_weight=0.01)
     full = tiny_train(cache, tmp_path / "full", **opts)
     steps_per_epoch = full.history[0]["step"]
 
@@ -55,6 +55,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # n
                     echo=lambda *_: None)
     assert resumed.config.epochs == 3 and len(resumed.history) == 3
     assert (resumed.config.lr_scaling, resumed.config.smooth) == ("fan_in", 0.01)
+    assert all(r["train_bce"] > 0 for r in resumed.history)
     _same_run(tmp_path / "full", tmp_path / "cut")
     log = (tmp_path / "cut" / "train.log").read_text()
     assert "resuming from" in log and "2 epoch(s)" in log
@@ -189,3 +190,23 @@ def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
     _step(model, opt, x, t, 1.0, scale)
     np.testing.assert_allclose(model.params - start, (plain.params - start) * scale,
                                rtol=1e-4, atol=2e-7)  # float32 rounding of params ~ 1
+
+
+def test_bce_term_against_torch():
+    import torch
+
+    from nodulekit.engine import get_backend
+    from nodulekit.train.trainer import add_bce
+
+    be = get_backend("cpu")
+    rng = np.random.default_rng(1)
+    z = (rng.standard_normal((3, 8, 8, 1)) * 30).astype(np.float32)  # saturated ones too
+    t = (rng.random((3, 8, 8, 1)) < 0.2).astype(np.uint8)
+    grad = np.zeros_like(z)
+    value = add_bce(be, z, t, grad, 0.01)
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    ref = 0.01 * torch.nn.functional.binary_cross_entropy_with_logits(
+        zt, torch.tensor(t, dtype=torch.float64), reduction="sum") / 3
+    ref.backward()
+    assert float(value) == pytest.approx(ref.item(), rel=1e-6)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-5, atol=1e-9)

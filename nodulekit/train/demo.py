@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
-DEMO_SYNTH = {"size": 128, "patients": 40, "slices_per_patient": 24, "seed": 0}
-DEMO_NAME = "synth128-v1"
+# Seed 4: its test split holds about the training split's mix of empty slices, slices with
+# a nodule of 10 mm or more and slices with only smaller ones (65/25/10% in train, 69/21/9%
+# in test); seed 0's test split had twice the share of small-nodule slices, which at 2.8 mm
+# pixels are 1 to 3 pixels wide and mostly beyond a small net.
+DEMO_SYNTH = {"size": 128, "patients": 40, "slices_per_patient": 48, "seed": 4}
+DEMO_NAME = "synth128-40x48-s4-v1"
 
 
 def cache_dir() -> Path:
@@ -51,6 +56,7 @@ def ensure_demo_cache(report=print, progress: bool = True) -> Path:
         except CacheError as e:
             report(f"demo cache unusable ({e}); rebuilding it")
             cache.unlink()
+    t0 = time.perf_counter()
     cfg = SynthConfig(**DEMO_SYNTH)
     if not (data / "synth.json").is_file():
         report(f"generating the demo data set ({cfg.patients} synthetic patients x "
@@ -62,5 +68,7 @@ def ensure_demo_cache(report=print, progress: bool = True) -> Path:
         shutil.rmtree(data, ignore_errors=True)
         os.replace(tmp, data)
     report(f"preprocessing it into {cache}")
-    preprocess(data, cache, overwrite=True, progress=progress)
+    result = preprocess(data, cache, overwrite=True, progress=progress)
+    report(f"demo data set ready: {result.total_slices} slices in "
+           f"{time.perf_counter() - t0:.1f} s")
     return cache

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice", "val_iou",
-                  "val_global_dice", "seconds", "train_seconds", "images_per_s", "best")
+METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
+                  "val_iou", "val_global_dice", "seconds", "train_seconds", "images_per_s",
+                  "best")
 LOG_NAME = "train.log"
 
 
@@ -50,10 +51,10 @@ class Reporter:
                 tqdm.write(message, file=sys.stdout)
         self.log(message)
 
-    def log(self, message: str) -> None:
-        """Into the log file only."""
+    def log(self, message: str, when: float | None = None) -> None:
+        """Into the log file only (stamped with `when`, a time.time(), default now)."""
         if self._file is not None:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
             for line in str(message).splitlines() or [""]:
                 self._file.write(f"{stamp}  {line}\n")
             self._file.flush()
@@ -120,9 +121,22 @@ def versions() -> dict:
 
 
 def device_description(backend_name: str) -> str:
-    from nodulekit.bench.common import device_description as describe
+    """A sentence naming the hardware: the GPU's name, or the CPU's model and core count."""
+    if backend_name == "cuda":
+        from nodulekit.engine import cuda_usable
 
-    return describe(backend_name)
+        ok, name = cuda_usable()
+        return f"GPU {name}" if ok else "GPU (unknown)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores"
 
 
 def write_metrics_csv(path: str | os.PathLike, history: list[dict]) -> None:
@@ -156,6 +170,7 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_score = fig.subplots(1, 2)
@@ -179,6 +194,8 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     ax_score.set_ylim(0, 1)
     ax_score.legend(loc="lower right")
     ax_score.grid(alpha=0.3)
+    for ax in (ax_loss, ax_score):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

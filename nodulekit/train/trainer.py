@@ -10,9 +10,12 @@ every epoch. The run folder's files are described in `nodulekit.train.runfiles`.
 
 Resuming (`resume=`) reloads checkpoint_last: parameters, Adam's moments and step, the epoch
 and step counters, the best score, the metrics so far. The loader's plan for an epoch is a
-function of (seed, epoch) alone and the model has no other randomness, so on the CPU a run
-that is killed and resumed ends with the same weights, bit for bit, as one that never
-stopped (the tests check it).
+function of (seed, epoch) alone and the model has no other randomness, so a run that is
+killed and resumed ends with the same weights, bit for bit, as one that never stopped, as
+long as the backend's arithmetic is itself deterministic. The tests check it on the CPU
+with a tiny model; today the CPU backend adds a convolution's weight-gradient blocks in the
+order its threads finish them, so with more blocks than threads two runs differ in the
+last bits.
 
 A NaN or Inf loss stops the run (`TrainingDiverged`) naming the epoch and step; nothing of
 that epoch is saved, so checkpoint_last stays the last good one.
@@ -58,7 +61,8 @@ class TrainResult:
 
 # Options that define what a run computes: they cannot change when it is resumed.
 _FIXED_ON_RESUME = ("batch_size", "lr", "width", "depth", "size", "seed", "empty_fraction",
-                    "finetune_from", "data", "precision", "smooth", "lr_scaling")
+                    "finetune_from", "data", "precision", "smooth", "lr_scaling",
+                    "bce_weight")
 
 
 def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
@@ -68,7 +72,8 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
           workers: int = 2, queue: int | None = None, empty_fraction: float | None = None,
           resume: str | os.PathLike | None = None,
           finetune_from: str | os.PathLike | None = None, smooth: float | None = None,
-          lr_scaling: str | None = None, progress: bool = True, test: bool = True,
+          lr_scaling: str | None = None, bce_weight: float | None = None,
+          progress: bool = True, test: bool = True,
           echo=None, callback=None) -> TrainResult:
     """Train a U-Net; see the module docstring. Options left None take the defaults of the
     data (the paper's for real data, `DEMO_DEFAULTS` for the embedded demo set).
@@ -76,7 +81,7 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
     data: a cache (.h5), a data-set folder (preprocessed into the run folder first), or
         None for the embedded synthetic demo set.
     resume: a run folder (or its checkpoint_last.h5) to continue; only `epochs`, `device`,
-        `workers`, `queue` and `progress` may be given anew.
+        `workers`, `queue`, `progress` and `test` may be given anew.
     finetune_from: start from this checkpoint's weights (fresh Adam, epoch 0): the paper's
         second stage, with `empty_fraction=0.02`.
     echo: where printed lines go (default: stdout above the progress bar); every line
@@ -90,11 +95,12 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width,
              "depth": depth, "size": size, "seed": seed, "empty_fraction": empty_fraction,
              "finetune_from": finetune_from, "data": data, "precision": precision,
-             "smooth": smooth, "lr_scaling": lr_scaling}
+             "smooth": smooth, "lr_scaling": lr_scaling, "bce_weight": bce_weight}
     pre = _Buffered(echo)  # lines printed before the run folder (and its log) exists
     if resume is not None:
         config, ckpt = _resumed_config(resume, given, device=device, workers=workers,
                                        queue=queue)
+        config.test_after = test
     else:
         config = _new_config(data, out=out, device=device, workers=workers, queue=queue,
                              test=test, report=pre, progress=progress,
@@ -103,10 +109,17 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
     report = Reporter(run / "train.log", echo=echo)
-    for line in pre.lines:
-        report.log(line)
+    for when, line in pre.lines:
+        report.log(line, when)
     try:
         return _train(config, ckpt, report, progress, callback, t_start)
+    except KeyboardInterrupt:
+        if (run / "checkpoint_last.h5").exists():
+            report("interrupted; checkpoint_last.h5 holds the last finished epoch: continue "
+                   f"with `nodulekit train --resume {run}`")
+        else:
+            report("interrupted before the first epoch finished; nothing to resume")
+        raise
     finally:
         report.close()
 
@@ -116,7 +129,7 @@ class _Buffered:
         self.echo, self.lines = echo, []
 
     def __call__(self, message: str = "") -> None:
-        self.lines.append(message)
+        self.lines.append((time.time(), message))
         if self.echo is not None:
             self.echo(message)
         else:
@@ -193,7 +206,8 @@ def _new_config(data, *, out, device, workers, queue, test, report, progress, **
         device=device, backend=backend, precision=o["precision"] or "fp32",
         seed=int(o["seed"] or 0), workers=int(workers), queue=queue,
         empty_fraction=float(o["empty_fraction"]), finetune_from=finetune, test_after=test,
-        smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]))
+        smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]),
+        bce_weight=float(o["bce_weight"]))
     config.validate()
     return config
 
@@ -300,8 +314,9 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                f"{n_test} test slices")
         report(f"model: U-Net depth {config.depth} width {config.width}, "
                f"{model.num_parameters:,} parameters; Adam lr {config.lr:g}"
-               f"{' scaled by fan-in' if scale is not None else ''}; Dice smoothing "
-               f"{config.smooth:g}; {config.epochs} epochs; seed {config.seed}")
+               f"{' scaled by fan-in' if scale is not None else ''}; Dice loss (smoothing "
+               f"{config.smooth:g}){f' + {config.bce_weight:g} x BCE' if config.bce_weight else ''}"
+               f"; {config.epochs} epochs; seed {config.seed}")
         if n_val == 0:
             report("warning: no validation slices; the last epoch counts as the best")
         _write_config(run, config, be, device_description, versions, write_json, ckpt)
@@ -310,25 +325,29 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
         eval_bs = config.eval_batch_size or config.batch_size
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            losses = []
+            losses, bces = [], []
             with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                       unit="batch", leave=False, disable=not progress) as bar:
                 for step_in_epoch, batch in enumerate(loader.epoch(epoch)):
                     hu, mask = center_crop(batch.hu, batch.mask, config.image_shape)
                     image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
                                                       be.asarray(batch.aug), center, width)
-                    loss = float(be.to_host(_step(model, opt, image, target, config.smooth,
-                                                  scale)))
+                    dice_loss, bce = _step(model, opt, image, target, config.smooth, scale,
+                                           config.bce_weight)
+                    loss, bce = float(be.to_host(dice_loss)), float(be.to_host(bce))
                     global_step += 1
-                    if not math.isfinite(loss):
+                    if not (math.isfinite(loss) and math.isfinite(bce)):
+                        what = (f"training loss became {loss}" if not math.isfinite(loss)
+                                else f"BCE term became {bce}")
                         last = run / "checkpoint_last.h5"
                         kept = (f"{last} (after epoch {epoch})" if last.exists()
                                 else "none (no epoch had completed)")
                         raise TrainingDiverged(
-                            f"the training loss became {loss} at epoch {epoch + 1}, step "
+                            f"the {what} at epoch {epoch + 1}, step "
                             f"{step_in_epoch + 1} of {len(loader)} (global step {global_step});"
                             f" stopping. Last good checkpoint: {kept}. Try a lower --lr.")
                     losses.append(loss)
+                    bces.append(bce)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if callback is not None:
@@ -338,7 +357,7 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
             images = len(losses) * config.batch_size
 
             row = {"epoch": epoch + 1, "step": global_step,
-                   "train_loss": float(np.mean(losses))}
+                   "train_loss": float(np.mean(losses)), "train_bce": float(np.mean(bces))}
             if n_val:
                 val = infer_split(model, cache, "val", image_shape=config.image_shape,
                                   batch_size=eval_bs, workers=config.workers,
@@ -403,24 +422,52 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     return result
 
 
-def _step(model, opt, image, target, smooth: float, scale):
-    """One training step; with a per-parameter lr scale, Adam's step is scaled after it."""
+def _step(model, opt, image, target, smooth: float, scale, bce_weight: float = 0.0):
+    """One training step. Returns (Dice loss, weighted BCE term), backend scalars.
+
+    The paper's step is forward, sigmoid + Dice loss, backward, Adam (`nn.training_step`).
+    Two options of the demo change it, both off for real data by default:
+
+    - bce_weight w > 0 adds w * mean_i sum_pixels BCE(sigmoid(z), t) to the loss: its
+      gradient w / N * (p - t) never vanishes on a missed nodule pixel, unlike the Dice
+      loss's (which carries p (1 - p)), so the net cannot settle into predicting nothing;
+    - scale (`config.lr_scale`): Adam's step is scaled per parameter afterwards.
+    """
     import nodulekit.nn
 
-    if scale is None:
-        return nodulekit.nn.training_step(model, opt, image, target, smooth)
+    if scale is None and not bce_weight:
+        return nodulekit.nn.training_step(model, opt, image, target, smooth), 0.0
     be = model.backend
     xp = be.xp
     logits = model.forward(image)
     loss, _, dlogits = be.sigmoid_dice_loss(logits, target, smooth)
+    bce = add_bce(be, logits, target, dlogits, bce_weight) if bce_weight else 0.0
     model.backward(dlogits)
+    if scale is None:
+        opt.step()
+        return loss, bce
     before = model.params.copy()
     opt.step()
     # params = before + scale * (Adam's step): the same as Adam with lr * scale per entry
     xp.subtract(model.params, before, out=model.params)
     xp.multiply(model.params, scale, out=model.params)
     xp.add(model.params, before, out=model.params)
-    return loss
+    return loss, bce
+
+
+def add_bce(be, logits, target, dlogits, weight: float):
+    """Add the gradient of weight * mean_i sum_pixels BCE(sigmoid(z), t) to `dlogits` (in
+    place) and return that term's value (a backend float64 scalar).
+
+    BCE = softplus(z) - t z per pixel (stable for any z); its gradient is sigmoid(z) - t.
+    """
+    xp = be.xp
+    n = logits.shape[0]
+    t = target.astype(logits.dtype)
+    p = 0.5 * (1.0 + xp.tanh(0.5 * logits))  # sigmoid without overflow
+    dlogits += (p - t) * logits.dtype.type(weight / n)
+    return (weight / n) * (xp.logaddexp(0.0, logits, dtype=xp.float64).sum()
+                           - (t * logits).sum(dtype=xp.float64))
 
 
 def _save(path: Path, state: dict, kind: str) -> None:
