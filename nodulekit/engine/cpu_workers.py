@@ -11,7 +11,6 @@ takes the next block when done, so a slow core only means fewer blocks for it.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,15 +35,12 @@ class Workers:
     def run(self, job, rows: int, step: int) -> None:
         """job(m0, m1, worker) over [0, rows) in blocks of ``step`` rows, all threads."""
         step = max(1, min(step, -(-rows // self.count)))  # at least one block per thread
-        blocks = iter(range(0, rows, step))
-        lock = threading.Lock()
+        starts = range(0, rows, step)
 
         def loop(worker):
-            while True:
-                with lock:
-                    m0 = next(blocks, None)
-                if m0 is None:
-                    return
+            # static assignment: worker i takes blocks i, i+count, ... so per-worker sums
+            # (weight gradients) add up in the same order every run: deterministic
+            for m0 in starts[worker::self.count]:
                 job(m0, min(rows, m0 + step), worker)
 
         if self.count == 1 or rows <= step:
