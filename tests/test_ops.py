@@ -566,3 +566,22 @@ def test_bad_arguments_raise_value_error(backend, call, expect):
 def test_reference_is_float64():
     be = reference()
     assert be.name == "reference" and be.dtype == np.float64 and be.xp is np
+
+
+@pytest.mark.parametrize("c,k,r", [(16, 16, 3), (32, 8, 3), (16, 4, 1)])
+def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, c, k, r):
+    """dW is a sum over pixel blocks; the CPU backend adds them in block order, not per
+    thread, so the result cannot depend on how many threads there are or which thread
+    took which block (exact resume relies on this). Shapes give well over 3 blocks."""
+    from nodulekit.engine.cpu import CPUBackend
+
+    x = rng.standard_normal((2, 40, 37, c)).astype(np.float32)
+    w = rng.standard_normal((k, r, r, c)).astype(np.float32)
+    y = np.maximum(rng.standard_normal((2, 40, 37, k)), 0).astype(np.float32)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    results = [CPUBackend(threads=t).conv2d_backward(dy, x, w, y, relu=True)
+               for t in (1, 2, 3, 2)]
+    for dx, dw, db in results[1:]:
+        assert np.array_equal(dw, results[0][1])
+        assert np.array_equal(db, results[0][2])
+        assert np.array_equal(dx, results[0][0])

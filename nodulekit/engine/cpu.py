@@ -2,9 +2,9 @@
 
 Convolutions are patches (im2col) times BLAS SGEMM, one block of output pixels at a time so
 the patch matrix stays small (it would be 9*C floats per pixel for the whole batch) and
-warm in cache when the GEMM reads it. The patch matrix is built transposed, pixels along
-its rows, so the GEMM's wide dimension is the long pixel axis, not the narrow channel
-count. The backward pass reuses the forward machinery:
+warm in cache when the GEMM reads it. In NHWC a patch row is three straight copies and
+the GEMM's output is already the NHWC output, so nothing is transposed. The backward pass
+reuses the forward machinery:
 
 - dW = (patches(x)^T @ dZ)^T                   (one GEMM per block, summed)
 - dX = patches(dZ) @ W_flipped                 (a 'same' convolution of dZ with the
@@ -22,10 +22,10 @@ from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
 
-# One job's block of the patch matrix: about this many bytes (L2-sized, so the GEMM
-# reads it from cache right after it is gathered).
-PATCH_BLOCK_BYTES = 1 << 20
-MIN_BLOCK_ROWS = 256
+# One job's block of the patch matrix: about this many bytes (half of this machine's
+# 512 KiB L2 per core, so the GEMM reads it from cache right after it is gathered).
+PATCH_BLOCK_BYTES = 1 << 18
+MIN_BLOCK_ROWS = 128
 
 
 def _block_rows(columns: int) -> int:
@@ -61,31 +61,32 @@ class CPUBackend(Backend):
     def _conv(self, x, w2d, r_size, b, relu, out2d):
         """out2d[M, K] = epilogue(patches(x) @ w2d^T + b), one block of pixels per job.
 
-        Per block: cols_t [R*R*C, mb] = patches^T;  y_t [K, mb] = w2d @ cols_t (SGEMM);
-        then back to NHWC with bias and ReLU fused. A 1x1 kernel needs no patches.
+        Per block of mb pixels: cols [mb, R*R*C] = patches (straight copies in NHWC);
+        out2d[block] = cols @ w2d^T (SGEMM, written in place: NHWC is [pixels, K]);
+        then bias and ReLU over the block while it is still in cache.
         """
         n, h, w, c = x.shape
         rows = n * h * w
         k = w2d.shape[0]
+        w2t = np.ascontiguousarray(w2d.T)
         if r_size == 1:
             x2d = x.reshape(rows, c)
 
             def job1(m0, m1, _):
-                np.matmul(x2d[m0:m1], w2d.T, out=out2d[m0:m1])
+                np.matmul(x2d[m0:m1], w2t, out=out2d[m0:m1])
+                kern.bias_relu_rows(out2d, b, relu, m0, m1)
 
             self.workers.run(job1, rows, _block_rows(c + k))
-            kern.bias_relu_inplace(out2d, b, relu)
             return out2d
         cols_n = r_size * r_size * c
         step = _block_rows(cols_n)
-        scratch = self.workers.scratch("conv", [((cols_n, step), np.float32),
-                                                ((k, step), np.float32)])
+        scratch = self.workers.scratch("patches", [((step, cols_n), np.float32)])
 
         def job(m0, m1, worker):
-            cols_t, y_t = (a[:, : m1 - m0] for a in scratch[worker])
-            kern.im2col_t(x, m0, m1, r_size, cols_t)
-            np.matmul(w2d, cols_t, out=y_t)
-            kern.transpose_bias_relu(y_t, b, relu, m0, out2d)
+            cols = scratch[worker][0][: m1 - m0]
+            kern.im2col_rows(x, m0, m1, r_size, cols)
+            np.matmul(cols, w2t, out=out2d[m0:m1])
+            kern.bias_relu_rows(out2d, b, relu, m0, m1)
 
         self.workers.run(job, rows, step)
         return out2d
@@ -108,31 +109,30 @@ class CPUBackend(Backend):
         kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
         db = partial.sum(axis=0)
 
-        # dW^T[R*R*C, K] = patches(x)^T @ dZ: each worker sums its blocks, then we add up
+        # dW^T[R*R*C, K] = patches(x)^T @ dZ: one partial sum per block, added up in block
+        # order (not per thread: which thread takes a block varies, the sum must not)
         cols_n = r * r * c
         workers = self.workers
-        acc = np.zeros((workers.count, cols_n, k), dtype=np.float32)
         if r == 1:
-            x2d = x.reshape(rows, c)
-
-            def job1(m0, m1, worker):
-                acc[worker] += np.matmul(x2d[m0:m1].T, dz2d[m0:m1])
-
-            workers.run(job1, rows, _block_rows(c + k))
+            src2d, width = x.reshape(rows, c), None
+            step, blocks = workers.plan(rows, _block_rows(c + k))
         else:
-            step = _block_rows(cols_n)
-            scratch = workers.scratch("conv", [((cols_n, step), np.float32),
-                                               ((cols_n, k), np.float32)])
+            width = cols_n
+            step, blocks = workers.plan(rows, _block_rows(cols_n))
+            scratch = workers.scratch("patches", [((step, cols_n), np.float32)])
+        partial = np.empty((blocks, cols_n, k), dtype=np.float32)
 
-            def job(m0, m1, worker):
-                cols_t = scratch[worker][0][:, : m1 - m0]
-                tmp = scratch[worker][1][:cols_n, :k]
-                kern.im2col_t(x, m0, m1, r, cols_t)
-                np.matmul(cols_t, dz2d[m0:m1], out=tmp)
-                acc[worker] += tmp
+        def job(m0, m1, worker):
+            if width is None:
+                cols = src2d[m0:m1]
+            else:
+                cols = scratch[worker][0][: m1 - m0]
+                kern.im2col_rows(x, m0, m1, r, cols)
+            np.matmul(cols.T, dz2d[m0:m1], out=partial[m0 // step])
 
-            workers.run(job, rows, step)
-        dw = np.ascontiguousarray(acc.sum(axis=0).T).reshape(w.shape)
+        workers.run(job, rows, step)
+        acc = partial.sum(axis=0)
+        dw = np.ascontiguousarray(acc.T).reshape(w.shape)
 
         dx = None
         if need_dx:

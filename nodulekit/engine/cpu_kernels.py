@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -20,58 +20,65 @@ _JIT = {"cache": True, "nogil": True}
 
 
 @njit(**_JIT)
-def im2col_t(x, m0, m1, r_size, cols_t):
-    """The transposed patch matrix of pixels m0..m1: cols_t[(r*R + s)*C + c, i].
+def im2col_rows(x, m0, m1, r_size, cols):
+    """The patch matrix of output pixels m0..m1: cols[i, (r*R + s)*C + c].
 
-    Transposed because BLAS runs W[K, R*R*C] @ cols_t far faster than cols @ W^T when K
-    is narrow (16 channels at the U-Net's top level): the long pixel axis becomes the
-    GEMM's wide N dimension (measured here: ~60 vs ~37 GFLOP/s for K = 16). Serial: the
-    caller runs one block per thread.
+    Row i is pixel m0 + i; its columns are the R x R x C input values its output reads.
+    In NHWC the S*C values of one kernel row r are contiguous in x, so each row of the
+    patch matrix is R straight copies (zeros where the kernel hangs over the border).
+    Serial: the caller runs one block per thread.
+
+    Why the flat arrays and unsigned offsets: Numba wraps negative indices around
+    (``a[-1]``), which costs a compare per access and stops LLVM from vectorising the
+    copy. Offsets that cannot be negative let it emit plain vector moves: 3-5x faster
+    here (measured on 4x128x128x16: 11 ms -> 3.5 ms single-threaded).
     """
     n_, h_, w_, c_ = x.shape
+    xf = x.ravel()
+    colsf = cols.ravel()
+    ld = cols.shape[1]
     pad = r_size // 2
     hw = h_ * w_
+    rc = r_size * c_
     for i in range(m1 - m0):
         m = m0 + i
         n = m // hw
         rem = m - n * hw
         h = rem // w_
         w = rem - h * w_
+        row = uint64(i * ld)
         for r in range(r_size):
             hh = h + r - pad
-            for s in range(r_size):
-                ww = w + s - pad
-                base = (r * r_size + s) * c_
-                if 0 <= hh < h_ and 0 <= ww < w_:
-                    for c in range(c_):
-                        cols_t[base + c, i] = x[n, hh, ww, c]
-                else:
-                    for c in range(c_):
-                        cols_t[base + c, i] = 0.0
+            base = row + uint64(r * rc)
+            if hh < 0 or hh >= h_:
+                for j in range(uint64(rc)):
+                    colsf[base + j] = 0.0
+                continue
+            s_lo = max(0, pad - w)  # kernel columns inside the image: s_lo <= s < s_hi
+            s_hi = min(r_size, w_ + pad - w)
+            for j in range(uint64(s_lo * c_)):
+                colsf[base + j] = 0.0
+            src = uint64(((n * h_ + hh) * w_ + (w + s_lo - pad)) * c_)
+            dst = base + uint64(s_lo * c_)
+            for j in range(uint64((s_hi - s_lo) * c_)):
+                colsf[dst + j] = xf[src + j]
+            for j in range(uint64(s_hi * c_), uint64(rc)):
+                colsf[base + j] = 0.0
 
 
 @njit(**_JIT)
-def transpose_bias_relu(y_t, b, relu, m0, y2d):
-    """y2d[m0 + i, k] = relu(y_t[k, i] + b[k]): back to NHWC, epilogue fused. Serial."""
-    k_, rows = y_t.shape
-    for i in range(rows):
-        for k in range(k_):
-            v = y_t[k, i] + b[k]
+def bias_relu_rows(y2d, b, relu, m0, m1):
+    """y2d[m0:m1] += b per column, then max(y, 0) if relu: the fused epilogue. Serial."""
+    k_ = y2d.shape[1]
+    yf = y2d.ravel()
+    for i in range(m0, m1):
+        base = uint64(i * k_)
+        for k in range(uint64(k_)):
+            v = yf[base + k] + b[k]
             if relu and v < 0.0:
                 v = 0.0
-            y2d[m0 + i, k] = v
+            yf[base + k] = v
 
-
-@njit(parallel=True, **_JIT)
-def bias_relu_inplace(y2d, b, relu):
-    """y += b per column, then max(y, 0) if relu: the convolution's fused epilogue."""
-    rows, k_ = y2d.shape
-    for i in prange(rows):
-        for k in range(k_):
-            v = y2d[i, k] + b[k]
-            if relu and v < 0.0:
-                v = 0.0
-            y2d[i, k] = v
 
 
 @njit(parallel=True, **_JIT)
@@ -80,34 +87,39 @@ def relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, db_partial):
 
     db_partial is [blocks, K]; block j sums its own contiguous run of rows, so the
     reduction parallelises without atomics; the caller adds the blocks up.
+    (Flat arrays, unsigned offsets: see ``im2col_rows``.)
     """
     rows, k_ = dy2d.shape
+    dyf, yf, dzf = dy2d.ravel(), y2d.ravel(), dz2d.ravel()
     blocks = db_partial.shape[0]
     per = (rows + blocks - 1) // blocks
     for j in prange(blocks):
-        for k in range(k_):
-            db_partial[j, k] = 0.0
+        acc = db_partial[j]
+        acc[:] = 0.0
         for i in range(j * per, min(rows, (j + 1) * per)):
-            for k in range(k_):
-                g = dy2d[i, k]
-                if relu and y2d[i, k] <= 0.0:
+            base = uint64(i * k_)
+            for k in range(uint64(k_)):
+                g = dyf[base + k]
+                if relu and yf[base + k] <= 0.0:
                     g = 0.0
-                dz2d[i, k] = g
-                db_partial[j, k] += g
+                dzf[base + k] = g
+                acc[k] += g
 
 
 @njit(parallel=True, **_JIT)
 def column_sums(a2d, partial):
     """partial[j, k] = sum of block j's contiguous rows of a2d (caller sums the blocks)."""
     rows, k_ = a2d.shape
+    af = a2d.ravel()
     blocks = partial.shape[0]
     per = (rows + blocks - 1) // blocks
     for j in prange(blocks):
-        for k in range(k_):
-            partial[j, k] = 0.0
+        acc = partial[j]
+        acc[:] = 0.0
         for i in range(j * per, min(rows, (j + 1) * per)):
-            for k in range(k_):
-                partial[j, k] += a2d[i, k]
+            base = uint64(i * k_)
+            for k in range(uint64(k_)):
+                acc[k] += af[base + k]
 
 
 # ----------------------------------------------------------------------- max-pool
@@ -115,34 +127,42 @@ def column_sums(a2d, partial):
 
 @njit(parallel=True, **_JIT)
 def maxpool2x2_forward(x, y, argmax):
+    """y = max of each 2x2 window, argmax = its position 2*a + b (first maximum wins)."""
     n_, ho, wo, c_ = y.shape
+    h_, w_ = x.shape[1], x.shape[2]
+    xf, yf, af = x.ravel(), y.ravel(), argmax.ravel()
+    row = uint64(w_ * c_)
     for nh in prange(n_ * ho):
         n = nh // ho
         i = nh - n * ho
         for j in range(wo):
-            for c in range(c_):
-                best = x[n, 2 * i, 2 * j, c]
+            p00 = uint64(((n * h_ + 2 * i) * w_ + 2 * j) * c_)
+            o = uint64(((n * ho + i) * wo + j) * c_)
+            for c in range(uint64(c_)):
+                best = xf[p00 + c]
                 arg = 0
-                v = x[n, 2 * i, 2 * j + 1, c]
+                v = xf[p00 + c_ + c]
                 if v > best:
                     best = v
                     arg = 1
-                v = x[n, 2 * i + 1, 2 * j, c]
+                v = xf[p00 + row + c]
                 if v > best:
                     best = v
                     arg = 2
-                v = x[n, 2 * i + 1, 2 * j + 1, c]
+                v = xf[p00 + row + c_ + c]
                 if v > best:
                     best = v
                     arg = 3
-                y[n, i, j, c] = best
-                argmax[n, i, j, c] = arg
+                yf[o + c] = best
+                af[o + c] = arg
 
 
 @njit(parallel=True, **_JIT)
 def maxpool2x2_backward(dy, argmax, dx):
+    """dx = dy routed to each window's argmax, zero elsewhere (and in an odd last row/col)."""
     n_, h_, w_, c_ = dx.shape
     ho, wo = dy.shape[1], dy.shape[2]
+    dyf, af, dxf = dy.ravel(), argmax.ravel(), dx.ravel()
     for nh in prange(n_ * h_):
         n = nh // h_
         h = nh - n * h_
@@ -150,12 +170,15 @@ def maxpool2x2_backward(dy, argmax, dx):
         a = h - 2 * i
         for w in range(w_):
             j = w // 2
-            b = w - 2 * j
-            for c in range(c_):
-                if i < ho and j < wo and argmax[n, i, j, c] == 2 * a + b:
-                    dx[n, h, w, c] = dy[n, i, j, c]
-                else:
-                    dx[n, h, w, c] = 0.0
+            code = 2 * a + (w - 2 * j)
+            o = uint64(((n * h_ + h) * w_ + w) * c_)
+            if i < ho and j < wo:
+                src = uint64(((n * ho + i) * wo + j) * c_)
+                for c in range(uint64(c_)):
+                    dxf[o + c] = dyf[src + c] if af[src + c] == code else 0.0
+            else:
+                for c in range(uint64(c_)):
+                    dxf[o + c] = 0.0
 
 
 # ----------------------------------------------------------------------- up-convolution
@@ -163,17 +186,24 @@ def maxpool2x2_backward(dy, argmax, dx):
 
 @njit(parallel=True, **_JIT)
 def upconv_scatter(tmp, b, y):
-    """tmp [N,H,W,2,2,K] (the GEMM's output) + b -> y [N,2H,2W,K]."""
+    """tmp [N,H,W,2,2,K] (the GEMM's output) + b -> y [N,2H,2W,K].
+
+    For fixed (n, i, j, a) the two output pixels (2i+a, 2j) and (2i+a, 2j+1) are adjacent
+    in NHWC, and so are tmp's (a, 0, :) and (a, 1, :): one contiguous run of 2K floats.
+    """
     n_, h_, w_ = tmp.shape[0], tmp.shape[1], tmp.shape[2]
     k_ = y.shape[3]
+    tf, yf = tmp.ravel(), y.ravel()
     for nh in prange(n_ * h_):
         n = nh // h_
         i = nh - n * h_
         for j in range(w_):
             for a in range(2):
-                for bb in range(2):
-                    for k in range(k_):
-                        y[n, 2 * i + a, 2 * j + bb, k] = tmp[n, i, j, a, bb, k] + b[k]
+                src = uint64((((n * h_ + i) * w_ + j) * 2 + a) * 2 * k_)
+                dst = uint64(((n * 2 * h_ + 2 * i + a) * 2 * w_ + 2 * j) * k_)
+                for k in range(uint64(k_)):
+                    yf[dst + k] = tf[src + k] + b[k]
+                    yf[dst + k_ + k] = tf[src + k_ + k] + b[k]
 
 
 @njit(parallel=True, **_JIT)
@@ -181,14 +211,16 @@ def upconv_gather(dy, g):
     """dy [N,2H,2W,K] -> g [N,H,W,2,2,K], the layout the backward GEMMs want."""
     n_, h_, w_ = g.shape[0], g.shape[1], g.shape[2]
     k_ = dy.shape[3]
+    dyf, gf = dy.ravel(), g.ravel()
     for nh in prange(n_ * h_):
         n = nh // h_
         i = nh - n * h_
         for j in range(w_):
             for a in range(2):
-                for bb in range(2):
-                    for k in range(k_):
-                        g[n, i, j, a, bb, k] = dy[n, 2 * i + a, 2 * j + bb, k]
+                dst = uint64((((n * h_ + i) * w_ + j) * 2 + a) * 2 * k_)
+                src = uint64(((n * 2 * h_ + 2 * i + a) * 2 * w_ + 2 * j) * k_)
+                for k in range(uint64(2 * k_)):
+                    gf[dst + k] = dyf[src + k]
 
 
 # ----------------------------------------------------------------------- concat
@@ -198,28 +230,34 @@ def upconv_gather(dy, g):
 def concat_channels(a, b, y):
     ca = a.shape[3]
     n_, h_, w_, cb = b.shape
+    af, bf, yf = a.ravel(), b.ravel(), y.ravel()
     for nh in prange(n_ * h_):
-        n = nh // h_
-        h = nh - n * h_
         for w in range(w_):
-            for c in range(ca):
-                y[n, h, w, c] = a[n, h, w, c]
-            for c in range(cb):
-                y[n, h, w, ca + c] = b[n, h, w, c]
+            p = nh * w_ + w
+            dst = uint64(p * (ca + cb))
+            sa = uint64(p * ca)
+            sb = uint64(p * cb)
+            for c in range(uint64(ca)):
+                yf[dst + c] = af[sa + c]
+            for c in range(uint64(cb)):
+                yf[dst + ca + c] = bf[sb + c]
 
 
 @njit(parallel=True, **_JIT)
 def split_channels(dy, da, db):
     ca = da.shape[3]
     n_, h_, w_, cb = db.shape
+    dyf, daf, dbf = dy.ravel(), da.ravel(), db.ravel()
     for nh in prange(n_ * h_):
-        n = nh // h_
-        h = nh - n * h_
         for w in range(w_):
-            for c in range(ca):
-                da[n, h, w, c] = dy[n, h, w, c]
-            for c in range(cb):
-                db[n, h, w, c] = dy[n, h, w, ca + c]
+            p = nh * w_ + w
+            src = uint64(p * (ca + cb))
+            da_ = uint64(p * ca)
+            db_ = uint64(p * cb)
+            for c in range(uint64(ca)):
+                daf[da_ + c] = dyf[src + c]
+            for c in range(uint64(cb)):
+                dbf[db_ + c] = dyf[src + ca + c]
 
 
 # ----------------------------------------------------------------------- loss

@@ -11,6 +11,7 @@ takes the next block when done, so a slow core only means fewer blocks for it.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,11 @@ def _limit_blas_to_one_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+# see Workers.plan
+BLOCKS_AT_LEAST = 16
+BLOCK_ROWS_AT_LEAST = 64
+
+
 class Workers:
     def __init__(self, count: int | None = None):
         self.count = int(count or os.cpu_count() or 1)
@@ -32,15 +38,35 @@ class Workers:
         self._scratch: dict = {}
         _limit_blas_to_one_thread()
 
+    @staticmethod
+    def plan(rows: int, step: int) -> tuple[int, int]:
+        """(rows per block, number of blocks) that ``run`` will use.
+
+        Several blocks per thread so a busy core can hand work over, but not tiny ones (a
+        GEMM on few rows is slow). The plan does not depend on the thread count, so sums
+        over blocks come out the same on any machine.
+        """
+        step = max(BLOCK_ROWS_AT_LEAST, min(step, -(-rows // BLOCKS_AT_LEAST)))
+        return step, -(-rows // step)
+
     def run(self, job, rows: int, step: int) -> None:
-        """job(m0, m1, worker) over [0, rows) in blocks of ``step`` rows, all threads."""
-        step = max(1, min(step, -(-rows // self.count)))  # at least one block per thread
-        starts = range(0, rows, step)
+        """job(m0, m1, worker) over [0, rows) in blocks of ``step`` rows, all threads.
+
+        Blocks go to whichever thread is free (a busy core just takes fewer). Results
+        that are sums over blocks must therefore be kept per block (``m0 // step`` of
+        ``plan``) and added in block order by the caller: that keeps them bit-identical
+        from run to run, which exact resume relies on.
+        """
+        step, _ = self.plan(rows, step)
+        blocks = iter(range(0, rows, step))
+        lock = threading.Lock()
 
         def loop(worker):
-            # static assignment: worker i takes blocks i, i+count, ... so per-worker sums
-            # (weight gradients) add up in the same order every run: deterministic
-            for m0 in starts[worker::self.count]:
+            while True:
+                with lock:
+                    m0 = next(blocks, None)
+                if m0 is None:
+                    return
                 job(m0, min(rows, m0 + step), worker)
 
         if self.count == 1 or rows <= step:
