@@ -36,12 +36,12 @@ def device():
 
 
 def test_every_declared_kernel_runs():
-    """One small call per kernel variant (tile shapes, float4 / scalar, one or several
-    reduction splits, the fused decoder entries): every kernel cuda.py declares is
-    launched, and returns finite numbers."""
+    """One small call per kernel variant (every convolution version, tile shapes, float4 /
+    scalar, one or several reduction splits, the fused decoder entries): every kernel
+    cuda.py declares is launched, and returns finite numbers."""
     import numpy as np
 
-    from nodulekit.engine.cuda import KERNELS, CudaBackend
+    from nodulekit.engine.cuda import CONV_VARIANTS, KERNELS, CudaBackend
 
     rt = cuda_emu.EmuRuntime()
     be = CudaBackend(runtime=rt)
@@ -51,11 +51,14 @@ def test_every_declared_kernel_runs():
         return be.asarray(rng.standard_normal(shape).astype(np.float32))
 
     outputs = []
-    for (n, h, w, c, k, r) in [(2, 9, 11, 20, 80, 3), (1, 5, 7, 1, 4, 3), (1, 6, 5, 40, 8, 1)]:
-        x, wt, b = f32(n, h, w, c), f32(k, r, r, c), f32(k)
-        y = be.conv2d_forward(x, wt, b, relu=True)
-        outputs += [y, *be.conv2d_backward(f32(n, h, w, k), x, wt, y, relu=True)]
-        outputs += be.conv2d_backward(f32(n, h, w, k), x, wt, need_dx=False)[1:]
+    for variant, (precision, _) in CONV_VARIANTS.items():
+        cb = CudaBackend(precision=precision, runtime=rt, conv_variant=variant)
+        for (n, h, w, c, k, r) in [(2, 9, 11, 20, 80, 3), (1, 5, 7, 1, 4, 3),
+                                   (1, 6, 5, 40, 8, 1)]:
+            x, wt, b = f32(n, h, w, c), f32(k, r, r, c), f32(k)
+            y = cb.conv2d_forward(x, wt, b, relu=True)
+            outputs += [y, *cb.conv2d_backward(f32(n, h, w, k), x, wt, y, relu=True)]
+            outputs += cb.conv2d_backward(f32(n, h, w, k), x, wt, need_dx=False)[1:]
     for c in (3, 8):
         y, am = be.maxpool2x2_forward(f32(2, 7, 9, c))
         outputs += [y, be.maxpool2x2_backward(f32(*y.shape), am, (7, 9))]
@@ -113,12 +116,38 @@ def test_emulator_rejects_what_cupy_would():
     assert get_backend("cuda-emu") is be
 
 
-def test_precision_other_than_fp32_is_refused():
-    from nodulekit.engine.cuda import CudaBackend
+def test_precision_and_conv_variant_are_named_choices():
+    """Precision is one of fp32 / tf32 / bf16 and picks the convolution version; anything
+    else, or a version of another precision, is a ValueError that names the choices."""
+    from nodulekit.engine.cuda import (
+        CONV_VARIANTS,
+        DEFAULT_CONV_VARIANT,
+        PRECISIONS,
+        CudaBackend,
+    )
 
-    for precision in ("tf32", "bf16"):
-        with pytest.raises(ValueError, match=rf"fp32 only for now.*precision='{precision}'"):
-            CudaBackend(precision=precision, runtime=test_cuda_ops._EMU.get("runtime"))
+    rt = test_cuda_ops._EMU.get("runtime") or cuda_emu.EmuRuntime()
+    for precision in PRECISIONS:
+        if precision in DEFAULT_CONV_VARIANT:
+            be = CudaBackend(precision=precision, runtime=rt)
+            assert be.precision == precision
+            assert be.conv_variant == DEFAULT_CONV_VARIANT[precision]
+            assert CONV_VARIANTS[be.conv_variant][0] == precision
+        else:
+            with pytest.raises(ValueError, match=rf"no {precision} convolution yet"):
+                CudaBackend(precision=precision, runtime=rt)
+    for bad in ("fp16", "float32", "TF32", ""):
+        with pytest.raises(ValueError, match=r"one of fp32, tf32, bf16; got precision="):
+            CudaBackend(precision=bad, runtime=rt)
+    with pytest.raises(ValueError, match=r"unknown convolution variant 'v9'.*v1_direct"):
+        CudaBackend(runtime=rt, conv_variant="v9")
+    for variant, (precision, _) in CONV_VARIANTS.items():
+        assert CudaBackend(precision=precision, runtime=rt,
+                           conv_variant=variant).conv_variant == variant
+        other = next(p for p in DEFAULT_CONV_VARIANT if p != precision) \
+            if len(DEFAULT_CONV_VARIANT) > 1 else "tf32"
+        with pytest.raises(ValueError, match=rf"{variant}' computes in {precision}|no "):
+            CudaBackend(precision=other, runtime=rt, conv_variant=variant)
 
 
 def test_without_cupy_the_backend_says_what_to_install(monkeypatch):

@@ -116,6 +116,137 @@ def test_conv2d(device, tdev, rng, n, h, w, c, k, r, relu, need_dx):
     assert (got["dx"] is None) == (not need_dx)
 
 
+# ------------------------------------------------------------- convolution: every version
+
+# conv.cu / conv_mma.cu hold a progression of versions (cuda.CONV_VARIANTS): each is run on
+# its own backend, CudaBackend(precision, conv_variant=...), and compared with the float64
+# reference, with the readable v1 direct kernel on the same device, and with torch.
+#
+# Tolerances per precision. An output passes when |got - want| <= atol * sqrt(L) * max|want|
+# elementwise, L its reduction length (terms summed per element), max|want| its scale:
+# - fp32: opcheck's row (1e-6 per sqrt(L): fp32 unit roundoff 6e-8, ~16x room).
+# - tf32: each operand rounded to a 10-bit mantissa (cvt.rna: unit roundoff u = 2^-11), so
+#   each product carries a relative error below 2u = 2^-10; L independent such errors
+#   add up like a random walk, ~2^-10 * sqrt(L) * rms|term| <= 2^-10 * sqrt(L) * max|want|.
+# - bf16: the same with a 7-bit mantissa (round to nearest even: u = 2^-8): 2^-7 per sqrt(L).
+# These are loose by design (rms|term| is well below max|want|); what makes the tensor-core
+# test sharp is the second check below: against the reference computed on operands rounded
+# exactly as the kernel rounds them, within fp32 accumulation error.
+CONV_ATOL = {"fp32": 1e-6, "tf32": 2.0**-10, "bf16": 2.0**-7}
+# Against the reference on pre-rounded operands: only the fp32 accumulation differs. On the
+# emulator (exact products, one rounding per mma) fp32's own 1e-6 holds; tensor cores align
+# their addends before adding (a few fp32 ulps per mma): 4x room.
+ROUNDED_ATOL = 4e-6
+
+CONV_VARIANT_SHAPES = [  # N, H, W, C, K, R, relu, need_dx: odd sizes, channels off the tiles
+    pytest.param(2, 9, 11, 20, 80, 3, True, True, id="n2-9x11-c20-k80-3x3-relu"),
+    pytest.param(2, 16, 17, 5, 40, 3, True, True, id="n2-16x17-c5-k40-3x3-relu-splits"),
+    pytest.param(1, 5, 7, 33, 17, 1, False, True, id="n1-5x7-c33-k17-1x1"),
+    pytest.param(1, 7, 9, 3, 1, 3, False, True, id="n1-7x9-c3-k1-3x3"),
+    pytest.param(2, 6, 5, 1, 4, 3, True, False, id="n2-6x5-c1-k4-3x3-first"),
+]
+
+
+def _variants():
+    from nodulekit.engine.cuda import CONV_VARIANTS
+
+    return list(CONV_VARIANTS)
+
+
+def variant_backend(device, variant):
+    """A CudaBackend running convolution version ``variant`` in its precision."""
+    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
+
+    precision = CONV_VARIANTS[variant][0]
+    if device != "cuda-emu":
+        return CudaBackend(precision=precision, conv_variant=variant)
+    emu_backend()
+    key = ("variant", variant)
+    if key not in _EMU:
+        _EMU[key] = CudaBackend(precision=precision, runtime=_EMU["runtime"],
+                                conv_variant=variant)
+    return _EMU[key]
+
+
+def _conv_all(be, x, w, b, dy, relu, need_dx, mask=None):
+    """forward then backward on backend ``be``: host float64 arrays by name. With ``mask``
+    (the tested kernel's y > 0) the backward takes dz = dy * mask and no ReLU: a y within
+    rounding of 0 must not flip a gradient between two implementations."""
+    xd, wd, bd = (be.asarray(a, dtype=be.dtype) for a in (x, w, b))
+    y = be.conv2d_forward(xd, wd, bd, relu)
+    if mask is None:
+        dx, dw, db = be.conv2d_backward(be.asarray(dy, dtype=be.dtype), xd, wd, y, relu,
+                                        need_dx)
+    else:
+        dz = be.asarray(dy * mask if relu else dy, dtype=be.dtype)
+        dx, dw, db = be.conv2d_backward(dz, xd, wd, None, False, need_dx)
+    return {k: None if v is None else np.asarray(be.to_host(v), dtype=np.float64)
+            for k, v in dict(y=y, dx=dx, dw=dw, db=db).items()}
+
+
+def _close(got, want, atol, reduce, what):
+    for key, wv in want.items():
+        g = got[key]
+        if wv is None:
+            assert g is None, f"{what}: {key} should be None"
+            continue
+        scale = max(float(np.abs(wv).max()), 1e-30)
+        tol = atol * np.sqrt(reduce[key]) * scale
+        err = float(np.abs(g - wv).max())
+        assert err <= tol, (f"{what}: {key} off by {err:.3g} (max |want| {scale:.3g}), "
+                            f"allowed {tol:.3g} = {atol:.3g} * sqrt({reduce[key]}) * max|want|")
+
+
+def round_operand(a, precision):
+    """What the kernels' operand conversion does to a float32 value (tests' model of it):
+    tf32 = cvt.rna.tf32.f32 (nearest, ties away from zero, 10-bit mantissa); bf16 =
+    cvt.rn.bf16.f32 (nearest, ties to even, 7-bit mantissa); fp32: unchanged."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    if precision == "tf32":
+        bits = (bits + 0x1000) & 0xFFFFE000
+    elif precision == "bf16":
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV_VARIANT_SHAPES)
+def test_conv2d_every_version(device, tdev, rng, variant, n, h, w, c, k, r, relu, need_dx):
+    """Every convolution version: forward, data and weight gradients, against the float64
+    reference, the v1 direct kernel on the same device and torch (float32, TF32 off), with
+    the tolerance of the version's precision (CONV_ATOL); the tensor-core versions also
+    against the reference on operands rounded as they round them (ROUNDED_ATOL)."""
+    x, wt = rand(rng, n, h, w, c), rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5)
+    b, dy = rand(rng, k, scale=0.5), rand(rng, n, h, w, k)
+    be = variant_backend(device, variant)
+    precision = be.precision
+    reduce = dict(y=r * r * c, dx=k * r * r, dw=n * h * w, db=n * h * w)
+    got = _conv_all(be, x, wt, b, dy, relu, need_dx)
+    mask = (got["y"] > 0).astype(np.float64)
+    ref = _conv_all(opcheck.reference(), x, wt, b, dy, relu, need_dx, mask)
+    atol = CONV_ATOL[precision]
+    _close(got, ref, atol, reduce, f"{variant} vs reference")
+    direct = _conv_all(variant_backend(device, "v1_direct"), x, wt, b, dy, relu, need_dx, mask)
+    _close(direct, ref, CONV_ATOL["fp32"], reduce, "v1_direct vs reference")
+    _close(got, direct, atol, reduce, f"{variant} vs v1_direct")
+    dz = dy * mask if relu else dy
+    dx_t, dw_t, db_t = T.conv2d_backward(dz, x, wt, b, False, need_dx, device=tdev)
+    torch_out = {key: None if v is None else np.asarray(v, dtype=np.float64) for key, v in
+                 dict(y=T.conv2d_forward(x, wt, b, relu, device=tdev), dx=dx_t, dw=dw_t,
+                      db=db_t).items()}
+    _close(got, torch_out, atol, reduce, f"{variant} vs torch")
+    if precision != "fp32":  # exactly the rounding the kernels do, and nothing else
+        ref_r = _conv_all(opcheck.reference(), round_operand(x, precision),
+                          round_operand(wt, precision), b, round_operand(dy, precision), relu,
+                          need_dx, mask)
+        ref_r["db"] = ref["db"]  # the bias gradient sums dz in fp32 (reduce.cu), unrounded
+        _close(got, ref_r, ROUNDED_ATOL, reduce, f"{variant} vs reference on {precision} "
+                                                 f"operands")
+        if c * r * r > 8:  # the rounding is visible: fp32 results fail that check
+            with pytest.raises(AssertionError):
+                _close({"y": direct["y"]}, {"y": ref_r["y"]}, ROUNDED_ATOL, reduce, "")
+
+
 # --------------------------------------------------------------------------- max-pool
 
 POOL_CUDA = POOL + [  # N, H, W, C: float4 path (C % 4 == 0), odd sizes, many blocks

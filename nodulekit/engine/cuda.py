@@ -62,8 +62,10 @@ CUPY_APPENDED_OPTIONS = ("-ftz=true", "-arch=sm_{arch}", "--device-as-default-ex
 KERNELS = {
     "adam.cu": ("adam_step", "adam_step_vec4"),
     "concat.cu": ("copy_channels", "copy_channels_vec4"),
-    "conv.cu": ("conv_forward_128x64", "conv_forward_256x16", "conv_weight_grad_64x128",
-                "conv_weight_grad_64x16", "conv_weight_grad_16x128", "flip_transpose_weight"),
+    "conv.cu": ("conv_forward_direct", "conv_weight_grad_direct", "conv_forward_smem_16x16",
+                "conv_weight_grad_smem_16x16", "conv_forward_128x64", "conv_forward_256x16",
+                "conv_weight_grad_64x128", "conv_weight_grad_64x16", "conv_weight_grad_16x128",
+                "flip_transpose_weight"),
     "dice.cu": ("dice_partial_sums", "dice_grad"),
     "metrics.cu": ("confusion_counts",),
     "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
@@ -73,6 +75,22 @@ KERNELS = {
                   "upconv_weight_grad_64x128"),
     "window.cu": ("window_augment",),
 }
+
+# The precisions a CudaBackend computes its convolutions in (everything else stays fp32).
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+# The convolution versions, in the order conv.cu / conv_mma.cu explain them: name ->
+# (precision of its multiplications, what it is). Every one computes forward (bias + ReLU
+# fused), data gradient (the forward kernel on the flipped weights) and weight gradient;
+# CudaBackend(conv_variant=NAME) runs it, tests run all of them, `nodulekit bench ops
+# --op conv --variants all` times all of them.
+CONV_VARIANTS = {
+    "v1_direct": ("fp32", "direct: one thread per output, operands from global memory"),
+    "v2_smem": ("fp32", "implicit GEMM, 16x16 shared-memory tiles, one output per thread"),
+    "v3_regblock": ("fp32", "implicit GEMM, 128x64 tiles, 8x4 register tile per thread"),
+}
+# What each precision runs unless a variant is named: its fastest version.
+DEFAULT_CONV_VARIANT = {"fp32": "v3_regblock"}
 
 THREADS = 256          # threads per block of every kernel but the channel-sum layout
 BLOCKS_PER_SM = 32     # grid-stride kernels: at most this many blocks per SM
@@ -176,19 +194,36 @@ def _check_sizes(op: str, *arrays) -> None:
                              f"and channel indices allow; use a smaller batch")
 
 
+def conv_choice(precision: str, conv_variant: str | None = None) -> tuple[str, str]:
+    """Check a (precision, convolution version) pair: (precision, variant name).
+
+    ``conv_variant`` None picks the precision's default; a variant of another precision
+    is refused rather than silently run in the wrong arithmetic."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"the cuda backend's precision is one of {', '.join(PRECISIONS)}; "
+                         f"got precision={precision!r}")
+    if precision not in DEFAULT_CONV_VARIANT:
+        raise ValueError(f"the cuda backend has no {precision} convolution yet (have: "
+                         f"{', '.join(DEFAULT_CONV_VARIANT)}); got precision={precision!r}")
+    if conv_variant is None:
+        return precision, DEFAULT_CONV_VARIANT[precision]
+    if conv_variant not in CONV_VARIANTS:
+        raise ValueError(f"unknown convolution variant {conv_variant!r}; the variants are: "
+                         f"{', '.join(CONV_VARIANTS)}")
+    if CONV_VARIANTS[conv_variant][0] != precision:
+        raise ValueError(f"convolution variant {conv_variant!r} computes in "
+                         f"{CONV_VARIANTS[conv_variant][0]}, not precision={precision!r}")
+    return precision, conv_variant
+
+
 class CudaBackend(Backend):
     """The ops of ``ops.py`` as CUDA kernels (see the module docstring for which kernel)."""
 
     name = "cuda"
     dtype = np.dtype(np.float32)
 
-    def __init__(self, precision: str = "fp32", runtime=None):
-        if precision != "fp32":
-            raise ValueError(
-                f"the cuda backend computes in fp32 only for now (readable direct-convolution "
-                f"kernels; tf32 and bf16 come with the fast convolutions); got "
-                f"precision={precision!r}")
-        self.precision = precision
+    def __init__(self, precision: str = "fp32", runtime=None, conv_variant: str | None = None):
+        self.precision, self.conv_variant = conv_choice(precision, conv_variant)
         self.rt = runtime if runtime is not None else CupyRuntime()
         self.xp = self.rt.xp
         self.sm_count = int(self.rt.sm_count)
@@ -264,11 +299,19 @@ class CudaBackend(Backend):
         n, h, wd, c = x.shape
         k, r = w.shape[0], w.shape[1]
         m = n * h * wd
-        kernel, bm, bn = (("conv_forward_128x64", 128, 64) if k > 16
-                          else ("conv_forward_256x16", 256, 16))
+        v = self.conv_variant
+        dims = (_i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
+        if v == "v1_direct":
+            self._launch("conv.cu", "conv_forward_direct", self._grid_stride(m * k),
+                         (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
+            return
+        if v == "v2_smem":
+            file, (kernel, bm, bn) = "conv.cu", ("conv_forward_smem_16x16", 16, 16)
+        else:
+            file, (kernel, bm, bn) = "conv.cu", (("conv_forward_128x64", 128, 64) if k > 16
+                                                 else ("conv_forward_256x16", 256, 16))
         grid = (_cdiv(m, bm), _cdiv(k, bn), 1)
-        self._launch("conv.cu", kernel, grid, (THREADS, 1, 1), x, w, b, _i32(relu), y,
-                     _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
+        self._launch(file, kernel, grid, (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
 
     def _conv2d_forward(self, x, w, b, relu):
         n, h, wd, _ = x.shape
@@ -281,7 +324,17 @@ class CudaBackend(Backend):
         n, h, wd, c = x.shape
         k, r = wshape[0], wshape[1]
         j, m = r * r * c, n * h * wd
-        if j <= 16:
+        v = self.conv_variant
+        dims = (_i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
+        dw = self.empty(wshape)
+        if v == "v1_direct":
+            self._launch("conv.cu", "conv_weight_grad_direct", self._grid_stride(k * j),
+                         (THREADS, 1, 1), dz, x, dw, *dims)
+            return dw
+        file = "conv.cu"
+        if v == "v2_smem":
+            kernel, ba, bb = "conv_weight_grad_smem_16x16", 16, 16
+        elif j <= 16:
             kernel, ba, bb = "conv_weight_grad_64x16", 64, 16
         elif k <= 16:
             kernel, ba, bb = "conv_weight_grad_16x128", 16, 128
@@ -289,10 +342,9 @@ class CudaBackend(Backend):
             kernel, ba, bb = "conv_weight_grad_64x128", 64, 128
         tiles = (_cdiv(j, bb), _cdiv(k, ba))
         splits, rows = self._splits(m, tiles[0] * tiles[1])
-        dw = self.empty(wshape)
         out = dw if splits == 1 else self.empty((splits, k * j))
-        self._launch("conv.cu", kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dz, x,
-                     out, _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r), _i32(rows))
+        self._launch(file, kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dz, x,
+                     out, *dims, _i32(rows))
         if splits > 1:
             self._sum_partials(out, splits, k * j, dw)
         return dw

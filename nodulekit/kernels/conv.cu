@@ -1,7 +1,10 @@
-// conv.cu: direct 3x3 / 1x1 convolution, stride 1, "same" zero padding, NHWC, fp32:
-// forward (bias + ReLU fused), and the weight gradient. The data gradient is the forward
+// conv.cu: 3x3 / 1x1 convolution, stride 1, "same" zero padding, NHWC, fp32, as a
+// progression of versions a reader can follow, each checked against the one before:
+// forward (bias + ReLU fused) and the weight gradient. The data gradient is the forward
 // kernel run on dz with the kernel flipped and transposed; the bias gradient and the
-// ReLU's mask are in reduce.cu.
+// ReLU's mask are in reduce.cu. The tensor-core versions (v4 TF32, v5 BF16) are in
+// conv_mma.cu; cuda.py's CONV_VARIANTS names every version and CudaBackend(conv_variant=)
+// runs any of them.
 //
 // What it computes (ops.py), with P = R / 2, x [N,H,W,C], w [K,R,R,C], y [N,H,W,K]:
 //   forward   y[n,h,w,k] = relu?(b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k,r,s,c])
@@ -10,45 +13,137 @@
 //             = forward(dz, wf) with wf[c, r', s', k] = w[k, R-1-r', R-1-s', c]
 //             (flip_transpose_weight), no bias, no ReLU.
 //
-// How (one readable scheme for all three): think of pixels m = (n, h, w) as rows and of
-// the reduction index j = (r, s, c) (contiguous c, as in w's rows) as columns of a "patch
-// matrix" X[m, j] = x[n, h+r-P, w+s-P, c] (0 off the image), never stored. Then
-//   forward:  y[m, k] = sum_j X[m, j] w[k, j]           (rows m, cols k, reduce over j)
-//   dw:       dw[k, j] = sum_m dz[m, k] X[m, j]          (rows k, cols j, reduce over m)
-// Each block owns a tile of the result; per step it stages BR = 16 reduction indices of
-// both operands in shared memory (the patch values gathered straight from x), then each
-// thread accumulates a TM x TN register tile of outer products from shared memory. A
-// thread's rows are ty + i * (BM / TM) and its columns tx + q * (BN / TN), so neighbouring
-// threads read neighbouring shared words and write neighbouring outputs. No tensor cores,
-// no double buffering: the fast versions (tf32/bf16 wgmma) are a later issue and will be
-// checked against these.
+// The versions (cuda.py CONV_VARIANTS; the names in brackets):
 //
-// Launches (256 threads each; tiles picked by cuda.py):
+//   v1 direct [v1_direct]: conv_forward_direct, conv_weight_grad_direct. One thread per
+//      output element, a plain loop over its reduction, every operand read from global
+//      memory. Obviously right; the yardstick for all the others. The weight gradient
+//      sums all N*H*W pixels in one thread: fine for tests, very slow at 512x512.
+//
+//   v2 implicit GEMM with shared-memory tiles [v2_smem]: conv_forward_smem_16x16,
+//      conv_weight_grad_smem_16x16. Think of pixels m = (n, h, w) as rows and of the
+//      reduction index j = (r, s, c) (contiguous c, as in w's rows) as columns of a
+//      "patch matrix" X[m, j] = x[n, h+r-P, w+s-P, c] (0 off the image), never stored:
+//        forward:  y[m, k] = sum_j X[m, j] w[k, j]          (rows m, cols k, reduce over j)
+//        dw:       dw[k, j] = sum_m dz[m, k] X[m, j]         (rows k, cols j, reduce over m)
+//      A block owns a 16x16 tile of the result; per step it stages BR = 16 reduction
+//      indices of both operands in shared memory (the patch values gathered straight
+//      from x), and each of its 256 threads adds 16 products to its one output. Each
+//      staged value is now read 16 times from shared memory instead of 16 times from
+//      global memory (L1/L2 at best).
+//
+//   v3 register blocking [v3_regblock, the fp32 default]: conv_forward_128x64 (and
+//      _256x16 for K <= 16), conv_weight_grad_64x128 (_64x16 for J <= 16, _16x128 for
+//      K <= 16). The same staging, but each thread accumulates a TM x TN register tile
+//      (8x4 forward) of outer products: per reduction step TM + TN shared loads feed
+//      TM*TN FMAs (12 loads for 32 FMAs instead of 2 for 1), and a 128x64 block stages
+//      16 x (128 + 64) floats for 16 x 128 x 64 FMAs. A thread's rows are ty + i*(BM/TM)
+//      and its columns tx + q*(BN/TN), so neighbouring threads read neighbouring shared
+//      words and write neighbouring outputs. v2 is this very template with TM = TN = 1.
+//      (Vectorised float4 staging is not in yet: the gather's four channels of one tap
+//      would need C % 4 == 0 and a 16-byte aligned x; see conv_mma.cu's notes.)
+//
+//   v4, v5 tensor cores (conv_mma.cu): the v3 tiling with warp-level mma.sync, TF32 or
+//      BF16 operands and fp32 accumulation.
+//
+// The weight gradient's long reduction (N*H*W = 3.1 M pixels at the paper's shape) is
+// cut into `splits` ranges of `rows` pixels so that enough blocks run when the output is
+// small (level 0: K x J = 64 x 576); split s writes its own slice of a [splits, K, J]
+// buffer and reduce.cu's sum_partials adds them in split order (or, with one split, the
+// block writes dw directly): a fixed order, so results repeat bit for bit.
+//
+// Launches (cuda.py picks; 256 threads each):
+//   conv_forward_direct        1-D grid-stride over M*K outputs (k fastest)
+//   conv_weight_grad_direct    1-D grid-stride over K*J outputs (j fastest)
+//   conv_forward_smem_16x16    grid (ceil(M/16), ceil(K/16))    1 output per thread
+//   conv_weight_grad_smem_16x16  grid (ceil(J/16), ceil(K/16), splits)
 //   conv_forward_128x64   grid (ceil(M/128), ceil(K/64))   8x4 outputs per thread (K > 16)
 //   conv_forward_256x16   grid (ceil(M/256), ceil(K/16))   8x2 outputs per thread (K <= 16)
 //   conv_weight_grad_64x128  grid (ceil(J/128), ceil(K/64), splits)   4x8 per thread
 //   conv_weight_grad_64x16   grid (ceil(J/16), ceil(K/64), splits)    4x1 (J <= 16)
 //   conv_weight_grad_16x128  grid (ceil(J/128), ceil(K/16), splits)   1x8 (K <= 16)
-//       the pixels are cut into `splits` ranges of `rows` so that enough blocks run when
-//       the output is small (level 0: K x J = 64 x 576); split s writes its own slice of
-//       a [splits, K, J] buffer and reduce.cu's sum_partials adds them in order (or, with
-//       one split, the block writes dw directly).
 //   flip_transpose_weight    1-D grid-stride over K*R*R*C
 //
 // Napkin math (paper shape, enc0.conv2: 12 x 512 x 512, C = K = 64, 3x3): the forward is
-// 2 * M * K * 9C = 2 * 3.15 M * 64 * 576 = 232 GFLOP; x and y are 805 MB each. Per
+// 2 * M * K * 9C = 2 * 3.15 M * 64 * 576 = 232 GFLOP; x and y are 805 MB each. v1 reads
+// 2 operands per FMA from L1/L2 (memory-bound, a few TFLOP/s at best). v2: 2 shared loads
+// per FMA, bound by shared-memory bandwidth (~1/3 of FP32 FMA peak at most). v3: per
 // reduction step a thread does TM*TN = 32 FMAs for TM + TN = 12 shared loads; a 128x64
-// block stages 16 x (128 + 64) floats (12 KB) for 16 x 128 x 64 FMAs: 21 FLOP per staged
-// byte, and x is re-read 9x (once per tap), mostly from L1/L2. So it is compute-bound on
-// FP32 FMA (~60 TFLOP/s on an H100 SXM at best); a first version like this reaches a
-// fraction of that: 232 GFLOP at 15 TFLOP/s is 15 ms. The backward costs twice the forward
-// (dx and dw), plus the ReLU pass of reduce.cu. A whole U-Net step at the paper's shape is
-// about 14 TFLOP.
+// block stages 12 KB for 16 x 128 x 64 FMAs: 21 FLOP per staged byte, and x is re-read 9x
+// (once per tap), mostly from L1/L2. So v3 is compute-bound on FP32 FMA (~67 TFLOP/s on
+// an H100 SXM at best); a first version like this reaches a fraction of that: 232 GFLOP
+// at 15 TFLOP/s is 15 ms. The backward costs twice the forward (dx and dw), plus the ReLU
+// pass of reduce.cu. A whole U-Net step at the paper's shape is about 14 TFLOP.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch)
+// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch, v1)
 //        pytest tests/test_cuda_emu.py -k conv   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
+// ======================================================================= v1: direct
+// One thread per output element; every operand straight from global memory.
+
+// y[m, k] = relu?(b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k, r, s, c]), m = (n, h, w)
+extern "C" __global__ void conv_forward_direct(const float* __restrict__ x,
+                                               const float* __restrict__ w,
+                                               const float* __restrict__ bias, int relu,
+                                               float* __restrict__ y, int N, int H, int W,
+                                               int C, int K, int R) {
+    const int P = R / 2;
+    const long long total = (long long)N * H * W * K;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += stride) {
+        const int k = (int)(e % K);
+        const long long m = e / K;
+        const int n = (int)(m / ((long long)H * W)), rem = (int)(m % ((long long)H * W));
+        const int h = rem / W, wc = rem % W;
+        float acc = 0.0f;
+        for (int r = 0; r < R; ++r) {
+            const int hh = h + r - P;
+            if (hh < 0 || hh >= H) continue;
+            for (int s = 0; s < R; ++s) {
+                const int ww = wc + s - P;
+                if (ww < 0 || ww >= W) continue;
+                const float* xp = x + (((long long)n * H + hh) * W + ww) * C;
+                const float* wp = w + (((long long)k * R + r) * R + s) * C;
+                for (int c = 0; c < C; ++c) acc += xp[c] * wp[c];
+            }
+        }
+        float v = acc + bias[k];
+        if (relu && v < 0.0f) v = 0.0f;
+        y[e] = v;
+    }
+}
+
+// dw[k, r, s, c] = sum_{n,h,w} dz[n, h, w, k] * x[n, h+r-P, w+s-P, c]
+extern "C" __global__ void conv_weight_grad_direct(const float* __restrict__ dz,
+                                                   const float* __restrict__ x,
+                                                   float* __restrict__ dw, int N, int H,
+                                                   int W, int C, int K, int R) {
+    const int P = R / 2, J = R * R * C;
+    const long long total = (long long)K * J;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += stride) {
+        const int j = (int)(e % J), k = (int)(e / J);
+        const int r = j / (R * C), s = (j / C) % R, c = j % C;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n)
+            for (int h = 0; h < H; ++h) {
+                const int hh = h + r - P;
+                if (hh < 0 || hh >= H) continue;
+                for (int wc = 0; wc < W; ++wc) {
+                    const int ww = wc + s - P;
+                    if (ww < 0 || ww >= W) continue;
+                    acc += dz[(((long long)n * H + h) * W + wc) * K + k] *
+                           x[(((long long)n * H + hh) * W + ww) * C + c];
+                }
+            }
+        dw[e] = acc;
+    }
+}
+
+// ================================================== v2 (TM = TN = 1) and v3: implicit GEMM
 #define BR 16  // reduction indices staged per step
 
 // ------------------------------------------------------------------------------ forward
@@ -134,6 +229,13 @@ conv_forward_128x64(const float* __restrict__ x, const float* __restrict__ w,
                     const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
                     int H, int W, int C, int K, int R) {
     conv_forward_tile<128, 64, 8, 4>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void
+conv_forward_smem_16x16(const float* __restrict__ x, const float* __restrict__ w,
+                        const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
+                        int H, int W, int C, int K, int R) {
+    conv_forward_tile<16, 16, 1, 1>(x, w, bias, relu, y, N, H, W, C, K, R);
 }
 
 extern "C" __global__ void
@@ -225,6 +327,13 @@ conv_weight_grad_64x128(const float* __restrict__ dz, const float* __restrict__ 
                         float* __restrict__ out, int N, int H, int W, int C, int K, int R,
                         int rows) {
     conv_weight_grad_tile<64, 128, 4, 8>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void
+conv_weight_grad_smem_16x16(const float* __restrict__ dz, const float* __restrict__ x,
+                            float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                            int rows) {
+    conv_weight_grad_tile<16, 16, 1, 1>(dz, x, out, N, H, W, C, K, R, rows);
 }
 
 extern "C" __global__ void
