@@ -3,8 +3,9 @@
 Nobody can run the kernels without a GPU, and GPU time is rare. So the tests also run the
 *real* ``kernels/*.cu`` sources, launched by the *real* ``nodulekit/engine/cuda.py``, on the
 CPU: each file is compiled by g++ as C++17 with ``tests/cuda_emu.h`` in front (CUDA's
-built-ins as plain C++; a block's threads are OS threads meeting at real barriers; blocks
-run one after another), plus one generated wrapper per ``extern "C" __global__`` kernel.
+built-ins as plain C++; a block's threads are fibers meeting at real barriers, a warp's
+lanes meet at warp-wide mma.sync; blocks run one after another), plus one generated
+wrapper per ``extern "C" __global__`` kernel.
 :class:`EmuRuntime` then stands in for CuPy: NumPy arrays for device memory, kernel calls
 through ctypes. On every launch it checks what would otherwise fail only on the GPU:
 
@@ -12,13 +13,16 @@ through ctypes. On every launch it checks what would otherwise fail only on the 
   element type and be C-contiguous; scalars must be the NumPy type of the C type exactly
   (``np.int32`` for ``int``, ``np.float64`` for ``double``, ...), as CuPy needs;
 - the launch shape against the CUDA limits (1024 threads a block, grid y/z <= 65535);
-- that no thread left the kernel while others waited in ``__syncthreads``;
+- that no thread left the kernel while others waited in ``__syncthreads``, and that all 32
+  lanes of a warp reached each warp-wide ``mma.sync`` (emulated from the PTX ISA's
+  fragment layouts, with exact products; TF32 / BF16 operand rounding bit-exact);
 - guard bytes around every array the runtime allocated: a write past either end of an
   array is reported, with the kernel and the argument. Fresh ``empty`` arrays are filled
   with NaN bytes, so an output element a kernel never writes shows up as NaN.
 
-What it cannot see: races between blocks (they run one at a time), warp-level behaviour,
-and the GPU's floating-point details (FMA contraction, flushed denormals, CUDA's libm).
+What it cannot see: races between blocks (they run one at a time), warp-level behaviour
+beyond mma.sync, and the GPU's floating-point details (FMA contraction, flushed denormals,
+CUDA's libm, the tensor cores' internal order of addition).
 Those need the GPU run (``pytest -m gpu``).
 """
 
@@ -153,6 +157,7 @@ class EmuModule:
                 raise RuntimeError(f"emulating {file}: g++ failed:\n{proc.stderr[-4000:]}")
             os.replace(tmp, lib)
         self.lib = ctypes.CDLL(str(lib))
+        self.lib.emu_last_error.restype = ctypes.c_char_p
         self.shared = _register_shared(self.lib, lib)
         self.launchers = {}
         for name, params in self.kernels.items():
@@ -161,6 +166,9 @@ class EmuModule:
             fn.argtypes = [ctypes.c_uint] * 6 + [
                 ctypes.c_void_p if p else SCALARS[t][0] for t, p, _ in params]
             self.launchers[name] = fn
+
+    def last_error(self) -> str:
+        return self.lib.emu_last_error().decode()
 
 
 class EmuRuntime:
@@ -254,9 +262,14 @@ class EmuRuntime:
                 cargs.append(SCALARS[ctype][0](arg.item()))
         rc = mod.launchers[kernel](*grid, *block, *cargs)
         self.launched.add((file, kernel))
-        if rc:
+        if rc == 1:
             raise RuntimeError(f"{where}: threads of a block met different barriers (a thread "
                                f"left the kernel while others waited in __syncthreads?)")
+        if rc == 2:
+            raise RuntimeError(f"{where}: the lanes of a warp did not all reach the same "
+                               f"mma.sync (divergence, or some wait at a barrier)")
+        if rc:
+            raise RuntimeError(f"{where}: {mod.last_error()}")
         for i, pname, arr in arrays:
             self._check_guards(arr, f"{where} argument {i} ({pname})")
 

@@ -12,9 +12,12 @@ The kernels, by op (each file's header comment gives its math, launch shape and 
 math):
 
 ====================  ========================================================
-conv2d_forward        conv.cu  conv_forward_{128x64,256x16} (bias + ReLU fused)
+conv2d_forward        conv.cu  conv_forward_{128x64,256x16} (bias + ReLU fused); other
+                      versions: conv_forward_{direct,smem_16x16}, conv_mma.cu
+                      conv_forward_mma_{tf32,bf16} (CONV_VARIANTS)
 conv2d_backward       reduce.cu relu_grad_channel_sums / channel_sums, sum_partials (db);
-                      conv.cu conv_weight_grad_* (+ sum_partials); flip_transpose_weight
+                      conv.cu / conv_mma.cu conv_weight_grad_* (+ sum_partials);
+                      flip_transpose_weight
                       and conv_forward_* on dz (dx)
 maxpool2x2_*          pool.cu  maxpool2x2_{forward,backward}[_vec4]
 upconv2x2_*           upconv.cu upconv_forward_128x64, upconv_backward_data_128x64,
@@ -31,12 +34,20 @@ Beyond the op contract, :meth:`CudaBackend.upconv2x2_concat_forward` and
 half of the decoder's concat buffer (and read its half of the concat gradient), which
 saves a concat and a split pass per decoder level.
 
-Precision is fp32 only until the fast convolutions (tf32, bf16) arrive; other values raise
-``ValueError``. Where the CPU backend computes in float64 the kernels mostly do too: the
-window's source coordinates and mask rounding (its bilinear weights and window in float32),
-the Dice sums above each thread's few pixels and the loss, the Adam update. Every
-reduction has a fixed order (per-block partial results, then one pass that adds them), so
-a result does not change from run to run; only the confusion counts use atomics (integer).
+Precision is a named choice, ``CudaBackend(precision=...)`` one of :data:`PRECISIONS`
+(``fp32``, ``tf32``, ``bf16``; anything else is a ``ValueError`` naming them). It picks the
+3x3 / 1x1 convolutions' version (:data:`CONV_VARIANTS`, :data:`DEFAULT_CONV_VARIANT`):
+fp32 runs conv.cu's v3, tf32 and bf16 the tensor-core kernels of conv_mma.cu (operands
+rounded to TF32 / BF16, products summed in fp32). ``conv_variant=`` runs any other
+version of the same precision (the tests and ``bench ops --variants`` run them all).
+Everything else stays fp32 whatever the precision: the up-convolution (its tensor-core
+GEMM is not written yet), pooling, concat, loss, Adam.
+
+Where the CPU backend computes in float64 the kernels mostly do too: the window's source
+coordinates and mask rounding (its bilinear weights and window in float32), the Dice sums
+above each thread's few pixels and the loss, the Adam update. Every reduction has a fixed
+order (per-block partial results, then one pass that adds them), so a result does not
+change from run to run; only the confusion counts use atomics (integer).
 
 CuPy is imported lazily: this module imports without it (``kernel_check.py`` and the tests'
 CPU emulator of the kernels use it), and :class:`CudaBackend` then says what to install.
@@ -66,6 +77,8 @@ KERNELS = {
                 "conv_weight_grad_smem_16x16", "conv_forward_128x64", "conv_forward_256x16",
                 "conv_weight_grad_64x128", "conv_weight_grad_64x16", "conv_weight_grad_16x128",
                 "flip_transpose_weight"),
+    "conv_mma.cu": ("conv_forward_mma_tf32", "conv_forward_mma_bf16", "conv_weight_grad_mma_tf32",
+                    "conv_weight_grad_mma_bf16"),
     "dice.cu": ("dice_partial_sums", "dice_grad"),
     "metrics.cu": ("confusion_counts",),
     "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
@@ -88,9 +101,12 @@ CONV_VARIANTS = {
     "v1_direct": ("fp32", "direct: one thread per output, operands from global memory"),
     "v2_smem": ("fp32", "implicit GEMM, 16x16 shared-memory tiles, one output per thread"),
     "v3_regblock": ("fp32", "implicit GEMM, 128x64 tiles, 8x4 register tile per thread"),
+    "v4_mma_tf32": ("tf32", "tensor cores, mma.sync m16n8k8 TF32 operands, fp32 accumulation"),
+    "v5_mma_bf16": ("bf16", "tensor cores, mma.sync m16n8k16 BF16 operands, fp32 accumulation"),
 }
 # What each precision runs unless a variant is named: its fastest version.
-DEFAULT_CONV_VARIANT = {"fp32": "v3_regblock"}
+DEFAULT_CONV_VARIANT = {"fp32": "v3_regblock", "tf32": "v4_mma_tf32", "bf16": "v5_mma_bf16"}
+_MMA = {"v4_mma_tf32": "tf32", "v5_mma_bf16": "bf16"}  # variant -> kernel name suffix
 
 THREADS = 256          # threads per block of every kernel but the channel-sum layout
 BLOCKS_PER_SM = 32     # grid-stride kernels: at most this many blocks per SM
@@ -305,7 +321,9 @@ class CudaBackend(Backend):
             self._launch("conv.cu", "conv_forward_direct", self._grid_stride(m * k),
                          (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
             return
-        if v == "v2_smem":
+        if v in _MMA:
+            file, (kernel, bm, bn) = "conv_mma.cu", (f"conv_forward_mma_{_MMA[v]}", 128, 64)
+        elif v == "v2_smem":
             file, (kernel, bm, bn) = "conv.cu", ("conv_forward_smem_16x16", 16, 16)
         else:
             file, (kernel, bm, bn) = "conv.cu", (("conv_forward_128x64", 128, 64) if k > 16
@@ -332,7 +350,9 @@ class CudaBackend(Backend):
                          (THREADS, 1, 1), dz, x, dw, *dims)
             return dw
         file = "conv.cu"
-        if v == "v2_smem":
+        if v in _MMA:
+            file, kernel, ba, bb = "conv_mma.cu", f"conv_weight_grad_mma_{_MMA[v]}", 64, 128
+        elif v == "v2_smem":
             kernel, ba, bb = "conv_weight_grad_smem_16x16", 16, 16
         elif j <= 16:
             kernel, ba, bb = "conv_weight_grad_64x16", 64, 16

@@ -1,0 +1,374 @@
+// conv_mma.cu: 3x3 / 1x1 convolution on tensor cores, the next steps of conv.cu's
+// progression: v4 (TF32 operands) and v5 (BF16 operands), fp32 accumulation, NHWC, fp32
+// in memory. Forward (bias + ReLU fused), data gradient (the forward kernel on dz with
+// conv.cu's flip_transpose_weight), weight gradient (split over N*H*W, ordered sum).
+//
+// What it computes: what conv.cu computes (read its head first: the implicit GEMM, the
+// patch matrix X[m, j], the splits of the weight gradient), with every operand of every
+// multiplication rounded first, and the products summed in fp32:
+//   v4 [v4_mma_tf32]  round = cvt.rna.tf32.f32: 10 mantissa bits kept, to nearest, ties
+//                     away from zero. Each product has a relative error below 2^-10.
+//   v5 [v5_mma_bf16]  round = cvt.rn.bf16.f32: 7 mantissa bits kept, to nearest, ties to
+//                     even. Each product has a relative error below 2^-7.
+// The bias, the ReLU and the sums stay fp32; so do x, w and y in memory (the operands are
+// rounded as they are staged, so a BF16 kernel still reads 4 bytes per value: the gain is
+// the tensor cores' arithmetic, not memory traffic).
+//
+// How, step by step from v3 (conv.cu): the same 256-thread blocks stage BK = 16 reduction
+// indices of both operands per step in shared memory, rounded on the way in (each value
+// once per block, not once per use). Then instead of each thread owning an 8x4 register
+// tile of scalar FMAs, each of the 8 warps owns a 32x32 piece of the block's tile and
+// computes it with warp-wide mma.sync instructions:
+//   TF32: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32   (2 per 16-wide step)
+//   BF16: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32  (1 per 16-wide step)
+// so a warp's piece is 2 x 4 tiles of 16x8, 32 fp32 accumulators per thread. One mma
+// m16n8k8 does 1024 multiply-adds for 6 register operands per thread; a scalar FMA
+// loop would need 1024 / 32 = 32 FMAs per thread for the same work.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k8" / "mma.m16n8k16", the
+// .tf32 and .bf16 cases; lane = %laneid, g = lane >> 2 (groupID), t = lane & 3
+// (threadID_in_group)). A is row-major [16 rows][K], B is K x 8 taken column by column
+// (".col": we keep it as B^T, [8 cols][K] row-major, so both are "rows of the reduction"),
+// C/D are [16][8]:
+//   m16n8k8 tf32   a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)     (row, k)
+//                  b0 (k = t, n = g)  b1 (k = t+4, n = g)
+//   m16n8k16 bf16  4 registers of 2 bf16 each, the lower index in the lower 16 bits:
+//                  a{0,1} (g, 2t+{0,1})  a{2,3} (g+8, 2t+{0,1})
+//                  a{4,5} (g, 2t+8+{0,1})  a{6,7} (g+8, 2t+8+{0,1})
+//                  b{0,1} (k = 2t+{0,1}, n = g)  b{2,3} (k = 2t+8+{0,1}, n = g)
+//   both           c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)
+// The inline PTX sits in four small helpers (to_tf32, to_bf16, mma_tf32_m16n8k8,
+// mma_bf16_m16n8k16); tests/cuda_emu.h (NODULEKIT_CUDA_EMU) replaces them with C++ that
+// implements these very layouts as one warp-wide step, so the emulator checks the index
+// maths here against the PTX ISA's tables.
+//
+// Launches (cuda.py; 256 threads = 8 warps each, __launch_bounds__(256, 2): at most 128
+// registers, so two blocks fit an SM; <PREC> = tf32 or bf16):
+//   conv_forward_mma_<PREC>       grid (ceil(M/128), ceil(K/64))     warps 4 (m) x 2 (k)
+//   conv_weight_grad_mma_<PREC>   grid (ceil(J/128), ceil(K/64), splits)  warps 2 (k) x 4 (j)
+//       as conv.cu's weight gradient: split s of the N*H*W pixels writes its own slice of a
+//       [splits, K, J] buffer, reduce.cu's sum_partials adds the slices in split order.
+//
+// Napkin math (enc0.conv2 at the paper's shape, 232 GFLOP forward): an H100 SXM's dense
+// TF32 peak is ~495 TFLOP/s and BF16 ~990 (~378 / 756 for the PCIe card), against ~67 for
+// FP32 FMA. This first tensor-core version stages through shared memory with plain loads
+// and one buffer (no cp.async pipeline, no ldmatrix, no wgmma), and gathers the patch
+// matrix with 4-byte loads; it is latency- and load-bound far below those peaks. Expect
+// it in tens of TFLOP/s, which is still 2-4x v3; the next steps (double buffering with
+// cp.async, 16-byte gathers where C % 4 == 0, ldmatrix, then wgmma on sm_90) are named
+// here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
+//
+// Check: pytest -m gpu tests/test_cuda_ops.py -k every_version   (GPU: vs reference, v1,
+//        torch, and the reference on operands rounded as here)
+//        pytest tests/test_cuda_emu.py -k every_version   (the same, CPU emulator)
+//        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
+
+#define BK 16        // reduction indices staged per step
+#define BKP (BK + 4) // row pitch of the staged tiles: a TF32 fragment load hits 32 banks
+#define PREC_TF32 0
+#define PREC_BF16 1
+
+// ------------------------------------------------------------------ the PTX, in one place
+// Round an fp32 value to TF32 (kept in an fp32 container, low 13 bits zero).
+__device__ __forceinline__ float to_tf32(float v) {
+#ifdef NODULEKIT_CUDA_EMU
+    return emu::cvt_rna_tf32(v);
+#else
+    unsigned u;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(v));
+    return __uint_as_float(u);
+#endif
+}
+
+// Round an fp32 value to BF16 (kept in an fp32 container, low 16 bits zero).
+__device__ __forceinline__ float to_bf16(float v) {
+#ifdef NODULEKIT_CUDA_EMU
+    return emu::cvt_rn_bf16(v);
+#else
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return __uint_as_float((unsigned)h << 16);
+#endif
+}
+
+// d += A (16x8, tf32) * B (8x8, tf32), all 32 lanes of the warp together
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const unsigned (&a)[4],
+                                                 const unsigned (&b)[2]) {
+#ifdef NODULEKIT_CUDA_EMU
+    emu::mma_sync(emu::MMA_TF32_M16N8K8, d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d += A (16x16, bf16) * B (16x8, bf16), all 32 lanes of the warp together
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const unsigned (&a)[4],
+                                                  const unsigned (&b)[2]) {
+#ifdef NODULEKIT_CUDA_EMU
+    emu::mma_sync(emu::MMA_BF16_M16N8K16, d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ----------------------------------------------------------------------- shared pieces
+template <int PREC>
+__device__ __forceinline__ float round_operand(float v) {
+    return PREC == PREC_TF32 ? to_tf32(v) : to_bf16(v);
+}
+
+// two bf16 values (already rounded, in fp32 containers) -> one .bf16x2 register, lo first
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
+}
+
+// One BK-wide step of a warp's (MI*16) x (NI*8) piece: acc += As[rows] * Bs[cols]^T, where
+// As holds the warp's rows from row0 and Bs its columns from col0, both [.][BKP] with the
+// reduction index along the row. The fragment loads follow the layouts in the header.
+template <int PREC, int MI, int NI>
+__device__ __forceinline__ void warp_mma_step(const float (*As)[BKP], const float (*Bs)[BKP],
+                                              int row0, int col0, int lane,
+                                              float (&acc)[MI][NI][4]) {
+    const int g = lane >> 2, t = lane & 3;
+    if constexpr (PREC == PREC_TF32) {
+        #pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned a[MI][4], b[NI][2];
+            #pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const float* r0 = As[row0 + mi * 16 + g];
+                const float* r1 = As[row0 + mi * 16 + g + 8];
+                a[mi][0] = __float_as_uint(r0[kk + t]);
+                a[mi][1] = __float_as_uint(r1[kk + t]);
+                a[mi][2] = __float_as_uint(r0[kk + t + 4]);
+                a[mi][3] = __float_as_uint(r1[kk + t + 4]);
+            }
+            #pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const float* c = Bs[col0 + ni * 8 + g];
+                b[ni][0] = __float_as_uint(c[kk + t]);
+                b[ni][1] = __float_as_uint(c[kk + t + 4]);
+            }
+            #pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+                #pragma unroll
+                for (int ni = 0; ni < NI; ++ni) mma_tf32_m16n8k8(acc[mi][ni], a[mi], b[ni]);
+        }
+    } else {
+        unsigned a[MI][4], b[NI][2];
+        #pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+            const float* r0 = As[row0 + mi * 16 + g];
+            const float* r1 = As[row0 + mi * 16 + g + 8];
+            a[mi][0] = pack_bf16x2(r0[2 * t], r0[2 * t + 1]);
+            a[mi][1] = pack_bf16x2(r1[2 * t], r1[2 * t + 1]);
+            a[mi][2] = pack_bf16x2(r0[2 * t + 8], r0[2 * t + 9]);
+            a[mi][3] = pack_bf16x2(r1[2 * t + 8], r1[2 * t + 9]);
+        }
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+            const float* c = Bs[col0 + ni * 8 + g];
+            b[ni][0] = pack_bf16x2(c[2 * t], c[2 * t + 1]);
+            b[ni][1] = pack_bf16x2(c[2 * t + 8], c[2 * t + 9]);
+        }
+        #pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+            #pragma unroll
+            for (int ni = 0; ni < NI; ++ni) mma_bf16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+// ------------------------------------------------------------------------------ forward
+// y[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); block tile 128 (m) x 64 (k)
+template <int PREC>
+__device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
+                                                 const float* __restrict__ w,
+                                                 const float* __restrict__ bias, int relu,
+                                                 float* __restrict__ y, int N, int H, int W,
+                                                 int C, int K, int R) {
+    constexpr int BM = 128, BN = 64, NT = 256, WM = 4;  // warps: 4 along m, 2 along k
+    constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;  // 2 x 4 tiles of 16x8
+    __shared__ float As[BM][BKP];  // As[i][jj] = round(X[m0 + i, j0 + jj])
+    __shared__ float Bs[BN][BKP];  // Bs[q][jj] = round(w[k0 + q, j0 + jj])
+    __shared__ int pix_n[BM], pix_h[BM], pix_w[BM];
+
+    const int P = R / 2, J = R * R * C, M = N * H * W;
+    const int m0 = blockIdx.x * BM, k0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row0 = (warp % WM) * (MI * 16), col0 = (warp / WM) * (NI * 8);
+
+    for (int i = tid; i < BM; i += NT) {  // the block's pixels; one past the end: off-image
+        const int m = m0 + i;
+        if (m < M) {
+            const int n = m / (H * W), rem = m - n * (H * W);
+            pix_n[i] = n;
+            pix_h[i] = rem / W;
+            pix_w[i] = rem - (rem / W) * W;
+        } else {
+            pix_n[i] = 0;
+            pix_h[i] = -(1 << 28);
+            pix_w[i] = 0;
+        }
+    }
+
+    float acc[MI][NI][4];
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    const int jj = tid % BK;  // the reduction index this thread stages
+    for (int j0 = 0; j0 < J; j0 += BK) {
+        __syncthreads();  // the previous step's fragment loads are done (and pix_* written)
+        const int j = j0 + jj;
+        const bool j_ok = j < J;
+        const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+        const int s = rs - r * R, c = j - rs * C;
+        for (int i = tid / BK; i < BM; i += NT / BK) {
+            const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
+            float v = 0.0f;
+            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
+            As[i][jj] = round_operand<PREC>(v);
+        }
+        for (int q = tid / BK; q < BN; q += NT / BK) {
+            const int k = k0 + q;
+            Bs[q][jj] = round_operand<PREC>((j_ok && k < K) ? w[(long long)k * J + j] : 0.0f);
+        }
+        __syncthreads();
+        warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
+    }
+
+    const int g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {  // c0..c3 at (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+                const int m = m0 + row0 + mi * 16 + g + (e >> 1) * 8;
+                const int k = k0 + col0 + ni * 8 + 2 * t + (e & 1);
+                if (m >= M || k >= K) continue;
+                float v = acc[mi][ni][e] + bias[k];
+                if (relu && v < 0.0f) v = 0.0f;
+                y[(long long)m * K + k] = v;
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_forward_mma_tf32(const float* __restrict__ x, const float* __restrict__ w,
+                      const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
+                      int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_TF32>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_forward_mma_bf16(const float* __restrict__ x, const float* __restrict__ w,
+                      const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
+                      int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_BF16>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+// ------------------------------------------------------------------------ weight gradient
+// out[split, k, j] = sum over the split's pixels m of dz[m, k] * X[m, j]; tile 64 (k) x 128 (j)
+template <int PREC>
+__device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ dz,
+                                                     const float* __restrict__ x,
+                                                     float* __restrict__ out, int N, int H,
+                                                     int W, int C, int K, int R, int rows) {
+    constexpr int BA = 64, BB = 128, NT = 256, WA = 2;  // warps: 2 along k, 4 along j
+    constexpr int MI = BA / WA / 16, NI = BB / (NT / 32 / WA) / 8;  // 2 x 4 tiles of 16x8
+    __shared__ float Ds[BA][BKP];  // Ds[a][mm] = round(dz[m0 + mm, k0 + a])
+    __shared__ float Xs[BB][BKP];  // Xs[b][mm] = round(X[m0 + mm, j0 + b])
+    __shared__ int pix_n[BK], pix_h[BK], pix_w[BK];
+
+    const int P = R / 2, J = R * R * C, M = N * H * W;
+    const int j0 = blockIdx.x * BB, k0 = blockIdx.y * BA, split = blockIdx.z;
+    const int m_begin = split * rows, m_end = min(M, m_begin + rows);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row0 = (warp % WA) * (MI * 16), col0 = (warp / WA) * (NI * 8);
+
+    // the columns this thread stages stay the same for every step: decode them once
+    const int ka = tid % BA, k = k0 + ka;
+    const int jb = tid % BB, j = j0 + jb;
+    const bool j_ok = j < J;
+    const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+    const int s = rs - r * R, c = j - rs * C;
+
+    float acc[MI][NI][4];
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    for (int m0 = m_begin; m0 < m_end; m0 += BK) {
+        __syncthreads();  // the previous step's reads of Ds, Xs and pix_* are done
+        if (tid < BK) {
+            const int m = m0 + tid;
+            if (m < m_end) {
+                const int n = m / (H * W), rem = m - n * (H * W);
+                pix_n[tid] = n;
+                pix_h[tid] = rem / W;
+                pix_w[tid] = rem - (rem / W) * W;
+            } else {
+                pix_n[tid] = 0;
+                pix_h[tid] = -(1 << 28);
+                pix_w[tid] = 0;
+            }
+        }
+        for (int mm = tid / BA; mm < BK; mm += NT / BA) {
+            const int m = m0 + mm;
+            Ds[ka][mm] = round_operand<PREC>((m < m_end && k < K) ? dz[(long long)m * K + k]
+                                                                   : 0.0f);
+        }
+        __syncthreads();  // pix_* ready
+        for (int mm = tid / BB; mm < BK; mm += NT / BB) {
+            const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
+            float v = 0.0f;
+            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                v = x[(((long long)pix_n[mm] * H + hh) * W + ww) * C + c];
+            Xs[jb][mm] = round_operand<PREC>(v);
+        }
+        __syncthreads();
+        warp_mma_step<PREC, MI, NI>(Ds, Xs, row0, col0, lane, acc);
+    }
+
+    float* o = out + (long long)split * K * J;
+    const int g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int kk = k0 + row0 + mi * 16 + g + (e >> 1) * 8;
+                const int jj = j0 + col0 + ni * 8 + 2 * t + (e & 1);
+                if (kk < K && jj < J) o[(long long)kk * J + jj] = acc[mi][ni][e];
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_weight_grad_mma_tf32(const float* __restrict__ dz, const float* __restrict__ x,
+                          float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                          int rows) {
+    conv_weight_grad_mma<PREC_TF32>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_weight_grad_mma_bf16(const float* __restrict__ dz, const float* __restrict__ x,
+                          float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                          int rows) {
+    conv_weight_grad_mma<PREC_BF16>(dz, x, out, N, H, W, C, K, R, rows);
+}
