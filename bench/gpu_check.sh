@@ -83,6 +83,10 @@ timeout 80 "${NK[@]}" bench step --device cuda --width 64 --size 512 --batch 12 
 stage "bench ops --device cuda (paper shapes; the inputs are drawn on the host first)"
 timeout 200 "${NK[@]}" bench ops --device cuda --repeats 10 --json "$OUT/ops.json"
 
+stage "bench ops --op conv --variants all (every conv version vs cuDNN at its precision; log only)"
+timeout 170 "$PY" -m nodulekit.bench.ops --op conv --variants all --repeats 3 --warmup 1 \
+    --budget 120 --json -
+
 stage "summary ($(( $(date +%s) - T0 )) s so far)"
 "$PY" - "$OUT" "$TESTS_RC" <<'EOF'
 import json, os, sys

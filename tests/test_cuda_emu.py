@@ -159,3 +159,52 @@ def test_without_cupy_the_backend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'nodulekit\[cuda\]'"):
         CudaBackend()
+
+
+def test_bench_conv_variants_sweeps_every_version(monkeypatch):
+    """`bench ops --op conv --variants all` on the emulator, at toy shapes: every version,
+    forward and backward at the training batch, forward at batch 1, against torch (here on
+    the CPU), TFLOP/s and % of the named device's peak. Timings here mean nothing; what is
+    checked is that the sweep runs, covers every case and prints its table."""
+    import torch
+
+    import nodulekit.bench.gpu_timing as gpu_timing
+    import nodulekit.engine as engine
+    import nodulekit.engine.cuda as cuda
+    import nodulekit.reference.torch_ops as torch_ops
+    from nodulekit.bench import ops
+    from nodulekit.bench.common import median_ms
+
+    rt = cuda_emu.EmuRuntime()
+    real_backend, real_make = cuda.CudaBackend, torch_ops.make_torch_op
+    monkeypatch.setattr(engine, "cuda_usable", lambda: (True, "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(cuda, "CudaBackend", lambda precision, conv_variant: real_backend(
+        precision=precision, runtime=rt, conv_variant=conv_variant))
+    monkeypatch.setattr(gpu_timing, "event_median_ms",
+                        lambda fn, reps, warmup, sync=None: median_ms(fn, reps, warmup))
+    monkeypatch.setattr(torch_ops, "make_torch_op",
+                        lambda name, *a, device, **k: real_make(name, *a, device="cpu", **k))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    result = ops.run_conv_variants_bench("all", (2, 1), repeats=1, warmup=0, width=4,
+                                         depth=2, size=8)
+    shapes = ops.conv_variant_shapes(4, 2, 8)
+    assert result["peak"]["device"] == "H100 SXM" and not result["skipped"]
+    assert len(result["rows"]) == len(cuda.CONV_VARIANTS) * len(shapes) * 3
+    for v, (precision, _) in cuda.CONV_VARIANTS.items():
+        rows = [r for r in result["rows"] if r["variant"] == v]
+        assert {(r["pass"], r["batch"]) for r in rows} == {("forward", 2), ("backward", 2),
+                                                           ("forward", 1)}
+        assert all(r["precision"] == precision and r["ours_pct_peak"] > 0 for r in rows)
+    text = ops.format_variants(result)
+    assert "v4_mma_tf32" in text and "% peak" in text and "H100 SXM" in text
+    assert ops.device_peak("NVIDIA H100 PCIe")[0] == "H100 PCIe"
+    assert ops.device_peak("NVIDIA H200")[0] == "H200 SXM"
+    assert ops.device_peak("NVIDIA A100-SXM4-40GB") == (None, None)
+
+
+def test_bench_conv_variants_says_it_needs_a_gpu(monkeypatch):
+    from nodulekit.bench import ops
+
+    monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (False, "no CUDA device"))
+    with pytest.raises(SystemExit, match="needs a GPU: no CUDA device"):
+        ops.main(["--op", "conv", "--variants", "all"])

@@ -206,3 +206,200 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['op']:<20} {r['label']:<26} {r['shape']:<26} {r['ours_ms']:9.3f} "
                      f"{r['torch_ms']:9.3f} {r['ratio']:6.2f}  {napkin}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- conv versions (--variants)
+
+# Dense peak TFLOP/s (no structured sparsity) from NVIDIA's H100 / H200 datasheets: FP32 is
+# the CUDA cores' FMA rate (what fp32 kernels and cuDNN with TF32 off can reach), tf32 and
+# bf16 the tensor cores' (the datasheets print twice these, "with sparsity").
+PEAK_TFLOPS = {
+    "H100 SXM": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+    "H200 SXM": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+}
+
+
+def device_peak(name: str) -> tuple[str, dict] | tuple[None, None]:
+    """The PEAK_TFLOPS row for a CUDA device name ("NVIDIA H100 80GB HBM3" is the SXM
+    card), or (None, None) for a device not in the table."""
+    n = name.upper()
+    for chip in ("H200", "H100"):
+        if chip in n:
+            form = "PCIe" if "PCIE" in n else "NVL" if "NVL" in n else "SXM"
+            if chip == "H200" and form == "PCIe":
+                form = "NVL"
+            key = f"{chip} {form}"
+            return key, PEAK_TFLOPS[key]
+    return None, None
+
+
+def conv_variant_shapes(width: int = 64, depth: int = 4, size: int = 512):
+    """The U-Net's convolutions, one per kind: (label, H, C, K, R, need_dx)."""
+    widths = level_widths(depth, width)
+    shapes = [("enc0.conv1 (first layer)", size, 1, widths[0], 3, False)]
+    for lvl in range(depth + 1):
+        shapes.append((f"enc{lvl}.conv2" if lvl < depth else "bottom.conv2", size >> lvl,
+                       widths[lvl], widths[lvl], 3, True))
+    shapes.append(("dec0.conv1 (after concat)", size, 2 * widths[0], widths[0], 3, True))
+    shapes.append(("head (1x1)", size, widths[0], 1, 1, True))
+    return shapes
+
+
+def _conv_call(be, what: str, arrays, need_dx: bool):
+    xd, wd, bd, dyd, y = arrays
+    if what == "forward":
+        return lambda: be.conv2d_forward(xd, wd, bd, relu=True)
+    return lambda: be.conv2d_backward(dyd, xd, wd, y, relu=True, need_dx=need_dx)
+
+
+def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
+                            warmup: int = 1, width: int = 64, depth: int = 4,
+                            size: int = 512, budget_s: float = 240.0, seed: int = 0) -> dict:
+    """Every convolution version (cuda.CONV_VARIANTS) on the U-Net's shapes against cuDNN
+    (PyTorch, channels_last) at the same precision: fp32 versions against torch with TF32
+    off, tf32 against torch with TF32 on (cudnn and matmul), bf16 against torch on bf16
+    tensors (fp32 accumulation in both; ours keeps fp32 tensors and rounds operands as it
+    stages them). Training batch (12): forward and backward (dx, dw, db and the ReLU mask);
+    inference batch (1): forward. TFLOP/s at 2 FLOPs per multiply-add, and the fraction of
+    the device's peak for that precision (PEAK_TFLOPS). Cases past ``budget_s`` seconds are
+    skipped and listed. Needs a GPU: raises SystemExit saying so where there is none."""
+    import time
+
+    from nodulekit.engine import cuda_usable
+
+    ok, why = cuda_usable()
+    if not ok:
+        raise SystemExit(f"bench ops --variants times the CUDA convolution versions and needs "
+                         f"a GPU: {why}")
+    torch = require_torch()
+    from nodulekit.bench.gpu_timing import event_median_ms
+    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
+    from nodulekit.reference.torch_ops import make_torch_op
+
+    names = list(CONV_VARIANTS) if variants in ("all", None) else (
+        variants.split(",") if isinstance(variants, str) else list(variants))
+    for v in names:
+        if v not in CONV_VARIANTS:
+            raise SystemExit(f"unknown convolution variant {v!r}; the variants are: "
+                             f"{', '.join(CONV_VARIANTS)} (or 'all')")
+    peak_key, peak = device_peak(why)
+    rng = np.random.default_rng(seed)
+    t_start = time.perf_counter()
+    rows, skipped = [], []
+    torch_cache: dict = {}
+    for batch in batches:
+        for label, h, c, k, r, need_dx in conv_variant_shapes(width, depth, size):
+            x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
+            w = (rng.standard_normal((k, r, r, c), dtype=np.float32)
+                 * np.float32((2.0 / (r * r * c)) ** 0.5))
+            b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
+            dy = rng.standard_normal((batch, h, h, k), dtype=np.float32)
+            flops = 2.0 * batch * h * h * k * r * r * c
+            passes = [("forward", flops)]
+            if batch > 1:
+                passes.append(("backward", flops * (2 if need_dx else 1)))
+            for v in names:
+                precision = CONV_VARIANTS[v][0]
+                be = CudaBackend(precision=precision, conv_variant=v)
+                xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
+                y = be.conv2d_forward(xd, wd, bd, relu=True)
+                for what, fl in passes:
+                    case = f"{v} {what} {label} batch {batch}"
+                    if time.perf_counter() - t_start > budget_s:
+                        skipped.append(case)
+                        continue
+                    ours = _conv_call(be, what, (xd, wd, bd, dyd, y), need_dx)
+                    # direct (v1) is slow at the big shapes: one timed run is enough
+                    reps = 1 if v == "v1_direct" else repeats
+                    ours_ms, _ = event_median_ms(ours, reps, min(warmup, reps),
+                                                 be.synchronize)
+                    tkey = (precision, what, label, batch)
+                    if tkey not in torch_cache:
+                        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                        tf32 = precision == "tf32"
+                        fn = (make_torch_op("conv2d_forward", x, w, b, device="cuda",
+                                            dtype=dtype, allow_tf32=tf32, relu=True)
+                              if what == "forward" else
+                              make_torch_op("conv2d_backward", dy, x, w, b, device="cuda",
+                                            dtype=dtype, allow_tf32=tf32, relu=True,
+                                            need_dx=need_dx))
+                        torch_cache[tkey] = event_median_ms(fn, repeats, warmup,
+                                                            torch.cuda.synchronize)[0]
+                    torch_ms = torch_cache[tkey]
+                    row = {"variant": v, "precision": precision, "pass": what,
+                           "label": label, "batch": batch,
+                           "shape": f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}",
+                           "ours_ms": ours_ms, "torch_ms": torch_ms,
+                           "ratio": ours_ms / torch_ms, "repeats": reps,
+                           "ours_tflops": fl / ours_ms / 1e9,
+                           "torch_tflops": fl / torch_ms / 1e9}
+                    if peak:
+                        row["ours_pct_peak"] = 100 * row["ours_tflops"] / peak[precision]
+                        row["torch_pct_peak"] = 100 * row["torch_tflops"] / peak[precision]
+                    rows.append(row)
+            torch_cache = {kk: vv for kk, vv in torch_cache.items() if kk[2] != label}
+    return {"benchmark": "conv-variants", **provenance("cuda"),
+            "config": {"variants": names, "batches": list(batches), "width": width,
+                       "depth": depth, "size": size, "repeats": repeats, "warmup": warmup,
+                       "timing": "CUDA events", "budget_s": budget_s,
+                       "torch": "cuDNN via torch, channels_last, same precision"},
+            "peak": {"device": peak_key, "tflops": peak,
+                     "source": "NVIDIA datasheets, dense (half the 'with sparsity' figure)"},
+            "variants": {v: CONV_VARIANTS[v] for v in names},
+            "rows": rows, "skipped": skipped}
+
+
+def format_variants(result: dict) -> str:
+    p = result["peak"]
+    peak = (f"peak ({p['device']}): " + ", ".join(f"{k} {v:g}" for k, v in p["tflops"].items())
+            + " TFLOP/s" if p["tflops"] else "peak: device not in PEAK_TFLOPS, no % shown")
+    lines = [f"device: {result['device']}; {peak}",
+             "ratio = ours / torch at the same precision (below 1 is faster)",
+             f"{'variant':<12} {'pass':<8} {'where':<26} {'b':>2} {'ours ms':>9} "
+             f"{'torch ms':>9} {'ratio':>6} {'TFLOP/s ours | torch':>21} {'% peak':>13}"]
+    for r in result["rows"]:
+        pct = (f"{r['ours_pct_peak']:5.1f} | {r['torch_pct_peak']:5.1f}"
+               if "ours_pct_peak" in r else "")
+        lines.append(f"{r['variant']:<12} {r['pass']:<8} {r['label']:<26} {r['batch']:>2} "
+                     f"{r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:6.2f} "
+                     f"{r['ours_tflops']:9.1f} | {r['torch_tflops']:9.1f} {pct:>13}")
+    if result["skipped"]:
+        lines.append(f"skipped past the {result['config']['budget_s']:.0f} s budget: "
+                     f"{len(result['skipped'])} cases, from {result['skipped'][0]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m nodulekit.bench.ops --op conv --variants all [--json F]``: the conv
+    versions' sweep (what ``nodulekit bench ops --op conv --variants all`` runs)."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("--op", default="conv", choices=["conv"])
+    ap.add_argument("--variants", default="all", help="'all' or names, comma-separated")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batches", default="12,1")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the sweep")
+    ap.add_argument("--json", dest="json_path", default=None, help="file, or '-': stdout")
+    args = ap.parse_args(argv)
+    result = run_conv_variants_bench(args.variants, tuple(int(b) for b in
+                                                          args.batches.split(",")),
+                                     args.repeats, args.warmup, budget_s=args.budget)
+    print(format_variants(result))
+    if args.json_path == "-":  # one line, after the table (bench/gpu_check.sh's log)
+        print("conv-variants JSON:", json.dumps(result))
+    elif args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
