@@ -208,3 +208,13 @@ def test_bench_conv_variants_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (False, "no CUDA device"))
     with pytest.raises(SystemExit, match="needs a GPU: no CUDA device"):
         ops.main(["--op", "conv", "--variants", "all"])
+
+
+def test_emulator_reports_a_warp_that_splits_at_mma(monkeypatch):
+    """Half a warp at mma.sync (the other half gone) is a bug the GPU would hang or
+    garble on: the emulator fails the launch and says so."""
+    import numpy as np
+
+    launch, alloc, _ = test_cuda_ops._probe_runner("cuda-emu", monkeypatch)
+    with pytest.raises(RuntimeError, match="lanes of a warp did not all reach"):
+        launch("diverged_mma", (1, 1, 1), (32, 1, 1), alloc(np.zeros(32, np.float32)))

@@ -247,6 +247,108 @@ def test_conv2d_every_version(device, tdev, rng, variant, n, h, w, c, k, r, relu
                 _close({"y": direct["y"]}, {"y": ref_r["y"]}, ROUNDED_ATOL, reduce, "")
 
 
+# ------------------------------------------- tensor-core building blocks, one warp at a time
+
+PROBE = r"""
+// one warp: D = A (16 x KK) * B (KK x 8) through conv_mma.cu's helpers and fragment layouts
+extern "C" __global__ void mma_probe(const float* __restrict__ A, const float* __restrict__ B,
+                                     float* __restrict__ D, int bf16) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    unsigned a[4], b[2];
+    if (!bf16) {  // A [16][8], B [8][8]
+        a[0] = __float_as_uint(to_tf32(A[g * 8 + t]));
+        a[1] = __float_as_uint(to_tf32(A[(g + 8) * 8 + t]));
+        a[2] = __float_as_uint(to_tf32(A[g * 8 + t + 4]));
+        a[3] = __float_as_uint(to_tf32(A[(g + 8) * 8 + t + 4]));
+        b[0] = __float_as_uint(to_tf32(B[t * 8 + g]));
+        b[1] = __float_as_uint(to_tf32(B[(t + 4) * 8 + g]));
+        mma_tf32_m16n8k8(d, a, b);
+    } else {  // A [16][16], B [16][8]
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+            a[r] = pack_bf16x2(to_bf16(A[row * 16 + col]), to_bf16(A[row * 16 + col + 1]));
+        }
+        for (int r = 0; r < 2; ++r) {
+            const int k = 2 * t + 8 * r;
+            b[r] = pack_bf16x2(to_bf16(B[k * 8 + g]), to_bf16(B[(k + 1) * 8 + g]));
+        }
+        mma_bf16_m16n8k16(d, a, b);
+    }
+    for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = d[e];
+}
+
+extern "C" __global__ void round_probe(const float* __restrict__ x, float* __restrict__ tf,
+                                       float* __restrict__ bf, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        tf[i] = to_tf32(x[i]);
+        bf[i] = to_bf16(x[i]);
+    }
+}
+
+extern "C" __global__ void diverged_mma(float* __restrict__ out) {
+    if (threadIdx.x < 16) {  // half a warp: a bug the emulator must report
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+        mma_tf32_m16n8k8(d, a, b);
+        out[threadIdx.x] = d[0];
+    }
+}
+"""
+
+
+def _probe_runner(device, monkeypatch):
+    """(launch(kernel, grid, block, *args), alloc(np array), host(a)) for the probe kernels
+    appended to conv_mma.cu: through CuPy on a GPU, through the emulator otherwise."""
+    from nodulekit.engine import cuda as cuda_mod
+
+    source = cuda_mod.kernel_source("conv_mma.cu") + PROBE
+    if device == "cuda-emu":
+        monkeypatch.setattr(cuda_emu, "kernel_source", lambda name: source)
+        rt = cuda_emu.EmuRuntime()
+        return (lambda k, grid, block, *args: rt.launch("probe.cu", k, grid, block, args),
+                lambda a: rt.asarray(a), lambda a: np.asarray(a))
+    import cupy
+
+    mod = cupy.RawModule(code=source, options=cuda_mod.NVRTC_OPTIONS)
+    return (lambda k, grid, block, *args: mod.get_function(k)(grid, block, args),
+            lambda a: cupy.asarray(a), lambda a: cupy.asnumpy(a))
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_mma_fragment_layouts_on_one_warp(device, rng, monkeypatch, precision):
+    """One mma.sync through conv_mma.cu's helpers and the PTX ISA's fragment layouts (as
+    conv_mma.cu's head writes them down) gives A @ B of the rounded operands: on a GPU this
+    checks the layouts (and the emulator's model of them) against the tensor cores."""
+    launch, alloc, host = _probe_runner(device, monkeypatch)
+    kk = 8 if precision == "tf32" else 16
+    a = rng.standard_normal((16, kk)).astype(np.float32)
+    b = rng.standard_normal((kk, 8)).astype(np.float32)
+    d = alloc(np.zeros((16, 8), np.float32))
+    launch("mma_probe", (1, 1, 1), (32, 1, 1), alloc(a), alloc(b), d,
+           np.int32(precision == "bf16"))
+    want = round_operand(a, precision) @ round_operand(b, precision)
+    np.testing.assert_allclose(host(d), want, rtol=0, atol=4 * 2.0**-23 * np.abs(want).max())
+
+
+def test_operand_rounding_matches_the_model(device, monkeypatch):
+    """to_tf32 = cvt.rna.tf32.f32 (ties away from zero), to_bf16 = cvt.rn.bf16.f32 (ties to
+    even), bit for bit, ties and both signs included; round_operand is the tests' model."""
+    launch, alloc, host = _probe_runner(device, monkeypatch)
+    one = np.float32(1.0)
+    x = np.array([1.0, 1 + 2.0**-11, 1 + 3 * 2.0**-11, -(1 + 2.0**-11), 1 + 2.0**-8,
+                  1 + 3 * 2.0**-8, -(1 + 3 * 2.0**-8), 1 + 2.0**-12, 3.14159265, -2.7182818,
+                  1e-30, 65504.0, 1e30], np.float64).astype(np.float32)
+    x = np.concatenate([x, np.random.default_rng(5).standard_normal(300).astype(np.float32)])
+    tf, bf = alloc(np.zeros_like(x)), alloc(np.zeros_like(x))
+    launch("round_probe", (2, 1, 1), (256, 1, 1), alloc(x), tf, bf, np.int32(x.size))
+    np.testing.assert_array_equal(host(tf), round_operand(x, "tf32").astype(np.float32))
+    np.testing.assert_array_equal(host(bf), round_operand(x, "bf16").astype(np.float32))
+    assert host(tf)[1] == one + np.float32(2.0**-10)  # the tie went away from zero
+    assert host(bf)[4] == one  # the tie went to even
+
+
 # --------------------------------------------------------------------------- max-pool
 
 POOL_CUDA = POOL + [  # N, H, W, C: float4 path (C % 4 == 0), odd sizes, many blocks
