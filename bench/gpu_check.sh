@@ -6,8 +6,8 @@
 #
 # Needs: an NVIDIA GPU with CUDA 13 (H100/H200), python3 with numpy, numba, cupy-cuda13x,
 # torch, h5py, click, pytest (the device image has them), and bench/wheels/*.whl for the
-# rest (pydicom; fill it with `bash bench/gpu_check.sh --fetch-wheels` where pip can reach
-# PyPI). No network is used here. Writes at most 8 files:
+# rest (pydicom, mpi4py, mpich; fill it with `bash bench/gpu_check.sh --fetch-wheels` where
+# pip can reach PyPI). No network is used here. Writes at most 8 files:
 #   OUTDIR/gpu_check.log     everything printed, nvidia-smi first, the summary last
 #   OUTDIR/kernels.txt       registers / shared memory / spills per kernel (NVRTC -Xptxas -v)
 #   OUTDIR/pytest_gpu.xml    pytest -m gpu, JUnit XML
@@ -24,8 +24,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then  # here, with PyPI: what the GPU image lacks
+    # mpi4py + mpich (~15 MB): the NCCL test's id goes over MPI (tests/test_train_distributed.py)
     exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 -d bench/wheels "pydicom==3.0.2"
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64 \
+        -d bench/wheels "pydicom==3.0.2" "mpi4py==4.1.2" "mpich==5.0.2"
 fi
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"

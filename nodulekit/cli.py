@@ -65,6 +65,43 @@ def bench_step(device, width, depth, size, batch, repeats, warmup, seed, json_pa
     _write_json(result, json_path)
 
 
+@bench.command("gpus")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]),
+              help="'auto': GPU ranks when there are GPUs, else CPU ranks.")
+@click.option("--ranks", "max_ranks", type=click.IntRange(min=1), default=None,
+              help="Time 1..N ranks  [default: every GPU; on CPUs min(4, cores)]")
+@click.option("--width", default=16, show_default=True, help="Paper: 64.")
+@click.option("--depth", default=4, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Input H = W (paper: 512).")
+@click.option("--batch", default=12, show_default=True, help="Global batch, split over the "
+              "ranks (paper: 12).")
+@click.option("--slices", default=18534, show_default=True,
+              help="Training slices per epoch (the paper's UniToChest training set).")
+@click.option("--repeats", default=5, show_default=True, help="Timed steps (median).")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Time every rank count this many times, interleaved (shared machines).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for stdout).")
+def bench_gpus(device, max_ranks, width, depth, size, batch, slices, repeats, warmup, rounds,
+               seed, json_path):
+    """The paper's Table 4: training s/epoch and inference s/image on 1..N data-parallel
+    ranks (mpiexec; one GPU per rank, CPU ranks where there is no GPU), with scaling
+    efficiency."""
+    from nodulekit.bench.gpus import format_gpus, run_gpus_bench
+
+    try:
+        result = run_gpus_bench(device=device, max_ranks=max_ranks, width=width, depth=depth,
+                                size=size, batch=batch, slices=slices, repeats=repeats,
+                                warmup=warmup, rounds=rounds, seed=seed, echo=click.echo)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_gpus(result))
+    _write_json(result, json_path)
+
+
 def _write_json(result, json_path):
     if not json_path:
         return
@@ -137,14 +174,27 @@ def _library_errors():
                    "0.01; keeps the net from settling on 'no nodule anywhere').")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def train(data, epochs, batch_size, lr, width, depth, size, device, precision, seed, workers,
-          queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling, bce_weight,
-          no_test, no_progress):
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Data-parallel on this host: start N ranks (one per GPU; CPU ranks where "
+                   "there is no GPU) with mpiexec. The global --batch-size is split evenly. "
+                   "On several hosts: mpiexec -n N nodulekit train ...")
+@click.pass_context
+def train(ctx, data, epochs, batch_size, lr, width, depth, size, device, precision, seed,
+          workers, queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling,
+          bce_weight, no_test, no_progress, gpus):
     """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
     folder first). Without DATA: a small synthetic demo set, generated once into
     ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
+    from nodulekit.train import distributed
     from nodulekit.train.trainer import train as run_train
 
+    if gpus is not None and not distributed.launched_by_mpi():
+        _launch_ranks(ctx, gpus, device)
+        return
+    if gpus is not None and distributed.launcher_world_size() not in (None, gpus):
+        raise click.ClickException(f"--gpus {gpus}, but mpiexec started "
+                                   f"{distributed.launcher_world_size()} ranks")
+    rank = distributed.launcher_rank()
     try:
         result = run_train(data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
                            width=width, depth=depth, size=size, device=device,
@@ -156,9 +206,66 @@ def train(data, epochs, batch_size, lr, width, depth, size, device, precision, s
                            test=not no_test)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
+    except distributed.PeerFailed:
+        raise click.exceptions.Exit(1) from None  # the failing rank has said why
     except _library_errors() as e:
+        raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
+    if result.rank == 0:
+        click.echo(f"run folder: {result.out}")
+
+
+def _launch_ranks(ctx, ranks: int, device: str) -> None:
+    """`train --gpus N`: the same command under `mpiexec -n N`, this Python's mpiexec."""
+    from nodulekit.engine import cuda_usable
+    from nodulekit.train import distributed
+
+    if device in ("auto", "cuda"):
+        ok, why = cuda_usable()
+        if ok:
+            import cupy
+
+            have = cupy.cuda.runtime.getDeviceCount()
+            if ranks > have:
+                raise click.ClickException(f"--gpus {ranks}, but this host has {have} GPU(s) "
+                                           f"({why})")
+            what = f"{ranks} GPU rank(s)"
+        elif device == "cuda":
+            raise click.ClickException(f"--device cuda --gpus {ranks}: {why}")
+        else:
+            what = f"{ranks} CPU rank(s) (no usable GPU: {why})"
+    else:
+        what = f"{ranks} CPU rank(s)"
+    args = _command_line(ctx, drop=("gpus",))
+    try:
+        cmd = distributed.launch_command(ranks, args)
+    except distributed.DistributedError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"run folder: {result.out}")
+    click.echo(f"starting {what}: {' '.join(cmd)}")
+    status = distributed.launch(ranks, args)
+    if status != 0:
+        raise click.ClickException(
+            f"the run stopped: mpiexec exited with status {status} (a rank failed or was "
+            "killed; mpiexec then ends every rank. The failing rank's message is above)")
+
+
+def _command_line(ctx, drop=()) -> list[str]:
+    """The arguments that give this command again: its name, then every option that
+    differs from its default, and the positional arguments."""
+    args = [ctx.info_name]
+    positional = []
+    for param in ctx.command.params:
+        if param.name in drop:
+            continue
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            if value is not None:
+                positional.append(str(value))
+            continue
+        if value is None or value == param.default or (param.is_flag and not value):
+            continue
+        name = max(param.opts, key=len)
+        args += [name] if param.is_flag else [name, str(value)]
+    return args + (["--", *positional] if positional else [])
 
 
 @main.command()

@@ -34,8 +34,13 @@ def resolve_device(device: str) -> tuple[str, str]:
     return device, f"using {device}"
 
 
-def get_backend(device: str = "cpu", precision: str = "fp32") -> Backend:
-    """The backend object for a device name ('auto' resolves first)."""
+def get_backend(device: str = "cpu", precision: str = "fp32",
+                threads: int | None = None) -> Backend:
+    """The backend object for a device name ('auto' resolves first).
+
+    threads: the CPU backend's worker threads (default: one per core); data-parallel ranks
+    sharing a host take a share of the cores each. Ignored by the other backends.
+    """
     name, _ = resolve_device(device)
     if name == "reference":
         from nodulekit.engine.reference import ReferenceBackend
@@ -44,7 +49,7 @@ def get_backend(device: str = "cpu", precision: str = "fp32") -> Backend:
     if name == "cpu":
         from nodulekit.engine.cpu import CPUBackend
 
-        return CPUBackend(precision=precision)
+        return CPUBackend(precision=precision, threads=threads)
     ok, why = cuda_usable()
     if not ok:
         raise RuntimeError(f"--device cuda asked for, but {why}")

@@ -38,11 +38,14 @@ class SplitResult:
 def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int = 8,
                 workers: int = 2, queue: int | None = None, window=(-500.0, 1600.0),
                 smooth: float = 1.0, progress: bool = False, desc: str = "",
-                in_memory: bool | None = None) -> SplitResult:
+                in_memory: bool | None = None, comm=None) -> SplitResult:
     """The model over every slice of `split`; see the module docstring.
 
     cache: a path or an open `nodulekit.data.cache.Cache`. image_shape: centre-crop the
     slices to this (H, W) first (None: the slices as they are).
+    comm: data-parallel ranks (`nodulekit.train.distributed`): each takes a contiguous
+    block of the batches, and every rank gets the whole result back (the same batches as
+    one process, so the same numbers). Every rank must call this.
     """
     from tqdm import tqdm
 
@@ -53,12 +56,18 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
     loader = eval_loader(cache, split, batch_size=batch_size, num_workers=workers,
                          queue_size=queue, in_memory=_small(cache, split)
                          if in_memory is None else in_memory)
+    sharded = comm is not None and comm.size > 1
+    batches = len(loader)
+    if sharded:
+        from nodulekit.train.distributed import shard_batches
+
+        loader, batches = shard_batches(loader, comm.rank, comm.size)
     counts, soft, rows = [], [], []
     t0 = time.perf_counter()
     try:
         shape = loader.split.image_shape if image_shape is None else tuple(image_shape)
         check_input_shape(shape, model.depth)
-        with tqdm(total=len(loader), desc=desc or split, unit="batch", leave=False,
+        with tqdm(total=batches, desc=desc or split, unit="batch", leave=False,
                   disable=not progress) as bar:
             for batch in loader.epoch(0):
                 hu, mask = center_crop(batch.hu, batch.mask, shape)
@@ -73,6 +82,11 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
         be.synchronize()
     finally:
         loader.close()
+    if sharded:  # rank order is cache order: each rank had a contiguous block
+        parts = comm.allgather_object((counts, soft, rows))
+        counts = [c for part in parts for c in part[0]]
+        soft = [d for part in parts for d in part[1]]
+        rows = [r for part in parts for r in part[2]]
     if counts:
         return SplitResult(np.concatenate(counts).astype(np.int64),
                            np.concatenate(soft).astype(np.float64), np.concatenate(rows),
@@ -123,12 +137,16 @@ def _num(v):
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
              split: str = "test", out: str | os.PathLike | None = None, device: str = "auto",
              precision: str = "fp32", batch_size: int | None = None, size: int | None = None,
-             workers: int = 2, progress: bool = True, report=print) -> tuple[dict, Path]:
+             workers: int = 2, progress: bool = True, report=print, comm=None,
+             threads: int | None = None) -> tuple[dict, Path]:
     """Evaluate a checkpoint (or a run folder's best one) on a split; write summary.json.
 
     data: a cache (.h5) or a data-set folder (preprocessed into `out` first); None: the
     data the run trained on. out: where summary.json goes (default: <run>/evaluate-<split>).
     size: centre-crop the slices to size x size (default: whole slices).
+    comm: data-parallel ranks, all calling this: rank 0 reads the checkpoint and sends it
+    to the others, each infers a share of the slices, rank 0 writes summary.json.
+    threads: the CPU backend's threads (default: one per core).
     Returns (summary, path of summary.json).
     """
     from nodulekit.engine import get_backend, resolve_device
@@ -140,14 +158,27 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
     from nodulekit.train.config import resolve_size
     from nodulekit.train.runfiles import write_json
 
-    ckpt_path = resolve_checkpoint(checkpoint, prefer="best")
-    ckpt = load_checkpoint(ckpt_path)
-    out = Path(out) if out is not None else ckpt_path.parent / f"evaluate-{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    cache = resolve_eval_data(data, ckpt.config, out, report=report, progress=progress)
+    root = comm is None or comm.is_root
+    if not root:
+        report, progress = (lambda *_a, **_k: None), False
+
+    def prepare():
+        import dataclasses
+
+        ckpt_path = resolve_checkpoint(checkpoint, prefer="best")
+        ckpt = load_checkpoint(ckpt_path)
+        where = Path(out) if out is not None else ckpt_path.parent / f"evaluate-{split}"
+        where.mkdir(parents=True, exist_ok=True)
+        cache = resolve_eval_data(data, ckpt.config, where, report=report, progress=progress)
+        return ckpt_path, dataclasses.replace(ckpt, adam=None), where, cache
+
+    if comm is None:
+        ckpt_path, ckpt, out, cache = prepare()
+    else:
+        ckpt_path, ckpt, out, cache = comm.share(prepare)
     backend_name, sentence = resolve_device(device)
     report(sentence)
-    be = get_backend(backend_name, precision)
+    be = get_backend(backend_name, precision, threads=threads)
     model = model_from_checkpoint(ckpt, be)
 
     from nodulekit.data.cache import open_cache
@@ -164,7 +195,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
                f"{len(s)} slices at {shape[0]}x{shape[1]}")
         result = infer_split(model, c, split, image_shape=shape, batch_size=bs,
                              workers=workers, window=window,
-                             smooth=float(cfg.get("smooth", 1.0)), progress=progress)
+                             smooth=float(cfg.get("smooth", 1.0)), progress=progress,
+                             comm=comm)
         summary = split_summary(result, s.meta)
     summary = {
         "checkpoint": str(ckpt_path.resolve()), "checkpoint_epoch": ckpt.epoch,
@@ -177,8 +209,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
         "seconds_per_image": result.seconds / max(1, len(result.rows)),
         **summary,
     }
+    if comm is not None and comm.size > 1:
+        summary["ranks"] = comm.size
     path = out / "summary.json"
-    write_json(path, summary)
+    if root:
+        write_json(path, summary)
     return summary, path
 
 

@@ -19,6 +19,15 @@ last bits.
 
 A NaN or Inf loss stops the run (`TrainingDiverged`) naming the epoch and step; nothing of
 that epoch is saved, so checkpoint_last stays the last good one.
+
+Data-parallel (`nodulekit.train.distributed`; `mpiexec -n N nodulekit train` or `--gpus N`):
+rank 0 resolves the configuration (and reads a checkpoint to resume or fine-tune) and
+sends it to the others; its weights (and Adam's moments) are broadcast. `batch_size` is the
+global batch: rank r takes samples [r B/N, (r+1) B/N) of every global batch (the same
+samples and augmentation as one process), the gradients are averaged in one all-reduce
+per step and the step's losses in a second, tiny one, so every rank takes the same Adam
+step and sees the same loss. Validation and the final test split are shared out by blocks
+of batches and gathered. Only rank 0 prints and writes the run folder.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ class TrainResult:
     test: dict | None = None
     test_path: Path | None = None
     messages: list[str] = field(default_factory=list)
+    rank: int = 0  # this process's rank (data-parallel runs); only rank 0 writes the run
+    ranks: int = 1
 
 
 # Options that define what a run computes: they cannot change when it is resumed.
@@ -74,7 +85,7 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
           finetune_from: str | os.PathLike | None = None, smooth: float | None = None,
           lr_scaling: str | None = None, bce_weight: float | None = None,
           progress: bool = True, test: bool = True,
-          echo=None, callback=None) -> TrainResult:
+          echo=None, callback=None, comm=None) -> TrainResult:
     """Train a U-Net; see the module docstring. Options left None take the defaults of the
     data (the paper's for real data, `DEMO_DEFAULTS` for the embedded demo set).
 
@@ -88,32 +99,75 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
         also goes to the run's train.log.
     callback: called as callback(epoch, global_step) after every step (tests use it to
         interrupt a run).
+    comm: the data-parallel communicator (`nodulekit.train.distributed`); None: found from
+        the environment (one rank, unless an MPI launcher started this process). With N
+        ranks the global batch `batch_size` is split evenly (B/N samples per rank), the
+        gradients are averaged once per step, and only rank 0 writes the run folder.
     """
-    from nodulekit.train.runfiles import Reporter
+    from nodulekit.train import distributed
 
     t_start = time.perf_counter()
+    own_comm = comm is None
+    if own_comm:
+        comm, _ = distributed.init(device)
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width,
              "depth": depth, "size": size, "seed": seed, "empty_fraction": empty_fraction,
              "finetune_from": finetune_from, "data": data, "precision": precision,
              "smooth": smooth, "lr_scaling": lr_scaling, "bce_weight": bce_weight}
     pre = _Buffered(echo)  # lines printed before the run folder (and its log) exists
-    if resume is not None:
-        config, ckpt = _resumed_config(resume, given, device=device, workers=workers,
-                                       queue=queue)
-        config.test_after = test
-    else:
-        config = _new_config(data, out=out, device=device, workers=workers, queue=queue,
-                             test=test, report=pre, progress=progress,
-                             **{k: v for k, v in given.items() if k != "data"})
-        ckpt = None
+    full_ckpt = None
+
+    def setup():
+        # rank 0 only (with several ranks): may generate the demo set or preprocess a folder
+        nonlocal full_ckpt
+        if resume is not None:
+            config, ckpt = _resumed_config(resume, given, device=device, workers=workers,
+                                           queue=queue)
+            config.test_after = test
+        else:
+            config = _new_config(data, out=out, device=device, workers=workers, queue=queue,
+                                 test=test, report=pre, progress=progress,
+                                 **{k: v for k, v in given.items() if k != "data"})
+            ckpt = None
+        if comm.size > 1:
+            distributed.check_global_batch(config.batch_size, comm.size)
+        full_ckpt = ckpt
+        return config, _without_arrays(ckpt)
+
+    with distributed.abort_on_error(comm):
+        return _run(comm, own_comm, setup, lambda: full_ckpt, pre, echo, progress, callback,
+                    t_start)
+
+
+def _run(comm, own_comm, setup, full_ckpt, pre, echo, progress, callback, t_start):
+    from nodulekit.train import distributed
+    from nodulekit.train.runfiles import Reporter
+
+    root = comm.is_root
+    config, ckpt = comm.share(setup)
+    if root:
+        ckpt = full_ckpt()  # the other ranks get the arrays by broadcast (_train)
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
-    report = Reporter(run / "train.log", echo=echo)
-    for when, line in pre.lines:
-        report.log(line, when)
+    if root:
+        run.mkdir(parents=True, exist_ok=True)
+        report = Reporter(run / "train.log", echo=echo)
+        for when, line in pre.lines:
+            report.log(line, when)
+    else:
+        report = Reporter(None, quiet=True)
+        progress = False
     try:
-        return _train(config, ckpt, report, progress, callback, t_start)
+        return _train(config, ckpt, report, progress, callback, t_start, comm)
+    except TrainingDiverged as exc:
+        if comm.size == 1:
+            raise
+        # every rank saw the same averaged loss: rank 0 says so, the others stop quietly
+        if root:
+            raise distributed.collective(exc) from None
+        raise distributed.collective(distributed.PeerFailed(str(exc))) from None
     except KeyboardInterrupt:
+        if not root:
+            raise
         if (run / "checkpoint_last.h5").exists():
             report("interrupted; checkpoint_last.h5 holds the last finished epoch: continue "
                    f"with `nodulekit train --resume {run}`")
@@ -122,6 +176,20 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
         raise
     finally:
         report.close()
+        if own_comm:
+            comm.close()
+
+
+def _without_arrays(ckpt):
+    """A checkpoint's metadata without its big arrays (sent to the other ranks, which get
+    the parameters and Adam's moments by broadcast)."""
+    if ckpt is None:
+        return None
+    import dataclasses
+
+    adam = None if ckpt.adam is None else {k: v for k, v in ckpt.adam.items()
+                                          if k not in ("m", "v")}
+    return dataclasses.replace(ckpt, params=None, adam=adam)
 
 
 class _Buffered:
@@ -249,13 +317,15 @@ def _resumed_config(resume, given: dict, *, device, workers, queue):
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start) -> TrainResult:
+def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start,
+           comm) -> TrainResult:
     from tqdm import tqdm
 
     from nodulekit.data.cache import open_cache
     from nodulekit.data.loader import train_loader
     from nodulekit.engine import get_backend, resolve_device
     from nodulekit.nn import Adam, UNet
+    from nodulekit.train import distributed
     from nodulekit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from nodulekit.train.evaluate import _small, infer_split
     from nodulekit.train.metrics import global_scores, slice_scores
@@ -268,13 +338,28 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     )
 
     run = Path(config.out)
+    root = comm.is_root
+    # the data-parallel path: averaging (and the collectives) even for one NCCL/MPI rank
+    dist = comm if comm.kind != "single" else None
     _, sentence = resolve_device(config.device)
-    be = get_backend(config.backend, config.precision)
+    threads = None
+    if comm.size > 1 or os.environ.get("NODULEKIT_THREADS"):
+        threads = distributed.cpu_threads_per_rank(comm.local_size)
+        distributed.limit_numba_threads(threads)
+    be = get_backend(config.backend, config.precision, threads=threads)
     report(f"nodulekit train: run folder {run}")
     report(f"device: {sentence}; {device_description(be.name)}, {be.precision}")
+    if dist is not None:
+        report(f"data-parallel: {comm.describe()}; global batch {config.batch_size} = "
+               f"{config.batch_size // comm.size} per rank"
+               + (f"; {threads} CPU thread(s) per rank" if be.name == "cpu" else ""))
 
     if config.finetune_from and ckpt is None:
-        model = model_from_checkpoint(load_checkpoint(config.finetune_from), be)
+        if root:
+            model = model_from_checkpoint(load_checkpoint(config.finetune_from), be)
+        else:  # rank 0's weights come by broadcast below
+            model = UNet(be, depth=config.depth, width=config.width,
+                         in_channels=config.in_channels, seed=config.seed)
         report(f"fine-tuning from {config.finetune_from}")
     else:
         model = UNet(be, depth=config.depth, width=config.width,
@@ -286,14 +371,29 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     start_epoch, global_step, history = 0, 0, []
     best_epoch, best_score = 0, -math.inf
     if ckpt is not None:
-        model.load_flat(ckpt.params)
-        opt.load_state(ckpt.adam)
+        if ckpt.params is not None:
+            model.load_flat(ckpt.params)
+            opt.load_state(ckpt.adam)
+        else:  # another rank: the arrays come by broadcast below
+            opt.step_count = int(ckpt.adam["step"])
         start_epoch, global_step = ckpt.epoch, ckpt.global_step
         history, best_epoch, best_score = list(ckpt.history), ckpt.best_epoch, ckpt.best_score
         report(f"resuming from {ckpt.path}: {ckpt.epoch} epoch(s), {ckpt.global_step} steps "
                f"done; best validation mean IoU {best_score:.4f} (epoch {best_epoch})")
+    if dist is not None:  # every rank starts from rank 0's weights (and Adam state)
+        dist.bcast(model.params)
+        if ckpt is not None:
+            dist.bcast(opt.m)
+            dist.bcast(opt.v)
+    fault = distributed.fault_hook(comm)
 
-    cache = open_cache(config.cache)
+    cache = None
+    error = None
+    try:
+        cache = open_cache(config.cache)
+    except Exception as exc:
+        error = exc
+    comm.agree(error)  # e.g. a rank on another host without the cache
     loader = None
     try:
         n_val = len(cache.split("val")) if "val" in cache.splits else 0
@@ -302,6 +402,8 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                               empty_fraction=config.empty_fraction, seed=config.seed,
                               num_workers=config.workers, queue_size=config.queue,
                               in_memory=_small(cache, "train"))
+        # each rank reads its B/N samples of every global batch
+        distributed.shard_global_batches(loader, comm.rank, comm.size)
         if len(loader) == 0:
             raise ValueError(f"{config.cache}: {loader.samples_per_epoch} training samples "
                              f"per epoch, fewer than one batch of {config.batch_size}; "
@@ -319,7 +421,9 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                f"; {config.epochs} epochs; seed {config.seed}")
         if n_val == 0:
             report("warning: no validation slices; the last epoch counts as the best")
-        _write_config(run, config, be, device_description, versions, write_json, ckpt)
+        if root:
+            _write_config(run, config, be, device_description, versions, write_json, ckpt,
+                          comm)
 
         center, width = config.window_center, config.window_width
         eval_bs = config.eval_batch_size or config.batch_size
@@ -332,10 +436,15 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                     hu, mask = center_crop(batch.hu, batch.mask, config.image_shape)
                     image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
                                                       be.asarray(batch.aug), center, width)
+                    comm.step = global_step + 1
                     dice_loss, bce = _step(model, opt, image, target, config.smooth, scale,
-                                           config.bce_weight)
+                                           config.bce_weight, dist)
                     loss, bce = float(be.to_host(dice_loss)), float(be.to_host(bce))
+                    if dist is not None:  # the global batch's mean: every rank the same
+                        loss, bce = (float(v) for v in dist.allreduce_mean_host([loss, bce]))
                     global_step += 1
+                    if fault is not None:
+                        fault(global_step)
                     if not (math.isfinite(loss) and math.isfinite(bce)):
                         what = (f"training loss became {loss}" if not math.isfinite(loss)
                                 else f"BCE term became {bce}")
@@ -355,6 +464,8 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
             be.synchronize()
             train_seconds = time.perf_counter() - t0
             images = len(losses) * config.batch_size
+            if dist is not None and comm.size > 1:
+                _check_same_weights(dist, be, model, opt, epoch, report)
 
             row = {"epoch": epoch + 1, "step": global_step,
                    "train_loss": float(np.mean(losses)), "train_bce": float(np.mean(bces))}
@@ -363,7 +474,7 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                                   batch_size=eval_bs, workers=config.workers,
                                   queue=config.queue, window=(center, width),
                                   smooth=config.smooth, progress=progress,
-                                  desc=f"validate {epoch + 1}")
+                                  desc=f"validate {epoch + 1}", comm=dist)
                 dice, iou = slice_scores(val.counts)
                 row.update(val_loss=val.loss, val_dice=float(dice.mean()),
                            val_iou=float(iou.mean()),
@@ -389,13 +500,14 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
                               "next_epoch": epoch + 1})
             # Best first: killed between the two, the run resumes from the older "last"
             # and recomputes the same epoch, rewriting the same best.
-            if improved:
-                _save(run / "checkpoint_best.h5", state, "best")
-            _save(run / "checkpoint_last.h5", state, "last")
-            write_metrics_csv(run / "metrics.csv", history)
-            plot_progress(run / "progress.png", history,
-                          title=f"U-Net depth {config.depth} width {config.width}, "
-                                f"{Path(config.cache).name}")
+            if root:
+                if improved:
+                    _save(run / "checkpoint_best.h5", state, "best")
+                _save(run / "checkpoint_last.h5", state, "last")
+                write_metrics_csv(run / "metrics.csv", history)
+                plot_progress(run / "progress.png", history,
+                              title=f"U-Net depth {config.depth} width {config.width}, "
+                                    f"{Path(config.cache).name}")
             report(_epoch_line(row, config.epochs))
         seconds = time.perf_counter() - t_start
         report(f"trained {config.epochs} epochs in {seconds:.1f} s; best validation mean IoU "
@@ -403,17 +515,21 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     finally:
         if loader is not None:
             loader.close()
-        cache.close()
+        if cache is not None:
+            cache.close()
 
     result = TrainResult(out=run, config=config, history=history, best_epoch=best_epoch,
-                         best_score=best_score, seconds=seconds)
-    if config.test_after and n_test and (run / "checkpoint_best.h5").exists():
+                         best_score=best_score, seconds=seconds, rank=comm.rank,
+                         ranks=comm.size)
+    have_best = comm.bcast_object((run / "checkpoint_best.h5").exists() if root else None)
+    if config.test_after and n_test and have_best:
         from nodulekit.train.evaluate import evaluate, format_summary
 
         summary, path = evaluate(run / "checkpoint_best.h5", config.cache, split="test",
                                  out=run / "test", device=config.backend,
                                  precision=config.precision, workers=config.workers,
-                                 progress=progress, report=report.log)
+                                 progress=progress, report=report.log, comm=dist,
+                                 threads=threads)
         result.test, result.test_path = summary, path
         report(format_summary(summary))
         report(f"wrote {path}")
@@ -422,8 +538,10 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start)
     return result
 
 
-def _step(model, opt, image, target, smooth: float, scale, bce_weight: float = 0.0):
-    """One training step. Returns (Dice loss, weighted BCE term), backend scalars.
+def _step(model, opt, image, target, smooth: float, scale, bce_weight: float = 0.0,
+          comm=None):
+    """One training step. Returns (Dice loss, weighted BCE term), backend scalars, of this
+    process's samples.
 
     The paper's step is forward, sigmoid + Dice loss, backward, Adam (`nn.training_step`).
     Two options of the demo change it, both off for real data by default:
@@ -432,10 +550,13 @@ def _step(model, opt, image, target, smooth: float, scale, bce_weight: float = 0
       gradient w / N * (p - t) never vanishes on a missed nodule pixel, unlike the Dice
       loss's (which carries p (1 - p)), so the net cannot settle into predicting nothing;
     - scale (`config.lr_scale`): Adam's step is scaled per parameter afterwards.
+
+    comm (data-parallel): the flat gradient buffer is averaged over the ranks, in one
+    all-reduce, between the backward pass and Adam.
     """
     import nodulekit.nn
 
-    if scale is None and not bce_weight:
+    if scale is None and not bce_weight and comm is None:
         return nodulekit.nn.training_step(model, opt, image, target, smooth), 0.0
     be = model.backend
     xp = be.xp
@@ -443,6 +564,8 @@ def _step(model, opt, image, target, smooth: float, scale, bce_weight: float = 0
     loss, _, dlogits = be.sigmoid_dice_loss(logits, target, smooth)
     bce = add_bce(be, logits, target, dlogits, bce_weight) if bce_weight else 0.0
     model.backward(dlogits)
+    if comm is not None:
+        comm.allreduce_mean(model.grads)
     if scale is None:
         opt.step()
         return loss, bce
@@ -487,8 +610,24 @@ def _epoch_line(row: dict, epochs: int) -> str:
             + ("  * best" if row["best"] else ""))
 
 
+def _check_same_weights(comm, be, model, opt, epoch: int, report) -> None:
+    """After each epoch: do all ranks still hold the same weights? They should, bit for bit
+    (every rank adds the same averaged gradient); if an all-reduce ever gave the ranks
+    different sums, say so and give every rank rank 0's weights and Adam state."""
+    xp = be.xp
+    mine = tuple(float(be.to_host(xp.sum(a, dtype=xp.float64)))
+                 for a in (model.params, opt.m, opt.v))
+    every = comm.allgather_object(mine)
+    if all(f == every[0] for f in every):
+        return
+    report(f"warning: after epoch {epoch + 1} the ranks' weights differ (sums {every}); "
+           "continuing from rank 0's")
+    for a in (model.params, opt.m, opt.v):
+        comm.bcast(a)
+
+
 def _write_config(run: Path, config: TrainConfig, be, device_description, versions,
-                  write_json, ckpt) -> None:
+                  write_json, ckpt, comm=None) -> None:
     import json
 
     path = run / "config.json"
@@ -502,7 +641,9 @@ def _write_config(run: Path, config: TrainConfig, be, device_description, versio
     sessions.append({"started": datetime.now().isoformat(timespec="seconds"),
                      "resumed_from_epoch": ckpt.epoch if ckpt is not None else None,
                      "device": device_description(be.name), "backend": be.name,
-                     "precision": be.precision, "versions": versions()})
+                     "precision": be.precision, "versions": versions(),
+                     "ranks": comm.size if comm is not None else 1,
+                     "communicator": comm.describe() if comm is not None else "one process"})
     write_json(path, {"config": config.to_dict(), "device": device_description(be.name),
                       "backend": be.name, "precision": be.precision, "versions": versions(),
                       "sessions": sessions})
