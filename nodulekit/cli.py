@@ -33,10 +33,22 @@ def _device_option(f):
 @_device_option
 @click.option("--op", "op_filter", default=None, help="Only ops whose name contains this.")
 @click.option("--repeats", default=20, show_default=True, help="Timed runs per op (median).")
+@click.option("--variants", default=None,
+              help="With --op conv: time the CUDA convolution versions ('all' or names, "
+                   "comma-separated) on the U-Net's 512x512 shapes against cuDNN (GPU only).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_ops(device, op_filter, repeats, json_path):
+def bench_ops(device, op_filter, repeats, variants, json_path):
     """Per-op timing: op, shape, our ms, torch ms, ratio (ours / torch)."""
+    if variants is not None:
+        from nodulekit.bench.ops import format_variants, run_conv_variants_bench
+
+        if op_filter not in (None, "conv"):
+            raise click.UsageError("--variants applies to --op conv only")
+        result = run_conv_variants_bench(variants, repeats=min(repeats, 5))
+        click.echo(format_variants(result))
+        _write_json(result, json_path)
+        return
     from nodulekit.bench.ops import format_table, run_ops_bench
 
     result = run_ops_bench(device=device, op_filter=op_filter, repeats=repeats)
