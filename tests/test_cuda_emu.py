@@ -54,7 +54,8 @@ def test_every_declared_kernel_runs():
     for variant, (precision, _) in CONV_VARIANTS.items():
         cb = CudaBackend(precision=precision, runtime=rt, conv_variant=variant)
         for (n, h, w, c, k, r) in [(2, 9, 11, 20, 80, 3), (1, 5, 7, 1, 4, 3),
-                                   (1, 6, 5, 40, 8, 1)]:
+                                   (1, 6, 5, 40, 8, 1), (1, 5, 7, 3, 20, 3),
+                                   (1, 5, 7, 3, 5, 3)]:
             x, wt, b = f32(n, h, w, c), f32(k, r, r, c), f32(k)
             y = cb.conv2d_forward(x, wt, b, relu=True)
             outputs += [y, *cb.conv2d_backward(f32(n, h, w, k), x, wt, y, relu=True)]

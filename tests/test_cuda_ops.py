@@ -144,6 +144,8 @@ CONV_VARIANT_SHAPES = [  # N, H, W, C, K, R, relu, need_dx: odd sizes, channels 
     pytest.param(1, 5, 7, 33, 17, 1, False, True, id="n1-5x7-c33-k17-1x1"),
     pytest.param(1, 7, 9, 3, 1, 3, False, True, id="n1-7x9-c3-k1-3x3"),
     pytest.param(2, 6, 5, 1, 4, 3, True, False, id="n2-6x5-c1-k4-3x3-first"),
+    pytest.param(1, 7, 9, 8, 12, 3, True, True, id="n1-7x9-c8-k12-3x3-relu-vec4"),
+    pytest.param(2, 5, 6, 16, 8, 1, False, True, id="n2-5x6-c16-k8-1x1-vec4"),
 ]
 
 

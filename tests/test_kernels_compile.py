@@ -107,3 +107,4 @@ def test_inspect_kernels_prints_the_table(reports, monkeypatch):
     result = CliRunner().invoke(main, ["inspect", "--kernels"])
     assert result.exit_code == 0, result.output
     assert "conv_forward_128x64" in result.output and "spill" in result.output
+    assert "conv_forward_mma_tf32" in result.output and "conv_weight_grad_mma_bf16" in result.output

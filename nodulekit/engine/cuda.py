@@ -75,10 +75,12 @@ KERNELS = {
     "concat.cu": ("copy_channels", "copy_channels_vec4"),
     "conv.cu": ("conv_forward_direct", "conv_weight_grad_direct", "conv_forward_smem_16x16",
                 "conv_weight_grad_smem_16x16", "conv_forward_128x64", "conv_forward_256x16",
+                "conv_forward_128x64_vec4", "conv_forward_256x16_vec4",
                 "conv_weight_grad_64x128", "conv_weight_grad_64x16", "conv_weight_grad_16x128",
+                "conv_weight_grad_64x128_vec4", "conv_weight_grad_16x128_vec4",
                 "flip_transpose_weight"),
-    "conv_mma.cu": ("conv_forward_mma_tf32", "conv_forward_mma_bf16", "conv_weight_grad_mma_tf32",
-                    "conv_weight_grad_mma_bf16"),
+    "conv_mma.cu": tuple(f"conv_{op}_mma_{p}{v}" for op in ("forward", "weight_grad")
+                         for p in ("tf32", "bf16") for v in ("", "_vec4")),
     "dice.cu": ("dice_partial_sums", "dice_grad"),
     "metrics.cu": ("confusion_counts",),
     "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
@@ -321,13 +323,16 @@ class CudaBackend(Backend):
             self._launch("conv.cu", "conv_forward_direct", self._grid_stride(m * k),
                          (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
             return
+        # float4 staging: four channels of one tap per load (C % 4 == 0, 16-byte aligned)
+        vec = "_vec4" if c % 4 == 0 and self._aligned(x, w) else ""
         if v in _MMA:
-            file, (kernel, bm, bn) = "conv_mma.cu", (f"conv_forward_mma_{_MMA[v]}", 128, 64)
+            file, (kernel, bm, bn) = "conv_mma.cu", (f"conv_forward_mma_{_MMA[v]}{vec}", 128, 64)
         elif v == "v2_smem":
             file, (kernel, bm, bn) = "conv.cu", ("conv_forward_smem_16x16", 16, 16)
         else:
-            file, (kernel, bm, bn) = "conv.cu", (("conv_forward_128x64", 128, 64) if k > 16
-                                                 else ("conv_forward_256x16", 256, 16))
+            file, (kernel, bm, bn) = "conv.cu", ((f"conv_forward_128x64{vec}", 128, 64)
+                                                 if k > 16
+                                                 else (f"conv_forward_256x16{vec}", 256, 16))
         grid = (_cdiv(m, bm), _cdiv(k, bn), 1)
         self._launch(file, kernel, grid, (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
 
@@ -350,16 +355,19 @@ class CudaBackend(Backend):
                          (THREADS, 1, 1), dz, x, dw, *dims)
             return dw
         file = "conv.cu"
+        # float4 staging of dz (along k) and of the patches (along c)
+        vec = "_vec4" if c % 4 == 0 and k % 4 == 0 and self._aligned(dz, x) else ""
         if v in _MMA:
-            file, kernel, ba, bb = "conv_mma.cu", f"conv_weight_grad_mma_{_MMA[v]}", 64, 128
+            file, kernel, ba, bb = ("conv_mma.cu", f"conv_weight_grad_mma_{_MMA[v]}{vec}", 64,
+                                    128)
         elif v == "v2_smem":
             kernel, ba, bb = "conv_weight_grad_smem_16x16", 16, 16
         elif j <= 16:
             kernel, ba, bb = "conv_weight_grad_64x16", 64, 16
         elif k <= 16:
-            kernel, ba, bb = "conv_weight_grad_16x128", 16, 128
+            kernel, ba, bb = f"conv_weight_grad_16x128{vec}", 16, 128
         else:
-            kernel, ba, bb = "conv_weight_grad_64x128", 64, 128
+            kernel, ba, bb = f"conv_weight_grad_64x128{vec}", 64, 128
         tiles = (_cdiv(j, bb), _cdiv(k, ba))
         splits, rows = self._splits(m, tiles[0] * tiles[1])
         out = dw if splits == 1 else self.empty((splits, k * j))

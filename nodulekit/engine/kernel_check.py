@@ -202,11 +202,11 @@ def format_kernel_report(reports: list[FileReport] | None = None, arch: str = DE
                    else compile_all(arch))
     how = ("nvcc " if nvcc else "NVRTC (as CuPy's RawModule) ") + " ".join(reports[0].options)
     lines = [f"kernels in {kernel_dir()}", f"compiled for sm_{arch} with {how}",
-             f"{'file':<11} {'kernel':<28} {'regs':>4} {'smem B':>7} {'stack B':>7} "
+             f"{'file':<11} {'kernel':<32} {'regs':>4} {'smem B':>7} {'stack B':>7} "
              f"{'spill st/ld B':>13} {'bar':>3}"]
     for r in reports:
         for k in sorted(r.kernels, key=lambda k: k.kernel):
-            lines.append(f"{r.file:<11} {k.kernel:<28} {k.registers:>4} {k.shared_bytes:>7} "
+            lines.append(f"{r.file:<11} {k.kernel:<32} {k.registers:>4} {k.shared_bytes:>7} "
                          f"{k.stack_bytes:>7} {f'{k.spill_stores}/{k.spill_loads}':>13} "
                          f"{k.barriers:>3}")
     total = sum(r.seconds for r in reports)

@@ -40,8 +40,11 @@
 //      16 x (128 + 64) floats for 16 x 128 x 64 FMAs. A thread's rows are ty + i*(BM/TM)
 //      and its columns tx + q*(BN/TN), so neighbouring threads read neighbouring shared
 //      words and write neighbouring outputs. v2 is this very template with TM = TN = 1.
-//      (Vectorised float4 staging is not in yet: the gather's four channels of one tap
-//      would need C % 4 == 0 and a 16-byte aligned x; see conv_mma.cu's notes.)
+//      Vectorised loads (the _vec4 kernels, picked where C % 4 == 0 and the arrays are
+//      16-byte aligned: every layer of the U-Net but the first): a thread stages four
+//      consecutive reduction indices at once, which are four channels of one tap, with one
+//      float4 load (and, in the weight gradient, four consecutive k of dz): a quarter of
+//      the load instructions and address arithmetic of the gather.
 //
 //   v4, v5 tensor cores (conv_mma.cu): the v3 tiling with warp-level mma.sync, TF32 or
 //      BF16 operands and fp32 accumulation.
@@ -57,11 +60,12 @@
 //   conv_weight_grad_direct    1-D grid-stride over K*J outputs (j fastest)
 //   conv_forward_smem_16x16    grid (ceil(M/16), ceil(K/16))    1 output per thread
 //   conv_weight_grad_smem_16x16  grid (ceil(J/16), ceil(K/16), splits)
-//   conv_forward_128x64   grid (ceil(M/128), ceil(K/64))   8x4 outputs per thread (K > 16)
-//   conv_forward_256x16   grid (ceil(M/256), ceil(K/16))   8x2 outputs per thread (K <= 16)
-//   conv_weight_grad_64x128  grid (ceil(J/128), ceil(K/64), splits)   4x8 per thread
-//   conv_weight_grad_64x16   grid (ceil(J/16), ceil(K/64), splits)    4x1 (J <= 16)
-//   conv_weight_grad_16x128  grid (ceil(J/128), ceil(K/16), splits)   1x8 (K <= 16)
+//   conv_forward_128x64[_vec4]  grid (ceil(M/128), ceil(K/64))  8x4 outputs a thread (K > 16)
+//   conv_forward_256x16[_vec4]  grid (ceil(M/256), ceil(K/16))  8x2 outputs a thread (K <= 16)
+//   conv_weight_grad_64x128[_vec4]  grid (ceil(J/128), ceil(K/64), splits)  4x8 per thread
+//   conv_weight_grad_64x16          grid (ceil(J/16), ceil(K/64), splits)   4x1 (J <= 16)
+//   conv_weight_grad_16x128[_vec4]  grid (ceil(J/128), ceil(K/16), splits)  1x8 (K <= 16)
+//       _vec4: float4 staging, where C % 4 == 0 (and K % 4 == 0 for the weight gradient)
 //   flip_transpose_weight    1-D grid-stride over K*R*R*C
 //
 // Napkin math (paper shape, enc0.conv2: 12 x 512 x 512, C = K = 64, 3x3): the forward is
@@ -148,7 +152,7 @@ extern "C" __global__ void conv_weight_grad_direct(const float* __restrict__ dz,
 
 // ------------------------------------------------------------------------------ forward
 // out[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); X gathered from x, w is [K, J]
-template <int BM, int BN, int TM, int TN>
+template <int BM, int BN, int TM, int TN, bool VEC = false>
 __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
                                                   const float* __restrict__ w,
                                                   const float* __restrict__ bias, int relu,
@@ -183,23 +187,52 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
     for (int i = 0; i < TM; ++i)
         for (int q = 0; q < TN; ++q) acc[i][q] = 0.0f;
 
-    const int jj = tid % BR;  // the reduction index this thread stages
     for (int j0 = 0; j0 < J; j0 += BR) {
         __syncthreads();  // the previous step's reads are done (and pix_* written)
-        const int j = j0 + jj;
-        const bool j_ok = j < J;
-        const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-        const int s = rs - r * R, c = j - rs * C;
-        for (int i = tid / BR; i < BM; i += NT / BR) {
-            const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
-            float v = 0.0f;
-            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
-            As[jj][i] = v;
-        }
-        for (int q = tid / BR; q < BN; q += NT / BR) {
-            const int k = k0 + q;
-            Bs[jj][q] = (j_ok && k < K) ? w[(long long)k * J + j] : 0.0f;
+        if constexpr (VEC) {
+            // one float4 = 4 channels of one tap (C % 4 == 0, x and w 16-byte aligned): a
+            // quarter of the load instructions; four consecutive j are all in or all out
+            const int jq = (tid % (BR / 4)) * 4, j = j0 + jq;
+            const bool j_ok = j < J;
+            const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+            const int s = rs - r * R, c = j - rs * C;
+            for (int i = tid / (BR / 4); i < BM; i += NT / (BR / 4)) {
+                const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                    v = *reinterpret_cast<const float4*>(
+                        x + (((long long)pix_n[i] * H + hh) * W + ww) * C + c);
+                As[jq][i] = v.x;
+                As[jq + 1][i] = v.y;
+                As[jq + 2][i] = v.z;
+                As[jq + 3][i] = v.w;
+            }
+            for (int q = tid / (BR / 4); q < BN; q += NT / (BR / 4)) {
+                const int k = k0 + q;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (j_ok && k < K) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
+                Bs[jq][q] = v.x;
+                Bs[jq + 1][q] = v.y;
+                Bs[jq + 2][q] = v.z;
+                Bs[jq + 3][q] = v.w;
+            }
+        } else {
+            const int jj = tid % BR;  // the reduction index this thread stages
+            const int j = j0 + jj;
+            const bool j_ok = j < J;
+            const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
+            const int s = rs - r * R, c = j - rs * C;
+            for (int i = tid / BR; i < BM; i += NT / BR) {
+                const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
+                float v = 0.0f;
+                if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
+                    v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
+                As[jj][i] = v;
+            }
+            for (int q = tid / BR; q < BN; q += NT / BR) {
+                const int k = k0 + q;
+                Bs[jj][q] = (j_ok && k < K) ? w[(long long)k * J + j] : 0.0f;
+            }
         }
         __syncthreads();
         for (int u = 0; u < BR; ++u) {
@@ -245,9 +278,23 @@ conv_forward_256x16(const float* __restrict__ x, const float* __restrict__ w,
     conv_forward_tile<256, 16, 8, 2>(x, w, bias, relu, y, N, H, W, C, K, R);
 }
 
+extern "C" __global__ void
+conv_forward_128x64_vec4(const float* __restrict__ x, const float* __restrict__ w,
+                         const float* __restrict__ bias, int relu, float* __restrict__ y,
+                         int N, int H, int W, int C, int K, int R) {
+    conv_forward_tile<128, 64, 8, 4, true>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void
+conv_forward_256x16_vec4(const float* __restrict__ x, const float* __restrict__ w,
+                         const float* __restrict__ bias, int relu, float* __restrict__ y,
+                         int N, int H, int W, int C, int K, int R) {
+    conv_forward_tile<256, 16, 8, 2, true>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
 // ------------------------------------------------------------------------ weight gradient
 // out[split, k, j] = sum over the split's pixels m of dz[m, k] * X[m, j]
-template <int BA, int BB, int TA, int TB>
+template <int BA, int BB, int TA, int TB, bool VEC = false>
 __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ dz,
                                                       const float* __restrict__ x,
                                                       float* __restrict__ out, int N, int H,
@@ -264,8 +311,11 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
     const int tid = threadIdx.x, tx = tid % (BB / TB), ty = tid / (BB / TB);
 
     // the columns this thread stages stay the same for every step: decode them once
-    const int ka = tid % BA, k = k0 + ka;
-    const int jb = tid % BB, j = j0 + jb;
+    // (VEC: four consecutive ones, one float4 load each: C % 4 == 0 and K % 4 == 0)
+    constexpr int V = VEC ? 4 : 1;
+    static_assert(NT % (BA / V) == 0 && NT % (BB / V) == 0, "fixed columns per thread");
+    const int ka = (tid % (BA / V)) * V, k = k0 + ka;
+    const int jb = (tid % (BB / V)) * V, j = j0 + jb;
     const bool j_ok = j < J;
     const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
     const int s = rs - r * R, c = j - rs * C;
@@ -289,17 +339,35 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
                 pix_w[tid] = 0;
             }
         }
-        for (int mm = tid / BA; mm < BR; mm += NT / BA) {
+        for (int mm = tid / (BA / V); mm < BR; mm += NT / (BA / V)) {
             const int m = m0 + mm;
-            Ds[mm][ka] = (m < m_end && k < K) ? dz[(long long)m * K + k] : 0.0f;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (m < m_end && k < K)
+                    v = *reinterpret_cast<const float4*>(dz + (long long)m * K + k);
+                Ds[mm][ka] = v.x;
+                Ds[mm][ka + 1] = v.y;
+                Ds[mm][ka + 2] = v.z;
+                Ds[mm][ka + 3] = v.w;
+            } else {
+                Ds[mm][ka] = (m < m_end && k < K) ? dz[(long long)m * K + k] : 0.0f;
+            }
         }
         __syncthreads();  // pix_* ready
-        for (int mm = tid / BB; mm < BR; mm += NT / BB) {
+        for (int mm = tid / (BB / V); mm < BR; mm += NT / (BB / V)) {
             const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
-            float v = 0.0f;
-            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                v = x[(((long long)pix_n[mm] * H + hh) * W + ww) * C + c];
-            Xs[mm][jb] = v;
+            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
+            const long long at = (((long long)pix_n[mm] * H + hh) * W + ww) * C + c;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (in) v = *reinterpret_cast<const float4*>(x + at);
+                Xs[mm][jb] = v.x;
+                Xs[mm][jb + 1] = v.y;
+                Xs[mm][jb + 2] = v.z;
+                Xs[mm][jb + 3] = v.w;
+            } else {
+                Xs[mm][jb] = in ? x[at] : 0.0f;
+            }
         }
         __syncthreads();
         for (int u = 0; u < BR; ++u) {
@@ -334,6 +402,20 @@ conv_weight_grad_smem_16x16(const float* __restrict__ dz, const float* __restric
                             float* __restrict__ out, int N, int H, int W, int C, int K, int R,
                             int rows) {
     conv_weight_grad_tile<16, 16, 1, 1>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void
+conv_weight_grad_64x128_vec4(const float* __restrict__ dz, const float* __restrict__ x,
+                             float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                             int rows) {
+    conv_weight_grad_tile<64, 128, 4, 8, true>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void
+conv_weight_grad_16x128_vec4(const float* __restrict__ dz, const float* __restrict__ x,
+                             float* __restrict__ out, int N, int H, int W, int C, int K, int R,
+                             int rows) {
+    conv_weight_grad_tile<16, 128, 1, 8, true>(dz, x, out, N, H, W, C, K, R, rows);
 }
 
 extern "C" __global__ void

@@ -16,9 +16,10 @@
 //
 // How, step by step from v3 (conv.cu): the same 256-thread blocks stage BK = 16 reduction
 // indices of both operands per step in shared memory, rounded on the way in (each value
-// once per block, not once per use). Then instead of each thread owning an 8x4 register
-// tile of scalar FMAs, each of the 8 warps owns a 32x32 piece of the block's tile and
-// computes it with warp-wide mma.sync instructions:
+// once per block, not once per use), with float4 loads where C % 4 == 0 (_vec4, as v3).
+// Then instead of each thread owning an 8x4 register tile of scalar FMAs, each of the 8
+// warps owns a 32x32 piece of the block's tile and computes it with warp-wide mma.sync
+// instructions:
 //   TF32: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32   (2 per 16-wide step)
 //   BF16: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32  (1 per 16-wide step)
 // so a warp's piece is 2 x 4 tiles of 16x8, 32 fp32 accumulators per thread. One mma
@@ -44,8 +45,10 @@
 //
 // Launches (cuda.py; 256 threads = 8 warps each, __launch_bounds__(256, 2): at most 128
 // registers, so two blocks fit an SM; <PREC> = tf32 or bf16):
-//   conv_forward_mma_<PREC>       grid (ceil(M/128), ceil(K/64))     warps 4 (m) x 2 (k)
-//   conv_weight_grad_mma_<PREC>   grid (ceil(J/128), ceil(K/64), splits)  warps 2 (k) x 4 (j)
+//   conv_forward_mma_<PREC>[_vec4]      grid (ceil(M/128), ceil(K/64))   warps 4 (m) x 2 (k)
+//   conv_weight_grad_mma_<PREC>[_vec4]  grid (ceil(J/128), ceil(K/64), splits)
+//                                                                    warps 2 (k) x 4 (j)
+//       _vec4: float4 staging, where C % 4 == 0 (and K % 4 == 0 for the weight gradient)
 //       as conv.cu's weight gradient: split s of the N*H*W pixels writes its own slice of a
 //       [splits, K, J] buffer, reduce.cu's sum_partials adds the slices in split order.
 //
@@ -59,9 +62,9 @@
 // here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
 //
 // Compiled for sm_90 (no GPU has run these yet): NVRTC 13.0 as CuPy calls it, -Xptxas -v:
-// forward 100 registers, weight gradient 105 (bf16) / 108 (tf32), 16.9 / 15.6 KB shared
-// memory, no stack, no spills; nvcc 13.0 -Xptxas -v: 96 / 100 registers, no spills. With
-// a bare __launch_bounds__(256) ptxas aimed at 64 registers and spilled (4-8 bytes).
+// forward 101-102 registers, weight gradient 106-108, 16.9 / 15.6 KB shared memory, no
+// stack, no spills; nvcc 13.0 -Xptxas -v: 93-102 registers, no spills. With a bare
+// __launch_bounds__(256) ptxas aimed at 64 registers and spilled (4-8 bytes).
 //
 // Check: pytest -m gpu tests/test_cuda_ops.py -k "every_version or mma or rounding"
 //        (GPU: one-warp mma and cvt probes against NumPy, then the convolutions)
@@ -195,7 +198,7 @@ __device__ __forceinline__ void warp_mma_step(const float (*As)[BKP], const floa
 
 // ------------------------------------------------------------------------------ forward
 // y[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); block tile 128 (m) x 64 (k)
-template <int PREC>
+template <int PREC, bool VEC>
 __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
                                                  const float* __restrict__ w,
                                                  const float* __restrict__ bias, int relu,
@@ -234,23 +237,44 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
-    const int jj = tid % BK;  // the reduction index this thread stages
+    // the reduction indices this thread stages: one, or (VEC: C % 4 == 0, x and w 16-byte
+    // aligned) four consecutive ones = four channels of one tap, one float4 load
+    constexpr int V = VEC ? 4 : 1;
+    const int jj = (tid % (BK / V)) * V;
     for (int j0 = 0; j0 < J; j0 += BK) {
         __syncthreads();  // the previous step's fragment loads are done (and pix_* written)
         const int j = j0 + jj;
-        const bool j_ok = j < J;
+        const bool j_ok = j < J;  // with VEC, J % 4 == 0: all four in or all out
         const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
         const int s = rs - r * R, c = j - rs * C;
-        for (int i = tid / BK; i < BM; i += NT / BK) {
+        for (int i = tid / (BK / V); i < BM; i += NT / (BK / V)) {
             const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
-            float v = 0.0f;
-            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
-            As[i][jj] = round_operand<PREC>(v);
+            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
+            const long long at = (((long long)pix_n[i] * H + hh) * W + ww) * C + c;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (in) v = *reinterpret_cast<const float4*>(x + at);
+                As[i][jj] = round_operand<PREC>(v.x);
+                As[i][jj + 1] = round_operand<PREC>(v.y);
+                As[i][jj + 2] = round_operand<PREC>(v.z);
+                As[i][jj + 3] = round_operand<PREC>(v.w);
+            } else {
+                As[i][jj] = round_operand<PREC>(in ? x[at] : 0.0f);
+            }
         }
-        for (int q = tid / BK; q < BN; q += NT / BK) {
+        for (int q = tid / (BK / V); q < BN; q += NT / (BK / V)) {
             const int k = k0 + q;
-            Bs[q][jj] = round_operand<PREC>((j_ok && k < K) ? w[(long long)k * J + j] : 0.0f);
+            const bool in = j_ok && k < K;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (in) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
+                Bs[q][jj] = round_operand<PREC>(v.x);
+                Bs[q][jj + 1] = round_operand<PREC>(v.y);
+                Bs[q][jj + 2] = round_operand<PREC>(v.z);
+                Bs[q][jj + 3] = round_operand<PREC>(v.w);
+            } else {
+                Bs[q][jj] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
+            }
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
@@ -274,21 +298,35 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv_forward_mma_tf32(const float* __restrict__ x, const float* __restrict__ w,
-                      const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
-                      int H, int W, int C, int K, int R) {
-    conv_forward_mma<PREC_TF32>(x, w, bias, relu, y, N, H, W, C, K, R);
+                      const float* __restrict__ bias, int relu, float* __restrict__ y,
+                      int N, int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_TF32, false>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_forward_mma_tf32_vec4(const float* __restrict__ x, const float* __restrict__ w,
+                           const float* __restrict__ bias, int relu, float* __restrict__ y,
+                           int N, int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_TF32, true>(x, w, bias, relu, y, N, H, W, C, K, R);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv_forward_mma_bf16(const float* __restrict__ x, const float* __restrict__ w,
-                      const float* __restrict__ bias, int relu, float* __restrict__ y, int N,
-                      int H, int W, int C, int K, int R) {
-    conv_forward_mma<PREC_BF16>(x, w, bias, relu, y, N, H, W, C, K, R);
+                      const float* __restrict__ bias, int relu, float* __restrict__ y,
+                      int N, int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_BF16, false>(x, w, bias, relu, y, N, H, W, C, K, R);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_forward_mma_bf16_vec4(const float* __restrict__ x, const float* __restrict__ w,
+                           const float* __restrict__ bias, int relu, float* __restrict__ y,
+                           int N, int H, int W, int C, int K, int R) {
+    conv_forward_mma<PREC_BF16, true>(x, w, bias, relu, y, N, H, W, C, K, R);
 }
 
 // ------------------------------------------------------------------------ weight gradient
 // out[split, k, j] = sum over the split's pixels m of dz[m, k] * X[m, j]; tile 64 (k) x 128 (j)
-template <int PREC>
+template <int PREC, bool VEC>
 __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ dz,
                                                      const float* __restrict__ x,
                                                      float* __restrict__ out, int N, int H,
@@ -306,8 +344,10 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
     const int row0 = (warp % WA) * (MI * 16), col0 = (warp / WA) * (NI * 8);
 
     // the columns this thread stages stay the same for every step: decode them once
-    const int ka = tid % BA, k = k0 + ka;
-    const int jb = tid % BB, j = j0 + jb;
+    // (VEC: four consecutive ones, one float4 load each: C % 4 == 0 and K % 4 == 0)
+    constexpr int V = VEC ? 4 : 1;
+    const int ka = (tid % (BA / V)) * V, k = k0 + ka;
+    const int jb = (tid % (BB / V)) * V, j = j0 + jb;
     const bool j_ok = j < J;
     const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
     const int s = rs - r * R, c = j - rs * C;
@@ -335,18 +375,35 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
                 pix_w[tid] = 0;
             }
         }
-        for (int mm = tid / BA; mm < BK; mm += NT / BA) {
+        for (int mm = tid / (BA / V); mm < BK; mm += NT / (BA / V)) {
             const int m = m0 + mm;
-            Ds[ka][mm] = round_operand<PREC>((m < m_end && k < K) ? dz[(long long)m * K + k]
-                                                                   : 0.0f);
+            const bool in = m < m_end && k < K;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (in) v = *reinterpret_cast<const float4*>(dz + (long long)m * K + k);
+                Ds[ka][mm] = round_operand<PREC>(v.x);
+                Ds[ka + 1][mm] = round_operand<PREC>(v.y);
+                Ds[ka + 2][mm] = round_operand<PREC>(v.z);
+                Ds[ka + 3][mm] = round_operand<PREC>(v.w);
+            } else {
+                Ds[ka][mm] = round_operand<PREC>(in ? dz[(long long)m * K + k] : 0.0f);
+            }
         }
         __syncthreads();  // pix_* ready
-        for (int mm = tid / BB; mm < BK; mm += NT / BB) {
+        for (int mm = tid / (BB / V); mm < BK; mm += NT / (BB / V)) {
             const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
-            float v = 0.0f;
-            if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                v = x[(((long long)pix_n[mm] * H + hh) * W + ww) * C + c];
-            Xs[jb][mm] = round_operand<PREC>(v);
+            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
+            const long long at = (((long long)pix_n[mm] * H + hh) * W + ww) * C + c;
+            if constexpr (VEC) {
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (in) v = *reinterpret_cast<const float4*>(x + at);
+                Xs[jb][mm] = round_operand<PREC>(v.x);
+                Xs[jb + 1][mm] = round_operand<PREC>(v.y);
+                Xs[jb + 2][mm] = round_operand<PREC>(v.z);
+                Xs[jb + 3][mm] = round_operand<PREC>(v.w);
+            } else {
+                Xs[jb][mm] = round_operand<PREC>(in ? x[at] : 0.0f);
+            }
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(Ds, Xs, row0, col0, lane, acc);
@@ -368,14 +425,28 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv_weight_grad_mma_tf32(const float* __restrict__ dz, const float* __restrict__ x,
-                          float* __restrict__ out, int N, int H, int W, int C, int K, int R,
-                          int rows) {
-    conv_weight_grad_mma<PREC_TF32>(dz, x, out, N, H, W, C, K, R, rows);
+                          float* __restrict__ out, int N, int H, int W, int C, int K,
+                          int R, int rows) {
+    conv_weight_grad_mma<PREC_TF32, false>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_weight_grad_mma_tf32_vec4(const float* __restrict__ dz, const float* __restrict__ x,
+                               float* __restrict__ out, int N, int H, int W, int C, int K,
+                               int R, int rows) {
+    conv_weight_grad_mma<PREC_TF32, true>(dz, x, out, N, H, W, C, K, R, rows);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv_weight_grad_mma_bf16(const float* __restrict__ dz, const float* __restrict__ x,
-                          float* __restrict__ out, int N, int H, int W, int C, int K, int R,
-                          int rows) {
-    conv_weight_grad_mma<PREC_BF16>(dz, x, out, N, H, W, C, K, R, rows);
+                          float* __restrict__ out, int N, int H, int W, int C, int K,
+                          int R, int rows) {
+    conv_weight_grad_mma<PREC_BF16, false>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_weight_grad_mma_bf16_vec4(const float* __restrict__ dz, const float* __restrict__ x,
+                               float* __restrict__ out, int N, int H, int W, int C, int K,
+                               int R, int rows) {
+    conv_weight_grad_mma<PREC_BF16, true>(dz, x, out, N, H, W, C, K, R, rows);
 }
