@@ -64,9 +64,12 @@ def test_every_declared_kernel_runs():
         y, am = be.maxpool2x2_forward(f32(2, 7, 9, c))
         outputs += [y, be.maxpool2x2_backward(f32(*y.shape), am, (7, 9))]
     x, wt, b = f32(2, 3, 5, 6), f32(4, 2, 2, 6), f32(4)
-    outputs += [be.upconv2x2_forward(x, wt, b), *be.upconv2x2_backward(f32(2, 6, 10, 4), x, wt)]
-    outputs += [be.upconv2x2_concat_forward(f32(2, 6, 10, 3), x, wt, b),
-                *be.upconv2x2_split_backward(f32(2, 6, 10, 7), 3, x, wt)]
+    for precision in ("fp32", "tf32", "bf16"):
+        ub = CudaBackend(precision=precision, runtime=rt)
+        outputs += [ub.upconv2x2_forward(x, wt, b),
+                    *ub.upconv2x2_backward(f32(2, 6, 10, 4), x, wt)]
+        outputs += [ub.upconv2x2_concat_forward(f32(2, 6, 10, 3), x, wt, b),
+                    *ub.upconv2x2_split_backward(f32(2, 6, 10, 7), 3, x, wt)]
     for ca, cb in ((4, 8), (3, 2)):
         outputs += [be.concat_channels(f32(2, 3, 4, ca), f32(2, 3, 4, cb)),
                     *be.split_channels(f32(2, 3, 4, ca + cb), ca)]

@@ -21,7 +21,8 @@ conv2d_backward       reduce.cu relu_grad_channel_sums / channel_sums, sum_parti
                       and conv_forward_* on dz (dx)
 maxpool2x2_*          pool.cu  maxpool2x2_{forward,backward}[_vec4]
 upconv2x2_*           upconv.cu upconv_forward_128x64, upconv_backward_data_128x64,
-                      upconv_weight_grad_64x128 (+ sum_partials); channel_sums (db)
+                      upconv_weight_grad_64x128 (+ sum_partials); channel_sums (db);
+                      tf32 / bf16: conv_mma.cu upconv_*_mma_{tf32,bf16}
 concat / split        concat.cu copy_channels[_vec4], once per half
 sigmoid_dice_loss     dice.cu  dice_partial_sums (its last block: dice, loss), dice_grad
 adam_step             adam.cu  adam_step[_vec4], one launch for the flat buffer
@@ -40,8 +41,9 @@ Precision is a named choice, ``CudaBackend(precision=...)`` one of :data:`PRECIS
 fp32 runs conv.cu's v3, tf32 and bf16 the tensor-core kernels of conv_mma.cu (operands
 rounded to TF32 / BF16, products summed in fp32). ``conv_variant=`` runs any other
 version of the same precision (the tests and ``bench ops --variants`` run them all).
-Everything else stays fp32 whatever the precision: the up-convolution (its tensor-core
-GEMM is not written yet), pooling, concat, loss, Adam.
+The 2x2 up-convolution follows the precision too (upconv.cu in fp32, conv_mma.cu's
+upconv_*_mma_{tf32,bf16} otherwise). Everything else stays fp32 whatever the precision:
+the bias gradients, pooling, concat, loss, Adam.
 
 Where the CPU backend computes in float64 the kernels mostly do too: the window's source
 coordinates and mask rounding (its bilinear weights and window in float32), the Dice sums
@@ -80,7 +82,10 @@ KERNELS = {
                 "conv_weight_grad_64x128_vec4", "conv_weight_grad_16x128_vec4",
                 "flip_transpose_weight"),
     "conv_mma.cu": tuple(f"conv_{op}_mma_{p}{v}" for op in ("forward", "weight_grad")
-                         for p in ("tf32", "bf16") for v in ("", "_vec4")),
+                         for p in ("tf32", "bf16") for v in ("", "_vec4"))
+                   + tuple(f"upconv_{op}_mma_{p}" for op in ("forward", "backward_data",
+                                                              "weight_grad")
+                           for p in ("tf32", "bf16")),
     "dice.cu": ("dice_partial_sums", "dice_grad"),
     "metrics.cu": ("confusion_counts",),
     "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
@@ -425,11 +430,19 @@ class CudaBackend(Backend):
         return dx
 
     # ------------------------------------------------------------------ up-convolution
+    def _upconv_kernel(self, fp32_name: str, op: str) -> tuple[str, str]:
+        """(file, kernel) of an up-convolution GEMM at this backend's precision: upconv.cu's
+        fp32 kernels, or conv_mma.cu's tensor-core ones for tf32 / bf16 (same tiles)."""
+        if self.precision == "fp32":
+            return "upconv.cu", fp32_name
+        return "conv_mma.cu", f"upconv_{op}_mma_{self.precision}"
+
     def _upconv_forward(self, x, w, b, y, ld: int, off: int) -> None:
         n, h, wd, c = x.shape
         k = w.shape[0]
         grid = (_cdiv(n * h * wd, 128), _cdiv(4 * k, 64), 1)
-        self._launch("upconv.cu", "upconv_forward_128x64", grid, (THREADS, 1, 1), x, w, b, y,
+        file, kernel = self._upconv_kernel("upconv_forward_128x64", "forward")
+        self._launch(file, kernel, grid, (THREADS, 1, 1), x, w, b, y,
                      _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
 
     def _upconv_backward(self, dy, ld: int, off: int, x, w):
@@ -438,16 +451,17 @@ class CudaBackend(Backend):
         k = w.shape[0]
         m = n * h * wd
         dx = self.empty(x.shape)
-        self._launch("upconv.cu", "upconv_backward_data_128x64",
-                     (_cdiv(m, 128), _cdiv(c, 64), 1), (THREADS, 1, 1), dy, w, dx, _i32(n),
-                     _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
+        file, kernel = self._upconv_kernel("upconv_backward_data_128x64", "backward_data")
+        self._launch(file, kernel, (_cdiv(m, 128), _cdiv(c, 64), 1), (THREADS, 1, 1), dy, w, dx,
+                     _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
         tiles = (_cdiv(c, 128), _cdiv(4 * k, 64))
         splits, rows = self._splits(m, tiles[0] * tiles[1])
         dw = self.empty(w.shape)
         out = dw if splits == 1 else self.empty((splits, w.size))
-        self._launch("upconv.cu", "upconv_weight_grad_64x128", (tiles[0], tiles[1], splits),
-                     (THREADS, 1, 1), dy, x, out, _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k),
-                     _i32(ld), _i32(off), _i32(rows))
+        file, kernel = self._upconv_kernel("upconv_weight_grad_64x128", "weight_grad")
+        self._launch(file, kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dy, x, out,
+                     _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off),
+                     _i32(rows))
         if splits > 1:
             self._sum_partials(out, splits, w.size, dw)
         db = self.empty((k,))

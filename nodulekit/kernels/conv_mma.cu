@@ -1,7 +1,9 @@
 // conv_mma.cu: 3x3 / 1x1 convolution on tensor cores, the next steps of conv.cu's
 // progression: v4 (TF32 operands) and v5 (BF16 operands), fp32 accumulation, NHWC, fp32
 // in memory. Forward (bias + ReLU fused), data gradient (the forward kernel on dz with
-// conv.cu's flip_transpose_weight), weight gradient (split over N*H*W, ordered sum).
+// conv.cu's flip_transpose_weight), weight gradient (split over N*H*W, ordered sum). At
+// the end, the 2x2 stride-2 up-convolution's three GEMMs (upconv.cu) the same way, for
+// CudaBackend(precision="tf32" / "bf16"), reading and writing the concat buffer.
 //
 // What it computes: what conv.cu computes (read its head first: the implicit GEMM, the
 // patch matrix X[m, j], the splits of the weight gradient), with every operand of every
@@ -449,4 +451,257 @@ conv_weight_grad_mma_bf16_vec4(const float* __restrict__ dz, const float* __rest
                                float* __restrict__ out, int N, int H, int W, int C, int K,
                                int R, int rows) {
     conv_weight_grad_mma<PREC_BF16, true>(dz, x, out, N, H, W, C, K, R, rows);
+}
+
+// ============================================================ the 2x2 stride-2 up-convolution
+// upconv.cu's three GEMMs (read its head: q = (2a + b) * K + k indexes the 4K outputs of an
+// input pixel, Wq[q, c] = w[k, a, b, c], DY[m, q] = dy[n, 2i+a, 2j+b, off + k] in a buffer
+// of ld channels) on tensor cores, operands rounded as they are staged, fp32 sums. The
+// forward writes, and the backward reads, its channels of the decoder's concat buffer
+// (ld, off) like upconv.cu's. Same blocks as above: 256 threads, 8 warps of 32x32.
+//   upconv_forward_mma_<PREC>        Y[m, q] = x[m, :] . Wq[q, :]
+//                                    grid (ceil(M/128), ceil(4K/64))
+//   upconv_backward_data_mma_<PREC>  dx[m, c] = DY[m, :] . Wq[:, c]
+//                                    grid (ceil(M/128), ceil(C/64))
+//   upconv_weight_grad_mma_<PREC>    dWq[q, c] = DY[:, q] . x[:, c]
+//                                    grid (ceil(C/128), ceil(4K/64), splits), partials as above
+
+// the input pixel m = (n, i, j) -> offset of its 2x2 output block's (a, b) = (0, 0) pixel
+__device__ __forceinline__ long long up_block(int m, int H, int W, int ld) {
+    const int n = m / (H * W), rem = m - n * (H * W), i = rem / W, j = rem - (rem / W) * W;
+    return (((long long)n * 2 * H + 2 * i) * 2 * W + 2 * j) * ld;
+}
+
+template <int PREC>
+__device__ __forceinline__ void upconv_forward_mma(const float* __restrict__ x,
+                                                   const float* __restrict__ w,
+                                                   const float* __restrict__ bias,
+                                                   float* __restrict__ y, int N, int H, int W,
+                                                   int C, int K, int ld, int off) {
+    constexpr int BM = 128, BN = 64, NT = 256, WM = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;
+    __shared__ float As[BM][BKP];  // As[i][cc] = round(x[m0 + i, c0 + cc])
+    __shared__ float Bs[BN][BKP];  // Bs[q][cc] = round(Wq[q0 + q, c0 + cc])
+    const int M = N * H * W, Q = 4 * K;
+    const int m0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row0 = (warp % WM) * (MI * 16), col0 = (warp / WM) * (NI * 8);
+    const int cc = tid % BK;
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    for (int c0 = 0; c0 < C; c0 += BK) {
+        const int c = c0 + cc;
+        __syncthreads();
+        for (int i = tid / BK; i < BM; i += NT / BK) {
+            const int m = m0 + i;
+            As[i][cc] = round_operand<PREC>((m < M && c < C) ? x[(long long)m * C + c] : 0.0f);
+        }
+        for (int q = tid / BK; q < BN; q += NT / BK) {
+            const int qq = q0 + q;
+            float v = 0.0f;
+            if (qq < Q && c < C) {
+                const int ab = qq / K, k = qq - ab * K;
+                v = w[((long long)k * 4 + ab) * C + c];
+            }
+            Bs[q][cc] = round_operand<PREC>(v);
+        }
+        __syncthreads();
+        warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
+    }
+
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {  // rows g and g + 8 of the 16x8 tiles
+            const int m = m0 + row0 + mi * 16 + g + 8 * e2;
+            if (m >= M) continue;
+            const long long base = up_block(m, H, W, ld) + off;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e1 = 0; e1 < 2; ++e1) {
+                    const int qq = q0 + col0 + ni * 8 + 2 * t + e1;
+                    if (qq >= Q) continue;
+                    const int ab = qq / K, k = qq - ab * K, a = ab / 2, b = ab - 2 * a;
+                    y[base + ((long long)a * 2 * W + b) * ld + k] =
+                        acc[mi][ni][2 * e2 + e1] + bias[k];
+                }
+        }
+}
+
+template <int PREC>
+__device__ __forceinline__ void upconv_backward_data_mma(const float* __restrict__ dy,
+                                                         const float* __restrict__ w,
+                                                         float* __restrict__ dx, int N, int H,
+                                                         int W, int C, int K, int ld, int off) {
+    constexpr int BM = 128, BN = 64, NT = 256, WM = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;
+    __shared__ float As[BM][BKP];  // As[i][u] = round(DY[m0 + i, q0 + u])
+    __shared__ float Bs[BN][BKP];  // Bs[cc][u] = round(Wq[q0 + u, c0 + cc])
+    __shared__ long long pix[BM];  // offset of each pixel's output block, -1 past the end
+    const int M = N * H * W, Q = 4 * K;
+    const int m0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row0 = (warp % WM) * (MI * 16), col0 = (warp / WM) * (NI * 8);
+
+    for (int i = tid; i < BM; i += NT) pix[i] = m0 + i < M ? up_block(m0 + i, H, W, ld) : -1;
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    const int uu = tid % BK;  // the q this thread stages
+    for (int q0 = 0; q0 < Q; q0 += BK) {
+        __syncthreads();  // (and pix written)
+        const int qq = q0 + uu;
+        const bool q_ok = qq < Q;
+        const int ab = q_ok ? qq / K : 0, k = qq - ab * K, a = ab / 2, b = ab - 2 * a;
+        for (int i = tid / BK; i < BM; i += NT / BK) {
+            float v = 0.0f;
+            if (q_ok && pix[i] >= 0) v = dy[pix[i] + ((long long)a * 2 * W + b) * ld + off + k];
+            As[i][uu] = round_operand<PREC>(v);
+        }
+        for (int e = tid; e < BK * BN; e += NT) {  // rows of Wq, contiguous along c
+            const int u = e / BN, ccol = e - u * BN;
+            const int q = q0 + u, c = c0 + ccol;
+            float v = 0.0f;
+            if (q < Q && c < C) {
+                const int qab = q / K, qk = q - qab * K;
+                v = w[((long long)qk * 4 + qab) * C + c];
+            }
+            Bs[ccol][u] = round_operand<PREC>(v);
+        }
+        __syncthreads();
+        warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
+    }
+
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = m0 + row0 + mi * 16 + g + (e >> 1) * 8;
+                const int c = c0 + col0 + ni * 8 + 2 * t + (e & 1);
+                if (m < M && c < C) dx[(long long)m * C + c] = acc[mi][ni][e];
+            }
+}
+
+template <int PREC>
+__device__ __forceinline__ void upconv_weight_grad_mma(const float* __restrict__ dy,
+                                                       const float* __restrict__ x,
+                                                       float* __restrict__ out, int N, int H,
+                                                       int W, int C, int K, int ld, int off,
+                                                       int rows) {
+    constexpr int BA = 64, BB = 128, NT = 256, WA = 2;
+    constexpr int MI = BA / WA / 16, NI = BB / (NT / 32 / WA) / 8;
+    __shared__ float Ds[BA][BKP];  // Ds[qa][mm] = round(DY[m0 + mm, q0 + qa])
+    __shared__ float Xs[BB][BKP];  // Xs[cb][mm] = round(x[m0 + mm, c0 + cb])
+    __shared__ long long pix[BK];
+    const int M = N * H * W, Q = 4 * K;
+    const int c0 = blockIdx.x * BB, q0 = blockIdx.y * BA, split = blockIdx.z;
+    const int m_begin = split * rows, m_end = min(M, m_begin + rows);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int row0 = (warp % WA) * (MI * 16), col0 = (warp / WA) * (NI * 8);
+
+    const int qa = tid % BA, q = q0 + qa;  // the column of DY this thread stages
+    const bool q_ok = q < Q;
+    const int ab = q_ok ? q / K : 0, k = q - ab * K, a = ab / 2, b = ab - 2 * a;
+    const int cb = tid % BB, c = c0 + cb;  // the column of x this thread stages
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+
+    for (int m0 = m_begin; m0 < m_end; m0 += BK) {
+        __syncthreads();
+        if (tid < BK) pix[tid] = m0 + tid < m_end ? up_block(m0 + tid, H, W, ld) : -1;
+        for (int mm = tid / BB; mm < BK; mm += NT / BB) {
+            const int m = m0 + mm;
+            Xs[cb][mm] = round_operand<PREC>((m < m_end && c < C) ? x[(long long)m * C + c]
+                                                                   : 0.0f);
+        }
+        __syncthreads();  // pix ready
+        for (int mm = tid / BA; mm < BK; mm += NT / BA) {
+            float v = 0.0f;
+            if (q_ok && pix[mm] >= 0) v = dy[pix[mm] + ((long long)a * 2 * W + b) * ld + off + k];
+            Ds[qa][mm] = round_operand<PREC>(v);
+        }
+        __syncthreads();
+        warp_mma_step<PREC, MI, NI>(Ds, Xs, row0, col0, lane, acc);
+    }
+
+    float* o = out + (long long)split * Q * C;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qq = q0 + row0 + mi * 16 + g + (e >> 1) * 8;
+                const int cc = c0 + col0 + ni * 8 + 2 * t + (e & 1);
+                if (qq >= Q || cc >= C) continue;
+                const int qab = qq / K, qk = qq - qab * K;
+                o[((long long)qk * 4 + qab) * C + cc] = acc[mi][ni][e];
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_forward_mma_tf32(const float* __restrict__ x, const float* __restrict__ w,
+                        const float* __restrict__ bias, float* __restrict__ y, int N, int H,
+                        int W, int C, int K, int ld, int off) {
+    upconv_forward_mma<PREC_TF32>(x, w, bias, y, N, H, W, C, K, ld, off);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_backward_data_mma_tf32(const float* __restrict__ dy, const float* __restrict__ w,
+                              float* __restrict__ dx, int N, int H, int W, int C, int K,
+                              int ld, int off) {
+    upconv_backward_data_mma<PREC_TF32>(dy, w, dx, N, H, W, C, K, ld, off);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_weight_grad_mma_tf32(const float* __restrict__ dy, const float* __restrict__ x,
+                            float* __restrict__ out, int N, int H, int W, int C, int K, int ld,
+                            int off, int rows) {
+    upconv_weight_grad_mma<PREC_TF32>(dy, x, out, N, H, W, C, K, ld, off, rows);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_forward_mma_bf16(const float* __restrict__ x, const float* __restrict__ w,
+                        const float* __restrict__ bias, float* __restrict__ y, int N, int H,
+                        int W, int C, int K, int ld, int off) {
+    upconv_forward_mma<PREC_BF16>(x, w, bias, y, N, H, W, C, K, ld, off);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_backward_data_mma_bf16(const float* __restrict__ dy, const float* __restrict__ w,
+                              float* __restrict__ dx, int N, int H, int W, int C, int K,
+                              int ld, int off) {
+    upconv_backward_data_mma<PREC_BF16>(dy, w, dx, N, H, W, C, K, ld, off);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+upconv_weight_grad_mma_bf16(const float* __restrict__ dy, const float* __restrict__ x,
+                            float* __restrict__ out, int N, int H, int W, int C, int K, int ld,
+                            int off, int rows) {
+    upconv_weight_grad_mma<PREC_BF16>(dy, x, out, N, H, W, C, K, ld, off, rows);
 }
