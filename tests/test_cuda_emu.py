@@ -193,8 +193,10 @@ def test_bench_conv_variants_sweeps_every_version(monkeypatch):
                                          depth=2, size=8)
     shapes = ops.conv_variant_shapes(4, 2, 8)
     assert result["peak"]["device"] == "H100 SXM" and not result["skipped"]
-    assert len(result["rows"]) == len(cuda.CONV_VARIANTS) * len(shapes) * 3
-    for v, (precision, _) in cuda.CONV_VARIANTS.items():
+    ups = 2 * 3 * 3  # depth 2 levels x 3 precisions x (fwd, bwd at batch 2, fwd at batch 1)
+    assert len(result["rows"]) == len(cuda.CONV_VARIANTS) * len(shapes) * 3 + ups
+    for v, (precision, _) in [*cuda.CONV_VARIANTS.items(),
+                              *((f"upconv_{p}", (p, "")) for p in ("fp32", "tf32", "bf16"))]:
         rows = [r for r in result["rows"] if r["variant"] == v]
         assert {(r["pass"], r["batch"]) for r in rows} == {("forward", 2), ("backward", 2),
                                                            ("forward", 1)}

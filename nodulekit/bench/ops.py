@@ -255,6 +255,13 @@ def _conv_call(be, what: str, arrays, need_dx: bool):
     return lambda: be.conv2d_backward(dyd, xd, wd, y, relu=True, need_dx=need_dx)
 
 
+def _upconv_call(be, what: str, arrays):
+    xd, wd, bd, dyd = arrays
+    if what == "forward":
+        return lambda: be.upconv2x2_forward(xd, wd, bd)
+    return lambda: be.upconv2x2_backward(dyd, xd, wd)
+
+
 def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
                             warmup: int = 1, width: int = 64, depth: int = 4,
                             size: int = 512, budget_s: float = 240.0, seed: int = 0) -> dict:
@@ -263,7 +270,8 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
     off, tf32 against torch with TF32 on (cudnn and matmul), bf16 against torch on bf16
     tensors (fp32 accumulation in both; ours keeps fp32 tensors and rounds operands as it
     stages them). Training batch (12): forward and backward (dx, dw, db and the ReLU mask);
-    inference batch (1): forward. TFLOP/s at 2 FLOPs per multiply-add, and the fraction of
+    inference batch (1): forward. Then the 2x2 up-convolution at each of those precisions
+    (rows "upconv_<precision>"). TFLOP/s at 2 FLOPs per multiply-add, and the fraction of
     the device's peak for that precision (PEAK_TFLOPS). Cases past ``budget_s`` seconds are
     skipped and listed. Needs a GPU: raises SystemExit saying so where there is none."""
     import time
@@ -276,7 +284,7 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
                          f"a GPU: {why}")
     torch = require_torch()
     from nodulekit.bench.gpu_timing import event_median_ms
-    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
+    from nodulekit.engine.cuda import CONV_VARIANTS, DEFAULT_CONV_VARIANT, CudaBackend
     from nodulekit.reference.torch_ops import make_torch_op
 
     names = list(CONV_VARIANTS) if variants in ("all", None) else (
@@ -289,6 +297,17 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
     rng = np.random.default_rng(seed)
     t_start = time.perf_counter()
     rows, skipped = [], []
+
+    def add_row(variant, precision, what, label, batch, shape, ours_ms, torch_ms, reps, fl):
+        row = {"variant": variant, "precision": precision, "pass": what, "label": label,
+               "batch": batch, "shape": shape, "ours_ms": ours_ms, "torch_ms": torch_ms,
+               "ratio": ours_ms / torch_ms, "repeats": reps,
+               "ours_tflops": fl / ours_ms / 1e9, "torch_tflops": fl / torch_ms / 1e9}
+        if peak:
+            row["ours_pct_peak"] = 100 * row["ours_tflops"] / peak[precision]
+            row["torch_pct_peak"] = 100 * row["torch_tflops"] / peak[precision]
+        rows.append(row)
+
     torch_cache: dict = {}
     for batch in batches:
         for label, h, c, k, r, need_dx in conv_variant_shapes(width, depth, size):
@@ -329,18 +348,46 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
                         torch_cache[tkey] = event_median_ms(fn, repeats, warmup,
                                                             torch.cuda.synchronize)[0]
                     torch_ms = torch_cache[tkey]
-                    row = {"variant": v, "precision": precision, "pass": what,
-                           "label": label, "batch": batch,
-                           "shape": f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}",
-                           "ours_ms": ours_ms, "torch_ms": torch_ms,
-                           "ratio": ours_ms / torch_ms, "repeats": reps,
-                           "ours_tflops": fl / ours_ms / 1e9,
-                           "torch_tflops": fl / torch_ms / 1e9}
-                    if peak:
-                        row["ours_pct_peak"] = 100 * row["ours_tflops"] / peak[precision]
-                        row["torch_pct_peak"] = 100 * row["torch_tflops"] / peak[precision]
-                    rows.append(row)
+                    add_row(v, precision, what, label, batch,
+                            f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}", ours_ms, torch_ms, reps,
+                            fl)
             torch_cache = {kk: vv for kk, vv in torch_cache.items() if kk[2] != label}
+
+    # the 2x2 up-convolution's GEMMs at each precision the chosen variants use
+    precisions = [p for p in ("fp32", "tf32", "bf16")
+                  if any(CONV_VARIANTS[v][0] == p for v in names)]
+    widths = level_widths(depth, width)
+    for batch in batches:
+        for lvl in range(depth):
+            h, c, k = size >> (lvl + 1), widths[lvl + 1], widths[lvl]
+            label = f"dec{lvl}.up (2x2 up-conv)"
+            x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
+            w = rng.standard_normal((k, 2, 2, c), dtype=np.float32) * np.float32(c ** -0.5)
+            b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
+            dy = rng.standard_normal((batch, 2 * h, 2 * h, k), dtype=np.float32)
+            flops = 2.0 * batch * h * h * 4 * k * c
+            for precision in precisions:
+                be = CudaBackend(precision=precision,
+                                 conv_variant=DEFAULT_CONV_VARIANT[precision])
+                xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
+                passes = [("forward", flops)] + ([("backward", 2 * flops)] if batch > 1
+                                                 else [])
+                for what, fl in passes:
+                    if time.perf_counter() - t_start > budget_s:
+                        skipped.append(f"upconv {precision} {what} {label} batch {batch}")
+                        continue
+                    ours = _upconv_call(be, what, (xd, wd, bd, dyd))
+                    ours_ms, _ = event_median_ms(ours, repeats, warmup, be.synchronize)
+                    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                    fn = (make_torch_op("upconv2x2_forward", x, w, b, device="cuda",
+                                        dtype=dtype, allow_tf32=precision == "tf32")
+                          if what == "forward" else
+                          make_torch_op("upconv2x2_backward", dy, x, w, device="cuda",
+                                        dtype=dtype, allow_tf32=precision == "tf32"))
+                    torch_ms = event_median_ms(fn, repeats, warmup, torch.cuda.synchronize)[0]
+                    add_row(f"upconv_{precision}", precision, what, label, batch,
+                            f"{batch}x{h}x{h}x{c} -> {k}, 2x2 s2", ours_ms, torch_ms,
+                            repeats, fl)
     return {"benchmark": "conv-variants", **provenance("cuda"),
             "config": {"variants": names, "batches": list(batches), "width": width,
                        "depth": depth, "size": size, "repeats": repeats, "warmup": warmup,

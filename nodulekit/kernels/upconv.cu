@@ -22,6 +22,11 @@
 // (cuda.py: upconv2x2_concat_forward, upconv2x2_split_backward). Plain calls use
 // ld = K, off = 0.
 //
+// This file is the fp32 version (the progression's v3 step: shared-memory tiles and register
+// blocking, like conv.cu's conv_forward_128x64). The next step, the same three GEMMs on
+// tensor cores (TF32 / BF16 operands, fp32 sums) for CudaBackend(precision="tf32" /
+// "bf16"), is at the end of conv_mma.cu, next to the helpers it shares with the 3x3 kernels.
+//
 // Launches:
 //   upconv_forward_128x64        grid (ceil(M/128), ceil(4K/64))  8x4 outputs per thread
 //   upconv_backward_data_128x64  grid (ceil(M/128), ceil(C/64))   8x4
