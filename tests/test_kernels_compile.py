@@ -108,3 +108,15 @@ def test_inspect_kernels_prints_the_table(reports, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "conv_forward_128x64" in result.output and "spill" in result.output
     assert "conv_forward_mma_tf32" in result.output and "conv_weight_grad_mma_bf16" in result.output
+
+
+def test_gpu_test_probe_kernels_compile(monkeypatch):
+    """tests/test_cuda_ops.py's one-warp probes (conv_mma.cu plus three small kernels, built
+    by CuPy at GPU-test time) compile for sm_90 too, so a GPU session does not find out."""
+    import test_cuda_ops
+
+    source = cuda.kernel_source("conv_mma.cu") + test_cuda_ops.PROBE
+    monkeypatch.setattr(kernel_check, "kernel_source", lambda name: source)
+    r = kernel_check.compile_file("conv_mma.cu")
+    assert r.ok, r.problems
+    assert {"mma_probe", "round_probe", "diverged_mma"} <= {k.kernel for k in r.kernels}
