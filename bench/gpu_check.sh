@@ -16,8 +16,9 @@
 #   OUTDIR/step.json         nodulekit bench step --device cuda (width 16, 128x128, batch 4)
 #   OUTDIR/step_paper.json   the same at the paper's shape (width 64, 512x512, batch 12)
 #   OUTDIR/summary.json      pass/fail counts, ratios, % of copy bandwidth per memory-bound op
-# Each stage has its own time limit (720 s in all at worst; about 6 to 7 minutes expected on
-# an H100) and a failing stage does not stop the later ones; the exit status is that of
+# Each stage has its own time limit, cut to what is left of a 520 s budget (GPU_CHECK_BUDGET),
+# so the script ends inside the device tool's 10-minute limit (about 6 to 7 minutes expected
+# on an H100); a failing stage does not stop the later ones; the exit status is that of
 # the GPU tests. Run it with the device tool as bench/README.md says.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,14 @@ TEE_PID=$!
 export PYTHONUNBUFFERED=1
 stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 T0=$(date +%s)
+# every stage gets its own cap, cut to what is left of BUDGET seconds in all, so the whole
+# script ends inside the device tool's 10-minute command limit even if stages run long
+BUDGET=${GPU_CHECK_BUDGET:-520}
+cap() {
+    local left=$(( BUDGET - ($(date +%s) - T0) ))
+    (( left < 10 )) && left=10
+    echo $(( $1 < left ? $1 : left ))
+}
 
 stage "machine"
 nvidia-smi || echo "nvidia-smi failed"
@@ -57,16 +66,16 @@ NK=("$PY" -m nodulekit.cli)
 
 stage "kernels: NVRTC for this GPU's architecture, -Xptxas -v"
 ARCH=$("$PY" -c "import cupy; print(cupy.cuda.Device().compute_capability)" 2>/dev/null || echo 90)
-timeout 60 "$PY" -m nodulekit.engine.kernel_check --arch "$ARCH" | tee "$OUT/kernels.txt"
+timeout "$(cap 60)" "$PY" -m nodulekit.engine.kernel_check --arch "$ARCH" | tee "$OUT/kernels.txt"
 
 stage "pytest -m gpu"
-timeout 180 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --continue-on-collection-errors \
+timeout "$(cap 180)" "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest_gpu.xml"
 TESTS_RC=$?
 echo "pytest -m gpu exit status: $TESTS_RC"
 
 stage "device-to-device copy bandwidth"
-timeout 30 "$PY" - "$OUT/copy.json" <<'EOF'
+timeout "$(cap 30)" "$PY" - "$OUT/copy.json" <<'EOF'
 import json, sys
 from nodulekit.bench.gpu_timing import copy_bandwidth_gbps
 results = [copy_bandwidth_gbps(1 << 30), copy_bandwidth_gbps(1 << 28)]
@@ -76,17 +85,17 @@ json.dump(results, open(sys.argv[1], "w"), indent=2)
 EOF
 
 stage "bench step --device cuda (width 16, 128x128, batch 4)"
-timeout 40 "${NK[@]}" bench step --device cuda --json "$OUT/step.json"
+timeout "$(cap 40)" "${NK[@]}" bench step --device cuda --json "$OUT/step.json"
 
 stage "bench step --device cuda (the paper: width 64, 512x512, batch 12)"
-timeout 80 "${NK[@]}" bench step --device cuda --width 64 --size 512 --batch 12 \
+timeout "$(cap 80)" "${NK[@]}" bench step --device cuda --width 64 --size 512 --batch 12 \
     --repeats 3 --warmup 1 --json "$OUT/step_paper.json"
 
 stage "bench ops --device cuda (paper shapes; the inputs are drawn on the host first)"
-timeout 200 "${NK[@]}" bench ops --device cuda --repeats 10 --json "$OUT/ops.json"
+timeout "$(cap 200)" "${NK[@]}" bench ops --device cuda --repeats 10 --json "$OUT/ops.json"
 
 stage "bench ops --op conv --variants all (every conv version vs cuDNN at its precision; log only)"
-timeout 130 "$PY" -m nodulekit.bench.ops --op conv --variants all --repeats 3 --warmup 1 \
+timeout "$(cap 130)" "$PY" -m nodulekit.bench.ops --op conv --variants all --repeats 3 --warmup 1 \
     --budget 90 --json -
 
 stage "summary ($(( $(date +%s) - T0 )) s so far)"
