@@ -568,16 +568,19 @@ def test_reference_is_float64():
     assert be.name == "reference" and be.dtype == np.float64 and be.xp is np
 
 
-@pytest.mark.parametrize("c,k,r", [(16, 16, 3), (32, 8, 3), (16, 4, 1)])
-def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, c, k, r):
-    """dW is a sum over pixel blocks; the CPU backend adds them in block order, not per
-    thread, so the result cannot depend on how many threads there are or which thread
-    took which block (exact resume relies on this). Shapes give well over 3 blocks."""
+@pytest.mark.parametrize("hw,c,k,r", [((40, 37), 16, 16, 3), ((40, 37), 32, 8, 3),
+                                       ((40, 37), 16, 4, 1), ((9, 7), 64, 96, 3),
+                                       ((9, 7), 64, 96, 1)])
+def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k, r):
+    """dW is a sum over pixels; the CPU backend splits it the same way whatever the
+    threads do (per-block partials added in block order at 40x37; at 9x7 the product is
+    split over its columns instead), so the result cannot depend on how many threads
+    there are or which thread took which block (exact resume relies on this)."""
     from nodulekit.engine.cpu import CPUBackend
 
-    x = rng.standard_normal((2, 40, 37, c)).astype(np.float32)
+    x = rng.standard_normal((2, *hw, c)).astype(np.float32)
     w = rng.standard_normal((k, r, r, c)).astype(np.float32)
-    y = np.maximum(rng.standard_normal((2, 40, 37, k)), 0).astype(np.float32)
+    y = np.maximum(rng.standard_normal((2, *hw, k)), 0).astype(np.float32)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     results = [CPUBackend(threads=t).conv2d_backward(dy, x, w, y, relu=True)
                for t in (1, 2, 3, 2)]

@@ -92,6 +92,24 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int,
     return statistics.median(samples), samples
 
 
+def interleaved_median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int,
+                          syncs: list[Callable[[], None]]) -> list[tuple[float, list[float]]]:
+    """Like median_ms for several functions, timed in turns (a, b, a, b, ...): a load that
+    comes and goes on a shared machine then falls on both sides alike, not on one."""
+    for fn, sync in zip(fns, syncs, strict=True):
+        for _ in range(warmup):
+            fn()
+        sync()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, sync, out in zip(fns, syncs, samples, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [(statistics.median(s), s) for s in samples]
+
+
 def require_torch():
     try:
         import torch

@@ -4,14 +4,15 @@ A step is forward, sigmoid + Dice loss, backward and Adam, on the same architect
 same weights and the same batch on both sides. PyTorch runs channels_last (NHWC, as ours)
 in float32 with TF32 off on a GPU, so both sides compute the same thing. Reported: the
 median of ``repeats`` steps after ``warmup``, and the ratio ours / torch (< 1: we are
-faster). Both run in this one process, one after the other, on the same device.
+faster). Both run in this one process on the same device, in turns (ours, torch, ours,
+...), so that a load coming and going on a shared machine falls on both alike.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.bench.common import median_ms, provenance, require_torch
+from nodulekit.bench.common import interleaved_median_ms, provenance, require_torch
 from nodulekit.engine import get_backend, resolve_device
 from nodulekit.nn import Adam, UNet, training_step
 
@@ -45,8 +46,6 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     optimizer = Adam(backend, model.params, model.grads, lr=lr)
     x, t = backend.asarray(image), backend.asarray(mask)
     first_loss_ours = float(training_step(model, optimizer, x, t))
-    ours_ms, ours_all = median_ms(lambda: training_step(model, optimizer, x, t), repeats,
-                                  warmup, backend.synchronize)
 
     # ---- torch
     tdev = "cuda" if backend_name == "cuda" else "cpu"
@@ -70,7 +69,10 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
 
     first_loss_torch = torch_step().item()
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    torch_ms, torch_all = median_ms(torch_step, repeats, warmup, tsync)
+    # ours and torch in turns, so a passing load on a shared machine hits both alike
+    (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
+        [lambda: training_step(model, optimizer, x, t), torch_step], repeats, warmup,
+        [backend.synchronize, tsync])
 
     return {
         "benchmark": "step",
@@ -80,7 +82,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         "config": {"width": width, "depth": depth, "size": size, "batch": batch,
                    "repeats": repeats, "warmup": warmup, "seed": seed, "lr": lr,
                    "parameters": model.num_parameters, "precision": backend.precision,
-                   "torch_memory_format": "channels_last"},
+                   "torch_memory_format": "channels_last", "timing": "interleaved"},
         "first_step_loss": {"ours": first_loss_ours, "torch": first_loss_torch},
         "ours_ms": ours_ms,
         "torch_ms": torch_ms,
@@ -99,7 +101,7 @@ def format_step(r: dict) -> str:
         f"batch {c['batch']} x {c['size']}x{c['size']}, {c['precision']}",
         f"first-step loss: ours {r['first_step_loss']['ours']:.6f}  "
         f"torch {r['first_step_loss']['torch']:.6f}",
-        f"training step (median of {c['repeats']} after {c['warmup']} warm-up):",
+        f"training step (median of {c['repeats']} after {c['warmup']} warm-up, in turns):",
         f"  ours  {r['ours_ms']:9.1f} ms   {r['images_per_s']['ours']:7.1f} images/s",
         f"  torch {r['torch_ms']:9.1f} ms   {r['images_per_s']['torch']:7.1f} images/s",
         f"  ratio ours/torch {r['ratio']:.2f}  ({'faster' if r['ratio'] < 1 else 'slower'}"

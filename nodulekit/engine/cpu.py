@@ -69,7 +69,7 @@ class CPUBackend(Backend):
         n, h, w, c = x.shape
         rows = n * h * w
         k = w2d.shape[0]
-        w2t = np.ascontiguousarray(w2d.T)
+        w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
         if r_size == 1:
             x2d = x.reshape(rows, c)
 
@@ -92,6 +92,46 @@ class CPUBackend(Backend):
         self.workers.run(job, rows, step)
         return out2d
 
+    def _gram(self, b2d, rows, width, step, a2d=None, fill=None):
+        """A^T @ b2d -> [width, B]: a weight gradient, summed over all pixels (rows).
+
+        A [rows, width] is given (a2d) or written block by block by fill(m0, m1, out) (the
+        patch matrix, never built whole when it is large). The sum over rows is split the
+        same way whatever the thread count and whichever thread takes which block, so the
+        result is bit-identical from run to run (exact resume relies on it). Two plans:
+        - many rows (top levels): one partial product per block of rows, added in order;
+        - few rows, many columns (deep levels), where those partials would outweigh A:
+          A whole, and the product split over A's columns instead (nothing to add up).
+        """
+        workers = self.workers
+        kb = b2d.shape[1]
+        step, blocks = workers.plan(rows, step)
+        if blocks * kb < rows:
+            if a2d is None:
+                scratch = workers.scratch("patches", [((step, width), np.float32)])
+            partial = np.empty((blocks, width, kb), dtype=np.float32)
+
+            def job(m0, m1, worker):
+                if a2d is None:
+                    a = scratch[worker][0][: m1 - m0]
+                    fill(m0, m1, a)
+                else:
+                    a = a2d[m0:m1]
+                np.matmul(a.T, b2d[m0:m1], out=partial[m0 // step])
+
+            workers.run(job, rows, step)
+            return partial.sum(axis=0)
+        if a2d is None:
+            a2d = np.empty((rows, width), dtype=np.float32)
+            workers.run(lambda m0, m1, _: fill(m0, m1, a2d[m0:m1]), rows, step)
+        out = np.empty((width, kb), dtype=np.float32)
+
+        def column_job(j0, j1, _):
+            np.matmul(a2d[:, j0:j1].T, b2d, out=out[j0:j1])
+
+        workers.run(column_job, width, width)
+        return out
+
     def _conv2d_forward(self, x, w, b, relu):
         n, h, wd, _ = x.shape
         k, r = w.shape[0], w.shape[1]
@@ -110,37 +150,24 @@ class CPUBackend(Backend):
         kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
         db = partial.sum(axis=0)
 
-        # dW^T[R*R*C, K] = patches(x)^T @ dZ: one partial sum per block, added up in block
-        # order (not per thread: which thread takes a block varies, the sum must not)
-        cols_n = r * r * c
-        workers = self.workers
+        # dW^T[R*R*C, K] = patches(x)^T @ dZ
         if r == 1:
-            src2d, width = x.reshape(rows, c), None
-            step, blocks = workers.plan(rows, _block_rows(c + k))
+            acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
         else:
-            width = cols_n
-            step, blocks = workers.plan(rows, _block_rows(cols_n))
-            scratch = workers.scratch("patches", [((step, cols_n), np.float32)])
-        partial = np.empty((blocks, cols_n, k), dtype=np.float32)
+            def fill(m0, m1, out):
+                kern.im2col_rows(x, m0, m1, r, out)
 
-        def job(m0, m1, worker):
-            if width is None:
-                cols = src2d[m0:m1]
-            else:
-                cols = scratch[worker][0][: m1 - m0]
-                kern.im2col_rows(x, m0, m1, r, cols)
-            np.matmul(cols.T, dz2d[m0:m1], out=partial[m0 // step])
-
-        workers.run(job, rows, step)
-        acc = partial.sum(axis=0)
+            acc = self._gram(dz2d, rows, r * r * c, _block_rows(r * r * c), fill=fill)
         dw = np.ascontiguousarray(acc.T).reshape(w.shape)
 
         dx = None
         if need_dx:
-            # 'same' convolution of dZ with the kernel rotated 180 degrees, K <-> C
-            w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0))
+            # 'same' convolution of dZ with the kernel rotated 180 degrees, K <-> C. Built as
+            # [R, R, K, C] (C stays innermost: a fast copy; 10x faster than [C, R, R, K] for
+            # a 256 x 3 x 3 x 256 kernel) and handed over transposed, as _conv wants.
+            w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
             dx = np.empty((n, h, wd, c), dtype=np.float32)
-            self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(c, -1), r,
+            self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(-1, c).T, r,
                        np.zeros(c, dtype=np.float32), False, dx.reshape(rows, c))
         return dx, dw, db
 
@@ -167,8 +194,15 @@ class CPUBackend(Backend):
     def _upconv2x2_forward(self, x, w, b):
         n, h, wd, c = x.shape
         k = w.shape[0]
+        rows = n * h * wd
+        x2d, wm = x.reshape(rows, c), self._upconv_matrix(w)
         tmp = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
-        np.matmul(x.reshape(-1, c), self._upconv_matrix(w), out=tmp.reshape(n * h * wd, 4 * k))
+        tmp2d = tmp.reshape(rows, 4 * k)
+
+        def job(m0, m1, _):
+            np.matmul(x2d[m0:m1], wm, out=tmp2d[m0:m1])
+
+        self.workers.run(job, rows, _block_rows(c + 4 * k))
         y = np.empty((n, 2 * h, 2 * wd, k), dtype=np.float32)
         kern.upconv_scatter(tmp, b, y)
         return y
@@ -180,9 +214,15 @@ class CPUBackend(Backend):
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
         kern.upconv_gather(dy, g)
         g2d = g.reshape(rows, 4 * k)
-        wm = self._upconv_matrix(w)
-        dx = np.matmul(g2d, wm.T).reshape(n, h, wd, c)
-        dwm = np.matmul(x.reshape(rows, c).T, g2d)  # [C, (a, b, k)]
+        x2d, wm = x.reshape(rows, c), self._upconv_matrix(w)
+        dx = np.empty((n, h, wd, c), dtype=np.float32)
+        dx2d = dx.reshape(rows, c)
+
+        def job(m0, m1, _):
+            np.matmul(g2d[m0:m1], wm.T, out=dx2d[m0:m1])
+
+        self.workers.run(job, rows, _block_rows(c + 4 * k))
+        dwm = self._gram(g2d, rows, c, _block_rows(c + 4 * k), a2d=x2d)  # [C, (a, b, k)]
         dw = np.ascontiguousarray(dwm.reshape(c, 2, 2, k).transpose(3, 1, 2, 0))
         dy2d = dy.reshape(-1, k)
         partial = np.empty((_reduction_blocks(dy2d.shape[0]), k), dtype=np.float32)
