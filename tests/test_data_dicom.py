@@ -216,3 +216,168 @@ def test_warnings_do_not_leak_when_nothing_is_wrong():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_slice(CT_SMALL)
+
+
+# ----------------------------------------------------------------------------- fast paths
+# read_slice reads header values straight from pydicom's raw elements (dicom._value) and
+# uncompressed 16-bit pixels straight from their bytes (dicom._native_pixels); both must
+# give exactly what pydicom's own Dataset and pixel_array give, and step aside otherwise.
+
+_HEADER_TAGS = [
+    "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber",
+    "ImagePositionPatient", "SliceLocation", "PixelSpacing", "SliceThickness",
+    "SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "PixelData", "NumberOfFrames",
+]
+
+
+def _implicit_vr_copy(tmp_path) -> str:
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    return _save(ds, tmp_path / "implicit.dcm")
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_fast_header_values_equal_pydicoms(tmp_path, implicit):
+    path = _implicit_vr_copy(tmp_path) if implicit else CT_SMALL
+    fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
+    assert fast.file_meta.TransferSyntaxUID.is_implicit_VR == implicit
+    for keyword in _HEADER_TAGS:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        ours, theirs = dicom._value(fast, tag), slow.get(keyword)
+        assert type(ours) is type(theirs), keyword
+        assert ours == theirs, keyword
+    absent = 0x00540081  # NumberOfSlices
+    assert absent not in fast and dicom._value(fast, absent) is None
+    assert dicom._number(fast, absent) is None
+
+
+def _as_numbers(value):
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [float(v) for v in value]
+    return None if value is None else float(value)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_numbers_read_from_the_element_bytes_equal_pydicoms(tmp_path, implicit):
+    path = _implicit_vr_copy(tmp_path) if implicit else CT_SMALL
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 1  # an IS too
+    path = _save(ds, tmp_path / "numbers.dcm")
+    fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
+    for tag in dicom._NUMBER_VRS:
+        keyword = pydicom.datadict.keyword_for_tag(tag)
+        ours, theirs = dicom._number(fast, tag), slow.get(keyword)
+        assert _as_numbers(ours) == _as_numbers(theirs), keyword
+        assert isinstance(ours, (int, float, list)) or ours is None, keyword
+
+
+def test_numbers_that_are_not_plain_go_through_pydicom(tmp_path):
+    """Padding, signs and exponents are Python's to read; an empty value is pydicom's."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.RescaleIntercept = "-1.024E+03 "
+    ds.RescaleSlope = ""
+    ds.SliceThickness = "5\\0"  # two values where one is expected: kept as two
+    ds.InstanceNumber = "+7"
+    path = _save(ds, tmp_path / "odd_numbers.dcm")
+    fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
+    for keyword in ("RescaleIntercept", "RescaleSlope", "SliceThickness", "InstanceNumber"):
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        ours, theirs = dicom._number(fast, tag), slow.get(keyword)
+        if theirs in ("", None):
+            assert ours == theirs, keyword
+        else:
+            assert _as_numbers(ours) == _as_numbers(theirs), keyword
+    assert dicom._number(fast, tag) == 7
+    with pytest.warns(DicomWarning, match="RescaleSlope"):
+        s = read_slice(path)
+    assert (s.meta.rescale_slope, s.meta.rescale_intercept, s.meta.instance_number) == (
+        1.0, -1024.0, 7)
+
+
+def test_fast_path_hu_equals_pixel_array_times_slope_plus_intercept(tmp_path):
+    """CT_small (explicit VR), its implicit-VR copy and a synthetic 512 x 512 slice."""
+    from nodulekit.data.synth import SynthConfig, synthesize
+
+    root = synthesize(tmp_path / "synth", SynthConfig(size=512, patients=1,
+                                                      slices_per_patient=1, seed=3),
+                      workers=0, progress=False).root
+    synthetic = str(next(root.rglob("*.dcm")))
+    for path in (CT_SMALL, _implicit_vr_copy(tmp_path), synthetic):
+        ds = pydicom.dcmread(path)
+        assert dicom._native_pixels(ds) is not None, path  # the fast path is taken
+        expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
+            ds.RescaleIntercept)
+        s = read_slice(path)
+        np.testing.assert_array_equal(s.hu, expected.astype(np.int16))
+        assert s.meta.instance_number == int(ds.InstanceNumber)
+        assert s.meta.slice_position == pytest.approx(float(ds.ImagePositionPatient[2]))
+        assert s.meta.pixel_spacing == pytest.approx(tuple(float(v) for v in ds.PixelSpacing))
+
+
+def test_compressed_pixels_take_the_pixel_array_path(monkeypatch):
+    ds = pydicom.dcmread(J2K)
+    assert dicom._native_pixels(ds) is None
+    if not _j2k_decoder_available():
+        pytest.skip("no JPEG 2000 decoder installed")
+    calls = []
+    original = pydicom.Dataset.pixel_array
+
+    def spy(self):
+        calls.append(1)
+        return original.fget(self)
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(spy))
+    s = read_slice(J2K)
+    assert calls == [1]
+    np.testing.assert_array_equal(s.hu, pydicom.dcmread(J2K).pixel_array.astype(np.int32)
+                                  - 1024)
+
+
+def test_eight_bit_pixels_take_the_pixel_array_path(tmp_path):
+    ds = pydicom.dcmread(CT_SMALL)
+    pixels = (np.arange(128 * 128) % 251).astype(np.uint8).reshape(128, 128)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    path = _save(ds, tmp_path / "eight.dcm")
+    assert dicom._native_pixels(pydicom.dcmread(path)) is None
+    np.testing.assert_array_equal(read_slice(path).hu, pixels.astype(np.int16) - 1024)
+
+
+def test_a_users_pydicom_hook_is_still_honoured(monkeypatch):
+    """With a conversion hook of the user's, values come through pydicom's full path."""
+    from pydicom import hooks
+
+    def shift_intercept(raw, data, **kwargs):
+        hooks.raw_element_value(raw, data, **kwargs)
+        if raw.tag == 0x00281052:
+            data["value"] = data["value"] - 10
+
+    monkeypatch.setattr(hooks.hooks, "raw_element_value", shift_intercept)
+    assert read_slice(CT_SMALL).meta.rescale_intercept == -1034.0
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32])
+@pytest.mark.parametrize("intercept", [-40000, -32768, -1024, 0, 1024, 40000])
+def test_stored_to_hu_integer_rescale_is_exact_for_every_stored_type(dtype, intercept):
+    """The integer path checks only the end of the range that can leave int16; 32-bit
+    stored values do not wrap on the way."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(abs(intercept) + info.bits)
+    for lo, hi in ((info.min, info.max), (max(info.min, -3000), min(info.max, 3000))):
+        stored = rng.integers(lo, hi, size=500, endpoint=True).astype(dtype)
+        stored[:2] = lo, hi
+        exact = stored.astype(np.int64) + intercept
+        hu, clipped = stored_to_hu(stored, 1, intercept)
+        assert hu.dtype == np.int16
+        np.testing.assert_array_equal(hu, np.clip(exact, -32768, 32767))
+        assert clipped == np.count_nonzero((exact < -32768) | (exact > 32767))
+
+
+def test_identifiers_can_be_left_out():
+    full, lean = read_slice(CT_SMALL), read_slice(CT_SMALL, identifiers=False)
+    assert (lean.meta.patient_id, lean.meta.study_uid, lean.meta.series_uid) == ("", "", "")
+    np.testing.assert_array_equal(full.hu, lean.hu)
+    for name in ("instance_number", "slice_position", "pixel_spacing", "slice_thickness",
+                 "modality", "rescale_slope", "rescale_intercept", "warnings"):
+        assert getattr(full.meta, name) == getattr(lean.meta, name), name

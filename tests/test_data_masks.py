@@ -176,3 +176,56 @@ def test_diameter_bin_edge_cases():
     assert diameter_bin(math.nan) is None
     with pytest.raises(ValueError, match="negative"):
         diameter_bin(-1.0)
+
+
+# ----------------------------------------------------------------------------- mask boxes
+
+
+def _mask_cases(tmp_path):
+    a = np.zeros((20, 24), dtype=np.uint8)
+    a[3:6, 4:9] = 1
+    a[6, 9] = 1  # touches diagonally
+    a[12:15, 15:22] = 1
+    full = np.ones((5, 6), dtype=np.uint8)
+    rgb = np.repeat((a * 255)[..., None], 3, axis=2)
+    Image.fromarray(a.astype(bool)).save(tmp_path / "bits.png")
+    Image.fromarray(a * 255).convert("P").save(tmp_path / "palette.png")
+    return {
+        "grey255": (_png(tmp_path / "g.png", a * 255), a),
+        "grey01": (_png(tmp_path / "g01.png", a), a),
+        "bits": (tmp_path / "bits.png", a),
+        "palette": (tmp_path / "palette.png", a),
+        "rgb": (_png(tmp_path / "rgb.png", rgb), a),
+        "full": (_png(tmp_path / "full.png", full * 255), full),
+        "empty": (_png(tmp_path / "empty.png", np.zeros((7, 7), dtype=np.uint8)),
+                  np.zeros((7, 7), dtype=np.uint8)),
+    }
+
+
+def test_mask_box_is_the_mask_and_its_components(tmp_path):
+    from nodulekit.data.masks import read_mask_box
+    from nodulekit.data.nodules import box_components
+
+    for name, (path, truth) in _mask_cases(tmp_path).items():
+        box = read_mask_box(path, shape=truth.shape)
+        np.testing.assert_array_equal(box.full(), truth, err_msg=name)
+        out = np.full(truth.shape, 7, dtype=np.uint8)
+        assert box.full(out=out) is out
+        np.testing.assert_array_equal(out, truth, err_msg=name)
+        np.testing.assert_array_equal(read_mask(path), truth, err_msg=name)
+        assert box.empty == (not truth.any())
+        if not box.empty:
+            assert box.pixels.shape == tuple(np.ptp(np.nonzero(truth), axis=1) + 1)
+        ours = box_components(box.pixels, box.top, box.left, truth.shape[1])
+        assert [p.tolist() for p in ours] == [p.tolist() for p in components(truth)], name
+
+
+def test_mask_box_reports_non_binary_values_like_the_whole_image(tmp_path):
+    a = np.full((6, 6), 128, dtype=np.uint8)  # no zero anywhere
+    with pytest.raises(MaskError, match=r"values \{128\} \(1 distinct\)"):
+        read_mask(_png(tmp_path / "grey.png", a))
+    a[0, 0] = 0  # a zero outside the bounding box of the rest
+    a[:, 1:] = 0
+    a[1:, 0] = 128
+    with pytest.raises(MaskError, match=r"values \{0, 128\} \(2 distinct\)"):
+        read_mask(_png(tmp_path / "grey0.png", a))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -223,6 +224,55 @@ def test_skipped_files_are_reported_with_the_reason(damaged_set, tmp_path):
     with open(root / "train" / "train_dataset.csv") as f:
         listed = len(f.read().splitlines()) - 1
     assert len(sources) == listed - len(bad)
+
+
+def test_workers_skip_like_the_inline_decoder(damaged_set, tmp_path):
+    """Workers write each slice's HU at the row it would have without skips; a skipped
+    file before it moves it up. The cache must be the one decoded inline."""
+    root, bad = damaged_set
+    inline = preprocess(root, tmp_path / "inline.h5", workers=0, progress=False)
+    pooled = preprocess(root, tmp_path / "pooled.h5", workers=2, progress=False)
+    assert [(p.path, p.reason) for p in pooled.skipped] == [
+        (p.path, p.reason) for p in inline.skipped]
+    assert len(pooled.skipped) == len(bad)
+    with Cache(tmp_path / "inline.h5") as a, Cache(tmp_path / "pooled.h5") as b:
+        for split in a.splits:
+            sa, sb = a.split(split), b.split(split)
+            assert sa.hu.shape == sb.hu.shape
+            np.testing.assert_array_equal(sa.hu[()], sb.hu[()])
+            np.testing.assert_array_equal(sa.mask[()], sb.mask[()])
+            for key, value in sa.meta.items():
+                np.testing.assert_array_equal(value, sb.meta[key], err_msg=key)
+        assert a.skipped() == b.skipped()
+
+
+def test_workers_handle_a_bad_first_file_and_an_odd_size(synth_set, tmp_path):
+    """The first file in the layout's order is unreadable (so the parent decodes on until
+    a readable one sets the slice size) and a later one is of another size (a worker
+    measures it, writes nothing, and the parent skips it)."""
+    from nodulekit.data.layout import read_layout
+
+    root = tmp_path / "odd"
+    shutil.copytree(synth_set.root, root)
+    records = read_layout(root).records
+    Path(records[0].image).write_bytes(b"not a DICOM file at all")
+    odd = next(r for r in records[len(records) // 2:] if not r.mask)
+    ds = pydicom.dcmread(odd.image)
+    small = ds.pixel_array[::2, ::2].copy()
+    ds.Rows, ds.Columns = small.shape
+    ds.PixelData = small.tobytes()
+    ds.save_as(odd.image, enforce_file_format=True)
+    inline = preprocess(root, tmp_path / "inline.h5", workers=0, progress=False)
+    pooled = preprocess(root, tmp_path / "pooled.h5", workers=2, progress=False)
+    reasons = [(p.path, p.reason) for p in pooled.skipped]
+    assert reasons == [(p.path, p.reason) for p in inline.skipped] and len(reasons) == 2
+    assert "not a DICOM file" in reasons[0][1] and "differs from the cache's" in reasons[1][1]
+    with Cache(tmp_path / "inline.h5") as a, Cache(tmp_path / "pooled.h5") as b:
+        for split in a.splits:
+            np.testing.assert_array_equal(a.split(split).hu[()], b.split(split).hu[()])
+            np.testing.assert_array_equal(a.split(split).mask[()], b.split(split).mask[()])
+            for key, value in a.split(split).meta.items():
+                np.testing.assert_array_equal(value, b.split(split).meta[key], err_msg=key)
 
 
 def test_strict_turns_a_skip_into_an_error(damaged_set, tmp_path):

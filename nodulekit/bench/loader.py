@@ -3,8 +3,13 @@
 1. Preprocessing (DICOM + masks -> HDF5 cache, `workers` processes) against a plain loop of
    ``pydicom.dcmread(f).pixel_array`` over the same files, in slices/s. The two alternate
    `repeats` times after an untimed warm-up pass (so both read from the page cache); the
-   ratio is the median of the per-round ratios. The first preprocessing round also starts
-   the fork server (about half a second), so it is reported apart as "cold".
+   ratio is the median of the per-round ratios. The first preprocessing round starts the
+   fork server (about half a second) unless writing the synthetic set did already, so it
+   is reported apart as "cold". Before each round, untimed, the previous round's cache is
+   deleted and the file systems are synced, so that neither side is timed while the
+   kernel writes back the synthetic set or an earlier cache (a 512 x 512 cache of 2,400
+   slices is 1.3 GB: two of them left dirty would have the kernel throttle whoever writes
+   next).
 2. The training loader (shuffle, augmentation parameters, `num_workers` threads, read-ahead
    `queue_size`) in batches/s, against what a CPU training step consumes: one step of our
    U-Net on the CPU at the same size and batch (or `step_seconds` when given).
@@ -56,20 +61,20 @@ def run_loader_bench(data: str | None = None, *, size: int = 512, patients: int 
         n = len(files)
 
         _plain_loop(files)  # warm-up: both sides then read from the page cache
-        plain, ours, caches, plain_cpu, ours_cpu = [], [], [], [], []
+        plain, ours, plain_cpu, ours_cpu = [], [], [], []
+        cache = None
         for r in range(repeats):
+            if cache is not None:  # keep one cache (the last, for the loader)
+                cache.unlink()
+            _settle()
             wall, cpu = _plain_loop(files)
             plain.append(n / wall)
             plain_cpu.append(cpu / n)
-            out = tmp / f"cache{r}.h5"
-            report = preprocess(data, out, workers=workers, progress=False)
+            cache = tmp / f"cache{r}.h5"
+            report = preprocess(data, cache, workers=workers, progress=False)
             ours.append(report.total_slices / report.seconds)
             ours_cpu.append((report.cpu_seconds["parent"] + report.cpu_seconds["workers"])
                             / report.total_slices)
-            if caches:  # keep one cache for the loader; disk is not free
-                caches.pop().unlink()
-            caches.append(out)
-        cache = caches[-1]
         ratios = [o / p for o, p in zip(ours, plain, strict=True)]
         warm = ours[1:] or ours
         pre = {
@@ -121,6 +126,13 @@ def run_loader_bench(data: str | None = None, *, size: int = 512, patients: int 
     if sweep:
         result["sweep"] = table
     return result
+
+
+def _settle() -> None:
+    """Write back whatever is dirty (the synthetic set, a deleted cache's leftovers), so
+    that the kernel's writeback does not run during the next timed pass."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def _plain_loop(files: list[str]) -> tuple[float, float]:

@@ -10,6 +10,9 @@
     /<split>/                 one group per split: "train", "val", "test" (all three exist;
                               a split without slices has N = 0)
         hu        int16 (N, H, W), chunks (1, H, W), uncompressed: HU of each slice
+                  (with preprocessing workers, every chunk is allocated when the
+                  dataset is created and the workers write them in place; a skipped
+                  file leaves one chunk's worth of unused space in the file)
         mask      uint8 (N, H, W), chunks (1, H, W): 0 background, 1 nodule; the chunk
                   of a slice without nodule is never written (HDF5 fill value 0), so
                   read it through HDF5, or raw only where meta/has_nodule is true

@@ -1,14 +1,19 @@
 """The work of one preprocessing worker: a slice and its mask, decoded and measured.
 
 Kept apart from the cache writer so that a worker process imports only what it uses
-(pydicom, Pillow, NumPy; not h5py). Pixels go back to the parent through a shared buffer
-of fixed-size slots rather than through the result pipe: pickling half a megabyte per slice
-through a pipe costs more than decoding it.
+(pydicom, Pillow, NumPy; not h5py). A worker writes each slice's HU straight into the cache
+file, at the byte offset of the slice's HDF5 chunk that the parent allocated and looked up
+beforehand (`nodulekit.data.preprocess`); what goes back through the pipe is small: the
+metadata, the mask as the bounding box of its nodules, the components. Half a megabyte per
+slice through a pipe, or through a shared buffer that the parent then copies into the file,
+costs as much as decoding it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit.data.dicom import DicomError, DicomWarning, read_slice
-from nodulekit.data.masks import MaskError, read_mask
-from nodulekit.data.nodules import components, section_diameter_mm
+from nodulekit.data.masks import MaskBox, MaskError, read_mask_box
+from nodulekit.data.nodules import box_components, section_diameter_mm
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,9 @@ class Task:
 @dataclass
 class Decoded:
     row: int
-    hu: np.ndarray | None = None  # int16 (H, W); None when `error` or when in a slot
-    mask: np.ndarray | None = None  # uint8 {0,1}; None: no nodule (all zeros)
+    hu: np.ndarray | None = None  # int16 (H, W); None when `error` or `written`
+    mask: np.ndarray | None = None  # uint8 {0,1}; None: no nodule (all zeros) or `mask_box`
+    mask_box: MaskBox | None = None  # the mask as its bounding box (from a worker)
     parts: list[np.ndarray] = field(default_factory=list)  # components, flat indices
     section_mm: list[float] = field(default_factory=list)  # largest component first
     instance_number: int = -1
@@ -41,88 +47,121 @@ class Decoded:
     slice_thickness: float = math.nan
     fixups: tuple[str, ...] = ()
     error: str | None = None
-    slot: int | None = None  # shared-buffer slot holding hu (and mask), see decode_chunk
-    has_mask: bool = False
+    shape: tuple[int, int] | None = None  # the slice's (H, W); None when `error`
+    written: bool = False  # the HU are in the cache file already (at the task's offset)
 
 
-def decode(task: Task, hu_out: np.ndarray | None = None) -> Decoded:
+def decode(task: Task, hu_out: np.ndarray | None = None,
+           mask_out: np.ndarray | None = None, *, full_mask: bool = True) -> Decoded:
     """Read one slice and its mask; every failure becomes `error` (never raised).
 
-    hu_out: where to put the HU if the slice has its shape (then `Decoded.hu` is it).
+    hu_out, mask_out: where to put the HU (int16) and the mask (uint8) if the slice has
+    their shape (then `Decoded.hu` / `Decoded.mask` are them).
+    full_mask: False gives a slice's mask as `Decoded.mask_box` instead of `Decoded.mask`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DicomWarning)  # kept in meta.warnings instead
-            s = read_slice(task.image, allow_non_ct=task.allow_non_ct, out=hu_out)
-        mask = read_mask(task.mask, s.hu.shape) if task.mask else None
+            s = read_slice(task.image, allow_non_ct=task.allow_non_ct, out=hu_out,
+                           identifiers=False)  # the layout has the patient
+        box = read_mask_box(task.mask, s.hu.shape) if task.mask else None
     except (DicomError, MaskError) as e:
         return Decoded(task.row, error=e.reason if Path(e.path) == Path(task.image)
                        else f"mask {e.path}: {e.reason}")
     except Exception as e:  # a bug or an exotic file: report it, do not kill the run
         return Decoded(task.row, error=f"unexpected {type(e).__name__}: {e}")
     m = s.meta
-    parts = components(mask) if mask is not None else []
-    if not parts:
-        mask = None  # an all-zero mask file: a slice without nodule
-    parts.sort(key=len, reverse=True)
+    mask = None
+    parts = []
+    if box is not None and box.empty:
+        box = None  # an all-zero mask file: a slice without nodule
+    if box is not None:
+        parts = box_components(box.pixels, box.top, box.left, box.shape[1])
+        parts.sort(key=len, reverse=True)
+        if full_mask:
+            if mask_out is not None and mask_out.shape != box.shape:
+                mask_out = None
+            mask, box = box.full(out=mask_out), None
     spacing = m.pixel_spacing
     return Decoded(
-        row=task.row, hu=s.hu, mask=mask, parts=parts,
+        row=task.row, hu=s.hu, mask=mask, mask_box=box, parts=parts,
         section_mm=[section_diameter_mm(len(p), spacing) if spacing else math.nan
                     for p in parts],
         instance_number=-1 if m.instance_number is None else m.instance_number,
         slice_position=math.nan if m.slice_position is None else m.slice_position,
         pixel_spacing=spacing if spacing else (math.nan, math.nan),
         slice_thickness=math.nan if m.slice_thickness is None else m.slice_thickness,
-        fixups=m.warnings, has_mask=mask is not None)
+        fixups=m.warnings, shape=tuple(s.hu.shape))
 
 
-# ----------------------------------------------------------------------------- slots
-
-_slots: np.ndarray | None = None  # this worker's view of the shared buffer
-_slot_shape: tuple[int, int] = (0, 0)
+# ----------------------------------------------------------------------------- worker
 
 
-def worker_main(conn, buffer, slot_shape: tuple[int, int]) -> None:
-    """A decoding process: chunks of (task, slot) in, lists of `Decoded` out, in order.
+def worker_main(conn, out_path: str, lock) -> None:
+    """A decoding process: numbered chunks of (task, byte offset) in, with the cache's
+    slice shape, and the same numbers with lists of `Decoded` out.
 
-    None asks it to stop. Plain pipes and no pool: a pool's helper threads in the parent
-    cost more than they give at a few milliseconds per task.
+    Each slice of the cache's shape has its HU written into `out_path` (opened when the
+    first chunk comes: the parent creates it meanwhile) at its offset (the cache's datasets
+    are little-endian int16, one chunk per slice, uncompressed); a slice of another size is
+    only measured (the parent skips it). None asks it to stop. `lock` is held for each
+    write: processes writing one file at the same time contend for its inode in the
+    kernel, which spins, and costs more CPU than the writes themselves. Plain pipes and no
+    pool: a pool's helper threads in the parent cost more than they give at a millisecond
+    per task.
     """
-    global _slots, _slot_shape
-    _slot_shape = tuple(slot_shape)
-    _slots = np.frombuffer(buffer, dtype=np.uint8)
+    from pydicom import config
+
+    # pydicom's check of every decimal string against the standard's format only warns
+    # (the values are the same), and its warnings from a worker would only scribble over
+    # the progress bar: skipped here, where it is a third of the header values' cost.
+    config.settings.reading_validation_mode = config.IGNORE
+    fd = None
+    hu_buffer = None  # reused: fresh memory costs page faults
     try:
         while True:
-            items = conn.recv()
-            if items is None:
+            message = conn.recv()
+            if message is None:
                 break
-            conn.send(decode_chunk(items))
+            number, shape, items = message
+            if fd is None:
+                fd = os.open(out_path, os.O_WRONLY)
+            if hu_buffer is None or hu_buffer.shape != tuple(shape):
+                hu_buffer = np.empty(tuple(shape), dtype=np.int16)
+            conn.send((number, [decode_to_file(task, fd, offset, hu_buffer, lock)
+                                for task, offset in items]))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass  # the parent went away or was interrupted: nothing left to do
     finally:
+        if fd is not None:
+            os.close(fd)
         conn.close()
 
 
-def slot_views(buffer: np.ndarray, slot: int, shape: tuple[int, int]):
-    """(hu int16, mask uint8) views of one slot: HU first, then the mask."""
-    h, w = shape
-    size = h * w * 3
-    base = buffer[slot * size:(slot + 1) * size]
-    return base[:h * w * 2].view(np.int16).reshape(h, w), base[h * w * 2:].reshape(h, w)
+def decode_to_file(task: Task, fd: int, offset: int, hu_buffer: np.ndarray,
+                   lock=None) -> Decoded:
+    """`decode` one task, its HU written to the open file `fd` at `offset` (holding `lock`)
+    when the slice has the shape of `hu_buffer`; the mask comes back as its bounding box."""
+    d = decode(task, hu_out=hu_buffer, full_mask=False)
+    if d.hu is not None:
+        if d.shape == hu_buffer.shape:
+            with lock if lock is not None else contextlib.nullcontext():
+                write_at(fd, d.hu, offset)
+            d.written = True
+        d.hu = None
+    return d
 
 
-def decode_chunk(items: list[tuple[Task, int]]) -> list[Decoded]:
-    """Decode each task into its slot; a slice of another size travels in the result."""
-    out = []
-    for task, slot in items:
-        hu_view, mask_view = slot_views(_slots, slot, _slot_shape)
-        d = decode(task, hu_out=hu_view)
-        if d.hu is not None and d.hu.shape == _slot_shape:
-            if d.hu is not hu_view:  # clipped or rescaled by float: made its own array
-                hu_view[...] = d.hu
-            if d.mask is not None:
-                mask_view[...] = d.mask
-            d.hu, d.mask, d.slot = None, None, slot
-        out.append(d)
-    return out
+def write_at(fd: int, array: np.ndarray, offset: int) -> None:
+    """All bytes of `array` as little-endian, C order, into file `fd` at byte `offset`."""
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    view = memoryview(data).cast("B")
+    while view:
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, view, offset)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, offset, os.SEEK_SET)
+            n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(f"could not write to the cache file at byte {offset}")
+        view, offset = view[n:], offset + n

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import config as _pydicom_config
+from pydicom import hooks as _pydicom_hooks
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pydicom.values import convert_value
 
 INT16_MIN = int(np.iinfo(np.int16).min)
 INT16_MAX = int(np.iinfo(np.int16).max)
@@ -76,38 +83,42 @@ class CTSlice:
 
 
 def read_slice(path: str | os.PathLike, *, allow_non_ct: bool = False,
-               out: np.ndarray | None = None) -> CTSlice:
+               out: np.ndarray | None = None, identifiers: bool = True) -> CTSlice:
     """Read a single-frame DICOM file into HU int16 and its metadata.
 
     A multi-frame file is refused (use `read_slices` to split it into slices).
     out: an int16 C-contiguous array to write the HU into when the slice has its shape
     (saves an allocation and a copy); otherwise a new array is made.
+    identifiers: False leaves `SliceMeta.patient_id`, `study_uid` and `series_uid` empty
+    (for callers that take them from elsewhere: a little faster).
     """
     ds = _open(path)
-    frames = _number_of_frames(ds)
-    if frames > 1:
-        raise DicomError(path, f"multi-frame image with {frames} frames; this reads one slice "
-                               "per file (read_slices(..., split_frames=True) splits it)")
-    _check_image(ds, path, allow_non_ct)
-    stored = _pixels(ds, path)
-    return _make_slice(ds, path, stored, frame=None, out=out)
+    h = _Header(ds)
+    if h.frames > 1:
+        raise DicomError(path, f"multi-frame image with {h.frames} frames; this reads one "
+                               "slice per file (read_slices(..., split_frames=True) splits it)")
+    _check_image(ds, path, allow_non_ct, h)
+    stored = _pixels(ds, path, h)
+    return _make_slice(ds, path, stored, frame=None, out=out, header=h,
+                       identifiers=identifiers)
 
 
 def read_slices(path: str | os.PathLike, *, allow_non_ct: bool = False,
                 split_frames: bool = True) -> list[CTSlice]:
     """Read a DICOM file into one `CTSlice` per frame (a plain file gives a list of one)."""
     ds = _open(path)
-    frames = _number_of_frames(ds)
+    h = _Header(ds)
+    frames = h.frames
     if frames > 1 and not split_frames:
         raise DicomError(path, f"multi-frame image with {frames} frames and split_frames=False")
-    _check_image(ds, path, allow_non_ct)
-    stored = _pixels(ds, path)
+    _check_image(ds, path, allow_non_ct, h)
+    stored = _pixels(ds, path, h)
     if frames <= 1:
-        return [_make_slice(ds, path, stored, frame=None)]
+        return [_make_slice(ds, path, stored, frame=None, header=h)]
     positions = _per_frame_positions(ds, frames)
     out = []
     for i in range(frames):
-        s = _make_slice(ds, path, stored[i], frame=i)
+        s = _make_slice(ds, path, stored[i], frame=i, header=h)
         if positions[i] is not None:
             s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i]))
         out.append(s)
@@ -132,14 +143,21 @@ def stored_to_hu(stored: np.ndarray, slope: float, intercept: float,
         # Exact integer arithmetic, the common case: when the result surely fits in int16,
         # add in int16 directly (a third of the memory traffic of int32).
         shift = int(intercept)
-        lo, hi = int(stored.min()), int(stored.max())
+        # Only the end that can leave int16 needs a pass over the pixels: CT's usual signed
+        # 16-bit values with a negative intercept can only fall below it.
+        if stored.dtype.kind in "iu":
+            info = np.iinfo(stored.dtype)
+            lo = int(stored.min()) if info.min + shift < INT16_MIN else int(info.min)
+            hi = int(stored.max()) if info.max + shift > INT16_MAX else int(info.max)
+        else:
+            lo, hi = int(stored.min()), int(stored.max())
         if INT16_MIN <= lo + shift and hi + shift <= INT16_MAX:
             # One pass in int16. Wrap-around is harmless here: the sum is computed modulo
             # 2**16 and the true result is known to fit, so it comes out exact.
             wrapped = np.int16((shift + 32768) % 65536 - 32768)
             hu = np.add(stored, wrapped, out=out, dtype=np.int16, casting="unsafe")
             return hu, 0
-        hu = stored.astype(np.int32) + shift
+        hu = stored.astype(np.int64 if stored.itemsize >= 4 else np.int32) + shift
     else:
         hu = np.rint(stored.astype(np.float64) * float(slope) + float(intercept))
     lo, hi = hu.min(), hu.max()
@@ -175,10 +193,9 @@ def _open(path, stop_before_pixels: bool = False) -> pydicom.Dataset:
 
 def _check_not_truncated(ds: pydicom.Dataset, path) -> None:
     """pydicom stops quietly at end of file; the last element's declared length tells."""
-    tags = list(ds.keys())
-    if not tags:
+    if not len(ds):
         raise DicomError(path, "truncated: no data elements after the file meta header")
-    last = ds.get_item(max(tags))
+    last = ds.get_item(max(map(int, ds.keys())), keep_deferred=True)
     value_tell = getattr(last, "value_tell", None)
     length = getattr(last, "length", None)
     if value_tell is None or length is None or length == 0xFFFFFFFF:
@@ -189,36 +206,157 @@ def _check_not_truncated(ds: pydicom.Dataset, path) -> None:
                                f"{value_tell + length} but the file ends at {size}")
 
 
-def _number_of_frames(ds: pydicom.Dataset) -> int:
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return 1
+# The tags read from every slice.
+_TRANSFER_SYNTAX = 0x00020010
+_MODALITY = 0x00080060
+_PATIENT_ID = 0x00100020
+_SLICE_THICKNESS = 0x00180050
+_STUDY_UID = 0x0020000D
+_SERIES_UID = 0x0020000E
+_INSTANCE_NUMBER = 0x00200013
+_POSITION = 0x00200032
+_SLICE_LOCATION = 0x00201041
+_SAMPLES = 0x00280002
+_PHOTOMETRIC = 0x00280004
+_FRAMES = 0x00280008
+_ROWS = 0x00280010
+_COLUMNS = 0x00280011
+_PIXEL_SPACING = 0x00280030
+_BITS_ALLOCATED = 0x00280100
+_BITS_STORED = 0x00280101
+_PIXEL_REPRESENTATION = 0x00280103
+_INTERCEPT = 0x00281052
+_SLOPE = 0x00281053
+_PIXEL_DATA = 0x7FE00010
+_ANY_PIXEL_DATA = (0x7FE00008, 0x7FE00009, _PIXEL_DATA)  # float, double float, integer
+
+# The VR of each numeric tag `_number` reads (for implicit-VR files, whose elements do not
+# say): the data dictionary's.
+_NUMBER_VRS = {_SAMPLES: "US", _FRAMES: "IS", _ROWS: "US", _COLUMNS: "US",
+               _BITS_ALLOCATED: "US", _BITS_STORED: "US", _PIXEL_REPRESENTATION: "US",
+               _SLOPE: "DS", _INTERCEPT: "DS", _INSTANCE_NUMBER: "IS", _POSITION: "DS",
+               _SLICE_LOCATION: "DS", _PIXEL_SPACING: "DS", _SLICE_THICKNESS: "DS"}
+
+# VRs whose values pydicom's `convert_value` decodes without the data set's character set.
+_PLAIN_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS", "UI", "OB",
+                        "OW"})
 
 
-def _check_image(ds: pydicom.Dataset, path, allow_non_ct: bool) -> None:
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+def _value(ds: pydicom.Dataset, tag: int):
+    """``ds[tag].value`` (None where absent), the same object pydicom would give.
+
+    An element the data set has not converted yet is converted here by pydicom's own
+    `convert_value`, as its default hook does, without going through the `Dataset`'s item
+    machinery, which costs about three times the conversion itself (a dozen tags per
+    slice add up to more than the pixels). Only for the VRs in `_PLAIN_VRS`, and only when
+    no conversion hook or callback of the user's is set; anything else, and any value
+    `convert_value` refuses, takes the normal path, with pydicom's own errors and warnings.
+    """
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if type(elem) is not RawDataElement:
+        return elem.value
+    vr = elem.VR
+    if vr is None:  # implicit VR: the dictionary's, as pydicom's default hook does
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            vr = None
+    if vr in _PLAIN_VRS and elem.value is not None and _default_conversion():
+        try:
+            return convert_value(vr, elem)
+        except Exception:  # pydicom's full path below raises or warns as it should
+            pass
+    return ds[tag].value
+
+
+def _number(ds: pydicom.Dataset, tag: int):
+    """A numeric element's value (US, IS or DS: the header values a slice needs) as an int,
+    a float or a list of them; None where absent.
+
+    pydicom has parsed the file into elements; this only reads a number out of an element's
+    value bytes when that is plain (a 2-byte US; an IS or DS string that Python's own
+    int/float take as it is, several values split at backslashes), as `_native_pixels`
+    does for the pixel bytes: a quarter of what the conversion into pydicom's value types
+    costs. Anything else is `_value`'s (so pydicom's) value, which means the same number.
+    """
+    elem = ds.get_item(tag)
+    if type(elem) is RawDataElement and elem.value and _default_conversion():
+        vr = elem.VR or _NUMBER_VRS.get(tag)
+        raw = elem.value
+        try:
+            if vr == "US":
+                if len(raw) == 2:
+                    return int.from_bytes(raw, "little" if elem.is_little_endian else "big")
+            elif vr == "IS":
+                if b"\\" not in raw:
+                    return int(raw)
+            elif vr == "DS":
+                values = [float(v) for v in raw.split(b"\\")]
+                return values[0] if len(values) == 1 else values
+        except ValueError:
+            pass  # not plain: pydicom's conversion decides what it means
+    return _value(ds, tag)
+
+
+def _default_conversion() -> bool:
+    h = _pydicom_hooks.hooks
+    return (h.raw_element_vr is _pydicom_hooks.raw_element_vr
+            and h.raw_element_value is _pydicom_hooks.raw_element_value
+            and not h.raw_element_kwargs and _pydicom_config.data_element_callback is None)
+
+
+def _blank(v) -> bool:
+    return v is None or v == ""
+
+
+class _Header:
+    """The header values one slice needs, each converted once."""
+
+    __slots__ = ("transfer_syntax", "frames", "modality", "samples", "rows", "columns",
+                 "bits_allocated", "bits_stored", "signed", "slope", "intercept")
+
+    def __init__(self, ds: pydicom.Dataset):
+        meta = getattr(ds, "file_meta", None)
+        self.transfer_syntax = _value(meta, _TRANSFER_SYNTAX) if meta is not None else None
+        try:
+            self.frames = int(_number(ds, _FRAMES) or 1)
+        except (TypeError, ValueError):
+            self.frames = 1
+        self.modality = str(_value(ds, _MODALITY) or "").strip()
+        self.samples = int(_number(ds, _SAMPLES) or 1)
+        self.rows = _number(ds, _ROWS)
+        self.columns = _number(ds, _COLUMNS)
+        self.bits_allocated = _number(ds, _BITS_ALLOCATED)
+        self.bits_stored = _number(ds, _BITS_STORED)
+        self.signed = _number(ds, _PIXEL_REPRESENTATION)
+        self.slope = _number(ds, _SLOPE)
+        self.intercept = _number(ds, _INTERCEPT)
+
+
+def _check_image(ds: pydicom.Dataset, path, allow_non_ct: bool,
+                 h: _Header | None = None) -> None:
+    h = _Header(ds) if h is None else h
+    if not any(tag in ds for tag in _ANY_PIXEL_DATA):
         raise DicomError(path, "no pixel data: not an image (or truncated before its pixels)")
-    modality = str(ds.get("Modality", "") or "").strip()
+    modality = h.modality
     if modality != "CT" and not allow_non_ct:
         what = f"modality is {modality!r}" if modality else "no Modality tag"
         raise DicomError(path, f"{what}, not CT (allow_non_ct=True / --allow-non-ct reads "
                                "it anyway)")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise DicomError(path, f"{samples} samples per pixel "
-                               f"({ds.get('PhotometricInterpretation', '?')}): not a grey CT "
-                               "slice")
-    _check_decoder(ds, path)
+    if h.samples != 1:
+        raise DicomError(path, f"{h.samples} samples per pixel "
+                               f"({_value(ds, _PHOTOMETRIC) or '?'}): not a grey CT slice")
+    _check_decoder(h.transfer_syntax, path)
 
 
-def _check_decoder(ds: pydicom.Dataset, path) -> None:
-    meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+def _check_decoder(uid, path) -> None:
     if uid is None:
         raise DicomError(path, "no Transfer Syntax UID in the file meta header: cannot tell "
                                "how the pixels are encoded")
-    if not uid.is_compressed:
+    uid = UID(str(uid))
+    if uid in _NATIVE_LITTLE_ENDIAN or not uid.is_compressed:
         return
     from pydicom.pixels import get_decoder
 
@@ -248,23 +386,23 @@ def _install_hint(decoder) -> str:
 _NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 
 
-def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+def _native_pixels(ds: pydicom.Dataset, h: _Header | None = None) -> np.ndarray | None:
     """Stored values of an uncompressed one-frame 16-bit slice straight from its bytes.
 
-    The common CT case, which pydicom's general decoder handles about 2x slower; the rules
-    are pydicom's own (mask unused high bits, sign-extend signed values). Anything else
-    returns None and goes through `ds.pixel_array`.
+    The common CT case, which pydicom's general decoder handles several times slower; the
+    rules are pydicom's own (mask unused high bits, sign-extend signed values). Anything
+    else (compressed, big endian, 8 or 32 bits, several frames or samples, short pixel
+    data) returns None and goes through `ds.pixel_array`.
     """
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+    h = _Header(ds) if h is None else h
+    if str(h.transfer_syntax or "") not in _NATIVE_LITTLE_ENDIAN:
         return None
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    allocated, stored_bits = ds.get("BitsAllocated"), ds.get("BitsStored")
-    signed = ds.get("PixelRepresentation")
-    if (allocated != 16 or signed not in (0, 1) or not rows or not cols
+    rows, cols, stored_bits, signed = h.rows, h.columns, h.bits_stored, h.signed
+    if (h.bits_allocated != 16 or signed not in (0, 1) or not rows or not cols
             or stored_bits is None or not 1 <= stored_bits <= 16
-            or _number_of_frames(ds) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1):
+            or h.frames != 1 or h.samples != 1):
         return None
-    data = ds.get("PixelData")
+    data = _value(ds, _PIXEL_DATA)
     if not isinstance(data, bytes) or len(data) < rows * cols * 2:
         return None  # let pydicom say what is wrong
     raw = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * cols)
@@ -280,8 +418,8 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     return pixels
 
 
-def _pixels(ds: pydicom.Dataset, path) -> np.ndarray:
-    native = _native_pixels(ds)
+def _pixels(ds: pydicom.Dataset, path, h: _Header | None = None) -> np.ndarray:
+    native = _native_pixels(ds, h)
     if native is not None:
         return native
     try:
@@ -302,15 +440,17 @@ def _pixels(ds: pydicom.Dataset, path) -> np.ndarray:
 
 
 def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None,
-                out: np.ndarray | None = None) -> CTSlice:
+                out: np.ndarray | None = None, header: _Header | None = None,
+                identifiers: bool = True) -> CTSlice:
+    h = _Header(ds) if header is None else header
     notes: list[str] = []
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope is None or intercept is None or slope == "" or intercept == "":
+    slope, intercept = h.slope, h.intercept
+    if _blank(slope) or _blank(intercept):
         missing = [n for n, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept))
-                   if v is None or v == ""]
+                   if _blank(v)]
         notes.append(f"no {' / '.join(missing)}: using slope 1 and intercept 0")
-        slope = 1.0 if slope is None or slope == "" else slope
-        intercept = 0.0 if intercept is None or intercept == "" else intercept
+        slope = 1.0 if _blank(slope) else slope
+        intercept = 0.0 if _blank(intercept) else intercept
     slope, intercept = float(slope), float(intercept)
     hu, clipped = stored_to_hu(stored, slope, intercept, out=out)
     if clipped:
@@ -319,14 +459,14 @@ def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None
         warnings.warn(f"{path}: {note}", DicomWarning, stacklevel=3)
     meta = SliceMeta(
         path=str(path),
-        patient_id=str(ds.get("PatientID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        patient_id=str(_value(ds, _PATIENT_ID) or "") if identifiers else "",
+        study_uid=str(_value(ds, _STUDY_UID) or "") if identifiers else "",
+        series_uid=str(_value(ds, _SERIES_UID) or "") if identifiers else "",
+        instance_number=_int_or_none(_number(ds, _INSTANCE_NUMBER)),
         slice_position=_slice_position(ds),
         pixel_spacing=_spacing(ds),
-        slice_thickness=_float_or_none(ds.get("SliceThickness")),
-        modality=str(ds.get("Modality", "") or ""),
+        slice_thickness=_float_or_none(_number(ds, _SLICE_THICKNESS)),
+        modality=h.modality,
         rescale_slope=slope,
         rescale_intercept=intercept,
         frame=frame,
@@ -336,14 +476,14 @@ def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None
 
 
 def _slice_position(ds) -> float | None:
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is not None and len(ipp) == 3:
+    ipp = _number(ds, _POSITION)
+    if isinstance(ipp, (list, tuple, MultiValue)) and len(ipp) == 3:
         return _float_or_none(ipp[2])
-    return _float_or_none(ds.get("SliceLocation"))
+    return _float_or_none(_number(ds, _SLICE_LOCATION))
 
 
 def _spacing(ds) -> tuple[float, float] | None:
-    ps = ds.get("PixelSpacing")
+    ps = _number(ds, _PIXEL_SPACING)
     if ps is None:
         # Enhanced multi-frame CT keeps it in the shared functional groups.
         try:

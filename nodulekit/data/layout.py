@@ -177,8 +177,8 @@ def _read_split_csv(root: Path, split: str, csv_path: Path):
     d = os.path.abspath(root / split)
     images_dir, masks_dir = os.path.join(d, "images"), os.path.join(d, "masks")
     root_s = os.path.abspath(root)
-    image_files = {os.path.abspath(p) for p in _walk(Path(images_dir))}
-    mask_files = {os.path.abspath(p) for p in _walk(Path(masks_dir))}
+    image_files = set(_walk_paths(images_dir))
+    mask_files = set(_walk_paths(masks_dir))
     records: list[SliceRecord] = []
     problems: list[Problem] = []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -371,6 +371,16 @@ def _walk(top: Path, exclude: Path | None = None) -> list[Path]:
         dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
                              and (skip is None or _abs(base / n) != skip))
         out.extend(base / n for n in sorted(filenames) if not n.startswith("."))
+    return out
+
+
+def _walk_paths(top: str) -> list[str]:
+    """`_walk` for an absolute, normalised `top`, as plain strings (which are then
+    absolute and normalised too): a split lists a lot of files."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        out.extend(os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith("."))
     return out
 
 

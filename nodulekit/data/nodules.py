@@ -46,7 +46,6 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     m = np.asarray(mask) != 0
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
-    h, w = m.shape
     set_rows = np.flatnonzero(m.any(axis=1))
     if set_rows.size == 0:
         return []
@@ -54,6 +53,15 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     # Work inside the bounding box of the set pixels: nodules are small.
     r0, c0 = int(set_rows[0]), int(set_cols[0])
     box = m[r0:int(set_rows[-1]) + 1, c0:int(set_cols[-1]) + 1]
+    return box_components(box, r0, c0, m.shape[1])
+
+
+def box_components(box: np.ndarray, top: int, left: int, width: int) -> list[np.ndarray]:
+    """`components` of a mask of `width` columns whose set pixels all lie in `box`, a
+    {0, 1} or boolean array whose first pixel is at (`top`, `left`) in the mask."""
+    if box.size == 0:
+        return []
+    r0, c0, w = int(top), int(left), int(width)
     padded = np.zeros((box.shape[0], box.shape[1] + 2), dtype=np.int8)
     padded[:, 1:-1] = box
     edges = np.diff(padded, axis=1)

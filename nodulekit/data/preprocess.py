@@ -1,12 +1,18 @@
 """Build the HDF5 cache from a data folder (`nodulekit preprocess DATA OUT.h5`).
 
 DICOM decoding, mask reading and connected components run in worker processes started
-by a fork server (spawn where there is none): they import only `nodulekit.data.decode`,
-put each slice's HU and mask into a slot of a shared buffer and send back the small rest;
-the parent writes every slice as one raw HDF5 chunk. Rows come back in the layout's order
-whatever the worker count, so the cache is the same with 0 or N workers. The layout of
-the file is in `nodulekit.data.cache`. As with any multiprocessing code, a script that
-calls `preprocess` with workers must do so under ``if __name__ == "__main__":``.
+by a fork server (spawn where there is none, see `nodulekit.data.procs`): they import only
+`nodulekit.data.decode`. The parent decodes the first readable slice itself, which sets the
+cache's slice size, and creates the datasets with every HU chunk (one per slice,
+uncompressed) allocated in the file up front; each worker then writes a slice's HU straight
+into its chunk, at the byte offset HDF5 reports for it, and sends back only the small rest
+(metadata, the mask's bounding box, the components). The parent writes the masks and the
+metadata. Results are handled in the layout's order whatever the worker count; a slice
+written at its planned row is moved up when a file before it in its split was skipped, so
+the cache is the same with 0 or N workers (only a skipped slice's chunk then stays as unused
+space in the file). The layout of the file is in `nodulekit.data.cache`. As with any
+multiprocessing code, a script that calls `preprocess` with workers must do so under
+``if __name__ == "__main__":``.
 
 Every file left out is reported with the reason (`PreprocessReport.skipped`, and the cache's
 ``/skipped`` group); ``strict=True`` makes the first one an error instead. The cache is
@@ -17,8 +23,8 @@ kept unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import multiprocessing as mp
 import os
 import secrets
 import time
@@ -32,10 +38,10 @@ import numpy as np
 
 from nodulekit import __version__
 from nodulekit.data.cache import FORMAT_NAME, FORMAT_VERSION, WINDOW_CENTER, WINDOW_WIDTH
-from nodulekit.data.decode import Decoded, Task, decode, slot_views, worker_main
-from nodulekit.data.dicom import DicomError, read_header
+from nodulekit.data.decode import Decoded, Task, decode, worker_main
 from nodulekit.data.layout import SPLITS, DataIndex, Problem, SliceRecord, read_layout
 from nodulekit.data.nodules import NoduleLinker
+from nodulekit.data.procs import worker_context
 
 
 class PreprocessError(RuntimeError):
@@ -115,31 +121,36 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike, *, layout: str =
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.is_dir():
         raise PreprocessError(f"{out.parent}: output directory does not exist")
-    if index is None:
-        index = read_layout(data, layout, seed=split_seed)
-    skipped = [p for p in index.problems if p.skipped]
-    notes = [p for p in index.problems if not p.skipped]
-    if strict and skipped:
-        raise PreprocessError(f"--strict: {len(skipped)} file(s) do not fit the layout, first: "
-                              f"{skipped[0]}")
-    if not index.records:
-        raise PreprocessError(f"{index.root}: no slices found ({index.layout} layout)"
-                              + (f"; first problem: {skipped[0]}" if skipped else ""))
     n_workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
-
     # Beside the output (same file system, so the final rename is atomic); a random part
     # keeps two runs apart. Not mkstemp: its 0600 mode would stick to the finished cache.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-    writer = None
+    pool = writer = None
     try:
-        writer = _CacheWriter(tmp, index, strict)
+        if n_workers:
+            pool = _Workers(n_workers, tmp)  # they start while the layout is read
+        if index is None:
+            index = read_layout(data, layout, seed=split_seed)
+        skipped = [p for p in index.problems if p.skipped]
+        notes = [p for p in index.problems if not p.skipped]
+        if strict and skipped:
+            raise PreprocessError(f"--strict: {len(skipped)} file(s) do not fit the layout, "
+                                  f"first: {skipped[0]}")
+        if not index.records:
+            raise PreprocessError(f"{index.root}: no slices found ({index.layout} layout)"
+                                  + (f"; first problem: {skipped[0]}" if skipped else ""))
+        writer = _CacheWriter(tmp, index, strict, preallocate=pool is not None)
         tasks = [Task(i, r.image, r.mask, allow_non_ct) for i, r in enumerate(index.records)]
         worker_cpu: list[float] = []
-        for result in _run(tasks, n_workers, progress, worker_cpu):
-            writer.add(result)
+        _decode_all(writer, tasks, pool, progress, worker_cpu)
+        if pool is not None:
+            pool.close()
+            pool = None
         shape = writer.finish(data_root=index.root, skipped_layout=skipped)
         os.replace(tmp, out)
     except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
+        if pool is not None:
+            pool.close(wait=False)
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
@@ -152,92 +163,133 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike, *, layout: str =
                                          "workers": sum(worker_cpu)})
 
 
-# Slices per task sent to a worker, and tasks in flight per worker: enough to keep every
-# worker busy while the parent writes, few enough to keep the shared buffer small.
-_CHUNK = 4
-_IN_FLIGHT_PER_WORKER = 6
+# Slices per message to a worker, and messages in flight per worker: enough to keep every
+# worker busy while the parent handles results, few enough to keep the results it holds
+# (waiting for an earlier chunk) few.
+_CHUNK = 8
+_IN_FLIGHT_PER_WORKER = 3
 
 
-def _run(tasks: list[Task], n_workers: int, progress: bool, worker_cpu: list[float]):
-    """Decoded results in task order, from worker processes (or inline for 0 workers).
+def _decode_all(writer: _CacheWriter, tasks: list[Task], pool: _Workers | None,
+                progress: bool, worker_cpu: list[float]) -> None:
+    """Decode every task into the cache, in the tasks' order (so the cache is the same
+    with 0 or N workers).
 
-    A result's pixels may live in a buffer (a shared slot) that is reused once the caller
-    has handled the result and asks for the next one, so the caller must write them first.
+    The slices are decoded here until the first readable one has set the cache's slice
+    size and so created its datasets; with workers, the rest then goes to them, and they
+    write their HU straight into the file.
     """
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="slice", desc="preprocess", disable=not progress)
     try:
-        if n_workers == 0:
-            # One HU buffer reused for every slice: the caller writes it out before asking
-            # for the next (a fresh half megabyte per slice costs page faults).
-            buffer = np.empty(_likely_shape(tasks), dtype=np.int16)
-            for t in tasks:
-                yield decode(t, hu_out=buffer)
-                bar.update(1)
-            return
-        yield from _run_pool(tasks, n_workers, bar, worker_cpu)
+        hu_buffer = mask_buffer = None
+        i = 0
+        while i < len(tasks) and (pool is None or writer.shape is None):
+            # Buffers reused for every slice: the writer writes them out before the next
+            # decode (a fresh half megabyte per slice costs page faults).
+            writer.add(decode(tasks[i], hu_out=hu_buffer, mask_out=mask_buffer))
+            bar.update(1)
+            i += 1
+            if hu_buffer is None and writer.shape is not None:
+                hu_buffer = np.empty(writer.shape, dtype=np.int16)
+                mask_buffer = np.empty(writer.shape, dtype=np.uint8)
+        if i < len(tasks):
+            writer.lock = pool.lock  # the workers write into the file from now on
+            pool.run(writer, tasks[i:], bar, worker_cpu)
     finally:
         bar.close()
 
 
-def _run_pool(tasks: list[Task], n_workers: int, bar, worker_cpu: list[float]):
-    shape = _likely_shape(tasks)
-    blocks = n_workers * _IN_FLIGHT_PER_WORKER  # chunk k uses slot block k % blocks
-    ctx = _worker_context()
-    buffer = ctx.RawArray("B", blocks * _CHUNK * shape[0] * shape[1] * 3)
-    slots_view = np.frombuffer(buffer, dtype=np.uint8)
-    chunks = [tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK)]
-    conns, procs = [], []
-    try:
-        for _ in range(n_workers):
+class _Workers:
+    """The decoding processes (`decode.worker_main`), and the work handed to them."""
+
+    def __init__(self, n: int, out: Path):
+        ctx = worker_context()
+        self.lock = ctx.Lock()  # one writer at a time in the file: see decode.worker_main
+        self.conns: list = []
+        self.procs: list = []
+        self.queued: dict = {}  # connection -> chunk numbers sent to it, oldest first
+        for _ in range(n):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(child_end, buffer, shape),
+            proc = ctx.Process(target=worker_main, args=(child_end, str(out), self.lock),
                                daemon=True)
+            self.conns.append(parent_end)
+            self.procs.append(proc)
+            self.queued[parent_end] = []
             proc.start()
             child_end.close()
-            conns.append(parent_end)
-            procs.append(proc)
 
-        def send(k: int) -> None:
-            # Chunk k always goes to worker k % n_workers, so each pipe returns its chunks
-            # in order and reading them round-robin gives the tasks' order.
-            first_slot = (k % blocks) * _CHUNK
-            items = [(t, first_slot + j) for j, t in enumerate(chunks[k])]
-            conns[k % n_workers].send(items)
+    def run(self, writer: _CacheWriter, tasks: list[Task], bar,
+            worker_cpu: list[float]) -> None:
+        from multiprocessing.connection import wait
 
-        for k in range(min(blocks, len(chunks))):
-            send(k)
-        for k in range(len(chunks)):
+        writer.file.flush()
+        chunks = [tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK)]
+        worker_of = dict(zip(self.conns, self.procs, strict=True))
+        next_chunk = 0
+
+        def stopped(conn) -> PreprocessError:
+            proc = worker_of[conn]
+            proc.join(timeout=1)
+            chunk = chunks[self.queued[conn][0]]
+            return PreprocessError(
+                f"a decoding process stopped (exit code {proc.exitcode}) while reading "
+                f"{chunk[0].image} ... {chunk[-1].image}. If it could not even start, run "
+                "the calling script under `if __name__ == \"__main__\":`, or use workers=0 "
+                "(--workers 0)")
+
+        def send(conn) -> None:
+            nonlocal next_chunk
+            k, next_chunk = next_chunk, next_chunk + 1
+            self.queued[conn].append(k)
             try:
-                results = conns[k % n_workers].recv()
-            except (EOFError, OSError):
-                proc = procs[k % n_workers]
-                proc.join(timeout=1)
-                raise PreprocessError(
-                    f"a decoding process stopped (exit code {proc.exitcode}) while reading "
-                    f"{chunks[k][0].image} ... {chunks[k][-1].image}. If it could not even "
-                    "start, run the calling script under `if __name__ == \"__main__\":`, "
-                    "or use workers=0 (--workers 0)") from None
-            for d in results:
-                if d.slot is not None:
-                    hu, mask = slot_views(slots_view, d.slot, shape)
-                    d.hu, d.mask = hu, (mask if d.has_mask else None)
-                yield d
-                bar.update(1)
-            if k + blocks < len(chunks):  # this chunk's slots are free again
-                send(k + blocks)
-        worker_cpu.extend(_cpu_seconds_of(proc.pid) for proc in procs)
-        for conn in conns:
-            conn.send(None)
-        for proc in procs:
-            proc.join(timeout=10)
-    finally:
-        for proc in procs:
+                conn.send((k, writer.shape, [(t, writer.hu_offset(t.row))
+                                             for t in chunks[k]]))
+            except OSError:  # BrokenPipeError: it is gone
+                raise stopped(conn) from None
+
+        for _ in range(_IN_FLIGHT_PER_WORKER):
+            for conn in self.conns:
+                if next_chunk < len(chunks):
+                    send(conn)
+        # Results are taken from whichever worker has some (so that none waits on a full
+        # pipe), each worker is given a new chunk as it returns one (so that a slow chunk
+        # delays no one), and they are added to the cache in the tasks' order.
+        done: dict[int, list[Decoded]] = {}
+        added = 0
+        while added < len(chunks):
+            for conn in wait([c for c in self.conns if self.queued[c]]):
+                try:
+                    k, results = conn.recv()
+                except (EOFError, OSError):
+                    raise stopped(conn) from None
+                self.queued[conn].remove(k)
+                done[k] = results
+                if next_chunk < len(chunks):
+                    send(conn)
+            while added in done:
+                for d in done.pop(added):
+                    writer.add(d)
+                bar.update(len(chunks[added]))
+                added += 1
+        worker_cpu.extend(_cpu_seconds_of(proc.pid) for proc in self.procs)
+
+    def close(self, wait: bool = True) -> None:
+        """Ask the workers to stop (`wait`: and let them finish what they were given), or
+        stop them now."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass  # it is gone already
+        for proc in self.procs:
+            if wait and proc.pid is not None:
+                proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
-        for conn in conns:
+        for conn in self.conns:
             conn.close()
 
 
@@ -260,50 +312,33 @@ def _cpu_seconds_of(pid: int) -> float:
         return math.nan
 
 
-def _worker_context():
-    """forkserver where there is one, else spawn; never a bare fork of this process.
-
-    A fork would copy the parent's open HDF5 file and threads (progress bar, a caller's
-    loader) into the workers. The fork server starts clean, imports the decoding module
-    once, and forks each worker from that: about as quick as fork, as safe as spawn.
-    """
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["nodulekit.data.decode"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def _likely_shape(tasks: list[Task]) -> tuple[int, int]:
-    """Rows x columns of the first readable header: the slot size (others travel by pipe)."""
-    for t in tasks[:50]:
-        try:
-            ds = read_header(t.image)
-            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        except (DicomError, TypeError, ValueError):
-            continue
-        if rows > 0 and cols > 0:
-            return rows, cols
-    return 512, 512
-
-
 class _CacheWriter:
     """Writes decoded slices into the per-split datasets, in record order."""
 
-    def __init__(self, path: Path, index: DataIndex, strict: bool):
+    def __init__(self, path: Path, index: DataIndex, strict: bool, preallocate: bool = False):
         self.path = path
         self.index = index
         self.strict = strict
+        self.preallocate = preallocate
         self.file = h5py.File(path, "w")
         self.shape: tuple[int, int] | None = None
         self.shape_source = ""
         self.skipped: list[Problem] = []
         self.fixups: list[Problem] = []
-        self.capacity = {s: sum(r.split == s for r in index.records) for s in SPLITS}
+        # Each record's row if nothing before it in its split is skipped: where a worker
+        # writes its HU (the writer moves it up when something was skipped).
+        self.capacity = {s: 0 for s in SPLITS}
+        self.planned: list[int] = []
+        for r in index.records:
+            self.planned.append(self.capacity[r.split])
+            self.capacity[r.split] += 1
         self.rows = {s: 0 for s in SPLITS}
         self.datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        self.offsets: dict[str, np.ndarray] = {}  # split -> byte offset of each HU chunk
         self.meta: dict[str, dict[str, list]] = {s: _empty_meta() for s in SPLITS}
         self.counts = {s: {"slices": 0, "nodule_slices": 0} for s in SPLITS}
+        self._mask_buffer: np.ndarray | None = None
+        self.lock = contextlib.nullcontext()  # held for writes while workers write too
         self._exam: tuple | None = None
         self._linker: NoduleLinker | None = None
         self._exam_split = ""
@@ -314,11 +349,25 @@ class _CacheWriter:
         for split in SPLITS:
             g = self.file.create_group(split)
             n = self.capacity[split]
+            dcpl = None
+            if self.preallocate:
+                # Every HU chunk gets its place in the file now, so that the workers can
+                # write into it; nothing is written there until they do.
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             hu = g.create_dataset("hu", shape=(n, h, w), maxshape=(None, h, w), dtype="<i2",
-                                  chunks=(1, h, w))
+                                  chunks=(1, h, w), dcpl=dcpl)
             mask = g.create_dataset("mask", shape=(n, h, w), maxshape=(None, h, w),
                                     dtype=np.uint8, chunks=(1, h, w), fillvalue=0)
             self.datasets[split] = (hu, mask)
+            if self.preallocate:
+                self.offsets[split] = _chunk_offsets(hu, n, f"{self.path}: {split}/hu")
+        self._mask_buffer = np.empty(shape, dtype=np.uint8)
+
+    def hu_offset(self, record: int) -> int:
+        """Byte offset in the file where a worker writes record `record`'s HU."""
+        return int(self.offsets[self.index.records[record].split][self.planned[record]])
 
     def _skip(self, record: SliceRecord, reason: str) -> None:
         problem = Problem(record.image, reason)
@@ -335,8 +384,10 @@ class _CacheWriter:
         if d.error is not None:
             self._skip(record, d.error)
             return
-        shape = tuple(d.hu.shape)
+        shape = tuple(d.shape if d.hu is None else d.hu.shape)
         if self.shape is None:
+            if d.hu is None:
+                raise PreprocessError("internal: the first slice must come with its pixels")
             self.shape, self.shape_source = shape, record.image
             self._create(shape)
         elif shape != self.shape:
@@ -350,9 +401,24 @@ class _CacheWriter:
         self.rows[split] += 1
         hu_ds, mask_ds = self.datasets[split]
         # Whole-chunk writes: one chunk per slice, no conversion, no selection machinery.
-        hu_ds.id.write_direct_chunk((row, 0, 0), np.ascontiguousarray(d.hu, dtype="<i2"))
-        if d.mask is not None:  # empty masks stay as the dataset's fill value, 0
-            mask_ds.id.write_direct_chunk((row, 0, 0), np.ascontiguousarray(d.mask))
+        if d.hu is not None:
+            with self.lock:
+                hu_ds.id.write_direct_chunk((row, 0, 0),
+                                            np.ascontiguousarray(d.hu, dtype="<i2"))
+        elif d.written:
+            planned = self.planned[d.row]
+            if planned != row:  # something before it was skipped: move it up
+                with self.lock:
+                    _, data = hu_ds.id.read_direct_chunk((planned, 0, 0))
+                    hu_ds.id.write_direct_chunk((row, 0, 0), data)
+        else:
+            raise PreprocessError(f"internal: no pixels for {record.image}")
+        mask = d.mask
+        if mask is None and d.mask_box is not None:
+            mask = d.mask_box.full(out=self._mask_buffer)
+        if mask is not None:  # empty masks stay as the dataset's fill value, 0
+            with self.lock:
+                mask_ds.id.write_direct_chunk((row, 0, 0), np.ascontiguousarray(mask))
         self._add_meta(split, row, record, d)
 
     def _add_meta(self, split: str, row: int, record: SliceRecord, d: Decoded) -> None:
@@ -422,6 +488,23 @@ class _CacheWriter:
         return self.shape
 
 
+def _chunk_offsets(ds: h5py.Dataset, n: int, what: str) -> np.ndarray:
+    """Byte offset in the file of each of the `n` allocated chunks (one per row) of `ds`."""
+    offsets = np.full(n, -1, dtype=np.int64)
+
+    def note(info) -> None:
+        offsets[info.chunk_offset[0]] = info.byte_offset
+
+    try:
+        ds.id.chunk_iter(note)  # one pass (HDF5 1.14)
+    except AttributeError:  # an older HDF5: one look-up per chunk
+        for i in range(n):
+            offsets[i] = ds.id.get_chunk_info_by_coord((i, 0, 0)).byte_offset
+    if n and (offsets < 0).any():
+        raise PreprocessError(f"{what}: HDF5 did not allocate every chunk")
+    return offsets
+
+
 def _empty_meta() -> dict[str, list]:
     return {name: [] for name in ("patient", "exam", "slice", "instance_number",
                                   "slice_position", "pixel_spacing", "slice_thickness",
@@ -463,8 +546,12 @@ def _write_meta(g: h5py.Group, m: dict[str, list]) -> None:
         g.create_dataset("max_diameter_mm", data=np.nanmax(nodule, axis=1).astype(np.float32))
 
 
-def _relative_to(root: Path, path: str | None) -> str:
+def _relative_to(root: Path | str, path: str | None) -> str:
+    """`path` relative to `root` with / separators, or `path` itself when outside it."""
     if not path:
         return ""
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    return str(path) if rel.startswith("..") else Path(rel).as_posix()
+    prefix = os.path.join(os.path.abspath(root), "")
+    full = os.path.abspath(path)
+    if not full.startswith(prefix):
+        return str(path)
+    return full[len(prefix):].replace(os.sep, "/")

@@ -348,11 +348,11 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
             written.append(_write_patient(*job))
             bar.update(1)
     else:
-        import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context(method)) as pool:
+        from nodulekit.data.procs import worker_context
+
+        with ProcessPoolExecutor(n_workers, mp_context=worker_context()) as pool:
             for item in pool.map(_write_patient, *zip(*jobs, strict=True)):
                 written.append(item)
                 bar.update(1)
