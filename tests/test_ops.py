@@ -196,6 +196,41 @@ def test_concat_split_channels(backend, rng, n, h, w, ca, cb):
     np.testing.assert_array_equal(got["y"][..., :ca], inputs["a"])  # the skip goes first
 
 
+# ------------------------------------------------------- the decoder's fused up-conv + concat
+
+UPCONCAT = [  # N, H, W, C, K, CS (skip channels)
+    pytest.param(1, 3, 5, 4, 3, 2, id="n1-3x5-c4-k3-cs2"),
+    pytest.param(2, 2, 3, 1, 5, 7, id="n2-2x3-c1-k5-cs7"),
+    pytest.param(1, 1, 1, 3, 1, 1, id="n1-1x1-c3-k1-cs1"),
+]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("n,h,w,c,k,cs", UPCONCAT)
+def test_upconv2x2_concat_and_split_backward(backend, rng, n, h, w, c, k, cs):
+    """The U-Net's decoder pair as one op equals concat(skip, upconv) and, backward,
+    split then upconv backward (the CPU backend scatters into / gathers from the concat
+    buffer directly)."""
+    inputs = dict(skip=rand(rng, n, 2 * h, 2 * w, cs), x=rand(rng, n, h, w, c),
+                  w=rand(rng, k, 2, 2, c, scale=c ** -.5), b=rand(rng, k, scale=0.5),
+                  dcat=rand(rng, n, 2 * h, 2 * w, cs + k))
+
+    def run(be, skip, x, w, b, dcat):
+        dskip, dx, dw, db = be.upconv2x2_split_backward(dcat, cs, x, w)
+        return dict(y=be.upconv2x2_concat_forward(skip, x, w, b), dskip=dskip, dx=dx,
+                    dw=dw, db=db)
+
+    def run_torch(skip, x, w, b, dcat):
+        dskip, dup = T.split_channels(dcat, cs)
+        dx, dw, db = T.upconv2x2_backward(dup, x, w)
+        return dict(y=T.concat_channels(skip, T.upconv2x2_forward(x, w, b)), dskip=dskip,
+                    dx=dx, dw=dw, db=db)
+
+    got = check_op(backend, run, run_torch, inputs, exact=("dskip",),
+                   reduce=dict(y=c, dx=4 * k, dw=n * h * w, db=4 * n * h * w))
+    np.testing.assert_array_equal(got["y"][..., :cs], inputs["skip"])  # the skip goes first
+
+
 # --------------------------------------------------------------------------- Dice loss
 
 DICE = [  # N, H, W, target, smooth, logit scale

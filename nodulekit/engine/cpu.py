@@ -191,7 +191,8 @@ class CPUBackend(Backend):
         """w [K,2,2,C] -> [C, 2*2*K] with columns ordered (a, b, k)."""
         return np.ascontiguousarray(w.transpose(3, 1, 2, 0)).reshape(w.shape[3], -1)
 
-    def _upconv2x2_forward(self, x, w, b):
+    def _upconv_gemm(self, x, w):
+        """tmp [N,H,W,2,2,K] = x @ (w as [C, 2*2*K]), on all threads; no bias yet."""
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
@@ -203,16 +204,26 @@ class CPUBackend(Backend):
             np.matmul(x2d[m0:m1], wm, out=tmp2d[m0:m1])
 
         self.workers.run(job, rows, _block_rows(c + 4 * k))
-        y = np.empty((n, 2 * h, 2 * wd, k), dtype=np.float32)
+        return tmp
+
+    def _upconv2x2_forward(self, x, w, b):
+        n, h, wd, _ = x.shape
+        tmp = self._upconv_gemm(x, w)
+        y = np.empty((n, 2 * h, 2 * wd, w.shape[0]), dtype=np.float32)
         kern.upconv_scatter(tmp, b, y)
         return y
 
-    def _upconv2x2_backward(self, dy, x, w):
+    def _upconv2x2_concat_forward(self, skip, x, w, b):
+        tmp = self._upconv_gemm(x, w)
+        y = np.empty(skip.shape[:3] + (skip.shape[3] + w.shape[0],), dtype=np.float32)
+        kern.concat_upconv(skip, tmp, b, y)
+        return y
+
+    def _upconv_backward_gathered(self, g, x, w):
+        """(dx, dw, db) from g [N,H,W,2,2,K], dy in the layout of the forward's GEMM."""
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
-        g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
-        kern.upconv_gather(dy, g)
         g2d = g.reshape(rows, 4 * k)
         x2d, wm = x.reshape(rows, c), self._upconv_matrix(w)
         dx = np.empty((n, h, wd, c), dtype=np.float32)
@@ -224,10 +235,23 @@ class CPUBackend(Backend):
         self.workers.run(job, rows, _block_rows(c + 4 * k))
         dwm = self._gram(g2d, rows, c, _block_rows(c + 4 * k), a2d=x2d)  # [C, (a, b, k)]
         dw = np.ascontiguousarray(dwm.reshape(c, 2, 2, k).transpose(3, 1, 2, 0))
-        dy2d = dy.reshape(-1, k)
-        partial = np.empty((_reduction_blocks(dy2d.shape[0]), k), dtype=np.float32)
-        kern.column_sums(dy2d, partial)
+        g_k = g.reshape(-1, k)
+        partial = np.empty((_reduction_blocks(g_k.shape[0]), k), dtype=np.float32)
+        kern.column_sums(g_k, partial)
         return dx, dw, partial.sum(axis=0)
+
+    def _upconv2x2_backward(self, dy, x, w):
+        n, h, wd, _ = x.shape
+        g = np.empty((n, h, wd, 2, 2, w.shape[0]), dtype=np.float32)
+        kern.upconv_gather(dy, g)
+        return self._upconv_backward_gathered(g, x, w)
+
+    def _upconv2x2_split_backward(self, dcat, ca, x, w):
+        n, h, wd, _ = x.shape
+        dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
+        g = np.empty((n, h, wd, 2, 2, w.shape[0]), dtype=np.float32)
+        kern.split_gather(dcat, dskip, g)
+        return (dskip, *self._upconv_backward_gathered(g, x, w))
 
     # ------------------------------------------------------------------ concat
     def _concat_channels(self, a, b):

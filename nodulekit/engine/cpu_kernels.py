@@ -223,6 +223,59 @@ def upconv_gather(dy, g):
                     gf[dst + k] = dyf[src + k]
 
 
+@njit(parallel=True, **_JIT)
+def concat_upconv(skip, tmp, b, y):
+    """y = [skip | up] with up[n, 2i+a, 2j+c, k] = tmp[n, i, j, a, c, k] + b[k]: the
+    up-convolution's scatter written straight into its half of the concat buffer."""
+    n_, hh_, ww_, cs = skip.shape
+    k_ = tmp.shape[5]
+    h_, w_ = tmp.shape[1], tmp.shape[2]
+    ct = cs + k_
+    sf, tf, yf = skip.ravel(), tmp.ravel(), y.ravel()
+    for nh in prange(n_ * hh_):
+        n = nh // hh_
+        hh = nh - n * hh_
+        i = hh // 2
+        a = hh - 2 * i
+        for ww in range(ww_):
+            j = ww // 2
+            c = ww - 2 * j
+            p = nh * ww_ + ww
+            dst = uint64(p * ct)
+            src = uint64(p * cs)
+            for q in range(uint64(cs)):
+                yf[dst + q] = sf[src + q]
+            up = uint64(((((n * h_ + i) * w_ + j) * 2 + a) * 2 + c) * k_)
+            for k in range(uint64(k_)):
+                yf[dst + cs + k] = tf[up + k] + b[k]
+
+
+@njit(parallel=True, **_JIT)
+def split_gather(dcat, dskip, g):
+    """dskip = dcat[..., :cs] and g[n, i, j, a, c, :] = dcat[n, 2i+a, 2j+c, cs:]: the
+    concat's split and the up-convolution's gather in one pass over dcat."""
+    n_, hh_, ww_, cs = dskip.shape
+    h_, w_, k_ = g.shape[1], g.shape[2], g.shape[5]
+    ct = cs + k_
+    df, sf, gf = dcat.ravel(), dskip.ravel(), g.ravel()
+    for nh in prange(n_ * hh_):
+        n = nh // hh_
+        hh = nh - n * hh_
+        i = hh // 2
+        a = hh - 2 * i
+        for ww in range(ww_):
+            j = ww // 2
+            c = ww - 2 * j
+            p = nh * ww_ + ww
+            src = uint64(p * ct)
+            dst = uint64(p * cs)
+            for q in range(uint64(cs)):
+                sf[dst + q] = df[src + q]
+            up = uint64(((((n * h_ + i) * w_ + j) * 2 + a) * 2 + c) * k_)
+            for k in range(uint64(k_)):
+                gf[up + k] = df[src + cs + k]
+
+
 # ----------------------------------------------------------------------- concat
 
 

@@ -57,6 +57,11 @@ The ops, with their math (x, y: input, output; K out channels; C in channels):
     ``y = [a | b]`` along channels (the U-Net puts the skip first); the split returns
     the two gradients as contiguous arrays.
 
+``upconv2x2_concat_forward(skip, x, w, b)`` / ``upconv2x2_split_backward(dcat, ca, x, w)``
+    The decoder's pair as one op: ``concat_channels(skip, upconv2x2_forward(x, w, b))``,
+    and ``split_channels`` then ``upconv2x2_backward`` -> ``(dskip, dx, dw, db)``. Same
+    math; a backend may skip the intermediate tensor (the U-Net calls these).
+
 ``sigmoid_dice_loss(logits, target, smooth)`` -> ``(loss, dice, dlogits)``
     With ``p = sigmoid(z)``, per sample i (sums over the sample's pixels)::
 
@@ -273,6 +278,39 @@ class Backend:
         if not 0 < int(ca) < dy.shape[3]:
             raise ValueError(f"{op}: ca must be in 1..{dy.shape[3] - 1}, got {ca}")
         return self._split_channels(dy, int(ca))
+
+    # ---- the decoder's up-convolution and concat as one op (what the U-Net calls)
+    def upconv2x2_concat_forward(self, skip, x, w, b):
+        """``concat_channels(skip, upconv2x2_forward(x, w, b))``; a backend may write the
+        up-convolution straight into its half of the concat buffer (no concat pass)."""
+        op = "upconv2x2_concat_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        check_array(op, "b", b, self.dtype, 1, "K", (w.shape[0],))
+        n, h, wd, _ = x.shape
+        check_array(op, "skip", skip, self.dtype, 4, "NHWC", (n, 2 * h, 2 * wd, None))
+        return self._upconv2x2_concat_forward(skip, x, w, b)
+
+    def upconv2x2_split_backward(self, dcat, ca: int, x, w):
+        """``split_channels(dcat, ca)``, then ``upconv2x2_backward`` of the second part:
+        returns (dskip, dx, dw, db); a backend may read the second part in place."""
+        op = "upconv2x2_split_backward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+        n, h, wd, _ = x.shape
+        check_array(op, "dcat", dcat, self.dtype, 4, "NHWC",
+                    (n, 2 * h, 2 * wd, int(ca) + w.shape[0]))
+        if int(ca) < 1:
+            raise ValueError(f"{op}: ca must be >= 1, got {ca}")
+        return self._upconv2x2_split_backward(dcat, int(ca), x, w)
+
+    def _upconv2x2_concat_forward(self, skip, x, w, b):
+        return self._concat_channels(skip, self._upconv2x2_forward(x, w, b))
+
+    def _upconv2x2_split_backward(self, dcat, ca, x, w):
+        dskip, dup = self._split_channels(dcat, ca)
+        return (dskip, *self._upconv2x2_backward(dup, x, w))
 
     # ---- loss
     def sigmoid_dice_loss(self, logits, target, smooth: float = 1.0):

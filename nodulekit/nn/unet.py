@@ -8,7 +8,8 @@ Shapes for depth D, width F, an N x H x W x 1 input (widths F * 2**level):
 
     encoder level l:  conv3x3+ReLU, conv3x3+ReLU  -> skip l;  max-pool 2x2
     bottom:           conv3x3+ReLU, conv3x3+ReLU  (F * 2**D channels, H / 2**D)
-    decoder level l:  up-conv 2x2/2 -> F*2**l;  concat [skip l | up];  conv3x3+ReLU x2
+    decoder level l:  up-conv 2x2/2 -> F*2**l, written into concat [skip l | up];
+                      conv3x3+ReLU x2
     head:             conv1x1 -> 1 logit per pixel
 """
 
@@ -97,10 +98,11 @@ class UNet:
                 saved[f"enc{level}.pool"] = (argmax, hw)
         h = conv("bottom.conv2", conv("bottom.conv1", h))
         for level in reversed(range(self.depth)):
-            up = be.upconv2x2_forward(h, p[f"dec{level}.up.w"], p[f"dec{level}.up.b"])
             if keep_for_backward:
                 saved[f"dec{level}.up"] = (h,)
-            h = be.concat_channels(skips[level], up)
+            # [skip | upconv(h)]: the up-convolution writes straight into its half
+            h = be.upconv2x2_concat_forward(skips[level], h, p[f"dec{level}.up.w"],
+                                            p[f"dec{level}.up.b"])
             h = conv(f"dec{level}.conv2", conv(f"dec{level}.conv1", h))
         logits = conv("head", h, relu=False)
         self._saved = saved if keep_for_backward else None
@@ -126,9 +128,9 @@ class UNet:
         dskips = [None] * self.depth
         for level in range(self.depth):  # decoder, top level first (reverse of forward)
             dh = conv_back(f"dec{level}.conv1", conv_back(f"dec{level}.conv2", dh))
-            dskips[level], dup = be.split_channels(dh, self.widths[level])
             (below,) = saved.pop(f"dec{level}.up")
-            dh, dw, db = be.upconv2x2_backward(dup, below, p[f"dec{level}.up.w"])
+            dskips[level], dh, dw, db = be.upconv2x2_split_backward(
+                dh, self.widths[level], below, p[f"dec{level}.up.w"])
             g[f"dec{level}.up.w"][...] = dw
             g[f"dec{level}.up.b"][...] = db
         dh = conv_back("bottom.conv1", conv_back("bottom.conv2", dh))
