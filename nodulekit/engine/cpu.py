@@ -70,11 +70,17 @@ class CPUBackend(Backend):
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
+        if r_size == 3 and c == 1:  # the first layer: a direct loop beats 9-wide patches
+            kern.conv3x3_one_channel(x, np.ascontiguousarray(w2t), b, relu,
+                                     out2d.reshape(n, h, w, k))
+            return out2d
         if r_size == 1:
             x2d = x.reshape(rows, c)
+            # one input channel (the head's data gradient): an outer product, not a GEMM
+            product = np.multiply if c == 1 else np.matmul
 
             def job1(m0, m1, _):
-                np.matmul(x2d[m0:m1], w2t, out=out2d[m0:m1])
+                product(x2d[m0:m1], w2t, out=out2d[m0:m1])
                 kern.bias_relu_rows(out2d, b, relu, m0, m1)
 
             self.workers.run(job1, rows, _block_rows(c + k))
