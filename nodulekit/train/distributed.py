@@ -213,6 +213,10 @@ def timeout_from_env() -> float | None:
 # ----------------------------------------------------------------------------- the watchdog
 
 
+# seconds between printing why a rank stops every rank and MPI_Abort (see abort)
+ABORT_GRACE_S = 1.0
+
+
 class _Watchdog:
     """Calls `on_expire(what, seconds)` when one guarded call outlasts `timeout` seconds."""
 
@@ -424,6 +428,9 @@ class MPICommunicator(Communicator):
         raise collective(PeerFailed("; ".join(f"rank {r} failed: {m}" for r, m in failed)))
 
     def abort(self, code: int = 1) -> None:
+        # MPI_Abort tears the job down at once, and mpiexec may drop what this rank wrote
+        # to stderr just before (seen in CI: the reason why was lost). Give it a moment.
+        time.sleep(ABORT_GRACE_S)
         try:
             self.comm.Abort(code)
         finally:
