@@ -86,7 +86,7 @@ class CPUBackend(Backend):
             self.workers.run(job1, rows, _block_rows(c + k))
             return out2d
         cols_n = r_size * r_size * c
-        step = _block_rows(cols_n)
+        step, _ = self.workers.plan(rows, _block_rows(cols_n))
         scratch = self.workers.scratch("patches", [((step, cols_n), np.float32)])
 
         def job(m0, m1, worker):
@@ -213,11 +213,13 @@ class CPUBackend(Backend):
         return tmp
 
     def _upconv2x2_forward(self, x, w, b):
+        # the decoder's fused op with an empty skip: no kernel of its own to keep in step
         n, h, wd, _ = x.shape
-        tmp = self._upconv_gemm(x, w)
-        y = np.empty((n, 2 * h, 2 * wd, w.shape[0]), dtype=np.float32)
-        kern.upconv_scatter(tmp, b, y)
-        return y
+        no_skip = np.empty((n, 2 * h, 2 * wd, 0), dtype=np.float32)
+        return self._upconv2x2_concat_forward(no_skip, x, w, b)
+
+    def _upconv2x2_backward(self, dy, x, w):
+        return self._upconv2x2_split_backward(dy, 0, x, w)[1:]
 
     def _upconv2x2_concat_forward(self, skip, x, w, b):
         tmp = self._upconv_gemm(x, w)
@@ -225,11 +227,15 @@ class CPUBackend(Backend):
         kern.concat_upconv(skip, tmp, b, y)
         return y
 
-    def _upconv_backward_gathered(self, g, x, w):
-        """(dx, dw, db) from g [N,H,W,2,2,K], dy in the layout of the forward's GEMM."""
+    def _upconv2x2_split_backward(self, dcat, ca, x, w):
+        """(dskip, dx, dw, db): the split and the gather to the GEMM's layout in one pass
+        (g [N,H,W,2,2,K]), then dx = g @ W^T and dW = x^T @ g on all threads."""
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
+        dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
+        g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
+        kern.split_gather(dcat, dskip, g)
         g2d = g.reshape(rows, 4 * k)
         x2d, wm = x.reshape(rows, c), self._upconv_matrix(w)
         dx = np.empty((n, h, wd, c), dtype=np.float32)
@@ -244,20 +250,7 @@ class CPUBackend(Backend):
         g_k = g.reshape(-1, k)
         partial = np.empty((_reduction_blocks(g_k.shape[0]), k), dtype=np.float32)
         kern.column_sums(g_k, partial)
-        return dx, dw, partial.sum(axis=0)
-
-    def _upconv2x2_backward(self, dy, x, w):
-        n, h, wd, _ = x.shape
-        g = np.empty((n, h, wd, 2, 2, w.shape[0]), dtype=np.float32)
-        kern.upconv_gather(dy, g)
-        return self._upconv_backward_gathered(g, x, w)
-
-    def _upconv2x2_split_backward(self, dcat, ca, x, w):
-        n, h, wd, _ = x.shape
-        dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
-        g = np.empty((n, h, wd, 2, 2, w.shape[0]), dtype=np.float32)
-        kern.split_gather(dcat, dskip, g)
-        return (dskip, *self._upconv_backward_gathered(g, x, w))
+        return dskip, dx, dw, partial.sum(axis=0)
 
     # ------------------------------------------------------------------ concat
     def _concat_channels(self, a, b):

@@ -227,48 +227,10 @@ def maxpool2x2_backward(dy, argmax, dx):
 
 
 @njit(parallel=True, **_JIT)
-def upconv_scatter(tmp, b, y):
-    """tmp [N,H,W,2,2,K] (the GEMM's output) + b -> y [N,2H,2W,K].
-
-    For fixed (n, i, j, a) the two output pixels (2i+a, 2j) and (2i+a, 2j+1) are adjacent
-    in NHWC, and so are tmp's (a, 0, :) and (a, 1, :): one contiguous run of 2K floats.
-    """
-    n_, h_, w_ = tmp.shape[0], tmp.shape[1], tmp.shape[2]
-    k_ = y.shape[3]
-    tf, yf = tmp.ravel(), y.ravel()
-    for nh in prange(n_ * h_):
-        n = nh // h_
-        i = nh - n * h_
-        for j in range(w_):
-            for a in range(2):
-                src = uint64((((n * h_ + i) * w_ + j) * 2 + a) * 2 * k_)
-                dst = uint64(((n * 2 * h_ + 2 * i + a) * 2 * w_ + 2 * j) * k_)
-                for k in range(uint64(k_)):
-                    yf[dst + k] = tf[src + k] + b[k]
-                    yf[dst + k_ + k] = tf[src + k_ + k] + b[k]
-
-
-@njit(parallel=True, **_JIT)
-def upconv_gather(dy, g):
-    """dy [N,2H,2W,K] -> g [N,H,W,2,2,K], the layout the backward GEMMs want."""
-    n_, h_, w_ = g.shape[0], g.shape[1], g.shape[2]
-    k_ = dy.shape[3]
-    dyf, gf = dy.ravel(), g.ravel()
-    for nh in prange(n_ * h_):
-        n = nh // h_
-        i = nh - n * h_
-        for j in range(w_):
-            for a in range(2):
-                dst = uint64((((n * h_ + i) * w_ + j) * 2 + a) * 2 * k_)
-                src = uint64(((n * 2 * h_ + 2 * i + a) * 2 * w_ + 2 * j) * k_)
-                for k in range(uint64(2 * k_)):
-                    gf[dst + k] = dyf[src + k]
-
-
-@njit(parallel=True, **_JIT)
 def concat_upconv(skip, tmp, b, y):
     """y = [skip | up] with up[n, 2i+a, 2j+c, k] = tmp[n, i, j, a, c, k] + b[k]: the
-    up-convolution's scatter written straight into its half of the concat buffer."""
+    up-convolution's scatter written straight into its half of the concat buffer (the
+    plain up-convolution is this with a skip of 0 channels)."""
     n_, hh_, ww_, cs = skip.shape
     k_ = tmp.shape[5]
     h_, w_ = tmp.shape[1], tmp.shape[2]
@@ -295,7 +257,7 @@ def concat_upconv(skip, tmp, b, y):
 @njit(parallel=True, **_JIT)
 def split_gather(dcat, dskip, g):
     """dskip = dcat[..., :cs] and g[n, i, j, a, c, :] = dcat[n, 2i+a, 2j+c, cs:]: the
-    concat's split and the up-convolution's gather in one pass over dcat."""
+    concat's split and the up-convolution's gather in one pass over dcat (cs may be 0)."""
     n_, hh_, ww_, cs = dskip.shape
     h_, w_, k_ = g.shape[1], g.shape[2], g.shape[5]
     ct = cs + k_
