@@ -62,7 +62,7 @@ from importlib import resources
 
 import numpy as np
 
-from nodulekit.engine.ops import AIR_HU, Backend, check_array
+from nodulekit.engine.ops import AIR_HU, Backend
 
 # Options we pass to cupy.RawModule; CuPy appends CUPY_APPENDED_OPTIONS when it compiles.
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -510,36 +510,22 @@ class CudaBackend(Backend):
         return da, db
 
     # ---- fused decoder entry: up-convolution straight into / out of the concat buffer
-    def upconv2x2_concat_forward(self, skip, x, w, b):
-        """``concat_channels(skip, upconv2x2_forward(x, w, b))`` without the concat pass:
-        the skip is copied into the first channels, the up-convolution writes the rest."""
-        op = "upconv2x2_concat_forward"
-        check_array(op, "x", x, self.dtype, 4, "NHWC")
-        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
-        check_array(op, "b", b, self.dtype, 1, "K", (w.shape[0],))
+    def _upconv2x2_concat_forward(self, skip, x, w, b):
+        """Without the concat pass: the skip is copied into the first channels, the
+        up-convolution writes the rest (arguments checked by Backend)."""
         n, h, wd, _ = x.shape
-        check_array(op, "skip", skip, self.dtype, 4, "NHWC", (n, 2 * h, 2 * wd, None))
         cs, k = skip.shape[3], w.shape[0]
         y = self.empty((n, 2 * h, 2 * wd, cs + k))
-        _check_sizes(op, y)
+        _check_sizes("upconv2x2_concat_forward", y)
         self._copy_channels(skip, cs, 0, y, cs + k, 0, n * 4 * h * wd, cs)
         self._upconv_forward(x, w, b, y, cs + k, cs)
         return y
 
-    def upconv2x2_split_backward(self, dcat, ca: int, x, w):
-        """``split_channels(dcat, ca)`` then ``upconv2x2_backward`` on the second part,
-        reading it in place: returns (dskip, dx, dw, db)."""
-        op = "upconv2x2_split_backward"
-        check_array(op, "x", x, self.dtype, 4, "NHWC")
-        check_array(op, "w", w, self.dtype, 4, "K22C", (None, 2, 2, x.shape[3]))
+    def _upconv2x2_split_backward(self, dcat, ca, x, w):
+        """The split, and the up-convolution's backward reading its part of dcat in place."""
         n, h, wd, _ = x.shape
-        k = w.shape[0]
-        check_array(op, "dcat", dcat, self.dtype, 4, "NHWC", (n, 2 * h, 2 * wd, int(ca) + k))
-        ca = int(ca)
-        if ca < 1:
-            raise ValueError(f"{op}: ca must be >= 1, got {ca}")
-        _check_sizes(op, dcat)
-        ct = ca + k
+        ct = ca + w.shape[0]
+        _check_sizes("upconv2x2_split_backward", dcat)
         dskip = self.empty((n, 2 * h, 2 * wd, ca))
         self._copy_channels(dcat, ct, 0, dskip, ca, 0, n * 4 * h * wd, ca)
         return (dskip, *self._upconv_backward(dcat, ct, ca, x, w))
