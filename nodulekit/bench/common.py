@@ -80,22 +80,14 @@ def provenance(backend_name: str) -> dict:
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int,
               sync: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Median wall time of fn() in milliseconds after warm-up, and every sample."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples), samples
+    return interleaved_median_ms([fn], repeats, warmup, [sync])[0]
 
 
 def interleaved_median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int,
                           syncs: list[Callable[[], None]]) -> list[tuple[float, list[float]]]:
-    """Like median_ms for several functions, timed in turns (a, b, a, b, ...): a load that
-    comes and goes on a shared machine then falls on both sides alike, not on one."""
+    """Median wall time in ms (and every sample) of each function after warm-up, timed in
+    turns (a, b, a, b, ...): a load that comes and goes on a shared machine then falls on
+    all of them alike, not on one."""
     for fn, sync in zip(fns, syncs, strict=True):
         for _ in range(warmup):
             fn()
