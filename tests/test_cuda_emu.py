@@ -27,7 +27,6 @@ for _name in dir(test_cuda_ops):
         globals()[_name] = getattr(test_cuda_ops, _name)
 _backends = test_cuda_ops._backends
 tdev = test_cuda_ops.tdev
-rng = test_cuda_ops.rng
 
 
 @pytest.fixture

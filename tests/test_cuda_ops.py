@@ -14,8 +14,6 @@ run. So everything here but the GPU's own arithmetic is exercised before a GPU s
 
 from __future__ import annotations
 
-import zlib
-
 import cuda_emu
 import numpy as np
 import opcheck
@@ -66,11 +64,6 @@ def _backends(monkeypatch):
 def tdev(device):
     """The device torch runs on next to ours."""
     return "cuda" if device == "cuda" else "cpu"
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def dev(device, *arrays):
@@ -740,26 +733,9 @@ def test_bad_arguments_raise_value_error(device, call, expect):
 
 
 def _unet_grads_vs_torch(device, depth, width, n, h, w, rel_tol):
-    import torch
-    from test_unet import _batch, _torch_loss_and_grads
+    from test_unet import assert_unet_gradients_match_torch
 
-    from nodulekit.nn import UNet
-
-    be = get_backend(device)
-    model = UNet(be, depth=depth, width=width, seed=3)
-    image, mask = _batch(n, h, w)
-    logits = model.forward(be.asarray(image, dtype=be.dtype))
-    loss, _, dlogits = be.sigmoid_dice_loss(logits, be.asarray(mask))
-    model.backward(dlogits)
-    weights = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
-    t_loss, t_grads = _torch_loss_and_grads(weights, depth, width, image, mask, torch.float64)
-    assert float(loss) == pytest.approx(t_loss, rel=rel_tol, abs=rel_tol)
-    assert set(t_grads) == set(model.g)
-    for name, t_grad in t_grads.items():
-        ours = be.to_host(model.g[name]).astype(np.float64)
-        scale = max(np.abs(t_grad).max(), 1e-12)
-        err = np.abs(ours - t_grad).max() / scale
-        assert err <= rel_tol, f"{name}: relative error {err:.2e} > {rel_tol:.0e}"
+    assert_unet_gradients_match_torch(get_backend(device), depth, width, n, h, w, rel_tol)
 
 
 @pytest.mark.parametrize("depth,width,n,h,w", [(2, 4, 2, 12, 20), (4, 3, 1, 32, 48),

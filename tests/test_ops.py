@@ -9,7 +9,6 @@ sizes, C = 1, K = 1 and batch 1. Each test seeds its generator from its own id.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -21,12 +20,6 @@ from nodulekit.reference import torch_ops as T
 
 BACKENDS = ["cpu"]
 ALL = ["reference", *BACKENDS]
-
-
-@pytest.fixture
-def rng(request):
-    """A generator seeded from the test's id: fixed per test, different across tests."""
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def on(backend, *arrays):

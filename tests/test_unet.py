@@ -53,11 +53,18 @@ def _torch_loss_and_grads(weights, depth, width, image, mask, dtype):
 @pytest.mark.parametrize("depth,width,n,h,w", [(2, 4, 2, 12, 20), (4, 3, 1, 32, 48),
                                                (4, 4, 3, 16, 16)])
 def test_unet_gradients_match_torch(backend_name, rel_tol, depth, width, n, h, w):
-    be = get_backend(backend_name)
+    assert_unet_gradients_match_torch(get_backend(backend_name), depth, width, n, h, w,
+                                      rel_tol)
+
+
+def assert_unet_gradients_match_torch(be, depth, width, n, h, w, rel_tol):
+    """The loss and every gradient of our U-Net on backend ``be`` against the PyTorch
+    reference in float64, within rel_tol of each gradient's largest entry (also used by
+    tests/test_cuda_ops.py)."""
     model = UNet(be, depth=depth, width=width, seed=3)
     image, mask = _batch(n, h, w)
     logits = model.forward(be.asarray(image, dtype=be.dtype))
-    loss, _, dlogits = be.sigmoid_dice_loss(logits, mask)
+    loss, _, dlogits = be.sigmoid_dice_loss(logits, be.asarray(mask))
     model.backward(dlogits)
 
     weights = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
