@@ -128,6 +128,32 @@ def test_ranks_get_disjoint_equal_shares(cache_path):
     assert set(flat) <= {tuple(b.tolist()) for b in whole}
 
 
+def test_within_and_blocks_shards_rebuild_the_single_process_epoch(cache_path):
+    """'within': rank r's batch k is samples [r*b, (r+1)*b) of the single process's batch k
+    (rows and augmentation); 'blocks': the ranks' batches, concatenated, are the single
+    process's, none dropped."""
+    world = 2
+    with train_loader(cache_path, batch_size=4, seed=5) as single:
+        whole = single.epoch(0)
+        whole = [(b.index.copy(), b.aug.copy()) for b in whole]
+    for rank in range(world):
+        with Loader(cache_path, batch_size=4, seed=5, rank=rank, world_size=world,
+                    shard="within") as loader:
+            mine = [(b.index, b.aug) for b in loader.epoch(0)]
+        assert len(mine) == len(whole)
+        for (rows, aug), (all_rows, all_aug) in zip(mine, whole, strict=True):
+            np.testing.assert_array_equal(rows, all_rows[2 * rank:2 * rank + 2])
+            np.testing.assert_array_equal(aug, all_aug[2 * rank:2 * rank + 2])
+    with eval_loader(cache_path, "val", batch_size=3) as single:
+        want = [b.index for b in single.epoch(0)]
+    got = []
+    for rank in range(world):
+        with eval_loader(cache_path, "val", batch_size=3) as loader:
+            loader.set_shard(rank, world, "blocks")
+            got += [b.index for b in loader.epoch(0)]
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
+
+
 def test_in_memory_reads_the_same(cache_path):
     with train_loader(cache_path, batch_size=4, seed=1) as a, \
             train_loader(cache_path, batch_size=4, seed=1, in_memory=True) as b:
@@ -148,6 +174,10 @@ def test_bad_loader_arguments(cache_path):
         Loader(cache_path, batch_size=0)
     with pytest.raises(LoaderError, match="rank"):
         Loader(cache_path, rank=2, world_size=2)
+    with pytest.raises(LoaderError, match="shard must be one of"):
+        Loader(cache_path, world_size=2, shard="rows")
+    with pytest.raises(LoaderError, match="multiple of the rank count"):
+        Loader(cache_path, batch_size=5, world_size=2, shard="within")
     with pytest.raises(LoaderError, match="sampling"):
         Loader(cache_path, sampling="some")
     with pytest.raises(Exception, match="no split 'dev'"):

@@ -20,8 +20,14 @@ to `queue_size` batches are read ahead of the consumer, like ECVL's `num_workers
 enough: a batch costs a few memory copies, and the consumer (a training step) releases the
 GIL while it computes.
 
-For data parallelism, ``rank``/``world_size`` give each rank every world_size-th batch of
-the epoch, truncated so every rank gets the same number: disjoint and equal.
+For data parallelism, ``rank``/``world_size`` with ``shard`` say which part of the epoch
+this rank reads (all three disjoint, together the whole epoch):
+
+- ``"batches"``: every world_size-th batch, truncated so every rank gets the same number;
+- ``"within"``: samples [rank*b, (rank+1)*b) of every batch, b = batch_size / world_size,
+  so the ranks together compute exactly one process's batches (data-parallel training);
+- ``"blocks"``: a contiguous block of whole batches, none dropped (evaluation, whose
+  results concatenated in rank order come back in cache order).
 """
 
 from __future__ import annotations
@@ -39,6 +45,14 @@ from nodulekit.data.cache import Cache, CacheSplit
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
 SAMPLINGS = ("nodules", "all")
+SHARDS = ("batches", "within", "blocks")
+
+
+def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank's contiguous part [lo, hi) of n items; the first n % size ranks get one more."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 class LoaderError(ValueError):
@@ -84,8 +98,8 @@ class Loader:
                  batch_size: int = 12, sampling: str = "nodules", empty_fraction: float = 0.0,
                  shuffle: bool = True, augment: bool = True, drop_last: bool = True,
                  seed: int = 0, num_workers: int = 0, queue_size: int | None = None,
-                 rank: int = 0, world_size: int = 1, max_angle_deg: float = MAX_ANGLE_DEG,
-                 in_memory: bool = False):
+                 rank: int = 0, world_size: int = 1, shard: str = "batches",
+                 max_angle_deg: float = MAX_ANGLE_DEG, in_memory: bool = False):
         if batch_size < 1:
             raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
         if sampling not in SAMPLINGS:
@@ -95,9 +109,6 @@ class Loader:
         if sampling == "all" and empty_fraction:
             raise LoaderError("empty_fraction applies to sampling='nodules'; 'all' already "
                               "takes every empty slice")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise LoaderError(f"need 0 <= rank < world_size, got rank {rank}, world_size "
-                              f"{world_size}")
         if num_workers < 0:
             raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
         self._own_cache = not isinstance(cache, Cache)
@@ -114,7 +125,11 @@ class Loader:
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.queue_size = max(1, 2 * self.num_workers if queue_size is None else int(queue_size))
-        self.rank, self.world_size = int(rank), int(world_size)
+        try:
+            self.set_shard(rank, world_size, shard)
+        except LoaderError:
+            self.close()
+            raise
         self.max_angle_deg = float(max_angle_deg)
         self._epoch = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -143,10 +158,31 @@ class Loader:
         """Samples in one epoch over all ranks, before batching."""
         return len(self._base_rows) + self._n_empty
 
+    def set_shard(self, rank: int, world_size: int, shard: str = "batches") -> None:
+        """Read only this rank's part of each epoch (see the module doc)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise LoaderError(f"need 0 <= rank < world_size, got rank {rank}, world_size "
+                              f"{world_size}")
+        if shard not in SHARDS:
+            raise LoaderError(f"shard must be one of {SHARDS}, got {shard!r}")
+        if shard == "within" and (self.batch_size % world_size or not self.drop_last):
+            raise LoaderError(f"shard='within' splits every batch of {self.batch_size} over "
+                              f"{world_size} ranks: needs drop_last and a batch size that "
+                              "is a multiple of the rank count")
+        self.rank, self.world_size, self.shard = int(rank), int(world_size), shard
+
+    def _batches_all_ranks(self) -> int:
+        n = self.samples_per_epoch
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        n = self.samples_per_epoch
-        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        batches = self._batches_all_ranks()
+        if self.shard == "within":
+            return batches
+        if self.shard == "blocks":
+            lo, hi = split_range(batches, self.rank, self.world_size)
+            return hi - lo
         return batches // self.world_size
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -162,11 +198,18 @@ class Loader:
         if self.augment:
             aug[:, 0:2] = rng.random((len(rows), 2)) < 0.5
             aug[:, 2] = rng.uniform(-self.max_angle_deg, self.max_angle_deg, len(rows))
-        n_batches = len(self) * self.world_size
-        starts = [k * self.batch_size for k in range(n_batches)]
-        mine = starts[self.rank::self.world_size][:len(self)]
-        return EpochPlan(rows=[rows[s:s + self.batch_size] for s in mine],
-                         aug=[aug[s:s + self.batch_size] for s in mine])
+        b = self.batch_size
+        starts = [k * b for k in range(self._batches_all_ranks())]
+        if self.shard == "within":
+            per = b // self.world_size
+            lo, hi = self.rank * per, (self.rank + 1) * per
+            return EpochPlan(rows=[rows[s + lo:s + hi] for s in starts],
+                             aug=[aug[s + lo:s + hi] for s in starts])
+        if self.shard == "blocks":
+            mine = starts[slice(*split_range(len(starts), self.rank, self.world_size))]
+        else:
+            mine = starts[self.rank::self.world_size][:len(self)]
+        return EpochPlan(rows=[rows[s:s + b] for s in mine], aug=[aug[s:s + b] for s in mine])
 
     # ------------------------------------------------------------------------- iterating
 

@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from nodulekit.data.loader import split_range  # noqa: F401  (re-exported)
+
 DEFAULT_TIMEOUT_S = 300.0
 # Environment variables that MPI launchers set in every process they start.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
@@ -686,13 +688,6 @@ def limit_numba_threads(threads: int) -> None:
 # ----------------------------------------------------------------------------- sharding the data
 
 
-def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank's contiguous part [lo, hi) of n items; the first n % size ranks get one more."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 def check_global_batch(batch_size: int, size: int) -> int:
     """The per-rank batch; DistributedError unless the global batch divides evenly."""
     if batch_size % size:
@@ -704,51 +699,27 @@ def check_global_batch(batch_size: int, size: int) -> int:
 
 
 def shard_global_batches(loader, rank: int, size: int):
-    """Make `loader` (built for the GLOBAL batch, one rank) give this rank its part of
-    every global batch: samples [rank*b, (rank+1)*b) with b = batch / size.
+    """Make `loader` (built for the GLOBAL batch) give this rank its part of every global
+    batch: samples [rank*b, (rank+1)*b) with b = batch / size (the loader's "within").
 
     So every rank takes the same number of steps, an epoch still sees each sample once
     (over all ranks), and the samples and their augmentation are exactly those of one
-    process with the global batch. Works on the loader's `plan` (which rows and which
-    augmentation go in each batch); reading stays the loader's.
+    process with the global batch.
     """
-    if size == 1:
-        return loader
-    from nodulekit.data.loader import EpochPlan
-
-    per_rank = check_global_batch(loader.batch_size, size)
-    whole = loader.plan
-
-    def plan(epoch: int) -> EpochPlan:
-        p = whole(epoch)
-        lo, hi = rank * per_rank, (rank + 1) * per_rank
-        for rows in p.rows:
-            if len(rows) != loader.batch_size:
-                raise DistributedError(f"a training batch of {len(rows)} rows, not the "
-                                       f"global batch {loader.batch_size}: cannot shard it")
-        return EpochPlan(rows=[r[lo:hi] for r in p.rows], aug=[a[lo:hi] for a in p.aug])
-
-    loader.plan = plan
+    if size > 1:
+        check_global_batch(loader.batch_size, size)
+        loader.set_shard(rank, size, "within")
     return loader
 
 
 def shard_batches(loader, rank: int, size: int):
     """Make an evaluation `loader` give this rank a contiguous block of its batches (no
-    batch dropped; block sizes differ by at most one batch). Concatenating the ranks'
-    results in rank order gives the cache order back. Returns (loader, batches here)."""
-    from nodulekit.data.loader import EpochPlan
-
-    whole = loader.plan
-
-    def plan(epoch: int) -> EpochPlan:
-        p = whole(epoch)
-        lo, hi = split_range(len(p.rows), rank, size)
-        return EpochPlan(rows=p.rows[lo:hi], aug=p.aug[lo:hi])
-
+    batch dropped; block sizes differ by at most one batch; the loader's "blocks").
+    Concatenating the ranks' results in rank order gives the cache order back. Returns
+    (loader, batches here)."""
     if size > 1:
-        loader.plan = plan
-    lo, hi = split_range(len(whole(0).rows), rank, size)
-    return loader, hi - lo
+        loader.set_shard(rank, size, "blocks")
+    return loader, len(loader)
 
 
 # ----------------------------------------------------------------------------- faults (tests)
