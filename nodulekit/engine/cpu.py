@@ -26,11 +26,11 @@ from nodulekit.engine.ops import AIR_HU, Backend
 # less Python per step (a step runs ~3,000 blocks at 256 KiB); measured here (2-core EPYC,
 # 512 KiB L2 per core) 1 MiB was as fast or faster than 256 and 512 KiB, and 2-4 MiB no better.
 PATCH_BLOCK_BYTES = 1 << 20
-MIN_BLOCK_ROWS = 128
 
 
 def _block_rows(columns: int) -> int:
-    return max(MIN_BLOCK_ROWS, PATCH_BLOCK_BYTES // (4 * max(columns, 1)))
+    """Rows of a block of that many float32 columns (Workers.plan sets the bounds)."""
+    return PATCH_BLOCK_BYTES // (4 * max(columns, 1))
 
 
 def _reduction_blocks(rows: int) -> int:
