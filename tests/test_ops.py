@@ -12,7 +12,15 @@ import math
 
 import numpy as np
 import pytest
-from opcheck import GRID32_ATOL, WINDOW32_ATOL, assert_close, check_op, rand, reference
+from opcheck import (
+    GRID32_ATOL,
+    TOLERANCES,
+    WINDOW32_ATOL,
+    assert_close,
+    check_op,
+    rand,
+    reference,
+)
 
 from nodulekit.engine import get_backend
 from nodulekit.engine.ops import AIR_HU, WINDOW_CENTER, WINDOW_WIDTH, identity_augmentation
@@ -46,6 +54,13 @@ CONV = [  # N, H, W, C, K, R, relu, need_dx
     pytest.param(2, 5, 6, 4, 3, 1, False, True, id="n2-5x6-c4-k3-1x1"),
     pytest.param(1, 7, 9, 3, 1, 1, True, True, id="n1-7x9-c3-k1-1x1-relu"),
     pytest.param(2, 6, 5, 1, 4, 3, True, False, id="n2-6x5-c1-k4-3x3-relu-nodx"),
+    # shapes the CPU backend gives to its register-blocked kernels (cpu_conv.py): K a
+    # multiple of 16 and rows of >= 32 pixels (forward, dx) or >= 16 (dW)
+    pytest.param(2, 6, 32, 1, 16, 3, True, False, id="n2-6x32-c1-k16-3x3-relu-nodx"),
+    pytest.param(1, 5, 33, 3, 16, 3, True, True, id="n1-5x33-c3-k16-3x3-relu"),
+    pytest.param(2, 3, 35, 16, 32, 3, True, True, id="n2-3x35-c16-k32-3x3-relu"),
+    pytest.param(1, 3, 40, 5, 16, 3, False, True, id="n1-3x40-c5-k16-3x3"),
+    pytest.param(1, 2, 16, 4, 64, 3, True, True, id="n1-2x16-c4-k64-3x3-relu"),
 ]
 
 
@@ -597,6 +612,7 @@ def test_reference_is_float64():
 
 
 @pytest.mark.parametrize("hw,c,k,r", [((40, 37), 16, 16, 3), ((40, 37), 32, 8, 3),
+                                       ((4, 16), 4, 64, 3),
                                        ((40, 37), 16, 4, 1), ((9, 7), 64, 96, 3),
                                        ((9, 7), 64, 96, 1)])
 def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k, r):
@@ -616,3 +632,58 @@ def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k
         assert np.array_equal(dw, results[0][1])
         assert np.array_equal(db, results[0][2])
         assert np.array_equal(dx, results[0][0])
+
+
+# The register-blocked CPU kernels on their own, at the shapes where borders meet: one-pixel
+# and one-row images, rows shorter than one 6-pixel block, leftovers after the last block,
+# C not a multiple of 4 (weight-gradient groups of 1) and K of two 16-channel blocks.
+V2_SHAPES = [  # N, H, W, C, K
+    (1, 1, 1, 4, 16), (2, 1, 7, 3, 16), (1, 5, 2, 1, 32), (3, 4, 8, 8, 16),
+    (1, 3, 13, 5, 32), (2, 7, 20, 16, 16), (1, 2, 9, 12, 48),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,k", V2_SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_cpu_register_blocked_conv_kernels(rng, n, h, w, c, k, relu):
+    """cpu_conv.conv3x3_rows and conv3x3_weight_grad_rows against the float64 reference,
+    with the fp32 tolerance of opcheck (rounding of a sum of 9C or N*H*W terms)."""
+    from nodulekit.engine import cpu_conv
+
+    rtol, atol = TOLERANCES["fp32"]
+    x64, w64 = rand(rng, n, h, w, c), rand(rng, k, 3, 3, c, scale=(2 / (9 * c)) ** .5)
+    b64, dz64 = rand(rng, k, scale=0.5), rand(rng, n, h, w, k)
+    ref = reference()
+    want_y = ref.conv2d_forward(x64, w64, b64, relu)
+    _, want_dw, _ = ref.conv2d_backward(dz64, x64, w64, want_y, False, False)
+    x, wt, b, dz = (a.astype(np.float32) for a in (x64, w64, b64, dz64))
+
+    y = np.full((n, h, w, k), np.nan, dtype=np.float32)
+    cpu_conv.conv3x3_rows(x, np.ascontiguousarray(wt.reshape(k, -1).T), b, relu, y, 0, n * h)
+    scale = np.abs(want_y).max()
+    np.testing.assert_allclose(y, want_y, rtol=rtol, atol=atol * (9 * c) ** .5 * scale)
+
+    # all rows at once, and one partial per row added up: both must agree
+    whole = np.full((9 * c, k), np.nan, dtype=np.float32)
+    cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, whole)
+    parts = np.zeros((9 * c, k))
+    out = np.full((9 * c, k), np.nan, dtype=np.float32)
+    for row in range(n * h):
+        cpu_conv.conv3x3_weight_grad_rows(x, dz, row, row + 1, out)
+        parts += out
+    want_tk = want_dw.reshape(k, -1).T
+    tol = atol * (n * h * w) ** .5 * np.abs(want_tk).max()
+    np.testing.assert_allclose(whole, want_tk, rtol=rtol, atol=tol)
+    np.testing.assert_allclose(parts, want_tk, rtol=rtol, atol=tol)
+
+
+def test_cpu_register_blocked_relu_keeps_nan():
+    """A NaN stays NaN through the fused ReLU (training's NaN check relies on seeing it)."""
+    from nodulekit.engine import cpu_conv
+
+    x = np.zeros((1, 3, 8, 1), dtype=np.float32)
+    x[0, 1, 4, 0] = np.nan
+    y = np.empty((1, 3, 8, 16), dtype=np.float32)
+    cpu_conv.conv3x3_rows(x, np.ones((9, 16), dtype=np.float32), np.zeros(16, np.float32),
+                          True, y, 0, 3)
+    assert np.isnan(y[0, :, 3:6]).all() and not np.isnan(y[0, :, :3]).any()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit, prange, uint64
 
 _JIT = {"cache": True, "nogil": True}
@@ -65,47 +64,6 @@ def im2col_rows(x, m0, m1, r_size, cols):
                 colsf[dst + j] = xf[src + j]
             for j in range(uint64(s_hi * c_), uint64(rc)):
                 colsf[base + j] = 0.0
-
-
-@njit(parallel=True, **_JIT)
-def conv3x3_one_channel(x, w_tk, b, relu, y):
-    """y = relu?(conv(x, w) + b) for a single input channel (the U-Net's first layer).
-
-    With C = 1 a patch row holds only 9 values: writing it costs more than the GEMM saves.
-    Here each output image row accumulates in acc[k, w] (K rows of W floats, in L1): for
-    each of the 9 taps and each k, one long contiguous multiply-add over w, which Numba
-    vectorises (unsigned offsets, see ``im2col_rows``); then acc goes out transposed to
-    NHWC with bias and ReLU. w_tk is [9, K]: tap (r*3 + s), output channel k.
-    """
-    n_, h_, w_, _ = x.shape
-    k_ = w_tk.shape[1]
-    xf, yf = x.ravel(), y.ravel()
-    for nh in prange(n_ * h_):
-        n = nh // h_
-        h = nh - n * h_
-        acc = np.zeros((k_, w_), dtype=np.float32)
-        for r in range(3):
-            hh = h + r - 1
-            if hh < 0 or hh >= h_:
-                continue
-            row = uint64((n * h_ + hh) * w_)
-            for s in range(3):
-                lo = max(0, 1 - s)  # output columns whose tap s lies inside the image
-                hi = min(w_, w_ + 1 - s)
-                src = row + uint64(lo + s - 1)
-                for k in range(k_):
-                    wv = w_tk[r * 3 + s, k]
-                    a = acc[k]
-                    for j in range(uint64(hi - lo)):
-                        a[uint64(lo) + j] += wv * xf[src + j]
-        out = uint64(nh * w_ * k_)
-        for w in range(w_):
-            o = out + uint64(w * k_)
-            for k in range(k_):
-                v = acc[k, w] + b[k]
-                if relu and v < 0.0:
-                    v = 0.0
-                yf[o + uint64(k)] = v
 
 
 @njit(**_JIT)

@@ -39,17 +39,19 @@ class Workers:
         _limit_blas_to_one_thread()
 
     @staticmethod
-    def plan(rows: int, step: int) -> tuple[int, int]:
+    def plan(rows: int, step: int, align: int = 1) -> tuple[int, int]:
         """(rows per block, number of blocks) that ``run`` will use.
 
         Several blocks per thread so a busy core can hand work over, but not tiny ones (a
-        GEMM on few rows is slow). The plan does not depend on the thread count, so sums
-        over blocks come out the same on any machine.
+        GEMM on few rows is slow). Blocks are whole multiples of ``align`` rows (an image
+        row of pixels, for kernels that work row by row). The plan does not depend on the
+        thread count, so sums over blocks come out the same on any machine.
         """
         step = max(BLOCK_ROWS_AT_LEAST, min(step, -(-rows // BLOCKS_AT_LEAST)))
+        step = -(-step // align) * align
         return step, -(-rows // step)
 
-    def run(self, job, rows: int, step: int) -> None:
+    def run(self, job, rows: int, step: int, align: int = 1) -> None:
         """job(m0, m1, worker) over [0, rows) in blocks of ``step`` rows, all threads.
 
         Blocks go to whichever thread is free (a busy core just takes fewer). Results
@@ -57,19 +59,24 @@ class Workers:
         ``plan``) and added in block order by the caller: that keeps them bit-identical
         from run to run, which exact resume relies on.
         """
-        step, _ = self.plan(rows, step)
-        blocks = iter(range(0, rows, step))
+        step, _ = self.plan(rows, step, align)
+        self._spread(lambda i, worker: job(i, min(rows, i + step), worker),
+                     range(0, rows, step))
+
+    def _spread(self, job, items) -> None:
+        items = list(items)
+        queue = iter(items)
         lock = threading.Lock()
 
         def loop(worker):
             while True:
                 with lock:
-                    m0 = next(blocks, None)
-                if m0 is None:
+                    item = next(queue, None)
+                if item is None:
                     return
-                job(m0, min(rows, m0 + step), worker)
+                job(item, worker)
 
-        if self.count == 1 or rows <= step:
+        if self.count == 1 or len(items) <= 1:
             loop(0)
             return
         futures = [self._pool.submit(loop, i) for i in range(self.count)]

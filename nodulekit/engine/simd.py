@@ -1,0 +1,123 @@
+"""Eight float32 lanes as a Numba value: the few vector operations a GEMM micro-kernel needs.
+
+Why this exists: Numba turns off LLVM's SLP vectoriser (it miscompiled code, numba#8705),
+so straight-line code with many scalar accumulators stays scalar, and a local accumulator
+array lives in memory. A register-blocked micro-kernel needs its accumulators in vector
+registers. ``float32x8`` is an LLVM ``<8 x float>`` (one AVX2 register; LLVM splits it
+into two SSE/NEON registers where there is no AVX), and the functions below are the
+intrinsics a C programmer would write (``_mm256_loadu_ps``, ``_mm256_broadcast_ss``,
+``_mm256_fmadd_ps``, ``_mm256_storeu_ps``). Locals of this type become SSA values, so a
+loop that carries twelve of them carries twelve registers.
+
+All loads and stores are unaligned (``align=4``) and take a flat C-contiguous float32
+array and an element index; nothing is bounds-checked, like the rest of the Numba code.
+``fma8`` is a fused multiply-add (one rounding), so results are the same on every run.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 8
+_F32 = ir.FloatType()
+_V8 = ir.VectorType(_F32, LANES)
+
+
+class Float32x8(types.Type):
+    def __init__(self):
+        super().__init__(name="float32x8")
+
+
+float32x8 = Float32x8()
+
+
+@register_model(Float32x8)
+class _Float32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8)
+
+
+def _element_pointer(context, builder, array_type, array, index_type, index):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [context.cast(builder, index, index_type, types.intp)])
+
+
+def _check_float32_array(array):
+    if not (isinstance(array, types.Array) and array.dtype == types.float32):
+        raise TypeError(f"expected a float32 array, got {array}")
+
+
+@intrinsic
+def load8(typingctx, array, index):
+    """array[index : index + 8] as one vector."""
+    _check_float32_array(array)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load(builder.bitcast(p, _V8.as_pointer()), align=4)
+
+    return float32x8(array, index), codegen
+
+
+@intrinsic
+def store8(typingctx, array, index, vector):
+    """array[index : index + 8] = vector."""
+    _check_float32_array(array)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _V8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(array, index, vector), codegen
+
+
+@intrinsic
+def splat8(typingctx, array, index):
+    """array[index] in all eight lanes (a broadcast load)."""
+    _check_float32_array(array)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        scalar = builder.load(p, align=4)
+        lane0 = builder.insert_element(ir.Constant(_V8, ir.Undefined), scalar,
+                                       ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        return builder.shuffle_vector(lane0, ir.Constant(_V8, ir.Undefined), zeros)
+
+    return float32x8(array, index), codegen
+
+
+@intrinsic
+def zeros8(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8, [0.0] * LANES)
+
+    return float32x8(), codegen
+
+
+@intrinsic
+def fma8(typingctx, a, b, c):
+    """a * b + c, lane by lane, rounded once."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8, [_V8] * 3), "llvm.fma.v8f32")
+        return builder.call(fn, args)
+
+    return float32x8(a, b, c), codegen
+
+
+@intrinsic
+def relu8(typingctx, a):
+    """max(a, 0) lane by lane; a NaN stays NaN (as np.maximum does), so it is not hidden."""
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_V8, [0.0] * LANES)
+        negative = builder.fcmp_ordered("<", args[0], zero)
+        return builder.select(negative, zero, args[0])
+
+    return float32x8(a), codegen
