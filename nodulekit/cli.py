@@ -34,19 +34,25 @@ def _device_option(f):
 @click.option("--op", "op_filter", default=None, help="Only ops whose name contains this.")
 @click.option("--repeats", default=20, show_default=True, help="Timed runs per op (median).")
 @click.option("--variants", default=None,
-              help="With --op conv: time the CUDA convolution versions ('all' or names, "
-                   "comma-separated) on the U-Net's 512x512 shapes against cuDNN (GPU only).")
+              help="With --op conv: time the convolution versions ('all' or names, "
+                   "comma-separated) against PyTorch: on the CPU, every 3x3 layer of the "
+                   "bench step U-Net; with --device cuda, the 512x512 shapes vs cuDNN.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
 def bench_ops(device, op_filter, repeats, variants, json_path):
     """Per-op timing: op, shape, our ms, torch ms, ratio (ours / torch)."""
     if variants is not None:
-        from nodulekit.bench.ops import format_variants, run_conv_variants_bench
+        from nodulekit.bench import ops
+        from nodulekit.engine import resolve_device
 
         if op_filter not in (None, "conv"):
             raise click.UsageError("--variants applies to --op conv only")
-        result = run_conv_variants_bench(variants, repeats=min(repeats, 5))
-        click.echo(format_variants(result))
+        if resolve_device(device)[0] == "cpu":
+            result = ops.run_cpu_conv_variants_bench(variants, repeats=min(repeats, 10))
+            click.echo(ops.format_cpu_variants(result))
+        else:
+            result = ops.run_conv_variants_bench(variants, repeats=min(repeats, 5))
+            click.echo(ops.format_variants(result))
         _write_json(result, json_path)
         return
     from nodulekit.bench.ops import format_table, run_ops_bench

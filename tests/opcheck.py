@@ -130,10 +130,11 @@ def _check_types(backend, outputs: dict, ref_outputs: dict, free_float=()) -> No
         assert a.ndim == 0 or a.flags.c_contiguous, f"{backend.name}: {key!r} not C-contiguous"
 
 
-def check_op(backend: str, run: Callable[..., dict], run_torch: Callable[..., dict],
+def check_op(backend, run: Callable[..., dict], run_torch: Callable[..., dict],
              inputs: dict, reduce: dict | None = None, exact=(),
              torch32_atol: dict | None = None, free_float=()) -> dict:
-    """Run ``run`` on ``backend`` and compare it with the reference and with torch.
+    """Run ``run`` on ``backend`` (a name, or a backend object) and compare it with the
+    reference and with torch.
 
     ``inputs``: named arrays (floats as from ``rand``; ints as they enter the op) and
     scalars, passed as keyword arguments to both callables. ``reduce``: output name ->
@@ -146,7 +147,7 @@ def check_op(backend: str, run: Callable[..., dict], run_torch: Callable[..., di
     Returns the backend's outputs (host arrays) for further checks.
     """
     reduce = reduce or {}
-    be = get_backend(backend)
+    be = get_backend(backend) if isinstance(backend, str) else backend
     ref = reference()
     dev_inputs = {k: be.asarray(v) if isinstance(v, np.ndarray) else v
                   for k, v in cast(inputs, be.dtype).items()}

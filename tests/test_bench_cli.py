@@ -9,7 +9,8 @@ from nodulekit.cli import main
 
 def test_bench_ops_variants_needs_a_gpu_and_says_so(monkeypatch):
     monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (False, "no CUDA device"))
-    result = CliRunner().invoke(main, ["bench", "ops", "--op", "conv", "--variants", "all"])
+    result = CliRunner().invoke(main, ["bench", "ops", "--device", "cuda", "--op", "conv",
+                                       "--variants", "all"])
     assert result.exit_code != 0
     assert "needs a GPU: no CUDA device" in result.output
 
@@ -18,3 +19,34 @@ def test_bench_ops_variants_is_for_conv_only():
     result = CliRunner().invoke(main, ["bench", "ops", "--op", "adam", "--variants", "all"])
     assert result.exit_code == 2
     assert "--variants applies to --op conv only" in result.output
+
+
+def test_bench_ops_cpu_variants_times_every_version_on_every_layer(monkeypatch):
+    """On the CPU, `--variants all` times v1, v2 and auto against torch on every 3x3 layer
+    (here a toy U-Net: depth 2, width 16, 16x16, batch 1) and adds them up per step.
+    Timings mean nothing here; the coverage and the sums are checked."""
+    import json
+
+    from nodulekit.bench import ops
+    from nodulekit.engine.cpu import CONV_VARIANTS
+
+    real = ops.run_cpu_conv_variants_bench
+    monkeypatch.setattr(ops, "run_cpu_conv_variants_bench", lambda v, repeats: real(
+        v, batch=1, size=16, width=16, depth=2, repeats=1, warmup=0))
+    result = CliRunner().invoke(main, ["bench", "ops", "--op", "conv", "--variants", "all",
+                                       "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    shapes = ops.unet_conv3x3_shapes(16, 2, 16)
+    names = [*CONV_VARIANTS, "auto"]
+    assert len(data["rows"]) == len(names) * len(shapes) * 2
+    for v in names:
+        rows = [r for r in data["rows"] if r["variant"] == v]
+        assert {(r["label"], r["pass"]) for r in rows} == {
+            (s[0], p) for s in shapes for p in ("forward", "backward")}
+        total = sum(r["ours_ms"] * r["layers"] for r in rows)
+        assert abs(data["totals_ms"][v] - total) < 1e-9 * max(total, 1)
+    assert [s[0] for s in shapes] == ["enc0.conv1", "enc0.conv2", "enc1.conv1", "enc1.conv2",
+                                      "bottom.conv1", "bottom.conv2", "dec1.conv1",
+                                      "dec0.conv1"]
+    assert "auto/torch" in result.output

@@ -67,6 +67,28 @@ CONV = [  # N, H, W, C, K, R, relu, need_dx
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV)
 def test_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx):
+    _check_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx)
+
+
+@pytest.mark.parametrize("variant", ["v1_patches_blas", "v2_register_blocked"])
+@pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV)
+def test_conv2d_cpu_versions(variant, rng, n, h, w, c, k, r, relu, need_dx):
+    """Each CPU convolution version held to wherever it applies (v2 needs K % 16 == 0;
+    'auto', tested above, mixes them per shape)."""
+    from nodulekit.engine.cpu import CPUBackend
+
+    _check_conv2d(CPUBackend(conv_variant=variant), rng, n, h, w, c, k, r, relu, need_dx)
+
+
+def test_cpu_conv_variant_must_be_known():
+    from nodulekit.engine.cpu import CPUBackend
+
+    with pytest.raises(ValueError, match="unknown cpu convolution variant 'v3'; choose auto, "
+                                         "v1_patches_blas, v2_register_blocked"):
+        CPUBackend(conv_variant="v3")
+
+
+def _check_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx):
     inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5),
                   b=rand(rng, k, scale=0.5), dy=rand(rng, n, h, w, k))
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodulekit.bench.common import median_ms, provenance, require_torch
+from nodulekit.bench.common import (
+    interleaved_median_ms,
+    median_ms,
+    provenance,
+    require_torch,
+)
 from nodulekit.engine import get_backend, resolve_device
 from nodulekit.nn.layout import level_widths
 
@@ -161,9 +166,13 @@ def run_ops_bench(device: str = "cpu", op_filter: str | None = None, repeats: in
     for case in _cases(backend, batch, size, width, depth, rng):
         if op_filter and op_filter not in case.op:
             continue
-        ours_ms, _ = timer(case.ours, repeats, warmup, backend.synchronize)
         torch_fn = make_torch_op(case.op, *case.torch_args, device=tdev, **case.torch_kwargs)
-        torch_ms, _ = timer(torch_fn, repeats, warmup, tsync)
+        if gpu:
+            ours_ms, _ = timer(case.ours, repeats, warmup, backend.synchronize)
+            torch_ms, _ = timer(torch_fn, repeats, warmup, tsync)
+        else:  # in turns: a passing load on a shared machine hits both alike
+            (ours_ms, _), (torch_ms, _) = interleaved_median_ms(
+                [case.ours, torch_fn], repeats, warmup, [backend.synchronize, tsync])
         row = {"op": case.op, "label": case.label, "shape": case.shape,
                "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ours_ms / torch_ms}
         if case.flops:
@@ -416,6 +425,99 @@ def format_variants(result: dict) -> str:
     if result["skipped"]:
         lines.append(f"skipped past the {result['config']['budget_s']:.0f} s budget: "
                      f"{len(result['skipped'])} cases, from {result['skipped'][0]}")
+    return "\n".join(lines)
+
+
+
+# ------------------------------------------------------- CPU conv versions (--variants, cpu)
+
+
+def unet_conv3x3_shapes(width: int, depth: int, size: int, in_channels: int = 1):
+    """Every distinct 3x3 convolution of the U-Net: (label, H, C, K, need_dx, count), count
+    being how many layers of one forward pass have that shape (dec<l>.conv2 is enc<l>.conv2's
+    shape)."""
+    widths = level_widths(depth, width)
+    shapes, c = [], in_channels
+    for lvl in range(depth + 1):
+        name, h = (f"enc{lvl}" if lvl < depth else "bottom"), size >> lvl
+        shapes.append((f"{name}.conv1", h, c, widths[lvl], lvl > 0, 1))
+        shapes.append((f"{name}.conv2", h, widths[lvl], widths[lvl], True,
+                       2 if lvl < depth else 1))
+        c = widths[lvl]
+    for lvl in reversed(range(depth)):
+        shapes.append((f"dec{lvl}.conv1", size >> lvl, 2 * widths[lvl], widths[lvl], True, 1))
+    return shapes
+
+
+def run_cpu_conv_variants_bench(variants="all", batch: int = 4, size: int = 128,
+                                width: int = 16, depth: int = 4, repeats: int = 10,
+                                warmup: int = 2, seed: int = 0) -> dict:
+    """The CPU convolution versions (cpu.CONV_VARIANTS, and 'auto', the per-shape choice
+    training uses) on every 3x3 convolution of the ``bench step`` U-Net against PyTorch
+    (oneDNN, channels_last), all timed in turns. Forward with bias + ReLU; backward is dx
+    (except the first layer), dW, db and the ReLU mask. GFLOP/s at 2 FLOPs per multiply-add.
+    ``totals`` adds each version's passes over one training step's layers."""
+    require_torch()
+    from nodulekit.engine.cpu import CONV_VARIANTS, CPUBackend
+    from nodulekit.reference.torch_ops import make_torch_op
+
+    names = list(CONV_VARIANTS) + ["auto"] if variants in ("all", None) else (
+        variants.split(",") if isinstance(variants, str) else list(variants))
+    for v in names:
+        if v != "auto" and v not in CONV_VARIANTS:
+            raise SystemExit(f"unknown cpu convolution variant {v!r}; the variants are: "
+                             f"{', '.join(CONV_VARIANTS)}, auto (or 'all')")
+    backends = [CPUBackend(conv_variant=v) for v in names]
+    rng = np.random.default_rng(seed)
+    rows = []
+    totals = {v: 0.0 for v in [*names, "torch"]}
+    for label, h, c, k, need_dx, count in unet_conv3x3_shapes(width, depth, size):
+        x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
+        w = rng.standard_normal((k, 3, 3, c), dtype=np.float32) * np.float32((2 / (9 * c)) ** .5)
+        b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
+        dy = rng.standard_normal((batch, h, h, k), dtype=np.float32)
+        y = backends[0].conv2d_forward(x, w, b, relu=True)
+        flops = 2.0 * batch * h * h * k * 9 * c
+        for what in ("forward", "backward"):
+            ours = [_conv_call(be, what, (x, w, b, dy, y), need_dx) for be in backends]
+            torch_fn = (make_torch_op("conv2d_forward", x, w, b, device="cpu", relu=True)
+                        if what == "forward" else
+                        make_torch_op("conv2d_backward", dy, x, w, b, device="cpu", relu=True,
+                                      need_dx=need_dx))
+            times = interleaved_median_ms([*ours, torch_fn], repeats, warmup,
+                                          [lambda: None] * (len(ours) + 1))
+            torch_ms = times[-1][0]
+            fl = flops * (1 + (what == "backward" and need_dx))
+            totals["torch"] += count * torch_ms
+            for v, (ms, _) in zip(names, times, strict=False):
+                totals[v] += count * ms
+                rows.append({"variant": v, "pass": what, "label": label, "layers": count,
+                             "shape": f"{batch}x{h}x{h}x{c} -> {k}, 3x3", "ours_ms": ms,
+                             "torch_ms": torch_ms, "ratio": ms / torch_ms,
+                             "ours_gflops": fl / ms / 1e6, "torch_gflops": fl / torch_ms / 1e6})
+    return {"benchmark": "cpu-conv-variants", **provenance("cpu"),
+            "config": {"variants": names, "batch": batch, "size": size, "width": width,
+                       "depth": depth, "repeats": repeats, "warmup": warmup,
+                       "timing": "interleaved (every version and torch in turns)",
+                       "torch": "oneDNN via torch, channels_last, fp32"},
+            "variants": {v: CONV_VARIANTS.get(v, "per shape, as training runs") for v in names},
+            "rows": rows, "totals_ms": totals}
+
+
+def format_cpu_variants(result: dict) -> str:
+    lines = [f"device: {result['device']}",
+             "ratio = ours / torch (below 1 is faster); GFLOP/s at 2 FLOPs per multiply-add",
+             f"{'variant':<20} {'pass':<8} {'where':<13} {'shape':<24} {'ours ms':>8} "
+             f"{'torch ms':>8} {'ratio':>6} {'GFLOP/s ours | torch':>21}"]
+    for r in result["rows"]:
+        lines.append(f"{r['variant']:<20} {r['pass']:<8} {r['label']:<13} {r['shape']:<24} "
+                     f"{r['ours_ms']:8.2f} {r['torch_ms']:8.2f} {r['ratio']:6.2f} "
+                     f"{r['ours_gflops']:9.1f} | {r['torch_gflops']:9.1f}")
+    t = result["totals_ms"]
+    lines.append("all 3x3 convolutions of one training step (forward + backward): "
+                 + ", ".join(f"{v} {ms:.1f} ms" for v, ms in t.items())
+                 + "; " + ", ".join(f"{v}/torch {t[v] / t['torch']:.2f}"
+                                    for v in t if v != "torch"))
     return "\n".join(lines)
 
 

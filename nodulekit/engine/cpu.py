@@ -34,19 +34,34 @@ def _block_rows(columns: int) -> int:
     return PATCH_BLOCK_BYTES // (4 * max(columns, 1))
 
 
-def _direct_forward(c: int, k: int, width: int) -> bool:
+# The 3x3 convolution versions, as in kernels/conv.cu on the GPU. 'auto' (the default)
+# picks one per shape; naming one uses it wherever it applies (``nodulekit bench ops --op
+# conv --variants all`` times each against torch).
+CONV_VARIANTS = {
+    "v1_patches_blas": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
+    "v2_register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
+                           "(cpu_conv.py); needs K % 16 == 0",
+}
+
+
+def _direct_forward(variant: str, c: int, k: int, width: int) -> bool:
     """v2 (``cpu_conv``, register-blocked) rather than v1 (patches + BLAS) for a 3x3 pass?
 
-    Measured per shape on one core of the 2-core EPYC (bench ops has the side-by-side
-    ratios): v2 is 1.1-2.9x faster where K <= 64 and image rows are long, and slower on
-    the deep layers, where BLAS does well and an 8- or 16-pixel row is mostly border.
+    'auto' was measured per shape on one core of the 2-core EPYC: v2 is 1.1-2.9x faster
+    where K <= 64 and image rows are long, and slower on the deep layers, where BLAS does
+    well and an 8- or 16-pixel row is mostly border.
     """
-    return cpu_conv.supports(c, k) and k <= 64 and (width >= 32 or c == 1)
+    if variant == "v1_patches_blas" or not cpu_conv.supports(c, k):
+        return False
+    return variant == "v2_register_blocked" or (k <= 64 and (width >= 32 or c == 1))
 
 
-def _direct_weight_grad(c: int, k: int, width: int) -> bool:
-    # v2's weight gradient: 1.0-4.5x faster up to 128 x 128 channels, rows of >= 16 pixels
-    return cpu_conv.supports(c, k) and c * k <= 128 * 128 and width >= 16
+def _direct_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
+    # 'auto': v2's weight gradient is 1.0-4.5x faster up to 128 x 128 channels and rows
+    # of >= 16 pixels
+    if variant == "v1_patches_blas" or not cpu_conv.supports(c, k):
+        return False
+    return variant == "v2_register_blocked" or (c * k <= 128 * 128 and width >= 16)
 
 
 def _reduction_blocks(rows: int) -> int:
@@ -68,10 +83,15 @@ class CPUBackend(Backend):
     xp = np
     dtype = np.dtype(np.float32)
 
-    def __init__(self, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, precision: str = "fp32", threads: int | None = None,
+                 conv_variant: str = "auto"):
         if precision != "fp32":
             raise ValueError(f"the cpu backend computes in fp32 only; got precision={precision!r}")
+        if conv_variant != "auto" and conv_variant not in CONV_VARIANTS:
+            raise ValueError(f"unknown cpu convolution variant {conv_variant!r}; choose auto, "
+                             f"{', '.join(CONV_VARIANTS)}")
         self.precision = precision
+        self.conv_variant = conv_variant
         self.workers = _shared_workers(threads)
 
     # ------------------------------------------------------------------ convolution
@@ -86,7 +106,7 @@ class CPUBackend(Backend):
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
-        if r_size == 3 and _direct_forward(c, k, w):
+        if r_size == 3 and _direct_forward(self.conv_variant, c, k, w):
             w_tk = np.ascontiguousarray(w2t)  # [9C, K]; small wherever v2 is used
             y = out2d.reshape(n, h, w, k)
 
@@ -166,13 +186,14 @@ class CPUBackend(Backend):
         added in block order. Where those partials would outweigh the patches (deep
         layers: few pixels, many channels), v1's column split is used instead; splitting
         v2 over kernel rows and channels was measured slower there (5.4 vs 3.1 ms for
-        4x16x16x128 -> 128 on 2 threads).
+        4x16x16x128 -> 128 on 2 threads). A named variant is held to.
         """
         n, h, w, c = x.shape
         k = dz.shape[3]
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
-        if not _direct_weight_grad(c, k, w) or blocks * k >= rows:
+        if not _direct_weight_grad(self.conv_variant, c, k, w) or (
+                blocks * k >= rows and self.conv_variant == "auto"):
             return None
         partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
 
