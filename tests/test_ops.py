@@ -178,6 +178,11 @@ UPCONV = [  # N, H, W, C, K
     pytest.param(2, 4, 4, 3, 2, id="n2-4x4-c3-k2"),
     pytest.param(1, 7, 6, 2, 3, id="n1-7x6-c2-k3"),
     pytest.param(2, 1, 1, 4, 1, id="n2-1x1-c4-k1"),
+    # the CPU backend's register-blocked version: forward needs K % 16, backward C % 16
+    pytest.param(2, 3, 5, 16, 16, id="n2-3x5-c16-k16"),
+    pytest.param(1, 4, 7, 32, 48, id="n1-4x7-c32-k48"),
+    pytest.param(1, 2, 3, 16, 20, id="n1-2x3-c16-k20"),
+    pytest.param(2, 5, 3, 8, 16, id="n2-5x3-c8-k16"),
 ]
 
 
@@ -232,6 +237,8 @@ UPCONCAT = [  # N, H, W, C, K, CS (skip channels)
     pytest.param(1, 3, 5, 4, 3, 2, id="n1-3x5-c4-k3-cs2"),
     pytest.param(2, 2, 3, 1, 5, 7, id="n2-2x3-c1-k5-cs7"),
     pytest.param(1, 1, 1, 3, 1, 1, id="n1-1x1-c3-k1-cs1"),
+    pytest.param(2, 3, 7, 32, 16, 16, id="n2-3x7-c32-k16-cs16"),
+    pytest.param(1, 5, 2, 16, 32, 3, id="n1-5x2-c16-k32-cs3"),
 ]
 
 
@@ -241,6 +248,20 @@ def test_upconv2x2_concat_and_split_backward(backend, rng, n, h, w, c, k, cs):
     """The U-Net's decoder pair as one op equals concat(skip, upconv) and, backward,
     split then upconv backward (the CPU backend scatters into / gathers from the concat
     buffer directly)."""
+    _check_upconv_concat(backend, rng, n, h, w, c, k, cs)
+
+
+@pytest.mark.parametrize("variant", ["v1_patches_blas", "v2_register_blocked"])
+@pytest.mark.parametrize("n,h,w,c,k,cs", UPCONCAT)
+def test_upconv2x2_concat_cpu_versions(variant, rng, n, h, w, c, k, cs):
+    """Each CPU version held to (v2 reads and writes the concat buffer in place where
+    K % 16 == 0 forward and C % 16 == 0 backward; v1 goes through a temporary)."""
+    from nodulekit.engine.cpu import CPUBackend
+
+    _check_upconv_concat(CPUBackend(conv_variant=variant), rng, n, h, w, c, k, cs)
+
+
+def _check_upconv_concat(backend, rng, n, h, w, c, k, cs):
     inputs = dict(skip=rand(rng, n, 2 * h, 2 * w, cs), x=rand(rng, n, h, w, c),
                   w=rand(rng, k, 2, 2, c, scale=c ** -.5), b=rand(rng, k, scale=0.5),
                   dcat=rand(rng, n, 2 * h, 2 * w, cs + k))

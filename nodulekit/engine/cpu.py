@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.engine import cpu_conv
+from nodulekit.engine import cpu_conv, cpu_upconv
 from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
@@ -288,17 +288,36 @@ class CPUBackend(Backend):
         return self._upconv2x2_split_backward(dy, 0, x, w)[1:]
 
     def _upconv2x2_concat_forward(self, skip, x, w, b):
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
+        v2 = self.conv_variant == "v2_register_blocked" or (
+            self.conv_variant == "auto" and c * k <= 128 * 64)  # deeper: BLAS was faster
+        if v2 and k % 16 == 0:
+            # v2: the GEMM's register blocks write straight into the concat buffer
+            w_cabk = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
+
+            def pixels(m0, m1, _):
+                cpu_upconv.upconv2x2_concat_pixels(skip, x, w_cabk, b, y, m0, m1)
+
+            self.workers.run(pixels, n * h * wd, _block_rows(c + 4 * k))
+            return y
         tmp = self._upconv_gemm(x, w)
-        y = np.empty(skip.shape[:3] + (skip.shape[3] + w.shape[0],), dtype=np.float32)
         kern.concat_upconv(skip, tmp, b, y)
         return y
 
     def _upconv2x2_split_backward(self, dcat, ca, x, w):
-        """(dskip, dx, dw, db): the split and the gather to the GEMM's layout in one pass
+        """(dskip, dx, dw, db). v2 (C % 16 == 0, enough pixels to keep the weight
+        gradient's per-block partials small): register blocks read the gradient where it
+        lies in dcat. v1: the split and the gather to the GEMM's layout in one pass
         (g [N,H,W,2,2,K]), then dx = g @ W^T and dW = x^T @ g on all threads."""
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
+        step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
+        if self.conv_variant != "v1_patches_blas" and c % 16 == 0 and (
+                blocks * 4 * k < rows or self.conv_variant == "v2_register_blocked"):
+            return self._upconv2x2_split_backward_v2(dcat, ca, x, w, step, blocks)
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
         kern.split_gather(dcat, dskip, g)
@@ -315,8 +334,28 @@ class CPUBackend(Backend):
         dw = np.ascontiguousarray(dwm.reshape(c, 2, 2, k).transpose(3, 1, 2, 0))
         g_k = g.reshape(-1, k)
         partial = np.empty((_reduction_blocks(g_k.shape[0]), k), dtype=np.float32)
-        kern.column_sums(g_k, partial)
+        kern.column_sums(g_k, 0, partial)
         return dskip, dx, dw, partial.sum(axis=0)
+
+    def _upconv2x2_split_backward_v2(self, dcat, ca, x, w, step, blocks):
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        rows = n * h * wd
+        dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
+        dx = np.empty_like(x)
+        w_abkc = np.ascontiguousarray(w.transpose(1, 2, 0, 3))
+        partial = np.empty((blocks, 4 * k, c), dtype=np.float32)
+
+        def pixels(m0, m1, _):
+            cpu_upconv.upconv2x2_split_dx_pixels(dcat, w_abkc, dskip, dx, m0, m1)
+            cpu_upconv.upconv2x2_weight_grad_pixels(dcat, x, m0, m1, partial[m0 // step])
+
+        self.workers.run(pixels, rows, step)
+        dw = np.ascontiguousarray(partial.sum(axis=0).reshape(2, 2, k, c).transpose(2, 0, 1, 3))
+        d2d = dcat.reshape(-1, dcat.shape[3])
+        db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
+        kern.column_sums(d2d, ca, db_partial)
+        return dskip, dx, dw, db_partial.sum(axis=0)
 
     # ------------------------------------------------------------------ concat
     def _concat_channels(self, a, b):

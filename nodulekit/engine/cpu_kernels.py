@@ -107,9 +107,11 @@ def relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, db_partial):
 
 
 @njit(parallel=True, **_JIT)
-def column_sums(a2d, partial):
-    """partial[j, k] = sum of block j's contiguous rows of a2d (caller sums the blocks)."""
-    rows, k_ = a2d.shape
+def column_sums(a2d, c0, partial):
+    """partial[j, k] = sum of a2d[:, c0 + k] over block j's contiguous rows (the caller
+    sums the blocks): e.g. the bias gradient of the up-convolution's half of a concat."""
+    rows, ld = a2d.shape
+    k_ = partial.shape[1]
     af = a2d.ravel()
     blocks = partial.shape[0]
     per = (rows + blocks - 1) // blocks
@@ -117,7 +119,7 @@ def column_sums(a2d, partial):
         acc = partial[j]
         acc[:] = 0.0
         for i in range(j * per, min(rows, (j + 1) * per)):
-            base = uint64(i * k_)
+            base = uint64(i * ld + c0)
             for k in range(uint64(k_)):
                 acc[k] += af[base + k]
 

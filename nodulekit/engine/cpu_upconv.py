@@ -1,0 +1,321 @@
+"""The 2x2 stride-2 up-convolution on the CPU as register-blocked micro-kernels (v2).
+
+What it computes (NHWC float32; w is [K, 2, 2, C]; the decoder's concat buffer y holds the
+skip connection in channels [0, cs) and the up-convolution in [cs, cs + K)):
+
+    forward:  y[n, 2i+a, 2j+b, cs+k] = bias[k] + sum_c x[n, i, j, c] * w[k, a, b, c]
+    backward: dx[n, i, j, c]  = sum_{a,b,k} g[n, 2i+a, 2j+b, k] * w[k, a, b, c]
+              dW[k, a, b, c]  = sum_{n,i,j} g[n, 2i+a, 2j+b, k] * x[n, i, j, c]
+              (g = the concat gradient's up-convolution part, read where it lies)
+
+Each output pixel depends on one input pixel only, so this is a plain GEMM over input
+pixels: [pixels, C] x [C, (a, b, k)]. v1 (``cpu.py``) ran it through BLAS into a
+temporary and then scattered the temporary into the concat buffer (and, backward,
+gathered the gradient out of it first). Here the same 6-pixel x 16-channel register block
+as ``cpu_conv`` (12 accumulators: 2 weight vectors and 6 broadcasts per reduction step)
+reads and writes the concat buffer in place: no temporary, no scatter or gather pass.
+
+The weight gradient turns the block around (4 k's x 16 c's, 8 accumulators, one pass
+per pixel) and walks the pixels in chunks of PIXEL_CHUNK whose rows stay in L1 while
+every (a, b, k-group, c-block) passes over them: 2.5x faster than one pass over a whole
+block of pixels. No kernel here finds a pixel's output position by division in its inner
+loop (``_next_pixel``): four integer divisions cost more than a 32-channel dot product.
+
+Napkin math (one core of the 2-core EPYC, dec0.up of the bench step: 4x64x64x32 -> 16,
+67 MFLOP a pass): forward 1.3 ms into the concat buffer against 2.2 ms for BLAS plus the
+scatter pass; it moves ~20 MB (the skip read, the concat buffer read for ownership and
+written), so it is bound by memory, not by the FMAs. ``nodulekit bench ops`` times it
+against PyTorch.
+
+Requirements: forward K % 16 == 0, backward C % 16 == 0 (the caller falls back to v1
+otherwise). Serial and nogil: the caller runs blocks of input pixels on its threads.
+"""
+
+from __future__ import annotations
+
+from numba import njit, uint64
+
+from nodulekit.engine.simd import fma8, load8, splat8, store8, zeros8
+
+_JIT = {"cache": True, "nogil": True}
+PIXEL_CHUNK = 32  # weight gradient: pixels per pass (x + gradient rows ~20 KB at C = 32)
+
+
+@njit(**_JIT)
+def _out_pixel(p, h_, w_):
+    """Input pixel p -> (its column j, the flat index of its output pixel (2i, 2j) in the
+    2H x 2W image)."""
+    hw = h_ * w_
+    n = p // hw
+    r = p - n * hw
+    i = r // w_
+    j = r - i * w_
+    return j, (n * 2 * h_ + 2 * i) * 2 * w_ + 2 * j
+
+
+@njit(**_JIT)
+def _next_pixel(j, o, w_):
+    """The next input pixel's (j, output index), without a division: two output pixels
+    on, or past the odd output row at the end of an input row (or image: the same step)."""
+    if j + 1 < w_:
+        return j + 1, o + 2
+    return 0, o + 2 + 2 * w_
+
+
+@njit(**_JIT)
+def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
+    """y = [skip | upconv(x)] for the output pixels of input pixels p0..p1.
+
+    w_cabk is w as [C, (a, b, k)] (``w.transpose(3, 1, 2, 0)``, contiguous).
+    """
+    n_, h_, w_, c_ = x.shape
+    k_ = b.shape[0]
+    cs = skip.shape[3]
+    ct = cs + k_
+    k4 = 4 * k_
+    row = 2 * w_  # output pixels per output row
+    xf, wf, yf, sf = x.ravel(), w_cabk.ravel(), y.ravel(), skip.ravel()
+    cc, kk4 = uint64(c_), uint64(k4)
+    j, o = _out_pixel(p0, h_, w_)
+    for _ in range(p0, p1):  # the skip half: four straight copies per input pixel
+        for q in (o, o + 1, o + row, o + row + 1):
+            src, dst = uint64(q * cs), uint64(q * ct)
+            for t in range(uint64(cs)):
+                yf[dst + t] = sf[src + t]
+        j, o = _next_pixel(j, o, w_)
+    j, o0 = _out_pixel(p0, h_, w_)
+    p = p0
+    while p < p1:
+        if p + 6 <= p1:  # six pixels: the register block, each output index found once
+            j, o1 = _next_pixel(j, o0, w_)
+            j, o2 = _next_pixel(j, o1, w_)
+            j, o3 = _next_pixel(j, o2, w_)
+            j, o4 = _next_pixel(j, o3, w_)
+            j, o5 = _next_pixel(j, o4, w_)
+            for col0 in range(0, k4, 16):  # 16 columns (a, b, k0..k0+15) at a time
+                ab = col0 // k_
+                k0 = col0 - ab * k_
+                shift = (ab // 2) * row + (ab % 2)  # (a, b) -> offset from pixel (2i, 2j)
+                a00 = load8(b, k0)
+                a01 = load8(b, k0 + 8)
+                a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
+                a40, a41, a50, a51 = a00, a01, a00, a01
+                xi = uint64(p * c_)
+                for c in range(cc):
+                    wt = c * kk4 + uint64(col0)
+                    w0 = load8(wf, wt)
+                    w1 = load8(wf, wt + uint64(8))
+                    xt = xi + c
+                    s = splat8(xf, xt)
+                    a00 = fma8(s, w0, a00)
+                    a01 = fma8(s, w1, a01)
+                    s = splat8(xf, xt + cc)
+                    a10 = fma8(s, w0, a10)
+                    a11 = fma8(s, w1, a11)
+                    s = splat8(xf, xt + uint64(2) * cc)
+                    a20 = fma8(s, w0, a20)
+                    a21 = fma8(s, w1, a21)
+                    s = splat8(xf, xt + uint64(3) * cc)
+                    a30 = fma8(s, w0, a30)
+                    a31 = fma8(s, w1, a31)
+                    s = splat8(xf, xt + uint64(4) * cc)
+                    a40 = fma8(s, w0, a40)
+                    a41 = fma8(s, w1, a41)
+                    s = splat8(xf, xt + uint64(5) * cc)
+                    a50 = fma8(s, w0, a50)
+                    a51 = fma8(s, w1, a51)
+                d = cs + k0 + shift * ct
+                store8(yf, uint64(o0 * ct + d), a00)
+                store8(yf, uint64(o0 * ct + d + 8), a01)
+                store8(yf, uint64(o1 * ct + d), a10)
+                store8(yf, uint64(o1 * ct + d + 8), a11)
+                store8(yf, uint64(o2 * ct + d), a20)
+                store8(yf, uint64(o2 * ct + d + 8), a21)
+                store8(yf, uint64(o3 * ct + d), a30)
+                store8(yf, uint64(o3 * ct + d + 8), a31)
+                store8(yf, uint64(o4 * ct + d), a40)
+                store8(yf, uint64(o4 * ct + d + 8), a41)
+                store8(yf, uint64(o5 * ct + d), a50)
+                store8(yf, uint64(o5 * ct + d + 8), a51)
+            j, o0 = _next_pixel(j, o5, w_)
+            p += 6
+        else:  # the last few pixels one at a time
+            for col0 in range(0, k4, 16):
+                ab = col0 // k_
+                k0 = col0 - ab * k_
+                shift = (ab // 2) * row + (ab % 2)
+                a00 = load8(b, k0)
+                a01 = load8(b, k0 + 8)
+                xi = uint64(p * c_)
+                for c in range(cc):
+                    wt = c * kk4 + uint64(col0)
+                    s = splat8(xf, xi + c)
+                    a00 = fma8(s, load8(wf, wt), a00)
+                    a01 = fma8(s, load8(wf, wt + uint64(8)), a01)
+                d = cs + k0 + shift * ct
+                store8(yf, uint64(o0 * ct + d), a00)
+                store8(yf, uint64(o0 * ct + d + 8), a01)
+            j, o0 = _next_pixel(j, o0, w_)
+            p += 1
+
+
+@njit(**_JIT)
+def upconv2x2_split_dx_pixels(dcat, w_abkc, dskip, dx, p0, p1):
+    """dx for input pixels p0..p1, and dskip = dcat[..., :cs] at their output pixels.
+
+    w_abkc is w as [(a, b, k), C] (``w.transpose(1, 2, 0, 3)``, contiguous); C % 16 == 0.
+    """
+    n_, h_, w_, c_ = dx.shape
+    cs = dskip.shape[3]
+    ct = dcat.shape[3]
+    k_ = ct - cs
+    row = 2 * w_
+    df, wf, sf, xf = dcat.ravel(), w_abkc.ravel(), dskip.ravel(), dx.ravel()
+    cc = uint64(c_)
+    j, o = _out_pixel(p0, h_, w_)
+    for _ in range(p0, p1):  # the skip's gradient: four straight copies per input pixel
+        for q in (o, o + 1, o + row, o + row + 1):
+            src, dst = uint64(q * ct), uint64(q * cs)
+            for t in range(uint64(cs)):
+                sf[dst + t] = df[src + t]
+        j, o = _next_pixel(j, o, w_)
+    j, o0 = _out_pixel(p0, h_, w_)
+    p = p0
+    while p < p1:
+        if p + 6 <= p1:
+            j, o1 = _next_pixel(j, o0, w_)
+            j, o2 = _next_pixel(j, o1, w_)
+            j, o3 = _next_pixel(j, o2, w_)
+            j, o4 = _next_pixel(j, o3, w_)
+            j, o5 = _next_pixel(j, o4, w_)
+            for c0 in range(0, c_, 16):
+                a00 = a01 = a10 = a11 = a20 = a21 = zeros8()
+                a30 = a31 = a40 = a41 = a50 = a51 = a00
+                for ab in range(4):
+                    d = ((ab // 2) * row + (ab % 2)) * ct + cs
+                    g0, g1 = uint64(o0 * ct + d), uint64(o1 * ct + d)
+                    g2, g3 = uint64(o2 * ct + d), uint64(o3 * ct + d)
+                    g4, g5 = uint64(o4 * ct + d), uint64(o5 * ct + d)
+                    wrow = uint64(ab * k_ * c_ + c0)
+                    for k in range(uint64(k_)):
+                        wt = wrow + k * cc
+                        w0 = load8(wf, wt)
+                        w1 = load8(wf, wt + uint64(8))
+                        s = splat8(df, g0 + k)
+                        a00 = fma8(s, w0, a00)
+                        a01 = fma8(s, w1, a01)
+                        s = splat8(df, g1 + k)
+                        a10 = fma8(s, w0, a10)
+                        a11 = fma8(s, w1, a11)
+                        s = splat8(df, g2 + k)
+                        a20 = fma8(s, w0, a20)
+                        a21 = fma8(s, w1, a21)
+                        s = splat8(df, g3 + k)
+                        a30 = fma8(s, w0, a30)
+                        a31 = fma8(s, w1, a31)
+                        s = splat8(df, g4 + k)
+                        a40 = fma8(s, w0, a40)
+                        a41 = fma8(s, w1, a41)
+                        s = splat8(df, g5 + k)
+                        a50 = fma8(s, w0, a50)
+                        a51 = fma8(s, w1, a51)
+                o = uint64(p * c_ + c0)
+                store8(xf, o, a00)
+                store8(xf, o + uint64(8), a01)
+                store8(xf, o + cc, a10)
+                store8(xf, o + cc + uint64(8), a11)
+                store8(xf, o + uint64(2) * cc, a20)
+                store8(xf, o + uint64(2) * cc + uint64(8), a21)
+                store8(xf, o + uint64(3) * cc, a30)
+                store8(xf, o + uint64(3) * cc + uint64(8), a31)
+                store8(xf, o + uint64(4) * cc, a40)
+                store8(xf, o + uint64(4) * cc + uint64(8), a41)
+                store8(xf, o + uint64(5) * cc, a50)
+                store8(xf, o + uint64(5) * cc + uint64(8), a51)
+            j, o0 = _next_pixel(j, o5, w_)
+            p += 6
+        else:
+            for c0 in range(0, c_, 16):
+                a00 = a01 = zeros8()
+                for ab in range(4):
+                    g0 = uint64(o0 * ct + ((ab // 2) * row + (ab % 2)) * ct + cs)
+                    wrow = uint64(ab * k_ * c_ + c0)
+                    for k in range(uint64(k_)):
+                        wt = wrow + k * cc
+                        s = splat8(df, g0 + k)
+                        a00 = fma8(s, load8(wf, wt), a00)
+                        a01 = fma8(s, load8(wf, wt + uint64(8)), a01)
+                o = uint64(p * c_ + c0)
+                store8(xf, o, a00)
+                store8(xf, o + uint64(8), a01)
+            j, o0 = _next_pixel(j, o0, w_)
+            p += 1
+
+
+@njit(**_JIT)
+def upconv2x2_weight_grad_pixels(dcat, x, p0, p1, out):
+    """out[(a, b, k), C] = sum over input pixels p0..p1 of g[out(p, a, b), k] * x[p, :].
+
+    out is overwritten: one partial per block of pixels, added in order by the caller.
+    C % 16 == 0; groups of 4 k's (8 accumulators), or 1 where K % 4 != 0.
+    """
+    n_, h_, w_, c_ = x.shape
+    ct = dcat.shape[3]
+    k_ = out.shape[0] // 4
+    cs = ct - k_
+    row = 2 * w_
+    df, xf, of = dcat.ravel(), x.ravel(), out.ravel()
+    cc = uint64(c_)
+    group = 4 if k_ % 4 == 0 else 1
+    for i in range(of.size):
+        of[i] = 0.0
+    # chunks of pixels small enough that their x and gradient rows stay in L1 while every
+    # (a, b, k-group, c-block) passes over them; the sums wait in out between chunks
+    j_chunk, q_chunk = _out_pixel(p0, h_, w_)
+    for c_lo in range(p0, p1, PIXEL_CHUNK):
+        c_hi = min(p1, c_lo + PIXEL_CHUNK)
+        for ab in range(4):
+            shift = (ab // 2) * row + (ab % 2)
+            for k0 in range(0, k_, group):
+                for c0 in range(0, c_, 16):
+                    o = uint64((ab * k_ + k0) * c_ + c0)
+                    a00, a01 = load8(of, o), load8(of, o + uint64(8))
+                    a10, a11 = a00, a01
+                    a20, a21, a30, a31 = a00, a01, a00, a01
+                    if group == 4:
+                        a10, a11 = load8(of, o + cc), load8(of, o + cc + uint64(8))
+                        a20 = load8(of, o + uint64(2) * cc)
+                        a21 = load8(of, o + uint64(2) * cc + uint64(8))
+                        a30 = load8(of, o + uint64(3) * cc)
+                        a31 = load8(of, o + uint64(3) * cc + uint64(8))
+                    j, q = j_chunk, q_chunk
+                    for p in range(c_lo, c_hi):
+                        g = uint64((q + shift) * ct + cs + k0)
+                        j, q = _next_pixel(j, q, w_)
+                        xi = uint64(p * c_ + c0)
+                        x0 = load8(xf, xi)
+                        x1 = load8(xf, xi + uint64(8))
+                        s = splat8(df, g)
+                        a00 = fma8(s, x0, a00)
+                        a01 = fma8(s, x1, a01)
+                        if group == 4:
+                            s = splat8(df, g + uint64(1))
+                            a10 = fma8(s, x0, a10)
+                            a11 = fma8(s, x1, a11)
+                            s = splat8(df, g + uint64(2))
+                            a20 = fma8(s, x0, a20)
+                            a21 = fma8(s, x1, a21)
+                            s = splat8(df, g + uint64(3))
+                            a30 = fma8(s, x0, a30)
+                            a31 = fma8(s, x1, a31)
+                    store8(of, o, a00)
+                    store8(of, o + uint64(8), a01)
+                    if group == 4:
+                        store8(of, o + cc, a10)
+                        store8(of, o + cc + uint64(8), a11)
+                        store8(of, o + uint64(2) * cc, a20)
+                        store8(of, o + uint64(2) * cc + uint64(8), a21)
+                        store8(of, o + uint64(3) * cc, a30)
+                        store8(of, o + uint64(3) * cc + uint64(8), a31)
+        for _ in range(c_lo, c_hi):
+            j_chunk, q_chunk = _next_pixel(j_chunk, q_chunk, w_)
