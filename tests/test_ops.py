@@ -53,6 +53,8 @@ CONV = [  # N, H, W, C, K, R, relu, need_dx
     pytest.param(1, 1, 1, 2, 3, 3, False, True, id="n1-1x1-c2-k3-3x3"),
     pytest.param(2, 5, 6, 4, 3, 1, False, True, id="n2-5x6-c4-k3-1x1"),
     pytest.param(1, 7, 9, 3, 1, 1, True, True, id="n1-7x9-c3-k1-1x1-relu"),
+    pytest.param(2, 9, 10, 16, 1, 1, False, True, id="n2-9x10-c16-k1-1x1-head"),
+    pytest.param(1, 5, 5, 4, 1, 1, True, False, id="n1-5x5-c4-k1-1x1-relu-nodx"),
     pytest.param(2, 6, 5, 1, 4, 3, True, False, id="n2-6x5-c1-k4-3x3-relu-nodx"),
     # shapes the CPU backend gives to its register-blocked kernels (cpu_conv.py): K a
     # multiple of 16 and rows of >= 32 pixels (forward, dx) or >= 16 (dW)

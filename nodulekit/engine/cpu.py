@@ -214,6 +214,16 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k, r = w.shape[0], w.shape[1]
         rows = n * h * wd
+        if r == 1 and k == 1:  # the head: one fused pass
+            dx = np.empty_like(x) if need_dx else np.empty((0, c), dtype=np.float32)
+            blocks = _reduction_blocks(rows)
+            dw_partial = np.empty((blocks, c), dtype=np.float32)
+            db_partial = np.empty((blocks, 1), dtype=np.float32)
+            kern.one_output_backward(dy.reshape(rows, 1), (y if relu else dy).reshape(rows, 1),
+                                     relu, x.reshape(rows, c), w.reshape(c), need_dx,
+                                     dx.reshape(-1, c), dw_partial, db_partial)
+            return (dx if need_dx else None, dw_partial.sum(axis=0).reshape(w.shape),
+                    db_partial.sum(axis=0))
         dy2d = dy.reshape(rows, k)
         dz2d = np.empty_like(dy2d)
         partial = np.empty((_reduction_blocks(rows), k), dtype=np.float32)

@@ -124,6 +124,37 @@ def column_sums(a2d, c0, partial):
                 acc[k] += af[base + k]
 
 
+@njit(parallel=True, **_JIT)
+def one_output_backward(dy2d, y2d, relu, x2d, w_row, need_dx, dx2d, dw_partial, db_partial):
+    """Backward of a 1x1 convolution with one output channel (the U-Net's head), in one
+    pass: g = dy (through the ReLU), dx[p, :] = g * w, dW += g * x[p, :], db += g.
+
+    The general path would write dZ, then run a GEMV for dW and an outer product for dx:
+    three passes over the pixels for a layer this thin. Partial sums per block of rows
+    (dw_partial [blocks, C], db_partial [blocks, 1]); the caller adds them in order.
+    """
+    rows, c_ = x2d.shape
+    xf, dxf = x2d.ravel(), dx2d.ravel()
+    blocks = dw_partial.shape[0]
+    per = (rows + blocks - 1) // blocks
+    for j in prange(blocks):
+        acc = dw_partial[j]
+        acc[:] = 0.0
+        bias = 0.0
+        for i in range(j * per, min(rows, (j + 1) * per)):
+            g = dy2d[i, 0]
+            if relu and y2d[i, 0] <= 0.0:
+                g = 0.0
+            bias += g
+            base = uint64(i * c_)
+            for c in range(uint64(c_)):
+                acc[c] += g * xf[base + c]
+            if need_dx:
+                for c in range(uint64(c_)):
+                    dxf[base + c] = g * w_row[c]
+        db_partial[j, 0] = bias
+
+
 # ----------------------------------------------------------------------- max-pool
 
 
