@@ -63,6 +63,7 @@ CONV = [  # N, H, W, C, K, R, relu, need_dx
     pytest.param(2, 3, 35, 16, 32, 3, True, True, id="n2-3x35-c16-k32-3x3-relu"),
     pytest.param(1, 3, 40, 5, 16, 3, False, True, id="n1-3x40-c5-k16-3x3"),
     pytest.param(1, 2, 16, 4, 64, 3, True, True, id="n1-2x16-c4-k64-3x3-relu"),
+    pytest.param(2, 4, 34, 16, 8, 3, True, True, id="n2-4x34-c16-k8-3x3-relu"),
 ]
 
 
@@ -185,6 +186,8 @@ UPCONV = [  # N, H, W, C, K
     pytest.param(1, 4, 7, 32, 48, id="n1-4x7-c32-k48"),
     pytest.param(1, 2, 3, 16, 20, id="n1-2x3-c16-k20"),
     pytest.param(2, 5, 3, 8, 16, id="n2-5x3-c8-k16"),
+    pytest.param(1, 3, 4, 16, 8, id="n1-3x4-c16-k8"),
+    pytest.param(2, 2, 5, 5, 24, id="n2-2x5-c5-k24"),
 ]
 
 
@@ -241,6 +244,7 @@ UPCONCAT = [  # N, H, W, C, K, CS (skip channels)
     pytest.param(1, 1, 1, 3, 1, 1, id="n1-1x1-c3-k1-cs1"),
     pytest.param(2, 3, 7, 32, 16, 16, id="n2-3x7-c32-k16-cs16"),
     pytest.param(1, 5, 2, 16, 32, 3, id="n1-5x2-c16-k32-cs3"),
+    pytest.param(2, 4, 7, 16, 8, 8, id="n2-4x7-c16-k8-cs8"),
 ]
 
 
@@ -681,10 +685,12 @@ def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k
 
 # The register-blocked CPU kernels on their own, at the shapes where borders meet: one-pixel
 # and one-row images, rows shorter than one 6-pixel block, leftovers after the last block,
-# C not a multiple of 4 (weight-gradient groups of 1) and K of two 16-channel blocks.
+# C not a multiple of 4 (weight-gradient groups of 1), K of several 16-channel blocks, and
+# K % 16 == 8 (a last block of 8 channels).
 V2_SHAPES = [  # N, H, W, C, K
     (1, 1, 1, 4, 16), (2, 1, 7, 3, 16), (1, 5, 2, 1, 32), (3, 4, 8, 8, 16),
     (1, 3, 13, 5, 32), (2, 7, 20, 16, 16), (1, 2, 9, 12, 48),
+    (1, 4, 15, 8, 8), (2, 3, 9, 3, 24), (1, 1, 2, 16, 8),  # K % 16 == 8: an 8-channel block
 ]
 
 

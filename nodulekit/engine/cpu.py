@@ -40,7 +40,7 @@ def _block_rows(columns: int) -> int:
 CONV_VARIANTS = {
     "v1_patches_blas": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
     "v2_register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
-                           "(cpu_conv.py); needs K % 16 == 0",
+                           "(cpu_conv.py); needs K % 8 == 0",
 }
 
 
@@ -303,7 +303,7 @@ class CPUBackend(Backend):
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
         v2 = self.conv_variant == "v2_register_blocked" or (
             self.conv_variant == "auto" and c * k <= 128 * 64)  # deeper: BLAS was faster
-        if v2 and k % 16 == 0:
+        if v2 and k % 8 == 0:
             # v2: the GEMM's register blocks write straight into the concat buffer
             w_cabk = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
 

@@ -32,9 +32,10 @@ core the 6x16 block ran it in 3.1 ms (94 GFLOP/s over the interior) where patche
 OpenBLAS took 7.3 ms (41 GFLOP/s). Run ``nodulekit bench ops --device cpu`` for the
 ratios against PyTorch (oneDNN) measured side by side.
 
-Requirements: K % 16 == 0 (the caller falls back to v1 otherwise). Serial, nogil: the
-caller runs blocks of image rows on its threads (``cpu_workers.Workers``). The order of
-every sum is fixed, so results are the same on every run and any thread count.
+Requirements: K % 8 == 0 (blocks of 16 channels, and one of 8 where K % 16 == 8; the
+caller falls back to v1 otherwise). Serial, nogil: the caller runs blocks of image rows
+on its threads (``cpu_workers.Workers``). The order of every sum is fixed, so results
+are the same on every run and any thread count.
 """
 
 from __future__ import annotations
@@ -44,17 +45,15 @@ from numba import njit, uint64
 from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8
 
 _JIT = {"cache": True, "nogil": True}
-BLOCK_PIXELS = 6  # pixels per register block (12 of the 16 AVX2 registers hold sums)
-BLOCK_CHANNELS = 16  # output channels per register block (two vectors)
 
 
 def supports(c: int, k: int) -> bool:
     """Whether these kernels handle a 3x3 convolution with C inputs and K outputs."""
-    return k % BLOCK_CHANNELS == 0 and c >= 1
+    return k % 8 == 0 and c >= 1
 
 
 @njit(**_JIT)
-def _conv_one_pixel(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
+def _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
     """y[n, yy, x, j0:j0+16]: one pixel, over the part of each kernel row inside the image."""
     t_lo = c_ if x == 0 else 0
     t_hi = 2 * c_ if x == w_ - 1 else 3 * c_
@@ -78,76 +77,210 @@ def _conv_one_pixel(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1)
 
 
 @njit(**_JIT)
+def _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
+    """y[n, yy, x, j0:j0+8]: as _one_pixel16, for the last 8 channels where K % 16 == 8."""
+    t_lo = c_ if x == 0 else 0
+    t_hi = 2 * c_ if x == w_ - 1 else 3 * c_
+    kk = uint64(k_)
+    acc0 = load8(b, j0)
+    for dy in range(dy0, dy1):
+        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x - 1) * c_ + t_lo)
+        wi = uint64((dy * 3 * c_ + t_lo) * k_ + j0)
+        for t in range(uint64(t_hi - t_lo)):
+            acc0 = fma8(splat8(xf, xi + t), load8(wf, wi + t * kk), acc0)
+    if relu:
+        acc0 = relu8(acc0)
+    store8(yf, uint64(((n * h_ + yy) * w_ + x) * k_ + j0), acc0)
+
+
+@njit(**_JIT)
+def _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
+    """y[n, yy, x0:x0+6, j0:j0+16], all six pixels inside the image: the register block."""
+    kk = uint64(k_)
+    c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
+    c4, c5 = uint64(4 * c_), uint64(5 * c_)
+    a00 = load8(b, j0)
+    a01 = load8(b, j0 + 8)
+    a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
+    a40, a41, a50, a51 = a00, a01, a00, a01
+    for dy in range(dy0, dy1):
+        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
+        wi = uint64(dy * 3 * c_ * k_ + j0)
+        for t in range(c3):  # one kernel row's patch values: 3 pixels x C channels
+            wt = wi + t * kk
+            w0 = load8(wf, wt)
+            w1 = load8(wf, wt + uint64(8))
+            xt = xi + t
+            s = splat8(xf, xt)
+            a00 = fma8(s, w0, a00)
+            a01 = fma8(s, w1, a01)
+            s = splat8(xf, xt + c1)
+            a10 = fma8(s, w0, a10)
+            a11 = fma8(s, w1, a11)
+            s = splat8(xf, xt + c2)
+            a20 = fma8(s, w0, a20)
+            a21 = fma8(s, w1, a21)
+            s = splat8(xf, xt + c3)
+            a30 = fma8(s, w0, a30)
+            a31 = fma8(s, w1, a31)
+            s = splat8(xf, xt + c4)
+            a40 = fma8(s, w0, a40)
+            a41 = fma8(s, w1, a41)
+            s = splat8(xf, xt + c5)
+            a50 = fma8(s, w0, a50)
+            a51 = fma8(s, w1, a51)
+    if relu:
+        a00, a01, a10, a11 = relu8(a00), relu8(a01), relu8(a10), relu8(a11)
+        a20, a21, a30, a31 = relu8(a20), relu8(a21), relu8(a30), relu8(a31)
+        a40, a41, a50, a51 = relu8(a40), relu8(a41), relu8(a50), relu8(a51)
+    o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
+    o8 = o + uint64(8)
+    store8(yf, o, a00)
+    store8(yf, o8, a01)
+    store8(yf, o + kk, a10)
+    store8(yf, o8 + kk, a11)
+    store8(yf, o + uint64(2) * kk, a20)
+    store8(yf, o8 + uint64(2) * kk, a21)
+    store8(yf, o + uint64(3) * kk, a30)
+    store8(yf, o8 + uint64(3) * kk, a31)
+    store8(yf, o + uint64(4) * kk, a40)
+    store8(yf, o8 + uint64(4) * kk, a41)
+    store8(yf, o + uint64(5) * kk, a50)
+    store8(yf, o8 + uint64(5) * kk, a51)
+
+
+@njit(**_JIT)
+def _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
+    """As _six_pixels16 for the last 8 channels where K % 16 == 8: 6 accumulators, so
+    the FMAs' latency, not their throughput, sets the pace (about 60% of the 16 block)."""
+    kk = uint64(k_)
+    c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
+    c4, c5 = uint64(4 * c_), uint64(5 * c_)
+    a0 = load8(b, j0)
+    a1, a2, a3, a4, a5 = a0, a0, a0, a0, a0
+    for dy in range(dy0, dy1):
+        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
+        wi = uint64(dy * 3 * c_ * k_ + j0)
+        for t in range(c3):
+            w0 = load8(wf, wi + t * kk)
+            xt = xi + t
+            a0 = fma8(splat8(xf, xt), w0, a0)
+            a1 = fma8(splat8(xf, xt + c1), w0, a1)
+            a2 = fma8(splat8(xf, xt + c2), w0, a2)
+            a3 = fma8(splat8(xf, xt + c3), w0, a3)
+            a4 = fma8(splat8(xf, xt + c4), w0, a4)
+            a5 = fma8(splat8(xf, xt + c5), w0, a5)
+    if relu:
+        a0, a1, a2, a3, a4, a5 = relu8(a0), relu8(a1), relu8(a2), relu8(a3), relu8(a4), relu8(a5)
+    o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
+    store8(yf, o, a0)
+    store8(yf, o + kk, a1)
+    store8(yf, o + uint64(2) * kk, a2)
+    store8(yf, o + uint64(3) * kk, a3)
+    store8(yf, o + uint64(4) * kk, a4)
+    store8(yf, o + uint64(5) * kk, a5)
+
+
+@njit(**_JIT)
 def conv3x3_rows(x, w_tk, b, relu, y, row0, row1):
     """y = relu?(conv3x3(x, w) + b) for image rows row0..row1 (row = n * H + h)."""
     n_, h_, w_, c_ = x.shape
     k_ = y.shape[3]
     xf, wf, yf = x.ravel(), w_tk.ravel(), y.ravel()
-    kk = uint64(k_)
-    run = uint64(3 * c_)  # one kernel row's patch values: 3 pixels x C channels
-    c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
-    c4, c5 = uint64(4 * c_), uint64(5 * c_)
     for row in range(row0, row1):
         n = row // h_
         yy = row - n * h_
         dy0 = 1 if yy == 0 else 0  # kernel rows inside the image
         dy1 = 2 if yy == h_ - 1 else 3
         for j0 in range(0, k_, 16):
-            _conv_one_pixel(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, 0, j0, dy0, dy1)
-            x0 = 1
-            while x0 + 6 <= w_ - 1:  # six interior pixels: the register block
-                a00 = load8(b, j0)
-                a01 = load8(b, j0 + 8)
-                a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
-                a40, a41, a50, a51 = a00, a01, a00, a01
-                for dy in range(dy0, dy1):
-                    xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
-                    wi = uint64(dy * 3 * c_ * k_ + j0)
-                    for t in range(run):
-                        wt = wi + t * kk
-                        w0 = load8(wf, wt)
-                        w1 = load8(wf, wt + uint64(8))
-                        xt = xi + t
-                        s = splat8(xf, xt)
-                        a00 = fma8(s, w0, a00)
-                        a01 = fma8(s, w1, a01)
-                        s = splat8(xf, xt + c1)
-                        a10 = fma8(s, w0, a10)
-                        a11 = fma8(s, w1, a11)
-                        s = splat8(xf, xt + c2)
-                        a20 = fma8(s, w0, a20)
-                        a21 = fma8(s, w1, a21)
-                        s = splat8(xf, xt + c3)
-                        a30 = fma8(s, w0, a30)
-                        a31 = fma8(s, w1, a31)
-                        s = splat8(xf, xt + c4)
-                        a40 = fma8(s, w0, a40)
-                        a41 = fma8(s, w1, a41)
-                        s = splat8(xf, xt + c5)
-                        a50 = fma8(s, w0, a50)
-                        a51 = fma8(s, w1, a51)
-                if relu:
-                    a00, a01, a10, a11 = relu8(a00), relu8(a01), relu8(a10), relu8(a11)
-                    a20, a21, a30, a31 = relu8(a20), relu8(a21), relu8(a30), relu8(a31)
-                    a40, a41, a50, a51 = relu8(a40), relu8(a41), relu8(a50), relu8(a51)
-                o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
-                o8 = o + uint64(8)
-                store8(yf, o, a00)
-                store8(yf, o8, a01)
-                store8(yf, o + kk, a10)
-                store8(yf, o8 + kk, a11)
-                store8(yf, o + uint64(2) * kk, a20)
-                store8(yf, o8 + uint64(2) * kk, a21)
-                store8(yf, o + uint64(3) * kk, a30)
-                store8(yf, o8 + uint64(3) * kk, a31)
-                store8(yf, o + uint64(4) * kk, a40)
-                store8(yf, o8 + uint64(4) * kk, a41)
-                store8(yf, o + uint64(5) * kk, a50)
-                store8(yf, o8 + uint64(5) * kk, a51)
-                x0 += 6
-            while x0 < w_:  # what is left, the right border pixel included
-                _conv_one_pixel(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
-                x0 += 1
+            # border pixel, blocks of six interior pixels, then what is left (the right
+            # border pixel included); 16 channels at a time, 8 for the last ones if K % 16
+            if j0 + 16 <= k_:
+                _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, 0, j0, dy0, dy1)
+                x0 = 1
+                while x0 + 6 <= w_ - 1:
+                    _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                    x0 += 6
+                while x0 < w_:
+                    _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                    x0 += 1
+            else:
+                _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, 0, j0, dy0, dy1)
+                x0 = 1
+                while x0 + 6 <= w_ - 1:
+                    _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                    x0 += 6
+                while x0 < w_:
+                    _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                    x0 += 1
+
+
+@njit(**_JIT)
+def _grad16(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
+    """out[t0:t0+group, j0:j0+16] += sum over pixels of x[tap t] * dz[pixel, j0:j0+16]."""
+    o8 = oi + uint64(8)
+    a00, a01 = load8(outf, oi), load8(outf, o8)
+    if group == 4:
+        a10, a11 = load8(outf, oi + kk), load8(outf, o8 + kk)
+        a20 = load8(outf, oi + uint64(2) * kk)
+        a21 = load8(outf, o8 + uint64(2) * kk)
+        a30 = load8(outf, oi + uint64(3) * kk)
+        a31 = load8(outf, o8 + uint64(3) * kk)
+        for p in range(pixels):
+            dp = dj + p * kk
+            d0 = load8(dzf, dp)
+            d1 = load8(dzf, dp + uint64(8))
+            xp = xi + p * cc
+            s = splat8(xf, xp)
+            a00 = fma8(s, d0, a00)
+            a01 = fma8(s, d1, a01)
+            s = splat8(xf, xp + uint64(1))
+            a10 = fma8(s, d0, a10)
+            a11 = fma8(s, d1, a11)
+            s = splat8(xf, xp + uint64(2))
+            a20 = fma8(s, d0, a20)
+            a21 = fma8(s, d1, a21)
+            s = splat8(xf, xp + uint64(3))
+            a30 = fma8(s, d0, a30)
+            a31 = fma8(s, d1, a31)
+        store8(outf, oi + kk, a10)
+        store8(outf, o8 + kk, a11)
+        store8(outf, oi + uint64(2) * kk, a20)
+        store8(outf, o8 + uint64(2) * kk, a21)
+        store8(outf, oi + uint64(3) * kk, a30)
+        store8(outf, o8 + uint64(3) * kk, a31)
+    else:
+        for p in range(pixels):
+            dp = dj + p * kk
+            s = splat8(xf, xi + p * cc)
+            a00 = fma8(s, load8(dzf, dp), a00)
+            a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
+    store8(outf, oi, a00)
+    store8(outf, o8, a01)
+
+
+@njit(**_JIT)
+def _grad8(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
+    """As _grad16 for the last 8 channels where K % 16 == 8."""
+    a0 = load8(outf, oi)
+    if group == 4:
+        a1 = load8(outf, oi + kk)
+        a2 = load8(outf, oi + uint64(2) * kk)
+        a3 = load8(outf, oi + uint64(3) * kk)
+        for p in range(pixels):
+            d0 = load8(dzf, dj + p * kk)
+            xp = xi + p * cc
+            a0 = fma8(splat8(xf, xp), d0, a0)
+            a1 = fma8(splat8(xf, xp + uint64(1)), d0, a1)
+            a2 = fma8(splat8(xf, xp + uint64(2)), d0, a2)
+            a3 = fma8(splat8(xf, xp + uint64(3)), d0, a3)
+        store8(outf, oi + kk, a1)
+        store8(outf, oi + uint64(2) * kk, a2)
+        store8(outf, oi + uint64(3) * kk, a3)
+    else:
+        for p in range(pixels):
+            a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
+    store8(outf, oi, a0)
 
 
 @njit(**_JIT)
@@ -155,6 +288,7 @@ def conv3x3_weight_grad_rows(x, dz, row0, row1, out):
     """out[9C, K] = sum of patch(x, p)^T dz[p] over the pixels p of image rows row0..row1.
 
     out is overwritten: one partial sum per block of rows; the caller adds them in order.
+    The sums wait in out between image rows (a row's x and dz stay in L1 meanwhile).
     """
     n_, h_, w_, c_ = x.shape
     k_ = dz.shape[3]
@@ -182,47 +316,7 @@ def conv3x3_weight_grad_rows(x, dz, row0, row1, out):
                 pixels = uint64(x_hi - x_lo)
                 for j0 in range(0, k_, 16):
                     oi = uint64((dy * 3 * c_ + t0) * k_ + j0)
-                    o8 = oi + uint64(8)
-                    dj = di + uint64(j0)
-                    if group == 4:
-                        a00, a01 = load8(outf, oi), load8(outf, o8)
-                        a10, a11 = load8(outf, oi + kk), load8(outf, o8 + kk)
-                        a20 = load8(outf, oi + uint64(2) * kk)
-                        a21 = load8(outf, o8 + uint64(2) * kk)
-                        a30 = load8(outf, oi + uint64(3) * kk)
-                        a31 = load8(outf, o8 + uint64(3) * kk)
-                        for p in range(pixels):
-                            dp = dj + p * kk
-                            d0 = load8(dzf, dp)
-                            d1 = load8(dzf, dp + uint64(8))
-                            xp = xi + p * cc
-                            s = splat8(xf, xp)
-                            a00 = fma8(s, d0, a00)
-                            a01 = fma8(s, d1, a01)
-                            s = splat8(xf, xp + uint64(1))
-                            a10 = fma8(s, d0, a10)
-                            a11 = fma8(s, d1, a11)
-                            s = splat8(xf, xp + uint64(2))
-                            a20 = fma8(s, d0, a20)
-                            a21 = fma8(s, d1, a21)
-                            s = splat8(xf, xp + uint64(3))
-                            a30 = fma8(s, d0, a30)
-                            a31 = fma8(s, d1, a31)
-                        store8(outf, oi, a00)
-                        store8(outf, o8, a01)
-                        store8(outf, oi + kk, a10)
-                        store8(outf, o8 + kk, a11)
-                        store8(outf, oi + uint64(2) * kk, a20)
-                        store8(outf, o8 + uint64(2) * kk, a21)
-                        store8(outf, oi + uint64(3) * kk, a30)
-                        store8(outf, o8 + uint64(3) * kk, a31)
+                    if j0 + 16 <= k_:
+                        _grad16(xf, dzf, outf, kk, cc, xi, di + uint64(j0), oi, pixels, group)
                     else:
-                        a00, a01 = load8(outf, oi), load8(outf, o8)
-                        for p in range(pixels):
-                            dp = dj + p * kk
-                            s = splat8(xf, xi + p * cc)
-                            a00 = fma8(s, load8(dzf, dp), a00)
-                            a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
-                        store8(outf, oi, a00)
-                        store8(outf, o8, a01)
-
+                        _grad8(xf, dzf, outf, kk, cc, xi, di + uint64(j0), oi, pixels, group)

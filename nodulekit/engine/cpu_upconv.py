@@ -27,7 +27,7 @@ scatter pass; it moves ~20 MB (the skip read, the concat buffer read for ownersh
 written), so it is bound by memory, not by the FMAs. ``nodulekit bench ops`` times it
 against PyTorch.
 
-Requirements: forward K % 16 == 0, backward C % 16 == 0 (the caller falls back to v1
+Requirements: forward K % 8 == 0, backward C % 16 == 0 (the caller falls back to v1
 otherwise). Serial and nogil: the caller runs blocks of input pixels on its threads.
 """
 
@@ -51,6 +51,15 @@ def _out_pixel(p, h_, w_):
     i = r // w_
     j = r - i * w_
     return j, (n * 2 * h_ + 2 * i) * 2 * w_ + 2 * j
+
+
+@njit(**_JIT)
+def _column_offset(col, k_, row, ct, cs):
+    """GEMM column (a, b, k) -> its offset in the concat buffer from output pixel (2i, 2j)
+    times ct: output row a, column b, channel cs + k. A block of 16 columns may hold two
+    (a, b) positions when K % 16 == 8, so each half of it is placed on its own."""
+    ab = col // k_
+    return ((ab // 2) * row + (ab % 2)) * ct + cs + col - ab * k_
 
 
 @njit(**_JIT)
@@ -92,12 +101,11 @@ def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
             j, o3 = _next_pixel(j, o2, w_)
             j, o4 = _next_pixel(j, o3, w_)
             j, o5 = _next_pixel(j, o4, w_)
-            for col0 in range(0, k4, 16):  # 16 columns (a, b, k0..k0+15) at a time
-                ab = col0 // k_
-                k0 = col0 - ab * k_
-                shift = (ab // 2) * row + (ab % 2)  # (a, b) -> offset from pixel (2i, 2j)
-                a00 = load8(b, k0)
-                a01 = load8(b, k0 + 8)
+            for col0 in range(0, k4, 16):  # 16 columns (a, b, k) at a time
+                d = _column_offset(col0, k_, row, ct, cs)
+                d8 = _column_offset(col0 + 8, k_, row, ct, cs)
+                a00 = load8(b, col0 % k_)
+                a01 = load8(b, (col0 + 8) % k_)
                 a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
                 a40, a41, a50, a51 = a00, a01, a00, a01
                 xi = uint64(p * c_)
@@ -124,37 +132,34 @@ def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
                     s = splat8(xf, xt + uint64(5) * cc)
                     a50 = fma8(s, w0, a50)
                     a51 = fma8(s, w1, a51)
-                d = cs + k0 + shift * ct
                 store8(yf, uint64(o0 * ct + d), a00)
-                store8(yf, uint64(o0 * ct + d + 8), a01)
+                store8(yf, uint64(o0 * ct + d8), a01)
                 store8(yf, uint64(o1 * ct + d), a10)
-                store8(yf, uint64(o1 * ct + d + 8), a11)
+                store8(yf, uint64(o1 * ct + d8), a11)
                 store8(yf, uint64(o2 * ct + d), a20)
-                store8(yf, uint64(o2 * ct + d + 8), a21)
+                store8(yf, uint64(o2 * ct + d8), a21)
                 store8(yf, uint64(o3 * ct + d), a30)
-                store8(yf, uint64(o3 * ct + d + 8), a31)
+                store8(yf, uint64(o3 * ct + d8), a31)
                 store8(yf, uint64(o4 * ct + d), a40)
-                store8(yf, uint64(o4 * ct + d + 8), a41)
+                store8(yf, uint64(o4 * ct + d8), a41)
                 store8(yf, uint64(o5 * ct + d), a50)
-                store8(yf, uint64(o5 * ct + d + 8), a51)
+                store8(yf, uint64(o5 * ct + d8), a51)
             j, o0 = _next_pixel(j, o5, w_)
             p += 6
         else:  # the last few pixels one at a time
             for col0 in range(0, k4, 16):
-                ab = col0 // k_
-                k0 = col0 - ab * k_
-                shift = (ab // 2) * row + (ab % 2)
-                a00 = load8(b, k0)
-                a01 = load8(b, k0 + 8)
+                d = _column_offset(col0, k_, row, ct, cs)
+                d8 = _column_offset(col0 + 8, k_, row, ct, cs)
+                a00 = load8(b, col0 % k_)
+                a01 = load8(b, (col0 + 8) % k_)
                 xi = uint64(p * c_)
                 for c in range(cc):
                     wt = c * kk4 + uint64(col0)
                     s = splat8(xf, xi + c)
                     a00 = fma8(s, load8(wf, wt), a00)
                     a01 = fma8(s, load8(wf, wt + uint64(8)), a01)
-                d = cs + k0 + shift * ct
                 store8(yf, uint64(o0 * ct + d), a00)
-                store8(yf, uint64(o0 * ct + d + 8), a01)
+                store8(yf, uint64(o0 * ct + d8), a01)
             j, o0 = _next_pixel(j, o0, w_)
             p += 1
 
