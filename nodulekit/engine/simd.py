@@ -112,6 +112,16 @@ def fma8(typingctx, a, b, c):
 
 
 @intrinsic
+def add8(typingctx, a, b):
+    """a + b, lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+
+    return float32x8(a, b), codegen
+
+
+@intrinsic
 def relu8(typingctx, a):
     """max(a, 0) lane by lane; a NaN stays NaN (as np.maximum does), so it is not hidden."""
 
