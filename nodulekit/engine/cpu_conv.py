@@ -251,12 +251,23 @@ def _grad16(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
         store8(outf, o8 + uint64(2) * kk, a21)
         store8(outf, oi + uint64(3) * kk, a30)
         store8(outf, o8 + uint64(3) * kk, a31)
-    else:
-        for p in range(pixels):
-            dp = dj + p * kk
-            s = splat8(xf, xi + p * cc)
+    else:  # one tap (C % 4 != 0, e.g. the first layer): even and odd pixels apart
+        e00 = e01 = zeros8()
+        for p2 in range(pixels // uint64(2)):
+            dp = dj + p2 * uint64(2) * kk
+            xp = xi + p2 * uint64(2) * cc
+            s = splat8(xf, xp)
             a00 = fma8(s, load8(dzf, dp), a00)
             a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
+            s = splat8(xf, xp + cc)
+            e00 = fma8(s, load8(dzf, dp + kk), e00)
+            e01 = fma8(s, load8(dzf, dp + kk + uint64(8)), e01)
+        if pixels % uint64(2) == uint64(1):
+            dp = dj + (pixels - uint64(1)) * kk
+            s = splat8(xf, xi + (pixels - uint64(1)) * cc)
+            a00 = fma8(s, load8(dzf, dp), a00)
+            a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
+        a00, a01 = add8(a00, e00), add8(a01, e01)
     store8(outf, oi, a00)
     store8(outf, o8, a01)
 
@@ -298,9 +309,20 @@ def _grad8(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
         store8(outf, oi + kk, add8(a1, e1))
         store8(outf, oi + uint64(2) * kk, add8(a2, e2))
         store8(outf, oi + uint64(3) * kk, add8(a3, e3))
-    else:
-        for p in range(pixels):
+    else:  # one tap: four sets of sums, pixel p going to set p % 4
+        e1 = e2 = e3 = e0
+        for p4 in range(pixels // uint64(4)):
+            p = p4 * uint64(4)
             a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
+            p += uint64(1)
+            e1 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e1)
+            p += uint64(1)
+            e2 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e2)
+            p += uint64(1)
+            e3 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e3)
+        for p in range(pixels - pixels % uint64(4), pixels):
+            a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
+        e0 = add8(add8(e1, e2), e3)
     store8(outf, oi, add8(a0, e0))
 
 

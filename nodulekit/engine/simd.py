@@ -122,6 +122,19 @@ def add8(typingctx, a, b):
 
 
 @intrinsic
+def relu_grad8(typingctx, g, y):
+    """g where y > 0, else 0 (the ReLU's backward given its output y); a NaN y keeps g,
+    as the scalar ``y <= 0`` test does."""
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_V8, [0.0] * LANES)
+        off = builder.fcmp_ordered("<=", args[1], zero)
+        return builder.select(off, zero, args[0])
+
+    return float32x8(g, y), codegen
+
+
+@intrinsic
 def relu8(typingctx, a):
     """max(a, 0) lane by lane; a NaN stays NaN (as np.maximum does), so it is not hidden."""
 
