@@ -50,3 +50,24 @@ def test_bench_ops_cpu_variants_times_every_version_on_every_layer(monkeypatch):
                                       "bottom.conv1", "bottom.conv2", "dec1.conv1",
                                       "dec0.conv1"]
     assert "auto/torch" in result.output
+
+
+def test_bench_step_times_ours_and_torch_in_turns():
+    """`bench step` on a toy U-Net: both sides start from the same weights (same first
+    loss), every turn is recorded, and the ratios are those of the samples."""
+    import json
+    import statistics
+
+    result = CliRunner().invoke(main, ["bench", "step", "--width", "8", "--depth", "2",
+                                       "--size", "16", "--batch", "2", "--repeats", "3",
+                                       "--warmup", "1", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    first = data["first_step_loss"]
+    assert abs(first["ours"] - first["torch"]) < 1e-5
+    ours, torch = data["ours_ms_samples"], data["torch_ms_samples"]
+    assert len(ours) == len(torch) == 3
+    assert data["ratio"] == statistics.median(ours) / statistics.median(torch)
+    assert data["ratio_per_turn_median"] == statistics.median(
+        o / t for o, t in zip(ours, torch, strict=True))
+    assert "median of the per-turn ratios" in result.output
