@@ -1,17 +1,26 @@
 """The CPU backend: NumPy + Numba, float32.
 
-Convolutions are patches (im2col) times BLAS SGEMM, one block of output pixels at a time so
-the patch matrix stays small (it would be 9*C floats per pixel for the whole batch) and
-warm in cache when the GEMM reads it. In NHWC a patch row is three straight copies and
-the GEMM's output is already the NHWC output, so nothing is transposed. The backward pass
-reuses the forward machinery:
+Convolutions come in two versions, chosen per shape (``conv_variant='auto'``) or named:
 
-- dW = (patches(x)^T @ dZ)^T                   (one GEMM per block, summed)
+- v1, patches + BLAS: patches (im2col) times OpenBLAS SGEMM, one block of output pixels
+  at a time so the patch matrix stays small (it would be 9*C floats per pixel for the
+  whole batch) and warm in cache when the GEMM reads it. In NHWC a patch row is three
+  straight copies and the GEMM's output is already the NHWC output, so nothing is
+  transposed. Best on the deep layers (many channels, few pixels).
+- v2, register-blocked (``cpu_conv.py``, ``cpu_upconv.py``): no patch matrix; 6 pixels
+  x 16 output channels accumulate in vector registers. Best wherever K is small (BLAS
+  reaches half the FMA peak at 16 output columns) and image rows are long.
+
+The backward pass reuses the forward machinery:
+
+- dW = (patches(x)^T @ dZ)^T                   (summed per block of pixels, in order)
 - dX = patches(dZ) @ W_flipped                 (a 'same' convolution of dZ with the
                                                  kernel rotated 180 degrees, C and K swapped)
 
 so there is no scatter (col2im). The ReLU's mask and the bias gradient are fused into one
-pass over dY. Everything else is a single Numba loop (``cpu_kernels.py``).
+pass over dY. Everything else is a single Numba loop (``cpu_kernels.py``). Blocks run on
+the backend's own threads (``cpu_workers.py``); every sum is split the same way whatever
+the threads do, so results are bit-identical from run to run.
 """
 
 from __future__ import annotations
