@@ -42,6 +42,20 @@ from __future__ import annotations
 
 from numba import njit, uint64
 
+from nodulekit.engine.register_blocks import (
+    fma_4x8,
+    fma_4x16,
+    fma_6x8,
+    fma_6x16,
+    load_4x8,
+    load_4x16,
+    relu_6x8,
+    relu_6x16,
+    store_4x8,
+    store_4x16,
+    store_6x8,
+    store_6x16,
+)
 from nodulekit.engine.simd import add8, fma8, load8, relu8, splat8, store8, zeros8
 
 _JIT = {"cache": True, "nogil": True}
@@ -95,92 +109,53 @@ def _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
 
 @njit(**_JIT)
 def _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
-    """y[n, yy, x0:x0+6, j0:j0+16], all six pixels inside the image: the register block."""
+    """y[n, yy, x0:x0+6, j0:j0+16], all six pixels inside the image: the register block.
+
+    Pixel x0+r's patch values for kernel row dy are one run of 3C input values starting
+    at xi + r*C, so step t of the reduction broadcasts x[xi + t + r*C] for r = 0..5.
+    """
     kk = uint64(k_)
     c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
     c4, c5 = uint64(4 * c_), uint64(5 * c_)
-    a00 = load8(b, j0)
-    a01 = load8(b, j0 + 8)
-    a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
-    a40, a41, a50, a51 = a00, a01, a00, a01
+    b0, b1 = load8(b, j0), load8(b, j0 + 8)
+    a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
     for dy in range(dy0, dy1):
         xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
         wi = uint64(dy * 3 * c_ * k_ + j0)
         for t in range(c3):  # one kernel row's patch values: 3 pixels x C channels
             wt = wi + t * kk
-            w0 = load8(wf, wt)
-            w1 = load8(wf, wt + uint64(8))
             xt = xi + t
-            s = splat8(xf, xt)
-            a00 = fma8(s, w0, a00)
-            a01 = fma8(s, w1, a01)
-            s = splat8(xf, xt + c1)
-            a10 = fma8(s, w0, a10)
-            a11 = fma8(s, w1, a11)
-            s = splat8(xf, xt + c2)
-            a20 = fma8(s, w0, a20)
-            a21 = fma8(s, w1, a21)
-            s = splat8(xf, xt + c3)
-            a30 = fma8(s, w0, a30)
-            a31 = fma8(s, w1, a31)
-            s = splat8(xf, xt + c4)
-            a40 = fma8(s, w0, a40)
-            a41 = fma8(s, w1, a41)
-            s = splat8(xf, xt + c5)
-            a50 = fma8(s, w0, a50)
-            a51 = fma8(s, w1, a51)
+            a = fma_6x16(xf, xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5,
+                         load8(wf, wt), load8(wf, wt + uint64(8)), a)
     if relu:
-        a00, a01, a10, a11 = relu8(a00), relu8(a01), relu8(a10), relu8(a11)
-        a20, a21, a30, a31 = relu8(a20), relu8(a21), relu8(a30), relu8(a31)
-        a40, a41, a50, a51 = relu8(a40), relu8(a41), relu8(a50), relu8(a51)
+        a = relu_6x16(a)
     o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
-    o8 = o + uint64(8)
-    store8(yf, o, a00)
-    store8(yf, o8, a01)
-    store8(yf, o + kk, a10)
-    store8(yf, o8 + kk, a11)
-    store8(yf, o + uint64(2) * kk, a20)
-    store8(yf, o8 + uint64(2) * kk, a21)
-    store8(yf, o + uint64(3) * kk, a30)
-    store8(yf, o8 + uint64(3) * kk, a31)
-    store8(yf, o + uint64(4) * kk, a40)
-    store8(yf, o8 + uint64(4) * kk, a41)
-    store8(yf, o + uint64(5) * kk, a50)
-    store8(yf, o8 + uint64(5) * kk, a51)
+    store_6x16(yf, o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
+               o + uint64(5) * kk, 8, a)
 
 
 @njit(**_JIT)
 def _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
-    """As _six_pixels16 for the last 8 channels where K % 16 == 8. Each broadcast now
-    feeds one FMA, not two: 7 loads per 6 FMAs, so the loads set the pace (measured ~40
-    GFLOP/s a core at 8 -> 8 channels; splitting the sums into even and odd patch values,
-    for more FMAs in flight, was slower)."""
+    """As _six_pixels16 for the last 8 channels where K % 16 == 8 (load-bound: ~40
+    GFLOP/s a core at 8 -> 8 channels; two sets of sums for more FMAs in flight were
+    slower)."""
     kk = uint64(k_)
     c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
     c4, c5 = uint64(4 * c_), uint64(5 * c_)
-    a0 = load8(b, j0)
-    a1, a2, a3, a4, a5 = a0, a0, a0, a0, a0
+    b0 = load8(b, j0)
+    a = (b0, b0, b0, b0, b0, b0)
     for dy in range(dy0, dy1):
         xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
         wi = uint64(dy * 3 * c_ * k_ + j0)
         for t in range(c3):
-            w0 = load8(wf, wi + t * kk)
             xt = xi + t
-            a0 = fma8(splat8(xf, xt), w0, a0)
-            a1 = fma8(splat8(xf, xt + c1), w0, a1)
-            a2 = fma8(splat8(xf, xt + c2), w0, a2)
-            a3 = fma8(splat8(xf, xt + c3), w0, a3)
-            a4 = fma8(splat8(xf, xt + c4), w0, a4)
-            a5 = fma8(splat8(xf, xt + c5), w0, a5)
+            a = fma_6x8(xf, xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5,
+                        load8(wf, wi + t * kk), a)
     if relu:
-        a0, a1, a2, a3, a4, a5 = relu8(a0), relu8(a1), relu8(a2), relu8(a3), relu8(a4), relu8(a5)
+        a = relu_6x8(a)
     o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
-    store8(yf, o, a0)
-    store8(yf, o + kk, a1)
-    store8(yf, o + uint64(2) * kk, a2)
-    store8(yf, o + uint64(3) * kk, a3)
-    store8(yf, o + uint64(4) * kk, a4)
-    store8(yf, o + uint64(5) * kk, a5)
+    store_6x8(yf, o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
+              o + uint64(5) * kk, a)
 
 
 @njit(**_JIT)
@@ -220,110 +195,66 @@ def conv3x3_rows(x, w_tk, b, relu, y, row0, row1):
 @njit(**_JIT)
 def _grad16(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
     """out[t0:t0+group, j0:j0+16] += sum over pixels of x[tap t] * dz[pixel, j0:j0+16]."""
-    o8 = oi + uint64(8)
-    a00, a01 = load8(outf, oi), load8(outf, o8)
     if group == 4:
-        a10, a11 = load8(outf, oi + kk), load8(outf, o8 + kk)
-        a20 = load8(outf, oi + uint64(2) * kk)
-        a21 = load8(outf, o8 + uint64(2) * kk)
-        a30 = load8(outf, oi + uint64(3) * kk)
-        a31 = load8(outf, o8 + uint64(3) * kk)
+        a = load_4x16(outf, oi, kk)
         for p in range(pixels):
             dp = dj + p * kk
-            d0 = load8(dzf, dp)
-            d1 = load8(dzf, dp + uint64(8))
-            xp = xi + p * cc
-            s = splat8(xf, xp)
-            a00 = fma8(s, d0, a00)
-            a01 = fma8(s, d1, a01)
-            s = splat8(xf, xp + uint64(1))
-            a10 = fma8(s, d0, a10)
-            a11 = fma8(s, d1, a11)
-            s = splat8(xf, xp + uint64(2))
-            a20 = fma8(s, d0, a20)
-            a21 = fma8(s, d1, a21)
-            s = splat8(xf, xp + uint64(3))
-            a30 = fma8(s, d0, a30)
-            a31 = fma8(s, d1, a31)
-        store8(outf, oi + kk, a10)
-        store8(outf, o8 + kk, a11)
-        store8(outf, oi + uint64(2) * kk, a20)
-        store8(outf, o8 + uint64(2) * kk, a21)
-        store8(outf, oi + uint64(3) * kk, a30)
-        store8(outf, o8 + uint64(3) * kk, a31)
-    else:  # one tap (C % 4 != 0, e.g. the first layer): even and odd pixels apart
-        e00 = e01 = zeros8()
-        for p2 in range(pixels // uint64(2)):
-            dp = dj + p2 * uint64(2) * kk
-            xp = xi + p2 * uint64(2) * cc
-            s = splat8(xf, xp)
-            a00 = fma8(s, load8(dzf, dp), a00)
-            a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
-            s = splat8(xf, xp + cc)
-            e00 = fma8(s, load8(dzf, dp + kk), e00)
-            e01 = fma8(s, load8(dzf, dp + kk + uint64(8)), e01)
-        if pixels % uint64(2) == uint64(1):
-            dp = dj + (pixels - uint64(1)) * kk
-            s = splat8(xf, xi + (pixels - uint64(1)) * cc)
-            a00 = fma8(s, load8(dzf, dp), a00)
-            a01 = fma8(s, load8(dzf, dp + uint64(8)), a01)
-        a00, a01 = add8(a00, e00), add8(a01, e01)
-    store8(outf, oi, a00)
-    store8(outf, o8, a01)
+            a = fma_4x16(xf, xi + p * cc, load8(dzf, dp), load8(dzf, dp + uint64(8)), a)
+        store_4x16(outf, oi, kk, a)
+        return
+    # one tap (C % 4 != 0, e.g. the first layer): even and odd pixels in two sets of
+    # sums, so that four FMA chains, not two, are in flight
+    a0, a1 = load8(outf, oi), load8(outf, oi + uint64(8))
+    e0 = e1 = zeros8()
+    for p2 in range(pixels // uint64(2)):
+        dp = dj + p2 * uint64(2) * kk
+        xp = xi + p2 * uint64(2) * cc
+        s = splat8(xf, xp)
+        a0 = fma8(s, load8(dzf, dp), a0)
+        a1 = fma8(s, load8(dzf, dp + uint64(8)), a1)
+        s = splat8(xf, xp + cc)
+        e0 = fma8(s, load8(dzf, dp + kk), e0)
+        e1 = fma8(s, load8(dzf, dp + kk + uint64(8)), e1)
+    if pixels % uint64(2) == uint64(1):
+        dp = dj + (pixels - uint64(1)) * kk
+        s = splat8(xf, xi + (pixels - uint64(1)) * cc)
+        a0 = fma8(s, load8(dzf, dp), a0)
+        a1 = fma8(s, load8(dzf, dp + uint64(8)), a1)
+    store8(outf, oi, add8(a0, e0))
+    store8(outf, oi + uint64(8), add8(a1, e1))
 
 
 @njit(**_JIT)
 def _grad8(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
-    """As _grad16 for the last 8 channels where K % 16 == 8; even and odd pixels go to
-    two sets of sums (see _six_pixels8), added at the end."""
-    a0 = load8(outf, oi)
-    e0 = zeros8()
-    half = pixels // uint64(2)
+    """As _grad16 for the last 8 channels where K % 16 == 8; even and odd pixels (or, for
+    one tap, pixel p % 4) go to separate sets of sums, added at the end."""
     if group == 4:
-        a1 = load8(outf, oi + kk)
-        a2 = load8(outf, oi + uint64(2) * kk)
-        a3 = load8(outf, oi + uint64(3) * kk)
-        e1 = e2 = e3 = e0
-        for p2 in range(half):
+        a = load_4x8(outf, oi, kk)
+        e = (zeros8(), zeros8(), zeros8(), zeros8())
+        for p2 in range(pixels // uint64(2)):
             p = p2 * uint64(2)
-            d0 = load8(dzf, dj + p * kk)
-            d1 = load8(dzf, dj + p * kk + kk)
-            xp = xi + p * cc
-            a0 = fma8(splat8(xf, xp), d0, a0)
-            a1 = fma8(splat8(xf, xp + uint64(1)), d0, a1)
-            a2 = fma8(splat8(xf, xp + uint64(2)), d0, a2)
-            a3 = fma8(splat8(xf, xp + uint64(3)), d0, a3)
-            xp = xp + cc
-            e0 = fma8(splat8(xf, xp), d1, e0)
-            e1 = fma8(splat8(xf, xp + uint64(1)), d1, e1)
-            e2 = fma8(splat8(xf, xp + uint64(2)), d1, e2)
-            e3 = fma8(splat8(xf, xp + uint64(3)), d1, e3)
+            a = fma_4x8(xf, xi + p * cc, load8(dzf, dj + p * kk), a)
+            e = fma_4x8(xf, xi + p * cc + cc, load8(dzf, dj + p * kk + kk), e)
         if pixels % uint64(2) == uint64(1):
             p = pixels - uint64(1)
-            d0 = load8(dzf, dj + p * kk)
-            xp = xi + p * cc
-            a0 = fma8(splat8(xf, xp), d0, a0)
-            a1 = fma8(splat8(xf, xp + uint64(1)), d0, a1)
-            a2 = fma8(splat8(xf, xp + uint64(2)), d0, a2)
-            a3 = fma8(splat8(xf, xp + uint64(3)), d0, a3)
-        store8(outf, oi + kk, add8(a1, e1))
-        store8(outf, oi + uint64(2) * kk, add8(a2, e2))
-        store8(outf, oi + uint64(3) * kk, add8(a3, e3))
-    else:  # one tap: four sets of sums, pixel p going to set p % 4
-        e1 = e2 = e3 = e0
-        for p4 in range(pixels // uint64(4)):
-            p = p4 * uint64(4)
-            a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
-            p += uint64(1)
-            e1 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e1)
-            p += uint64(1)
-            e2 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e2)
-            p += uint64(1)
-            e3 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e3)
-        for p in range(pixels - pixels % uint64(4), pixels):
-            a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
-        e0 = add8(add8(e1, e2), e3)
-    store8(outf, oi, add8(a0, e0))
+            a = fma_4x8(xf, xi + p * cc, load8(dzf, dj + p * kk), a)
+        store_4x8(outf, oi, kk, (add8(a[0], e[0]), add8(a[1], e[1]), add8(a[2], e[2]),
+                                 add8(a[3], e[3])))
+        return
+    a0 = load8(outf, oi)
+    e1 = e2 = e3 = zeros8()
+    for p4 in range(pixels // uint64(4)):
+        p = p4 * uint64(4)
+        a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
+        p += uint64(1)
+        e1 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e1)
+        p += uint64(1)
+        e2 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e2)
+        p += uint64(1)
+        e3 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), e3)
+    for p in range(pixels - pixels % uint64(4), pixels):
+        a0 = fma8(splat8(xf, xi + p * cc), load8(dzf, dj + p * kk), a0)
+    store8(outf, oi, add8(add8(a0, e1), add8(e2, e3)))
 
 
 @njit(**_JIT)

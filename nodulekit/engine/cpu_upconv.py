@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from numba import njit, uint64
 
+from nodulekit.engine.register_blocks import fma_6x16, store_6x16
 from nodulekit.engine.simd import fma8, load8, splat8, store8, zeros8
 
 _JIT = {"cache": True, "nogil": True}
@@ -103,47 +104,19 @@ def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
             j, o5 = _next_pixel(j, o4, w_)
             for col0 in range(0, k4, 16):  # 16 columns (a, b, k) at a time
                 d = _column_offset(col0, k_, row, ct, cs)
-                d8 = _column_offset(col0 + 8, k_, row, ct, cs)
-                a00 = load8(b, col0 % k_)
-                a01 = load8(b, (col0 + 8) % k_)
-                a10, a11, a20, a21, a30, a31 = a00, a01, a00, a01, a00, a01
-                a40, a41, a50, a51 = a00, a01, a00, a01
+                b0, b1 = load8(b, col0 % k_), load8(b, (col0 + 8) % k_)
+                a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
                 xi = uint64(p * c_)
                 for c in range(cc):
                     wt = c * kk4 + uint64(col0)
-                    w0 = load8(wf, wt)
-                    w1 = load8(wf, wt + uint64(8))
                     xt = xi + c
-                    s = splat8(xf, xt)
-                    a00 = fma8(s, w0, a00)
-                    a01 = fma8(s, w1, a01)
-                    s = splat8(xf, xt + cc)
-                    a10 = fma8(s, w0, a10)
-                    a11 = fma8(s, w1, a11)
-                    s = splat8(xf, xt + uint64(2) * cc)
-                    a20 = fma8(s, w0, a20)
-                    a21 = fma8(s, w1, a21)
-                    s = splat8(xf, xt + uint64(3) * cc)
-                    a30 = fma8(s, w0, a30)
-                    a31 = fma8(s, w1, a31)
-                    s = splat8(xf, xt + uint64(4) * cc)
-                    a40 = fma8(s, w0, a40)
-                    a41 = fma8(s, w1, a41)
-                    s = splat8(xf, xt + uint64(5) * cc)
-                    a50 = fma8(s, w0, a50)
-                    a51 = fma8(s, w1, a51)
-                store8(yf, uint64(o0 * ct + d), a00)
-                store8(yf, uint64(o0 * ct + d8), a01)
-                store8(yf, uint64(o1 * ct + d), a10)
-                store8(yf, uint64(o1 * ct + d8), a11)
-                store8(yf, uint64(o2 * ct + d), a20)
-                store8(yf, uint64(o2 * ct + d8), a21)
-                store8(yf, uint64(o3 * ct + d), a30)
-                store8(yf, uint64(o3 * ct + d8), a31)
-                store8(yf, uint64(o4 * ct + d), a40)
-                store8(yf, uint64(o4 * ct + d8), a41)
-                store8(yf, uint64(o5 * ct + d), a50)
-                store8(yf, uint64(o5 * ct + d8), a51)
+                    a = fma_6x16(xf, xt, xt + cc, xt + uint64(2) * cc, xt + uint64(3) * cc,
+                                 xt + uint64(4) * cc, xt + uint64(5) * cc,
+                                 load8(wf, wt), load8(wf, wt + uint64(8)), a)
+                # the two halves of a block may lie at different (a, b) when K % 16 == 8
+                hi = _column_offset(col0 + 8, k_, row, ct, cs) - d
+                store_6x16(yf, uint64(o0 * ct + d), uint64(o1 * ct + d), uint64(o2 * ct + d),
+                           uint64(o3 * ct + d), uint64(o4 * ct + d), uint64(o5 * ct + d), hi, a)
             j, o0 = _next_pixel(j, o5, w_)
             p += 6
         else:  # the last few pixels one at a time
@@ -194,8 +167,8 @@ def upconv2x2_split_dx_pixels(dcat, w_abkc, dskip, dx, p0, p1):
             j, o4 = _next_pixel(j, o3, w_)
             j, o5 = _next_pixel(j, o4, w_)
             for c0 in range(0, c_, 16):
-                a00 = a01 = a10 = a11 = a20 = a21 = zeros8()
-                a30 = a31 = a40 = a41 = a50 = a51 = a00
+                z = zeros8()
+                a = (z, z, z, z, z, z, z, z, z, z, z, z)
                 for ab in range(4):
                     d = ((ab // 2) * row + (ab % 2)) * ct + cs
                     g0, g1 = uint64(o0 * ct + d), uint64(o1 * ct + d)
@@ -204,39 +177,11 @@ def upconv2x2_split_dx_pixels(dcat, w_abkc, dskip, dx, p0, p1):
                     wrow = uint64(ab * k_ * c_ + c0)
                     for k in range(uint64(k_)):
                         wt = wrow + k * cc
-                        w0 = load8(wf, wt)
-                        w1 = load8(wf, wt + uint64(8))
-                        s = splat8(df, g0 + k)
-                        a00 = fma8(s, w0, a00)
-                        a01 = fma8(s, w1, a01)
-                        s = splat8(df, g1 + k)
-                        a10 = fma8(s, w0, a10)
-                        a11 = fma8(s, w1, a11)
-                        s = splat8(df, g2 + k)
-                        a20 = fma8(s, w0, a20)
-                        a21 = fma8(s, w1, a21)
-                        s = splat8(df, g3 + k)
-                        a30 = fma8(s, w0, a30)
-                        a31 = fma8(s, w1, a31)
-                        s = splat8(df, g4 + k)
-                        a40 = fma8(s, w0, a40)
-                        a41 = fma8(s, w1, a41)
-                        s = splat8(df, g5 + k)
-                        a50 = fma8(s, w0, a50)
-                        a51 = fma8(s, w1, a51)
+                        a = fma_6x16(df, g0 + k, g1 + k, g2 + k, g3 + k, g4 + k, g5 + k,
+                                     load8(wf, wt), load8(wf, wt + uint64(8)), a)
                 o = uint64(p * c_ + c0)
-                store8(xf, o, a00)
-                store8(xf, o + uint64(8), a01)
-                store8(xf, o + cc, a10)
-                store8(xf, o + cc + uint64(8), a11)
-                store8(xf, o + uint64(2) * cc, a20)
-                store8(xf, o + uint64(2) * cc + uint64(8), a21)
-                store8(xf, o + uint64(3) * cc, a30)
-                store8(xf, o + uint64(3) * cc + uint64(8), a31)
-                store8(xf, o + uint64(4) * cc, a40)
-                store8(xf, o + uint64(4) * cc + uint64(8), a41)
-                store8(xf, o + uint64(5) * cc, a50)
-                store8(xf, o + uint64(5) * cc + uint64(8), a51)
+                store_6x16(xf, o, o + cc, o + uint64(2) * cc, o + uint64(3) * cc,
+                           o + uint64(4) * cc, o + uint64(5) * cc, 8, a)
             j, o0 = _next_pixel(j, o5, w_)
             p += 6
         else:

@@ -1,0 +1,140 @@
+"""The register blocks the CPU's v2 kernels are made of (``cpu_conv``, ``cpu_upconv``).
+
+A register block is a small tile of output sums kept in vector registers (``simd``) while
+a long reduction runs through it, like the micro-kernel at the heart of BLIS or any BLAS
+SGEMM. Two shapes serve every v2 kernel:
+
+- 6 x 16 (12 vectors): 6 rows (pixels) x 16 columns (channels). Each reduction step loads
+  two vectors of the 16 columns' weights and broadcasts one input value per row: 8 loads
+  feed 12 fused multiply-adds, so the FMA units (2 per core, 8 lanes each) set the pace,
+  not the loads. 12 of the 16 AVX2 registers hold sums; the rest hold the weights and
+  the broadcast. 6 x 8 is the same for a last block of 8 channels.
+- 4 x 16 (8 vectors): turned around for weight gradients: 4 consecutive values of one
+  input row (4 taps, or 4 output channels) x 16 channels of the other operand, one pixel
+  per step. 4 x 8 likewise.
+
+Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
+``inline='always'`` puts each step into its caller before LLVM sees it, and the tuple
+then lives in registers like separate variables would (measured: the same speed and
+bit-identical results as the written-out form). Addresses are flat element indices.
+"""
+
+from __future__ import annotations
+
+from numba import njit, uint64
+
+from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8
+
+_INLINE = {"inline": "always", "cache": True}
+
+
+@njit(**_INLINE)
+def fma_6x16(xf, i0, i1, i2, i3, i4, i5, w0, w1, a):
+    """a += (xf[i_r] broadcast) * (w0, w1) for the six rows r."""
+    s0, s1, s2 = splat8(xf, i0), splat8(xf, i1), splat8(xf, i2)
+    s3, s4, s5 = splat8(xf, i3), splat8(xf, i4), splat8(xf, i5)
+    return (fma8(s0, w0, a[0]), fma8(s0, w1, a[1]), fma8(s1, w0, a[2]), fma8(s1, w1, a[3]),
+            fma8(s2, w0, a[4]), fma8(s2, w1, a[5]), fma8(s3, w0, a[6]), fma8(s3, w1, a[7]),
+            fma8(s4, w0, a[8]), fma8(s4, w1, a[9]), fma8(s5, w0, a[10]), fma8(s5, w1, a[11]))
+
+
+@njit(**_INLINE)
+def fma_6x8(xf, i0, i1, i2, i3, i4, i5, w0, a):
+    """a += (xf[i_r] broadcast) * w0 for the six rows r. One FMA per broadcast: the
+    loads (7 per 6 FMAs), not the FMA units, set the pace."""
+    return (fma8(splat8(xf, i0), w0, a[0]), fma8(splat8(xf, i1), w0, a[1]),
+            fma8(splat8(xf, i2), w0, a[2]), fma8(splat8(xf, i3), w0, a[3]),
+            fma8(splat8(xf, i4), w0, a[4]), fma8(splat8(xf, i5), w0, a[5]))
+
+
+@njit(**_INLINE)
+def fma_4x16(xf, i, d0, d1, a):
+    """a += (xf[i + r] broadcast) * (d0, d1) for r = 0..3 (four consecutive values)."""
+    s0, s1 = splat8(xf, i), splat8(xf, i + uint64(1))
+    s2, s3 = splat8(xf, i + uint64(2)), splat8(xf, i + uint64(3))
+    return (fma8(s0, d0, a[0]), fma8(s0, d1, a[1]), fma8(s1, d0, a[2]), fma8(s1, d1, a[3]),
+            fma8(s2, d0, a[4]), fma8(s2, d1, a[5]), fma8(s3, d0, a[6]), fma8(s3, d1, a[7]))
+
+
+@njit(**_INLINE)
+def fma_4x8(xf, i, d0, a):
+    """a += (xf[i + r] broadcast) * d0 for r = 0..3."""
+    return (fma8(splat8(xf, i), d0, a[0]), fma8(splat8(xf, i + uint64(1)), d0, a[1]),
+            fma8(splat8(xf, i + uint64(2)), d0, a[2]), fma8(splat8(xf, i + uint64(3)), d0, a[3]))
+
+
+@njit(**_INLINE)
+def relu_6x16(a):
+    return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]),
+            relu8(a[6]), relu8(a[7]), relu8(a[8]), relu8(a[9]), relu8(a[10]), relu8(a[11]))
+
+
+@njit(**_INLINE)
+def relu_6x8(a):
+    return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]))
+
+
+@njit(**_INLINE)
+def store_6x16(yf, i0, i1, i2, i3, i4, i5, hi, a):
+    """Row r's channels 0-7 to yf[i_r:], channels 8-15 to yf[i_r + hi:]."""
+    h = uint64(hi)
+    store8(yf, i0, a[0])
+    store8(yf, i0 + h, a[1])
+    store8(yf, i1, a[2])
+    store8(yf, i1 + h, a[3])
+    store8(yf, i2, a[4])
+    store8(yf, i2 + h, a[5])
+    store8(yf, i3, a[6])
+    store8(yf, i3 + h, a[7])
+    store8(yf, i4, a[8])
+    store8(yf, i4 + h, a[9])
+    store8(yf, i5, a[10])
+    store8(yf, i5 + h, a[11])
+
+
+@njit(**_INLINE)
+def store_6x8(yf, i0, i1, i2, i3, i4, i5, a):
+    store8(yf, i0, a[0])
+    store8(yf, i1, a[1])
+    store8(yf, i2, a[2])
+    store8(yf, i3, a[3])
+    store8(yf, i4, a[4])
+    store8(yf, i5, a[5])
+
+
+@njit(**_INLINE)
+def load_4x16(of, i, stride):
+    """The 4 x 16 block at of[i + r * stride : + 16], r = 0..3 (a weight gradient's rows)."""
+    s, e = uint64(stride), uint64(8)
+    return (load8(of, i), load8(of, i + e), load8(of, i + s), load8(of, i + s + e),
+            load8(of, i + uint64(2) * s), load8(of, i + uint64(2) * s + e),
+            load8(of, i + uint64(3) * s), load8(of, i + uint64(3) * s + e))
+
+
+@njit(**_INLINE)
+def store_4x16(of, i, stride, a):
+    s, e = uint64(stride), uint64(8)
+    store8(of, i, a[0])
+    store8(of, i + e, a[1])
+    store8(of, i + s, a[2])
+    store8(of, i + s + e, a[3])
+    store8(of, i + uint64(2) * s, a[4])
+    store8(of, i + uint64(2) * s + e, a[5])
+    store8(of, i + uint64(3) * s, a[6])
+    store8(of, i + uint64(3) * s + e, a[7])
+
+
+@njit(**_INLINE)
+def load_4x8(of, i, stride):
+    s = uint64(stride)
+    return (load8(of, i), load8(of, i + s), load8(of, i + uint64(2) * s),
+            load8(of, i + uint64(3) * s))
+
+
+@njit(**_INLINE)
+def store_4x8(of, i, stride, a):
+    s = uint64(stride)
+    store8(of, i, a[0])
+    store8(of, i + s, a[1])
+    store8(of, i + uint64(2) * s, a[2])
+    store8(of, i + uint64(3) * s, a[3])
