@@ -73,6 +73,20 @@ def _next_pixel(j, o, w_):
 
 
 @njit(**_JIT)
+def _copy_skip(src, src_ld, dst, dst_ld, cs, p0, p1, h_, w_):
+    """The first cs channels of the four output pixels of input pixels p0..p1, from src
+    (src_ld floats a pixel) to dst (dst_ld a pixel): into or out of the concat buffer."""
+    row = 2 * w_
+    j, o = _out_pixel(p0, h_, w_)
+    for _ in range(p0, p1):
+        for q in (o, o + 1, o + row, o + row + 1):
+            s, d = uint64(q * src_ld), uint64(q * dst_ld)
+            for t in range(uint64(cs)):
+                dst[d + t] = src[s + t]
+        j, o = _next_pixel(j, o, w_)
+
+
+@njit(**_JIT)
 def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
     """y = [skip | upconv(x)] for the output pixels of input pixels p0..p1.
 
@@ -86,13 +100,7 @@ def upconv2x2_concat_pixels(skip, x, w_cabk, b, y, p0, p1):
     row = 2 * w_  # output pixels per output row
     xf, wf, yf, sf = x.ravel(), w_cabk.ravel(), y.ravel(), skip.ravel()
     cc, kk4 = uint64(c_), uint64(k4)
-    j, o = _out_pixel(p0, h_, w_)
-    for _ in range(p0, p1):  # the skip half: four straight copies per input pixel
-        for q in (o, o + 1, o + row, o + row + 1):
-            src, dst = uint64(q * cs), uint64(q * ct)
-            for t in range(uint64(cs)):
-                yf[dst + t] = sf[src + t]
-        j, o = _next_pixel(j, o, w_)
+    _copy_skip(sf, cs, yf, ct, cs, p0, p1, h_, w_)  # the skip half
     j, o0 = _out_pixel(p0, h_, w_)
     p = p0
     while p < p1:
@@ -150,13 +158,7 @@ def upconv2x2_split_dx_pixels(dcat, w_abkc, dskip, dx, p0, p1):
     row = 2 * w_
     df, wf, sf, xf = dcat.ravel(), w_abkc.ravel(), dskip.ravel(), dx.ravel()
     cc = uint64(c_)
-    j, o = _out_pixel(p0, h_, w_)
-    for _ in range(p0, p1):  # the skip's gradient: four straight copies per input pixel
-        for q in (o, o + 1, o + row, o + row + 1):
-            src, dst = uint64(q * ct), uint64(q * cs)
-            for t in range(uint64(cs)):
-                sf[dst + t] = df[src + t]
-        j, o = _next_pixel(j, o, w_)
+    _copy_skip(df, ct, sf, cs, cs, p0, p1, h_, w_)  # the skip's gradient
     j, o0 = _out_pixel(p0, h_, w_)
     p = p0
     while p < p1:
