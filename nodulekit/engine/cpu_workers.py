@@ -34,7 +34,7 @@ BLOCK_ROWS_AT_LEAST = 64
 class Workers:
     def __init__(self, count: int | None = None):
         self.count = int(count or os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="nodulekit-cpu")
+        self._pool = ThreadPoolExecutor(max(1, self.count - 1), thread_name_prefix="nodulekit-cpu")
         self._scratch: dict = {}
         _limit_blas_to_one_thread()
 
@@ -79,9 +79,13 @@ class Workers:
         if self.count == 1 or len(items) <= 1:
             loop(0)
             return
-        futures = [self._pool.submit(loop, i) for i in range(self.count)]
-        for f in futures:
-            f.result()
+        # the calling thread is worker 0: one thread fewer to wake and wait for
+        futures = [self._pool.submit(loop, i) for i in range(1, self.count)]
+        try:
+            loop(0)
+        finally:
+            for f in futures:
+                f.result()
 
     def scratch(self, name: str, specs: list[tuple[tuple[int, ...], type]]):
         """Per-thread buffers, kept between calls: [worker][i] -> array of specs[i]."""
