@@ -56,13 +56,15 @@ CONV_VARIANTS = {
 def _direct_forward(variant: str, c: int, k: int, width: int) -> bool:
     """v2 (``cpu_conv``, register-blocked) rather than v1 (patches + BLAS) for a 3x3 pass?
 
-    'auto' was measured per shape on one core of the 2-core EPYC: v2 is 1.1-2.9x faster
-    where K <= 64 and image rows are long, and slower on the deep layers, where BLAS does
-    well and an 8- or 16-pixel row is mostly border.
+    'auto' was measured per shape on the 2-core EPYC (``bench ops --op conv --variants
+    all``): v2 is 1.1-2.9x faster where K <= 64 and image rows are long (16-pixel rows
+    too while C <= 64), and slower on the deep layers, where BLAS does well and an 8- or
+    16-pixel row is mostly border.
     """
     if variant == "v1_patches_blas" or not cpu_conv.supports(c, k):
         return False
-    return variant == "v2_register_blocked" or (k <= 64 and (width >= 32 or c == 1))
+    return variant == "v2_register_blocked" or (
+        k <= 64 and (width >= 32 or c == 1 or (width >= 16 and c <= 64)))
 
 
 def _direct_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
