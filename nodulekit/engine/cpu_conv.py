@@ -59,6 +59,7 @@ from nodulekit.engine.register_blocks import (
 from nodulekit.engine.simd import add8, fma8, load8, relu8, splat8, store8, zeros8
 
 _JIT = {"cache": True, "nogil": True}
+_INLINE = {"cache": True, "inline": "always"}
 
 
 def supports(c: int, k: int) -> bool:
@@ -145,7 +146,7 @@ def _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
     store8(yf, uint64(((n * h_ + yy) * w_ + x) * k_ + j0), a0)
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
     """y[n, yy, x0:x0+6, j0:j0+16], all six pixels inside the image: the register block.
 
@@ -172,7 +173,7 @@ def _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
                o + uint64(5) * kk, 8, a)
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
     """As _six_pixels16 for the last 8 channels where K % 16 == 8 (load-bound: ~40
     GFLOP/s a core at 8 -> 8 channels; two sets of sums for more FMAs in flight were
