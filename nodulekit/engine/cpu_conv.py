@@ -29,8 +29,14 @@ columns (C % 4 == 0; otherwise groups of 1), so one pixel range is valid for all
 Napkin math (2-core AMD EPYC, AVX2, 2 FMA units/core; peak ~ 2 x 8 x 2 x 3 GHz = 96
 GFLOP/s per core): 16 -> 16 channels at 4x128x128 is 2*65536*144*16 = 302 MFLOP. On one
 core the 6x16 block ran it in 3.1 ms (94 GFLOP/s over the interior) where patches +
-OpenBLAS took 7.3 ms (41 GFLOP/s). Run ``nodulekit bench ops --device cpu`` for the
-ratios against PyTorch (oneDNN) measured side by side.
+OpenBLAS took 7.3 ms (41 GFLOP/s). Over the border pixels the block is idle; they take
+a quarter of a 16-pixel row, which is why the deep layers (8 and 16 pixels wide, many
+channels) stay with v1.
+
+Run it: ``nodulekit bench ops --op conv --variants all`` times v1, v2 and the per-shape
+choice against PyTorch (oneDNN) on every layer of the U-Net; ``pytest tests/test_ops.py
+-k "register or cpu_versions"`` checks each kernel against the float64 reference and
+torch, borders, odd sizes and 8-channel blocks included.
 
 Requirements: K % 8 == 0 (blocks of 16 channels, and one of 8 where K % 16 == 8; the
 caller falls back to v1 otherwise). Serial, nogil: the caller runs blocks of image rows

@@ -24,8 +24,8 @@ loop (``_next_pixel``): four integer divisions cost more than a 32-channel dot p
 Napkin math (one core of the 2-core EPYC, dec0.up of the bench step: 4x64x64x32 -> 16,
 67 MFLOP a pass): forward 1.3 ms into the concat buffer against 2.2 ms for BLAS plus the
 scatter pass; it moves ~20 MB (the skip read, the concat buffer read for ownership and
-written), so it is bound by memory, not by the FMAs. ``nodulekit bench ops`` times it
-against PyTorch.
+written), so it is bound by memory, not by the FMAs. ``nodulekit bench ops --op upconv``
+times it against PyTorch; ``pytest tests/test_ops.py -k upconv`` checks it.
 
 Requirements: forward K % 8 == 0, backward C % 16 == 0 (the caller falls back to v1
 otherwise). Serial and nogil: the caller runs blocks of input pixels on its threads.
