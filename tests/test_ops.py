@@ -738,3 +738,24 @@ def test_cpu_register_blocked_relu_keeps_nan():
     cpu_conv.conv3x3_rows(x, np.ones((9, 16), dtype=np.float32), np.zeros(16, np.float32),
                           True, y, 0, 3)
     assert np.isnan(y[0, :, 3:6]).all() and not np.isnan(y[0, :, :3]).any()
+
+
+def test_simd_refuses_arrays_its_flat_index_would_misread():
+    """The vector loads index the data pointer flatly: a strided array must be refused
+    when the kernel compiles, not read wrong."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    from nodulekit.engine.simd import load8, store8
+
+    @njit
+    def copy8(a, out):
+        store8(out, 0, load8(a, 0))
+
+    out = np.zeros(8, np.float32)
+    copy8(np.arange(8, dtype=np.float32), out)
+    assert np.array_equal(out, np.arange(8))
+    with pytest.raises(TypingError, match="C-contiguous float32"):
+        copy8(np.arange(16, dtype=np.float32)[::2], out)
+    with pytest.raises(TypingError, match="C-contiguous float32"):
+        copy8(np.arange(8, dtype=np.float64), out)

@@ -9,8 +9,9 @@ intrinsics a C programmer would write (``_mm256_loadu_ps``, ``_mm256_broadcast_s
 ``_mm256_fmadd_ps``, ``_mm256_storeu_ps``). Locals of this type become SSA values, so a
 loop that carries twelve of them carries twelve registers.
 
-All loads and stores are unaligned (``align=4``) and take a flat C-contiguous float32
-array and an element index; nothing is bounds-checked, like the rest of the Numba code.
+All loads and stores are unaligned (``align=4``) and take a C-contiguous float32 array
+(anything else is refused when the kernel compiles) and a flat element index; nothing is
+bounds-checked, like the rest of the Numba code.
 ``fma8`` is a fused multiply-add (one rounding), so results are the same on every run.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
 LANES = 8
@@ -46,8 +48,10 @@ def _element_pointer(context, builder, array_type, array, index_type, index):
 
 
 def _check_float32_array(array):
-    if not (isinstance(array, types.Array) and array.dtype == types.float32):
-        raise TypeError(f"expected a float32 array, got {array}")
+    # a flat element index into the data pointer is right only for a contiguous array
+    if not (isinstance(array, types.Array) and array.dtype == types.float32
+            and array.layout == "C"):
+        raise TypingError(f"expected a C-contiguous float32 array, got {array}")
 
 
 @intrinsic
