@@ -75,6 +75,20 @@ def _direct_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
     return variant == "v2_register_blocked" or (c * k <= 128 * 128 and width >= 16)
 
 
+def _direct_upconv_forward(variant: str, c: int, k: int) -> bool:
+    # 'auto': v2 (``cpu_upconv``) up to C x K = 128 x 64; deeper, BLAS was faster
+    if variant == "v1_patches_blas" or k % 8:
+        return False
+    return variant == "v2_register_blocked" or c * k <= 128 * 64
+
+
+def _direct_upconv_backward(variant: str, c: int, k: int, rows: int, blocks: int) -> bool:
+    # 'auto': v2 while its per-block weight-gradient partials stay small next to the data
+    if variant == "v1_patches_blas" or c % 16:
+        return False
+    return variant == "v2_register_blocked" or blocks * 4 * k < rows
+
+
 def _reduction_blocks(rows: int) -> int:
     # enough partial sums to keep both cores busy, few enough to add up cheaply
     return max(1, min(64, rows // 1024))
@@ -312,9 +326,7 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k = w.shape[0]
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
-        v2 = self.conv_variant == "v2_register_blocked" or (
-            self.conv_variant == "auto" and c * k <= 128 * 64)  # deeper: BLAS was faster
-        if v2 and k % 8 == 0:
+        if _direct_upconv_forward(self.conv_variant, c, k):
             # v2: the GEMM's register blocks write straight into the concat buffer
             w_cabk = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
 
@@ -336,8 +348,7 @@ class CPUBackend(Backend):
         k = w.shape[0]
         rows = n * h * wd
         step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
-        if self.conv_variant != "v1_patches_blas" and c % 16 == 0 and (
-                blocks * 4 * k < rows or self.conv_variant == "v2_register_blocked"):
+        if _direct_upconv_backward(self.conv_variant, c, k, rows, blocks):
             return self._upconv2x2_split_backward_v2(dcat, ca, x, w, step, blocks)
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
