@@ -1,9 +1,10 @@
 """Numba kernels behind the CPU backend (``cpu.py``).
 
 Each kernel is one loop nest over NHWC float32 data, parallel over its outermost
-independent axis with ``prange``. The heavy arithmetic (convolutions) is left to BLAS
-SGEMM; these kernels do the data movement around it (patch gathering, scatter, fused
-epilogues) and the memory-bound ops. ``cache=True`` keeps the compiled code on disk, so
+independent axis with ``prange``. The heavy arithmetic (convolutions) is BLAS SGEMM (v1)
+or the register-blocked kernels of ``cpu_conv`` and ``cpu_upconv`` (v2); these kernels do
+the data movement around v1 (patch gathering, scatter, fused epilogues) and the
+memory-bound ops. ``cache=True`` keeps the compiled code on disk, so
 only the first run pays for compilation.
 """
 

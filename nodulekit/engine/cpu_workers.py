@@ -60,23 +60,18 @@ class Workers:
         from run to run, which exact resume relies on.
         """
         step, _ = self.plan(rows, step, align)
-        self._spread(lambda i, worker: job(i, min(rows, i + step), worker),
-                     range(0, rows, step))
-
-    def _spread(self, job, items) -> None:
-        items = list(items)
-        queue = iter(items)
+        blocks = iter(range(0, rows, step))
         lock = threading.Lock()
 
         def loop(worker):
             while True:
                 with lock:
-                    item = next(queue, None)
-                if item is None:
+                    m0 = next(blocks, None)
+                if m0 is None:
                     return
-                job(item, worker)
+                job(m0, min(rows, m0 + step), worker)
 
-        if self.count == 1 or len(items) <= 1:
+        if self.count == 1 or rows <= step:
             loop(0)
             return
         # the calling thread is worker 0: one thread fewer to wake and wait for
