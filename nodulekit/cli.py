@@ -152,8 +152,8 @@ def _library_errors():
     from nodulekit.data.layout import LayoutError
     from nodulekit.data.loader import LoaderError
     from nodulekit.data.preprocess import PreprocessError
-    from nodulekit.train.checkpoint import CheckpointError
-    from nodulekit.train.trainer import TrainingDiverged
+    from nodulekit.training.checkpoint import CheckpointError
+    from nodulekit.training.loop import TrainingDiverged
 
     return (ValueError, FileExistsError, RuntimeError, CacheError, LayoutError, LoaderError,
             PreprocessError, CheckpointError, TrainingDiverged)
@@ -203,8 +203,8 @@ def train(ctx, data, epochs, batch_size, lr, width, depth, size, device, precisi
     """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
     folder first). Without DATA: a small synthetic demo set, generated once into
     ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
-    from nodulekit.train import distributed
-    from nodulekit.train.trainer import train as run_train
+    from nodulekit import distributed
+    from nodulekit.training.loop import train as run_train
 
     if gpus is not None and not distributed.launched_by_mpi():
         _launch_ranks(ctx, gpus, device)
@@ -235,7 +235,7 @@ def train(ctx, data, epochs, batch_size, lr, width, depth, size, device, precisi
 def _launch_ranks(ctx, ranks: int, device: str) -> None:
     """`train --gpus N`: the same command under `mpiexec -n N`, this Python's mpiexec."""
     from nodulekit.engine import cuda_usable
-    from nodulekit.train import distributed
+    from nodulekit import distributed
 
     if device in ("auto", "cuda"):
         ok, why = cuda_usable()
@@ -301,8 +301,8 @@ def _command_line(ctx, drop=()) -> list[str]:
 def evaluate(run, data, split, out, device, precision, batch_size, size, workers, no_progress):
     """Dice and IoU of RUN (a run folder: its best checkpoint; or a checkpoint file) on a split
     of DATA (default: the data it trained on): per slice, global, and by nodule diameter."""
-    from nodulekit.train.evaluate import evaluate as run_evaluate
-    from nodulekit.train.evaluate import format_summary
+    from nodulekit.evaluation.evaluate import evaluate as run_evaluate
+    from nodulekit.evaluation.evaluate import format_summary
 
     try:
         summary, path = run_evaluate(run, data, split=split, out=out, device=device,
@@ -332,7 +332,7 @@ def predict(checkpoint, inputs, out, truth, probabilities, device, precision, ba
     """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
     0/255 PNG masks named like UniToChest's, and overlays in the paper's Fig. 4 colours
     (yellow agreement, green false positive, red false negative)."""
-    from nodulekit.train.predict import predict as run_predict
+    from nodulekit.inference.predict import predict as run_predict
 
     try:
         result = run_predict(checkpoint, inputs, out, truth=truth, probabilities=probabilities,
@@ -381,7 +381,7 @@ def inspect(checkpoint, width, depth, size, batch, json_path, kernels):
 
     shape = None
     if checkpoint:
-        from nodulekit.train.checkpoint import load_checkpoint, resolve_checkpoint
+        from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 
         try:
             cfg = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best")).config

@@ -8,7 +8,7 @@ import pytest
 
 from nodulekit.engine import get_backend
 from nodulekit.nn import Adam, UNet, training_step
-from nodulekit.train.checkpoint import (
+from nodulekit.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,

@@ -12,8 +12,8 @@ from PIL import Image
 from test_train_helpers import TINY, TINY_MODEL, tiny_data, tiny_train  # noqa: F401
 
 from nodulekit.cli import main
-from nodulekit.train.checkpoint import load_checkpoint
-from nodulekit.train.metrics import slice_scores
+from nodulekit.training.checkpoint import load_checkpoint
+from nodulekit.evaluation.metrics import slice_scores
 
 
 def _invoke(*args):
@@ -127,7 +127,7 @@ def test_predict(trained_run, tiny_data, tmp_path):  # noqa: F811
 
 
 def test_overlay_colours():
-    from nodulekit.train.predict import COLOURS, overlay
+    from nodulekit.inference.predict import COLOURS, overlay
 
     grey = np.full((2, 2), 0.5)
     pred = np.array([[1, 1], [0, 0]], bool)
@@ -197,8 +197,8 @@ def test_size_crop_and_clear_errors(tiny_data, tmp_path):  # noqa: F811
 
 def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     """No DATA: the demo set is generated once under NODULEKIT_CACHE, then reused."""
-    import nodulekit.train.demo as demo
-    import nodulekit.train.trainer as trainer
+    import nodulekit.training.demo as demo
+    import nodulekit.training.loop as trainer
 
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "DEMO_SYNTH", dict(TINY))

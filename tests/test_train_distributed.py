@@ -1,4 +1,4 @@
-"""Data-parallel training (nodulekit/train/distributed.py): real MPI ranks on the CPU.
+"""Data-parallel training (nodulekit/distributed/): real MPI ranks on the CPU.
 
 - `mpiexec -n 2 nodulekit train` with global batch 4 (2 per rank) ends with the same
   weights, Adam state, losses and validation / test metrics as one process with batch 4
@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 from test_train_helpers import TINY_MODEL, tiny_data, tiny_train  # noqa: F401
 
-from nodulekit.train import distributed
-from nodulekit.train.checkpoint import load_checkpoint
+from nodulekit import distributed
+from nodulekit.training.checkpoint import load_checkpoint
 
 HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 needs_mpi = pytest.mark.skipif(not HAVE_MPI4PY, reason="mpi4py is not installed (pip install "

@@ -35,7 +35,7 @@ def tiny_data(tmp_path_factory):
 
 def tiny_train(cache, out, **kw):
     """Train the tiny model quietly; keyword arguments override the defaults."""
-    from nodulekit.train.trainer import train
+    from nodulekit.training.loop import train
 
     opts = dict(TINY_MODEL, epochs=2, device="cpu", workers=0, progress=False,
                 echo=lambda *_: None)
@@ -44,6 +44,6 @@ def tiny_train(cache, out, **kw):
 
 
 def read_params(path) -> np.ndarray:
-    from nodulekit.train.checkpoint import load_checkpoint
+    from nodulekit.training.checkpoint import load_checkpoint
 
     return load_checkpoint(path).params

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed cases, empty slices included (nodulekit.train.metrics)."""
+"""Metrics against hand-computed cases, empty slices included (nodulekit.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nodulekit.engine import get_backend
-from nodulekit.train import metrics
+from nodulekit.evaluation import metrics
 
 
 def test_slice_scores_by_hand():

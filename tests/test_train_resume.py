@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_train_helpers import TINY_MODEL, read_params, tiny_data, tiny_train  # noqa: F401
 
-from nodulekit.train.checkpoint import load_checkpoint
-from nodulekit.train.runfiles import read_metrics_csv
-from nodulekit.train.trainer import TrainingDiverged, train
+from nodulekit.training.checkpoint import load_checkpoint
+from nodulekit.training.runfiles import read_metrics_csv
+from nodulekit.training.loop import TrainingDiverged, train
 
 TIMING = ("seconds", "train_seconds", "images_per_s")
 
@@ -165,8 +165,8 @@ def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
     """With lr_scaling="fan_in" each tensor moves by its factor times Adam's step."""
     from nodulekit.engine import get_backend
     from nodulekit.nn import Adam, UNet
-    from nodulekit.train.config import lr_scale
-    from nodulekit.train.trainer import _step
+    from nodulekit.training.config import lr_scale
+    from nodulekit.training.loop import _step
 
     be = get_backend("cpu")
     model = UNet(be, depth=2, width=4, seed=0)
@@ -196,7 +196,7 @@ def test_bce_term_against_torch():
     import torch
 
     from nodulekit.engine import get_backend
-    from nodulekit.train.trainer import add_bce
+    from nodulekit.training.loop import add_bce
 
     be = get_backend("cpu")
     rng = np.random.default_rng(1)

@@ -44,7 +44,7 @@ PAPER_TABLE4 = "Chaudhry et al. 2022, Table 4 (1, 2 and 4 GPUs)"
 
 def worker(opts: dict, out_path: str | None) -> dict | None:
     """Run on every rank (under mpiexec -n n): time the steps; rank 0 writes the result."""
-    from nodulekit.train import distributed
+    from nodulekit import distributed
 
     comm, backend_name = distributed.init(opts["device"])
     with distributed.abort_on_error(comm):
@@ -55,8 +55,8 @@ def _work(comm, backend_name: str, opts: dict, out_path: str | None) -> dict | N
     from nodulekit.bench.step import synthetic_batch
     from nodulekit.engine import get_backend
     from nodulekit.nn import Adam, UNet
-    from nodulekit.train import distributed
-    from nodulekit.train.trainer import _step
+    from nodulekit import distributed
+    from nodulekit.training.loop import _step
 
     n = comm.size
     batch = int(opts["batch"])
@@ -144,7 +144,7 @@ def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: in
     take the median of all their steps: on a shared machine a busy spell then does not
     land on one rank count only.
     """
-    from nodulekit.train import distributed
+    from nodulekit import distributed
 
     default_n, backend = default_max_ranks(device)
     prov = provenance(backend)  # before the runs: the load average says how busy it was
@@ -241,7 +241,7 @@ def _dirty_files() -> list[str] | None:
 
 def _run_ranks(n: int, opts: dict, have_mpi: bool, timeout: float) -> dict:
     """One `mpiexec -n n` job of `worker`; its rank 0's result."""
-    from nodulekit.train import distributed
+    from nodulekit import distributed
 
     with tempfile.TemporaryDirectory(prefix="nodulekit-bench-gpus-") as tmp:
         out = os.path.join(tmp, "result.json")

@@ -6,7 +6,7 @@ is windowed and augmented there (`window_augment`), and takes one training step 
 sigmoid + Dice loss, backward, Adam). Then the whole validation split is run without
 augmentation: validation loss, mean per-slice Dice and IoU, global Dice. The model with the
 best validation mean IoU is kept (`checkpoint_best.h5`); `checkpoint_last.h5` is written after
-every epoch. The run folder's files are described in `nodulekit.train.runfiles`.
+every epoch. The run folder's files are described in `nodulekit.training.runfiles`.
 
 Resuming (`resume=`) reloads checkpoint_last: parameters, Adam's moments and step, the epoch
 and step counters, the best score, the metrics so far. The loader's plan for an epoch is a
@@ -20,7 +20,7 @@ last bits.
 A NaN or Inf loss stops the run (`TrainingDiverged`) naming the epoch and step; nothing of
 that epoch is saved, so checkpoint_last stays the last good one.
 
-Data-parallel (`nodulekit.train.distributed`; `mpiexec -n N nodulekit train` or `--gpus N`):
+Data-parallel (`nodulekit.distributed`; `mpiexec -n N nodulekit train` or `--gpus N`):
 rank 0 resolves the configuration (and reads a checkpoint to resume or fine-tune) and
 sends it to the others; its weights (and Adam's moments) are broadcast. `batch_size` is the
 global batch: rank r takes samples [r B/N, (r+1) B/N) of every global batch (the same
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit.train.config import (
+from nodulekit.training.config import (
     DEMO_DEFAULTS,
     PAPER_DEFAULTS,
     TrainConfig,
@@ -99,12 +99,12 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
         also goes to the run's train.log.
     callback: called as callback(epoch, global_step) after every step (tests use it to
         interrupt a run).
-    comm: the data-parallel communicator (`nodulekit.train.distributed`); None: found from
+    comm: the data-parallel communicator (`nodulekit.distributed`); None: found from
         the environment (one rank, unless an MPI launcher started this process). With N
         ranks the global batch `batch_size` is split evenly (B/N samples per rank), the
         gradients are averaged once per step, and only rank 0 writes the run folder.
     """
-    from nodulekit.train import distributed
+    from nodulekit import distributed
 
     t_start = time.perf_counter()
     own_comm = comm is None
@@ -140,8 +140,8 @@ def train(data: str | os.PathLike | None = None, *, out: str | os.PathLike | Non
 
 
 def _run(comm, own_comm, setup, full_ckpt, pre, echo, progress, callback, t_start):
-    from nodulekit.train import distributed
-    from nodulekit.train.runfiles import Reporter
+    from nodulekit import distributed
+    from nodulekit.training.runfiles import Reporter
 
     root = comm.is_root
     config, ckpt = comm.share(setup)
@@ -214,7 +214,7 @@ def _new_config(data, *, out, device, workers, queue, test, report, progress, **
     from nodulekit.engine import resolve_device
 
     if data is None:
-        from nodulekit.train.demo import ensure_demo_cache
+        from nodulekit.training.demo import ensure_demo_cache
 
         kind, defaults = "demo", DEMO_DEFAULTS
         cache = ensure_demo_cache(report=report, progress=progress)
@@ -251,7 +251,7 @@ def _new_config(data, *, out, device, workers, queue, test, report, progress, **
     o = {k: (defaults.get(k) if v is None else v) for k, v in opts.items()}
     finetune = o.pop("finetune_from")
     if finetune is not None:
-        from nodulekit.train.checkpoint import load_checkpoint, resolve_checkpoint
+        from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 
         ft = load_checkpoint(resolve_checkpoint(finetune, prefer="best"))
         for key in ("width", "depth"):  # the architecture comes from the checkpoint
@@ -281,7 +281,7 @@ def _new_config(data, *, out, device, workers, queue, test, report, progress, **
 
 
 def _resumed_config(resume, given: dict, *, device, workers, queue):
-    from nodulekit.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(resume, prefer="last"))
     config = TrainConfig.from_dict(ckpt.config)
@@ -325,11 +325,11 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start,
     from nodulekit.data.loader import train_loader
     from nodulekit.engine import get_backend, resolve_device
     from nodulekit.nn import Adam, UNet
-    from nodulekit.train import distributed
-    from nodulekit.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from nodulekit.train.evaluate import _small, infer_split
-    from nodulekit.train.metrics import global_scores, slice_scores
-    from nodulekit.train.runfiles import (
+    from nodulekit import distributed
+    from nodulekit.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from nodulekit.evaluation.evaluate import _small, infer_split
+    from nodulekit.evaluation.metrics import global_scores, slice_scores
+    from nodulekit.training.runfiles import (
         device_description,
         plot_progress,
         versions,
@@ -523,7 +523,7 @@ def _train(config: TrainConfig, ckpt, report, progress: bool, callback, t_start,
                          ranks=comm.size)
     have_best = comm.bcast_object((run / "checkpoint_best.h5").exists() if root else None)
     if config.test_after and n_test and have_best:
-        from nodulekit.train.evaluate import evaluate, format_summary
+        from nodulekit.evaluation.evaluate import evaluate, format_summary
 
         summary, path = evaluate(run / "checkpoint_best.h5", config.cache, split="test",
                                  out=run / "test", device=config.backend,
@@ -594,7 +594,7 @@ def add_bce(be, logits, target, dlogits, weight: float):
 
 
 def _save(path: Path, state: dict, kind: str) -> None:
-    from nodulekit.train.checkpoint import save_checkpoint
+    from nodulekit.training.checkpoint import save_checkpoint
 
     save_checkpoint(path, kind=kind, **state)
 

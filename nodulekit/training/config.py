@@ -5,7 +5,7 @@ Options left unset (None) take the defaults of the data they train on:
 - real data (a cache or a data-set folder): the paper's protocol, batch 12, Adam lr 1e-4,
   200 epochs, width 64 and depth 4 (DESIGN.md's U-Net), the HU window 1600 / -500, nodule
   slices only (``empty_fraction`` 0), the model kept on the best validation mean IoU;
-- the embedded demo (no DATA): a small synthetic set (`nodulekit.train.demo`) and a small
+- the embedded demo (no DATA): a small synthetic set (`nodulekit.training.demo`) and a small
   model sized to train on a 2-core CPU in about five minutes (`DEMO_DEFAULTS`).
 
 Why the demo departs from the paper's recipe. At 128 x 128 (2.8 mm pixels) most synthetic

@@ -6,7 +6,7 @@ per-slice confusion counts of the thresholded prediction (p > 0.5, computed on t
 `evaluate` loads a checkpoint, runs `infer_split`, and writes ``summary.json``: per-slice
 Dice and IoU (a slice with empty truth and empty prediction scores 1, the paper's
 convention), their means, the global Dice, the counts, and the table by nodule diameter
-(`nodulekit.train.metrics`).
+(`nodulekit.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit.train import metrics
-from nodulekit.train.config import center_crop, check_input_shape
+from nodulekit.evaluation import metrics
+from nodulekit.training.config import center_crop, check_input_shape
 
 
 @dataclass
@@ -43,7 +43,7 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
 
     cache: a path or an open `nodulekit.data.cache.Cache`. image_shape: centre-crop the
     slices to this (H, W) first (None: the slices as they are).
-    comm: data-parallel ranks (`nodulekit.train.distributed`): each takes a contiguous
+    comm: data-parallel ranks (`nodulekit.distributed`): each takes a contiguous
     block of the batches, and every rank gets the whole result back (the same batches as
     one process, so the same numbers). Every rank must call this.
     """
@@ -59,7 +59,7 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
     sharded = comm is not None and comm.size > 1
     batches = len(loader)
     if sharded:
-        from nodulekit.train.distributed import shard_batches
+        from nodulekit.distributed import shard_batches
 
         loader, batches = shard_batches(loader, comm.rank, comm.size)
     counts, soft, rows = [], [], []
@@ -150,13 +150,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
     Returns (summary, path of summary.json).
     """
     from nodulekit.engine import get_backend, resolve_device
-    from nodulekit.train.checkpoint import (
+    from nodulekit.training.checkpoint import (
         load_checkpoint,
         model_from_checkpoint,
         resolve_checkpoint,
     )
-    from nodulekit.train.config import resolve_size
-    from nodulekit.train.runfiles import write_json
+    from nodulekit.training.config import resolve_size
+    from nodulekit.training.runfiles import write_json
 
     root = comm is None or comm.is_root
     if not root:

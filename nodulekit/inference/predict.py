@@ -108,13 +108,13 @@ def predict(checkpoint, inputs, out, *, truth="auto", probabilities: bool = Fals
     from nodulekit.data.dicom import DicomError, read_slice
     from nodulekit.data.masks import MaskError, read_mask
     from nodulekit.engine import get_backend, resolve_device
-    from nodulekit.train.checkpoint import (
+    from nodulekit.training.checkpoint import (
         load_checkpoint,
         model_from_checkpoint,
         resolve_checkpoint,
     )
-    from nodulekit.train.config import check_input_shape
-    from nodulekit.train.metrics import group_summary
+    from nodulekit.training.config import check_input_shape
+    from nodulekit.evaluation.metrics import group_summary
 
     items = find_inputs(inputs, truth)
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best"))
