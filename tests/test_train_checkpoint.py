@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from nodulekit.engine import get_backend
-from nodulekit.nn import Adam, UNet, training_step
+from nodulekit.nn import Adam, TrainStep, UNet
 from nodulekit.training.checkpoint import (
+    Checkpoint,
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
@@ -24,7 +25,7 @@ def _trained(seed=0):
     x = rng.random((2, 16, 16, 1), dtype=np.float32)
     t = (rng.random((2, 16, 16, 1)) < 0.2).astype(np.uint8)
     for _ in range(3):
-        training_step(model, opt, x, t)
+        TrainStep(model, opt)(x, t)
     return be, model, opt, x
 
 
@@ -35,7 +36,7 @@ def _save(path, model, opt, **kw):
                  history=[{"epoch": 1, "train_loss": 0.5}], best_epoch=2, best_score=0.25,
                  rng={"loader_seed": 0, "next_epoch": 3}, kind="last")
     state.update(kw)
-    return save_checkpoint(path, **state)
+    return save_checkpoint(path, Checkpoint(**state))
 
 
 def test_round_trip(tmp_path):
@@ -62,8 +63,8 @@ def test_round_trip(tmp_path):
     opt2.load_state(ck.adam)
     t = np.zeros((2, 16, 16, 1), np.uint8)
     t[:, 4:8, 4:8] = 1
-    training_step(model, opt, x, t)
-    training_step(clone, opt2, x, t)
+    TrainStep(model, opt)(x, t)
+    TrainStep(clone, opt2)(x, t)
     np.testing.assert_array_equal(clone.params, model.params)
 
 

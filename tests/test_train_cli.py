@@ -12,8 +12,8 @@ from PIL import Image
 from test_train_helpers import TINY, TINY_MODEL, tiny_data, tiny_train  # noqa: F401
 
 from nodulekit.cli import main
-from nodulekit.training.checkpoint import load_checkpoint
 from nodulekit.evaluation.metrics import slice_scores
+from nodulekit.training.checkpoint import load_checkpoint
 
 
 def _invoke(*args):
@@ -198,12 +198,12 @@ def test_size_crop_and_clear_errors(tiny_data, tmp_path):  # noqa: F811
 def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     """No DATA: the demo set is generated once under NODULEKIT_CACHE, then reused."""
     import nodulekit.training.demo as demo
-    import nodulekit.training.loop as trainer
+    import nodulekit.training.setup as setup
 
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "DEMO_SYNTH", dict(TINY))
-    monkeypatch.setattr(trainer, "DEMO_DEFAULTS",
-                        dict(trainer.DEMO_DEFAULTS, epochs=1, width=4, depth=2, batch_size=4))
+    monkeypatch.setattr(setup, "DEMO_DEFAULTS",
+                        dict(setup.DEMO_DEFAULTS, epochs=1, width=4, depth=2, batch_size=4))
     monkeypatch.chdir(tmp_path)
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -214,7 +214,7 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("demo-")
     cfg = json.loads((runs[0] / "config.json").read_text())["config"]
-    assert cfg["data_kind"] == "demo" and cfg["lr"] == trainer.DEMO_DEFAULTS["lr"]
+    assert cfg["data_kind"] == "demo" and cfg["lr"] == setup.DEMO_DEFAULTS["lr"]
     assert (runs[0] / "test" / "summary.json").is_file()
     mtime = cache.stat().st_mtime_ns
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress", "--out",

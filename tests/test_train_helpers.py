@@ -37,10 +37,11 @@ def tiny_train(cache, out, **kw):
     """Train the tiny model quietly; keyword arguments override the defaults."""
     from nodulekit.training.loop import train
 
-    opts = dict(TINY_MODEL, epochs=2, device="cpu", workers=0, progress=False,
-                echo=lambda *_: None)
+    opts = dict(TINY_MODEL, epochs=2, device="cpu", workers=0, progress=False)
     opts.update(kw)
-    return train(cache, out=out, **opts)
+    hooks = {k: opts.pop(k) for k in ("echo", "callback", "comm") if k in opts}
+    hooks.setdefault("echo", lambda *_: None)
+    return train(data=str(cache), out=str(out), **opts, **hooks)
 
 
 def read_params(path) -> np.ndarray:

@@ -13,8 +13,8 @@ import pytest
 from test_train_helpers import TINY_MODEL, read_params, tiny_data, tiny_train  # noqa: F401
 
 from nodulekit.training.checkpoint import load_checkpoint
-from nodulekit.training.runfiles import read_metrics_csv
 from nodulekit.training.loop import TrainingDiverged, train
+from nodulekit.training.runfiles import read_metrics_csv
 
 TIMING = ("seconds", "train_seconds", "images_per_s")
 
@@ -51,7 +51,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # n
     assert load_checkpoint(tmp_path / "cut" / "checkpoint_last.h5").epoch == 2
     assert len(read_metrics_csv(tmp_path / "cut" / "metrics.csv")) == 2
 
-    resumed = train(resume=tmp_path / "cut", device="cpu", workers=0, progress=False,
+    resumed = train(resume=str(tmp_path / "cut"), device="cpu", workers=0, progress=False,
                     echo=lambda *_: None)
     assert resumed.config.epochs == 3 and len(resumed.history) == 3
     assert (resumed.config.lr_scaling, resumed.config.smooth) == ("fan_in", 0.01)
@@ -65,13 +65,13 @@ def test_resume_cannot_change_what_the_run_computes(tiny_data, tmp_path):  # noq
     _, cache = tiny_data
     tiny_train(cache, tmp_path / "run", epochs=1)
     with pytest.raises(ValueError, match="lr is 0.001, cannot change it to 0.01"):
-        train(resume=tmp_path / "run", lr=0.01, device="cpu", progress=False,
+        train(resume=str(tmp_path / "run"), lr=0.01, device="cpu", progress=False,
               echo=lambda *_: None)
     with pytest.raises(ValueError, match="already holds a run"):
         tiny_train(cache, tmp_path / "run", epochs=1)
     # more epochs is allowed: it extends the run
-    more = train(resume=tmp_path / "run", epochs=2, device="cpu", workers=0, progress=False,
-                 echo=lambda *_: None)
+    more = train(resume=str(tmp_path / "run"), epochs=2, device="cpu", workers=0,
+                 progress=False, echo=lambda *_: None)
     assert [r["epoch"] for r in more.history] == [1, 2]
 
 
@@ -114,19 +114,23 @@ def test_killed_process_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,  # noqa: F811
                                                            monkeypatch):
-    import nodulekit.nn
+    import dataclasses
+
+    from nodulekit.nn import TrainStep
 
     _, cache = tiny_data
-    real = nodulekit.nn.training_step
+    real = TrainStep.__call__
     calls = {"n": 0}
 
-    def poisoned(model, opt, image, target, smooth=1.0):
+    def poisoned(self, image, target):
         calls["n"] += 1
-        loss = real(model, opt, image, target, smooth)
-        return np.float64("nan") if calls["n"] == steps_per_epoch + 2 else loss
+        losses = real(self, image, target)
+        if calls["n"] == steps_per_epoch + 2:
+            return dataclasses.replace(losses, dice=np.float64("nan"))
+        return losses
 
     steps_per_epoch = tiny_train(cache, tmp_path / "probe", epochs=1).history[0]["step"]
-    monkeypatch.setattr(nodulekit.nn, "training_step", poisoned)
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(TrainingDiverged) as err:
         tiny_train(cache, run, epochs=3)
@@ -164,9 +168,7 @@ def test_finetune_starts_from_the_weights(tiny_data, tmp_path):  # noqa: F811
 def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
     """With lr_scaling="fan_in" each tensor moves by its factor times Adam's step."""
     from nodulekit.engine import get_backend
-    from nodulekit.nn import Adam, UNet
-    from nodulekit.training.config import lr_scale
-    from nodulekit.training.loop import _step
+    from nodulekit.nn import Adam, TrainStep, UNet, lr_scale
 
     be = get_backend("cpu")
     model = UNet(be, depth=2, width=4, seed=0)
@@ -186,8 +188,8 @@ def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
     opt_plain = Adam(be, plain.params, plain.grads, lr=1e-3)
     opt = Adam(be, model.params, model.grads, lr=1e-3)
     start = model.params.copy()
-    _step(plain, opt_plain, x, t, 1.0, None)
-    _step(model, opt, x, t, 1.0, scale)
+    TrainStep(plain, opt_plain)(x, t)
+    TrainStep(model, opt, lr_scale=scale)(x, t)
     np.testing.assert_allclose(model.params - start, (plain.params - start) * scale,
                                rtol=1e-4, atol=2e-7)  # float32 rounding of params ~ 1
 
@@ -196,7 +198,7 @@ def test_bce_term_against_torch():
     import torch
 
     from nodulekit.engine import get_backend
-    from nodulekit.training.loop import add_bce
+    from nodulekit.nn import add_bce
 
     be = get_backend("cpu")
     rng = np.random.default_rng(1)

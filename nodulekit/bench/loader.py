@@ -176,16 +176,17 @@ def _step(step_seconds, size, batch, width, depth, seed) -> dict:
     try:
         from nodulekit.bench.step import synthetic_batch
         from nodulekit.engine import get_backend
-        from nodulekit.nn import Adam, UNet, training_step
+        from nodulekit.nn import Adam, TrainStep, UNet
 
         backend = get_backend("cpu")
         image, mask = synthetic_batch(batch, size, seed)
         model = UNet(backend, depth=depth, width=width, seed=seed)
         optimizer = Adam(backend, model.params, model.grads, lr=1e-4)
         x, t = backend.asarray(image), backend.asarray(mask)
-        training_step(model, optimizer, x, t)  # warm-up: compiles the kernels
+        step = TrainStep(model, optimizer)
+        step(x, t)  # warm-up: compiles the kernels
         start = time.perf_counter()
-        training_step(model, optimizer, x, t)
+        step(x, t)
         seconds = time.perf_counter() - start
     except Exception as e:  # the engine is optional here: say why there is no number
         return {"seconds": None, "source": f"not measured ({type(e).__name__}: {e})"}

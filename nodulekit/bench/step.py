@@ -16,7 +16,7 @@ import numpy as np
 
 from nodulekit.bench.common import interleaved_median_ms, provenance, require_torch
 from nodulekit.engine import get_backend, resolve_device
-from nodulekit.nn import Adam, UNet, training_step
+from nodulekit.nn import Adam, TrainStep, UNet
 
 
 def synthetic_batch(batch: int, size: int, seed: int):
@@ -47,7 +47,8 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     start_weights = model.state_dict()
     optimizer = Adam(backend, model.params, model.grads, lr=lr)
     x, t = backend.asarray(image), backend.asarray(mask)
-    first_loss_ours = float(training_step(model, optimizer, x, t))
+    step = TrainStep(model, optimizer)  # the paper's step: Dice loss (s = 1), Adam
+    first_loss_ours = float(step(x, t).dice)
 
     # ---- torch
     tdev = "cuda" if backend_name == "cuda" else "cpu"
@@ -73,7 +74,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     # ours and torch in turns, so a passing load on a shared machine hits both alike
     (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
-        [lambda: training_step(model, optimizer, x, t), torch_step], repeats, warmup,
+        [lambda: step(x, t), torch_step], repeats, warmup,
         [backend.synchronize, tsync])
 
     return {

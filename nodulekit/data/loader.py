@@ -272,6 +272,21 @@ class Loader:
         self.close()
 
 
+def fits_in_memory(cache: str | os.PathLike | Cache, split: str,
+                   limit_bytes: int = 256 << 20) -> bool:
+    """Whether a split is small enough to read into memory once (faster, fewer reads):
+    its HU (int16) and masks (uint8) take at most `limit_bytes`."""
+    own = not isinstance(cache, Cache)
+    c = Cache(cache) if own else cache
+    try:
+        s = c.split(split)
+        h, w = s.image_shape
+        return len(s) * h * w * 3 <= limit_bytes
+    finally:
+        if own:
+            c.close()
+
+
 def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
                  empty_fraction: float = 0.0, seed: int = 0, num_workers: int = 2,
                  queue_size: int | None = None, rank: int = 0, world_size: int = 1,

@@ -11,6 +11,7 @@ convention), their means, the global Dice, the counts, and the table by nodule d
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -35,27 +36,39 @@ class SplitResult:
         return float(np.mean(1.0 - self.soft_dice)) if len(self.soft_dice) else float("nan")
 
 
-def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int = 8,
-                workers: int = 2, queue: int | None = None, window=(-500.0, 1600.0),
-                smooth: float = 1.0, progress: bool = False, desc: str = "",
-                in_memory: bool | None = None, comm=None) -> SplitResult:
+@dataclass(frozen=True)
+class InferSettings:
+    """How a split is run through the model (the same for validation and `evaluate`)."""
+
+    image_shape: tuple[int, int] | None = None  # centre-crop to this (None: whole slices)
+    batch_size: int = 8
+    workers: int = 2  # loader threads
+    queue: int | None = None  # batches read ahead
+    window: tuple[float, float] = (-500.0, 1600.0)  # HU window (center, width)
+    smooth: float = 1.0  # the loss's smoothing, for the validation loss
+    in_memory: bool | None = None  # read the split into RAM once (None: if it is small)
+
+
+def infer_split(model, cache, split: str, settings: InferSettings = InferSettings(), *,
+                progress: bool = False, desc: str = "", comm=None) -> SplitResult:
     """The model over every slice of `split`; see the module docstring.
 
-    cache: a path or an open `nodulekit.data.cache.Cache`. image_shape: centre-crop the
-    slices to this (H, W) first (None: the slices as they are).
+    cache: a path or an open `nodulekit.data.cache.Cache`.
     comm: data-parallel ranks (`nodulekit.distributed`): each takes a contiguous
     block of the batches, and every rank gets the whole result back (the same batches as
     one process, so the same numbers). Every rank must call this.
     """
     from tqdm import tqdm
 
-    from nodulekit.data.loader import eval_loader
+    from nodulekit.data.loader import eval_loader, fits_in_memory
 
     be = model.backend
-    center, width = window
-    loader = eval_loader(cache, split, batch_size=batch_size, num_workers=workers,
-                         queue_size=queue, in_memory=_small(cache, split)
-                         if in_memory is None else in_memory)
+    center, width = settings.window
+    in_memory = settings.in_memory
+    loader = eval_loader(cache, split, batch_size=settings.batch_size,
+                         num_workers=settings.workers, queue_size=settings.queue,
+                         in_memory=fits_in_memory(cache, split) if in_memory is None
+                         else in_memory)
     sharded = comm is not None and comm.size > 1
     batches = len(loader)
     if sharded:
@@ -65,7 +78,8 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
     counts, soft, rows = [], [], []
     t0 = time.perf_counter()
     try:
-        shape = loader.split.image_shape if image_shape is None else tuple(image_shape)
+        shape = (loader.split.image_shape if settings.image_shape is None
+                 else tuple(settings.image_shape))
         check_input_shape(shape, model.depth)
         with tqdm(total=batches, desc=desc or split, unit="batch", leave=False,
                   disable=not progress) as bar:
@@ -75,7 +89,7 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
                                                   be.asarray(batch.aug), center, width)
                 logits = model.forward(image, keep_for_backward=False)
                 counts.append(be.to_host(be.confusion_counts(logits, target)))
-                _, dice, _ = be.sigmoid_dice_loss(logits, target, smooth)
+                _, dice, _ = be.sigmoid_dice_loss(logits, target, settings.smooth)
                 soft.append(be.to_host(dice))
                 rows.append(batch.index)
                 bar.update(1)
@@ -93,21 +107,6 @@ def infer_split(model, cache, split: str, *, image_shape=None, batch_size: int =
                            time.perf_counter() - t0)
     return SplitResult(np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0, np.int64),
                        time.perf_counter() - t0)
-
-
-def _small(cache, split: str, limit_bytes: int = 256 << 20) -> bool:
-    """Whether a split is small enough to read into memory once (faster, fewer reads)."""
-    from nodulekit.data.cache import Cache
-
-    own = not isinstance(cache, Cache)
-    c = Cache(cache) if own else cache
-    try:
-        s = c.split(split)
-        h, w = s.image_shape
-        return len(s) * h * w * 3 <= limit_bytes
-    finally:
-        if own:
-            c.close()
 
 
 def split_summary(result: SplitResult, split_meta: dict) -> dict:
@@ -134,73 +133,60 @@ def _num(v):
     return None if np.isnan(v) else v
 
 
-def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
-             split: str = "test", out: str | os.PathLike | None = None, device: str = "auto",
-             precision: str = "fp32", batch_size: int | None = None, size: int | None = None,
-             workers: int = 2, progress: bool = True, report=print, comm=None,
-             threads: int | None = None) -> tuple[dict, Path]:
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What `nodulekit evaluate` is asked (the CLI builds one; training's test uses one)."""
+
+    checkpoint: str | os.PathLike  # a checkpoint, or a run folder (its best checkpoint)
+    data: str | os.PathLike | None = None  # a cache or a folder; None: the run's own data
+    split: str = "test"
+    out: str | os.PathLike | None = None  # summary.json's folder (default <run>/evaluate-<split>)
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int | None = None  # default: the run's
+    size: int | None = None  # centre-crop to size x size (default: whole slices)
+    workers: int = 2
+    progress: bool = True
+    threads: int | None = None  # the CPU backend's threads (default: one per core)
+
+
+def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict, Path]:
     """Evaluate a checkpoint (or a run folder's best one) on a split; write summary.json.
 
-    data: a cache (.h5) or a data-set folder (preprocessed into `out` first); None: the
-    data the run trained on. out: where summary.json goes (default: <run>/evaluate-<split>).
-    size: centre-crop the slices to size x size (default: whole slices).
+    A data-set folder is preprocessed into the output folder first.
     comm: data-parallel ranks, all calling this: rank 0 reads the checkpoint and sends it
     to the others, each infers a share of the slices, rank 0 writes summary.json.
-    threads: the CPU backend's threads (default: one per core).
     Returns (summary, path of summary.json).
     """
+    from nodulekit.data.cache import open_cache
     from nodulekit.engine import get_backend, resolve_device
-    from nodulekit.training.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
-        resolve_checkpoint,
-    )
-    from nodulekit.training.config import resolve_size
+    from nodulekit.training.checkpoint import model_from_checkpoint
     from nodulekit.training.runfiles import write_json
 
+    o = options
     root = comm is None or comm.is_root
+    progress = o.progress and root
     if not root:
-        report, progress = (lambda *_a, **_k: None), False
-
-    def prepare():
-        import dataclasses
-
-        ckpt_path = resolve_checkpoint(checkpoint, prefer="best")
-        ckpt = load_checkpoint(ckpt_path)
-        where = Path(out) if out is not None else ckpt_path.parent / f"evaluate-{split}"
-        where.mkdir(parents=True, exist_ok=True)
-        cache = resolve_eval_data(data, ckpt.config, where, report=report, progress=progress)
-        return ckpt_path, dataclasses.replace(ckpt, adam=None), where, cache
-
-    if comm is None:
-        ckpt_path, ckpt, out, cache = prepare()
-    else:
-        ckpt_path, ckpt, out, cache = comm.share(prepare)
-    backend_name, sentence = resolve_device(device)
+        report = _silent
+    prepare = functools.partial(_prepare, o, report, progress)  # rank 0's part
+    ckpt_path, ckpt, out, cache = prepare() if comm is None else comm.share(prepare)
+    backend_name, sentence = resolve_device(o.device)
     report(sentence)
-    be = get_backend(backend_name, precision, threads=threads)
+    be = get_backend(backend_name, o.precision, threads=o.threads)
     model = model_from_checkpoint(ckpt, be)
-
-    from nodulekit.data.cache import open_cache
-
     with open_cache(cache) as c:
-        s = c.split(split)
+        s = c.split(o.split)
         if len(s) == 0:
-            raise ValueError(f"{cache}: split {split!r} has no slices")
-        shape = resolve_size(s.image_shape, size, model.depth)
-        cfg = ckpt.config
-        window = (float(cfg.get("window_center", -500.0)), float(cfg.get("window_width", 1600.0)))
-        bs = batch_size or int(cfg.get("eval_batch_size") or cfg.get("batch_size") or 8)
-        report(f"evaluating {ckpt_path} (epoch {ckpt.epoch}) on {cache} [{split}]: "
+            raise ValueError(f"{cache}: split {o.split!r} has no slices")
+        settings = _settings(o, ckpt.config, s.image_shape, model.depth)
+        shape = settings.image_shape
+        report(f"evaluating {ckpt_path} (epoch {ckpt.epoch}) on {cache} [{o.split}]: "
                f"{len(s)} slices at {shape[0]}x{shape[1]}")
-        result = infer_split(model, c, split, image_shape=shape, batch_size=bs,
-                             workers=workers, window=window,
-                             smooth=float(cfg.get("smooth", 1.0)), progress=progress,
-                             comm=comm)
+        result = infer_split(model, c, o.split, settings, progress=progress, comm=comm)
         summary = split_summary(result, s.meta)
     summary = {
         "checkpoint": str(ckpt_path.resolve()), "checkpoint_epoch": ckpt.epoch,
-        "data": str(Path(cache).resolve()), "split": split, "image_shape": list(shape),
+        "data": str(Path(cache).resolve()), "split": o.split, "image_shape": list(shape),
         "device": be.name, "precision": be.precision,
         "threshold": "p > 0.5 (logit > 0)",
         "convention": "per-slice Dice = 2TP/(2TP+FP+FN), IoU = TP/(TP+FP+FN); a slice with "
@@ -215,6 +201,37 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
     if root:
         write_json(path, summary)
     return summary, path
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _prepare(o: EvaluateOptions, report, progress: bool):
+    """(checkpoint path, checkpoint without optimizer state, output folder, cache path)."""
+    import dataclasses
+
+    from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt_path = resolve_checkpoint(o.checkpoint, prefer="best")
+    ckpt = load_checkpoint(ckpt_path)
+    where = Path(o.out) if o.out is not None else ckpt_path.parent / f"evaluate-{o.split}"
+    where.mkdir(parents=True, exist_ok=True)
+    cache = resolve_eval_data(o.data, ckpt.config, where, report=report, progress=progress)
+    return ckpt_path, dataclasses.replace(ckpt, adam=None), where, cache
+
+
+def _settings(o: EvaluateOptions, cfg: dict, slice_shape, depth: int) -> InferSettings:
+    """The run's window, smoothing and batch size, unless the options say otherwise."""
+    from nodulekit.training.config import resolve_size
+
+    return InferSettings(
+        image_shape=tuple(resolve_size(slice_shape, o.size, depth)),
+        batch_size=o.batch_size or int(cfg.get("eval_batch_size") or cfg.get("batch_size")
+                                       or 8),
+        workers=o.workers,
+        window=(float(cfg.get("window_center", -500.0)), float(cfg.get("window_width", 1600.0))),
+        smooth=float(cfg.get("smooth", 1.0)))
 
 
 def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True) -> Path:

@@ -54,9 +54,10 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    path: Path
-    params: np.ndarray  # float32 [P]
-    layout: list  # [[name, shape, offset], ...]
+    """A checkpoint's contents: what `save_checkpoint` writes and `load_checkpoint` reads."""
+
+    params: np.ndarray  # float32 [P] (host)
+    layout: list  # [[name, shape, offset], ...] (`layout_list`; saving takes a layout too)
     config: dict
     epoch: int = 0
     global_step: int = 0
@@ -66,8 +67,9 @@ class Checkpoint:
     best_score: float = float("-inf")
     rng: dict = field(default_factory=dict)
     kind: str = ""
-    nodulekit_version: str = ""
-    created_at: str = ""
+    nodulekit_version: str = ""  # set when read
+    created_at: str = ""  # set when read
+    path: Path | None = None  # the file it was read from
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -79,20 +81,20 @@ def layout_list(layout) -> list:
     return [[s.name, list(s.shape), s.offset] for s in layout.slots.values()]
 
 
-def save_checkpoint(path: str | os.PathLike, *, params, layout, config: dict, epoch: int,
-                    global_step: int, adam: dict | None = None, history=(),
-                    best_epoch: int = 0, best_score: float = float("-inf"), rng=None,
-                    kind: str = "") -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, then os.replace).
+def save_checkpoint(path: str | os.PathLike, state: Checkpoint) -> Path:
+    """Write `state` to `path` atomically (temporary file in the same folder, then
+    os.replace).
 
-    params: host float32 [P]; layout: a ParameterLayout or its `layout_list`;
-    adam: `Adam.state()` (host copies) or None.
+    state.params: host float32 [P]; state.layout: a ParameterLayout or its `layout_list`;
+    state.adam: `Adam.state()` (host copies) or None.
     """
     path = Path(path)
-    params = np.ascontiguousarray(params, dtype=np.float32)
+    params = np.ascontiguousarray(state.params, dtype=np.float32)
     if params.ndim != 1:
         raise ValueError(f"params must be a flat vector, got shape {params.shape}")
+    layout = state.layout
     slots = layout if isinstance(layout, list) else layout_list(layout)
+    adam = state.adam
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -103,15 +105,15 @@ def save_checkpoint(path: str | os.PathLike, *, params, layout, config: dict, ep
             a["format_version"] = FORMAT_VERSION
             a["nodulekit_version"] = __version__
             a["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            a["kind"] = kind
-            a["epoch"] = int(epoch)
-            a["global_step"] = int(global_step)
-            a["best_epoch"] = int(best_epoch)
-            a["best_score"] = float(best_score)
-            a["config"] = json.dumps(config, sort_keys=True)
-            a["history"] = json.dumps(list(history))
+            a["kind"] = state.kind
+            a["epoch"] = int(state.epoch)
+            a["global_step"] = int(state.global_step)
+            a["best_epoch"] = int(state.best_epoch)
+            a["best_score"] = float(state.best_score)
+            a["config"] = json.dumps(state.config, sort_keys=True)
+            a["history"] = json.dumps(list(state.history))
             a["layout"] = json.dumps(slots)
-            a["rng"] = json.dumps(rng or {}, sort_keys=True)
+            a["rng"] = json.dumps(state.rng or {}, sort_keys=True)
             f.create_dataset("params", data=params)
             a["sha256_params"] = _sha256(params)
             if adam is not None:

@@ -3,7 +3,7 @@
 Options left unset (None) take the defaults of the data they train on:
 
 - real data (a cache or a data-set folder): the paper's protocol, batch 12, Adam lr 1e-4,
-  200 epochs, width 64 and depth 4 (DESIGN.md's U-Net), the HU window 1600 / -500, nodule
+  200 epochs, width 64 and depth 4 (docs/design.md's U-Net), the HU window 1600 / -500, nodule
   slices only (``empty_fraction`` 0), the model kept on the best validation mean IoU;
 - the embedded demo (no DATA): a small synthetic set (`nodulekit.training.demo`) and a small
   model sized to train on a 2-core CPU in about five minutes (`DEMO_DEFAULTS`).
@@ -21,15 +21,18 @@ demo set with the paper's recipe scaled to a few hundred steps (Dice loss with s
 
 So the demo trains with s = 0.01, adds a small BCE term (its gradient on a missed nodule
 pixel does not vanish, and on an empty slice it stops pushing once p is small), scales each
-layer's Adam step by sqrt(9 / fan-in) (`lr_scale`), and mixes 30% of the empty slices into
-every epoch. Each is an option (`smooth`, `bce_weight`, `lr_scaling`, `empty_fraction`);
-with real data the defaults stay the paper's.
+layer's Adam step by sqrt(9 / fan-in) (`nodulekit.nn.lr_scale`), and mixes 30% of the
+empty slices into every epoch. Each is an option (`smooth`, `bce_weight`, `lr_scaling`,
+`empty_fraction`); with real data the defaults stay the paper's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from nodulekit.nn.optim import LR_SCALINGS
 
 PAPER_DEFAULTS = {"epochs": 200, "batch_size": 12, "lr": 1e-4, "width": 64, "depth": 4,
                   "empty_fraction": 0.0, "smooth": 1.0, "lr_scaling": "none", "bce_weight": 0.0}
@@ -38,7 +41,84 @@ DEMO_DEFAULTS = {"epochs": 5, "batch_size": 4, "lr": 2e-3, "width": 8, "depth": 
                  "empty_fraction": 0.3, "smooth": 0.01, "lr_scaling": "fan_in",
                  "bce_weight": 0.01}
 SELECTION_METRIC = "val_mean_iou"
-LR_SCALINGS = ("none", "fan_in")
+
+
+# What `TrainOptions` fields mean for a resumed run: FIXED ones define what the run computes
+# and must equal the checkpoint's (or be left unset); SESSION ones may change every session.
+FIXED, SESSION = "fixed", "session"
+
+
+def _option(default=None, *, on_resume: str = FIXED):
+    return field(default=default, metadata={"on_resume": on_resume})
+
+
+@dataclass
+class TrainOptions:
+    """What a user asks of `nodulekit train`: the CLI builds one, the API takes one.
+
+    None means "the data's default" (`PAPER_DEFAULTS` for real data, `DEMO_DEFAULTS` for the
+    embedded demo set); `training.setup.resolve` turns it into a `TrainConfig`. On
+    ``resume`` the FIXED fields must be unset or equal the run's, field by field
+    (`conflicts_on_resume`); the SESSION ones apply to the new session.
+    """
+
+    data: str | None = _option()  # a cache (.h5), a data-set folder, or None: the demo set
+    out: str | None = _option(on_resume=SESSION)  # the run folder (default runs/<data>-<time>)
+    resume: str | None = _option(on_resume=SESSION)  # a run folder to continue
+    finetune_from: str | None = _option()  # a checkpoint or run folder to start from
+    epochs: int | None = _option(on_resume=SESSION)
+    batch_size: int | None = _option()
+    lr: float | None = _option()
+    width: int | None = _option()
+    depth: int | None = _option()
+    size: int | None = _option()  # centre crop to size x size
+    precision: str | None = _option()
+    seed: int | None = _option()
+    empty_fraction: float | None = _option()
+    smooth: float | None = _option()
+    lr_scaling: str | None = _option()
+    bce_weight: float | None = _option()
+    device: str = _option("auto", on_resume=SESSION)
+    workers: int = _option(2, on_resume=SESSION)
+    queue: int | None = _option(on_resume=SESSION)
+    test: bool = _option(True, on_resume=SESSION)  # evaluate the best model on the test split
+    progress: bool = _option(True, on_resume=SESSION)
+
+    def defaults_from(self, defaults: dict) -> dict:
+        """The FIXED options (and epochs) with unset ones taken from `defaults`."""
+        names = [f.name for f in dataclasses.fields(self)
+                 if f.metadata["on_resume"] == FIXED or f.name == "epochs"]
+        return {n: defaults.get(n) if getattr(self, n) is None else getattr(self, n)
+                for n in names}
+
+    def conflicts_on_resume(self, config: TrainConfig) -> list[str]:
+        """Each FIXED option given here that differs from the resumed run's configuration,
+        as "name: run's value -> asked value"."""
+        out = []
+        for f in dataclasses.fields(self):
+            asked = getattr(self, f.name)
+            if f.metadata["on_resume"] != FIXED or asked is None:
+                continue
+            stored = _stored_value(config, f.name)
+            if _comparable(f.name, asked, stored) != stored:
+                out.append(f"{f.name} is {stored}, cannot change it to {asked}")
+        return out
+
+
+def _stored_value(config: TrainConfig, name: str):
+    if name == "size":
+        return list(config.image_shape)
+    return getattr(config, name)
+
+
+def _comparable(name: str, asked, stored):
+    """`asked` in the form the configuration stores it."""
+    if name == "size":
+        return [int(asked)] * 2
+    if name in ("data", "finetune_from"):
+        text = str(asked)
+        return stored if stored in (text, str(Path(text).absolute())) else text
+    return None if stored is None else type(stored)(asked)
 
 
 @dataclass
@@ -157,30 +237,3 @@ def center_crop(hu, mask, shape):
     r0, c0 = (h - th) // 2, (w - tw) // 2
     window = np.s_[:, r0:r0 + th, c0:c0 + tw]
     return np.ascontiguousarray(hu[window]), np.ascontiguousarray(mask[window])
-
-
-def lr_scale(layout, mode: str, reference_fan_in: int = 9):
-    """Per-parameter learning-rate factors (float32 [P]) for ``lr_scaling``, or None.
-
-    "fan_in": Adam moves every weight by about lr per step whatever its layer, so a layer
-    summing over fan_in inputs changes its output about sqrt(fan_in) times faster, relative
-    to its He-initialised scale, than a narrow one. Without normalisation layers the deep,
-    wide layers of the U-Net then run away (the logits grow to -1e4 within a few hundred
-    steps at lr 1e-3, measured on the demo set). Scaling each tensor's step by
-    min(1, sqrt(reference_fan_in / fan_in)) (3x3 on one channel = 9: the first layer keeps
-    lr) gives every layer the same relative speed. Biases follow their weights.
-    """
-    import numpy as np
-
-    if mode == "none":
-        return None
-    if mode != "fan_in":
-        raise ValueError(f"unknown lr scaling {mode!r}; choose one of {LR_SCALINGS}")
-    scale = np.ones(layout.total, dtype=np.float32)
-    for slot in layout.slots.values():
-        name = slot.name
-        weight = layout.slots[name[:-2] + ".w"] if name.endswith(".b") else slot
-        k, r, s, c = weight.shape
-        fan_in = c if ".up." in weight.name else r * s * c
-        scale[slot.offset:slot.offset + slot.size] = min(1.0, (reference_fan_in / fan_in) ** 0.5)
-    return scale

@@ -1,0 +1,69 @@
+"""The training step: the one that `nodulekit train`, `bench step` and `bench gpus` all run.
+
+    logits = model.forward(image)
+    loss, dlogits = sigmoid + per-sample Dice (+ bce_weight x BCE)     one fused engine op
+    model.backward(dlogits)                                            grads in one flat buffer
+    comm.allreduce_mean(grads)                                         data-parallel only
+    Adam on the flat buffer, each entry's step times lr_scale          one engine call
+
+The paper's step is the first, second, fourth and fifth line with smoothing 1 and no BCE
+term or scaling. `comm` is anything with ``allreduce_mean(buffer)`` (a communicator of
+`nodulekit.distributed`); the network code does not know how ranks talk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodulekit.nn.loss import add_bce
+from nodulekit.nn.optim import Adam
+from nodulekit.nn.unet import UNet
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """One step's loss terms on this process's samples, as backend scalars (0-d arrays) so
+    that reading them (a device-to-host copy) is the caller's choice."""
+
+    dice: object  # mean_i (1 - dice_i)
+    bce: object  # bce_weight x mean_i sum_pixels BCE, or 0.0 without the term
+
+
+class TrainStep:
+    """forward, loss, backward, gradient all-reduce, Adam; see the module docstring.
+
+    smooth: the Dice loss's s. bce_weight: > 0 adds that much BCE (`nn.loss.add_bce`).
+    lr_scale: None, or a backend float32 array [P] of per-parameter learning-rate factors
+    (`nn.optim.lr_scale`). comm: None (one process) or a communicator.
+    """
+
+    def __init__(self, model: UNet, optimizer: Adam, *, smooth: float = 1.0,
+                 bce_weight: float = 0.0, lr_scale=None, comm=None):
+        self.model, self.optimizer = model, optimizer
+        self.smooth, self.bce_weight = float(smooth), float(bce_weight)
+        self.lr_scale, self.comm = lr_scale, comm
+
+    def __call__(self, image, target) -> StepLosses:
+        model = self.model
+        logits = model.forward(image)
+        loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
+        bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
+               if self.bce_weight else 0.0)
+        model.backward(dlogits)
+        if self.comm is not None:
+            self.comm.allreduce_mean(model.grads)
+        if self.lr_scale is None:
+            self.optimizer.step()
+        else:
+            self._scaled_adam_step()
+        return StepLosses(loss, bce)
+
+    def _scaled_adam_step(self) -> None:
+        # params = before + scale * (Adam's step): Adam with lr * scale per entry
+        xp = self.model.backend.xp
+        params = self.model.params
+        before = params.copy()
+        self.optimizer.step()
+        xp.subtract(params, before, out=params)
+        xp.multiply(params, self.lr_scale, out=params)
+        xp.add(params, before, out=params)
