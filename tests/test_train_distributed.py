@@ -273,9 +273,11 @@ def test_nccl_unavailable_here_says_why():
 
 
 def test_split_range_and_global_batch():
-    parts = [distributed.split_range(10, r, 4) for r in range(4)]
+    from nodulekit.data.loader import split_range
+
+    parts = [split_range(10, r, 4) for r in range(4)]
     assert parts == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert distributed.split_range(1, 1, 2) == (1, 1)
+    assert split_range(1, 1, 2) == (1, 1)
     assert distributed.check_global_batch(12, 4) == 3
     with pytest.raises(distributed.DistributedError,
                        match="global batch of 5 does not divide evenly over 2 ranks; use a "
@@ -340,7 +342,7 @@ def test_uneven_global_batch_is_refused(tiny_data, tmp_path):  # noqa: F811
 
 def test_watchdog_reports_a_stuck_call():
     fired = []
-    dog = distributed._Watchdog(0.2, lambda what, limit: fired.append((what, limit)))
+    dog = distributed.Watchdog(0.2, lambda what, limit: fired.append((what, limit)))
     try:
         with dog.guard("a quick call"):
             pass
