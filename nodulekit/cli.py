@@ -197,31 +197,23 @@ def _library_errors():
                    "there is no GPU) with mpiexec. The global --batch-size is split evenly. "
                    "On several hosts: mpiexec -n N nodulekit train ...")
 @click.pass_context
-def train(ctx, data, epochs, batch_size, lr, width, depth, size, device, precision, seed,
-          workers, queue, empty_fraction, out, resume, finetune_from, smooth, lr_scaling,
-          bce_weight, no_test, no_progress, gpus):
+def train(ctx, gpus, no_test, no_progress, **options):
     """Train the U-Net on DATA: a cache (.h5) or a data-set folder (preprocessed into the run
     folder first). Without DATA: a small synthetic demo set, generated once into
     ~/.cache/nodulekit (or $NODULEKIT_CACHE), and a small model sized for a CPU."""
     from nodulekit import distributed
+    from nodulekit.training.config import TrainOptions
     from nodulekit.training.loop import train as run_train
 
     if gpus is not None and not distributed.launched_by_mpi():
-        _launch_ranks(ctx, gpus, device)
+        _launch_ranks(ctx, gpus, options["device"])
         return
     if gpus is not None and distributed.launcher_world_size() not in (None, gpus):
         raise click.ClickException(f"--gpus {gpus}, but mpiexec started "
                                    f"{distributed.launcher_world_size()} ranks")
     rank = distributed.launcher_rank()
     try:
-        result = run_train(data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-                           width=width, depth=depth, size=size, device=device,
-                           precision=precision, seed=seed, workers=workers, queue=queue,
-                           empty_fraction=empty_fraction, resume=resume,
-                           finetune_from=finetune_from, smooth=smooth,
-                           lr_scaling=lr_scaling, bce_weight=bce_weight,
-                           progress=not no_progress,
-                           test=not no_test)
+        result = run_train(TrainOptions(**options, test=not no_test, progress=not no_progress))
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
     except distributed.PeerFailed:
@@ -234,8 +226,8 @@ def train(ctx, data, epochs, batch_size, lr, width, depth, size, device, precisi
 
 def _launch_ranks(ctx, ranks: int, device: str) -> None:
     """`train --gpus N`: the same command under `mpiexec -n N`, this Python's mpiexec."""
-    from nodulekit.engine import cuda_usable
     from nodulekit import distributed
+    from nodulekit.engine import cuda_usable
 
     if device in ("auto", "cuda"):
         ok, why = cuda_usable()
@@ -298,17 +290,16 @@ def _command_line(ctx, drop=()) -> list[str]:
 @click.option("--size", type=int, default=None, help="Centre-crop the slices to SIZE x SIZE.")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def evaluate(run, data, split, out, device, precision, batch_size, size, workers, no_progress):
+def evaluate(run, precision, no_progress, **options):
     """Dice and IoU of RUN (a run folder: its best checkpoint; or a checkpoint file) on a split
     of DATA (default: the data it trained on): per slice, global, and by nodule diameter."""
+    from nodulekit.evaluation.evaluate import EvaluateOptions, format_summary
     from nodulekit.evaluation.evaluate import evaluate as run_evaluate
-    from nodulekit.evaluation.evaluate import format_summary
 
     try:
-        summary, path = run_evaluate(run, data, split=split, out=out, device=device,
-                                     precision=precision or "fp32", batch_size=batch_size,
-                                     size=size, workers=workers, progress=not no_progress,
-                                     report=click.echo)
+        summary, path = run_evaluate(
+            EvaluateOptions(run, precision=precision or "fp32", progress=not no_progress,
+                            **options), report=click.echo)
     except _library_errors() as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))
@@ -327,17 +318,17 @@ def evaluate(run, data, split, out, device, precision, batch_size, size, workers
 @_run_device_options
 @click.option("--batch-size", default=8, show_default=True, help="Slices per forward pass.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def predict(checkpoint, inputs, out, truth, probabilities, device, precision, batch_size,
-            no_progress):
+def predict(checkpoint, inputs, out, precision, no_progress, **options):
     """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
     0/255 PNG masks named like UniToChest's, and overlays in the paper's Fig. 4 colours
     (yellow agreement, green false positive, red false negative)."""
+    from nodulekit.inference.predict import PredictOptions
     from nodulekit.inference.predict import predict as run_predict
 
     try:
-        result = run_predict(checkpoint, inputs, out, truth=truth, probabilities=probabilities,
-                             device=device, precision=precision or "fp32",
-                             batch_size=batch_size, progress=not no_progress,
+        result = run_predict(checkpoint, inputs, out,
+                             PredictOptions(precision=precision or "fp32",
+                                            progress=not no_progress, **options),
                              report=click.echo)
     except _library_errors() as e:
         raise click.ClickException(str(e)) from None

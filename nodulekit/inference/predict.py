@@ -1,45 +1,50 @@
 """`nodulekit predict`: DICOM slices -> nodule masks, overlays and probabilities as PNG.
 
-Inputs are DICOM files or folders (searched recursively for .dcm / .dicom / .ima). Each
-slice is read to HU (`nodulekit.data.dicom.read_slice`), windowed like in training, run
-through the network and thresholded at p > 0.5 (logit > 0). Written under OUT, mirroring
-each file's path below its input folder (a leading ``images/`` is dropped, so a UniToChest
-split folder gives UniToChest's own mask names)::
+`predict` runs these steps, in order:
 
-    masks/<rel>.png          the predicted mask, 8-bit 0 / 255 (UniToChest's convention)
-    overlays/<rel>.png       the windowed slice in grey with the paper's Fig. 4 colours:
-                             agreement yellow, false positive green, false negative red
-                             (without a truth mask: the prediction in cyan)
-    probabilities/<rel>.png  with probabilities=True: p = sigmoid(logit) as 8-bit grey
-                             (round(255 p))
-    predictions.csv          one row per slice: input, mask, predicted pixels, and with a
-                             truth mask tp, fp, fn, Dice, IoU (empty-empty scores 1)
-
-Truth masks (`truth`): "auto" looks for UniToChest's mirror, ``<root>/masks/<rel>.png`` for
-a slice at ``<root>/images/<rel>.dcm`` (a slice without its PNG has no nodule); a folder
-name looks for ``<folder>/<rel>.png``; "none" draws predictions only.
+1. gather the inputs: DICOM files or folders, each slice with a UniToChest-style output name
+   and where its truth mask would be (`nodulekit.inference.inputs.find_inputs`);
+2. load the network: a checkpoint (or a run folder's best one) on a backend, with the HU
+   window it was trained with (`Network.load`);
+3. read each slice to HU (`nodulekit.data.dicom.read_slice`) and its truth mask
+   (`read_slices`; an unreadable slice is reported, listed in `PredictResult.failed` and
+   skipped);
+4. run the model in batches of one slice size, windowed like in training and thresholded at
+   p > 0.5 (logit > 0), one `SlicePrediction` per slice (`run_batches`);
+5. write each slice's mask, overlay in the paper's Fig. 4 colours, probabilities, and at the
+   end predictions.csv (`nodulekit.inference.writers`, which shows the files under OUT).
 """
 
 from __future__ import annotations
 
-import csv
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-COLOURS = {"tp": (255, 255, 0), "fp": (0, 255, 0), "fn": (255, 0, 0), "pred": (0, 255, 255)}
-OVERLAY_ALPHA = 0.6
+from nodulekit.inference.inputs import SliceInput, find_inputs, read_truth
+from nodulekit.inference.writers import COLOURS, overlay, write_csv, write_slice
+
+__all__ = ["COLOURS", "Network", "PredictOptions", "PredictResult", "SliceInput",
+           "SlicePrediction", "find_inputs", "overlay", "predict", "read_slices", "run_batches",
+           "summarise"]
+
+Report = Callable[[str], Any]
 
 
 @dataclass
-class SliceInput:
-    path: Path
-    rel: Path  # output path without suffix, relative to OUT/masks etc.
-    truth: Path | None  # the truth mask file, if any
-    truth_known: bool  # whether a missing truth file means "no nodule"
+class PredictOptions:
+    """How `predict` runs (the `nodulekit predict` options)."""
+
+    truth: str | os.PathLike | None = "auto"  # "auto", "none" or a folder (see inputs.py)
+    probabilities: bool = False  # also write probabilities/<rel>.png
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 8  # slices per forward pass
+    progress: bool = True
 
 
 @dataclass
@@ -51,205 +56,152 @@ class PredictResult:
     summary: dict | None = None  # metrics over slices with truth, when there were any
 
 
-def find_inputs(inputs, truth: str | os.PathLike | None = "auto") -> list[SliceInput]:
-    """The DICOM files under `inputs`, with output names and truth masks (see module doc)."""
-    found: list[SliceInput] = []
-    seen: dict[Path, Path] = {}
-    truth_dir = None if truth in (None, "auto", "none") else Path(truth)
-    if truth_dir is not None and not truth_dir.is_dir():
-        raise ValueError(f"--truth {truth_dir}: no such folder")
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            files = sorted(p for p in item.rglob("*")
-                           if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES)
-            if not files:
-                raise ValueError(f"{item}: no DICOM files (*.dcm, *.dicom, *.ima) in it")
-            pairs = [(p, p.relative_to(item)) for p in files]
-        elif item.is_file():
-            pairs = [(item, Path(item.name))]
-        else:
-            raise ValueError(f"{item}: no such file or folder")
-        for path, rel in pairs:
-            rel = rel.with_suffix("")
-            if rel.parts and rel.parts[0] == "images" and len(rel.parts) > 1:
-                rel = Path(*rel.parts[1:])
-            if rel in seen:
-                raise ValueError(f"{path} and {seen[rel]} would both be written as {rel}.png; "
-                                 "predict them into separate --out folders")
-            seen[rel] = path
-            t, known = None, False
-            if truth_dir is not None:
-                t, known = truth_dir / f"{rel}.png", True
-            elif truth == "auto":
-                t, known = _unitochest_truth(path)
-            found.append(SliceInput(path, rel, t, known))
-    return found
+@dataclass
+class LoadedSlice:
+    """A slice read to HU, with its truth mask (None: none)."""
+
+    item: SliceInput
+    hu: np.ndarray  # [H, W], C-contiguous
+    truth: np.ndarray | None
 
 
-def _unitochest_truth(path: Path) -> tuple[Path | None, bool]:
-    parts = path.absolute().parts
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            root = Path(*parts[:i])
-            masks = root / "masks"
-            if masks.is_dir():
-                return masks / Path(*parts[i + 1:]).with_suffix(".png"), True
-            return None, False
-    return None, False
+@dataclass
+class SlicePrediction:
+    """One slice through the network: what the writers and the summary need."""
+
+    item: SliceInput
+    logits: np.ndarray  # [H, W]
+    grey: np.ndarray  # the windowed slice in [0, 1], [H, W]
+    truth: np.ndarray | None
+    counts: np.ndarray | None  # (tp, fp, fn) against the truth mask, when there is one
+
+    @property
+    def has_nodule(self) -> bool:
+        return self.truth is not None and bool(self.truth.any())
 
 
-def predict(checkpoint, inputs, out, *, truth="auto", probabilities: bool = False,
-            device: str = "auto", precision: str = "fp32", batch_size: int = 8,
-            progress: bool = True, report=print) -> PredictResult:
-    """Run a checkpoint (or a run folder's best one) over DICOM inputs; see the module doc."""
-    from tqdm import tqdm
+@dataclass
+class Network:
+    """A checkpoint's model on a backend, with the HU window it was trained with."""
 
-    from nodulekit.data.dicom import DicomError, read_slice
-    from nodulekit.data.masks import MaskError, read_mask
-    from nodulekit.engine import get_backend, resolve_device
-    from nodulekit.training.checkpoint import (
-        load_checkpoint,
-        model_from_checkpoint,
-        resolve_checkpoint,
-    )
-    from nodulekit.training.config import check_input_shape
-    from nodulekit.evaluation.metrics import group_summary
+    backend: Any
+    model: Any
+    center: float
+    width: float
+    path: Path  # the checkpoint file
+    epoch: int
 
-    items = find_inputs(inputs, truth)
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best"))
-    name, sentence = resolve_device(device)
-    report(sentence)
-    be = get_backend(name, precision)
-    model = model_from_checkpoint(ckpt, be)
-    cfg = ckpt.config
-    center = float(cfg.get("window_center", -500.0))
-    width = float(cfg.get("window_width", 1600.0))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = PredictResult(out=out)
-    report(f"predicting {len(items)} slice(s) with {ckpt.path} (epoch {ckpt.epoch}) into {out}")
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike, device: str = "auto",
+             precision: str = "fp32", report: Report = print) -> Network:
+        """`checkpoint` (or a run folder's best one) on `device`; says which device."""
+        from nodulekit.engine import get_backend, resolve_device
+        from nodulekit.training.checkpoint import (
+            load_checkpoint,
+            model_from_checkpoint,
+            resolve_checkpoint,
+        )
 
-    pending: list[tuple[SliceInput, np.ndarray, np.ndarray | None]] = []
-    counts_all, bins_all = [], []
+        ckpt = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best"))
+        name, sentence = resolve_device(device)
+        report(sentence)
+        backend = get_backend(name, precision)
+        model = model_from_checkpoint(ckpt, backend)
+        cfg = ckpt.config
+        return cls(backend, model, float(cfg.get("window_center", -500.0)),
+                   float(cfg.get("window_width", 1600.0)), ckpt.path, ckpt.epoch)
 
-    def flush():
-        if not pending:
-            return
-        hu = np.stack([p[1] for p in pending])
-        has_truth = [p[2] is not None for p in pending]
-        mask = np.stack([p[2] if p[2] is not None else np.zeros(p[1].shape, np.uint8)
-                         for p in pending])
-        aug = np.zeros((len(pending), 3), np.float32)
+    def run(self, batch: list[LoadedSlice]) -> list[SlicePrediction]:
+        """One forward pass over slices of one size."""
+        be = self.backend
+        hu = np.stack([s.hu for s in batch])
+        mask = np.stack([s.truth if s.truth is not None else np.zeros(s.hu.shape, np.uint8)
+                         for s in batch])
+        aug = np.zeros((len(batch), 3), np.float32)
         image, target = be.window_augment(be.asarray(hu), be.asarray(mask), be.asarray(aug),
-                                          center, width)
-        logits = model.forward(image, keep_for_backward=False)
+                                          self.center, self.width)
+        logits = self.model.forward(image, keep_for_backward=False)
         counts = be.to_host(be.confusion_counts(logits, target))
         z = be.to_host(logits)[..., 0]
         grey = be.to_host(image)[..., 0]
-        for j, (item, _, t) in enumerate(pending):
-            row = _write_outputs(out, item, z[j], grey[j], t, probabilities)
-            if has_truth[j]:
-                tp, fp, fn = (int(v) for v in counts[j])
-                row.update(tp=tp, fp=fp, fn=fn, **_scores(tp, fp, fn))
-                counts_all.append(counts[j])
-                bins_all.append("empty" if not t.any() else "with nodule")
-            result.rows.append(row)
+        return [SlicePrediction(s.item, z[j], grey[j], s.truth,
+                                counts[j] if s.truth is not None else None)
+                for j, s in enumerate(batch)]
+
+
+def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+            out: str | os.PathLike, options: PredictOptions | None = None, *,
+            report: Report = print) -> PredictResult:
+    """Run a checkpoint (or a run folder's best one) over DICOM inputs; see the module doc."""
+    from tqdm import tqdm
+
+    opts = options if options is not None else PredictOptions()
+    items = find_inputs(inputs, opts.truth)
+    net = Network.load(checkpoint, opts.device, opts.precision, report)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = PredictResult(out=out)
+    report(f"predicting {len(items)} slice(s) with {net.path} (epoch {net.epoch}) into {out}")
+    scored: list[tuple[np.ndarray, bool]] = []  # (tp, fp, fn), has a nodule
+    with tqdm(total=len(items), desc="predict", unit="slice", disable=not opts.progress) as bar:
+        slices = read_slices(items, net.model.depth, result.failed, report, tick=bar.update)
+        for p in run_batches(net, slices, opts.batch_size):
+            result.rows.append(write_slice(out, p, opts.probabilities))
             result.written += 1
-        pending.clear()
-
-    shape = None
-    with tqdm(total=len(items), desc="predict", unit="slice", disable=not progress) as bar:
-        for item in items:
-            bar.update(1)
-            try:
-                hu = read_slice(item.path).hu
-                check_input_shape(hu.shape, model.depth)
-            except (DicomError, ValueError) as e:
-                result.failed.append((str(item.path), str(e)))
-                report(f"skipped {item.path}: {e}")
-                continue
-            t = None
-            if item.truth is not None:
-                try:
-                    if item.truth.is_file():
-                        t = read_mask(item.truth, shape=hu.shape)
-                    elif item.truth_known:
-                        t = np.zeros(hu.shape, np.uint8)
-                except MaskError as e:
-                    report(f"truth mask not used for {item.path}: {e}")
-            if shape is not None and hu.shape != shape:
-                flush()
-            shape = hu.shape
-            pending.append((item, np.ascontiguousarray(hu), t))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-
-    _write_csv(out / "predictions.csv", result.rows)
-    if counts_all:
-        counts = np.asarray(counts_all, dtype=np.int64)
-        nodule = np.asarray([b != "empty" for b in bins_all], dtype=bool)
-        result.summary = {"all": group_summary(counts),
-                          "nodule_slices": group_summary(counts[nodule])}
+            if p.counts is not None:
+                scored.append((p.counts, p.has_nodule))
+    write_csv(out / "predictions.csv", result.rows)
+    result.summary = summarise(scored)
     return result
 
 
-def _scores(tp: int, fp: int, fn: int) -> dict:
-    if tp + fp + fn == 0:
-        return {"dice": 1.0, "iou": 1.0}
-    return {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn)}
+def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str, str]],
+                report: Report = print,
+                tick: Callable[[int], Any] | None = None) -> Iterator[LoadedSlice]:
+    """Each item read to HU with its truth mask; an item that cannot be read (or whose size the
+    depth-`depth` model cannot take) is reported, appended to `failed` and skipped. `tick(1)`
+    is called per item, before reading it."""
+    from nodulekit.data.dicom import DicomError, read_slice
+    from nodulekit.training.config import check_input_shape
+
+    for item in items:
+        if tick is not None:
+            tick(1)
+        try:
+            hu = read_slice(item.path).hu
+            check_input_shape(hu.shape, depth)
+        except (DicomError, ValueError) as e:
+            failed.append((str(item.path), str(e)))
+            report(f"skipped {item.path}: {e}")
+            continue
+        truth = read_truth(item, hu.shape, report)
+        yield LoadedSlice(item, np.ascontiguousarray(hu), truth)
 
 
-def _write_outputs(out: Path, item: SliceInput, logits: np.ndarray, grey: np.ndarray,
-                   truth: np.ndarray | None, probabilities: bool) -> dict:
-    from PIL import Image
-
-    from nodulekit.data.masks import write_mask
-
-    pred = logits > 0
-    mask_path = out / "masks" / f"{item.rel}.png"
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    write_mask(mask_path, pred)
-    overlay_path = out / "overlays" / f"{item.rel}.png"
-    overlay_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(grey, pred, truth)).save(overlay_path)
-    row = {"input": str(item.path), "mask": str(mask_path.relative_to(out)),
-           "overlay": str(overlay_path.relative_to(out)), "predicted_pixels": int(pred.sum()),
-           "truth": str(item.truth) if truth is not None and item.truth is not None
-           and item.truth.is_file() else ("(none: no nodule)" if truth is not None else "")}
-    if probabilities:
-        prob_path = out / "probabilities" / f"{item.rel}.png"
-        prob_path.parent.mkdir(parents=True, exist_ok=True)
-        p = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -60, 60)))
-        Image.fromarray(np.rint(p * 255).astype(np.uint8)).save(prob_path)
-        row["probabilities"] = str(prob_path.relative_to(out))
-    return row
+def run_batches(net: Network, slices: Iterable[LoadedSlice],
+                batch_size: int) -> Iterator[SlicePrediction]:
+    """`net` over `slices` in order, `batch_size` at a time; a batch ends early where the slice
+    size changes."""
+    pending: list[LoadedSlice] = []
+    for s in slices:
+        if pending and s.hu.shape != pending[0].hu.shape:
+            yield from net.run(pending)
+            pending = []
+        pending.append(s)
+        if len(pending) >= batch_size:
+            yield from net.run(pending)
+            pending = []
+    if pending:
+        yield from net.run(pending)
 
 
-def overlay(grey: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
-            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """RGB uint8: the windowed slice (grey in [0, 1]) with the Fig. 4 colours blended in."""
-    base = np.clip(np.rint(np.asarray(grey, np.float64) * 255), 0, 255)
-    rgb = np.repeat(base[..., None], 3, axis=2)
-    pred = np.asarray(pred, bool)
-    if truth is None:
-        layers = [(pred, COLOURS["pred"])]
-    else:
-        t = np.asarray(truth) != 0
-        layers = [(pred & t, COLOURS["tp"]), (pred & ~t, COLOURS["fp"]),
-                  (~pred & t, COLOURS["fn"])]
-    for where, colour in layers:
-        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colour, np.float64)
-    return np.rint(rgb).astype(np.uint8)
+def summarise(scored: list[tuple[np.ndarray, bool]]) -> dict | None:
+    """{"all", "nodule_slices"}: `group_summary` of the slices' (tp, fp, fn) (with a nodule:
+    those whose truth mask is not empty); None without any slice."""
+    from nodulekit.evaluation.metrics import group_summary
 
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = ["input", "mask", "overlay", "probabilities", "predicted_pixels", "truth",
-               "tp", "fp", "fn", "dice", "iou"]
-    used = [c for c in columns if any(c in r for r in rows)]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=used, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    if not scored:
+        return None
+    counts = np.asarray([c for c, _ in scored], dtype=np.int64)
+    nodule = np.asarray([n for _, n in scored], dtype=bool)
+    return {"all": group_summary(counts), "nodule_slices": group_summary(counts[nodule])}
