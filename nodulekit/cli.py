@@ -103,17 +103,14 @@ def bench_step(device, width, depth, size, batch, repeats, warmup, seed, json_pa
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_gpus(device, max_ranks, width, depth, size, batch, slices, repeats, warmup, rounds,
-               seed, json_path):
+def bench_gpus(json_path: str | None, **options) -> None:
     """The paper's Table 4: training s/epoch and inference s/image on 1..N data-parallel
     ranks (mpiexec; one GPU per rank, CPU ranks where there is no GPU), with scaling
     efficiency."""
-    from nodulekit.bench.gpus import format_gpus, run_gpus_bench
+    from nodulekit.bench.gpus import GpusBenchOptions, format_gpus, run_gpus_bench
 
     try:
-        result = run_gpus_bench(device=device, max_ranks=max_ranks, width=width, depth=depth,
-                                size=size, batch=batch, slices=slices, repeats=repeats,
-                                warmup=warmup, rounds=rounds, seed=seed, echo=click.echo)
+        result = run_gpus_bench(GpusBenchOptions(**options), echo=click.echo)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_gpus(result))
@@ -489,18 +486,11 @@ def preprocess(data, out, layout, workers, strict, overwrite, allow_non_ct, spli
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_loader(data, size, patients, slices_per_patient, workers, repeats, batch, batches,
-                 num_workers, queue_size, step_seconds, sweep, sweep_workers, sweep_queue,
-                 consumer_ms, seed, json_path):
+def bench_loader(json_path: str | None, **options) -> None:
     """Preprocessing against a plain pydicom loop, loader batches/s, and a sweep."""
-    from nodulekit.bench.loader import format_loader, run_loader_bench
+    from nodulekit.bench.loader import LoaderBenchOptions, format_loader, run_loader_bench
 
-    result = run_loader_bench(
-        data=data, size=size, patients=patients, slices_per_patient=slices_per_patient,
-        workers=workers, repeats=repeats, batch=batch, batches=batches,
-        num_workers=num_workers, queue_size=queue_size, step_seconds=step_seconds,
-        sweep=sweep, sweep_workers=sweep_workers, sweep_queue=sweep_queue,
-        consumer_ms=consumer_ms, seed=seed, progress=True)
+    result = run_loader_bench(LoaderBenchOptions(**options, progress=True))
     click.echo(format_loader(result))
     _write_json(result, json_path)
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from nodulekit.data.cache import Cache
-from nodulekit.data.loader import Batch, Loader, LoaderError, eval_loader, train_loader
+from nodulekit.data.loader import (
+    Batch,
+    Loader,
+    LoaderError,
+    SampleOptions,
+    eval_loader,
+    train_loader,
+)
 from nodulekit.data.preprocess import preprocess
 from nodulekit.data.synth import SynthConfig, synthesize
 
@@ -90,8 +97,8 @@ def test_empty_fraction_adds_fresh_empty_slices_each_epoch(cache_path):
     with Cache(cache_path) as cache:
         split = cache.split("train")
         n_nodule, empty = len(split.nodule_rows()), set(split.empty_rows().tolist())
-    with Loader(cache_path, "train", batch_size=1, empty_fraction=0.25, seed=4,
-                drop_last=False) as loader:
+    with Loader(cache_path, "train", batch_size=1,
+                sample=SampleOptions(empty_fraction=0.25, seed=4, drop_last=False)) as loader:
         expected = round(0.25 * len(empty))
         assert expected > 0 and loader.samples_per_epoch == n_nodule + expected
         picks = []
@@ -137,8 +144,8 @@ def test_within_and_blocks_shards_rebuild_the_single_process_epoch(cache_path):
         whole = single.epoch(0)
         whole = [(b.index.copy(), b.aug.copy()) for b in whole]
     for rank in range(world):
-        with Loader(cache_path, batch_size=4, seed=5, rank=rank, world_size=world,
-                    shard="within") as loader:
+        with Loader(cache_path, batch_size=4, sample=SampleOptions(seed=5), rank=rank,
+                    world_size=world, shard="within") as loader:
             mine = [(b.index, b.aug) for b in loader.epoch(0)]
         assert len(mine) == len(whole)
         for (rows, aug), (all_rows, all_aug) in zip(mine, whole, strict=True):
@@ -179,6 +186,6 @@ def test_bad_loader_arguments(cache_path):
     with pytest.raises(LoaderError, match="multiple of the rank count"):
         Loader(cache_path, batch_size=5, world_size=2, shard="within")
     with pytest.raises(LoaderError, match="sampling"):
-        Loader(cache_path, sampling="some")
+        Loader(cache_path, sample=SampleOptions(sampling="some"))
     with pytest.raises(Exception, match="no split 'dev'"):
         Loader(cache_path, "dev")

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from nodulekit.bench.common import provenance
 
@@ -131,27 +133,73 @@ def default_max_ranks(device: str) -> tuple[int, str]:
     return max(1, min(4, os.cpu_count() or 1)), backend
 
 
-def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: int = 16,
-                   depth: int = 4, size: int = 128, batch: int = 12,
-                   slices: int = PAPER_SLICES, repeats: int = 5, warmup: int = 2,
-                   rounds: int = 1, seed: int = 0, timeout: float = 600.0,
-                   echo=print) -> dict:
-    """Time 1..max_ranks ranks, each in its own `mpiexec -n n` job; see the module doc.
+@dataclass(frozen=True)
+class GpusBenchOptions:
+    """What `run_gpus_bench` times; the fields are `nodulekit bench gpus`'s options.
 
+    device: "auto", "cpu" or "cuda"; max_ranks: time 1..max_ranks ranks (None: every GPU,
+    or min(4, cores) CPU ranks). width, depth, size, batch (global), seed: the model and
+    its input. slices: training slices per epoch. repeats, warmup: timed and untimed steps.
     rounds: run every rank count this many times, interleaved (1, 2, .., 1, 2, ..), and
     take the median of all their steps: on a shared machine a busy spell then does not
-    land on one rank count only.
+    land on one rank count only. timeout: seconds per `mpiexec` job.
     """
+
+    device: str = "auto"
+    max_ranks: int | None = None
+    width: int = 16
+    depth: int = 4
+    size: int = 128
+    batch: int = 12
+    slices: int = PAPER_SLICES
+    repeats: int = 5
+    warmup: int = 2
+    rounds: int = 1
+    seed: int = 0
+    timeout: float = 600.0
+
+
+def run_gpus_bench(options: GpusBenchOptions | None = None,
+                   echo: Callable[[str], object] = print) -> dict:
+    """Time 1..max_ranks ranks, each in its own `mpiexec -n n` job; see the module doc and
+    `GpusBenchOptions`. `echo` says which rank count is being timed."""
+    o = GpusBenchOptions() if options is None else options
+    default_n, backend = default_max_ranks(o.device)
+    prov = provenance(backend)  # before the runs: the load average says how busy it was
+    n_max = int(o.max_ranks or default_n)
+    counts, skipped, have_mpi = _rank_counts(n_max, o.batch)
+    rows = _time_rank_counts(counts, backend, o, have_mpi, echo)
+    steps_per_epoch = o.slices // o.batch
+    _add_scaling(rows, steps_per_epoch, o.batch)
+    return {
+        "benchmark": "gpus",
+        **prov,
+        "uncommitted_files": _dirty_files(),
+        "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "backend": backend,
+        "config": {"width": o.width, "depth": o.depth, "size": o.size,
+                   "global_batch": o.batch, "slices": o.slices,
+                   "steps_per_epoch": steps_per_epoch, "repeats": o.repeats,
+                   "warmup": o.warmup, "rounds": o.rounds, "seed": o.seed, "max_ranks": n_max,
+                   "parameters": rows[0]["parameters"] if rows else None,
+                   "precision": rows[0]["precision"] if rows else None,
+                   "what_is_timed": "forward + Dice loss + backward + gradient all-reduce + "
+                                    "Adam, slowest rank, median; data reading not included",
+                   "inference": "forward of one global batch split over the ranks, / batch",
+                   "compare_with": PAPER_TABLE4},
+        "rows": rows,
+        "skipped": skipped,
+        "notes": _notes(backend, prov, n_max),
+    }
+
+
+def _rank_counts(n_max: int, batch: int) -> tuple[list[int], list[dict], bool]:
+    """(the rank counts 1..n_max that can run, those skipped and why, whether MPI is
+    there)."""
     from nodulekit import distributed
 
-    default_n, backend = default_max_ranks(device)
-    prov = provenance(backend)  # before the runs: the load average says how busy it was
-    n_max = int(max_ranks or default_n)
-    opts = {"device": backend, "width": width, "depth": depth, "size": size, "batch": batch,
-            "repeats": repeats, "warmup": warmup, "seed": seed}
-    rows, skipped = [], []
     have_mpi, why_not = distributed.mpi_status()
-    counts = []
+    counts, skipped = [], []
     for n in range(1, n_max + 1):
         if batch % n:
             skipped.append({"ranks": n, "why": f"the global batch {batch} does not divide "
@@ -160,12 +208,21 @@ def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: in
             skipped.append({"ranks": n, "why": why_not})
         else:
             counts.append(n)
+    return counts, skipped, have_mpi
+
+
+def _time_rank_counts(counts: list[int], backend: str, o: GpusBenchOptions, have_mpi: bool,
+                      echo: Callable[[str], object]) -> list[dict]:
+    """One row per rank count: its `rounds` runs, their step samples pooled (medians)."""
+    opts = {"device": backend, "width": o.width, "depth": o.depth, "size": o.size,
+            "batch": o.batch, "repeats": o.repeats, "warmup": o.warmup, "seed": o.seed}
     runs: dict[int, list[dict]] = {n: [] for n in counts}
-    for round_ in range(rounds):  # interleaved, so a busy spell hits every rank count
+    for round_ in range(o.rounds):  # interleaved, so a busy spell hits every rank count
         for n in counts:
-            echo(f"timing {n} rank(s)" + (f", round {round_ + 1}/{rounds}" if rounds > 1
+            echo(f"timing {n} rank(s)" + (f", round {round_ + 1}/{o.rounds}" if o.rounds > 1
                                           else "") + " ...")
-            runs[n].append(_run_ranks(n, opts, have_mpi, timeout))
+            runs[n].append(_run_ranks(n, opts, have_mpi, o.timeout))
+    rows = []
     for n in counts:
         row = dict(runs[n][0])
         for key in ("step_s", "infer_batch_s"):
@@ -174,8 +231,11 @@ def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: in
         if row["allreduce_ms"] is not None:
             row["allreduce_ms"] = statistics.median(r["allreduce_ms"] for r in runs[n])
         rows.append(row)
+    return rows
 
-    steps_per_epoch = slices // batch
+
+def _add_scaling(rows: list[dict], steps_per_epoch: int, batch: int) -> None:
+    """Per epoch and per image times, and speed-up and efficiency against one rank."""
     base = rows[0] if rows and rows[0]["ranks"] == 1 else None
     for r in rows:
         r["train_s_per_epoch"] = steps_per_epoch * r["step_s"]
@@ -188,6 +248,9 @@ def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: in
             r["infer_speedup"] = base["infer_batch_s"] / r["infer_batch_s"]
             r["infer_efficiency"] = base["infer_batch_s"] / (n * r["infer_batch_s"])
 
+
+def _notes(backend: str, prov: dict, n_max: int) -> list[str]:
+    """What to keep in mind when reading the rows (CPU ranks, a busy machine)."""
     cores = os.cpu_count() or 1
     notes = []
     load = prov.get("loadavg_1min_at_start") or 0.0
@@ -203,25 +266,7 @@ def run_gpus_bench(device: str = "auto", max_ranks: int | None = None, width: in
         if n_max > cores:
             notes.append(f"{n_max} ranks on {cores} cores: the rows above {cores} ranks are "
                          "oversubscribed")
-    return {
-        "benchmark": "gpus",
-        **prov,
-        "uncommitted_files": _dirty_files(),
-        "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "backend": backend,
-        "config": {"width": width, "depth": depth, "size": size, "global_batch": batch,
-                   "slices": slices, "steps_per_epoch": steps_per_epoch, "repeats": repeats,
-                   "warmup": warmup, "rounds": rounds, "seed": seed, "max_ranks": n_max,
-                   "parameters": rows[0]["parameters"] if rows else None,
-                   "precision": rows[0]["precision"] if rows else None,
-                   "what_is_timed": "forward + Dice loss + backward + gradient all-reduce + "
-                                    "Adam, slowest rank, median; data reading not included",
-                   "inference": "forward of one global batch split over the ranks, / batch",
-                   "compare_with": PAPER_TABLE4},
-        "rows": rows,
-        "skipped": skipped,
-        "notes": notes,
-    }
+    return notes
 
 
 def _dirty_files() -> list[str] | None:

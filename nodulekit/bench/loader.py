@@ -26,106 +26,155 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nodulekit.data.layout import read_layout
-from nodulekit.data.loader import Loader
+from nodulekit.data.loader import Loader, ReadOptions, SampleOptions
 from nodulekit.data.preprocess import preprocess
 from nodulekit.data.synth import SynthConfig, synthesize
 
 
-def run_loader_bench(data: str | None = None, *, size: int = 512, patients: int = 12,
-                     slices_per_patient: int = 200, workers: int = 2, repeats: int = 3,
-                     batch: int = 12, batches: int = 200, num_workers: int = 2,
-                     queue_size: int = 4, step_seconds: float | None = None,
-                     step_width: int = 16, step_depth: int = 4, sweep: bool = False,
-                     sweep_workers=(0, 1, 2, 4), sweep_queue=(1, 2, 4, 8, 16),
-                     consumer_ms: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+@dataclass(frozen=True)
+class LoaderBenchOptions:
+    """What `run_loader_bench` times; the fields are `nodulekit bench loader`'s options.
+
+    data: a data-set folder to read (None: synthesize `patients` x `slices_per_patient`
+    slices of `size` x `size`). workers: preprocessing processes; repeats: alternating
+    rounds of the plain loop and preprocessing. batch, batches, num_workers, queue_size: the
+    timed loader. step_seconds, step_width, step_depth: the training step compared with.
+    sweep, sweep_workers, sweep_queue, consumer_ms: the num_workers x queue_size sweep.
+    """
+
+    data: str | None = None
+    size: int = 512
+    patients: int = 12
+    slices_per_patient: int = 200
+    workers: int = 2
+    repeats: int = 3
+    batch: int = 12
+    batches: int = 200
+    num_workers: int = 2
+    queue_size: int = 4
+    step_seconds: float | None = None
+    step_width: int = 16
+    step_depth: int = 4
+    sweep: bool = False
+    sweep_workers: Sequence[int] = (0, 1, 2, 4)
+    sweep_queue: Sequence[int] = (1, 2, 4, 8, 16)
+    consumer_ms: float = 0.0
+    seed: int = 0
+    progress: bool = False
+
+
+def run_loader_bench(options: LoaderBenchOptions | None = None) -> dict:
+    """Preprocessing against a plain pydicom loop, the loader against a training step, and
+    the optional sweep (see the module doc); the results as a JSON-ready dict."""
+    o = LoaderBenchOptions() if options is None else options
     load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="nodulekit-bench-loader-") as tmp:
         tmp = Path(tmp)
-        synth_info = None
+        data, synth_info = o.data, None
         if data is None:
-            cfg = SynthConfig(size=size, patients=patients,
-                              slices_per_patient=slices_per_patient, seed=seed)
-            t = time.perf_counter()
-            # Processes pay off only beyond a few hundred slices (their start-up is ~1 s).
-            small = patients * slices_per_patient * size * size < 200 * 512 * 512
-            synthesize(tmp / "data", cfg, workers=0 if small else None, progress=progress)
-            synth_info = {"size": size, "patients": patients,
-                          "slices_per_patient": slices_per_patient, "seed": seed,
-                          "seconds": time.perf_counter() - t}
-            data = str(tmp / "data")
-        index = read_layout(data)
-        files = [r.image for r in index.records]
-        n = len(files)
-
-        _plain_loop(files)  # warm-up: both sides then read from the page cache
-        plain, ours, plain_cpu, ours_cpu = [], [], [], []
-        cache = None
-        for r in range(repeats):
-            if cache is not None:  # keep one cache (the last, for the loader)
-                cache.unlink()
-            _settle()
-            wall, cpu = _plain_loop(files)
-            plain.append(n / wall)
-            plain_cpu.append(cpu / n)
-            cache = tmp / f"cache{r}.h5"
-            report = preprocess(data, cache, workers=workers, progress=False)
-            ours.append(report.total_slices / report.seconds)
-            ours_cpu.append((report.cpu_seconds["parent"] + report.cpu_seconds["workers"])
-                            / report.total_slices)
-        ratios = [o / p for o, p in zip(ours, plain, strict=True)]
-        warm = ours[1:] or ours
-        pre = {
-            "slices": n, "workers": workers, "repeats": repeats,
-            "plain_slices_per_s": statistics.median(plain),
-            "ours_slices_per_s": statistics.median(ours),
-            "ratio": statistics.median(ratios),
-            "ours_warm_slices_per_s": statistics.median(warm),
-            "ratio_warm": statistics.median(ratios[1:] or ratios),
-            "cold_slices_per_s": ours[0],
-            "samples": {"plain": plain, "ours": ours},
-            # CPU time per slice (user + system, all processes): what the work costs, less
-            # sensitive than wall time to other processes on the same cores.
-            "plain_cpu_ms_per_slice": 1e3 * statistics.median(plain_cpu),
-            "ours_cpu_ms_per_slice": 1e3 * statistics.median(ours_cpu),
-            "cpu_seconds_last_run": report.cpu_seconds,
-            # What the wall-time ratio would be with the cores to ourselves: our CPU time
-            # spread over min(cores, processes), against the plain loop's on one core.
-            "ratio_projected_idle_cores": statistics.median(plain_cpu) * min(
-                os.cpu_count() or 1, workers + 1) / statistics.median(ours_cpu),
-            "nodule_slice_fraction": report.counts["train"]["nodule_slices"]
-            / max(1, report.counts["train"]["slices"]),
-            "image_shape": list(report.image_shape),
-            "skipped": len(report.skipped),
-        }
-
-        load = _time_loader(cache, batch, batches, num_workers, queue_size, 0.0, seed)
-        step = _step(step_seconds, report.image_shape[0], batch, step_width, step_depth, seed)
+            data, synth_info = _synthesize(tmp, o)
+        pre, cache, image_shape = _time_preprocess(data, tmp, o)
+        load = _time_loader(cache, o.batch, o.batches, o.num_workers, o.queue_size, 0.0,
+                            o.seed)
+        step = _step(o.step_seconds, image_shape[0], o.batch, o.step_width, o.step_depth,
+                     o.seed)
         if step.get("seconds"):
             step["batches_per_s"] = 1.0 / step["seconds"]
             load["times_step"] = load["batches_per_s"] * step["seconds"]
-
-        table = []
-        if sweep:
-            for w in sweep_workers:
-                for q in ([1] if w == 0 else sweep_queue):
-                    r = _time_loader(cache, batch, batches, w, q, consumer_ms, seed)
-                    table.append({"num_workers": w, "queue_size": q,
-                                  "batches_per_s": r["batches_per_s"]})
+        table = _sweep(cache, o) if o.sweep else []
 
     result = {"benchmark": "loader", **_provenance(),
               # Other processes share the cores: the load average says how much.
               "loadavg_1min": {"before": load_before, "after": _loadavg()},
-              "config": {"size": size, "batch": batch, "batches": batches,
-                         "num_workers": num_workers, "queue_size": queue_size,
-                         "consumer_ms": consumer_ms, "seed": seed},
+              "config": {"size": o.size, "batch": o.batch, "batches": o.batches,
+                         "num_workers": o.num_workers, "queue_size": o.queue_size,
+                         "consumer_ms": o.consumer_ms, "seed": o.seed},
               "synthetic": synth_info, "data": None if synth_info else data,
               "preprocess": pre, "loader": load, "step": step}
-    if sweep:
+    if o.sweep:
         result["sweep"] = table
     return result
+
+
+def _synthesize(tmp: Path, o: LoaderBenchOptions) -> tuple[str, dict]:
+    """The synthetic data set under `tmp`: (its folder, what it is)."""
+    cfg = SynthConfig(size=o.size, patients=o.patients,
+                      slices_per_patient=o.slices_per_patient, seed=o.seed)
+    t = time.perf_counter()
+    # Processes pay off only beyond a few hundred slices (their start-up is ~1 s).
+    small = o.patients * o.slices_per_patient * o.size * o.size < 200 * 512 * 512
+    synthesize(tmp / "data", cfg, workers=0 if small else None, progress=o.progress)
+    info = {"size": o.size, "patients": o.patients,
+            "slices_per_patient": o.slices_per_patient, "seed": o.seed,
+            "seconds": time.perf_counter() - t}
+    return str(tmp / "data"), info
+
+
+def _time_preprocess(data: str, tmp: Path,
+                     o: LoaderBenchOptions) -> tuple[dict, Path, tuple[int, int]]:
+    """Preprocessing against the plain loop, `o.repeats` alternating rounds: (the results,
+    the last round's cache, its slice shape)."""
+    index = read_layout(data)
+    files = [r.image for r in index.records]
+    n = len(files)
+
+    _plain_loop(files)  # warm-up: both sides then read from the page cache
+    plain, ours, plain_cpu, ours_cpu = [], [], [], []
+    cache = None
+    for r in range(o.repeats):
+        if cache is not None:  # keep one cache (the last, for the loader)
+            cache.unlink()
+        _settle()
+        wall, cpu = _plain_loop(files)
+        plain.append(n / wall)
+        plain_cpu.append(cpu / n)
+        cache = tmp / f"cache{r}.h5"
+        report = preprocess(data, cache, workers=o.workers, progress=False)
+        ours.append(report.total_slices / report.seconds)
+        ours_cpu.append((report.cpu_seconds["parent"] + report.cpu_seconds["workers"])
+                        / report.total_slices)
+    ratios = [a / b for a, b in zip(ours, plain, strict=True)]
+    warm = ours[1:] or ours
+    pre = {
+        "slices": n, "workers": o.workers, "repeats": o.repeats,
+        "plain_slices_per_s": statistics.median(plain),
+        "ours_slices_per_s": statistics.median(ours),
+        "ratio": statistics.median(ratios),
+        "ours_warm_slices_per_s": statistics.median(warm),
+        "ratio_warm": statistics.median(ratios[1:] or ratios),
+        "cold_slices_per_s": ours[0],
+        "samples": {"plain": plain, "ours": ours},
+        # CPU time per slice (user + system, all processes): what the work costs, less
+        # sensitive than wall time to other processes on the same cores.
+        "plain_cpu_ms_per_slice": 1e3 * statistics.median(plain_cpu),
+        "ours_cpu_ms_per_slice": 1e3 * statistics.median(ours_cpu),
+        "cpu_seconds_last_run": report.cpu_seconds,
+        # What the wall-time ratio would be with the cores to ourselves: our CPU time
+        # spread over min(cores, processes), against the plain loop's on one core.
+        "ratio_projected_idle_cores": statistics.median(plain_cpu) * min(
+            os.cpu_count() or 1, o.workers + 1) / statistics.median(ours_cpu),
+        "nodule_slice_fraction": report.counts["train"]["nodule_slices"]
+        / max(1, report.counts["train"]["slices"]),
+        "image_shape": list(report.image_shape),
+        "skipped": len(report.skipped),
+    }
+    return pre, cache, report.image_shape
+
+
+def _sweep(cache: Path, o: LoaderBenchOptions) -> list[dict]:
+    """Batches/s over num_workers x queue_size (one queue size for the inline loader)."""
+    table = []
+    for w in o.sweep_workers:
+        for q in ([1] if w == 0 else o.sweep_queue):
+            r = _time_loader(cache, o.batch, o.batches, w, q, o.consumer_ms, o.seed)
+            table.append({"num_workers": w, "queue_size": q,
+                          "batches_per_s": r["batches_per_s"]})
+    return table
 
 
 def _settle() -> None:
@@ -147,9 +196,10 @@ def _plain_loop(files: list[str]) -> tuple[float, float]:
 
 def _time_loader(cache, batch, batches, num_workers, queue_size, consumer_ms, seed) -> dict:
     """Batches/s over `batches` training batches (epochs repeat as needed)."""
-    with Loader(cache, "train", batch_size=batch, sampling="all", shuffle=True, augment=True,
-                drop_last=True, seed=seed, num_workers=num_workers,
-                queue_size=queue_size) as loader:
+    with Loader(cache, "train", batch_size=batch,
+                sample=SampleOptions(sampling="all", shuffle=True, augment=True,
+                                     drop_last=True, seed=seed),
+                read=ReadOptions(num_workers=num_workers, queue_size=queue_size)) as loader:
         if len(loader) == 0:
             raise ValueError(f"the train split has fewer than {batch} slices")
         got, epoch = 0, 0

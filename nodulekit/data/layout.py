@@ -171,84 +171,123 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace("_", "").replace(" ", "").replace("-", "")
 
 
-def _read_split_csv(root: Path, split: str, csv_path: Path):
-    # Plain strings and one directory walk instead of a stat per listed file: a real split
-    # lists a quarter of a million slices.
-    d = os.path.abspath(root / split)
-    images_dir, masks_dir = os.path.join(d, "images"), os.path.join(d, "masks")
-    root_s = os.path.abspath(root)
-    image_files = set(_walk_paths(images_dir))
-    mask_files = set(_walk_paths(masks_dir))
-    records: list[SliceRecord] = []
-    problems: list[Problem] = []
+def _read_split_csv(root: Path, split: str,
+                    csv_path: Path) -> tuple[list[SliceRecord], list[Problem]]:
+    reader = _SplitCsv(root, split, csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = {_norm(c): c for c in (reader.fieldnames or [])}
-        if "image" not in columns:
-            raise LayoutError(f"{csv_path}: no 'image' column (columns: "
-                              f"{', '.join(reader.fieldnames or [])})")
+        rows = csv.DictReader(f)
+        reader.read_columns(rows.fieldnames)
+        for line, row in enumerate(rows, start=2):
+            reader.read_row(f"{csv_path}:{line}", row)
+    reader.report_unlisted()
+    return reader.records, reader.problems
+
+
+class _SplitCsv:
+    """One split's CSV read against its folder: the slices it lists, and what does not fit.
+
+    Plain strings and one directory walk instead of a stat per listed file: a real split
+    lists a quarter of a million slices.
+    """
+
+    def __init__(self, root: Path, split: str, csv_path: Path):
+        self.split, self.csv_path = split, csv_path
+        self.d = os.path.abspath(root / split)
+        self.images_dir = os.path.join(self.d, "images")
+        self.masks_dir = os.path.join(self.d, "masks")
+        self.root_s = os.path.abspath(root)
+        self.image_files = set(_walk_paths(self.images_dir))
+        self.mask_files = set(_walk_paths(self.masks_dir))
+        self.columns: dict[str, str] = {}
+        self.records: list[SliceRecord] = []
+        self.problems: list[Problem] = []
+        self.listed: set[str] = set()
+        self.listed_masks: set[str] = set()
+
+    def read_columns(self, fieldnames: Sequence[str] | None) -> None:
+        self.columns = {_norm(c): c for c in (fieldnames or [])}
+        if "image" not in self.columns:
+            raise LayoutError(f"{self.csv_path}: no 'image' column (columns: "
+                              f"{', '.join(fieldnames or [])})")
         for missing in ("patientid", "exam", "slice", "mask"):
-            if missing not in columns:
-                problems.append(Problem(str(csv_path), f"no '{missing}' column; derived from "
-                                                       "the image path instead", skipped=False))
+            if missing not in self.columns:
+                self.problems.append(Problem(str(self.csv_path), f"no '{missing}' column; "
+                                             "derived from the image path instead",
+                                             skipped=False))
 
-        def field_of(row, name: str) -> str:
-            return (row.get(columns[name]) or "").strip() if name in columns else ""
+    def field(self, row: dict, name: str) -> str:
+        return (row.get(self.columns[name]) or "").strip() if name in self.columns else ""
 
-        listed: set[str] = set()
-        listed_masks: set[str] = set()
-        for line, row in enumerate(reader, start=2):
-            where = f"{csv_path}:{line}"
-            image_text = field_of(row, "image")
-            if not image_text:
-                problems.append(Problem(where, "empty 'image' field; row ignored"))
-                continue
-            image = _find(image_text, (images_dir, d, root_s), image_files)
-            if image is None:
-                problems.append(Problem(where, f"image {image_text!r} listed but not found "
-                                               f"under {images_dir}"))
-                continue
-            if image in listed:
-                problems.append(Problem(where, f"image {image_text!r} listed twice; this row "
-                                               "ignored"))
-                continue
-            listed.add(image)
-            rel = _under(image, images_dir) or os.path.basename(image)
-            mask_text = field_of(row, "mask")
-            mask = None
-            if mask_text:
-                mask = _find(mask_text, (masks_dir, d, root_s), mask_files)
-                if mask is None:
-                    problems.append(Problem(where, f"mask {mask_text!r} listed but not found; "
-                                                   "slice skipped (its truth is unknown)"))
-                    continue
-                listed_masks.add(mask)
-            else:
-                mirror = os.path.join(masks_dir, os.path.splitext(rel)[0] + ".png")
-                if mirror in mask_files:
-                    listed_masks.add(mirror)
-                    problems.append(Problem(mirror, "mask file exists but the CSV lists no "
-                                                    "mask for its slice; kept as a slice "
-                                                    "without nodule, as the CSV says",
-                                            skipped=False))
-            parts = rel.split(os.sep)
-            patient = field_of(row, "patientid") or _patient_from_path(Path(rel))
-            exam = field_of(row, "exam") or (parts[-2] if len(parts) > 1 else "1")
-            slice_text = field_of(row, "slice")
-            slice_no = _int_or_none(slice_text)
-            if slice_text and slice_no is None:
-                problems.append(Problem(where, f"slice {slice_text!r} is not an integer; "
-                                               "ordered by file name instead", skipped=False))
-            source = _under(image, root_s) or image
-            records.append(SliceRecord(split, patient, exam, slice_no, image, mask,
-                                       source.replace(os.sep, "/")))
-    for path in sorted(image_files - listed):
-        if _looks_like_dicom(Path(path)):
-            problems.append(Problem(path, f"DICOM not listed in {csv_path.name}; skipped"))
-    for path in sorted(mask_files - listed_masks):
-        if path.lower().endswith(".png"):
-            problems.append(Problem(path, "mask without a slice in the CSV; ignored"))
-    return records, problems
+    def read_row(self, where: str, row: dict) -> None:
+        image = self._image(where, row)
+        if image is None:
+            return
+        rel = _under(image, self.images_dir) or os.path.basename(image)
+        found, mask = self._mask(where, row, rel)
+        if not found:
+            return
+        parts = rel.split(os.sep)
+        patient = self.field(row, "patientid") or _patient_from_path(Path(rel))
+        exam = self.field(row, "exam") or (parts[-2] if len(parts) > 1 else "1")
+        slice_text = self.field(row, "slice")
+        slice_no = _int_or_none(slice_text)
+        if slice_text and slice_no is None:
+            self.problems.append(Problem(where, f"slice {slice_text!r} is not an integer; "
+                                                "ordered by file name instead",
+                                         skipped=False))
+        source = _under(image, self.root_s) or image
+        self.records.append(SliceRecord(self.split, patient, exam, slice_no, image, mask,
+                                        source.replace(os.sep, "/")))
+
+    def _image(self, where: str, row: dict) -> str | None:
+        """The row's image (now listed), or None when the row is ignored."""
+        image_text = self.field(row, "image")
+        if not image_text:
+            self.problems.append(Problem(where, "empty 'image' field; row ignored"))
+            return None
+        image = _find(image_text, (self.images_dir, self.d, self.root_s), self.image_files)
+        if image is None:
+            self.problems.append(Problem(where, f"image {image_text!r} listed but not found "
+                                                f"under {self.images_dir}"))
+            return None
+        if image in self.listed:
+            self.problems.append(Problem(where, f"image {image_text!r} listed twice; this "
+                                                "row ignored"))
+            return None
+        self.listed.add(image)
+        return image
+
+    def _mask(self, where: str, row: dict, rel: str) -> tuple[bool, str | None]:
+        """(False, None) when the listed mask is missing (the slice is skipped), else
+        (True, the mask or None for a slice without nodule)."""
+        mask_text = self.field(row, "mask")
+        if mask_text:
+            mask = _find(mask_text, (self.masks_dir, self.d, self.root_s), self.mask_files)
+            if mask is None:
+                self.problems.append(Problem(where, f"mask {mask_text!r} listed but not "
+                                                    "found; slice skipped (its truth is "
+                                                    "unknown)"))
+                return False, None
+            self.listed_masks.add(mask)
+            return True, mask
+        mirror = os.path.join(self.masks_dir, os.path.splitext(rel)[0] + ".png")
+        if mirror in self.mask_files:
+            self.listed_masks.add(mirror)
+            self.problems.append(Problem(mirror, "mask file exists but the CSV lists no "
+                                                 "mask for its slice; kept as a slice "
+                                                 "without nodule, as the CSV says",
+                                         skipped=False))
+        return True, None
+
+    def report_unlisted(self) -> None:
+        """DICOMs and masks in the folder that the CSV does not list."""
+        for path in sorted(self.image_files - self.listed):
+            if _looks_like_dicom(Path(path)):
+                self.problems.append(Problem(path, f"DICOM not listed in {self.csv_path.name}; "
+                                                   "skipped"))
+        for path in sorted(self.mask_files - self.listed_masks):
+            if path.lower().endswith(".png"):
+                self.problems.append(Problem(path, "mask without a slice in the CSV; ignored"))
 
 
 def _find(text: str, bases: tuple[str, ...], known: set[str]) -> str | None:

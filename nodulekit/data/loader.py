@@ -82,35 +82,70 @@ class EpochPlan:
     aug: list[np.ndarray]  # float32 [b, 3] per batch
 
 
-class Loader:
-    """Batches from one split of a cache; see the module docstring.
+@dataclass(frozen=True)
+class SampleOptions:
+    """What an epoch holds, in which order, with which augmentation (see the module doc).
 
-    cache: a cache path or an open `Cache` (then the caller closes it).
     sampling: "nodules" (slices with a nodule, plus `empty_fraction` of the empty ones per
         epoch) or "all" (every slice).
     shuffle, augment, drop_last: training defaults; `eval_loader` turns them off.
+    seed: with the epoch, seeds everything random; max_angle_deg: the rotation range.
+    """
+
+    sampling: str = "nodules"
+    empty_fraction: float = 0.0
+    shuffle: bool = True
+    augment: bool = True
+    drop_last: bool = True
+    seed: int = 0
+    max_angle_deg: float = MAX_ANGLE_DEG
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How the batches are read.
+
     num_workers: reading threads (0: read in the consumer's thread when it asks).
     queue_size: batches read ahead of the consumer (default 2 x num_workers).
     in_memory: read the whole split into RAM once (small caches, tests).
     """
 
+    num_workers: int = 0
+    queue_size: int | None = None
+    in_memory: bool = False
+
+
+def _check_options(batch_size: int, sample: SampleOptions, read: ReadOptions) -> None:
+    if batch_size < 1:
+        raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
+    if sample.sampling not in SAMPLINGS:
+        raise LoaderError(f"sampling must be one of {SAMPLINGS}, got {sample.sampling!r}")
+    if not 0.0 <= sample.empty_fraction <= 1.0:
+        raise LoaderError(f"empty_fraction must be in [0, 1], got {sample.empty_fraction}")
+    if sample.sampling == "all" and sample.empty_fraction:
+        raise LoaderError("empty_fraction applies to sampling='nodules'; 'all' already "
+                          "takes every empty slice")
+    if read.num_workers < 0:
+        raise LoaderError(f"num_workers must be >= 0, got {read.num_workers}")
+
+
+class Loader:
+    """Batches from one split of a cache; see the module docstring.
+
+    cache: a cache path or an open `Cache` (then the caller closes it).
+    sample: what each epoch holds (`SampleOptions`; default: the training loader's).
+    read: how it is read (`ReadOptions`).
+    rank, world_size, shard: this rank's part of each epoch (`set_shard`).
+    """
+
     def __init__(self, cache: str | os.PathLike | Cache, split: str = "train", *,
-                 batch_size: int = 12, sampling: str = "nodules", empty_fraction: float = 0.0,
-                 shuffle: bool = True, augment: bool = True, drop_last: bool = True,
-                 seed: int = 0, num_workers: int = 0, queue_size: int | None = None,
-                 rank: int = 0, world_size: int = 1, shard: str = "batches",
-                 max_angle_deg: float = MAX_ANGLE_DEG, in_memory: bool = False):
-        if batch_size < 1:
-            raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
-        if sampling not in SAMPLINGS:
-            raise LoaderError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if not 0.0 <= empty_fraction <= 1.0:
-            raise LoaderError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
-        if sampling == "all" and empty_fraction:
-            raise LoaderError("empty_fraction applies to sampling='nodules'; 'all' already "
-                              "takes every empty slice")
-        if num_workers < 0:
-            raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
+                 batch_size: int = 12, sample: SampleOptions | None = None,
+                 read: ReadOptions | None = None, rank: int = 0, world_size: int = 1,
+                 shard: str = "batches"):
+        sample = SampleOptions() if sample is None else sample
+        read = ReadOptions() if read is None else read
+        _check_options(batch_size, sample, read)
+        self.sample_options, self.read_options = sample, read
         self._own_cache = not isinstance(cache, Cache)
         self.cache = Cache(cache) if self._own_cache else cache
         try:
@@ -119,24 +154,26 @@ class Loader:
             self.close()
             raise
         self.batch_size = int(batch_size)
-        self.sampling = sampling
-        self.empty_fraction = float(empty_fraction)
-        self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), drop_last
-        self.seed = int(seed)
-        self.num_workers = int(num_workers)
-        self.queue_size = max(1, 2 * self.num_workers if queue_size is None else int(queue_size))
+        self.sampling = sample.sampling
+        self.empty_fraction = float(sample.empty_fraction)
+        self.shuffle, self.augment = bool(sample.shuffle), bool(sample.augment)
+        self.drop_last = sample.drop_last
+        self.seed = int(sample.seed)
+        self.num_workers = int(read.num_workers)
+        self.queue_size = max(1, 2 * self.num_workers if read.queue_size is None
+                              else int(read.queue_size))
         try:
             self.set_shard(rank, world_size, shard)
         except LoaderError:
             self.close()
             raise
-        self.max_angle_deg = float(max_angle_deg)
+        self.max_angle_deg = float(sample.max_angle_deg)
         self._epoch = 0
         self._executor: ThreadPoolExecutor | None = None
 
         has_nodule = self.split.meta["has_nodule"].astype(bool)
         self._has_nodule = has_nodule
-        if sampling == "nodules":
+        if self.sampling == "nodules":
             self._base_rows = np.flatnonzero(has_nodule).astype(np.int64)
             self._empty_rows = np.flatnonzero(~has_nodule).astype(np.int64)
             self._n_empty = int(round(self.empty_fraction * len(self._empty_rows)))
@@ -149,7 +186,7 @@ class Loader:
             self._base_rows = np.arange(len(self.split), dtype=np.int64)
             self._empty_rows = np.empty(0, dtype=np.int64)
             self._n_empty = 0
-        self._reader = _RowReader(self.split, has_nodule, in_memory)
+        self._reader = _RowReader(self.split, has_nodule, read.in_memory)
 
     # ------------------------------------------------------------------------- planning
 
@@ -293,10 +330,12 @@ def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
                  in_memory: bool = False) -> Loader:
     """The paper's training loader: nodule slices (+ a fraction of empty ones), shuffled,
     augmented, incomplete last batch dropped."""
-    return Loader(cache, "train", batch_size=batch_size, sampling="nodules",
-                  empty_fraction=empty_fraction, shuffle=True, augment=True, drop_last=True,
-                  seed=seed, num_workers=num_workers, queue_size=queue_size, rank=rank,
-                  world_size=world_size, in_memory=in_memory)
+    return Loader(cache, "train", batch_size=batch_size,
+                  sample=SampleOptions(sampling="nodules", empty_fraction=empty_fraction,
+                                       shuffle=True, augment=True, drop_last=True, seed=seed),
+                  read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
+                                   in_memory=in_memory),
+                  rank=rank, world_size=world_size)
 
 
 def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
@@ -305,10 +344,12 @@ def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
                 in_memory: bool = False) -> Loader:
     """Every slice of a split (or only the nodule slices) in cache order, no augmentation,
     the last partial batch kept."""
-    return Loader(cache, split, batch_size=batch_size, sampling=sampling, shuffle=False,
-                  augment=False, drop_last=False, num_workers=num_workers,
-                  queue_size=queue_size, rank=rank, world_size=world_size,
-                  in_memory=in_memory)
+    return Loader(cache, split, batch_size=batch_size,
+                  sample=SampleOptions(sampling=sampling, shuffle=False, augment=False,
+                                       drop_last=False),
+                  read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
+                                   in_memory=in_memory),
+                  rank=rank, world_size=world_size)
 
 
 class _RowReader:

@@ -222,57 +222,8 @@ class _Workers:
 
     def run(self, writer: _CacheWriter, tasks: list[Task], bar,
             worker_cpu: list[float]) -> None:
-        from multiprocessing.connection import wait
-
         writer.file.flush()
-        chunks = [tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK)]
-        worker_of = dict(zip(self.conns, self.procs, strict=True))
-        next_chunk = 0
-
-        def stopped(conn) -> PreprocessError:
-            proc = worker_of[conn]
-            proc.join(timeout=1)
-            chunk = chunks[self.queued[conn][0]]
-            return PreprocessError(
-                f"a decoding process stopped (exit code {proc.exitcode}) while reading "
-                f"{chunk[0].image} ... {chunk[-1].image}. If it could not even start, run "
-                "the calling script under `if __name__ == \"__main__\":`, or use workers=0 "
-                "(--workers 0)")
-
-        def send(conn) -> None:
-            nonlocal next_chunk
-            k, next_chunk = next_chunk, next_chunk + 1
-            self.queued[conn].append(k)
-            try:
-                conn.send((k, writer.shape, [(t, writer.hu_offset(t.row))
-                                             for t in chunks[k]]))
-            except OSError:  # BrokenPipeError: it is gone
-                raise stopped(conn) from None
-
-        for _ in range(_IN_FLIGHT_PER_WORKER):
-            for conn in self.conns:
-                if next_chunk < len(chunks):
-                    send(conn)
-        # Results are taken from whichever worker has some (so that none waits on a full
-        # pipe), each worker is given a new chunk as it returns one (so that a slow chunk
-        # delays no one), and they are added to the cache in the tasks' order.
-        done: dict[int, list[Decoded]] = {}
-        added = 0
-        while added < len(chunks):
-            for conn in wait([c for c in self.conns if self.queued[c]]):
-                try:
-                    k, results = conn.recv()
-                except (EOFError, OSError):
-                    raise stopped(conn) from None
-                self.queued[conn].remove(k)
-                done[k] = results
-                if next_chunk < len(chunks):
-                    send(conn)
-            while added in done:
-                for d in done.pop(added):
-                    writer.add(d)
-                bar.update(len(chunks[added]))
-                added += 1
+        _Dispatch(self, writer, tasks, bar).run()
         worker_cpu.extend(_cpu_seconds_of(proc.pid) for proc in self.procs)
 
     def close(self, wait: bool = True) -> None:
@@ -291,6 +242,73 @@ class _Workers:
                 proc.join(timeout=5)
         for conn in self.conns:
             conn.close()
+
+
+class _Dispatch:
+    """One `_Workers.run`: chunks of tasks sent to the workers, their results added to the
+    cache in the tasks' order."""
+
+    def __init__(self, pool: _Workers, writer: _CacheWriter, tasks: list[Task], bar):
+        self.pool, self.writer, self.bar = pool, writer, bar
+        self.chunks = [tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK)]
+        self.worker_of = dict(zip(pool.conns, pool.procs, strict=True))
+        self.next_chunk = 0
+        self.done: dict[int, list[Decoded]] = {}
+        self.added = 0
+
+    def run(self) -> None:
+        from multiprocessing.connection import wait
+
+        for _ in range(_IN_FLIGHT_PER_WORKER):
+            for conn in self.pool.conns:
+                self.send_next(conn)
+        # Results are taken from whichever worker has some (so that none waits on a full
+        # pipe), each worker is given a new chunk as it returns one (so that a slow chunk
+        # delays no one), and they are added to the cache in the tasks' order.
+        queued = self.pool.queued
+        while self.added < len(self.chunks):
+            for conn in wait([c for c in self.pool.conns if queued[c]]):
+                self.receive(conn)
+                self.send_next(conn)
+            self.add_ready()
+
+    def stopped(self, conn) -> PreprocessError:
+        proc = self.worker_of[conn]
+        proc.join(timeout=1)
+        chunk = self.chunks[self.pool.queued[conn][0]]
+        return PreprocessError(
+            f"a decoding process stopped (exit code {proc.exitcode}) while reading "
+            f"{chunk[0].image} ... {chunk[-1].image}. If it could not even start, run "
+            "the calling script under `if __name__ == \"__main__\":`, or use workers=0 "
+            "(--workers 0)")
+
+    def send_next(self, conn) -> None:
+        """Give `conn`'s worker the next chunk, if any is left."""
+        if self.next_chunk >= len(self.chunks):
+            return
+        k, self.next_chunk = self.next_chunk, self.next_chunk + 1
+        self.pool.queued[conn].append(k)
+        try:
+            conn.send((k, self.writer.shape, [(t, self.writer.hu_offset(t.row))
+                                              for t in self.chunks[k]]))
+        except OSError:  # BrokenPipeError: it is gone
+            raise self.stopped(conn) from None
+
+    def receive(self, conn) -> None:
+        try:
+            k, results = conn.recv()
+        except (EOFError, OSError):
+            raise self.stopped(conn) from None
+        self.pool.queued[conn].remove(k)
+        self.done[k] = results
+
+    def add_ready(self) -> None:
+        """Add the results that are next in the tasks' order to the cache."""
+        while self.added in self.done:
+            for d in self.done.pop(self.added):
+                self.writer.add(d)
+            self.bar.update(len(self.chunks[self.added]))
+            self.added += 1
 
 
 def _own_cpu_seconds() -> float:

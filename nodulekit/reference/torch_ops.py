@@ -39,6 +39,8 @@ __all__ = [
     "sigmoid_dice_loss", "adam_step", "adam_steps", "window_augment", "confusion_counts",
 ]
 
+Array = np.ndarray | torch.Tensor  # what the ops take: NumPy arrays or tensors in place
+
 
 # --------------------------------------------------------------------------- conversion
 
@@ -361,14 +363,21 @@ def sigmoid_dice_loss(logits, target, smooth=1.0, *, device="cpu", dtype=None):
                      device=device, dtype=dtype)
 
 
-def adam_step(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, *,
-              device="cpu", dtype=None):
+def adam_step(param: Array, grad: Array, m: Array, v: Array, step: int, lr: float,
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+              **where) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One step of torch.optim.Adam from state (m, v, step - 1) -> new (param, m, v).
 
-    Unlike the engine op it does not write into its inputs.
+    The engine op's nine values; ``where``: ``device`` (default "cpu") and ``dtype``
+    (default None), keyword-only as for every op here. Unlike the engine op it does not
+    write into its inputs.
     """
+    unknown = set(where) - {"device", "dtype"}
+    if unknown:
+        raise TypeError(f"adam_step() got an unexpected keyword argument "
+                        f"{sorted(unknown)[0]!r}")
     return _numpy_op("adam_step", param, grad, m, v, int(step), float(lr), float(beta1),
-                     float(beta2), float(eps), device=device, dtype=dtype)
+                     float(beta2), float(eps), **where)
 
 
 def adam_steps(param, grads, lr, beta1=0.9, beta2=0.999, eps=1e-8, *, device="cpu",
