@@ -27,7 +27,8 @@ _EXPORTS = {
     "PreprocessError": "preprocess", "PreprocessReport": "preprocess",
     "Cache": "cache", "open_cache": "cache", "CacheError": "cache",
     "Loader": "loader", "Batch": "loader", "train_loader": "loader",
-    "eval_loader": "loader", "LoaderError": "loader",
+    "eval_loader": "loader", "LoaderError": "loader", "SampleOptions": "loader",
+    "ReadOptions": "loader", "fits_in_memory": "loader",
 }
 
 __all__ = sorted(_EXPORTS)
