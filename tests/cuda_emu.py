@@ -226,52 +226,47 @@ class EmuRuntime:
         return self.modules[file]
 
     def launch(self, file: str, kernel: str, grid, block, args) -> None:
+        """Run ``kernel`` of ``file`` as CuPy would: the launch shape and every argument
+        checked first, the guard bytes of every array argument after."""
         mod = self.module(file)
         where = f"{file}:{kernel}"
         if kernel not in mod.kernels:
             raise RuntimeError(f"{where}: no such kernel (have {sorted(mod.kernels)})")
-        params = mod.kernels[kernel]
-        grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
-        if len(grid) != 3 or len(block) != 3:
-            raise RuntimeError(f"{where}: pass grid and block as 3-tuples, got {grid}, {block}")
-        if min(grid + block) < 1 or grid[0] >= 2**31 or max(grid[1:]) > 65535:
-            raise RuntimeError(f"{where}: grid {grid} outside CUDA's limits")
-        if block[0] > 1024 or block[1] > 1024 or block[2] > 64 or np.prod(block) > 1024:
-            raise RuntimeError(f"{where}: block {block} outside CUDA's limits")
+        grid, block = _launch_shape(where, grid, block)
+        cargs, arrays = self._c_arguments(where, mod.kernels[kernel], args)
+        rc = mod.launchers[kernel](*grid, *block, *cargs)
+        self.launched.add((file, kernel))
+        _raise_on_failure(where, rc, mod)
+        for i, pname, arr in arrays:
+            self._check_guards(arr, f"{where} argument {i} ({pname})")
+
+    def _c_arguments(self, where: str, params, args) -> tuple[list, list]:
+        """The ctypes values to pass for ``args``, and the array arguments as
+        (position, parameter name, array), after checking each against its parameter."""
         if len(args) != len(params):
             raise TypeError(f"{where}: {len(params)} parameters, {len(args)} arguments")
         cargs, arrays = [], []
         for i, ((ctype, is_ptr, pname), arg) in enumerate(zip(params, args, strict=True)):
             what = f"{where} argument {i} ({ctype}{'*' if is_ptr else ''} {pname})"
             if is_ptr:
-                if not isinstance(arg, np.ndarray):
-                    raise TypeError(f"{what}: expected an array, got {type(arg).__name__}")
-                if arg.dtype.type not in POINTEES[ctype]:
-                    raise TypeError(f"{what}: array of {arg.dtype}, expected "
-                                    f"{'/'.join(np.dtype(t).name for t in POINTEES[ctype])}")
-                if not arg.flags.c_contiguous:
-                    raise TypeError(f"{what}: array is not C-contiguous")
-                self._check_guards(arg, what)  # ours, and intact before the launch
+                self._check_array_argument(what, ctype, arg)
                 cargs.append(ctypes.c_void_p(arg.ctypes.data))
                 arrays.append((i, pname, arg))
             else:
-                want = SCALARS[ctype][1]
-                if type(arg) is not want:
-                    raise TypeError(f"{what}: pass np.{want.__name__}, got "
-                                    f"{type(arg).__module__}.{type(arg).__name__} {arg!r}")
-                cargs.append(SCALARS[ctype][0](arg.item()))
-        rc = mod.launchers[kernel](*grid, *block, *cargs)
-        self.launched.add((file, kernel))
-        if rc == 1:
-            raise RuntimeError(f"{where}: threads of a block met different barriers (a thread "
-                               f"left the kernel while others waited in __syncthreads?)")
-        if rc == 2:
-            raise RuntimeError(f"{where}: the lanes of a warp did not all reach the same "
-                               f"mma.sync (divergence, or some wait at a barrier)")
-        if rc:
-            raise RuntimeError(f"{where}: {mod.last_error()}")
-        for i, pname, arr in arrays:
-            self._check_guards(arr, f"{where} argument {i} ({pname})")
+                cargs.append(_c_scalar(what, ctype, arg))
+        return cargs, arrays
+
+    def _check_array_argument(self, what: str, ctype: str, arg) -> None:
+        """An array of this runtime, of the pointee's element type, C-contiguous, guards
+        intact before the launch."""
+        if not isinstance(arg, np.ndarray):
+            raise TypeError(f"{what}: expected an array, got {type(arg).__name__}")
+        if arg.dtype.type not in POINTEES[ctype]:
+            raise TypeError(f"{what}: array of {arg.dtype}, expected "
+                            f"{'/'.join(np.dtype(t).name for t in POINTEES[ctype])}")
+        if not arg.flags.c_contiguous:
+            raise TypeError(f"{what}: array is not C-contiguous")
+        self._check_guards(arg, what)
 
     def _check_guards(self, arr, what: str) -> None:
         root = arr
@@ -289,3 +284,38 @@ class EmuRuntime:
             raise RuntimeError(
                 f"{what}: out-of-bounds write: {len(lo)} guard bytes before and {len(hi)} "
                 f"after the array's {nbytes} bytes were changed")
+
+
+def _launch_shape(where: str, grid, block) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """grid and block as tuples of 3 ints, within CUDA's limits (else a RuntimeError)."""
+    grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
+    if len(grid) != 3 or len(block) != 3:
+        raise RuntimeError(f"{where}: pass grid and block as 3-tuples, got {grid}, {block}")
+    if min(grid + block) < 1 or grid[0] >= 2**31 or max(grid[1:]) > 65535:
+        raise RuntimeError(f"{where}: grid {grid} outside CUDA's limits")
+    if block[0] > 1024 or block[1] > 1024 or block[2] > 64 or np.prod(block) > 1024:
+        raise RuntimeError(f"{where}: block {block} outside CUDA's limits")
+    return grid, block
+
+
+def _c_scalar(what: str, ctype: str, arg):
+    """A scalar argument as its ctypes value; it must be the exact NumPy type CuPy needs."""
+    want = SCALARS[ctype][1]
+    if type(arg) is not want:
+        raise TypeError(f"{what}: pass np.{want.__name__}, got "
+                        f"{type(arg).__module__}.{type(arg).__name__} {arg!r}")
+    return SCALARS[ctype][0](arg.item())
+
+
+# what a launch's nonzero status means (cuda_emu.h's emu::launch); any other: the message
+LAUNCH_FAILURES = {
+    1: "threads of a block met different barriers (a thread left the kernel while others "
+       "waited in __syncthreads?)",
+    2: "the lanes of a warp did not all reach the same mma.sync (divergence, or some wait "
+       "at a barrier)",
+}
+
+
+def _raise_on_failure(where: str, rc: int, mod: EmuModule) -> None:
+    if rc:
+        raise RuntimeError(f"{where}: {LAUNCH_FAILURES.get(rc) or mod.last_error()}")

@@ -18,6 +18,11 @@ Tolerances. An output passes when, elementwise,
 length for that output (terms summed per element), ``max|want|`` makes ``atol`` scale-free
 (dlogits are ~1e-4, HU-window values ~1). Rounding error of a sum of L terms grows like
 sqrt(L) relative to its scale; a wrong index or a missed term errs at O(max|want|).
+
+The CUDA backend's convolution versions and its tf32 / bf16 precisions are compared output
+by output with ``assert_outputs_within`` at ``CONV_ATOL[precision]``, and the tensor-core
+ones also with the reference on operands rounded as the kernels round them
+(``round_operand``) at ``ROUNDED_ATOL``. Backends are named as in tests/backends.py.
 """
 
 from __future__ import annotations
@@ -25,9 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import backends
 import numpy as np
-
-from nodulekit.engine import get_backend
 
 # precision -> (rtol, atol per sqrt(L), relative to max|want|)
 TOLERANCES = {
@@ -50,14 +54,28 @@ GRID32_ATOL = 1e-5
 # computes it in float32: at most two roundings of a value <= 1, i.e. < 2**-23.
 WINDOW32_ATOL = 2.0**-23
 
-_REFERENCE = None
+# The CUDA backend's convolution versions and up-convolutions at every precision are held
+# to an absolute tolerance per precision (``assert_outputs_within``): an output passes when
+# |got - want| <= atol * sqrt(L) * max|want| elementwise, L its reduction length, max|want|
+# its scale:
+# - fp32: TOLERANCES' row (1e-6 per sqrt(L): fp32 unit roundoff 6e-8, ~16x room).
+# - tf32: each operand rounded to a 10-bit mantissa (cvt.rna: unit roundoff u = 2^-11), so
+#   each product carries a relative error below 2u = 2^-10; L independent such errors
+#   add up like a random walk, ~2^-10 * sqrt(L) * rms|term| <= 2^-10 * sqrt(L) * max|want|.
+# - bf16: the same with a 7-bit mantissa (round to nearest even: u = 2^-8): 2^-7 per sqrt(L).
+# These are loose by design (rms|term| is well below max|want|); what makes the tensor-core
+# tests sharp is a second check: against the reference computed on operands rounded
+# exactly as the kernel rounds them (``round_operand``), within fp32 accumulation error.
+CONV_ATOL = {"fp32": 1e-6, "tf32": 2.0**-10, "bf16": 2.0**-7}
+# Against the reference on pre-rounded operands: only the fp32 accumulation differs. On the
+# emulator (exact products, one rounding per mma) fp32's own 1e-6 holds; tensor cores align
+# their addends before adding (a few fp32 ulps per mma): 4x room.
+ROUNDED_ATOL = 4e-6
 
 
 def reference():
-    global _REFERENCE
-    if _REFERENCE is None:
-        _REFERENCE = get_backend("reference")
-    return _REFERENCE
+    """The float64 reference backend every other backend is compared with."""
+    return backends.get("reference")
 
 
 def tolerance(precision: str, reduce_len: int = 1) -> tuple[float, float]:
@@ -71,6 +89,18 @@ def tolerance(precision: str, reduce_len: int = 1) -> tuple[float, float]:
 def rand(rng: np.random.Generator, *shape, scale: float = 1.0) -> np.ndarray:
     """Normal draws that are exact float32 values, held in float64."""
     return (rng.standard_normal(shape) * scale).astype(np.float32).astype(np.float64)
+
+
+def round_operand(a, precision: str) -> np.ndarray:
+    """What the kernels' operand conversion does to a float32 value (the tests' model of
+    it): tf32 = cvt.rna.tf32.f32 (nearest, ties away from zero, 10-bit mantissa); bf16 =
+    cvt.rn.bf16.f32 (nearest, ties to even, 7-bit mantissa); fp32: unchanged."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    if precision == "tf32":
+        bits = (bits + 0x1000) & 0xFFFFE000
+    elif precision == "bf16":
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
 def cast(inputs: dict, dtype) -> dict:
@@ -91,6 +121,21 @@ def assert_close(got, want, precision: str, reduce_len: int = 1, what: str = "")
     np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=rtol,
                                atol=atol * (scale if scale > 0 else 1.0),
                                err_msg=f"{what} (precision {precision}, L={reduce_len})")
+
+
+def assert_outputs_within(got: dict, want: dict, atol: float, reduce: dict, label: str) -> None:
+    """Every output of ``want`` (host float64 arrays by name; None: must be None in ``got``)
+    within ``atol * sqrt(L) * max|want|`` of ``got``, L = ``reduce[name]`` (CONV_ATOL)."""
+    for key, wv in want.items():
+        g = got[key]
+        if wv is None:
+            assert g is None, f"{label}: {key} should be None"
+            continue
+        scale = max(float(np.abs(wv).max()), 1e-30)
+        tol = atol * np.sqrt(reduce[key]) * scale
+        err = float(np.abs(g - wv).max())
+        assert err <= tol, (f"{label}: {key} off by {err:.3g} (max |want| {scale:.3g}), "
+                            f"allowed {tol:.3g} = {atol:.3g} * sqrt({reduce[key]}) * max|want|")
 
 
 def compare(got: dict, want: dict, precision: str, reduce: dict, exact, label: str,
@@ -133,8 +178,8 @@ def _check_types(backend, outputs: dict, ref_outputs: dict, free_float=()) -> No
 def check_op(backend, run: Callable[..., dict], run_torch: Callable[..., dict],
              inputs: dict, reduce: dict | None = None, exact=(),
              torch32_atol: dict | None = None, free_float=()) -> dict:
-    """Run ``run`` on ``backend`` (a name, or a backend object) and compare it with the
-    reference and with torch.
+    """Run ``run`` on ``backend`` (a backend object, or a name of tests/backends.py) and
+    compare it with the reference and with torch.
 
     ``inputs``: named arrays (floats as from ``rand``; ints as they enter the op) and
     scalars, passed as keyword arguments to both callables. ``reduce``: output name ->
@@ -147,7 +192,7 @@ def check_op(backend, run: Callable[..., dict], run_torch: Callable[..., dict],
     Returns the backend's outputs (host arrays) for further checks.
     """
     reduce = reduce or {}
-    be = get_backend(backend) if isinstance(backend, str) else backend
+    be = backends.get(backend) if isinstance(backend, str) else backend
     ref = reference()
     dev_inputs = {k: be.asarray(v) if isinstance(v, np.ndarray) else v
                   for k, v in cast(inputs, be.dtype).items()}

@@ -1,37 +1,27 @@
-"""test_cuda_ops.py's tests again, on the CPU: the real kernels through a CUDA emulator.
+"""The CPU emulator of the CUDA kernels itself, and the CUDA backend's choices that need no GPU.
 
-Every ``test_*`` function of ``test_cuda_ops.py`` runs here with ``device = "cuda-emu"``:
-``CudaBackend`` (the real ``nodulekit/engine/cuda.py``) on ``tests/cuda_emu.py``'s runtime,
-which compiles each ``kernels/*.cu`` with g++ and runs a block's threads as fibers meeting
-at real barriers, checking argument types, launch limits and out-of-bounds writes. It runs
-in every CI run (no GPU needed; skipped, saying why, only without a C++ compiler), so a
-wrong index, a missing barrier or a mistyped argument fails here before any GPU session.
+``tests/cuda_emu.py`` runs the real ``kernels/*.cu`` under the real ``CudaBackend`` on the
+CPU: it compiles each file with g++ and runs a block's threads as fibers meeting at real
+barriers, checking argument types, launch limits and out-of-bounds writes. Every op test of
+test_ops.py runs on it as backend ``cuda-emu`` in every CI run (no GPU needed; skipped,
+saying why, only without a C++ compiler), so a wrong index, a missing barrier or a mistyped
+argument fails before any GPU session.
 
-Also here: every kernel that ``cuda.py`` declares is launched, and the emulator refuses
-what CuPy would refuse.
+Here: every kernel that ``cuda.py`` declares is launched; the emulator refuses what CuPy
+would refuse; precision and convolution version are named choices; the conv-version sweep
+of ``bench ops`` runs. (The emulator's report of a warp split at mma.sync is checked with
+the tensor-core probes, in test_cuda_backend.py.)
 """
 
 from __future__ import annotations
 
+import re
+
+import backends
 import cuda_emu
 import pytest
-import test_cuda_ops
-from test_cuda_ops import emu_backend, get_backend
 
-EMU_OK, EMU_WHY = cuda_emu.compiler_available()
-pytestmark = pytest.mark.skipif(not EMU_OK, reason=EMU_WHY)
-
-# the test functions of test_cuda_ops, collected here too (without its gpu mark and skip)
-for _name in dir(test_cuda_ops):
-    if _name.startswith("test_"):
-        globals()[_name] = getattr(test_cuda_ops, _name)
-_backends = test_cuda_ops._backends
-tdev = test_cuda_ops.tdev
-
-
-@pytest.fixture
-def device():
-    return "cuda-emu"
+pytestmark = pytest.mark.skipif(not backends.EMU_OK, reason=backends.EMU_WHY)
 
 
 def test_every_declared_kernel_runs():
@@ -100,7 +90,7 @@ def test_emulator_rejects_what_cupy_would():
     float*), a host array, and an impossible launch shape fail loudly."""
     import numpy as np
 
-    be = emu_backend()
+    be = backends.get("cuda-emu")
     rt = be.rt
     x = be.zeros((4,))
     good = (x, x, x, x, np.int64(4), np.float64(1e-3), np.float64(0.9), np.float64(0.999),
@@ -116,7 +106,7 @@ def test_emulator_rejects_what_cupy_would():
                   (np.zeros(4, np.float32),) + good[1:])
     with pytest.raises(RuntimeError, match="outside CUDA's limits"):
         rt.launch("adam.cu", "adam_step", (1, 1, 1), (2048, 1, 1), good)
-    assert get_backend("cuda-emu") is be
+    assert backends.get("cuda-emu") is be  # one emulated backend for the whole session
 
 
 def test_precision_and_conv_variant_are_named_choices():
@@ -129,7 +119,7 @@ def test_precision_and_conv_variant_are_named_choices():
         CudaBackend,
     )
 
-    rt = test_cuda_ops._EMU.get("runtime") or cuda_emu.EmuRuntime()
+    rt = backends.get("cuda-emu").rt
     for precision in PRECISIONS:
         if precision in DEFAULT_CONV_VARIANT:
             be = CudaBackend(precision=precision, runtime=rt)
@@ -142,7 +132,8 @@ def test_precision_and_conv_variant_are_named_choices():
     for bad in ("fp16", "float32", "TF32", ""):
         with pytest.raises(ValueError, match=r"one of fp32, tf32, bf16; got precision="):
             CudaBackend(precision=bad, runtime=rt)
-    with pytest.raises(ValueError, match=r"unknown convolution variant 'v9'.*v1_direct"):
+    first = next(iter(CONV_VARIANTS))
+    with pytest.raises(ValueError, match=rf"unknown convolution variant 'v9'.*{re.escape(first)}"):
         CudaBackend(runtime=rt, conv_variant="v9")
     for variant, (precision, _) in CONV_VARIANTS.items():
         assert CudaBackend(precision=precision, runtime=rt,
@@ -201,7 +192,8 @@ def test_bench_conv_variants_sweeps_every_version(monkeypatch):
                                                            ("forward", 1)}
         assert all(r["precision"] == precision and r["ours_pct_peak"] > 0 for r in rows)
     text = ops.format_variants(result)
-    assert "v4_mma_tf32" in text and "% peak" in text and "H100 SXM" in text
+    tf32 = cuda.DEFAULT_CONV_VARIANT["tf32"]
+    assert tf32 in text and "% peak" in text and "H100 SXM" in text
     assert ops.device_peak("NVIDIA H100 PCIe")[0] == "H100 PCIe"
     assert ops.device_peak("NVIDIA H200")[0] == "H200 SXM"
     assert ops.device_peak("NVIDIA A100-SXM4-40GB") == (None, None)
@@ -213,13 +205,3 @@ def test_bench_conv_variants_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (False, "no CUDA device"))
     with pytest.raises(SystemExit, match="needs a GPU: no CUDA device"):
         ops.main(["--op", "conv", "--variants", "all"])
-
-
-def test_emulator_reports_a_warp_that_splits_at_mma(monkeypatch):
-    """Half a warp at mma.sync (the other half gone) is a bug the GPU would hang or
-    garble on: the emulator fails the launch and says so."""
-    import numpy as np
-
-    launch, alloc, _ = test_cuda_ops._probe_runner("cuda-emu", monkeypatch)
-    with pytest.raises(RuntimeError, match="lanes of a warp did not all reach"):
-        launch("diverged_mma", (1, 1, 1), (32, 1, 1), alloc(np.zeros(32, np.float32)))

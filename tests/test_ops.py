@@ -1,97 +1,106 @@
-"""Every engine op, forward and backward, on every backend, against the reference and torch.
+"""Every engine op, forward and backward side by side, on every backend, against the float64
+reference and PyTorch: one suite, each test written once.
 
-``reference`` is checked against torch in float64; each backend in ``BACKENDS`` against
-the reference (float64) and torch (its own dtype), with the tolerances of
-``tests/opcheck.py``. Shapes are small (the reference is plain NumPy) and include odd
-sizes, C = 1, K = 1 and batch 1. Each test seeds its generator from its own id.
+As tinygrad's test_ops.py has ``helper_test_op``, one helper, ``opcheck.check_op``, runs an op
+on the backend under test, on the reference backend in float64 and in torch, and compares
+every output, forward and backward, with the tolerance of the backend's precision
+(``opcheck.TOLERANCES``). Each test is parametrised over the backends of tests/backends.py:
+``reference`` (against torch in float64), ``cpu``, ``cuda-emu`` (the CUDA backend and its
+kernels on the CPU emulator; runs in every CI run) and ``cuda`` (on a GPU: marked ``gpu``,
+skipped saying why where none is usable). Ids end in the backend: ``-k cuda-emu`` selects the
+emulator's share, ``-m gpu`` the GPU's.
+
+Case tables hold small shapes every backend runs (odd sizes, C = 1, K = 1, batch 1) and, in
+``*_CUDA_ONLY`` tables, shapes only the CUDA kernels need (several tiles and blocks, float4
+and scalar paths, one and several reduction splits). Where an op has versions, they are
+checked here too: the CPU convolution versions as backends ``cpu-<version>``, the CUDA
+convolution versions and tf32 / bf16 precisions in their own tests beside the op's. Each test
+seeds its generator from its own id.
+
+Elsewhere: the CPU kernels on their own (test_cpu_backend.py), the tensor-core building
+blocks (test_cuda_backend.py), the emulator itself (test_cuda_emu.py), the whole U-Net and
+training runs on every backend (test_unet.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 import pytest
+from backends import (
+    ALL_BACKENDS,
+    CPU_CONV_VERSIONS,
+    CUDA_BACKENDS,
+    REFERENCE_AND_CPU,
+    cuda_backend,
+    each_backend,
+    each_backend_and_case,
+    on_gpu,
+    to_device,
+    to_host,
+    torch_device,
+)
 from opcheck import (
+    CONV_ATOL,
     GRID32_ATOL,
-    TOLERANCES,
+    ROUNDED_ATOL,
     WINDOW32_ATOL,
     assert_close,
+    assert_outputs_within,
     check_op,
     rand,
     reference,
+    round_operand,
 )
 
 from nodulekit.engine import get_backend
+from nodulekit.engine.cuda import CONV_VARIANTS as CUDA_CONV_VARIANTS
 from nodulekit.engine.ops import AIR_HU, WINDOW_CENTER, WINDOW_WIDTH, identity_augmentation
 from nodulekit.reference import torch_ops as T
 
-BACKENDS = ["cpu"]
-ALL = ["reference", *BACKENDS]
-
-
-def on(backend, *arrays):
-    """Host arrays -> the backend's arrays, floats cast to its dtype."""
-    be = get_backend(backend)
-    out = tuple(be.asarray(a, dtype=be.dtype if a.dtype.kind == "f" else None) for a in arrays)
-    return out if len(out) > 1 else out[0]
-
-
-def host(backend, *arrays):
-    be = get_backend(backend)
-    out = tuple(None if a is None else np.asarray(be.to_host(a)) for a in arrays)
-    return out if len(out) > 1 else out[0]
-
-
 # --------------------------------------------------------------------------- convolution
 
-CONV = [  # N, H, W, C, K, R, relu, need_dx
-    pytest.param(1, 7, 9, 1, 1, 3, False, True, id="n1-7x9-c1-k1-3x3"),
-    pytest.param(2, 13, 11, 3, 4, 3, True, True, id="n2-13x11-c3-k4-3x3-relu"),
-    pytest.param(1, 8, 8, 3, 1, 3, True, True, id="n1-8x8-c3-k1-3x3-relu"),
-    pytest.param(3, 2, 3, 5, 2, 3, True, True, id="n3-2x3-c5-k2-3x3-relu"),
-    pytest.param(1, 1, 1, 2, 3, 3, False, True, id="n1-1x1-c2-k3-3x3"),
-    pytest.param(2, 5, 6, 4, 3, 1, False, True, id="n2-5x6-c4-k3-1x1"),
-    pytest.param(1, 7, 9, 3, 1, 1, True, True, id="n1-7x9-c3-k1-1x1-relu"),
-    pytest.param(2, 9, 10, 16, 1, 1, False, True, id="n2-9x10-c16-k1-1x1-head"),
-    pytest.param(1, 5, 5, 4, 1, 1, True, False, id="n1-5x5-c4-k1-1x1-relu-nodx"),
-    pytest.param(2, 6, 5, 1, 4, 3, True, False, id="n2-6x5-c1-k4-3x3-relu-nodx"),
+ConvCase = namedtuple("ConvCase", "n h w c k r relu need_dx")  # NHWC in, K out, R x R
+
+CONV = {
+    "n1-7x9-c1-k1-3x3": ConvCase(1, 7, 9, 1, 1, 3, False, True),
+    "n2-13x11-c3-k4-3x3-relu": ConvCase(2, 13, 11, 3, 4, 3, True, True),
+    "n1-8x8-c3-k1-3x3-relu": ConvCase(1, 8, 8, 3, 1, 3, True, True),
+    "n3-2x3-c5-k2-3x3-relu": ConvCase(3, 2, 3, 5, 2, 3, True, True),
+    "n1-1x1-c2-k3-3x3": ConvCase(1, 1, 1, 2, 3, 3, False, True),
+    "n2-5x6-c4-k3-1x1": ConvCase(2, 5, 6, 4, 3, 1, False, True),
+    "n1-7x9-c3-k1-1x1-relu": ConvCase(1, 7, 9, 3, 1, 1, True, True),
+    "n2-9x10-c16-k1-1x1-head": ConvCase(2, 9, 10, 16, 1, 1, False, True),
+    "n1-5x5-c4-k1-1x1-relu-nodx": ConvCase(1, 5, 5, 4, 1, 1, True, False),
+    "n2-6x5-c1-k4-3x3-relu-nodx": ConvCase(2, 6, 5, 1, 4, 3, True, False),
     # shapes the CPU backend gives to its register-blocked kernels (cpu_conv.py): K a
     # multiple of 16 and rows of >= 32 pixels (forward, dx) or >= 16 (dW)
-    pytest.param(2, 6, 32, 1, 16, 3, True, False, id="n2-6x32-c1-k16-3x3-relu-nodx"),
-    pytest.param(1, 5, 33, 3, 16, 3, True, True, id="n1-5x33-c3-k16-3x3-relu"),
-    pytest.param(2, 3, 35, 16, 32, 3, True, True, id="n2-3x35-c16-k32-3x3-relu"),
-    pytest.param(1, 3, 40, 5, 16, 3, False, True, id="n1-3x40-c5-k16-3x3"),
-    pytest.param(1, 2, 16, 4, 64, 3, True, True, id="n1-2x16-c4-k64-3x3-relu"),
-    pytest.param(2, 4, 34, 16, 8, 3, True, True, id="n2-4x34-c16-k8-3x3-relu"),
-]
+    "n2-6x32-c1-k16-3x3-relu-nodx": ConvCase(2, 6, 32, 1, 16, 3, True, False),
+    "n1-5x33-c3-k16-3x3-relu": ConvCase(1, 5, 33, 3, 16, 3, True, True),
+    "n2-3x35-c16-k32-3x3-relu": ConvCase(2, 3, 35, 16, 32, 3, True, True),
+    "n1-3x40-c5-k16-3x3": ConvCase(1, 3, 40, 5, 16, 3, False, True),
+    "n1-2x16-c4-k64-3x3-relu": ConvCase(1, 2, 16, 4, 64, 3, True, True),
+    "n2-4x34-c16-k8-3x3-relu": ConvCase(2, 4, 34, 16, 8, 3, True, True),
+}
+CONV_CUDA_ONLY = {  # several tiles of every CUDA kernel variant
+    "n2-9x11-c20-k80-3x3-relu": ConvCase(2, 9, 11, 20, 80, 3, True, True),
+    "n1-5x7-c33-k17-1x1": ConvCase(1, 5, 7, 33, 17, 1, False, True),
+    "n2-16x17-c5-k40-3x3-relu": ConvCase(2, 16, 17, 5, 40, 3, True, True),
+    "n3-12x10-c16-k16-3x3-relu": ConvCase(3, 12, 10, 16, 16, 3, True, True),
+    "n2-12x12-c8-k1-1x1-head": ConvCase(2, 12, 12, 8, 1, 1, False, True),
+    "n2-20x12-c1-k8-3x3-first": ConvCase(2, 20, 12, 1, 8, 3, True, False),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV)
-def test_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx):
-    _check_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx)
-
-
-@pytest.mark.parametrize("variant", ["v1_patches_blas", "v2_register_blocked"])
-@pytest.mark.parametrize("n,h,w,c,k,r,relu,need_dx", CONV)
-def test_conv2d_cpu_versions(variant, rng, n, h, w, c, k, r, relu, need_dx):
-    """Each CPU convolution version held to wherever it applies (v2 needs K % 16 == 0;
-    'auto', tested above, mixes them per shape)."""
-    from nodulekit.engine.cpu import CPUBackend
-
-    _check_conv2d(CPUBackend(conv_variant=variant), rng, n, h, w, c, k, r, relu, need_dx)
-
-
-def test_cpu_conv_variant_must_be_known():
-    from nodulekit.engine.cpu import CPUBackend
-
-    with pytest.raises(ValueError, match="unknown cpu convolution variant 'v3'; choose auto, "
-                                         "v1_patches_blas, v2_register_blocked"):
-        CPUBackend(conv_variant="v3")
-
-
-def _check_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx):
+@each_backend_and_case((ALL_BACKENDS + CPU_CONV_VERSIONS, CONV), (CUDA_BACKENDS, CONV_CUDA_ONLY))
+def test_conv2d(backend, case, rng):
+    """Forward (bias + ReLU fused), data and weight gradients. ``cpu-<version>``: each CPU
+    convolution version, held to it wherever it applies (plain ``cpu`` mixes them per
+    shape); the CUDA versions: test_conv2d_every_version."""
+    n, h, w, c, k, r, relu, need_dx = case
+    device = torch_device(backend)
     inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5),
                   b=rand(rng, k, scale=0.5), dy=rand(rng, n, h, w, k))
 
@@ -101,28 +110,116 @@ def _check_conv2d(backend, rng, n, h, w, c, k, r, relu, need_dx):
         return dict(y=y, dx=dx, dw=dw, db=db)
 
     def run_torch(x, w, b, dy):
-        dx, dw, db = T.conv2d_backward(dy, x, w, b, relu, need_dx)
-        return dict(y=T.conv2d_forward(x, w, b, relu), dx=dx, dw=dw, db=db)
+        dx, dw, db = T.conv2d_backward(dy, x, w, b, relu, need_dx, device=device)
+        return dict(y=T.conv2d_forward(x, w, b, relu, device=device), dx=dx, dw=dw, db=db)
 
     got = check_op(backend, run, run_torch, inputs,
                    reduce=dict(y=r * r * c, dx=k * r * r, dw=n * h * w, db=n * h * w))
     assert (got["dx"] is None) == (not need_dx)
 
 
+# conv.cu / conv_mma.cu hold a progression of versions (cuda.CONV_VARIANTS, the first the
+# readable direct kernel): each runs on its own backend, CudaBackend(precision,
+# conv_variant=...), and is compared with the float64 reference, with the direct kernel on
+# the same device and with torch, with the tolerance of its precision (opcheck.CONV_ATOL).
+CUDA_DIRECT_CONV = next(iter(CUDA_CONV_VARIANTS))
+
+CONV_VERSION_SHAPES = {  # odd sizes, channels off the tiles
+    "n2-9x11-c20-k80-3x3-relu": ConvCase(2, 9, 11, 20, 80, 3, True, True),
+    "n2-16x17-c5-k40-3x3-relu-splits": ConvCase(2, 16, 17, 5, 40, 3, True, True),
+    "n1-5x7-c33-k17-1x1": ConvCase(1, 5, 7, 33, 17, 1, False, True),
+    "n1-7x9-c3-k1-3x3": ConvCase(1, 7, 9, 3, 1, 3, False, True),
+    "n2-6x5-c1-k4-3x3-first": ConvCase(2, 6, 5, 1, 4, 3, True, False),
+    "n1-7x9-c8-k12-3x3-relu-vec4": ConvCase(1, 7, 9, 8, 12, 3, True, True),
+    "n2-5x6-c16-k8-1x1-vec4": ConvCase(2, 5, 6, 16, 8, 1, False, True),
+}
+
+
+def _conv_all(be, inputs, case, mask=None):
+    """Forward then backward on backend ``be``: host float64 arrays by name. With ``mask``
+    (the tested kernel's y > 0) the backward takes dz = dy * mask and no ReLU: a y within
+    rounding of 0 must not flip a gradient between two implementations."""
+    x, w, b, dy = (inputs[key] for key in ("x", "w", "b", "dy"))
+    xd, wd, bd = (be.asarray(a, dtype=be.dtype) for a in (x, w, b))
+    y = be.conv2d_forward(xd, wd, bd, case.relu)
+    if mask is None:
+        dx, dw, db = be.conv2d_backward(be.asarray(dy, dtype=be.dtype), xd, wd, y, case.relu,
+                                        case.need_dx)
+    else:
+        dz = be.asarray(dy * mask if case.relu else dy, dtype=be.dtype)
+        dx, dw, db = be.conv2d_backward(dz, xd, wd, None, False, case.need_dx)
+    return {k: None if v is None else np.asarray(be.to_host(v), dtype=np.float64)
+            for k, v in dict(y=y, dx=dx, dw=dw, db=db).items()}
+
+
+def _rounded(inputs, precision, keys):
+    return {k: round_operand(v, precision) if k in keys else v for k, v in inputs.items()}
+
+
+@each_backend_and_case((CUDA_BACKENDS, CONV_VERSION_SHAPES))
+@pytest.mark.parametrize("variant", list(CUDA_CONV_VARIANTS))
+def test_conv2d_every_version(backend, case, rng, variant):
+    """Every CUDA convolution version: forward, data and weight gradients, against the
+    float64 reference, the direct kernel on the same device and torch (float32, TF32 off),
+    with the tolerance of the version's precision (CONV_ATOL); the tensor-core versions also
+    against the reference on operands rounded as they round them (ROUNDED_ATOL)."""
+    n, h, w, c, k, r, relu, need_dx = case
+    inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5),
+                  b=rand(rng, k, scale=0.5), dy=rand(rng, n, h, w, k))
+    be = cuda_backend(backend, conv_variant=variant)
+    precision = be.precision
+    reduce = dict(y=r * r * c, dx=k * r * r, dw=n * h * w, db=n * h * w)
+    got = _conv_all(be, inputs, case)
+    mask = (got["y"] > 0).astype(np.float64)
+    ref = _conv_all(reference(), inputs, case, mask)
+    atol = CONV_ATOL[precision]
+    assert_outputs_within(got, ref, atol, reduce, f"{variant} vs reference")
+    direct = _conv_all(cuda_backend(backend, conv_variant=CUDA_DIRECT_CONV), inputs, case, mask)
+    assert_outputs_within(direct, ref, CONV_ATOL["fp32"], reduce,
+                          f"{CUDA_DIRECT_CONV} vs reference")
+    assert_outputs_within(got, direct, atol, reduce, f"{variant} vs {CUDA_DIRECT_CONV}")
+    x, wt, b, dy = (inputs[key] for key in ("x", "w", "b", "dy"))
+    dz = dy * mask if relu else dy
+    device = torch_device(backend)
+    dx_t, dw_t, db_t = T.conv2d_backward(dz, x, wt, b, False, need_dx, device=device)
+    torch_out = {key: None if v is None else np.asarray(v, dtype=np.float64) for key, v in
+                 dict(y=T.conv2d_forward(x, wt, b, relu, device=device), dx=dx_t, dw=dw_t,
+                      db=db_t).items()}
+    assert_outputs_within(got, torch_out, atol, reduce, f"{variant} vs torch")
+    if precision != "fp32":  # exactly the rounding the kernels do, and nothing else
+        ref_r = _conv_all(reference(), _rounded(inputs, precision, ("x", "w", "dy")), case,
+                          mask)
+        ref_r["db"] = ref["db"]  # the bias gradient sums dz in fp32 (reduce.cu), unrounded
+        assert_outputs_within(got, ref_r, ROUNDED_ATOL, reduce,
+                              f"{variant} vs reference on {precision} operands")
+        if c * r * r > 8:  # the rounding is visible: fp32 results fail that check
+            with pytest.raises(AssertionError):
+                assert_outputs_within({"y": direct["y"]}, {"y": ref_r["y"]}, ROUNDED_ATOL,
+                                      reduce, "")
+
+
 # --------------------------------------------------------------------------- max-pool
 
-POOL = [  # N, H, W, C
-    pytest.param(1, 7, 9, 1, id="n1-7x9-c1"),
-    pytest.param(2, 8, 8, 3, id="n2-8x8-c3"),
-    pytest.param(2, 13, 11, 2, id="n2-13x11-c2"),
-    pytest.param(1, 2, 3, 1, id="n1-2x3-c1"),
-    pytest.param(3, 3, 2, 4, id="n3-3x2-c4"),
-]
+PoolCase = namedtuple("PoolCase", "n h w c")
+
+POOL = {
+    "n1-7x9-c1": PoolCase(1, 7, 9, 1),
+    "n2-8x8-c3": PoolCase(2, 8, 8, 3),
+    "n2-13x11-c2": PoolCase(2, 13, 11, 2),
+    "n1-2x3-c1": PoolCase(1, 2, 3, 1),
+    "n3-3x2-c4": PoolCase(3, 3, 2, 4),
+}
+POOL_CUDA_ONLY = {  # the float4 path (C % 4 == 0), odd sizes, many blocks
+    "n2-9x7-c8-vec4": PoolCase(2, 9, 7, 8),
+    "n3-34x30-c12-vec4": PoolCase(3, 34, 30, 12),
+    "n2-33x31-c5": PoolCase(2, 33, 31, 5),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,c", POOL)
-def test_maxpool2x2(backend, rng, n, h, w, c):
+@each_backend_and_case((ALL_BACKENDS, POOL), (CUDA_BACKENDS, POOL_CUDA_ONLY))
+def test_maxpool2x2(backend, case, rng):
+    n, h, w, c = case
+    device = torch_device(backend)
     inputs = dict(x=rand(rng, n, h, w, c), dy=rand(rng, n, h // 2, w // 2, c))
 
     def run(be, x, dy):
@@ -130,43 +227,47 @@ def test_maxpool2x2(backend, rng, n, h, w, c):
         return dict(y=y, argmax=argmax, dx=be.maxpool2x2_backward(dy, argmax, (h, w)))
 
     def run_torch(x, dy):
-        y, argmax = T.maxpool2x2_forward(x)
-        return dict(y=y, argmax=argmax, dx=T.maxpool2x2_backward(dy, x))
+        y, argmax = T.maxpool2x2_forward(x, device=device)
+        return dict(y=y, argmax=argmax, dx=T.maxpool2x2_backward(dy, x, device=device))
 
     got = check_op(backend, run, run_torch, inputs, exact=("y", "argmax", "dx"))
     assert got["y"].shape == (n, h // 2, w // 2, c)
     assert got["dx"].shape == (n, h, w, c)
 
 
-@pytest.mark.parametrize("backend", ALL)
+def _first_max_codes(x, shape):
+    """Argmax codes by explicit loops: the first maximum of each window in row-major order."""
+    codes = np.zeros(shape, np.uint8)
+    for idx in np.ndindex(*shape):
+        nn, i, j, cc = idx
+        window = [x[nn, 2 * i + a, 2 * j + b, cc] for a in (0, 1) for b in (0, 1)]
+        codes[idx] = window.index(max(window))
+    return codes
+
+
+@each_backend(*ALL_BACKENDS)
 def test_maxpool2x2_first_max_wins(backend, rng):
     """Ties (values in {0, 1}, all-equal windows included): the first in row-major order."""
     x = rng.integers(0, 2, (2, 6, 8, 3)).astype(np.float64)
     x[0, :2, :2, :] = 1.0  # a window of four equal values
-    y, argmax = host(backend, *get_backend(backend).maxpool2x2_forward(on(backend, x)))
-    expect = np.zeros((2, 3, 4, 3), np.uint8)
-    for idx in np.ndindex(*expect.shape):
-        nn, i, j, cc = idx
-        window = [x[nn, 2 * i + a, 2 * j + b, cc] for a in (0, 1) for b in (0, 1)]
-        expect[idx] = window.index(max(window))
-    np.testing.assert_array_equal(argmax, expect)
+    y, argmax = to_host(backend, *backend.maxpool2x2_forward(to_device(backend, x)))
+    np.testing.assert_array_equal(argmax, _first_max_codes(x, (2, 3, 4, 3)))
     assert argmax[0, 0, 0].tolist() == [0, 0, 0]
     np.testing.assert_array_equal(y, x.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4)))
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*ALL_BACKENDS)
 @pytest.mark.parametrize("h,w", [(7, 9), (5, 4), (4, 7)], ids=["7x9", "5x4", "4x7"])
 def test_maxpool2x2_odd_size_drops_last(backend, rng, h, w):
     """H // 2, W // 2 as in PyTorch: the odd last row/column is never picked, gets dx = 0."""
     x = rand(rng, 1, h, w, 2)
     x[:, h - 1, :, :] += 100.0 * (h % 2)  # would win every window if it took part
     x[:, :, w - 1, :] += 100.0 * (w % 2)
-    be = get_backend(backend)
-    y, argmax = be.maxpool2x2_forward(on(backend, x))
-    dx = host(backend, be.maxpool2x2_backward(on(backend, np.ones((1, h // 2, w // 2, 2))),
-                                              argmax, (h, w)))
-    assert host(backend, y).shape == (1, h // 2, w // 2, 2)
-    np.testing.assert_array_equal(host(backend, y),
+    y, argmax = backend.maxpool2x2_forward(to_device(backend, x))
+    dy = to_device(backend, np.ones((1, h // 2, w // 2, 2)))
+    dx = to_host(backend, backend.maxpool2x2_backward(dy, argmax, (h, w)))
+    assert to_host(backend, y).shape == (1, h // 2, w // 2, 2)
+    np.testing.assert_array_equal(to_host(backend, y),
                                   x[:, :h // 2 * 2, :w // 2 * 2].reshape(
                                       1, h // 2, 2, w // 2, 2, 2).max(axis=(2, 4)))
     assert dx.shape == (1, h, w, 2)
@@ -174,53 +275,129 @@ def test_maxpool2x2_odd_size_drops_last(backend, rng, h, w):
     assert dx.sum() == (h // 2) * (w // 2) * 2
 
 
+@each_backend(*ALL_BACKENDS)
+@pytest.mark.parametrize("c", [3, 4], ids=["scalar", "vec4"])
+def test_maxpool2x2_ties_and_odd_sizes(backend, rng, c):
+    """Both at once, through the CUDA kernels' scalar and float4 paths (C = 3, 4): the first
+    maximum in row-major order wins (values in {0, 1}); the odd last row/column is dropped."""
+    x = rng.integers(0, 2, (2, 7, 9, c)).astype(np.float64)
+    x[0, :2, :2, :] = 1.0
+    x[:, 6, :, :] = x[:, :, 8, :] = 100.0  # would win every window it took part in
+    y, argmax = to_host(backend, *backend.maxpool2x2_forward(to_device(backend, x)))
+    expect = _first_max_codes(x, (2, 3, 4, c))
+    np.testing.assert_array_equal(argmax, expect)
+    np.testing.assert_array_equal(y, x[:, :6, :8].reshape(2, 3, 2, 4, 2, c).max(axis=(2, 4)))
+    dx = to_host(backend, backend.maxpool2x2_backward(to_device(backend, np.ones((2, 3, 4, c))),
+                                                      to_device(backend, expect), (7, 9)))
+    assert dx.shape == (2, 7, 9, c) and dx.sum() == 2 * 3 * 4 * c
+    assert not dx[:, 6].any() and not dx[:, :, 8].any()
+
+
 # --------------------------------------------------------------------------- up-convolution
 
-UPCONV = [  # N, H, W, C, K
-    pytest.param(1, 3, 5, 1, 1, id="n1-3x5-c1-k1"),
-    pytest.param(2, 4, 4, 3, 2, id="n2-4x4-c3-k2"),
-    pytest.param(1, 7, 6, 2, 3, id="n1-7x6-c2-k3"),
-    pytest.param(2, 1, 1, 4, 1, id="n2-1x1-c4-k1"),
+UpconvCase = namedtuple("UpconvCase", "n h w c k")  # NHWC in, K out, stride 2
+
+UPCONV = {
+    "n1-3x5-c1-k1": UpconvCase(1, 3, 5, 1, 1),
+    "n2-4x4-c3-k2": UpconvCase(2, 4, 4, 3, 2),
+    "n1-7x6-c2-k3": UpconvCase(1, 7, 6, 2, 3),
+    "n2-1x1-c4-k1": UpconvCase(2, 1, 1, 4, 1),
     # the CPU backend's register-blocked version: forward needs K % 16, backward C % 16
-    pytest.param(2, 3, 5, 16, 16, id="n2-3x5-c16-k16"),
-    pytest.param(1, 4, 7, 32, 48, id="n1-4x7-c32-k48"),
-    pytest.param(1, 2, 3, 16, 20, id="n1-2x3-c16-k20"),
-    pytest.param(2, 5, 3, 8, 16, id="n2-5x3-c8-k16"),
-    pytest.param(1, 3, 4, 16, 8, id="n1-3x4-c16-k8"),
-    pytest.param(2, 2, 5, 5, 24, id="n2-2x5-c5-k24"),
-]
+    "n2-3x5-c16-k16": UpconvCase(2, 3, 5, 16, 16),
+    "n1-4x7-c32-k48": UpconvCase(1, 4, 7, 32, 48),
+    "n1-2x3-c16-k20": UpconvCase(1, 2, 3, 16, 20),
+    "n2-5x3-c8-k16": UpconvCase(2, 5, 3, 8, 16),
+    "n1-3x4-c16-k8": UpconvCase(1, 3, 4, 16, 8),
+    "n2-2x5-c5-k24": UpconvCase(2, 2, 5, 5, 24),
+}
+UPCONV_CUDA_ONLY = {  # several row / column / reduction tiles
+    "n2-9x10-c20-k19": UpconvCase(2, 9, 10, 20, 19),
+    "n1-6x7-c130-k3": UpconvCase(1, 6, 7, 130, 3),
+    "n3-11x9-c4-k40": UpconvCase(3, 11, 9, 4, 40),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,c,k", UPCONV)
-def test_upconv2x2(backend, rng, n, h, w, c, k):
-    inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, 2, 2, c, scale=c ** -.5),
-                  b=rand(rng, k, scale=0.5), dy=rand(rng, n, 2 * h, 2 * w, k))
+def _upconv_inputs(rng, case):
+    n, h, w, c, k = case
+    return dict(x=rand(rng, n, h, w, c), w=rand(rng, k, 2, 2, c, scale=c ** -.5),
+                b=rand(rng, k, scale=0.5), dy=rand(rng, n, 2 * h, 2 * w, k))
+
+
+def _upconv_reduce(case):
+    n, h, w, c, k = case
+    return dict(y=c, dx=4 * k, dw=n * h * w, db=4 * n * h * w)
+
+
+@each_backend_and_case((ALL_BACKENDS, UPCONV), (CUDA_BACKENDS, UPCONV_CUDA_ONLY))
+def test_upconv2x2(backend, case, rng):
+    device = torch_device(backend)
 
     def run(be, x, w, b, dy):
         dx, dw, db = be.upconv2x2_backward(dy, x, w)
         return dict(y=be.upconv2x2_forward(x, w, b), dx=dx, dw=dw, db=db)
 
     def run_torch(x, w, b, dy):
-        dx, dw, db = T.upconv2x2_backward(dy, x, w)
-        return dict(y=T.upconv2x2_forward(x, w, b), dx=dx, dw=dw, db=db)
+        dx, dw, db = T.upconv2x2_backward(dy, x, w, device=device)
+        return dict(y=T.upconv2x2_forward(x, w, b, device=device), dx=dx, dw=dw, db=db)
 
-    check_op(backend, run, run_torch, inputs,
-             reduce=dict(y=c, dx=4 * k, dw=n * h * w, db=4 * n * h * w))
+    check_op(backend, run, run_torch, _upconv_inputs(rng, case), reduce=_upconv_reduce(case))
+
+
+def _upconv_all(be, inputs):
+    """Forward and backward on backend ``be``: host float64 arrays by name."""
+    xd, wd, bd, dyd = (be.asarray(inputs[key], dtype=be.dtype) for key in ("x", "w", "b", "dy"))
+    dx, dw, db = be.upconv2x2_backward(dyd, xd, wd)
+    return {k: np.asarray(be.to_host(v), dtype=np.float64)
+            for k, v in dict(y=be.upconv2x2_forward(xd, wd, bd), dx=dx, dw=dw, db=db).items()}
+
+
+@each_backend_and_case((CUDA_BACKENDS, UPCONV | UPCONV_CUDA_ONLY))
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_upconv2x2_every_precision(backend, case, rng, precision):
+    """The up-convolution on tensor cores (CudaBackend(precision=tf32/bf16)): against the
+    float64 reference and torch with the precision's tolerance (CONV_ATOL), against the
+    reference on operands rounded as the kernels round them (ROUNDED_ATOL), and against
+    the fp32 kernels of upconv.cu."""
+    inputs, reduce = _upconv_inputs(rng, case), _upconv_reduce(case)
+    got = _upconv_all(cuda_backend(backend, precision), inputs)
+    ref = _upconv_all(reference(), inputs)
+    atol = CONV_ATOL[precision]
+    assert_outputs_within(got, ref, atol, reduce, f"upconv {precision} vs reference")
+    assert_outputs_within(got, _upconv_all(cuda_backend(backend, "fp32"), inputs), atol,
+                          reduce, f"upconv {precision} vs fp32 kernels")
+    x, wt, b, dy = (inputs[key] for key in ("x", "w", "b", "dy"))
+    device = torch_device(backend)
+    dx_t, dw_t, db_t = T.upconv2x2_backward(dy, x, wt, device=device)
+    torch_out = {key: np.asarray(v, dtype=np.float64) for key, v in
+                 dict(y=T.upconv2x2_forward(x, wt, b, device=device), dx=dx_t, dw=dw_t,
+                      db=db_t).items()}
+    assert_outputs_within(got, torch_out, atol, reduce, f"upconv {precision} vs torch")
+    ref_r = _upconv_all(reference(), _rounded(inputs, precision, ("x", "w", "dy")))
+    ref_r["db"] = ref["db"]  # summed in fp32 from the unrounded dy
+    assert_outputs_within(got, ref_r, ROUNDED_ATOL, reduce,
+                          f"upconv {precision} vs reference on {precision} operands")
 
 
 # --------------------------------------------------------------------------- concat / split
 
-CONCAT = [  # N, H, W, CA, CB
-    pytest.param(1, 7, 9, 1, 2, id="n1-7x9-ca1-cb2"),
-    pytest.param(2, 4, 5, 3, 1, id="n2-4x5-ca3-cb1"),
-    pytest.param(1, 3, 3, 2, 2, id="n1-3x3-ca2-cb2"),
-]
+ConcatCase = namedtuple("ConcatCase", "n h w ca cb")  # channels of the two halves
+
+CONCAT = {
+    "n1-7x9-ca1-cb2": ConcatCase(1, 7, 9, 1, 2),
+    "n2-4x5-ca3-cb1": ConcatCase(2, 4, 5, 3, 1),
+    "n1-3x3-ca2-cb2": ConcatCase(1, 3, 3, 2, 2),
+}
+CONCAT_CUDA_ONLY = {  # the float4 path, and halves that take different paths
+    "n2-5x7-ca8-cb4-vec4": ConcatCase(2, 5, 7, 8, 4),
+    "n2-9x40-ca16-cb16-vec4": ConcatCase(2, 9, 40, 16, 16),
+    "n1-6x6-ca4-cb6-mixed": ConcatCase(1, 6, 6, 4, 6),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,ca,cb", CONCAT)
-def test_concat_split_channels(backend, rng, n, h, w, ca, cb):
+@each_backend_and_case((ALL_BACKENDS, CONCAT), (CUDA_BACKENDS, CONCAT_CUDA_ONLY))
+def test_concat_split_channels(backend, case, rng):
+    n, h, w, ca, cb = case
+    device = torch_device(backend)
     inputs = dict(a=rand(rng, n, h, w, ca), b=rand(rng, n, h, w, cb),
                   dy=rand(rng, n, h, w, ca + cb))
 
@@ -229,8 +406,8 @@ def test_concat_split_channels(backend, rng, n, h, w, ca, cb):
         return dict(y=be.concat_channels(a, b), da=da, db=db)
 
     def run_torch(a, b, dy):
-        da, db = T.split_channels(dy, ca)
-        return dict(y=T.concat_channels(a, b), da=da, db=db)
+        da, db = T.split_channels(dy, ca, device=device)
+        return dict(y=T.concat_channels(a, b, device=device), da=da, db=db)
 
     got = check_op(backend, run, run_torch, inputs, exact=("y", "da", "db"))
     np.testing.assert_array_equal(got["y"][..., :ca], inputs["a"])  # the skip goes first
@@ -238,36 +415,26 @@ def test_concat_split_channels(backend, rng, n, h, w, ca, cb):
 
 # ------------------------------------------------------- the decoder's fused up-conv + concat
 
-UPCONCAT = [  # N, H, W, C, K, CS (skip channels)
-    pytest.param(1, 3, 5, 4, 3, 2, id="n1-3x5-c4-k3-cs2"),
-    pytest.param(2, 2, 3, 1, 5, 7, id="n2-2x3-c1-k5-cs7"),
-    pytest.param(1, 1, 1, 3, 1, 1, id="n1-1x1-c3-k1-cs1"),
-    pytest.param(2, 3, 7, 32, 16, 16, id="n2-3x7-c32-k16-cs16"),
-    pytest.param(1, 5, 2, 16, 32, 3, id="n1-5x2-c16-k32-cs3"),
-    pytest.param(2, 4, 7, 16, 8, 8, id="n2-4x7-c16-k8-cs8"),
-]
+UpconvConcatCase = namedtuple("UpconvConcatCase", "n h w c k cs")  # cs: skip channels
+
+UPCONCAT = {
+    "n1-3x5-c4-k3-cs2": UpconvConcatCase(1, 3, 5, 4, 3, 2),
+    "n2-2x3-c1-k5-cs7": UpconvConcatCase(2, 2, 3, 1, 5, 7),
+    "n1-1x1-c3-k1-cs1": UpconvConcatCase(1, 1, 1, 3, 1, 1),
+    "n2-3x7-c32-k16-cs16": UpconvConcatCase(2, 3, 7, 32, 16, 16),
+    "n1-5x2-c16-k32-cs3": UpconvConcatCase(1, 5, 2, 16, 32, 3),
+    "n2-4x7-c16-k8-cs8": UpconvConcatCase(2, 4, 7, 16, 8, 8),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,c,k,cs", UPCONCAT)
-def test_upconv2x2_concat_and_split_backward(backend, rng, n, h, w, c, k, cs):
+@each_backend_and_case((REFERENCE_AND_CPU + CPU_CONV_VERSIONS, UPCONCAT))
+def test_upconv2x2_concat_and_split_backward(backend, case, rng):
     """The U-Net's decoder pair as one op equals concat(skip, upconv) and, backward,
     split then upconv backward (the CPU backend scatters into / gathers from the concat
-    buffer directly)."""
-    _check_upconv_concat(backend, rng, n, h, w, c, k, cs)
-
-
-@pytest.mark.parametrize("variant", ["v1_patches_blas", "v2_register_blocked"])
-@pytest.mark.parametrize("n,h,w,c,k,cs", UPCONCAT)
-def test_upconv2x2_concat_cpu_versions(variant, rng, n, h, w, c, k, cs):
-    """Each CPU version held to (v2 reads and writes the concat buffer in place where
-    K % 16 == 0 forward and C % 16 == 0 backward; v1 goes through a temporary)."""
-    from nodulekit.engine.cpu import CPUBackend
-
-    _check_upconv_concat(CPUBackend(conv_variant=variant), rng, n, h, w, c, k, cs)
-
-
-def _check_upconv_concat(backend, rng, n, h, w, c, k, cs):
+    buffer directly). ``cpu-<version>``: each CPU version held to it (the register-blocked
+    one reads and writes the concat buffer in place where K % 16 == 0 forward and C % 16
+    == 0 backward; the other goes through a temporary)."""
+    n, h, w, c, k, cs = case
     inputs = dict(skip=rand(rng, n, 2 * h, 2 * w, cs), x=rand(rng, n, h, w, c),
                   w=rand(rng, k, 2, 2, c, scale=c ** -.5), b=rand(rng, k, scale=0.5),
                   dcat=rand(rng, n, 2 * h, 2 * w, cs + k))
@@ -288,16 +455,56 @@ def _check_upconv_concat(backend, rng, n, h, w, c, k, cs):
     np.testing.assert_array_equal(got["y"][..., :cs], inputs["skip"])  # the skip goes first
 
 
+def _assert_fused_is_plain(be, rng, case):
+    """The fused decoder entry points give exactly what concat / split around the plain
+    up-convolution give, on backend ``be``."""
+    n, h, w, c, k, cs = case
+    skip, x, wt, b = to_device(be, rand(rng, n, 2 * h, 2 * w, cs), rand(rng, n, h, w, c),
+                               rand(rng, k, 2, 2, c), rand(rng, k))
+    fused = to_host(be, be.upconv2x2_concat_forward(skip, x, wt, b))
+    plain = to_host(be, be.concat_channels(skip, be.upconv2x2_forward(x, wt, b)))
+    np.testing.assert_array_equal(fused, plain)
+    dcat = to_device(be, rand(rng, n, 2 * h, 2 * w, cs + k))
+    fused = to_host(be, *be.upconv2x2_split_backward(dcat, cs, x, wt))
+    dskip, dup = be.split_channels(dcat, cs)
+    plain = (to_host(be, dskip), *to_host(be, *be.upconv2x2_backward(dup, x, wt)))
+    for name, f, p in zip(("dskip", "dx", "dw", "db"), fused, plain, strict=True):
+        np.testing.assert_array_equal(f, p, err_msg=name)
+
+
+@each_backend_and_case((CUDA_BACKENDS, {"scalar": UpconvConcatCase(2, 3, 5, 4, 5, 3),
+                                        "vec4": UpconvConcatCase(1, 4, 4, 12, 8, 8)}))
+def test_upconv_straight_into_the_concat_buffer(backend, case, rng):
+    """The CUDA kernels write and read their channels of the concat buffer exactly as the
+    plain calls plus concat / split do (float4 and scalar copies)."""
+    _assert_fused_is_plain(backend, rng, case)
+
+
+@each_backend(*CUDA_BACKENDS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_upconv_mma_straight_into_the_concat_buffer(backend, rng, precision):
+    """The same for the tensor-core up-convolution."""
+    _assert_fused_is_plain(cuda_backend(backend, precision), rng,
+                           UpconvConcatCase(2, 3, 5, 20, 19, 3))
+
+
 # --------------------------------------------------------------------------- Dice loss
 
-DICE = [  # N, H, W, target, smooth, logit scale
-    pytest.param(1, 7, 9, "random", 1.0, 3.0, id="n1-7x9-random"),
-    pytest.param(3, 13, 11, "one-empty", 1.0, 3.0, id="n3-13x11-one-empty"),
-    pytest.param(2, 8, 8, "empty", 1.0, 3.0, id="n2-8x8-all-empty"),
-    pytest.param(2, 5, 6, "empty", 0.0, 3.0, id="n2-5x6-all-empty-smooth0"),
-    pytest.param(2, 4, 4, "full", 0.5, 3.0, id="n2-4x4-full-smooth0.5"),
-    pytest.param(2, 6, 7, "random", 1.0, 20.0, id="n2-6x7-random-saturated"),
-]
+DiceCase = namedtuple("DiceCase", "n h w target smooth scale")  # scale: of the logits
+
+DICE = {
+    "n1-7x9-random": DiceCase(1, 7, 9, "random", 1.0, 3.0),
+    "n3-13x11-one-empty": DiceCase(3, 13, 11, "one-empty", 1.0, 3.0),
+    "n2-8x8-all-empty": DiceCase(2, 8, 8, "empty", 1.0, 3.0),
+    "n2-5x6-all-empty-smooth0": DiceCase(2, 5, 6, "empty", 0.0, 3.0),
+    "n2-4x4-full-smooth0.5": DiceCase(2, 4, 4, "full", 0.5, 3.0),
+    "n2-6x7-random-saturated": DiceCase(2, 6, 7, "random", 1.0, 20.0),
+}
+DICE_CUDA_ONLY = {  # the float4 and scalar paths, several blocks; logits far past saturation
+    "n3-40x36-random-vec4": DiceCase(3, 40, 36, "random", 1.0, 3.0),
+    "n2-37x41-one-empty-scalar": DiceCase(2, 37, 41, "one-empty", 1.0, 3.0),
+    "n2-16x16-extreme-logits": DiceCase(2, 16, 16, "random", 1.0, 200.0),
+}
 
 
 def _target(rng, kind, n, h, w):
@@ -311,9 +518,10 @@ def _target(rng, kind, n, h, w):
     return t
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,kind,smooth,scale", DICE)
-def test_sigmoid_dice_loss(backend, rng, n, h, w, kind, smooth, scale):
+@each_backend_and_case((ALL_BACKENDS, DICE), (CUDA_BACKENDS, DICE_CUDA_ONLY))
+def test_sigmoid_dice_loss(backend, case, rng):
+    n, h, w, kind, smooth, scale = case
+    device = torch_device(backend)
     inputs = dict(z=rand(rng, n, h, w, 1, scale=scale), t=_target(rng, kind, n, h, w))
 
     def run(be, z, t):
@@ -321,51 +529,90 @@ def test_sigmoid_dice_loss(backend, rng, n, h, w, kind, smooth, scale):
         return dict(loss=loss, dice=dice, dlogits=dz)
 
     def run_torch(z, t):
-        loss, dice, dz = T.sigmoid_dice_loss(z, t, smooth)
+        loss, dice, dz = T.sigmoid_dice_loss(z, t, smooth, device=device)
         return dict(loss=loss, dice=dice, dlogits=dz)
 
     got = check_op(backend, run, run_torch, inputs,
                    reduce=dict(loss=n * h * w, dice=h * w, dlogits=h * w),
                    free_float=("loss", "dice"))
     assert got["loss"].shape == () and got["dice"].shape == (n,)
-    assert_close(got["loss"], np.mean(1 - got["dice"]), get_backend(backend).precision, n,
+    assert_close(got["loss"], np.mean(1 - got["dice"]), backend.precision, n,
                  "loss = mean(1 - dice)")
+    assert np.isfinite(got["dlogits"]).all()
+    if backend.name == "cuda":  # the CUDA backend keeps the sums and the loss in float64
+        assert got["loss"].dtype == np.float64 and got["dice"].dtype == np.float64
 
 
 # --------------------------------------------------------------------------- Adam
 
-ADAM = [  # size, step, lr, beta1, beta2, eps
-    pytest.param(1, 1, 1e-3, 0.9, 0.999, 1e-8, id="size1-step1"),
-    pytest.param(7, 3, 1e-3, 0.9, 0.999, 1e-8, id="size7-step3"),
-    pytest.param(1000, 1, 1e-4, 0.9, 0.999, 1e-8, id="size1000-step1-lr1e-4"),
-    pytest.param(257, 10, 0.1, 0.5, 0.9, 1e-6, id="size257-step10-betas.5-.9"),
-]
+AdamCase = namedtuple("AdamCase", "size step lr beta1 beta2 eps offset")
+# offset 1: param, grad, m and v are views that start one float into their buffers
+
+ADAM = {
+    "size1-step1": AdamCase(1, 1, 1e-3, 0.9, 0.999, 1e-8, 0),
+    "size7-step3": AdamCase(7, 3, 1e-3, 0.9, 0.999, 1e-8, 0),
+    "size1000-step1-lr1e-4": AdamCase(1000, 1, 1e-4, 0.9, 0.999, 1e-8, 0),
+    "size257-step10-betas.5-.9": AdamCase(257, 10, 0.1, 0.5, 0.9, 1e-6, 0),
+}
+ADAM_CUDA_ONLY = {  # misaligned views take the scalar kernel (float4 needs 16-byte alignment)
+    **{f"{case_id}-misaligned": case._replace(offset=1) for case_id, case in ADAM.items()},
+    "size100003-step7": AdamCase(100003, 7, 1e-3, 0.9, 0.999, 1e-8, 0),
+    "size100003-step7-misaligned": AdamCase(100003, 7, 1e-3, 0.9, 0.999, 1e-8, 1),
+}
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("size,step,lr,beta1,beta2,eps", ADAM)
-def test_adam_step(backend, rng, size, step, lr, beta1, beta2, eps):
+def _shifted(be, a):
+    """The values of ``a`` in a view that starts one element into a longer buffer."""
+    buf = be.zeros((a.size + 1,), a.dtype)
+    buf[1:] = a
+    return buf[1:]
+
+
+@each_backend_and_case((ALL_BACKENDS, ADAM), (CUDA_BACKENDS, ADAM_CUDA_ONLY))
+def test_adam_step(backend, case, rng):
     """One step from a given state (m, v after step - 1 steps) against torch.optim.Adam."""
+    size, step, lr, beta1, beta2, eps, offset = case
+    device = torch_device(backend)
     inputs = dict(param=rand(rng, size), grad=rand(rng, size), m=rand(rng, size, scale=0.1),
                   v=np.abs(rand(rng, size, scale=0.1)))
 
     def run(be, param, grad, m, v):
+        if offset:
+            param, grad, m, v = (_shifted(be, a) for a in (param, grad, m, v))
         out = be.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps)
         assert out is None, "adam_step works in place"
         return dict(param=param, m=m, v=v)
 
     def run_torch(param, grad, m, v):
-        p, m, v = T.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps)
+        p, m, v = T.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, device=device)
         return dict(param=p, m=m, v=v)
 
     check_op(backend, run, run_torch, inputs)
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("size", [5, 300])
-def test_adam_20_steps(backend, rng, size):
+@each_backend(*CUDA_BACKENDS)
+def test_adam_step_where_eps_matters(backend, rng):
+    """Gradients of ~1e-9 from zero state: sqrt(v_hat) ~ eps, so eps outside the square
+    root (PyTorch) or anywhere else gives a visibly different step."""
+    size, device = 64, torch_device(backend)
+    inputs = dict(param=rand(rng, size), grad=rand(rng, size, scale=1e-9),
+                  m=np.zeros(size), v=np.zeros(size))
+
+    def run(be, param, grad, m, v):
+        be.adam_step(param, grad, m, v, 1, 1e-3)
+        return dict(param=param, m=m, v=v)
+
+    def run_torch(param, grad, m, v):
+        p, m, v = T.adam_step(param, grad, m, v, 1, 1e-3, device=device)
+        return dict(param=p, m=m, v=v)
+
+    check_op(backend, run, run_torch, inputs)
+
+
+@each_backend_and_case((ALL_BACKENDS, {"5": 5, "300": 300}), (CUDA_BACKENDS, {"4099": 4099}))
+def test_adam_20_steps(backend, case, rng):
     """Twenty steps from zero state against one torch.optim.Adam stepping 20 times."""
-    steps = 20
+    size, steps, device = case, 20, torch_device(backend)
     inputs = dict(param=rand(rng, size), grads=rand(rng, steps, size))
 
     def run(be, param, grads):
@@ -375,7 +622,7 @@ def test_adam_20_steps(backend, rng, size):
         return dict(param=param, m=m, v=v)
 
     def run_torch(param, grads):
-        p, m, v = T.adam_steps(param, list(grads), 1e-2)
+        p, m, v = T.adam_steps(param, list(grads), 1e-2, device=device)
         return dict(param=p, m=m, v=v)
 
     check_op(backend, run, run_torch, inputs, reduce=dict(param=steps, m=steps, v=steps))
@@ -390,11 +637,10 @@ def _slices(rng, n, h, w):
     return hu, mask
 
 
-def _augment(backend, hu, mask, aug, center=WINDOW_CENTER, width=WINDOW_WIDTH):
-    be = get_backend(backend)
+def _augment(be, hu, mask, aug, window=(WINDOW_CENTER, WINDOW_WIDTH)):
     out = be.window_augment(be.asarray(hu), be.asarray(mask),
-                            be.asarray(np.asarray(aug, np.float32)), center, width)
-    return host(backend, *out)
+                            be.asarray(np.asarray(aug, np.float32)), *window)
+    return to_host(be, *out)
 
 
 def _window(hu, center, width):
@@ -402,23 +648,25 @@ def _window(hu, center, width):
     return np.clip((hu.astype(np.float64) - (center - width / 2)) / width, 0, 1)
 
 
-def _window_tol(backend):
-    """Exact for float64; within float32 rounding of the formula otherwise."""
-    return 0.0 if get_backend(backend).dtype == np.float64 else WINDOW32_ATOL
+WindowCase = namedtuple("WindowCase", "n h w")
+
+WINDOW = {
+    "n4-16x16": WindowCase(4, 16, 16),
+    "n4-13x11": WindowCase(4, 13, 11),
+    "n2-7x9": WindowCase(2, 7, 9),
+    "n1-2x3": WindowCase(1, 2, 3),
+}
+WINDOW_CUDA_ONLY = {  # a row wider than one block of 256 threads; several blocks
+    "n2-5x300": WindowCase(2, 5, 300),
+    "n3-33x29": WindowCase(3, 33, 29),
+}
 
 
-WINDOW = [  # N, H, W
-    pytest.param(4, 16, 16, id="n4-16x16"),
-    pytest.param(4, 13, 11, id="n4-13x11"),
-    pytest.param(2, 7, 9, id="n2-7x9"),
-    pytest.param(1, 2, 3, id="n1-2x3"),
-]
-
-
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w", WINDOW)
-def test_window_augment(backend, rng, n, h, w):
+@each_backend_and_case((ALL_BACKENDS, WINDOW), (CUDA_BACKENDS, WINDOW_CUDA_ONLY))
+def test_window_augment(backend, case, rng):
     """Random flips and angles in [-20, 20]: against the reference and grid_sample."""
+    n, h, w = case
+    device = torch_device(backend)
     hu, mask = _slices(rng, n, h, w)
     aug = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, rng.uniform(-20, 20, n)], 1)
     inputs = dict(hu=hu, mask=mask, aug=aug.astype(np.float32))
@@ -428,11 +676,13 @@ def test_window_augment(backend, rng, n, h, w):
         return dict(image=image, mask=m)
 
     def run_torch(hu, mask, aug):  # grid_sample rounds nearest half-to-even: no ties here
-        image, m = T.window_augment(hu, mask, aug.astype(np.float32), dtype=aug.dtype)
+        image, m = T.window_augment(hu, mask, aug.astype(np.float32), dtype=aug.dtype,
+                                    device=device)
         return dict(image=image, mask=m)
 
+    # torch's float32 grid moves a sample by ~size * 6e-8 px: GRID32_ATOL is sized for 16 px
     got = check_op(backend, run, run_torch, inputs, reduce=dict(image=4), exact=("mask",),
-                   torch32_atol=dict(image=GRID32_ATOL))
+                   torch32_atol=dict(image=GRID32_ATOL * max(h, w, 16) / 16))
     assert got["image"].shape == (n, h, w, 1) and got["mask"].shape == (n, h, w, 1)
     assert set(np.unique(got["mask"])) <= {0, 1}
 
@@ -443,26 +693,31 @@ WINDOWS = [
     pytest.param(0.5, 3.0, id="narrow-c0.5-w3"),
 ]
 
+# The exact geometry checks below run on the reference and CPU backends; the CUDA backends
+# have test_window_augment_identity_and_flips and test_window_augment_matches_the_cpu_backend.
 
-@pytest.mark.parametrize("backend", ALL)
+
+@each_backend(*REFERENCE_AND_CPU)
 @pytest.mark.parametrize("center,width", WINDOWS)
 def test_window_augment_identity_is_the_window_formula(backend, rng, center, width):
     hu, mask = _slices(rng, 3, 9, 12)
     hu[0, 0, :4] = [-32768, 32767, int(center - width / 2), int(center + width / 2)]
-    image, m = _augment(backend, hu, mask, identity_augmentation(3), center, width)
-    np.testing.assert_allclose(image[..., 0], _window(hu, center, width), rtol=0,
-                               atol=_window_tol(backend))
+    image, m = _augment(backend, hu, mask, identity_augmentation(3), (center, width))
+    # exact in float64; within float32 rounding of the formula otherwise
+    tol = 0.0 if backend.dtype == np.float64 else WINDOW32_ATOL
+    np.testing.assert_allclose(image[..., 0], _window(hu, center, width), rtol=0, atol=tol)
     np.testing.assert_array_equal(m[..., 0], (mask != 0).astype(np.uint8))
 
 
 SQUARE_AND_NOT = [pytest.param(8, 8, id="8x8"), pytest.param(9, 9, id="9x9"),
                   pytest.param(7, 10, id="7x10")]
+# flip_h, flip_v, and the axes of the (N, H, W, 1) image they flip
+FLIPS = {"hflip": (1, 0, (2,)), "vflip": (0, 1, (1,)), "both": (1, 1, (1, 2))}
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*REFERENCE_AND_CPU)
 @pytest.mark.parametrize("h,w", SQUARE_AND_NOT)
-@pytest.mark.parametrize("flip_h,flip_v,axes", [(1, 0, (2,)), (0, 1, (1,)), (1, 1, (1, 2))],
-                         ids=["hflip", "vflip", "both"])
+@pytest.mark.parametrize("flip_h,flip_v,axes", FLIPS.values(), ids=FLIPS.keys())
 def test_window_augment_flips_are_np_flip(backend, rng, h, w, flip_h, flip_v, axes):
     hu, mask = _slices(rng, 2, h, w)
     image0, mask0 = _augment(backend, hu, mask, identity_augmentation(2))
@@ -471,7 +726,7 @@ def test_window_augment_flips_are_np_flip(backend, rng, h, w, flip_h, flip_v, ax
     np.testing.assert_array_equal(m, np.flip(mask0, axis=axes))
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*REFERENCE_AND_CPU)
 @pytest.mark.parametrize("size", [8, 9], ids=["8x8", "9x9"])
 @pytest.mark.parametrize("k", [1, 2, 3], ids=["90deg", "180deg", "270deg"])
 def test_window_augment_rotation_by_90_is_np_rot90(backend, rng, size, k):
@@ -483,7 +738,7 @@ def test_window_augment_rotation_by_90_is_np_rot90(backend, rng, size, k):
     np.testing.assert_allclose(image, np.rot90(image0, k, axes=(1, 2)), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*REFERENCE_AND_CPU)
 def test_window_augment_mask_rounds_half_up(backend):
     """floor(s + 0.5), not round-half-to-even: 90 degrees on 7x10 puts the centre row
     (dy = 0 exactly) at sy = x - 1.5 exactly, a tie for every x."""
@@ -499,7 +754,7 @@ def test_window_augment_mask_rounds_half_up(backend):
         assert m[0, cy, x, 0] == want, f"x={x}: sy={sy} should take row {src}"
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*REFERENCE_AND_CPU)
 def test_window_augment_flips_before_rotating(backend, rng):
     hu, mask = _slices(rng, 1, 9, 9)
     image0, mask0 = _augment(backend, hu, mask, identity_augmentation(1))
@@ -508,7 +763,7 @@ def test_window_augment_flips_before_rotating(backend, rng):
     np.testing.assert_allclose(image, np.rot90(np.flip(image0, 2), 1, axes=(1, 2)), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*REFERENCE_AND_CPU)
 @pytest.mark.parametrize("h,w", [(16, 16), (15, 13)], ids=["16x16", "15x13"])
 @pytest.mark.parametrize("angle", [20.0, -20.0], ids=["20deg", "-20deg"])
 def test_window_augment_rotation_outside_is_air(backend, h, w, angle):
@@ -535,6 +790,42 @@ def test_window_augment_rotation_outside_is_air(backend, h, w, angle):
     assert not m[0, far, 0].any()
 
 
+@each_backend(*CUDA_BACKENDS)
+def test_window_augment_identity_and_flips(backend, rng):
+    """The lung window's formula (within float32 rounding) and the three flips, exactly."""
+    hu, mask = _slices(rng, 2, 9, 12)
+    image0, mask0 = _augment(backend, hu, mask, identity_augmentation(2))
+    window = np.clip((hu.astype(np.float64) + 1300) / 1600, 0, 1)
+    np.testing.assert_allclose(image0[..., 0], window, rtol=0, atol=2.0**-23)
+    np.testing.assert_array_equal(mask0[..., 0], (mask != 0).astype(np.uint8))
+    for flip_h, flip_v, axes in FLIPS.values():
+        image, m = _augment(backend, hu, mask, [[flip_h, flip_v, 0.0]] * 2)
+        np.testing.assert_array_equal(image, np.flip(image0, axis=axes))
+        np.testing.assert_array_equal(m, np.flip(mask0, axis=axes))
+
+
+@each_backend_and_case((CUDA_BACKENDS, {"16x16": WindowCase(4, 16, 16),
+                                        "33x29": WindowCase(3, 33, 29),
+                                        "8x300": WindowCase(2, 8, 300)}))
+def test_window_augment_matches_the_cpu_backend(backend, case, rng):
+    """The source coordinates and the mask's rounding run in float64 in the CPU's order of
+    operations, the bilinear weights and the window in float32: the mask matches the CPU
+    backend except where CUDA's cos/sin differ from the host's in the last bit and that
+    moves a pixel across an exact .5 tie (rare; the emulator uses the host's libm and must
+    match exactly), the image within a few float32 ulps."""
+    n, h, w = case
+    hu, mask = _slices(rng, n, h, w)
+    aug = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, rng.uniform(-20, 20, n)],
+                   1).astype(np.float32)
+    aug[0] = (0, 0, 90.0)  # exact ties for the mask on every pixel of a row or column
+    image, m = _augment(backend, hu, mask, aug)
+    image_cpu, m_cpu = get_backend("cpu").window_augment(hu, mask, aug)
+    np.testing.assert_allclose(image, image_cpu, rtol=0, atol=1e-6)
+    assert (m != m_cpu).mean() <= 1e-3
+    if not on_gpu(backend):
+        np.testing.assert_array_equal(m, m_cpu)
+
+
 # --------------------------------------------------------------------------- confusion counts
 
 
@@ -547,16 +838,20 @@ def _count(logits, target):
     return out
 
 
-CONFUSION = [  # N, H, W, target
-    pytest.param(1, 7, 9, "random", id="n1-7x9"),
-    pytest.param(3, 13, 11, "one-empty", id="n3-13x11-one-empty"),
-    pytest.param(2, 4, 4, "empty", id="n2-4x4-all-empty"),
-]
+ConfusionCase = namedtuple("ConfusionCase", "n h w target")
+
+CONFUSION = {
+    "n1-7x9": ConfusionCase(1, 7, 9, "random"),
+    "n3-13x11-one-empty": ConfusionCase(3, 13, 11, "one-empty"),
+    "n2-4x4-all-empty": ConfusionCase(2, 4, 4, "empty"),
+}
+CONFUSION_CUDA_ONLY = {"n3-70x50": ConfusionCase(3, 70, 50, "random")}  # several blocks
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("n,h,w,kind", CONFUSION)
-def test_confusion_counts(backend, rng, n, h, w, kind):
+@each_backend_and_case((ALL_BACKENDS, CONFUSION), (CUDA_BACKENDS, CONFUSION_CUDA_ONLY))
+def test_confusion_counts(backend, case, rng):
+    n, h, w, kind = case
+    device = torch_device(backend)
     z = rand(rng, n, h, w, 1)
     z[0, 0, :3, 0] = [0.0, -0.0, 1e-30]  # exactly zero is not positive; a tiny logit is
     inputs = dict(z=z, t=_target(rng, kind, n, h, w))
@@ -565,7 +860,7 @@ def test_confusion_counts(backend, rng, n, h, w, kind):
         return dict(counts=be.confusion_counts(z, t))
 
     def run_torch(z, t):
-        return dict(counts=T.confusion_counts(z, t))
+        return dict(counts=T.confusion_counts(z, t, device=device))
 
     got = check_op(backend, run, run_torch, inputs, exact=("counts",))
     np.testing.assert_array_equal(got["counts"], _count(z, inputs["t"]))
@@ -645,117 +940,15 @@ ERRORS = [  # id, call(backend), substrings the message must contain
 ]
 
 
-@pytest.mark.parametrize("backend", ALL)
+@each_backend(*ALL_BACKENDS)
 @pytest.mark.parametrize("call,expect", [pytest.param(c, e, id=i) for i, c, e in ERRORS])
 def test_bad_arguments_raise_value_error(backend, call, expect):
-    be = get_backend(backend)
     with pytest.raises(ValueError) as info:
-        call(be)
-    for part in expect(be):
+        call(backend)
+    for part in expect(backend):
         assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
 
 
 def test_reference_is_float64():
     be = reference()
     assert be.name == "reference" and be.dtype == np.float64 and be.xp is np
-
-
-@pytest.mark.parametrize("hw,c,k,r", [((40, 37), 16, 16, 3), ((40, 37), 32, 8, 3),
-                                       ((4, 16), 4, 64, 3),
-                                       ((40, 37), 16, 4, 1), ((9, 7), 64, 96, 3),
-                                       ((9, 7), 64, 96, 1)])
-def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k, r):
-    """dW is a sum over pixels; the CPU backend splits it the same way whatever the
-    threads do (per-block partials added in block order at 40x37; at 9x7 the product is
-    split over its columns instead), so the result cannot depend on how many threads
-    there are or which thread took which block (exact resume relies on this)."""
-    from nodulekit.engine.cpu import CPUBackend
-
-    x = rng.standard_normal((2, *hw, c)).astype(np.float32)
-    w = rng.standard_normal((k, r, r, c)).astype(np.float32)
-    y = np.maximum(rng.standard_normal((2, *hw, k)), 0).astype(np.float32)
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    results = [CPUBackend(threads=t).conv2d_backward(dy, x, w, y, relu=True)
-               for t in (1, 2, 3, 2)]
-    for dx, dw, db in results[1:]:
-        assert np.array_equal(dw, results[0][1])
-        assert np.array_equal(db, results[0][2])
-        assert np.array_equal(dx, results[0][0])
-
-
-# The register-blocked CPU kernels on their own, at the shapes where borders meet: one-pixel
-# and one-row images, rows shorter than one 6-pixel block, leftovers after the last block,
-# C not a multiple of 4 (weight-gradient groups of 1), K of several 16-channel blocks, and
-# K % 16 == 8 (a last block of 8 channels).
-V2_SHAPES = [  # N, H, W, C, K
-    (1, 1, 1, 4, 16), (2, 1, 7, 3, 16), (1, 5, 2, 1, 32), (3, 4, 8, 8, 16),
-    (1, 3, 13, 5, 32), (2, 7, 20, 16, 16), (1, 2, 9, 12, 48),
-    (1, 4, 15, 8, 8), (2, 3, 9, 3, 24), (1, 1, 2, 16, 8),  # K % 16 == 8: an 8-channel block
-]
-
-
-@pytest.mark.parametrize("n,h,w,c,k", V2_SHAPES)
-@pytest.mark.parametrize("relu", [False, True])
-def test_cpu_register_blocked_conv_kernels(rng, n, h, w, c, k, relu):
-    """cpu_conv.conv3x3_rows and conv3x3_weight_grad_rows against the float64 reference,
-    with the fp32 tolerance of opcheck (rounding of a sum of 9C or N*H*W terms)."""
-    from nodulekit.engine import cpu_conv
-
-    rtol, atol = TOLERANCES["fp32"]
-    x64, w64 = rand(rng, n, h, w, c), rand(rng, k, 3, 3, c, scale=(2 / (9 * c)) ** .5)
-    b64, dz64 = rand(rng, k, scale=0.5), rand(rng, n, h, w, k)
-    ref = reference()
-    want_y = ref.conv2d_forward(x64, w64, b64, relu)
-    _, want_dw, _ = ref.conv2d_backward(dz64, x64, w64, want_y, False, False)
-    x, wt, b, dz = (a.astype(np.float32) for a in (x64, w64, b64, dz64))
-
-    y = np.full((n, h, w, k), np.nan, dtype=np.float32)
-    cpu_conv.conv3x3_rows(x, np.ascontiguousarray(wt.reshape(k, -1).T), b, relu, y, 0, n * h)
-    scale = np.abs(want_y).max()
-    np.testing.assert_allclose(y, want_y, rtol=rtol, atol=atol * (9 * c) ** .5 * scale)
-
-    # all rows at once, and one partial per row added up: both must agree
-    whole = np.full((9 * c, k), np.nan, dtype=np.float32)
-    cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, whole)
-    parts = np.zeros((9 * c, k))
-    out = np.full((9 * c, k), np.nan, dtype=np.float32)
-    for row in range(n * h):
-        cpu_conv.conv3x3_weight_grad_rows(x, dz, row, row + 1, out)
-        parts += out
-    want_tk = want_dw.reshape(k, -1).T
-    tol = atol * (n * h * w) ** .5 * np.abs(want_tk).max()
-    np.testing.assert_allclose(whole, want_tk, rtol=rtol, atol=tol)
-    np.testing.assert_allclose(parts, want_tk, rtol=rtol, atol=tol)
-
-
-def test_cpu_register_blocked_relu_keeps_nan():
-    """A NaN stays NaN through the fused ReLU (training's NaN check relies on seeing it)."""
-    from nodulekit.engine import cpu_conv
-
-    x = np.zeros((1, 3, 8, 1), dtype=np.float32)
-    x[0, 1, 4, 0] = np.nan
-    y = np.empty((1, 3, 8, 16), dtype=np.float32)
-    cpu_conv.conv3x3_rows(x, np.ones((9, 16), dtype=np.float32), np.zeros(16, np.float32),
-                          True, y, 0, 3)
-    assert np.isnan(y[0, :, 3:6]).all() and not np.isnan(y[0, :, :3]).any()
-
-
-def test_simd_refuses_arrays_its_flat_index_would_misread():
-    """The vector loads index the data pointer flatly: a strided array must be refused
-    when the kernel compiles, not read wrong."""
-    from numba import njit
-    from numba.core.errors import TypingError
-
-    from nodulekit.engine.simd import load8, store8
-
-    @njit
-    def copy8(a, out):
-        store8(out, 0, load8(a, 0))
-
-    out = np.zeros(8, np.float32)
-    copy8(np.arange(8, dtype=np.float32), out)
-    assert np.array_equal(out, np.arange(8))
-    with pytest.raises(TypingError, match="C-contiguous float32"):
-        copy8(np.arange(16, dtype=np.float32)[::2], out)
-    with pytest.raises(TypingError, match="C-contiguous float32"):
-        copy8(np.arange(8, dtype=np.float64), out)
