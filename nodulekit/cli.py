@@ -35,8 +35,10 @@ def _device_option(f):
 @click.option("--repeats", default=20, show_default=True, help="Timed runs per op (median).")
 @click.option("--variants", default=None,
               help="With --op conv: time the convolution versions ('all' or names, "
-                   "comma-separated) against PyTorch: on the CPU, every 3x3 layer of the "
-                   "bench step U-Net; with --device cuda, the 512x512 shapes vs cuDNN.")
+                   "comma-separated) against PyTorch: on the CPU (patches_gemm, "
+                   "register_blocked, auto), every 3x3 layer of the bench step U-Net; with "
+                   "--device cuda (direct, smem_tiled, register_blocked, mma_tf32, "
+                   "mma_bf16), the 512x512 shapes vs cuDNN.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
 def bench_ops(device, op_filter, repeats, variants, json_path):
@@ -47,12 +49,17 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
 
         if op_filter not in (None, "conv"):
             raise click.UsageError("--variants applies to --op conv only")
-        if resolve_device(device)[0] == "cpu":
-            result = ops.run_cpu_conv_variants_bench(variants, repeats=min(repeats, 10))
-            click.echo(ops.format_cpu_variants(result))
-        else:
-            result = ops.run_conv_variants_bench(variants, repeats=min(repeats, 5))
-            click.echo(ops.format_variants(result))
+        try:
+            if resolve_device(device)[0] == "cpu":
+                result = ops.run_cpu_conv_variants_bench(variants, repeats=min(repeats, 10))
+                click.echo(ops.format_cpu_variants(result))
+            else:
+                result = ops.run_conv_variants_bench(variants, repeats=min(repeats, 5))
+                click.echo(ops.format_variants(result))
+        except ops.UnknownVariantError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--variants'") from exc
+        except ops.BenchUnavailableError as exc:
+            raise click.ClickException(str(exc)) from exc
         _write_json(result, json_path)
         return
     from nodulekit.bench.ops import format_table, run_ops_bench

@@ -15,6 +15,24 @@ def test_bench_ops_variants_needs_a_gpu_and_says_so(monkeypatch):
     assert "needs a GPU: no CUDA device" in result.output
 
 
+def test_bench_ops_unknown_variant_is_a_bad_option_value(monkeypatch):
+    """An unknown version name is a clean usage error naming the versions there are, on
+    either device (the library raises UnknownVariantError, the command reports it)."""
+    result = CliRunner().invoke(main, ["bench", "ops", "--op", "conv", "--variants", "v2"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--variants'" in result.output
+    assert "unknown cpu convolution variant 'v2'" in result.output
+    assert "patches_gemm, register_blocked, auto" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (True, "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr("nodulekit.engine.resolve_device", lambda device: ("cuda", "test"))
+    result = CliRunner().invoke(main, ["bench", "ops", "--device", "cuda", "--op", "conv",
+                                       "--variants", "register_blocked,v4_mma_tf32"])
+    assert result.exit_code == 2, result.output
+    assert "unknown convolution variant 'v4_mma_tf32'" in result.output
+    assert "direct, smem_tiled, register_blocked, mma_tf32, mma_bf16" in result.output
+
+
 def test_bench_ops_variants_is_for_conv_only():
     result = CliRunner().invoke(main, ["bench", "ops", "--op", "adam", "--variants", "all"])
     assert result.exit_code == 2
@@ -22,8 +40,9 @@ def test_bench_ops_variants_is_for_conv_only():
 
 
 def test_bench_ops_cpu_variants_times_every_version_on_every_layer(monkeypatch):
-    """On the CPU, `--variants all` times v1, v2 and auto against torch on every 3x3 layer
-    (here a toy U-Net: depth 2, width 16, 16x16, batch 1) and adds them up per step.
+    """On the CPU, `--variants all` times patches_gemm, register_blocked and auto against
+    torch on every 3x3 layer (here a toy U-Net: depth 2, width 16, 16x16, batch 1) and adds
+    them up per step.
     Timings mean nothing here; the coverage and the sums are checked."""
     import json
 

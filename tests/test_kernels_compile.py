@@ -11,6 +11,7 @@ to install. The kernel files are found as the installed package sees them
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,30 @@ def test_kernel_files_are_found_as_package_data():
     if top.exists():
         assert top.resolve() == (REPO / "nodulekit" / "kernels").resolve()
         assert sorted(p.name for p in top.glob("*.cu")) == files
-    # and the wheel ships them: package data in pyproject.toml
+    # and the wheel ships them, and the headers they include: package data in pyproject.toml
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'nodulekit = ["kernels/*.cu"]' in pyproject
+    assert 'nodulekit = ["kernels/*.cu", "kernels/*.cuh"]' in pyproject
+    assert "common.cuh" in cuda.kernel_headers()
+
+
+def test_headers_are_spliced_into_every_compiled_text():
+    """`#include "common.cuh"` is replaced by the header's text (kernel_source), between
+    #line directives: every compile path (CuPy, NVRTC, nvcc, the emulator) gets one
+    self-contained text, and CuPy's cache, keyed by that text, sees a header's change."""
+    header = (cuda.kernel_dir() / "common.cuh").read_text()
+    including = [f for f in cuda.kernel_files()
+                 if '#include "common.cuh"' in (cuda.kernel_dir() / f).read_text()]
+    assert {"conv.cu", "conv_mma.cu", "upconv.cu", "pool.cu"} <= set(including)
+    for name in including:
+        raw = (cuda.kernel_dir() / name).read_text()
+        text = cuda.kernel_source(name)
+        assert not re.search(r"^\s*#\s*include", text, re.MULTILINE)
+        assert header.strip() in text
+        assert text.count("OFF_IMAGE_ROW = ") <= 1
+        # the line after the #include keeps its number in messages
+        after = raw.split('#include "common.cuh"', 1)[1].split("\n", 2)[1]
+        number = raw[:raw.index('#include "common.cuh"')].count("\n") + 2
+        assert f'#line {number} "{name}"\n{after}' in text
 
 
 @pytest.mark.parametrize("name", sorted(cuda.KERNELS))
@@ -111,11 +133,10 @@ def test_inspect_kernels_prints_the_table(reports, monkeypatch):
 
 
 def test_gpu_test_probe_kernels_compile(monkeypatch):
-    """tests/test_cuda_ops.py's one-warp probes (conv_mma.cu plus three small kernels, built
+    """tests/mma_probe.cu's one-warp probes (conv_mma.cu plus three small kernels, built
     by CuPy at GPU-test time) compile for sm_90 too, so a GPU session does not find out."""
-    import test_cuda_ops
-
-    source = cuda.kernel_source("conv_mma.cu") + test_cuda_ops.PROBE
+    probe = Path(__file__).with_name("mma_probe.cu").read_text()
+    source = cuda.kernel_source("conv_mma.cu") + "\n" + probe
     monkeypatch.setattr(kernel_check, "kernel_source", lambda name: source)
     r = kernel_check.compile_file("conv_mma.cu")
     assert r.ok, r.problems

@@ -10,7 +10,9 @@ once) for the memory-bound ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +24,16 @@ from nodulekit.bench.common import (
 )
 from nodulekit.engine import get_backend, resolve_device
 from nodulekit.nn.layout import level_widths
+
+
+class BenchUnavailableError(RuntimeError):
+    """The benchmark cannot run on this machine (the CUDA versions without a usable GPU);
+    the message says why. ``nodulekit bench ops`` prints it as an error."""
+
+
+class UnknownVariantError(ValueError):
+    """A convolution version that the backend does not have; the message lists those it
+    has. ``nodulekit bench ops --variants`` reports it as a bad option value."""
 
 
 @dataclass
@@ -141,7 +153,10 @@ def _cases(backend, batch: int, size: int, width: int, depth: int, rng) -> list[
 
 def run_ops_bench(device: str = "cpu", op_filter: str | None = None, repeats: int = 20,
                   warmup: int = 3, batch: int | None = None, size: int | None = None,
-                  width: int | None = None, depth: int = 4, seed: int = 0) -> dict:
+                  width: int | None = None, depth: int = 4) -> dict:
+    """Every op of the backend on ``device`` against PyTorch at the U-Net's shapes (see the
+    module's head), ops whose name contains ``op_filter`` only if given. The inputs are
+    random (seed 0)."""
     require_torch()
     import torch
 
@@ -155,7 +170,7 @@ def run_ops_bench(device: str = "cpu", op_filter: str | None = None, repeats: in
     width = width or (64 if gpu else 16)
     tdev = "cuda" if gpu else "cpu"
     tsync = torch.cuda.synchronize if gpu else (lambda: None)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
 
     timer, copy = median_ms, None
     if gpu:  # GPU time by CUDA events; memory-bound ops against the D2D copy ceiling
@@ -245,7 +260,7 @@ def device_peak(name: str) -> tuple[str, dict] | tuple[None, None]:
     return None, None
 
 
-def conv_variant_shapes(width: int = 64, depth: int = 4, size: int = 512):
+def conv_variant_shapes(width: int = 64, depth: int = 4, size: int = 512) -> list[tuple]:
     """The U-Net's convolutions, one per kind: (label, H, C, K, R, need_dx)."""
     widths = level_widths(depth, width)
     shapes = [("enc0.conv1 (first layer)", size, 1, widths[0], 3, False)]
@@ -257,23 +272,191 @@ def conv_variant_shapes(width: int = 64, depth: int = 4, size: int = 512):
     return shapes
 
 
-def _conv_call(be, what: str, arrays, need_dx: bool):
+def _conv_call(be, what: str, arrays, need_dx: bool) -> Callable[[], object]:
     xd, wd, bd, dyd, y = arrays
     if what == "forward":
         return lambda: be.conv2d_forward(xd, wd, bd, relu=True)
     return lambda: be.conv2d_backward(dyd, xd, wd, y, relu=True, need_dx=need_dx)
 
 
-def _upconv_call(be, what: str, arrays):
+def _upconv_call(be, what: str, arrays) -> Callable[[], object]:
     xd, wd, bd, dyd = arrays
     if what == "forward":
         return lambda: be.upconv2x2_forward(xd, wd, bd)
     return lambda: be.upconv2x2_backward(dyd, xd, wd)
 
 
-def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
+def variant_names(variants: str | Sequence[str] | None, known: Sequence[str],
+                  what: str = "convolution") -> list[str]:
+    """``'all'`` (or None) -> every name in ``known``; else the names given (a list, or one
+    comma-separated string), each checked: an unknown one is an UnknownVariantError."""
+    if variants in ("all", None):
+        return list(known)
+    names = variants.split(",") if isinstance(variants, str) else list(variants)
+    for name in names:
+        if name not in known:
+            raise UnknownVariantError(f"unknown {what} variant {name!r}; the variants are: "
+                                      f"{', '.join(known)} (or 'all')")
+    return names
+
+
+def _require_gpu() -> str:
+    """The CUDA device's name, or BenchUnavailableError saying why there is none."""
+    from nodulekit.engine import cuda_usable
+
+    ok, why = cuda_usable()
+    if not ok:
+        raise BenchUnavailableError(f"bench ops --variants times the CUDA convolution versions "
+                                    f"and needs a GPU: {why}")
+    return why
+
+
+@dataclass
+class _Pass:
+    """One timed case of the sweep: a pass (forward / backward) of one layer at one batch."""
+
+    what: str  # "forward" or "backward"
+    label: str  # the layer, as the U-Net names it
+    batch: int
+    shape: str  # human-readable shape
+    flops: float  # 2 per multiply-add
+
+
+@dataclass
+class _Sweep:
+    """What the conv-versions sweep collects as it goes, and its time budget."""
+
+    repeats: int
+    warmup: int
+    budget_s: float
+    peak: dict | None  # PEAK_TFLOPS row of the device, if it is in the table
+    t_start: float = field(default_factory=time.perf_counter)
+    rows: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def out_of_time(self, case: str) -> bool:
+        """Past the budget: the case is listed as skipped (True) instead of timed."""
+        if time.perf_counter() - self.t_start > self.budget_s:
+            self.skipped.append(case)
+            return True
+        return False
+
+    def add_row(self, variant: str, precision: str, case: _Pass, ours_ms: float,
+                torch_ms: float, reps: int) -> None:
+        row = {"variant": variant, "precision": precision, "pass": case.what,
+               "label": case.label, "batch": case.batch, "shape": case.shape,
+               "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ours_ms / torch_ms,
+               "repeats": reps, "ours_tflops": case.flops / ours_ms / 1e9,
+               "torch_tflops": case.flops / torch_ms / 1e9}
+        if self.peak:
+            row["ours_pct_peak"] = 100 * row["ours_tflops"] / self.peak[precision]
+            row["torch_pct_peak"] = 100 * row["torch_tflops"] / self.peak[precision]
+        self.rows.append(row)
+
+
+def _torch_precision(precision: str) -> dict:
+    """make_torch_op's keywords for cuDNN at one of our precisions: fp32 with TF32 off, TF32
+    on (cudnn and matmul), or bf16 tensors (fp32 accumulation)."""
+    import torch
+
+    return {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32,
+            "allow_tf32": precision == "tf32"}
+
+
+def _time_torch(fn: Callable[[], object], sweep: _Sweep) -> float:
+    import torch
+
+    from nodulekit.bench.gpu_timing import event_median_ms
+
+    return event_median_ms(fn, sweep.repeats, sweep.warmup, torch.cuda.synchronize)[0]
+
+
+def _time_conv_layer(sweep: _Sweep, names: list[str], batch: int, layer: tuple,
+                     rng: np.random.Generator) -> None:
+    """Every version in ``names`` on one U-Net convolution (conv_variant_shapes' row) at one
+    batch, forward (and, at a training batch, backward), each against cuDNN at its
+    precision (timed once per precision and pass)."""
+    from nodulekit.bench.gpu_timing import event_median_ms
+    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
+    from nodulekit.reference.torch_ops import make_torch_op
+
+    label, h, c, k, r, need_dx = layer
+    x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
+    w = (rng.standard_normal((k, r, r, c), dtype=np.float32)
+         * np.float32((2.0 / (r * r * c)) ** 0.5))
+    b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
+    dy = rng.standard_normal((batch, h, h, k), dtype=np.float32)
+    flops = 2.0 * batch * h * h * k * r * r * c
+    shape = f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}"
+    cases = [_Pass("forward", label, batch, shape, flops)]
+    if batch > 1:
+        cases.append(_Pass("backward", label, batch, shape, flops * (2 if need_dx else 1)))
+    torch_ms: dict = {}  # (precision, pass) -> ms
+    for v in names:
+        precision = CONV_VARIANTS[v][0]
+        be = CudaBackend(precision=precision, conv_variant=v)
+        xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
+        y = be.conv2d_forward(xd, wd, bd, relu=True)
+        for case in cases:
+            if sweep.out_of_time(f"{v} {case.what} {label} batch {batch}"):
+                continue
+            # direct is slow at the big shapes: one timed run is enough
+            reps = 1 if v == "direct" else sweep.repeats
+            ours = _conv_call(be, case.what, (xd, wd, bd, dyd, y), need_dx)
+            ours_ms, _ = event_median_ms(ours, reps, min(sweep.warmup, reps), be.synchronize)
+            if (precision, case.what) not in torch_ms:
+                kw = {"device": "cuda", "relu": True, **_torch_precision(precision)}
+                fn = (make_torch_op("conv2d_forward", x, w, b, **kw) if case.what == "forward"
+                      else make_torch_op("conv2d_backward", dy, x, w, b, need_dx=need_dx, **kw))
+                torch_ms[precision, case.what] = _time_torch(fn, sweep)
+            sweep.add_row(v, precision, case, ours_ms, torch_ms[precision, case.what], reps)
+
+
+def _time_upconv_level(sweep: _Sweep, precisions: list[str], batch: int, level: tuple,
+                       rng: np.random.Generator) -> None:
+    """The 2x2 up-convolution into one decoder level, (label, H, C, K), at each precision
+    (its default version's kernels: upconv.cu in fp32, conv_mma.cu's otherwise)."""
+    from nodulekit.bench.gpu_timing import event_median_ms
+    from nodulekit.engine.cuda import DEFAULT_CONV_VARIANT, CudaBackend
+    from nodulekit.reference.torch_ops import make_torch_op
+
+    label, h, c, k = level
+    x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
+    w = rng.standard_normal((k, 2, 2, c), dtype=np.float32) * np.float32(c ** -0.5)
+    b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
+    dy = rng.standard_normal((batch, 2 * h, 2 * h, k), dtype=np.float32)
+    flops = 2.0 * batch * h * h * 4 * k * c
+    shape = f"{batch}x{h}x{h}x{c} -> {k}, 2x2 s2"
+    cases = [_Pass("forward", label, batch, shape, flops)]
+    if batch > 1:
+        cases.append(_Pass("backward", label, batch, shape, 2 * flops))
+    for precision in precisions:
+        be = CudaBackend(precision=precision, conv_variant=DEFAULT_CONV_VARIANT[precision])
+        xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
+        for case in cases:
+            if sweep.out_of_time(f"upconv {precision} {case.what} {label} batch {batch}"):
+                continue
+            ours = _upconv_call(be, case.what, (xd, wd, bd, dyd))
+            ours_ms, _ = event_median_ms(ours, sweep.repeats, sweep.warmup, be.synchronize)
+            kw = {"device": "cuda", **_torch_precision(precision)}
+            fn = (make_torch_op("upconv2x2_forward", x, w, b, **kw) if case.what == "forward"
+                  else make_torch_op("upconv2x2_backward", dy, x, w, **kw))
+            sweep.add_row(f"upconv_{precision}", precision, case, ours_ms,
+                          _time_torch(fn, sweep), sweep.repeats)
+
+
+def upconv_levels(width: int = 64, depth: int = 4, size: int = 512) -> list[tuple]:
+    """The U-Net's 2x2 up-convolutions, one per decoder level: (label, H, C, K) with H the
+    input's size, C its channels and K the output's."""
+    widths = level_widths(depth, width)
+    return [(f"dec{lvl}.up (2x2 up-conv)", size >> (lvl + 1), widths[lvl + 1], widths[lvl])
+            for lvl in range(depth)]
+
+
+def run_conv_variants_bench(variants: str | Sequence[str] | None = "all",
+                            batches: Sequence[int] = (12, 1), repeats: int = 5,
                             warmup: int = 1, width: int = 64, depth: int = 4,
-                            size: int = 512, budget_s: float = 240.0, seed: int = 0) -> dict:
+                            size: int = 512, budget_s: float = 240.0) -> dict:
     """Every convolution version (cuda.CONV_VARIANTS) on the U-Net's shapes against cuDNN
     (PyTorch, channels_last) at the same precision: fp32 versions against torch with TF32
     off, tf32 against torch with TF32 on (cudnn and matmul), bf16 against torch on bf16
@@ -282,121 +465,24 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
     inference batch (1): forward. Then the 2x2 up-convolution at each of those precisions
     (rows "upconv_<precision>"). TFLOP/s at 2 FLOPs per multiply-add, and the fraction of
     the device's peak for that precision (PEAK_TFLOPS). Cases past ``budget_s`` seconds are
-    skipped and listed. Needs a GPU: raises SystemExit saying so where there is none."""
-    import time
+    skipped and listed. The inputs are random (seed 0). Raises BenchUnavailableError where
+    there is no usable GPU, UnknownVariantError for a name not in CONV_VARIANTS."""
+    from nodulekit.engine.cuda import CONV_VARIANTS
 
-    from nodulekit.engine import cuda_usable
-
-    ok, why = cuda_usable()
-    if not ok:
-        raise SystemExit(f"bench ops --variants times the CUDA convolution versions and needs "
-                         f"a GPU: {why}")
-    torch = require_torch()
-    from nodulekit.bench.gpu_timing import event_median_ms
-    from nodulekit.engine.cuda import CONV_VARIANTS, DEFAULT_CONV_VARIANT, CudaBackend
-    from nodulekit.reference.torch_ops import make_torch_op
-
-    names = list(CONV_VARIANTS) if variants in ("all", None) else (
-        variants.split(",") if isinstance(variants, str) else list(variants))
-    for v in names:
-        if v not in CONV_VARIANTS:
-            raise SystemExit(f"unknown convolution variant {v!r}; the variants are: "
-                             f"{', '.join(CONV_VARIANTS)} (or 'all')")
-    peak_key, peak = device_peak(why)
-    rng = np.random.default_rng(seed)
-    t_start = time.perf_counter()
-    rows, skipped = [], []
-
-    def add_row(variant, precision, what, label, batch, shape, ours_ms, torch_ms, reps, fl):
-        row = {"variant": variant, "precision": precision, "pass": what, "label": label,
-               "batch": batch, "shape": shape, "ours_ms": ours_ms, "torch_ms": torch_ms,
-               "ratio": ours_ms / torch_ms, "repeats": reps,
-               "ours_tflops": fl / ours_ms / 1e9, "torch_tflops": fl / torch_ms / 1e9}
-        if peak:
-            row["ours_pct_peak"] = 100 * row["ours_tflops"] / peak[precision]
-            row["torch_pct_peak"] = 100 * row["torch_tflops"] / peak[precision]
-        rows.append(row)
-
-    torch_cache: dict = {}
+    device = _require_gpu()
+    require_torch()
+    names = variant_names(variants, list(CONV_VARIANTS))
+    peak_key, peak = device_peak(device)
+    sweep = _Sweep(repeats, warmup, budget_s, peak)
+    rng = np.random.default_rng(0)
     for batch in batches:
-        for label, h, c, k, r, need_dx in conv_variant_shapes(width, depth, size):
-            x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
-            w = (rng.standard_normal((k, r, r, c), dtype=np.float32)
-                 * np.float32((2.0 / (r * r * c)) ** 0.5))
-            b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
-            dy = rng.standard_normal((batch, h, h, k), dtype=np.float32)
-            flops = 2.0 * batch * h * h * k * r * r * c
-            passes = [("forward", flops)]
-            if batch > 1:
-                passes.append(("backward", flops * (2 if need_dx else 1)))
-            for v in names:
-                precision = CONV_VARIANTS[v][0]
-                be = CudaBackend(precision=precision, conv_variant=v)
-                xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
-                y = be.conv2d_forward(xd, wd, bd, relu=True)
-                for what, fl in passes:
-                    case = f"{v} {what} {label} batch {batch}"
-                    if time.perf_counter() - t_start > budget_s:
-                        skipped.append(case)
-                        continue
-                    ours = _conv_call(be, what, (xd, wd, bd, dyd, y), need_dx)
-                    # direct (v1) is slow at the big shapes: one timed run is enough
-                    reps = 1 if v == "v1_direct" else repeats
-                    ours_ms, _ = event_median_ms(ours, reps, min(warmup, reps),
-                                                 be.synchronize)
-                    tkey = (precision, what, label, batch)
-                    if tkey not in torch_cache:
-                        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-                        tf32 = precision == "tf32"
-                        fn = (make_torch_op("conv2d_forward", x, w, b, device="cuda",
-                                            dtype=dtype, allow_tf32=tf32, relu=True)
-                              if what == "forward" else
-                              make_torch_op("conv2d_backward", dy, x, w, b, device="cuda",
-                                            dtype=dtype, allow_tf32=tf32, relu=True,
-                                            need_dx=need_dx))
-                        torch_cache[tkey] = event_median_ms(fn, repeats, warmup,
-                                                            torch.cuda.synchronize)[0]
-                    torch_ms = torch_cache[tkey]
-                    add_row(v, precision, what, label, batch,
-                            f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}", ours_ms, torch_ms, reps,
-                            fl)
-            torch_cache = {kk: vv for kk, vv in torch_cache.items() if kk[2] != label}
-
-    # the 2x2 up-convolution's GEMMs at each precision the chosen variants use
+        for layer in conv_variant_shapes(width, depth, size):
+            _time_conv_layer(sweep, names, batch, layer, rng)
     precisions = [p for p in ("fp32", "tf32", "bf16")
                   if any(CONV_VARIANTS[v][0] == p for v in names)]
-    widths = level_widths(depth, width)
     for batch in batches:
-        for lvl in range(depth):
-            h, c, k = size >> (lvl + 1), widths[lvl + 1], widths[lvl]
-            label = f"dec{lvl}.up (2x2 up-conv)"
-            x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
-            w = rng.standard_normal((k, 2, 2, c), dtype=np.float32) * np.float32(c ** -0.5)
-            b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
-            dy = rng.standard_normal((batch, 2 * h, 2 * h, k), dtype=np.float32)
-            flops = 2.0 * batch * h * h * 4 * k * c
-            for precision in precisions:
-                be = CudaBackend(precision=precision,
-                                 conv_variant=DEFAULT_CONV_VARIANT[precision])
-                xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
-                passes = [("forward", flops)] + ([("backward", 2 * flops)] if batch > 1
-                                                 else [])
-                for what, fl in passes:
-                    if time.perf_counter() - t_start > budget_s:
-                        skipped.append(f"upconv {precision} {what} {label} batch {batch}")
-                        continue
-                    ours = _upconv_call(be, what, (xd, wd, bd, dyd))
-                    ours_ms, _ = event_median_ms(ours, repeats, warmup, be.synchronize)
-                    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-                    fn = (make_torch_op("upconv2x2_forward", x, w, b, device="cuda",
-                                        dtype=dtype, allow_tf32=precision == "tf32")
-                          if what == "forward" else
-                          make_torch_op("upconv2x2_backward", dy, x, w, device="cuda",
-                                        dtype=dtype, allow_tf32=precision == "tf32"))
-                    torch_ms = event_median_ms(fn, repeats, warmup, torch.cuda.synchronize)[0]
-                    add_row(f"upconv_{precision}", precision, what, label, batch,
-                            f"{batch}x{h}x{h}x{c} -> {k}, 2x2 s2", ours_ms, torch_ms,
-                            repeats, fl)
+        for level in upconv_levels(width, depth, size):
+            _time_upconv_level(sweep, precisions, batch, level, rng)
     return {"benchmark": "conv-variants", **provenance("cuda"),
             "config": {"variants": names, "batches": list(batches), "width": width,
                        "depth": depth, "size": size, "repeats": repeats, "warmup": warmup,
@@ -405,7 +491,7 @@ def run_conv_variants_bench(variants="all", batches=(12, 1), repeats: int = 5,
             "peak": {"device": peak_key, "tflops": peak,
                      "source": "NVIDIA datasheets, dense (half the 'with sparsity' figure)"},
             "variants": {v: CONV_VARIANTS[v] for v in names},
-            "rows": rows, "skipped": skipped}
+            "rows": sweep.rows, "skipped": sweep.skipped}
 
 
 def format_variants(result: dict) -> str:
@@ -414,12 +500,12 @@ def format_variants(result: dict) -> str:
             + " TFLOP/s" if p["tflops"] else "peak: device not in PEAK_TFLOPS, no % shown")
     lines = [f"device: {result['device']}; {peak}",
              "ratio = ours / torch at the same precision (below 1 is faster)",
-             f"{'variant':<12} {'pass':<8} {'where':<26} {'b':>2} {'ours ms':>9} "
+             f"{'variant':<16} {'pass':<8} {'where':<26} {'b':>2} {'ours ms':>9} "
              f"{'torch ms':>9} {'ratio':>6} {'TFLOP/s ours | torch':>21} {'% peak':>13}"]
     for r in result["rows"]:
         pct = (f"{r['ours_pct_peak']:5.1f} | {r['torch_pct_peak']:5.1f}"
                if "ours_pct_peak" in r else "")
-        lines.append(f"{r['variant']:<12} {r['pass']:<8} {r['label']:<26} {r['batch']:>2} "
+        lines.append(f"{r['variant']:<16} {r['pass']:<8} {r['label']:<26} {r['batch']:>2} "
                      f"{r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:6.2f} "
                      f"{r['ours_tflops']:9.1f} | {r['torch_tflops']:9.1f} {pct:>13}")
     if result["skipped"]:
@@ -432,7 +518,8 @@ def format_variants(result: dict) -> str:
 # ------------------------------------------------------- CPU conv versions (--variants, cpu)
 
 
-def unet_conv3x3_shapes(width: int, depth: int, size: int, in_channels: int = 1):
+def unet_conv3x3_shapes(width: int, depth: int, size: int,
+                        in_channels: int = 1) -> list[tuple]:
     """Every distinct 3x3 convolution of the U-Net: (label, H, C, K, need_dx, count), count
     being how many layers of one forward pass have that shape (dec<l>.conv2 is enc<l>.conv2's
     shape)."""
@@ -449,24 +536,21 @@ def unet_conv3x3_shapes(width: int, depth: int, size: int, in_channels: int = 1)
     return shapes
 
 
-def run_cpu_conv_variants_bench(variants="all", batch: int = 4, size: int = 128,
-                                width: int = 16, depth: int = 4, repeats: int = 10,
-                                warmup: int = 2, seed: int = 0) -> dict:
+def run_cpu_conv_variants_bench(variants: str | Sequence[str] | None = "all",
+                                batch: int = 4, size: int = 128, width: int = 16,
+                                depth: int = 4, repeats: int = 10, warmup: int = 2,
+                                seed: int = 0) -> dict:
     """The CPU convolution versions (cpu.CONV_VARIANTS, and 'auto', the per-shape choice
     training uses) on every 3x3 convolution of the ``bench step`` U-Net against PyTorch
     (oneDNN, channels_last), all timed in turns. Forward with bias + ReLU; backward is dx
     (except the first layer), dW, db and the ReLU mask. GFLOP/s at 2 FLOPs per multiply-add.
-    ``totals`` adds each version's passes over one training step's layers."""
+    ``totals`` adds each version's passes over one training step's layers.
+    UnknownVariantError for a name that is neither in CONV_VARIANTS nor 'auto'."""
     require_torch()
     from nodulekit.engine.cpu import CONV_VARIANTS, CPUBackend
     from nodulekit.reference.torch_ops import make_torch_op
 
-    names = list(CONV_VARIANTS) + ["auto"] if variants in ("all", None) else (
-        variants.split(",") if isinstance(variants, str) else list(variants))
-    for v in names:
-        if v != "auto" and v not in CONV_VARIANTS:
-            raise SystemExit(f"unknown cpu convolution variant {v!r}; the variants are: "
-                             f"{', '.join(CONV_VARIANTS)}, auto (or 'all')")
+    names = variant_names(variants, [*CONV_VARIANTS, "auto"], what="cpu convolution")
     backends = [CPUBackend(conv_variant=v) for v in names]
     rng = np.random.default_rng(seed)
     rows = []
@@ -521,7 +605,7 @@ def format_cpu_variants(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nodulekit.bench.ops --op conv --variants all [--json F]``: the conv
     versions' sweep (what ``nodulekit bench ops --op conv --variants all`` runs)."""
     import argparse
@@ -530,16 +614,22 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("--op", default="conv", choices=["conv"])
-    ap.add_argument("--variants", default="all", help="'all' or names, comma-separated")
+    from nodulekit.engine.cuda import CONV_VARIANTS
+
+    ap.add_argument("--variants", default="all",
+                    help=f"'all' or names, comma-separated: {', '.join(CONV_VARIANTS)}")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batches", default="12,1")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the sweep")
     ap.add_argument("--json", dest="json_path", default=None, help="file, or '-': stdout")
     args = ap.parse_args(argv)
-    result = run_conv_variants_bench(args.variants, tuple(int(b) for b in
-                                                          args.batches.split(",")),
-                                     args.repeats, args.warmup, budget_s=args.budget)
+    try:
+        result = run_conv_variants_bench(args.variants, tuple(int(b) for b in
+                                                              args.batches.split(",")),
+                                         args.repeats, args.warmup, budget_s=args.budget)
+    except (BenchUnavailableError, UnknownVariantError) as exc:
+        raise SystemExit(str(exc)) from exc  # the message, exit status 1
     print(format_variants(result))
     if args.json_path == "-":  # one line, after the table (bench/gpu_check.sh's log)
         print("conv-variants JSON:", json.dumps(result))

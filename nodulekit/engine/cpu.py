@@ -1,13 +1,14 @@
 """The CPU backend: NumPy + Numba, float32.
 
-Convolutions come in two versions, chosen per shape (``conv_variant='auto'``) or named:
+Convolutions come in two versions (:data:`CONV_VARIANTS`, named by technique in the
+vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) or named:
 
-- v1, patches + BLAS: patches (im2col) times OpenBLAS SGEMM, one block of output pixels
+- ``patches_gemm``: patches (im2col) times OpenBLAS SGEMM, one block of output pixels
   at a time so the patch matrix stays small (it would be 9*C floats per pixel for the
   whole batch) and warm in cache when the GEMM reads it. In NHWC a patch row is three
   straight copies and the GEMM's output is already the NHWC output, so nothing is
   transposed. Best on the deep layers (many channels, few pixels).
-- v2, register-blocked (``cpu_conv.py``, ``cpu_upconv.py``): no patch matrix; 6 pixels
+- ``register_blocked`` (``cpu_conv.py``, ``cpu_upconv.py``): no patch matrix; 6 pixels
   x 16 output channels accumulate in vector registers. Best wherever K is small (BLAS
   reaches half the FMA peak at 16 output columns) and image rows are long.
 
@@ -43,50 +44,56 @@ def _block_rows(columns: int) -> int:
     return PATCH_BLOCK_BYTES // (4 * max(columns, 1))
 
 
-# The 3x3 convolution versions, as in kernels/conv.cu on the GPU. 'auto' (the default)
-# picks one per shape; naming one uses it wherever it applies (``nodulekit bench ops --op
-# conv --variants all`` times each against torch).
+# The convolution versions (3x3 convolutions and the 2x2 up-convolution's GEMMs), named
+# by technique in the vocabulary cuda.CONV_VARIANTS explains and shares: register_blocked
+# is the same technique (an implicit GEMM whose outputs stay in registers as a block of
+# outer-product sums) on either device; patches_gemm (im2col + BLAS) exists only here.
+# 'auto' (the default) picks one per shape; naming one uses it wherever it applies
+# (``nodulekit bench ops --op conv --variants all`` times each against torch).
 CONV_VARIANTS = {
-    "v1_patches_blas": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
-    "v2_register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
-                           "(cpu_conv.py); needs K % 8 == 0",
+    "patches_gemm": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
+    "register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
+                        "(cpu_conv.py); needs K % 8 == 0",
 }
 
 
-def _direct_forward(variant: str, c: int, k: int, width: int) -> bool:
-    """v2 (``cpu_conv``, register-blocked) rather than v1 (patches + BLAS) for a 3x3 pass?
+def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
+    """register_blocked (``cpu_conv``) rather than patches_gemm for a 3x3 forward pass?
 
     'auto' was measured per shape on the 2-core EPYC (``bench ops --op conv --variants
-    all``): v2 is 1.1-2.9x faster where K <= 64 and image rows are long (16-pixel rows
-    too while C <= 64), and slower on the deep layers, where BLAS does well and an 8- or
-    16-pixel row is mostly border.
+    all``): register_blocked is 1.1-2.9x faster where K <= 64 and image rows are long
+    (16-pixel rows too while C <= 64), and slower on the deep layers, where BLAS does well
+    and an 8- or 16-pixel row is mostly border.
     """
-    if variant == "v1_patches_blas" or not cpu_conv.supports(c, k):
+    if variant == "patches_gemm" or not cpu_conv.supports(c, k):
         return False
-    return variant == "v2_register_blocked" or (
+    return variant == "register_blocked" or (
         k <= 64 and (width >= 32 or c == 1 or (width >= 16 and c <= 64)))
 
 
-def _direct_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
-    # 'auto': v2's weight gradient is 1.0-4.5x faster up to 128 x 128 channels and rows
-    # of >= 16 pixels
-    if variant == "v1_patches_blas" or not cpu_conv.supports(c, k):
+def _register_blocked_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
+    # 'auto': register_blocked's weight gradient is 1.0-4.5x faster up to 128 x 128
+    # channels and rows of >= 16 pixels
+    if variant == "patches_gemm" or not cpu_conv.supports(c, k):
         return False
-    return variant == "v2_register_blocked" or (c * k <= 128 * 128 and width >= 16)
+    return variant == "register_blocked" or (c * k <= 128 * 128 and width >= 16)
 
 
-def _direct_upconv_forward(variant: str, c: int, k: int) -> bool:
-    # 'auto': v2 (``cpu_upconv``) up to C x K = 128 x 64; deeper, BLAS was faster
-    if variant == "v1_patches_blas" or k % 8:
+def _register_blocked_upconv_forward(variant: str, c: int, k: int) -> bool:
+    # 'auto': register_blocked (``cpu_upconv``) up to C x K = 128 x 64; deeper, BLAS was
+    # faster
+    if variant == "patches_gemm" or k % 8:
         return False
-    return variant == "v2_register_blocked" or c * k <= 128 * 64
+    return variant == "register_blocked" or c * k <= 128 * 64
 
 
-def _direct_upconv_backward(variant: str, c: int, k: int, rows: int, blocks: int) -> bool:
-    # 'auto': v2 while its per-block weight-gradient partials stay small next to the data
-    if variant == "v1_patches_blas" or c % 16:
+def _register_blocked_upconv_backward(variant: str, c: int, k: int, rows: int,
+                                      blocks: int) -> bool:
+    # 'auto': register_blocked while its per-block weight-gradient partials stay small next
+    # to the data
+    if variant == "patches_gemm" or c % 16:
         return False
-    return variant == "v2_register_blocked" or blocks * 4 * k < rows
+    return variant == "register_blocked" or blocks * 4 * k < rows
 
 
 def _reduction_blocks(rows: int) -> int:
@@ -131,8 +138,8 @@ class CPUBackend(Backend):
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
-        if r_size == 3 and _direct_forward(self.conv_variant, c, k, w):
-            w_tk = np.ascontiguousarray(w2t)  # [9C, K]; small wherever v2 is used
+        if r_size == 3 and _register_blocked_conv(self.conv_variant, c, k, w):
+            w_tk = np.ascontiguousarray(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
 
             def image_rows(m0, m1, _):
@@ -205,19 +212,20 @@ class CPUBackend(Backend):
         return out
 
     def _weight_grad_3x3(self, x, dz):
-        """dW^T [9C, K] with v2's kernel, or None where v1 should do it.
+        """dW^T [9C, K] with register_blocked's kernel, or None where patches_gemm should
+        do it.
 
         The sum over pixels is split as in ``_gram``: one partial per block of image rows,
         added in block order. Where those partials would outweigh the patches (deep
-        layers: few pixels, many channels), v1's column split is used instead; splitting
-        v2 over kernel rows and channels was measured slower there (5.4 vs 3.1 ms for
-        4x16x16x128 -> 128 on 2 threads). A named variant is held to.
+        layers: few pixels, many channels), patches_gemm's column split is used instead;
+        splitting register_blocked over kernel rows and channels was measured slower there
+        (5.4 vs 3.1 ms for 4x16x16x128 -> 128 on 2 threads). A named variant is held to.
         """
         n, h, w, c = x.shape
         k = dz.shape[3]
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
-        if not _direct_weight_grad(self.conv_variant, c, k, w) or (
+        if not _register_blocked_weight_grad(self.conv_variant, c, k, w) or (
                 blocks * k >= rows and self.conv_variant == "auto"):
             return None
         partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
@@ -245,8 +253,8 @@ class CPUBackend(Backend):
             dw_partial = np.empty((blocks, c), dtype=np.float32)
             db_partial = np.empty((blocks, 1), dtype=np.float32)
             kern.one_output_backward(dy.reshape(rows, 1), (y if relu else dy).reshape(rows, 1),
-                                     relu, x.reshape(rows, c), w.reshape(c), need_dx,
-                                     dx.reshape(-1, c), dw_partial, db_partial)
+                                     relu, x.reshape(rows, c), w.reshape(c), dx.reshape(-1, c),
+                                     dw_partial, db_partial)
             return (dx if need_dx else None, dw_partial.sum(axis=0).reshape(w.shape),
                     db_partial.sum(axis=0))
         dy2d = dy.reshape(rows, k)
@@ -256,7 +264,8 @@ class CPUBackend(Backend):
         kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
         db = partial.sum(axis=0)
 
-        # dW^T[R*R*C, K] = patches(x)^T @ dZ: v2 where it is faster, else v1
+        # dW^T[R*R*C, K] = patches(x)^T @ dZ: register_blocked where it is faster, else
+        # patches_gemm
         acc = self._weight_grad_3x3(x, dz2d.reshape(n, h, wd, k)) if r == 3 else None
         if acc is None and r == 1:
             acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
@@ -326,8 +335,8 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k = w.shape[0]
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
-        if _direct_upconv_forward(self.conv_variant, c, k):
-            # v2: the GEMM's register blocks write straight into the concat buffer
+        if _register_blocked_upconv_forward(self.conv_variant, c, k):
+            # the GEMM's register blocks write straight into the concat buffer
             w_cabk = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
 
             def pixels(m0, m1, _):
@@ -340,16 +349,16 @@ class CPUBackend(Backend):
         return y
 
     def _upconv2x2_split_backward(self, dcat, ca, x, w):
-        """(dskip, dx, dw, db). v2 (C % 16 == 0, enough pixels to keep the weight
-        gradient's per-block partials small): register blocks read the gradient where it
-        lies in dcat. v1: the split and the gather to the GEMM's layout in one pass
-        (g [N,H,W,2,2,K]), then dx = g @ W^T and dW = x^T @ g on all threads."""
+        """(dskip, dx, dw, db). register_blocked (C % 16 == 0, enough pixels to keep the
+        weight gradient's per-block partials small): register blocks read the gradient
+        where it lies in dcat. patches_gemm: the split and the gather to the GEMM's layout
+        in one pass (g [N,H,W,2,2,K]), then dx = g @ W^T and dW = x^T @ g on all threads."""
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
         step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
-        if _direct_upconv_backward(self.conv_variant, c, k, rows, blocks):
-            return self._upconv2x2_split_backward_v2(dcat, ca, x, w, step, blocks)
+        if _register_blocked_upconv_backward(self.conv_variant, c, k, rows, blocks):
+            return self._upconv2x2_split_backward_blocked(dcat, ca, x, w, step, blocks)
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
         kern.split_gather(dcat, dskip, g)
@@ -369,7 +378,7 @@ class CPUBackend(Backend):
         kern.column_sums(g_k, 0, partial)
         return dskip, dx, dw, partial.sum(axis=0)
 
-    def _upconv2x2_split_backward_v2(self, dcat, ca, x, w, step, blocks):
+    def _upconv2x2_split_backward_blocked(self, dcat, ca, x, w, step, blocks):
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
@@ -417,10 +426,11 @@ class CPUBackend(Backend):
         return counts
 
     # ------------------------------------------------------------------ optimiser
-    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+    def _adam_step(self, param, grad, m, v, step, lr, betas, eps):
+        beta1, beta2 = betas
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
-        kern.adam_step(param, grad, m, v, lr / bc1, beta1, beta2, eps, np.sqrt(bc2))
+        kern.adam_step(param, grad, m, v, (lr / bc1, beta1, beta2, eps, np.sqrt(bc2)))
 
     # ------------------------------------------------------------------ input pipeline
     def _window_augment(self, hu, mask, aug, center, width):

@@ -1,4 +1,5 @@
-"""3x3 convolutions on the CPU as register-blocked micro-kernels (the CPU's "v2").
+"""3x3 convolutions on the CPU as register-blocked micro-kernels (``register_blocked`` in
+cpu.CONV_VARIANTS, the same technique as the CUDA backend's ``register_blocked``).
 
 What they compute (NHWC float32, stride 1, zero 'same' padding; w_tk is the weight as
 [9*C, K]: tap (r, s, c) major, output channel k inner, i.e. ``w.reshape(K, -1).T``):
@@ -6,10 +7,10 @@ What they compute (NHWC float32, stride 1, zero 'same' padding; w_tk is the weig
     conv3x3_rows:              y[p, k]  = relu?(b[k] + sum_t patch(x, p)[t] * w_tk[t, k])
     conv3x3_weight_grad_rows:  dW_tk[t, k] = sum_p patch(x, p)[t] * dz[p, k]
 
-where patch(x, p) is the 9*C input values pixel p's output reads. v1 (``cpu.py``) copies
-those patches into a matrix and calls BLAS SGEMM. That is fine for deep layers, but at
-the U-Net's top levels K is 16 or 32, a shape BLAS handles badly (~45 GFLOP/s per core
-here, half of peak), and the copy itself costs 13% of a step.
+where patch(x, p) is the 9*C input values pixel p's output reads. ``patches_gemm``
+(``cpu.py``) copies those patches into a matrix and calls BLAS SGEMM. That is fine for
+deep layers, but at the U-Net's top levels K is 16 or 32, a shape BLAS handles badly (~45
+GFLOP/s per core here, half of peak), and the copy itself costs 13% of a step.
 
 How: no patch matrix. In NHWC the 3*C values of one kernel row r for pixel x are one
 contiguous run of the input row, and pixel x+1's run starts C floats later. So a block
@@ -31,21 +32,26 @@ GFLOP/s per core): 16 -> 16 channels at 4x128x128 is 2*65536*144*16 = 302 MFLOP.
 core the 6x16 block ran it in 3.1 ms (94 GFLOP/s over the interior) where patches +
 OpenBLAS took 7.3 ms (41 GFLOP/s). Over the border pixels the block is idle; they take
 a quarter of a 16-pixel row, which is why the deep layers (8 and 16 pixels wide, many
-channels) stay with v1.
+channels) stay with patches_gemm.
 
-Run it: ``nodulekit bench ops --op conv --variants all`` times v1, v2 and the per-shape
-choice against PyTorch (oneDNN) on every layer of the U-Net; ``pytest tests/test_ops.py
--k "register or cpu_versions"`` checks each kernel against the float64 reference and
-torch, borders, odd sizes and 8-channel blocks included.
+Run it: ``nodulekit bench ops --op conv --variants all`` times patches_gemm,
+register_blocked and the per-shape choice against PyTorch (oneDNN) on every layer of the
+U-Net; ``pytest tests/test_ops.py -k "register or cpu_versions"`` checks each kernel
+against the float64 reference and torch, borders, odd sizes and 8-channel blocks included.
 
 Requirements: K % 8 == 0 (blocks of 16 channels, and one of 8 where K % 16 == 8; the
-caller falls back to v1 otherwise). Serial, nogil: the caller runs blocks of image rows
-on its threads (``cpu_workers.Workers``). The order of every sum is fixed, so results
-are the same on every run and any thread count.
+caller falls back to patches_gemm otherwise). Serial, nogil: the caller runs blocks of
+image rows on its threads (``cpu_workers.Workers``). The order of every sum is fixed, so
+results are the same on every run and any thread count. The micro-kernels take their sizes
+and positions as small named tuples (``Sizes``, ``Block``, ``PixelRun``): Numba passes a
+tuple's fields as separate scalars, so this costs nothing (measured: same speed, same bits).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 from numba import njit, uint64
 
 from nodulekit.engine.register_blocks import (
@@ -73,25 +79,55 @@ def supports(c: int, k: int) -> bool:
     return k % 8 == 0 and c >= 1
 
 
+class Sizes(NamedTuple):
+    """The sizes a forward micro-kernel call needs (its caller reads them off the arrays)."""
+
+    width: int  # W, pixels per image row
+    channels: int  # C, input channels
+    out_channels: int  # K
+
+
+class Block(NamedTuple):
+    """Which outputs one forward micro-kernel call computes: one pixel (``_one_pixel*``) or
+    six neighbouring pixels of an image row (``_six_pixels*``) x 16 (or 8) channels."""
+
+    pixel: int  # flat index (n * H + h) * W + w of its (first) output pixel
+    column: int  # that pixel's w: the border pixels read only part of each kernel row
+    channel: int  # its first output channel
+    first_row: int  # kernel rows first_row..end_row-1 lie inside the image (0..3, or 1..3
+    end_row: int  # in the image's first row, 0..2 in its last)
+
+
+class PixelRun(NamedTuple):
+    """A weight-gradient micro-kernel call: a run of neighbouring pixels of an image row,
+    and where its operands start (flat indices, uint64)."""
+
+    x_start: int  # x at the run's first pixel and the block's first tap value
+    dz_start: int  # dz at the run's first pixel and the block's first channel
+    out_start: int  # the block's first sum in out [9C, K]
+    pixels: int  # how many pixels
+
+
 @njit(**_JIT)
-def _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
-    """y[n, yy, x, j0:j0+16]: one pixel, over the part of each kernel row inside the image
-    (the border pixels and what the 6-pixel blocks leave over).
+def _one_pixel16(xf, wf, b, yf, relu, sizes, block):
+    """y[block.pixel, block.channel : +16]: one pixel, over the part of each kernel row
+    inside the image (the border pixels and what the 6-pixel blocks leave over).
 
     Two sums alone would wait on each other's FMA latency (4 cycles): a quarter of the
     FMA units' rate. Patch values t % 4 go to four pairs of sums, added at the end, so
     eight FMAs are in flight and the loads (3 per 2 FMAs) set the pace instead.
     """
-    t_lo = c_ if x == 0 else 0
-    t_hi = 2 * c_ if x == w_ - 1 else 3 * c_
-    kk = uint64(k_)
-    a0, a1 = load8(b, j0), load8(b, j0 + 8)
+    width, channels, out_channels = sizes
+    t_lo = channels if block.column == 0 else 0
+    t_hi = 2 * channels if block.column == width - 1 else 3 * channels
+    kk = uint64(out_channels)
+    a0, a1 = load8(b, block.channel), load8(b, block.channel + 8)
     z = zeros8()
     e0, e1, f0, f1, g0, g1 = z, z, z, z, z, z
     length = uint64(t_hi - t_lo)
-    for dy in range(dy0, dy1):
-        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x - 1) * c_ + t_lo)
-        wi = uint64((dy * 3 * c_ + t_lo) * k_ + j0)
+    for dy in range(block.first_row, block.end_row):
+        xi = uint64((block.pixel + (dy - 1) * width - 1) * channels + t_lo)
+        wi = uint64((dy * 3 * channels + t_lo) * out_channels + block.channel)
         for q in range(length // uint64(4)):
             t = q * uint64(4)
             wt = wi + t * kk
@@ -120,23 +156,25 @@ def _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
     if relu:
         a0 = relu8(a0)
         a1 = relu8(a1)
-    o = uint64(((n * h_ + yy) * w_ + x) * k_ + j0)
+    o = uint64(block.pixel * out_channels + block.channel)
     store8(yf, o, a0)
     store8(yf, o + uint64(8), a1)
 
 
 @njit(**_JIT)
-def _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
-    """y[n, yy, x, j0:j0+8]: as _one_pixel16, for the last 8 channels where K % 16 == 8."""
-    t_lo = c_ if x == 0 else 0
-    t_hi = 2 * c_ if x == w_ - 1 else 3 * c_
-    kk = uint64(k_)
-    a0 = load8(b, j0)
+def _one_pixel8(xf, wf, b, yf, relu, sizes, block):
+    """y[block.pixel, block.channel : +8]: as _one_pixel16, for the last 8 channels where
+    K % 16 == 8."""
+    width, channels, out_channels = sizes
+    t_lo = channels if block.column == 0 else 0
+    t_hi = 2 * channels if block.column == width - 1 else 3 * channels
+    kk = uint64(out_channels)
+    a0 = load8(b, block.channel)
     e0 = f0 = g0 = zeros8()
     length = uint64(t_hi - t_lo)
-    for dy in range(dy0, dy1):
-        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x - 1) * c_ + t_lo)
-        wi = uint64((dy * 3 * c_ + t_lo) * k_ + j0)
+    for dy in range(block.first_row, block.end_row):
+        xi = uint64((block.pixel + (dy - 1) * width - 1) * channels + t_lo)
+        wi = uint64((dy * 3 * channels + t_lo) * out_channels + block.channel)
         for q in range(length // uint64(4)):
             t = q * uint64(4)
             wt = wi + t * kk
@@ -149,99 +187,108 @@ def _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x, j0, dy0, dy1):
     a0 = add8(add8(a0, e0), add8(f0, g0))
     if relu:
         a0 = relu8(a0)
-    store8(yf, uint64(((n * h_ + yy) * w_ + x) * k_ + j0), a0)
+    store8(yf, uint64(block.pixel * out_channels + block.channel), a0)
 
 
 @njit(**_INLINE)
-def _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
-    """y[n, yy, x0:x0+6, j0:j0+16], all six pixels inside the image: the register block.
+def _six_pixels16(xf, wf, b, yf, relu, sizes, block):
+    """y[block.pixel : +6, block.channel : +16], all six pixels inside the image: the
+    register block.
 
-    Pixel x0+r's patch values for kernel row dy are one run of 3C input values starting
-    at xi + r*C, so step t of the reduction broadcasts x[xi + t + r*C] for r = 0..5.
+    Pixel block.pixel + r's patch values for kernel row dy are one run of 3C input values
+    starting at xi + r*C, so step t of the reduction broadcasts x[xi + t + r*C] for r = 0..5.
     """
-    kk = uint64(k_)
-    c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
-    c4, c5 = uint64(4 * c_), uint64(5 * c_)
-    b0, b1 = load8(b, j0), load8(b, j0 + 8)
+    width, channels, out_channels = sizes
+    kk = uint64(out_channels)
+    c1, c2, c3 = uint64(channels), uint64(2 * channels), uint64(3 * channels)
+    c4, c5 = uint64(4 * channels), uint64(5 * channels)
+    b0, b1 = load8(b, block.channel), load8(b, block.channel + 8)
     a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
-    for dy in range(dy0, dy1):
-        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
-        wi = uint64(dy * 3 * c_ * k_ + j0)
+    for dy in range(block.first_row, block.end_row):
+        xi = uint64((block.pixel + (dy - 1) * width - 1) * channels)
+        wi = uint64(dy * 3 * channels * out_channels + block.channel)
         for t in range(c3):  # one kernel row's patch values: 3 pixels x C channels
             wt = wi + t * kk
             xt = xi + t
-            a = fma_6x16(xf, xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5,
+            a = fma_6x16(xf, (xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5),
                          load8(wf, wt), load8(wf, wt + uint64(8)), a)
     if relu:
         a = relu_6x16(a)
-    o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
-    store_6x16(yf, o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
-               o + uint64(5) * kk, 8, a)
+    o = uint64(block.pixel * out_channels + block.channel)
+    store_6x16(yf, (o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
+                    o + uint64(5) * kk), 8, a)
 
 
 @njit(**_INLINE)
-def _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1):
+def _six_pixels8(xf, wf, b, yf, relu, sizes, block):
     """As _six_pixels16 for the last 8 channels where K % 16 == 8 (load-bound: ~40
     GFLOP/s a core at 8 -> 8 channels; two sets of sums for more FMAs in flight were
     slower)."""
-    kk = uint64(k_)
-    c1, c2, c3 = uint64(c_), uint64(2 * c_), uint64(3 * c_)
-    c4, c5 = uint64(4 * c_), uint64(5 * c_)
-    b0 = load8(b, j0)
+    width, channels, out_channels = sizes
+    kk = uint64(out_channels)
+    c1, c2, c3 = uint64(channels), uint64(2 * channels), uint64(3 * channels)
+    c4, c5 = uint64(4 * channels), uint64(5 * channels)
+    b0 = load8(b, block.channel)
     a = (b0, b0, b0, b0, b0, b0)
-    for dy in range(dy0, dy1):
-        xi = uint64(((n * h_ + yy + dy - 1) * w_ + x0 - 1) * c_)
-        wi = uint64(dy * 3 * c_ * k_ + j0)
+    for dy in range(block.first_row, block.end_row):
+        xi = uint64((block.pixel + (dy - 1) * width - 1) * channels)
+        wi = uint64(dy * 3 * channels * out_channels + block.channel)
         for t in range(c3):
             xt = xi + t
-            a = fma_6x8(xf, xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5,
+            a = fma_6x8(xf, (xt, xt + c1, xt + c2, xt + c3, xt + c4, xt + c5),
                         load8(wf, wi + t * kk), a)
     if relu:
         a = relu_6x8(a)
-    o = uint64(((n * h_ + yy) * w_ + x0) * k_ + j0)
-    store_6x8(yf, o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
-              o + uint64(5) * kk, a)
+    o = uint64(block.pixel * out_channels + block.channel)
+    store_6x8(yf, (o, o + kk, o + uint64(2) * kk, o + uint64(3) * kk, o + uint64(4) * kk,
+                   o + uint64(5) * kk), a)
 
 
 @njit(**_JIT)
-def conv3x3_rows(x, w_tk, b, relu, y, row0, row1):
+def conv3x3_rows(x: np.ndarray, w_tk: np.ndarray, b: np.ndarray, relu: bool, y: np.ndarray,
+                 row0: int, row1: int) -> None:
     """y = relu?(conv3x3(x, w) + b) for image rows row0..row1 (row = n * H + h)."""
-    n_, h_, w_, c_ = x.shape
-    k_ = y.shape[3]
+    _, height, width, channels = x.shape
+    out_channels = y.shape[3]
+    sizes = Sizes(width, channels, out_channels)
     xf, wf, yf = x.ravel(), w_tk.ravel(), y.ravel()
     for row in range(row0, row1):
-        n = row // h_
-        yy = row - n * h_
-        dy0 = 1 if yy == 0 else 0  # kernel rows inside the image
-        dy1 = 2 if yy == h_ - 1 else 3
-        for j0 in range(0, k_, 16):
+        h = row % height
+        dy0 = 1 if h == 0 else 0  # kernel rows inside the image
+        dy1 = 2 if h == height - 1 else 3
+        p0 = row * width  # the row's first pixel
+        for j0 in range(0, out_channels, 16):
             # border pixel, blocks of six interior pixels, then what is left (the right
             # border pixel included); 16 channels at a time, 8 for the last ones if K % 16.
             # The two widths are written out as two loops: one loop choosing the width per
             # block was 10-30% slower (LLVM no longer specialises the inlined block).
-            if j0 + 16 <= k_:
-                _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, 0, j0, dy0, dy1)
+            if j0 + 16 <= out_channels:
+                _one_pixel16(xf, wf, b, yf, relu, sizes, Block(p0, 0, j0, dy0, dy1))
                 x0 = 1
-                while x0 + 6 <= w_ - 1:
-                    _six_pixels16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                while x0 + 6 <= width - 1:
+                    _six_pixels16(xf, wf, b, yf, relu, sizes, Block(p0 + x0, x0, j0, dy0, dy1))
                     x0 += 6
-                while x0 < w_:
-                    _one_pixel16(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                while x0 < width:
+                    _one_pixel16(xf, wf, b, yf, relu, sizes, Block(p0 + x0, x0, j0, dy0, dy1))
                     x0 += 1
             else:
-                _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, 0, j0, dy0, dy1)
+                _one_pixel8(xf, wf, b, yf, relu, sizes, Block(p0, 0, j0, dy0, dy1))
                 x0 = 1
-                while x0 + 6 <= w_ - 1:
-                    _six_pixels8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                while x0 + 6 <= width - 1:
+                    _six_pixels8(xf, wf, b, yf, relu, sizes, Block(p0 + x0, x0, j0, dy0, dy1))
                     x0 += 6
-                while x0 < w_:
-                    _one_pixel8(xf, wf, b, relu, yf, h_, w_, c_, k_, n, yy, x0, j0, dy0, dy1)
+                while x0 < width:
+                    _one_pixel8(xf, wf, b, yf, relu, sizes, Block(p0 + x0, x0, j0, dy0, dy1))
                     x0 += 1
 
 
 @njit(**_JIT)
-def _grad16(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
-    """out[t0:t0+group, j0:j0+16] += sum over pixels of x[tap t] * dz[pixel, j0:j0+16]."""
+def _grad16(xf, dzf, outf, run, channels, out_channels, group):
+    """out[tap t0 .. t0+group-1, j0:j0+16] += sum over the run's pixels p of x[p, tap t] *
+    dz[p, j0:j0+16] (run: where the operands start; channels, out_channels: the pixel
+    strides of x and dz, as uint64; out's row stride is out_channels too)."""
+    xi, dj, oi, pixels = run
+    cc, kk = channels, out_channels
     if group == 4:
         a = load_4x16(outf, oi, kk)
         for p in range(pixels):
@@ -272,9 +319,11 @@ def _grad16(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
 
 
 @njit(**_JIT)
-def _grad8(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
+def _grad8(xf, dzf, outf, run, channels, out_channels, group):
     """As _grad16 for the last 8 channels where K % 16 == 8; even and odd pixels (or, for
     one tap, pixel p % 4) go to separate sets of sums, added at the end."""
+    xi, dj, oi, pixels = run
+    cc, kk = channels, out_channels
     if group == 4:
         a = load_4x8(outf, oi, kk)
         e = (zeros8(), zeros8(), zeros8(), zeros8())
@@ -305,39 +354,40 @@ def _grad8(xf, dzf, outf, kk, cc, xi, dj, oi, pixels, group):
 
 
 @njit(**_JIT)
-def conv3x3_weight_grad_rows(x, dz, row0, row1, out):
+def conv3x3_weight_grad_rows(x: np.ndarray, dz: np.ndarray, row0: int, row1: int,
+                             out: np.ndarray) -> None:
     """out[9C, K] = sum of patch(x, p)^T dz[p] over the pixels p of image rows row0..row1.
 
     out is overwritten: one partial sum per block of rows; the caller adds them in order.
     The sums wait in out between image rows (a row's x and dz stay in L1 meanwhile).
     """
-    n_, h_, w_, c_ = x.shape
-    k_ = dz.shape[3]
+    _, height, width, channels = x.shape
+    out_channels = dz.shape[3]
     xf, dzf, outf = x.ravel(), dz.ravel(), out.ravel()
     for i in range(outf.size):
         outf[i] = 0.0
-    kk = uint64(k_)
-    cc = uint64(c_)
-    group = 4 if c_ % 4 == 0 else 1
+    kk = uint64(out_channels)
+    cc = uint64(channels)
+    group = 4 if channels % 4 == 0 else 1
     for row in range(row0, row1):
-        n = row // h_
-        yy = row - n * h_
+        h = row % height
         for dy in range(3):
-            ys = yy + dy - 1
-            if ys < 0 or ys >= h_:
+            hs = h + dy - 1  # the input row kernel row dy reads
+            if hs < 0 or hs >= height:
                 continue
-            for t0 in range(0, 3 * c_, group):
-                dx = t0 // c_
+            for t0 in range(0, 3 * channels, group):
+                dx = t0 // channels
                 x_lo = 1 if dx == 0 else 0  # pixels whose tap dx lies inside the image
-                x_hi = w_ - 1 if dx == 2 else w_
+                x_hi = width - 1 if dx == 2 else width
                 if x_hi <= x_lo:
                     continue
-                xi = uint64(((n * h_ + ys) * w_ + x_lo - 1) * c_ + t0)
-                di = uint64(((n * h_ + yy) * w_ + x_lo) * k_)
+                xi = uint64(((row + dy - 1) * width + x_lo - 1) * channels + t0)
+                di = uint64((row * width + x_lo) * out_channels)
                 pixels = uint64(x_hi - x_lo)
-                for j0 in range(0, k_, 16):
-                    oi = uint64((dy * 3 * c_ + t0) * k_ + j0)
-                    if j0 + 16 <= k_:
-                        _grad16(xf, dzf, outf, kk, cc, xi, di + uint64(j0), oi, pixels, group)
+                for j0 in range(0, out_channels, 16):
+                    run = PixelRun(xi, di + uint64(j0),
+                                   uint64((dy * 3 * channels + t0) * out_channels + j0), pixels)
+                    if j0 + 16 <= out_channels:
+                        _grad16(xf, dzf, outf, run, cc, kk, group)
                     else:
-                        _grad8(xf, dzf, outf, kk, cc, xi, di + uint64(j0), oi, pixels, group)
+                        _grad8(xf, dzf, outf, run, cc, kk, group)

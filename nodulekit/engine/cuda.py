@@ -1,7 +1,8 @@
 """The CUDA backend: CuPy arrays, every op a hand-written kernel from ``kernels/*.cu``.
 
-Each ``kernels/<family>.cu`` file is one CuPy ``RawModule``, compiled by NVRTC on first use
-with :data:`NVRTC_OPTIONS` (CuPy adds ``-ftz=true``, ``-arch=sm_XY`` and
+Each ``kernels/<family>.cu`` file (with the helpers of ``kernels/common.cuh`` spliced in
+where it includes them: :func:`kernel_source`) is one CuPy ``RawModule``, compiled by NVRTC
+on first use with :data:`NVRTC_OPTIONS` (CuPy adds ``-ftz=true``, ``-arch=sm_XY`` and
 ``--device-as-default-execution-space``; ``kernel_check.py`` compiles with exactly that list
 in CI) and kept in CuPy's on-disk cache, keyed by the source text. This module launches the
 kernels: it picks a variant (tile shape, float4 or scalar), computes the grid, allocates
@@ -38,9 +39,10 @@ saves a concat and a split pass per decoder level.
 Precision is a named choice, ``CudaBackend(precision=...)`` one of :data:`PRECISIONS`
 (``fp32``, ``tf32``, ``bf16``; anything else is a ``ValueError`` naming them). It picks the
 3x3 / 1x1 convolutions' version (:data:`CONV_VARIANTS`, :data:`DEFAULT_CONV_VARIANT`):
-fp32 runs conv.cu's v3, tf32 and bf16 the tensor-core kernels of conv_mma.cu (operands
-rounded to TF32 / BF16, products summed in fp32). ``conv_variant=`` runs any other
-version of the same precision (the tests and ``bench ops --variants`` run them all).
+fp32 runs conv.cu's ``register_blocked``, tf32 and bf16 the tensor-core kernels of
+conv_mma.cu (``mma_tf32``, ``mma_bf16``: operands rounded to TF32 / BF16, products summed
+in fp32). ``conv_variant=`` runs any other version of the same precision (the tests and
+``bench ops --variants`` run them all).
 The 2x2 up-convolution follows the precision too (upconv.cu in fp32, conv_mma.cu's
 upconv_*_mma_{tf32,bf16} otherwise). Everything else stays fp32 whatever the precision:
 the bias gradients, pooling, concat, loss, Adam.
@@ -58,11 +60,18 @@ CPU emulator of the kernels use it), and :class:`CudaBackend` then says what to 
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nodulekit.engine.ops import AIR_HU, Backend
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+DeviceArray = Any  # a cupy.ndarray (a NumPy array under the tests' CPU emulator)
 
 # Options we pass to cupy.RawModule; CuPy appends CUPY_APPENDED_OPTIONS when it compiles.
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -99,21 +108,38 @@ KERNELS = {
 # The precisions a CudaBackend computes its convolutions in (everything else stays fp32).
 PRECISIONS = ("fp32", "tf32", "bf16")
 
-# The convolution versions, in the order conv.cu / conv_mma.cu explain them: name ->
-# (precision of its multiplications, what it is). Every one computes forward (bias + ReLU
-# fused), data gradient (the forward kernel on the flipped weights) and weight gradient;
-# CudaBackend(conv_variant=NAME) runs it, tests run all of them, `nodulekit bench ops
-# --op conv --variants all` times all of them.
+# The convolution versions, in the order conv.cu / conv_mma.cu explain them (their headers
+# number them 1-5, the reading order): name -> (precision of its multiplications, what it
+# is). Every one computes forward (bias + ReLU fused), data gradient (the forward kernel on
+# the flipped weights) and weight gradient; CudaBackend(conv_variant=NAME) runs it, tests
+# run all of them, `nodulekit bench ops --op conv --variants all` times all of them.
+#
+# One vocabulary for both devices (cpu.CONV_VARIANTS uses it too): a name says how the
+# convolution is computed, and a word means the same technique wherever it appears.
+#   direct            one output at a time, every operand read from memory (CUDA only)
+#   smem_tiled        implicit GEMM (the patch matrix gathered, never stored), operand
+#                     tiles staged in shared memory, one output per thread (CUDA only)
+#   register_blocked  implicit GEMM where each thread (CUDA) or core (CPU) keeps a block of
+#                     outputs in registers and adds outer products into it: 8x4 per thread
+#                     over shared-memory tiles here, 6 pixels x 16 channels in vector
+#                     registers on the CPU (cpu_conv.py)
+#   mma_tf32/_bf16    register_blocked's tiling on tensor cores (mma.sync), operands
+#                     rounded to TF32 / BF16, fp32 sums (CUDA only)
+#   patches_gemm      the patch matrix (im2col) built block by block, then BLAS SGEMM
+#                     (CPU only)
+# (The earlier names were v1_direct, v2_smem, v3_regblock, v4_mma_tf32, v5_mma_bf16 here and
+# v1_patches_blas, v2_register_blocked on the CPU: "v2" meant a different technique on each
+# device. bench/results/*.json from before keep the old names.)
 CONV_VARIANTS = {
-    "v1_direct": ("fp32", "direct: one thread per output, operands from global memory"),
-    "v2_smem": ("fp32", "implicit GEMM, 16x16 shared-memory tiles, one output per thread"),
-    "v3_regblock": ("fp32", "implicit GEMM, 128x64 tiles, 8x4 register tile per thread"),
-    "v4_mma_tf32": ("tf32", "tensor cores, mma.sync m16n8k8 TF32 operands, fp32 accumulation"),
-    "v5_mma_bf16": ("bf16", "tensor cores, mma.sync m16n8k16 BF16 operands, fp32 accumulation"),
+    "direct": ("fp32", "one thread per output, operands from global memory"),
+    "smem_tiled": ("fp32", "implicit GEMM, 16x16 shared-memory tiles, one output per thread"),
+    "register_blocked": ("fp32", "implicit GEMM, 128x64 tiles, 8x4 register block per thread"),
+    "mma_tf32": ("tf32", "tensor cores, mma.sync m16n8k8 TF32 operands, fp32 accumulation"),
+    "mma_bf16": ("bf16", "tensor cores, mma.sync m16n8k16 BF16 operands, fp32 accumulation"),
 }
 # What each precision runs unless a variant is named: its fastest version.
-DEFAULT_CONV_VARIANT = {"fp32": "v3_regblock", "tf32": "v4_mma_tf32", "bf16": "v5_mma_bf16"}
-_MMA = {"v4_mma_tf32": "tf32", "v5_mma_bf16": "bf16"}  # variant -> kernel name suffix
+DEFAULT_CONV_VARIANT = {"fp32": "register_blocked", "tf32": "mma_tf32", "bf16": "mma_bf16"}
+_MMA = {"mma_tf32": "tf32", "mma_bf16": "bf16"}  # variant -> kernel name suffix
 
 THREADS = 256          # threads per block of every kernel but the channel-sum layout
 BLOCKS_PER_SM = 32     # grid-stride kernels: at most this many blocks per SM
@@ -123,10 +149,10 @@ INT32_MAX = 2**31 - 1
 # --------------------------------------------------------------------------- kernel files
 
 
-def kernel_dir():
-    """The folder of the .cu files: ``nodulekit/kernels`` inside the installed package
-    (package data in a wheel; the source tree in an editable install). The repository's
-    top-level ``kernels`` is a symbolic link to it."""
+def kernel_dir() -> Traversable:
+    """The folder of the .cu files and the .cuh header they include: ``nodulekit/kernels``
+    inside the installed package (package data in a wheel; the source tree in an editable
+    install). The repository's top-level ``kernels`` is a symbolic link to it."""
     return resources.files("nodulekit") / "kernels"
 
 
@@ -135,13 +161,47 @@ def kernel_files() -> list[str]:
     return sorted(p.name for p in kernel_dir().iterdir() if p.name.endswith(".cu"))
 
 
-def kernel_source(name: str) -> str:
-    """The text of ``kernels/<name>``."""
+def kernel_headers() -> list[str]:
+    """Names of every ``*.cuh`` header shipped with the package (``common.cuh``), sorted."""
+    return sorted(p.name for p in kernel_dir().iterdir() if p.name.endswith(".cuh"))
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([\w.-]+\.cuh)"[ \t]*(?://.*)?$',
+                      re.MULTILINE)
+
+
+def _read_kernel_file(name: str) -> str:
     path = kernel_dir() / name
     if not path.is_file():
         raise FileNotFoundError(f"no kernel file {name!r} in {kernel_dir()}; "
-                                f"there are: {', '.join(kernel_files())}")
+                                f"there are: {', '.join(kernel_files() + kernel_headers())}")
     return path.read_text(encoding="utf-8")
+
+
+def kernel_source(name: str) -> str:
+    """The text of ``kernels/<name>``, ready to compile: each ``#include "<header>.cuh"``
+    line is replaced by that header's text from the same folder (once per header, between
+    ``#line`` directives so that compiler messages name the right file and line).
+
+    Every compile path takes this one self-contained text: CuPy's RawModule (so NVRTC needs
+    no ``-I`` and CuPy's on-disk cache, keyed by the source text, recompiles when a header
+    changes; with ``-I`` it would not), the NVRTC and nvcc checks of ``kernel_check.py``,
+    and the tests' CPU emulator.
+    """
+    return _expand_includes(name, _read_kernel_file(name), set())
+
+
+def _expand_includes(name: str, text: str, seen: set[str]) -> str:
+    def splice(match: re.Match) -> str:
+        header = match.group(1)
+        line = text.count("\n", 0, match.start()) + 2  # the line after the #include
+        body = ""
+        if header not in seen:  # a header's text goes in once (as with an include guard)
+            seen.add(header)
+            body = _expand_includes(header, _read_kernel_file(header), seen)
+        return f'#line 1 "{header}"\n{body}\n#line {line} "{name}"'
+
+    return _INCLUDE.sub(splice, text)
 
 
 # --------------------------------------------------------------------------- CuPy runtime
@@ -164,28 +224,28 @@ class CupyRuntime:
         self.sm_count = int(self.device.attributes["MultiProcessorCount"])
         self._functions: dict = {}
 
-    def module(self, file: str):
+    def module(self, file: str) -> object:
         key = (self.device.id, file)
         if key not in _MODULES:
             _MODULES[key] = self.cp.RawModule(code=kernel_source(file), options=NVRTC_OPTIONS)
         return _MODULES[key]
 
-    def launch(self, file: str, kernel: str, grid, block, args) -> None:
+    def launch(self, file: str, kernel: str, grid: tuple, block: tuple, args: tuple) -> None:
         fn = self._functions.get((file, kernel))
         if fn is None:
             fn = self._functions[(file, kernel)] = self.module(file).get_function(kernel)
         fn(tuple(grid), tuple(block), tuple(args))
 
-    def empty(self, shape, dtype):
+    def empty(self, shape: tuple[int, ...] | int, dtype: Any) -> DeviceArray:
         return self.cp.empty(shape, dtype=dtype)
 
-    def zeros(self, shape, dtype):
+    def zeros(self, shape: tuple[int, ...] | int, dtype: Any) -> DeviceArray:
         return self.cp.zeros(shape, dtype=dtype)
 
-    def asarray(self, a, dtype=None):
+    def asarray(self, a: Any, dtype: Any = None) -> DeviceArray:
         return self.cp.ascontiguousarray(self.cp.asarray(a, dtype=dtype))
 
-    def to_host(self, a) -> np.ndarray:
+    def to_host(self, a: DeviceArray) -> np.ndarray:
         return self.cp.asnumpy(a)
 
     def synchronize(self) -> None:
@@ -254,16 +314,16 @@ class CudaBackend(Backend):
         self._dice_counter = None
 
     # ------------------------------------------------------------------ memory
-    def zeros(self, shape, dtype=None):
+    def zeros(self, shape: tuple[int, ...] | int, dtype: Any = None) -> DeviceArray:
         return self.rt.zeros(shape, np.dtype(self.dtype if dtype is None else dtype))
 
-    def empty(self, shape, dtype=None):
+    def empty(self, shape: tuple[int, ...] | int, dtype: Any = None) -> DeviceArray:
         return self.rt.empty(shape, np.dtype(self.dtype if dtype is None else dtype))
 
-    def asarray(self, a, dtype=None):
+    def asarray(self, a: Any, dtype: Any = None) -> DeviceArray:
         return self.rt.asarray(a, dtype)
 
-    def to_host(self, a) -> np.ndarray:
+    def to_host(self, a: DeviceArray) -> np.ndarray:
         return self.rt.to_host(a)
 
     def synchronize(self) -> None:
@@ -324,7 +384,7 @@ class CudaBackend(Backend):
         m = n * h * wd
         v = self.conv_variant
         dims = (_i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
-        if v == "v1_direct":
+        if v == "direct":
             self._launch("conv.cu", "conv_forward_direct", self._grid_stride(m * k),
                          (THREADS, 1, 1), x, w, b, _i32(relu), y, *dims)
             return
@@ -332,7 +392,7 @@ class CudaBackend(Backend):
         vec = "_vec4" if c % 4 == 0 and self._aligned(x, w) else ""
         if v in _MMA:
             file, (kernel, bm, bn) = "conv_mma.cu", (f"conv_forward_mma_{_MMA[v]}{vec}", 128, 64)
-        elif v == "v2_smem":
+        elif v == "smem_tiled":
             file, (kernel, bm, bn) = "conv.cu", ("conv_forward_smem_16x16", 16, 16)
         else:
             file, (kernel, bm, bn) = "conv.cu", ((f"conv_forward_128x64{vec}", 128, 64)
@@ -355,7 +415,7 @@ class CudaBackend(Backend):
         v = self.conv_variant
         dims = (_i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(r))
         dw = self.empty(wshape)
-        if v == "v1_direct":
+        if v == "direct":
             self._launch("conv.cu", "conv_weight_grad_direct", self._grid_stride(k * j),
                          (THREADS, 1, 1), dz, x, dw, *dims)
             return dw
@@ -365,7 +425,7 @@ class CudaBackend(Backend):
         if v in _MMA:
             file, kernel, ba, bb = ("conv_mma.cu", f"conv_weight_grad_mma_{_MMA[v]}{vec}", 64,
                                     128)
-        elif v == "v2_smem":
+        elif v == "smem_tiled":
             kernel, ba, bb = "conv_weight_grad_smem_16x16", 16, 16
         elif j <= 16:
             kernel, ba, bb = "conv_weight_grad_64x16", 64, 16
@@ -572,7 +632,8 @@ class CudaBackend(Backend):
         return counts
 
     # ------------------------------------------------------------------ optimiser
-    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+    def _adam_step(self, param, grad, m, v, step, lr, betas, eps):
+        beta1, beta2 = betas
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         size = param.size

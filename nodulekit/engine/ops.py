@@ -322,7 +322,9 @@ class Backend:
         return self._sigmoid_dice_loss(logits, target, float(smooth))
 
     # ---- optimiser
-    def adam_step(self, param, grad, m, v, step: int, lr: float,
+    # the op contract: PyTorch's Adam hyper-parameters, one argument each, as in
+    # reference/torch_ops.adam_step and every caller; the backends get (beta1, beta2) as one
+    def adam_step(self, param, grad, m, v, step: int, lr: float,  # noqa: PLR0913
                   beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
         op = "adam_step"
         check_array(op, "param", param, self.dtype, 1, "flat")
@@ -334,7 +336,7 @@ class Backend:
             raise ValueError(f"{op}: need 0<=betas<1, lr>=0, eps>0; got "
                              f"lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
         return self._adam_step(param, grad, m, v, int(step), float(lr),
-                               float(beta1), float(beta2), float(eps))
+                               (float(beta1), float(beta2)), float(eps))
 
     # ---- input pipeline
     def window_augment(self, hu, mask, aug, center: float = WINDOW_CENTER,

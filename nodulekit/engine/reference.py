@@ -121,7 +121,8 @@ class ReferenceBackend(Backend):
         return loss, dice, dlogits
 
     # ---- Adam, in place, step counted from 1
-    def _adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps):
+    def _adam_step(self, param, grad, m, v, step, lr, betas, eps):
+        beta1, beta2 = betas
         m[:] = beta1 * m + (1 - beta1) * grad
         v[:] = beta2 * v + (1 - beta2) * grad * grad
         denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps

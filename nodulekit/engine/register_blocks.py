@@ -1,8 +1,9 @@
-"""The register blocks the CPU's v2 kernels are made of (``cpu_conv``, ``cpu_upconv``).
+"""The register blocks the CPU's register_blocked kernels are made of (``cpu_conv``,
+``cpu_upconv``).
 
 A register block is a small tile of output sums kept in vector registers (``simd``) while
 a long reduction runs through it, like the micro-kernel at the heart of BLIS or any BLAS
-SGEMM. Two shapes serve every v2 kernel:
+SGEMM. Two shapes serve every register_blocked kernel:
 
 - 6 x 16 (12 vectors): 6 rows (pixels) x 16 columns (channels). Each reduction step loads
   two vectors of the 16 columns' weights and broadcasts one input value per row: 8 loads
@@ -16,21 +17,32 @@ SGEMM. Two shapes serve every v2 kernel:
 Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
 ``inline='always'`` puts each step into its caller before LLVM sees it, and the tuple
 then lives in registers like separate variables would (measured: the same speed and
-bit-identical results as the written-out form). Addresses are flat element indices.
+bit-identical results as the written-out form). Addresses are flat element indices; the
+six rows of a 6 x 16 or 6 x 8 block are given as one tuple ``rows`` of six of them (a
+tuple built at the call and taken apart here costs nothing once inlined).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from numba import njit, uint64
 
 from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8
 
 _INLINE = {"inline": "always", "cache": True}
 
+# (for the annotations) a simd.float32x8 value, which exists only inside njit code; a block
+# of accumulators is a tuple of them, an index a flat element index (uint64 or int)
+Vec8 = Any
+Rows = tuple[int, int, int, int, int, int]
+
 
 @njit(**_INLINE)
-def fma_6x16(xf, i0, i1, i2, i3, i4, i5, w0, w1, a):
-    """a += (xf[i_r] broadcast) * (w0, w1) for the six rows r."""
+def fma_6x16(xf: np.ndarray, rows: Rows, w0: Vec8, w1: Vec8, a: tuple) -> tuple:
+    """a += (xf[rows[r]] broadcast) * (w0, w1) for the six rows r."""
+    i0, i1, i2, i3, i4, i5 = rows
     s0, s1, s2 = splat8(xf, i0), splat8(xf, i1), splat8(xf, i2)
     s3, s4, s5 = splat8(xf, i3), splat8(xf, i4), splat8(xf, i5)
     return (fma8(s0, w0, a[0]), fma8(s0, w1, a[1]), fma8(s1, w0, a[2]), fma8(s1, w1, a[3]),
@@ -39,16 +51,17 @@ def fma_6x16(xf, i0, i1, i2, i3, i4, i5, w0, w1, a):
 
 
 @njit(**_INLINE)
-def fma_6x8(xf, i0, i1, i2, i3, i4, i5, w0, a):
-    """a += (xf[i_r] broadcast) * w0 for the six rows r. One FMA per broadcast: the
+def fma_6x8(xf: np.ndarray, rows: Rows, w0: Vec8, a: tuple) -> tuple:
+    """a += (xf[rows[r]] broadcast) * w0 for the six rows r. One FMA per broadcast: the
     loads (7 per 6 FMAs), not the FMA units, set the pace."""
+    i0, i1, i2, i3, i4, i5 = rows
     return (fma8(splat8(xf, i0), w0, a[0]), fma8(splat8(xf, i1), w0, a[1]),
             fma8(splat8(xf, i2), w0, a[2]), fma8(splat8(xf, i3), w0, a[3]),
             fma8(splat8(xf, i4), w0, a[4]), fma8(splat8(xf, i5), w0, a[5]))
 
 
 @njit(**_INLINE)
-def fma_4x16(xf, i, d0, d1, a):
+def fma_4x16(xf: np.ndarray, i: int, d0: Vec8, d1: Vec8, a: tuple) -> tuple:
     """a += (xf[i + r] broadcast) * (d0, d1) for r = 0..3 (four consecutive values)."""
     s0, s1 = splat8(xf, i), splat8(xf, i + uint64(1))
     s2, s3 = splat8(xf, i + uint64(2)), splat8(xf, i + uint64(3))
@@ -57,26 +70,27 @@ def fma_4x16(xf, i, d0, d1, a):
 
 
 @njit(**_INLINE)
-def fma_4x8(xf, i, d0, a):
+def fma_4x8(xf: np.ndarray, i: int, d0: Vec8, a: tuple) -> tuple:
     """a += (xf[i + r] broadcast) * d0 for r = 0..3."""
     return (fma8(splat8(xf, i), d0, a[0]), fma8(splat8(xf, i + uint64(1)), d0, a[1]),
             fma8(splat8(xf, i + uint64(2)), d0, a[2]), fma8(splat8(xf, i + uint64(3)), d0, a[3]))
 
 
 @njit(**_INLINE)
-def relu_6x16(a):
+def relu_6x16(a: tuple) -> tuple:
     return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]),
             relu8(a[6]), relu8(a[7]), relu8(a[8]), relu8(a[9]), relu8(a[10]), relu8(a[11]))
 
 
 @njit(**_INLINE)
-def relu_6x8(a):
+def relu_6x8(a: tuple) -> tuple:
     return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]))
 
 
 @njit(**_INLINE)
-def store_6x16(yf, i0, i1, i2, i3, i4, i5, hi, a):
-    """Row r's channels 0-7 to yf[i_r:], channels 8-15 to yf[i_r + hi:]."""
+def store_6x16(yf: np.ndarray, rows: Rows, hi: int, a: tuple) -> None:
+    """Row r's channels 0-7 to yf[rows[r]:], channels 8-15 to yf[rows[r] + hi:]."""
+    i0, i1, i2, i3, i4, i5 = rows
     h = uint64(hi)
     store8(yf, i0, a[0])
     store8(yf, i0 + h, a[1])
@@ -93,7 +107,8 @@ def store_6x16(yf, i0, i1, i2, i3, i4, i5, hi, a):
 
 
 @njit(**_INLINE)
-def store_6x8(yf, i0, i1, i2, i3, i4, i5, a):
+def store_6x8(yf: np.ndarray, rows: Rows, a: tuple) -> None:
+    i0, i1, i2, i3, i4, i5 = rows
     store8(yf, i0, a[0])
     store8(yf, i1, a[1])
     store8(yf, i2, a[2])
@@ -103,7 +118,7 @@ def store_6x8(yf, i0, i1, i2, i3, i4, i5, a):
 
 
 @njit(**_INLINE)
-def load_4x16(of, i, stride):
+def load_4x16(of: np.ndarray, i: int, stride: int) -> tuple:
     """The 4 x 16 block at of[i + r * stride : + 16], r = 0..3 (a weight gradient's rows)."""
     s, e = uint64(stride), uint64(8)
     return (load8(of, i), load8(of, i + e), load8(of, i + s), load8(of, i + s + e),
@@ -112,7 +127,7 @@ def load_4x16(of, i, stride):
 
 
 @njit(**_INLINE)
-def store_4x16(of, i, stride, a):
+def store_4x16(of: np.ndarray, i: int, stride: int, a: tuple) -> None:
     s, e = uint64(stride), uint64(8)
     store8(of, i, a[0])
     store8(of, i + e, a[1])
@@ -125,14 +140,14 @@ def store_4x16(of, i, stride, a):
 
 
 @njit(**_INLINE)
-def load_4x8(of, i, stride):
+def load_4x8(of: np.ndarray, i: int, stride: int) -> tuple:
     s = uint64(stride)
     return (load8(of, i), load8(of, i + s), load8(of, i + uint64(2) * s),
             load8(of, i + uint64(3) * s))
 
 
 @njit(**_INLINE)
-def store_4x8(of, i, stride, a):
+def store_4x8(of: np.ndarray, i: int, stride: int, a: tuple) -> None:
     s = uint64(stride)
     store8(of, i, a[0])
     store8(of, i + s, a[1])

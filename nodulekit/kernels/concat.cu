@@ -23,9 +23,12 @@
 //        pytest tests/test_cuda_emu.py -k "concat or split"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
-extern "C" __global__ void copy_channels(const float* __restrict__ src, int src_ld, int src_off,
-                                         float* __restrict__ dst, int dst_ld, int dst_off,
-                                         int P, int C) {
+// dst[p * dst_ld + dst_off + c] = src[p * src_ld + src_off + c], grid-stride over P x C;
+// T = float, or float4 with every count and offset in units of four channels
+template <typename T>
+__device__ __forceinline__ void copy_channel_block(const T* __restrict__ src, int src_ld,
+                                                   int src_off, T* __restrict__ dst, int dst_ld,
+                                                   int dst_off, int P, int C) {
     const unsigned total = (unsigned)P * C;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
@@ -35,19 +38,15 @@ extern "C" __global__ void copy_channels(const float* __restrict__ src, int src_
     }
 }
 
+extern "C" __global__ void copy_channels(const float* __restrict__ src, int src_ld, int src_off,
+                                         float* __restrict__ dst, int dst_ld, int dst_off,
+                                         int P, int C) {
+    copy_channel_block(src, src_ld, src_off, dst, dst_ld, dst_off, P, C);
+}
+
 extern "C" __global__ void copy_channels_vec4(const float* __restrict__ src, int src_ld,
                                               int src_off, float* __restrict__ dst, int dst_ld,
                                               int dst_off, int P, int C) {
-    // all in units of float4: C4 groups of four channels per pixel
-    const int C4 = C / 4, src_ld4 = src_ld / 4, dst_ld4 = dst_ld / 4;
-    const int src_off4 = src_off / 4, dst_off4 = dst_off / 4;
-    const float4* s = reinterpret_cast<const float4*>(src);
-    float4* d = reinterpret_cast<float4*>(dst);
-    const unsigned total = (unsigned)P * C4;
-    const unsigned stride = gridDim.x * blockDim.x;
-    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-        const unsigned p = i / C4;
-        const unsigned c = i - p * C4;
-        d[p * dst_ld4 + dst_off4 + c] = s[p * src_ld4 + src_off4 + c];
-    }
+    copy_channel_block(reinterpret_cast<const float4*>(src), src_ld / 4, src_off / 4,
+                       reinterpret_cast<float4*>(dst), dst_ld / 4, dst_off / 4, P, C / 4);
 }

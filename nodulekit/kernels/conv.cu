@@ -2,7 +2,7 @@
 // progression of versions a reader can follow, each checked against the one before:
 // forward (bias + ReLU fused) and the weight gradient. The data gradient is the forward
 // kernel run on dz with the kernel flipped and transposed; the bias gradient and the
-// ReLU's mask are in reduce.cu. The tensor-core versions (v4 TF32, v5 BF16) are in
+// ReLU's mask are in reduce.cu. The tensor-core versions (4. mma_tf32, 5. mma_bf16) are in
 // conv_mma.cu; cuda.py's CONV_VARIANTS names every version and CudaBackend(conv_variant=)
 // runs any of them.
 //
@@ -13,14 +13,15 @@
 //             = forward(dz, wf) with wf[c, r', s', k] = w[k, R-1-r', R-1-s', c]
 //             (flip_transpose_weight), no bias, no ReLU.
 //
-// The versions (cuda.py CONV_VARIANTS; the names in brackets):
+// The versions, numbered in reading order and named by technique (cuda.py CONV_VARIANTS,
+// whose vocabulary the CPU backend shares: one word, one technique, on either device):
 //
-//   v1 direct [v1_direct]: conv_forward_direct, conv_weight_grad_direct. One thread per
+//   1. direct: conv_forward_direct, conv_weight_grad_direct. One thread per
 //      output element, a plain loop over its reduction, every operand read from global
 //      memory. Obviously right; the yardstick for all the others. The weight gradient
 //      sums all N*H*W pixels in one thread: fine for tests, very slow at 512x512.
 //
-//   v2 implicit GEMM with shared-memory tiles [v2_smem]: conv_forward_smem_16x16,
+//   2. smem_tiled, implicit GEMM with shared-memory tiles: conv_forward_smem_16x16,
 //      conv_weight_grad_smem_16x16. Think of pixels m = (n, h, w) as rows and of the
 //      reduction index j = (r, s, c) (contiguous c, as in w's rows) as columns of a
 //      "patch matrix" X[m, j] = x[n, h+r-P, w+s-P, c] (0 off the image), never stored:
@@ -32,22 +33,22 @@
 //      staged value is now read 16 times from shared memory instead of 16 times from
 //      global memory (L1/L2 at best).
 //
-//   v3 register blocking [v3_regblock, the fp32 default]: conv_forward_128x64 (and
+//   3. register_blocked (the fp32 default): conv_forward_128x64 (and
 //      _256x16 for K <= 16), conv_weight_grad_64x128 (_64x16 for J <= 16, _16x128 for
 //      K <= 16). The same staging, but each thread accumulates a TM x TN register tile
 //      (8x4 forward) of outer products: per reduction step TM + TN shared loads feed
 //      TM*TN FMAs (12 loads for 32 FMAs instead of 2 for 1), and a 128x64 block stages
 //      16 x (128 + 64) floats for 16 x 128 x 64 FMAs. A thread's rows are ty + i*(BM/TM)
 //      and its columns tx + q*(BN/TN), so neighbouring threads read neighbouring shared
-//      words and write neighbouring outputs. v2 is this very template with TM = TN = 1.
+//      words and write neighbouring outputs. smem_tiled is this template with TM = TN = 1.
 //      Vectorised loads (the _vec4 kernels, picked where C % 4 == 0 and the arrays are
 //      16-byte aligned: every layer of the U-Net but the first): a thread stages four
 //      consecutive reduction indices at once, which are four channels of one tap, with one
 //      float4 load (and, in the weight gradient, four consecutive k of dz): a quarter of
 //      the load instructions and address arithmetic of the gather.
 //
-//   v4, v5 tensor cores (conv_mma.cu): the v3 tiling with warp-level mma.sync, TF32 or
-//      BF16 operands and fp32 accumulation.
+//   4. mma_tf32, 5. mma_bf16, tensor cores (conv_mma.cu): register_blocked's tiling with
+//      warp-level mma.sync, TF32 or BF16 operands and fp32 accumulation.
 //
 // The weight gradient's long reduction (N*H*W = 3.1 M pixels at the paper's shape) is
 // cut into `splits` ranges of `rows` pixels so that enough blocks run when the output is
@@ -69,21 +70,24 @@
 //   flip_transpose_weight    1-D grid-stride over K*R*R*C
 //
 // Napkin math (paper shape, enc0.conv2: 12 x 512 x 512, C = K = 64, 3x3): the forward is
-// 2 * M * K * 9C = 2 * 3.15 M * 64 * 576 = 232 GFLOP; x and y are 805 MB each. v1 reads
-// 2 operands per FMA from L1/L2 (memory-bound, a few TFLOP/s at best). v2: 2 shared loads
-// per FMA, bound by shared-memory bandwidth (~1/3 of FP32 FMA peak at most). v3: per
-// reduction step a thread does TM*TN = 32 FMAs for TM + TN = 12 shared loads; a 128x64
-// block stages 12 KB for 16 x 128 x 64 FMAs: 21 FLOP per staged byte, and x is re-read 9x
-// (once per tap), mostly from L1/L2. So v3 is compute-bound on FP32 FMA (~67 TFLOP/s on
-// an H100 SXM at best); a first version like this reaches a fraction of that: 232 GFLOP
-// at 15 TFLOP/s is 15 ms. The backward costs twice the forward (dx and dw), plus the ReLU
-// pass of reduce.cu. A whole U-Net step at the paper's shape is about 14 TFLOP.
+// 2 * M * K * 9C = 2 * 3.15 M * 64 * 576 = 232 GFLOP; x and y are 805 MB each. direct
+// reads 2 operands per FMA from L1/L2 (memory-bound, a few TFLOP/s at best). smem_tiled: 2
+// shared loads per FMA, bound by shared-memory bandwidth (~1/3 of FP32 FMA peak at most).
+// register_blocked: per reduction step a thread does TM*TN = 32 FMAs for TM + TN = 12
+// shared loads; a 128x64 block stages 12 KB for 16 x 128 x 64 FMAs: 21 FLOP per staged
+// byte, and x is re-read 9x (once per tap), mostly from L1/L2. So register_blocked is
+// compute-bound on FP32 FMA (~67 TFLOP/s on an H100 SXM at best); a first version like this
+// reaches a fraction of that: 232 GFLOP at 15 TFLOP/s is 15 ms. The backward costs twice
+// the forward (dx and dw), plus the ReLU pass of reduce.cu. A whole U-Net step at the
+// paper's shape is about 14 TFLOP.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch, v1)
+// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch, direct)
 //        pytest tests/test_cuda_emu.py -k conv   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
-// ======================================================================= v1: direct
+#include "common.cuh"
+
+// =================================================================== 1. direct
 // One thread per output element; every operand straight from global memory.
 
 // y[m, k] = relu?(b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k, r, s, c]), m = (n, h, w)
@@ -147,8 +151,8 @@ extern "C" __global__ void conv_weight_grad_direct(const float* __restrict__ dz,
     }
 }
 
-// ================================================== v2 (TM = TN = 1) and v3: implicit GEMM
-#define BR 16  // reduction indices staged per step
+// ================== 2. smem_tiled (TM = TN = 1) and 3. register_blocked: implicit GEMM
+// BR (common.cuh): reduction indices staged per step
 
 // ------------------------------------------------------------------------------ forward
 // out[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); X gathered from x, w is [K, J]
@@ -168,20 +172,9 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
     const int m0 = blockIdx.x * BM, k0 = blockIdx.y * BN;
     const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
 
-    // the block's BM pixels, decoded once; a pixel past the end gets h far off the image
-    for (int i = tid; i < BM; i += NT) {
-        const int m = m0 + i;
-        if (m < M) {
-            const int n = m / (H * W), rem = m - n * (H * W);
-            pix_n[i] = n;
-            pix_h[i] = rem / W;
-            pix_w[i] = rem - (rem / W) * W;
-        } else {
-            pix_n[i] = 0;
-            pix_h[i] = -(1 << 28);
-            pix_w[i] = 0;
-        }
-    }
+    // the block's BM pixels, decoded once; a pixel past the end gets a row off the image
+    for (int i = tid; i < BM; i += NT)
+        decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
 
     float acc[TM][TN];
     for (int i = 0; i < TM; ++i)
@@ -193,15 +186,9 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
             // one float4 = 4 channels of one tap (C % 4 == 0, x and w 16-byte aligned): a
             // quarter of the load instructions; four consecutive j are all in or all out
             const int jq = (tid % (BR / 4)) * 4, j = j0 + jq;
-            const bool j_ok = j < J;
-            const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-            const int s = rs - r * R, c = j - rs * C;
+            const Tap tap = decode_tap(j, J, R, C);
             for (int i = tid / (BR / 4); i < BM; i += NT / (BR / 4)) {
-                const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                    v = *reinterpret_cast<const float4*>(
-                        x + (((long long)pix_n[i] * H + hh) * W + ww) * C + c);
+                const float4 v = gather_patch4(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C);
                 As[jq][i] = v.x;
                 As[jq + 1][i] = v.y;
                 As[jq + 2][i] = v.z;
@@ -210,7 +197,7 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
             for (int q = tid / (BR / 4); q < BN; q += NT / (BR / 4)) {
                 const int k = k0 + q;
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (j_ok && k < K) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
+                if (tap.ok && k < K) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
                 Bs[jq][q] = v.x;
                 Bs[jq + 1][q] = v.y;
                 Bs[jq + 2][q] = v.z;
@@ -219,29 +206,16 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
         } else {
             const int jj = tid % BR;  // the reduction index this thread stages
             const int j = j0 + jj;
-            const bool j_ok = j < J;
-            const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-            const int s = rs - r * R, c = j - rs * C;
-            for (int i = tid / BR; i < BM; i += NT / BR) {
-                const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
-                float v = 0.0f;
-                if (j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W)
-                    v = x[(((long long)pix_n[i] * H + hh) * W + ww) * C + c];
-                As[jj][i] = v;
-            }
+            const Tap tap = decode_tap(j, J, R, C);
+            for (int i = tid / BR; i < BM; i += NT / BR)
+                As[jj][i] = gather_patch(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C);
             for (int q = tid / BR; q < BN; q += NT / BR) {
                 const int k = k0 + q;
-                Bs[jj][q] = (j_ok && k < K) ? w[(long long)k * J + j] : 0.0f;
+                Bs[jj][q] = (tap.ok && k < K) ? w[(long long)k * J + j] : 0.0f;
             }
         }
         __syncthreads();
-        for (int u = 0; u < BR; ++u) {
-            float a[TM], b[TN];
-            for (int i = 0; i < TM; ++i) a[i] = As[u][ty + i * (BM / TM)];
-            for (int q = 0; q < TN; ++q) b[q] = Bs[u][tx + q * (BN / TN)];
-            for (int i = 0; i < TM; ++i)
-                for (int q = 0; q < TN; ++q) acc[i][q] += a[i] * b[q];
-        }
+        register_tile_step<BM, BN>(As, Bs, ty, tx, acc);
     }
 
     for (int i = 0; i < TM; ++i) {
@@ -315,10 +289,8 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
     constexpr int V = VEC ? 4 : 1;
     static_assert(NT % (BA / V) == 0 && NT % (BB / V) == 0, "fixed columns per thread");
     const int ka = (tid % (BA / V)) * V, k = k0 + ka;
-    const int jb = (tid % (BB / V)) * V, j = j0 + jb;
-    const bool j_ok = j < J;
-    const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-    const int s = rs - r * R, c = j - rs * C;
+    const int jb = (tid % (BB / V)) * V;
+    const Tap tap = decode_tap(j0 + jb, J, R, C);
 
     float acc[TA][TB];
     for (int i = 0; i < TA; ++i)
@@ -326,19 +298,7 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
 
     for (int m0 = m_begin; m0 < m_end; m0 += BR) {
         __syncthreads();  // the previous step's reads of Ds, Xs and pix_* are done
-        if (tid < BR) {
-            const int m = m0 + tid;
-            if (m < m_end) {
-                const int n = m / (H * W), rem = m - n * (H * W);
-                pix_n[tid] = n;
-                pix_h[tid] = rem / W;
-                pix_w[tid] = rem - (rem / W) * W;
-            } else {
-                pix_n[tid] = 0;
-                pix_h[tid] = -(1 << 28);
-                pix_w[tid] = 0;
-            }
-        }
+        if (tid < BR) decode_pixel(m0 + tid, m_end, H, W, pix_n[tid], pix_h[tid], pix_w[tid]);
         for (int mm = tid / (BA / V); mm < BR; mm += NT / (BA / V)) {
             const int m = m0 + mm;
             if constexpr (VEC) {
@@ -355,39 +315,22 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
         }
         __syncthreads();  // pix_* ready
         for (int mm = tid / (BB / V); mm < BR; mm += NT / (BB / V)) {
-            const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
-            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
-            const long long at = (((long long)pix_n[mm] * H + hh) * W + ww) * C + c;
             if constexpr (VEC) {
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (in) v = *reinterpret_cast<const float4*>(x + at);
+                const float4 v =
+                    gather_patch4(x, pix_n[mm], pix_h[mm], pix_w[mm], tap, P, H, W, C);
                 Xs[mm][jb] = v.x;
                 Xs[mm][jb + 1] = v.y;
                 Xs[mm][jb + 2] = v.z;
                 Xs[mm][jb + 3] = v.w;
             } else {
-                Xs[mm][jb] = in ? x[at] : 0.0f;
+                Xs[mm][jb] = gather_patch(x, pix_n[mm], pix_h[mm], pix_w[mm], tap, P, H, W, C);
             }
         }
         __syncthreads();
-        for (int u = 0; u < BR; ++u) {
-            float a[TA], b[TB];
-            for (int i = 0; i < TA; ++i) a[i] = Ds[u][ty + i * (BA / TA)];
-            for (int q = 0; q < TB; ++q) b[q] = Xs[u][tx + q * (BB / TB)];
-            for (int i = 0; i < TA; ++i)
-                for (int q = 0; q < TB; ++q) acc[i][q] += a[i] * b[q];
-        }
+        register_tile_step<BA, BB>(Ds, Xs, ty, tx, acc);
     }
 
-    float* o = out + (long long)split * K * J;
-    for (int i = 0; i < TA; ++i) {
-        const int kk = k0 + ty + i * (BA / TA);
-        if (kk >= K) continue;
-        for (int q = 0; q < TB; ++q) {
-            const int jj = j0 + tx + q * (BB / TB);
-            if (jj < J) o[(long long)kk * J + jj] = acc[i][q];
-        }
-    }
+    store_register_tile<BA, BB>(acc, out + (long long)split * K * J, k0, K, j0, J, ty, tx);
 }
 
 extern "C" __global__ void
@@ -439,13 +382,8 @@ extern "C" __global__ void flip_transpose_weight(const float* __restrict__ w,
     const long long total = (long long)K * R * R * C;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        // e indexes wf = [C, R, R, K]
-        long long rest = e / K;
-        const int k = (int)(e - rest * K);
-        const int s = (int)(rest % R);
-        rest /= R;
-        const int r = (int)(rest % R);
-        const int c = (int)(rest / R);
+        const Index4<long long> at = unflatten4<long long>(e, R, R, K);  // wf [C, R, R, K]
+        const int c = (int)at.i0, r = (int)at.i1, s = (int)at.i2, k = (int)at.i3;
         wf[e] = w[(((long long)k * R + (R - 1 - r)) * R + (R - 1 - s)) * C + c];
     }
 }

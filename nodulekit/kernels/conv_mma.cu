@@ -1,24 +1,26 @@
 // conv_mma.cu: 3x3 / 1x1 convolution on tensor cores, the next steps of conv.cu's
-// progression: v4 (TF32 operands) and v5 (BF16 operands), fp32 accumulation, NHWC, fp32
-// in memory. Forward (bias + ReLU fused), data gradient (the forward kernel on dz with
-// conv.cu's flip_transpose_weight), weight gradient (split over N*H*W, ordered sum). At
-// the end, the 2x2 stride-2 up-convolution's three GEMMs (upconv.cu) the same way, for
-// CudaBackend(precision="tf32" / "bf16"), reading and writing the concat buffer.
+// progression: 4. mma_tf32 (TF32 operands) and 5. mma_bf16 (BF16 operands), fp32
+// accumulation, NHWC, fp32 in memory. Forward (bias + ReLU fused), data gradient (the
+// forward kernel on dz with conv.cu's flip_transpose_weight), weight gradient (split over
+// N*H*W, ordered sum). At the end, the 2x2 stride-2 up-convolution's three GEMMs
+// (upconv.cu) the same way, for CudaBackend(precision="tf32" / "bf16"), reading and writing
+// the concat buffer.
 //
 // What it computes: what conv.cu computes (read its head first: the implicit GEMM, the
 // patch matrix X[m, j], the splits of the weight gradient), with every operand of every
 // multiplication rounded first, and the products summed in fp32:
-//   v4 [v4_mma_tf32]  round = cvt.rna.tf32.f32: 10 mantissa bits kept, to nearest, ties
-//                     away from zero. Each product has a relative error below 2^-10.
-//   v5 [v5_mma_bf16]  round = cvt.rn.bf16.f32: 7 mantissa bits kept, to nearest, ties to
-//                     even. Each product has a relative error below 2^-7.
+//   4. mma_tf32  round = cvt.rna.tf32.f32: 10 mantissa bits kept, to nearest, ties
+//                away from zero. Each product has a relative error below 2^-10.
+//   5. mma_bf16  round = cvt.rn.bf16.f32: 7 mantissa bits kept, to nearest, ties to
+//                even. Each product has a relative error below 2^-7.
 // The bias, the ReLU and the sums stay fp32; so do x, w and y in memory (the operands are
 // rounded as they are staged, so a BF16 kernel still reads 4 bytes per value: the gain is
 // the tensor cores' arithmetic, not memory traffic).
 //
-// How, step by step from v3 (conv.cu): the same 256-thread blocks stage BK = 16 reduction
-// indices of both operands per step in shared memory, rounded on the way in (each value
-// once per block, not once per use), with float4 loads where C % 4 == 0 (_vec4, as v3).
+// How, step by step from 3. register_blocked (conv.cu): the same 256-thread blocks stage
+// BK = 16 reduction indices of both operands per step in shared memory, rounded on the way
+// in (each value once per block, not once per use), with float4 loads where C % 4 == 0
+// (_vec4, as there).
 // Then instead of each thread owning an 8x4 register tile of scalar FMAs, each of the 8
 // warps owns a 32x32 piece of the block's tile and computes it with warp-wide mma.sync
 // instructions:
@@ -59,21 +61,23 @@
 // FP32 FMA. This first tensor-core version stages through shared memory with plain loads
 // and one buffer (no cp.async pipeline, no ldmatrix, no wgmma), and gathers the patch
 // matrix with 4-byte loads; it is latency- and load-bound far below those peaks. Expect
-// it in tens of TFLOP/s, which is still 2-4x v3; the next steps (double buffering with
-// cp.async, 16-byte gathers where C % 4 == 0, ldmatrix, then wgmma on sm_90) are named
-// here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
+// it in tens of TFLOP/s, which is still 2-4x register_blocked; the next steps (double
+// buffering with cp.async, 16-byte gathers where C % 4 == 0, ldmatrix, then wgmma on
+// sm_90) are named here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
 //
 // Compiled for sm_90 (no GPU has run these yet): NVRTC 13.0 as CuPy calls it, -Xptxas -v:
-// forward 101-102 registers, weight gradient 106-108, 16.9 / 15.6 KB shared memory, no
+// forward 98-102 registers, weight gradient 101-108, 16.9 / 15.6 KB shared memory, no
 // stack, no spills; nvcc 13.0 -Xptxas -v: 93-102 registers, no spills. With a bare
 // __launch_bounds__(256) ptxas aimed at 64 registers and spilled (4-8 bytes).
 //
 // Check: pytest -m gpu tests/test_cuda_ops.py -k "every_version or mma or rounding"
 //        (GPU: one-warp mma and cvt probes against NumPy, then the convolutions)
-//        pytest -m gpu tests/test_cuda_ops.py -k every_version   (GPU: vs reference, v1,
+//        pytest -m gpu tests/test_cuda_ops.py -k every_version   (GPU: vs reference, direct,
 //        torch, and the reference on operands rounded as here)
 //        pytest tests/test_cuda_emu.py -k every_version   (the same, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
+
+#include "common.cuh"
 
 #define BK 16        // reduction indices staged per step
 #define BKP (BK + 4) // row pitch of the staged tiles: a TF32 fragment load hits 32 banks
@@ -135,6 +139,27 @@ __device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const unsigned 
 template <int PREC>
 __device__ __forceinline__ float round_operand(float v) {
     return PREC == PREC_TF32 ? to_tf32(v) : to_bf16(v);
+}
+
+// p[0], p[stride], p[2 * stride], p[3 * stride] = the four values of v, rounded: a float4
+// load (four consecutive reduction indices) into a staged tile, along its row or column
+template <int PREC>
+__device__ __forceinline__ void store_rounded4(float* p, int stride, float4 v) {
+    p[0] = round_operand<PREC>(v.x);
+    p[stride] = round_operand<PREC>(v.y);
+    p[2 * stride] = round_operand<PREC>(v.z);
+    p[3 * stride] = round_operand<PREC>(v.w);
+}
+
+// a warp's MI x NI tiles of 16x8 fp32 accumulators (4 per lane), all zero
+template <int MI, int NI>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[MI][NI][4]) {
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        #pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
 
 // two bf16 values (already rounded, in fp32 containers) -> one .bf16x2 register, lo first
@@ -217,27 +242,12 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int row0 = (warp % WM) * (MI * 16), col0 = (warp / WM) * (NI * 8);
 
-    for (int i = tid; i < BM; i += NT) {  // the block's pixels; one past the end: off-image
-        const int m = m0 + i;
-        if (m < M) {
-            const int n = m / (H * W), rem = m - n * (H * W);
-            pix_n[i] = n;
-            pix_h[i] = rem / W;
-            pix_w[i] = rem - (rem / W) * W;
-        } else {
-            pix_n[i] = 0;
-            pix_h[i] = -(1 << 28);
-            pix_w[i] = 0;
-        }
-    }
+    // the block's pixels, decoded once; a pixel past the end gets a row off the image
+    for (int i = tid; i < BM; i += NT)
+        decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
 
     float acc[MI][NI][4];
-    #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-        #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_accumulators(acc);
 
     // the reduction indices this thread stages: one, or (VEC: C % 4 == 0, x and w 16-byte
     // aligned) four consecutive ones = four channels of one tap, one float4 load
@@ -246,34 +256,23 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
     for (int j0 = 0; j0 < J; j0 += BK) {
         __syncthreads();  // the previous step's fragment loads are done (and pix_* written)
         const int j = j0 + jj;
-        const bool j_ok = j < J;  // with VEC, J % 4 == 0: all four in or all out
-        const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-        const int s = rs - r * R, c = j - rs * C;
+        const Tap tap = decode_tap(j, J, R, C);  // with VEC, J % 4 == 0: all four in or out
         for (int i = tid / (BK / V); i < BM; i += NT / (BK / V)) {
-            const int hh = pix_h[i] + r - P, ww = pix_w[i] + s - P;
-            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
-            const long long at = (((long long)pix_n[i] * H + hh) * W + ww) * C + c;
             if constexpr (VEC) {
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (in) v = *reinterpret_cast<const float4*>(x + at);
-                As[i][jj] = round_operand<PREC>(v.x);
-                As[i][jj + 1] = round_operand<PREC>(v.y);
-                As[i][jj + 2] = round_operand<PREC>(v.z);
-                As[i][jj + 3] = round_operand<PREC>(v.w);
+                store_rounded4<PREC>(&As[i][jj], 1, gather_patch4(x, pix_n[i], pix_h[i],
+                                                                  pix_w[i], tap, P, H, W, C));
             } else {
-                As[i][jj] = round_operand<PREC>(in ? x[at] : 0.0f);
+                As[i][jj] = round_operand<PREC>(
+                    gather_patch(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C));
             }
         }
         for (int q = tid / (BK / V); q < BN; q += NT / (BK / V)) {
             const int k = k0 + q;
-            const bool in = j_ok && k < K;
+            const bool in = tap.ok && k < K;
             if constexpr (VEC) {
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (in) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
-                Bs[q][jj] = round_operand<PREC>(v.x);
-                Bs[q][jj + 1] = round_operand<PREC>(v.y);
-                Bs[q][jj + 2] = round_operand<PREC>(v.z);
-                Bs[q][jj + 3] = round_operand<PREC>(v.w);
+                store_rounded4<PREC>(&Bs[q][jj], 1, v);
             } else {
                 Bs[q][jj] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
             }
@@ -349,62 +348,35 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
     // (VEC: four consecutive ones, one float4 load each: C % 4 == 0 and K % 4 == 0)
     constexpr int V = VEC ? 4 : 1;
     const int ka = (tid % (BA / V)) * V, k = k0 + ka;
-    const int jb = (tid % (BB / V)) * V, j = j0 + jb;
-    const bool j_ok = j < J;
-    const int r = j_ok ? j / (R * C) : 0, rs = j_ok ? j / C : 0;
-    const int s = rs - r * R, c = j - rs * C;
+    const int jb = (tid % (BB / V)) * V;
+    const Tap tap = decode_tap(j0 + jb, J, R, C);
 
     float acc[MI][NI][4];
-    #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-        #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_accumulators(acc);
 
     for (int m0 = m_begin; m0 < m_end; m0 += BK) {
         __syncthreads();  // the previous step's reads of Ds, Xs and pix_* are done
-        if (tid < BK) {
-            const int m = m0 + tid;
-            if (m < m_end) {
-                const int n = m / (H * W), rem = m - n * (H * W);
-                pix_n[tid] = n;
-                pix_h[tid] = rem / W;
-                pix_w[tid] = rem - (rem / W) * W;
-            } else {
-                pix_n[tid] = 0;
-                pix_h[tid] = -(1 << 28);
-                pix_w[tid] = 0;
-            }
-        }
+        if (tid < BK) decode_pixel(m0 + tid, m_end, H, W, pix_n[tid], pix_h[tid], pix_w[tid]);
         for (int mm = tid / (BA / V); mm < BK; mm += NT / (BA / V)) {
             const int m = m0 + mm;
             const bool in = m < m_end && k < K;
             if constexpr (VEC) {
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (in) v = *reinterpret_cast<const float4*>(dz + (long long)m * K + k);
-                Ds[ka][mm] = round_operand<PREC>(v.x);
-                Ds[ka + 1][mm] = round_operand<PREC>(v.y);
-                Ds[ka + 2][mm] = round_operand<PREC>(v.z);
-                Ds[ka + 3][mm] = round_operand<PREC>(v.w);
+                store_rounded4<PREC>(&Ds[ka][mm], BKP, v);
             } else {
                 Ds[ka][mm] = round_operand<PREC>(in ? dz[(long long)m * K + k] : 0.0f);
             }
         }
         __syncthreads();  // pix_* ready
         for (int mm = tid / (BB / V); mm < BK; mm += NT / (BB / V)) {
-            const int hh = pix_h[mm] + r - P, ww = pix_w[mm] + s - P;
-            const bool in = j_ok && hh >= 0 && hh < H && ww >= 0 && ww < W;
-            const long long at = (((long long)pix_n[mm] * H + hh) * W + ww) * C + c;
             if constexpr (VEC) {
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (in) v = *reinterpret_cast<const float4*>(x + at);
-                Xs[jb][mm] = round_operand<PREC>(v.x);
-                Xs[jb + 1][mm] = round_operand<PREC>(v.y);
-                Xs[jb + 2][mm] = round_operand<PREC>(v.z);
-                Xs[jb + 3][mm] = round_operand<PREC>(v.w);
+                store_rounded4<PREC>(&Xs[jb][mm], BKP, gather_patch4(x, pix_n[mm], pix_h[mm],
+                                                                     pix_w[mm], tap, P, H, W,
+                                                                     C));
             } else {
-                Xs[jb][mm] = round_operand<PREC>(in ? x[at] : 0.0f);
+                Xs[jb][mm] = round_operand<PREC>(
+                    gather_patch(x, pix_n[mm], pix_h[mm], pix_w[mm], tap, P, H, W, C));
             }
         }
         __syncthreads();
@@ -489,12 +461,7 @@ __device__ __forceinline__ void upconv_forward_mma(const float* __restrict__ x,
     const int cc = tid % BK;
 
     float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_accumulators(acc);
 
     for (int c0 = 0; c0 < C; c0 += BK) {
         const int c = c0 + cc;
@@ -503,15 +470,8 @@ __device__ __forceinline__ void upconv_forward_mma(const float* __restrict__ x,
             const int m = m0 + i;
             As[i][cc] = round_operand<PREC>((m < M && c < C) ? x[(long long)m * C + c] : 0.0f);
         }
-        for (int q = tid / BK; q < BN; q += NT / BK) {
-            const int qq = q0 + q;
-            float v = 0.0f;
-            if (qq < Q && c < C) {
-                const int ab = qq / K, k = qq - ab * K;
-                v = w[((long long)k * 4 + ab) * C + c];
-            }
-            Bs[q][cc] = round_operand<PREC>(v);
-        }
+        for (int q = tid / BK; q < BN; q += NT / BK)
+            Bs[q][cc] = round_operand<PREC>(upconv_wq(w, q0 + q, c, Q, C, K));
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
     }
@@ -555,12 +515,7 @@ __device__ __forceinline__ void upconv_backward_data_mma(const float* __restrict
     for (int i = tid; i < BM; i += NT) pix[i] = m0 + i < M ? up_block(m0 + i, H, W, ld) : -1;
 
     float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_accumulators(acc);
 
     const int uu = tid % BK;  // the q this thread stages
     for (int q0 = 0; q0 < Q; q0 += BK) {
@@ -575,13 +530,7 @@ __device__ __forceinline__ void upconv_backward_data_mma(const float* __restrict
         }
         for (int e = tid; e < BK * BN; e += NT) {  // rows of Wq, contiguous along c
             const int u = e / BN, ccol = e - u * BN;
-            const int q = q0 + u, c = c0 + ccol;
-            float v = 0.0f;
-            if (q < Q && c < C) {
-                const int qab = q / K, qk = q - qab * K;
-                v = w[((long long)qk * 4 + qab) * C + c];
-            }
-            Bs[ccol][u] = round_operand<PREC>(v);
+            Bs[ccol][u] = round_operand<PREC>(upconv_wq(w, q0 + u, c0 + ccol, Q, C, K));
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
@@ -623,12 +572,7 @@ __device__ __forceinline__ void upconv_weight_grad_mma(const float* __restrict__
     const int cb = tid % BB, c = c0 + cb;  // the column of x this thread stages
 
     float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+    zero_accumulators(acc);
 
     for (int m0 = m_begin; m0 < m_end; m0 += BK) {
         __syncthreads();

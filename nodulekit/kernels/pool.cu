@@ -25,6 +25,8 @@
 //        pytest tests/test_cuda_emu.py -k maxpool   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
+#include "common.cuh"  // unflatten4
+
 extern "C" __global__ void maxpool2x2_forward(const float* __restrict__ x, float* __restrict__ y,
                                               unsigned char* __restrict__ argmax, int N, int H,
                                               int W, int C) {
@@ -32,12 +34,8 @@ extern "C" __global__ void maxpool2x2_forward(const float* __restrict__ x, float
     const unsigned total = (unsigned)N * Ho * Wo * C;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        unsigned rest = e / C;
-        const unsigned c = e - rest * C;
-        const unsigned j = rest % Wo;
-        rest /= Wo;
-        const unsigned i = rest % Ho;
-        const unsigned n = rest / Ho;
+        const Index4<unsigned> at = unflatten4<unsigned>(e, Ho, Wo, C);  // y [N, Ho, Wo, C]
+        const unsigned n = at.i0, i = at.i1, j = at.i2, c = at.i3;
         const unsigned row = W * C;  // one input row
         const float* t = x + ((n * H + 2 * i) * W + 2 * j) * C + c;  // tap (0, 0)
         float best = t[0];
@@ -69,12 +67,8 @@ extern "C" __global__ void maxpool2x2_forward_vec4(const float* __restrict__ x,
     float4* y4 = reinterpret_cast<float4*>(y);
     uchar4* a4 = reinterpret_cast<uchar4*>(argmax);
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        unsigned rest = e / C4;
-        const unsigned c = e - rest * C4;
-        const unsigned j = rest % Wo;
-        rest /= Wo;
-        const unsigned i = rest % Ho;
-        const unsigned n = rest / Ho;
+        const Index4<unsigned> at = unflatten4<unsigned>(e, Ho, Wo, C4);  // in float4s
+        const unsigned n = at.i0, i = at.i1, j = at.i2, c = at.i3;
         const unsigned row = W * C4;
         const float4* t = x4 + ((n * H + 2 * i) * W + 2 * j) * C4 + c;
         const float4 t0 = t[0], t1 = t[C4], t2 = t[row], t3 = t[row + C4];
@@ -99,12 +93,8 @@ extern "C" __global__ void maxpool2x2_backward(const float* __restrict__ dy,
     const unsigned total = (unsigned)N * H * W * C;
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        unsigned rest = e / C;
-        const unsigned c = e - rest * C;
-        const unsigned w = rest % W;
-        rest /= W;
-        const unsigned h = rest % H;
-        const unsigned n = rest / H;
+        const Index4<unsigned> at = unflatten4<unsigned>(e, H, W, C);  // dx [N, H, W, C]
+        const unsigned n = at.i0, h = at.i1, w = at.i2, c = at.i3;
         const unsigned i = h / 2, j = w / 2;
         float g = 0.0f;
         if (i < Ho && j < Wo) {
@@ -126,12 +116,8 @@ extern "C" __global__ void maxpool2x2_backward_vec4(const float* __restrict__ dy
     const uchar4* a4 = reinterpret_cast<const uchar4*>(argmax);
     float4* dx4 = reinterpret_cast<float4*>(dx);
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        unsigned rest = e / C4;
-        const unsigned c = e - rest * C4;
-        const unsigned w = rest % W;
-        rest /= W;
-        const unsigned h = rest % H;
-        const unsigned n = rest / H;
+        const Index4<unsigned> at = unflatten4<unsigned>(e, H, W, C4);  // in float4s
+        const unsigned n = at.i0, h = at.i1, w = at.i2, c = at.i3;
         const unsigned i = h / 2, j = w / 2;
         float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (i < Ho && j < Wo) {

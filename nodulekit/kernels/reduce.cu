@@ -27,52 +27,46 @@
 //        pytest tests/test_cuda_emu.py -k "conv or upconv"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
-__device__ __forceinline__ void block_sum_rows(float* sh, int tx, int ty, int bx, int by) {
-    // sh[ty * bx + tx] holds one row-sum per thread; leave the column total in sh[tx]
+// partial[split, k] = sum of value(m, k) over split s's rows m, for the block's columns k:
+// thread (tx, ty) of a (bx, by) block sums rows ty, ty + by, ... of its column in float64,
+// then the block adds its by row-sums in shared memory (a tree, in a fixed order) and row 0
+// writes the total. value(m, k) is a [M, K] view's element (it may also write dz there).
+template <typename Value>
+__device__ __forceinline__ void column_sums(int M, int K, int rows,
+                                            float* __restrict__ partial, Value value) {
+    __shared__ float sh[256];
+    const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+    const int k = blockIdx.x * bx + tx, split = blockIdx.y;
+    const int m_end = min(M, (split + 1) * rows);
+    double acc = 0.0;
+    if (k < K) {
+        for (int m = split * rows + ty; m < m_end; m += by) acc += value(m, k);
+    }
+    sh[ty * bx + tx] = (float)acc;
     for (int s = by / 2; s > 0; s /= 2) {
         __syncthreads();
         if (ty < s) sh[ty * bx + tx] += sh[(ty + s) * bx + tx];
     }
     __syncthreads();
+    if (ty == 0 && k < K) partial[(long long)split * K + k] = sh[tx];
 }
 
 extern "C" __global__ void relu_grad_channel_sums(const float* __restrict__ dy,
                                                   const float* __restrict__ y,
                                                   float* __restrict__ dz, int M, int K,
                                                   int rows, float* __restrict__ partial) {
-    __shared__ float sh[256];
-    const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
-    const int k = blockIdx.x * bx + tx, split = blockIdx.y;
-    const int m_end = min(M, (split + 1) * rows);
-    double acc = 0.0;
-    if (k < K) {
-        for (int m = split * rows + ty; m < m_end; m += by) {
-            const long long i = (long long)m * K + k;
-            const float g = y[i] > 0.0f ? dy[i] : 0.0f;
-            dz[i] = g;
-            acc += g;
-        }
-    }
-    sh[ty * bx + tx] = (float)acc;
-    block_sum_rows(sh, tx, ty, bx, by);
-    if (ty == 0 && k < K) partial[(long long)split * K + k] = sh[tx];
+    column_sums(M, K, rows, partial, [&](int m, int k) {
+        const long long i = (long long)m * K + k;
+        const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+        dz[i] = g;
+        return g;
+    });
 }
 
 extern "C" __global__ void channel_sums(const float* __restrict__ a, int ld, int off, int M,
                                         int K, int rows, float* __restrict__ partial) {
-    __shared__ float sh[256];
-    const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
-    const int k = blockIdx.x * bx + tx, split = blockIdx.y;
-    const int m_end = min(M, (split + 1) * rows);
-    double acc = 0.0;
-    if (k < K) {
-        for (int m = split * rows + ty; m < m_end; m += by) {
-            acc += a[(long long)m * ld + off + k];
-        }
-    }
-    sh[ty * bx + tx] = (float)acc;
-    block_sum_rows(sh, tx, ty, bx, by);
-    if (ty == 0 && k < K) partial[(long long)split * K + k] = sh[tx];
+    column_sums(M, K, rows, partial,
+                [&](int m, int k) { return a[(long long)m * ld + off + k]; });
 }
 
 extern "C" __global__ void sum_partials(const float* __restrict__ partial, int splits,

@@ -22,10 +22,11 @@
 // (cuda.py: upconv2x2_concat_forward, upconv2x2_split_backward). Plain calls use
 // ld = K, off = 0.
 //
-// This file is the fp32 version (the progression's v3 step: shared-memory tiles and register
-// blocking, like conv.cu's conv_forward_128x64). The next step, the same three GEMMs on
-// tensor cores (TF32 / BF16 operands, fp32 sums) for CudaBackend(precision="tf32" /
-// "bf16"), is at the end of conv_mma.cu, next to the helpers it shares with the 3x3 kernels.
+// This file is the fp32 version (the progression's step 3, register_blocked: shared-memory
+// tiles and register blocks, like conv.cu's conv_forward_128x64, with the same GEMM step
+// from common.cuh). The next step, the same three GEMMs on tensor cores (TF32 / BF16
+// operands, fp32 sums; mma_tf32, mma_bf16) for CudaBackend(precision="tf32" / "bf16"), is at
+// the end of conv_mma.cu, next to the helpers it shares with the 3x3 kernels.
 //
 // Launches:
 //   upconv_forward_128x64        grid (ceil(M/128), ceil(4K/64))  8x4 outputs per thread
@@ -41,7 +42,7 @@
 //        pytest tests/test_cuda_emu.py -k upconv   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
-#define BR 16  // reduction indices staged per step
+#include "common.cuh"  // BR, register_tile_step, store_register_tile, upconv_wq
 
 // ------------------------------------------------------------------------------ forward
 extern "C" __global__ void
@@ -67,23 +68,9 @@ upconv_forward_128x64(const float* __restrict__ x, const float* __restrict__ w,
             const int m = m0 + i;
             As[cc][i] = (m < M && c < C) ? x[(long long)m * C + c] : 0.0f;
         }
-        for (int q = tid / BR; q < BN; q += NT / BR) {
-            const int qq = q0 + q;
-            float v = 0.0f;
-            if (qq < Q && c < C) {
-                const int ab = qq / K, k = qq - ab * K;
-                v = w[((long long)k * 4 + ab) * C + c];
-            }
-            Bs[cc][q] = v;
-        }
+        for (int q = tid / BR; q < BN; q += NT / BR) Bs[cc][q] = upconv_wq(w, q0 + q, c, Q, C, K);
         __syncthreads();
-        for (int u = 0; u < BR; ++u) {
-            float a[TM], b[TN];
-            for (int i = 0; i < TM; ++i) a[i] = As[u][ty + i * (BM / TM)];
-            for (int q = 0; q < TN; ++q) b[q] = Bs[u][tx + q * (BN / TN)];
-            for (int i = 0; i < TM; ++i)
-                for (int q = 0; q < TN; ++q) acc[i][q] += a[i] * b[q];
-        }
+        register_tile_step<BM, BN>(As, Bs, ty, tx, acc);
     }
 
     const int H2 = 2 * H, W2 = 2 * W;
@@ -143,32 +130,13 @@ upconv_backward_data_128x64(const float* __restrict__ dy, const float* __restric
         }
         for (int e = tid; e < BR * BN; e += NT) {  // rows of Wq, contiguous along c
             const int u = e / BN, cc = e - u * BN;
-            const int q = q0 + u, c = c0 + cc;
-            float v = 0.0f;
-            if (q < Q && c < C) {
-                const int qab = q / K, qk = q - qab * K;
-                v = w[((long long)qk * 4 + qab) * C + c];
-            }
-            Bs[u][cc] = v;
+            Bs[u][cc] = upconv_wq(w, q0 + u, c0 + cc, Q, C, K);
         }
         __syncthreads();
-        for (int u = 0; u < BR; ++u) {
-            float av[TM], bv[TN];
-            for (int i = 0; i < TM; ++i) av[i] = As[u][ty + i * (BM / TM)];
-            for (int q = 0; q < TN; ++q) bv[q] = Bs[u][tx + q * (BN / TN)];
-            for (int i = 0; i < TM; ++i)
-                for (int q = 0; q < TN; ++q) acc[i][q] += av[i] * bv[q];
-        }
+        register_tile_step<BM, BN>(As, Bs, ty, tx, acc);
     }
 
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + i * (BM / TM);
-        if (m >= M) continue;
-        for (int q = 0; q < TN; ++q) {
-            const int c = c0 + tx + q * (BN / TN);
-            if (c < C) dx[(long long)m * C + c] = acc[i][q];
-        }
-    }
+    store_register_tile<BM, BN>(acc, dx, m0, M, c0, C, ty, tx);
 }
 
 // ---------------------------------------------------------------------- weight gradient
@@ -220,13 +188,7 @@ upconv_weight_grad_64x128(const float* __restrict__ dy, const float* __restrict_
             Ds[mm][qa] = v;
         }
         __syncthreads();
-        for (int u = 0; u < BR; ++u) {
-            float av[TA], bv[TB];
-            for (int i = 0; i < TA; ++i) av[i] = Ds[u][ty + i * (BA / TA)];
-            for (int t = 0; t < TB; ++t) bv[t] = Xs[u][tx + t * (BB / TB)];
-            for (int i = 0; i < TA; ++i)
-                for (int t = 0; t < TB; ++t) acc[i][t] += av[i] * bv[t];
-        }
+        register_tile_step<BA, BB>(Ds, Xs, ty, tx, acc);
     }
 
     float* o = out + (long long)split * Q * C;
