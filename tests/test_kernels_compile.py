@@ -31,7 +31,7 @@ def test_kernel_files_are_found_as_package_data():
     assert files, f"no .cu files under {cuda.kernel_dir()}"
     assert set(files) == set(cuda.KERNELS), "every kernel file is declared in cuda.KERNELS"
     assert str(cuda.kernel_dir()).endswith(str(Path("nodulekit") / "kernels"))
-    # the repository's top-level kernels/ (DESIGN.md) is a link to the package's folder
+    # the repository's top-level kernels/ (docs/design.md) is a link to the package's folder
     top = REPO / "kernels"
     if top.exists():
         assert top.resolve() == (REPO / "nodulekit" / "kernels").resolve()

@@ -6,7 +6,7 @@ kernels). Each public method of :class:`Backend` checks its arguments, then call
 backend's ``_name`` implementation. So a wrong dtype, layout or shape raises the same
 ``ValueError`` on every backend, saying what was expected and what came.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/design.md):
 
 - activations are NHWC, contiguous, in the backend's float dtype (float32; the
   reference backend uses float64);

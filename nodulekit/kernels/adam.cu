@@ -18,8 +18,8 @@
 // well under the memory time on an H100. Memory-bound: the target is >= 80% of the
 // device-to-device copy bandwidth (`nodulekit bench ops --device cuda --op adam`).
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k adam   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k adam   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k adam   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "adam and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 __device__ __forceinline__ void adam_one(float& p, float gf, float& mf, float& vf,

@@ -19,8 +19,8 @@
 // 1.1 ms at 3 TB/s. No arithmetic but the index: (p, c) = divmod(i, C).
 // Memory-bound: the target is >= 80% of the device-to-device copy bandwidth.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k "concat or split"   (GPU)
-//        pytest tests/test_cuda_emu.py -k "concat or split"   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k "concat or split"   (GPU)
+//        pytest tests/test_ops.py -k "(concat or split) and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 // dst[p * dst_ld + dst_off + c] = src[p * src_ld + src_off + c], grid-stride over P x C;

@@ -81,8 +81,8 @@
 // the forward (dx and dw), plus the ReLU pass of reduce.cu. A whole U-Net step at the
 // paper's shape is about 14 TFLOP.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k conv   (GPU: vs reference.py, torch, direct)
-//        pytest tests/test_cuda_emu.py -k conv   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k conv   (GPU: vs reference.py, torch, direct)
+//        pytest tests/test_ops.py -k "conv and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 #include "common.cuh"

@@ -70,11 +70,11 @@
 // stack, no spills; nvcc 13.0 -Xptxas -v: 93-102 registers, no spills. With a bare
 // __launch_bounds__(256) ptxas aimed at 64 registers and spilled (4-8 bytes).
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k "every_version or mma or rounding"
-//        (GPU: one-warp mma and cvt probes against NumPy, then the convolutions)
-//        pytest -m gpu tests/test_cuda_ops.py -k every_version   (GPU: vs reference, direct,
+// Check: pytest -m gpu tests/test_cuda_backend.py   (GPU: one-warp mma and cvt probes
+//        against NumPy)
+//        pytest -m gpu tests/test_ops.py -k every_version   (GPU: vs reference, direct,
 //        torch, and the reference on operands rounded as here)
-//        pytest tests/test_cuda_emu.py -k every_version   (the same, CPU emulator)
+//        pytest tests/test_ops.py -k "every_version and emu"   (the same, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 #include "common.cuh"

@@ -27,8 +27,8 @@
 // pixel per pass. Memory-bound: the target is >= 80% of the device-to-device copy
 // bandwidth, counting the compulsory 9 B per pixel.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k dice   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k dice   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k dice   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "dice and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 // e = exp(-|z|) -> p = sigmoid(z) and p (1 - p), accurate for any z

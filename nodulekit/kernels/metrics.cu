@@ -12,8 +12,8 @@
 // Napkin math (paper batch 12 x 512 x 512): reads 5 B per pixel, 16 MB, ~5 us at 3 TB/s;
 // two comparisons per pixel. Memory-bound (and tiny next to a training step).
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k confusion   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k confusion   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k confusion   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "confusion and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 extern "C" __global__ void confusion_counts(const float* __restrict__ logits,

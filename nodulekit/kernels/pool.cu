@@ -21,8 +21,8 @@
 // dy and argmax (251 MB; each read by the 4 threads of its window, from cache) and writes dx
 // (805 MB). Three comparisons per output: memory-bound, target >= 80% of copy bandwidth.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k maxpool   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k maxpool   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k maxpool   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "maxpool and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 #include "common.cuh"  // unflatten4

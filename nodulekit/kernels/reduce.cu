@@ -23,8 +23,8 @@
 // and y (2 x 805 MB) and writes dz (805 MB): 2.4 GB, 0.8 ms at 3 TB/s; one FP64 add per
 // element. Memory-bound. sum_partials moves splits x L x 4 B (a few MB at most).
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k "conv or upconv"   (GPU)
-//        pytest tests/test_cuda_emu.py -k "conv or upconv"   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k "conv or upconv"   (GPU)
+//        pytest tests/test_ops.py -k "(conv or upconv) and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 // partial[split, k] = sum of value(m, k) over split s's rows m, for the block's columns k:

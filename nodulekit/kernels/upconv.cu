@@ -38,8 +38,8 @@
 // forward is 2 * M * 4K * C = 2 * 786 k * 256 * 128 = 51.5 GFLOP; it reads x (403 MB) and
 // writes y (805 MB). The backward is twice that. Compute-bound on FP32 FMA like conv.cu.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k upconv   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k upconv   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k upconv   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "upconv and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 #include "common.cuh"  // BR, register_tile_step, store_register_tile, upconv_wq

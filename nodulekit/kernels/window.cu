@@ -31,8 +31,8 @@
 // of the device-to-device copy bandwidth. The raw int16 crosses PCIe, half the bytes of
 // float32.
 //
-// Check: pytest -m gpu tests/test_cuda_ops.py -k window   (GPU: vs reference.py, torch)
-//        pytest tests/test_cuda_emu.py -k window   (the same tests, CPU emulator)
+// Check: pytest -m gpu tests/test_ops.py -k window   (GPU: vs reference.py, torch)
+//        pytest tests/test_ops.py -k "window and emu"   (the same tests, CPU emulator)
 //        nodulekit inspect --kernels   (sm_90 compile: registers, smem, spills)
 
 #define PI_F64 3.141592653589793
