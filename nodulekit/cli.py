@@ -3,16 +3,87 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import click
 
 from nodulekit import __version__
 
+_DEBUG = "nodulekit.debug"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Group(click.Group):
+    """The `nodulekit` group: an OSError that a command lets through (a read-only folder, a
+    full disk, a file that is not there) is one line naming the path and the cause, exit
+    status 1; under `nodulekit --debug` the traceback instead."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(_describe_os_error(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nodulekit")
-def main():
+@click.option("--debug", is_flag=True, envvar="NODULEKIT_DEBUG",
+              help="Show an error's traceback instead of its one line (for a bug report).")
+@click.pass_context
+def main(ctx, debug):
     """Lung-nodule segmentation in CT on a hand-written engine."""
+    ctx.meta[_DEBUG] = debug
+
+
+def _debug(ctx=None) -> bool:
+    ctx = ctx or click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(_DEBUG))
+
+
+def _user_error(e: Exception, prefix: str = "") -> Exception:
+    """What a command raises for a library error: one line (a ClickException), or under
+    --debug the error itself, so that its traceback shows."""
+    if _debug():
+        return e
+    return click.ClickException(prefix + (_describe_os_error(e) if isinstance(e, OSError)
+                                          else str(e)))
+
+
+# h5py's OSErrors name the file inside their text: "... name = '/x/y.h5', errno = 28 ..."
+_H5_FILE = re.compile(r"(?:file)?name = '([^']*)'")
+# The random parts of our temporary names: .NAME.<pid>-<hex>.partial, .NAME.<pid>.<hex>.partial
+_RANDOM_PART = re.compile(r"^(\d+|\d+-[0-9a-f]{8}|[0-9a-z_]{8})$")
+
+
+def _describe_os_error(e: OSError) -> str:
+    """One line for the user, "PATH: cause": the path they named (a hidden temporary file's
+    target, not the temporary file) and the cause in words."""
+    if e.errno is None:  # a message of our own (FileExistsError("X exists; ..."), ...)
+        return str(e)
+    if e.filename is not None:
+        text = f"{_user_path(e.filename)}: {e.strerror or e}"
+        return text + (f" (and {_user_path(e.filename2)})" if e.filename2 else "")
+    message = e.strerror or str(e)
+    found = _H5_FILE.search(message)
+    if found:  # h5py: "Unable to synchronously create file (unable to open file: name = ..."
+        head = message.split(" (", 1)[0]
+        return f"{_user_path(found.group(1))}: {os.strerror(e.errno)} ({head})"
+    return message
+
+
+def _user_path(name) -> str:
+    """A temporary file's target (``.cache.h5.123-89abcdef.partial`` -> ``cache.h5``)."""
+    path = Path(str(name))
+    base = path.name
+    if not (base.startswith(".") and ".partial" in base):
+        return str(path)
+    parts = base[1:].split(".partial", 1)[0].split(".")
+    while len(parts) > 1 and _RANDOM_PART.match(parts[-1]):
+        parts.pop()
+    return str(path.with_name(".".join(parts)))
 
 
 # ----------------------------------------------------------------------------- bench
@@ -78,14 +149,17 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
 @click.option("--repeats", default=10, show_default=True, help="Timed steps (median).")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--norm", default="none", show_default=True,
+              type=click.Choice(["none", "instance", "batch"]),
+              help="Normalisation after each 3x3 convolution (as `train --norm`).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_step(device, width, depth, size, batch, repeats, warmup, seed, json_path):
+def bench_step(device, width, depth, size, batch, repeats, warmup, seed, norm, json_path):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
 
     result = run_step_bench(device=device, width=width, depth=depth, size=size, batch=batch,
-                            repeats=repeats, warmup=warmup, seed=seed)
+                            repeats=repeats, warmup=warmup, seed=seed, norm=norm)
     click.echo(format_step(result))
     _write_json(result, json_path)
 
@@ -159,31 +233,37 @@ def _library_errors():
     from nodulekit.training.checkpoint import CheckpointError
     from nodulekit.training.loop import TrainingDiverged
 
-    return (ValueError, FileExistsError, RuntimeError, CacheError, LayoutError, LoaderError,
+    return (ValueError, OSError, RuntimeError, CacheError, LayoutError, LoaderError,
             PreprocessError, CheckpointError, TrainingDiverged)
 
 
 @main.command()
 @click.argument("data", required=False, type=click.Path(exists=True))
-@click.option("--epochs", type=int, default=None, help="Epochs in all (paper: 200; demo: 5).")
-@click.option("--batch-size", type=int, default=None, help="Slices per step (paper: 12).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs in all (paper: 200; demo: 5); with --resume, more than done.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Slices per step (paper: 12).")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4).")
-@click.option("--width", type=int, default=None, help="Channels of the first level (paper: 64).")
-@click.option("--depth", type=int, default=None, help="Poolings (paper: 4).")
-@click.option("--size", type=int, default=None,
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help="Channels of the first level (paper: 64).")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Poolings (paper: 4).")
+@click.option("--size", type=click.IntRange(min=1), default=None,
               help="Centre-crop the slices to SIZE x SIZE (default: the cache's slice size; "
                    "no resizing). Must be a multiple of 2**depth.")
 @_run_device_options
 @click.option("--seed", type=int, default=None, help="Initialisation and data order  [default: 0]")
-@click.option("--workers", default=2, show_default=True, help="Loader threads.")
-@click.option("--queue", type=int, default=None, help="Batches read ahead (default 2 x workers).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Loader threads.")
+@click.option("--queue", type=click.IntRange(min=1), default=None,
+              help="Batches read ahead (default 2 x workers).")
 @click.option("--empty-fraction", type=float, default=None,
               help="Fraction of the empty slices added to each epoch (paper: 0, then 0.02 to "
                    "fine-tune).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder (default: runs/<data>-<date>-<time>).")
 @click.option("--resume", type=click.Path(exists=True), default=None,
-              help="Continue the run in this folder from its checkpoint_last.h5.")
+              help="Continue the run in this folder from its checkpoint_last.h5 (DATA may "
+                   "then name the run's cache at a new place).")
 @click.option("--finetune-from", type=click.Path(exists=True), default=None,
               help="Start from this checkpoint's (or run folder's best) weights.")
 @click.option("--smooth", type=float, default=None,
@@ -194,6 +274,9 @@ def _library_errors():
 @click.option("--bce-weight", type=float, default=None,
               help="Add this x the per-slice summed BCE to the Dice loss (paper: 0; demo: "
                    "0.01; keeps the net from settling on 'no nodule anywhere').")
+@click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
+              help="Normalisation after each 3x3 convolution (conv -> norm -> ReLU; batch norm "
+                   "over the global batch on several ranks)  [default: none]")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
@@ -223,7 +306,7 @@ def train(ctx, gpus, no_test, no_progress, **options):
     except distributed.PeerFailed:
         raise click.exceptions.Exit(1) from None  # the failing rank has said why
     except _library_errors() as e:
-        raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
+        raise _user_error(e, prefix=f"rank {rank}: " if rank else "") from None
     if result.rank == 0:
         click.echo(f"run folder: {result.out}")
 
@@ -250,12 +333,18 @@ def _launch_ranks(ctx, ranks: int, device: str) -> None:
     else:
         what = f"{ranks} CPU rank(s)"
     args = _command_line(ctx, drop=("gpus",))
+    if _debug():
+        args = ["--debug", *args]
     try:
         cmd = distributed.launch_command(ranks, args)
     except distributed.DistributedError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"starting {what}: {' '.join(cmd)}")
-    status = distributed.launch(ranks, args)
+    try:
+        status = distributed.launch(ranks, args)
+    except distributed.LaunchInterrupted as e:
+        click.echo(f"nodulekit: {e}", err=True)
+        raise click.exceptions.Exit(128 + e.signum) from None
     if status != 0:
         raise click.ClickException(
             f"the run stopped: mpiexec exited with status {status} (a rank failed or was "
@@ -290,9 +379,12 @@ def _command_line(ctx, drop=()) -> list[str]:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for summary.json (default: <run>/evaluate-<split>).")
 @_run_device_options
-@click.option("--batch-size", type=int, default=None, help="Slices per forward pass.")
-@click.option("--size", type=int, default=None, help="Centre-crop the slices to SIZE x SIZE.")
-@click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Slices per forward pass.")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="Centre-crop the slices to SIZE x SIZE.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Loader threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate(run, precision, no_progress, **options):
     """Dice and IoU of RUN (a run folder: its best checkpoint; or a checkpoint file) on a split
@@ -305,7 +397,7 @@ def evaluate(run, precision, no_progress, **options):
             EvaluateOptions(run, precision=precision or "fp32", progress=not no_progress,
                             **options), report=click.echo)
     except _library_errors() as e:
-        raise click.ClickException(str(e)) from None
+        raise _user_error(e) from None
     click.echo(format_summary(summary))
     click.echo(f"wrote {path}")
 
@@ -319,8 +411,12 @@ def evaluate(run, precision, no_progress, **options):
               help="Truth masks for the overlays: 'auto' (UniToChest's masks/ beside "
                    "images/), 'none', or a folder mirroring the inputs.")
 @click.option("--probabilities", is_flag=True, help="Also write p = sigmoid(logit) as PNG.")
+@click.option("--overwrite", is_flag=True,
+              help="OUT holds an earlier prediction: replace it (only the files that it "
+                   "lists in predictions.csv are removed).")
 @_run_device_options
-@click.option("--batch-size", default=8, show_default=True, help="Slices per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Slices per forward pass.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def predict(checkpoint, inputs, out, precision, no_progress, **options):
     """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
@@ -335,7 +431,7 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
                                             progress=not no_progress, **options),
                              report=click.echo)
     except _library_errors() as e:
-        raise click.ClickException(str(e)) from None
+        raise _user_error(e) from None
     click.echo(f"wrote {result.written} mask(s) and overlay(s) under {result.out}")
     if result.summary:
         a, nod = result.summary["all"], result.summary["nodule_slices"]
@@ -355,11 +451,13 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
               help="Input H = W  [default: 512, or the checkpoint's input size]")
 @click.option("--batch", type=int, default=None,
               help="Batch size  [default: 1, or the checkpoint's batch size]")
+@click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
+              help="Normalisation layers  [default: none, or the checkpoint's]")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the layers and totals as JSON here ('-' for stdout).")
 @click.option("--kernels", is_flag=True, help="Instead: compile every CUDA kernel for sm_90 "
               "with NVRTC (as CuPy does) and show registers, shared memory and spills.")
-def inspect(checkpoint, width, depth, size, batch, json_path, kernels):
+def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
     """The U-Net layer by layer: output shape, parameters, FLOPs, activation memory, for an
     input size and batch; from CHECKPOINT's configuration or from the options."""
     if kernels:
@@ -381,20 +479,23 @@ def inspect(checkpoint, width, depth, size, batch, json_path, kernels):
         try:
             cfg = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best")).config
         except _library_errors() as e:
-            raise click.ClickException(str(e)) from None
+            raise _user_error(e) from None
         width = cfg["width"] if width is None else width
         depth = cfg["depth"] if depth is None else depth
         shape = cfg.get("image_shape") if size is None else None
         batch = cfg.get("batch_size", 1) if batch is None else batch
-    width, depth, batch = width or 64, depth or 4, batch or 1
+        norm = cfg.get("norm", "none") if norm is None else norm
+    width, depth, batch, norm = width or 64, depth or 4, batch or 1, norm or "none"
     shape = shape or (size or 512, size or 512)
     try:
-        layers = unet_layers(depth=depth, width=width, size=tuple(shape), batch=batch)
+        layers = unet_layers(depth=depth, width=width, size=tuple(shape), batch=batch,
+                             norm=norm)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(format_layers(layers, title=f"U-Net depth {depth} width {width}, input "
+    normed = f", {norm} norm" if norm != "none" else ""
+    click.echo(format_layers(layers, title=f"U-Net depth {depth} width {width}{normed}, input "
                                            f"{batch} x {shape[0]} x {shape[1]} x 1, fp32"))
-    _write_json({"depth": depth, "width": width, "input": [batch, *shape, 1],
+    _write_json({"depth": depth, "width": width, "norm": norm, "input": [batch, *shape, 1],
                  "layers": [asdict(x) for x in layers], "totals": totals(layers)}, json_path)
 
 
@@ -417,7 +518,9 @@ def _int_list(text: str) -> list[int]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=None, type=int,
               help="Processes writing patients (default: one per CPU; 0: none).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it holds a data set that synth wrote (its .nodulekit-synth "
+                   "marker), and nothing else.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, progress):
     """Write a synthetic chest CT data set in the UniToChest layout to OUT."""
@@ -441,25 +544,26 @@ def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, pro
 @click.option("--workers", default=None, type=int,
               help="Decoding processes (default: one per CPU; 0: decode in this process).")
 @click.option("--strict", is_flag=True, help="Any file that would be skipped is an error.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a cache (a file preprocess wrote) or empty.")
 @click.option("--allow-non-ct", is_flag=True, help="Also read slices whose Modality is not CT.")
 @click.option("--split-seed", default=0, show_default=True,
               help="Seed of the 80/10/10 patient split of a plain folder tree.")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Read files that a UniToChest CSV names outside DATA (absolute paths, "
+                   "paths with ..); by default such rows are skipped and reported.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the report (every skipped file and why) as JSON here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def preprocess(data, out, layout, workers, strict, overwrite, allow_non_ct, split_seed,
-               report_path, progress):
+def preprocess(data, out, report_path, **options):
     """Decode the CT slices and masks under DATA into the HDF5 cache OUT."""
     from nodulekit.data.cache import CacheError
     from nodulekit.data.layout import LayoutError
-    from nodulekit.data.preprocess import PreprocessError
+    from nodulekit.data.preprocess import PreprocessError, PreprocessOptions
     from nodulekit.data.preprocess import preprocess as run_preprocess
 
     try:
-        report = run_preprocess(data, out, layout=layout, workers=workers, strict=strict,
-                                overwrite=overwrite, progress=progress,
-                                allow_non_ct=allow_non_ct, split_seed=split_seed)
+        report = run_preprocess(data, out, PreprocessOptions(**options))
     except (FileExistsError, PreprocessError, LayoutError, CacheError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.format())

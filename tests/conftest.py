@@ -1,7 +1,9 @@
-"""Fixtures shared by the test files: a seeded generator, and the backend under test."""
+"""Fixtures shared by the test files: a seeded generator, and the backend under test; and
+a hook that turns a test module's failed import of the CPU-side stack into a skip."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -21,3 +23,33 @@ def backend(request):
     import backends  # here, not at the top: most test files never touch a GPU or emulator
 
     return backends.get(request.param)
+
+
+@pytest.fixture(scope="session")
+def kernel_reports():
+    """Every kernels/*.cu compiled for sm_90 by NVRTC as CuPy will (kernel_check), once per
+    session: file -> FileReport (registers, shared memory, spills, the cubin)."""
+    from nodulekit.engine import kernel_check
+
+    return {r.file: r for r in kernel_check.compile_all("90")}
+
+
+# Packages the GPU machine's image may lack (bench/gpu_check.sh carries them as wheels):
+# a test module that cannot be imported for want of one of them is skipped, saying which,
+# instead of failing collection, so `pytest -m gpu` there reports on the GPU tests alone.
+OPTIONAL_STACK = ("pydicom", "mpi4py", "h5py", "PIL", "matplotlib", "tqdm", "click")
+_MISSING = re.compile(r"No module named '([\w.]+)'|import of ([\w.]+) halted")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if report.failed and isinstance(collector, pytest.Module):
+        found = _MISSING.search(str(report.longrepr))
+        name = found and (found.group(1) or found.group(2))
+        if name and name.split(".")[0] in OPTIONAL_STACK:
+            report.outcome = "skipped"
+            report.longrepr = (str(collector.path), 0, f"Skipped: {name} is not "
+                               f"installed here (the CPU-side stack; pip install it, or carry "
+                               f"its wheel: bash bench/gpu_check.sh --fetch-wheels)")
+    return report

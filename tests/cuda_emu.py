@@ -5,7 +5,9 @@ Nobody can run the kernels without a GPU, and GPU time is rare. So the tests als
 CPU: each file is compiled by g++ as C++17 with ``tests/cuda_emu.h`` in front (CUDA's
 built-ins as plain C++; a block's threads are fibers meeting at real barriers, a warp's
 lanes meet at warp-wide mma.sync; blocks run one after another), plus one generated
-wrapper per ``extern "C" __global__`` kernel.
+wrapper per ``extern "C" __global__`` kernel, with ``-fsanitize=thread`` instrumentation
+whose hooks cuda_emu.h defines (no ThreadSanitizer runtime: every load and store of the
+kernel code calls the emulator's checks).
 :class:`EmuRuntime` then stands in for CuPy: NumPy arrays for device memory, kernel calls
 through ctypes. On every launch it checks what would otherwise fail only on the GPU:
 
@@ -15,15 +17,24 @@ through ctypes. On every launch it checks what would otherwise fail only on the 
 - the launch shape against the CUDA limits (1024 threads a block, grid y/z <= 65535);
 - that no thread left the kernel while others waited in ``__syncthreads``, and that all 32
   lanes of a warp reached each warp-wide ``mma.sync`` (emulated from the PTX ISA's
-  fragment layouts, with exact products; TF32 / BF16 operand rounding bit-exact);
-- guard bytes around every array the runtime allocated: a write past either end of an
-  array is reported, with the kernel and the argument. Fresh ``empty`` arrays are filled
+  fragment layouts; TF32 / BF16 operand rounding bit-exact; the sums by a model of the
+  tensor cores' truncating adder, or exactly: ``mma=``);
+- races in shared memory: two threads of a block touching one word of a ``__shared__``
+  array in one barrier interval, one of them writing (compute-sanitizer's racecheck);
+  the threads of each interval run in a seeded pseudo-random order (``seed=``, default
+  ``NODULEKIT_EMU_SEED`` or 1; 0 is the old fixed order);
+- out-of-bounds reads and writes: an access inside an argument's allocation (its guard
+  bytes included) but outside every argument's bytes fails the launch, naming the
+  argument, the thread and the block (memcheck); guard bytes around every array the
+  runtime allocated are compared after each launch too. Fresh ``empty`` arrays are filled
   with NaN bytes, so an output element a kernel never writes shows up as NaN.
 
+``record_block`` records one block's shared-memory accesses (``recorded``) for the tests'
+static counts of bank conflicts (:func:`bank_conflicts`).
+
 What it cannot see: races between blocks (they run one at a time), warp-level behaviour
-beyond mma.sync, and the GPU's floating-point details (FMA contraction, flushed denormals,
-CUDA's libm, the tensor cores' internal order of addition).
-Those need the GPU run (``pytest -m gpu``).
+beyond mma.sync, and the GPU's floating-point details outside the tensor cores (FMA
+contraction, flushed denormals, CUDA's libm). Those need the GPU run (``pytest -m gpu``).
 """
 
 from __future__ import annotations
@@ -44,8 +55,14 @@ from nodulekit.engine.cuda import kernel_source
 
 HEADER = Path(__file__).with_name("cuda_emu.h")
 CXX = os.environ.get("CXX", "g++")
-CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-            "-fno-gnu-unique", "-fvisibility=hidden", "-w"]
+CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-pthread", "-fno-strict-aliasing", "-fno-gnu-unique",
+            "-fvisibility=hidden", "-w",
+            # every load and store of the kernels calls cuda_emu.h's hooks; the checks need
+            # one call per source-level access, so no vector merging of neighbouring ones
+            "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
+            "-fno-tree-vectorize", "-fno-tree-slp-vectorize"]
+# linked without ThreadSanitizer's runtime: cuda_emu.h defines every hook it calls
+LDFLAGS = ["-shared", "-pthread", "-Wl,-z,defs"]
 
 SIGNATURE = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
@@ -71,6 +88,17 @@ POINTEES = {
 }
 GUARD = 256  # bytes before and after every array
 POISON = 0xFF  # NaN as float32 / float64
+CHECKS = {"races": 1, "bounds": 2}  # cuda_emu.h's CHECK_* bits
+MMA_MODELS = {"exact": 0, "hardware": 1}  # cuda_emu.h's MMA_* models
+# one recorded shared-memory access (cuda_emu.h's emu_records)
+RECORD = np.dtype([("thread", np.int64), ("interval", np.int64), ("pc", np.int64),
+                   ("array", np.int64), ("offset", np.int64), ("size", np.int64),
+                   ("write", bool)])
+
+
+def default_seed() -> int:
+    """The thread-order seed of a runtime made without one: NODULEKIT_EMU_SEED, else 1."""
+    return int(os.environ.get("NODULEKIT_EMU_SEED", "1"))
 
 
 def compiler_available() -> tuple[bool, str]:
@@ -132,32 +160,56 @@ def _register_shared(cdll, path: Path) -> list[str]:
         if name.startswith("_ZZ") and kind in "bBdDvV" and not name.startswith("_ZZNSt"):
             cdll.emu_add_shared(value - anchor, size)
             names.append(name)
-    return names
+    return _demangle(names)
+
+
+def _demangle(names: list[str]) -> list[str]:
+    """``_ZZ...E2As`` -> ``conv_forward_mma<0, false>::As`` (c++filt where it is)."""
+    if not names or shutil.which("c++filt") is None:
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                         text=True).stdout.splitlines()
+    if len(out) != len(names):
+        return names
+    short = []
+    for full in out:
+        func, _, var = full.rpartition("::")
+        m = re.match(r"^(?:[\w:]+\s+)?([\w:]+(?:<[^()]*>)?)\s*\(", func)
+        short.append(f"{m.group(1) if m else func}::{var}")
+    return short
 
 
 class EmuModule:
     """One kernels/*.cu file compiled for the CPU, with a launcher per kernel."""
 
-    def __init__(self, file: str):
+    def __init__(self, file: str, source: str | None = None):
         self.file = file
-        source = kernel_source(file)
+        source = kernel_source(file) if source is None else source
         self.kernels = parse_kernels(source)
         if not self.kernels:
             raise RuntimeError(f"{file}: no extern \"C\" __global__ kernels found")
         text = f'#line 1 "{file}"\n{source}\n#line 1 "emu-wrappers"\n{_wrapper(self.kernels)}'
-        key = hashlib.sha256((HEADER.read_text() + text + " ".join(CXXFLAGS)).encode())
+        key = hashlib.sha256((HEADER.read_text() + text + " ".join(CXXFLAGS + LDFLAGS)).encode())
         lib = _cache_dir() / f"{Path(file).stem}-{key.hexdigest()[:16]}.so"
         if not lib.exists():
             src = lib.with_suffix(".cpp")
             src.write_text(text)
+            obj = lib.with_suffix(f".{os.getpid()}.o")
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [CXX, *CXXFLAGS, "-include", str(HEADER), "-x", "c++", str(src), "-o", str(tmp)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"emulating {file}: g++ failed:\n{proc.stderr[-4000:]}")
+            for cmd in ([CXX, *CXXFLAGS, "-include", str(HEADER), "-x", "c++", "-c", str(src),
+                         "-o", str(obj)], [CXX, *LDFLAGS, str(obj), "-o", str(tmp)]):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"emulating {file}: g++ failed:\n{proc.stderr[-4000:]}")
+            obj.unlink()
             os.replace(tmp, lib)
         self.lib = ctypes.CDLL(str(lib))
         self.lib.emu_last_error.restype = ctypes.c_char_p
+        self.lib.emu_configure.argtypes = [ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_int]
+        self.lib.emu_set_spans.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self.lib.emu_record_block.argtypes = [ctypes.c_longlong]
+        self.lib.emu_records.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+        self.lib.emu_records.restype = ctypes.c_longlong
         self.shared = _register_shared(self.lib, lib)
         self.launchers = {}
         for name, params in self.kernels.items():
@@ -168,7 +220,22 @@ class EmuModule:
             self.launchers[name] = fn
 
     def last_error(self) -> str:
-        return self.lib.emu_last_error().decode()
+        """The launch's failure, shared regions by name (``conv_forward_mma<0, false>::As``)."""
+        return re.sub(r"shared region (\d+)", lambda m: self.shared[int(m.group(1))],
+                      self.lib.emu_last_error().decode())
+
+    def records(self) -> np.ndarray:
+        """The recorded shared-memory accesses of the last launch (``RECORD`` rows)."""
+        n = self.lib.emu_records(None, 0)
+        raw = np.zeros((n, 6), np.uint64)
+        if n:
+            self.lib.emu_records(raw.ctypes.data, n)
+        out = np.zeros(n, RECORD)
+        for i, name in enumerate(("thread", "interval", "pc", "array", "offset")):
+            out[name] = raw[:, i].astype(np.int64)
+        out["size"] = (raw[:, 5] & 0x7FFFFFFF).astype(np.int64)
+        out["write"] = (raw[:, 5] >> 31) != 0
+        return out
 
 
 class EmuRuntime:
@@ -176,8 +243,20 @@ class EmuRuntime:
 
     xp = np
 
-    def __init__(self, sm_count: int = 4):
+    def __init__(self, sm_count: int = 4, seed: int | None = None,
+                 checks: tuple[str, ...] = ("races", "bounds"), mma: str = "hardware"):
         self.sm_count = sm_count  # small, so that tiny test shapes still split their work
+        self.blocks_per_sm = 2
+        self.seed = default_seed() if seed is None else int(seed)
+        self.checks = tuple(checks)
+        self.mma = mma
+        unknown = set(self.checks) - set(CHECKS) | ({mma} - set(MMA_MODELS))
+        if unknown:
+            raise ValueError(f"unknown emulator checks or mma model: {sorted(unknown)}")
+        self.record_block: int | None = None  # a block whose shared accesses to record
+        # (file, kernel) -> its last launch's recorded accesses, with the arrays' names
+        self.recorded: dict[tuple[str, str], tuple[np.ndarray, list[str]]] = {}
+        self.sources: dict[str, str] = {}  # file -> source text (planted kernels, probes)
         self.modules: dict[str, EmuModule] = {}
         self.launched: set[tuple[str, str]] = set()
         self._roots = weakref.WeakValueDictionary()  # id(raw buffer) -> raw buffer
@@ -220,9 +299,19 @@ class EmuRuntime:
         return int(a.ctypes.data)
 
     # ---- kernels
+    def resident_blocks(self, file: str, kernel: str, threads: int) -> int:
+        """Blocks per SM for the backend's split counts (CuPy asks the driver): a fixed
+        ``blocks_per_sm``, 2 by default (conv_mma.cu's __launch_bounds__(256, 2))."""
+        return self.blocks_per_sm
+
+    def add_source(self, file: str, source: str) -> None:
+        """Kernels of ``source`` launch as ``file`` (fixtures: probes, planted defects)."""
+        self.sources[file] = source
+        self.modules.pop(file, None)
+
     def module(self, file: str) -> EmuModule:
         if file not in self.modules:
-            self.modules[file] = EmuModule(file)
+            self.modules[file] = EmuModule(file, self.sources.get(file))
         return self.modules[file]
 
     def launch(self, file: str, kernel: str, grid, block, args) -> None:
@@ -234,11 +323,26 @@ class EmuRuntime:
             raise RuntimeError(f"{where}: no such kernel (have {sorted(mod.kernels)})")
         grid, block = _launch_shape(where, grid, block)
         cargs, arrays = self._c_arguments(where, mod.kernels[kernel], args)
+        self._configure(mod, arrays)
         rc = mod.launchers[kernel](*grid, *block, *cargs)
         self.launched.add((file, kernel))
-        _raise_on_failure(where, rc, mod)
+        if self.record_block is not None:
+            self.recorded[file, kernel] = (mod.records(), mod.shared)
+        _raise_on_failure(where, rc, mod, {i: pname for i, pname, _ in arrays})
         for i, pname, arr in arrays:
             self._check_guards(arr, f"{where} argument {i} ({pname})")
+
+    def _configure(self, mod: EmuModule, arrays) -> None:
+        """Seed, checks and mma model, the arrays' bounds, the block to record."""
+        mod.lib.emu_configure(self.seed, sum(CHECKS[c] for c in self.checks),
+                              MMA_MODELS[self.mma])
+        rows = np.zeros((max(len(arrays), 1), 5), np.uint64)
+        for row, (i, _, arr) in zip(rows, arrays, strict=False):
+            root = self._root(arr)
+            row[:] = (root.ctypes.data, root.ctypes.data + root.nbytes, arr.ctypes.data,
+                      arr.ctypes.data + arr.nbytes, i)
+        mod.lib.emu_set_spans(len(arrays), rows.ctypes.data)
+        mod.lib.emu_record_block(-1 if self.record_block is None else int(self.record_block))
 
     def _c_arguments(self, where: str, params, args) -> tuple[list, list]:
         """The ctypes values to pass for ``args``, and the array arguments as
@@ -268,10 +372,15 @@ class EmuRuntime:
             raise TypeError(f"{what}: array is not C-contiguous")
         self._check_guards(arg, what)
 
-    def _check_guards(self, arr, what: str) -> None:
+    @staticmethod
+    def _root(arr) -> np.ndarray:
         root = arr
         while isinstance(root.base, np.ndarray):
             root = root.base
+        return root
+
+    def _check_guards(self, arr, what: str) -> None:
+        root = self._root(arr)
         layout = self._layout.get(id(root))
         if layout is None or self._roots.get(id(root)) is not root:
             raise TypeError(f"{what}: a host array, not one of this runtime's (CuPy would "
@@ -316,6 +425,39 @@ LAUNCH_FAILURES = {
 }
 
 
-def _raise_on_failure(where: str, rc: int, mod: EmuModule) -> None:
+def _raise_on_failure(where: str, rc: int, mod: EmuModule, names: dict[int, str]) -> None:
     if rc:
-        raise RuntimeError(f"{where}: {LAUNCH_FAILURES.get(rc) or mod.last_error()}")
+        text = LAUNCH_FAILURES.get(rc) or mod.last_error()
+        text = re.sub(r"argument (\d+)", lambda m: f"argument {m.group(1)} "
+                      f"({names.get(int(m.group(1)), '?')})", text)
+        raise RuntimeError(f"{where}: {text}")
+
+
+def bank_conflicts(records: np.ndarray, write: bool | None = None) -> dict:
+    """Shared-memory bank conflicts of recorded accesses (``EmuRuntime.recorded``).
+
+    The lanes of a warp run one instruction together: the k-th execution of one
+    instruction (its address) by each lane of a warp in one barrier interval is one warp
+    access. Its degree is the most distinct 4-byte words that fall in one of the 32 banks
+    (1: conflict-free; n: the access is replayed n times). Returns {(array, pc): worst
+    degree over that instruction's warp accesses}; ``write`` keeps stores (True) or loads
+    (False) only. Offsets are from each array's start: a constant shift of every address
+    does not change a degree, wherever the compiler places the array."""
+    if write is not None:
+        records = records[records["write"] == write]
+    seen: dict = {}
+    groups: dict = {}
+    for r in records:
+        lane_key = (int(r["thread"]), int(r["interval"]), int(r["pc"]))
+        k = seen.get(lane_key, 0)
+        seen[lane_key] = k + 1
+        key = (int(r["array"]), int(r["pc"]), int(r["thread"]) // 32, int(r["interval"]), k)
+        first, last = int(r["offset"]) // 4, (int(r["offset"]) + int(r["size"]) - 1) // 4
+        groups.setdefault(key, set()).update(range(first, last + 1))
+    worst: dict = {}
+    for (array, pc, *_), words in groups.items():
+        per_bank: dict = {}
+        for word in words:
+            per_bank[word % 32] = per_bank.get(word % 32, 0) + 1
+        worst[array, pc] = max(worst.get((array, pc), 0), max(per_bank.values()))
+    return worst

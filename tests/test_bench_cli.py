@@ -90,3 +90,33 @@ def test_bench_step_times_ours_and_torch_in_turns():
     assert data["ratio_per_turn_median"] == statistics.median(
         o / t for o, t in zip(ours, torch, strict=True))
     assert "median of the per-turn ratios" in result.output
+
+
+def test_bench_step_with_a_norm_starts_both_sides_alike():
+    """`bench step --norm instance|batch`: the torch U-Net gets the same norm (and the same
+    gamma, beta, running statistics): the first losses agree."""
+    import json
+
+    for norm in ("instance", "batch"):
+        result = CliRunner().invoke(main, ["bench", "step", "--width", "8", "--depth", "2",
+                                           "--size", "16", "--batch", "2", "--repeats", "1",
+                                           "--warmup", "0", "--norm", norm, "--json", "-"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output[result.output.index("{"):])
+        assert data["config"]["norm"] == norm and f"{norm} norm" in result.output
+        first = data["first_step_loss"]
+        assert abs(first["ours"] - first["torch"]) < 1e-5
+
+
+def test_bench_ops_times_the_norm_ops():
+    import json
+
+    from nodulekit.bench.ops import run_ops_bench
+
+    result = run_ops_bench("cpu", op_filter="norm", repeats=1, warmup=0, batch=1, size=16,
+                           width=8, depth=2)
+    ops = {(r["op"], r["label"].split()[0]) for r in result["ops"]}
+    assert ops == {(f"{kind}_norm_{d}", where) for kind in ("instance", "batch")
+                   for d in ("forward", "backward") for where in ("enc0.norm1", "bottom.norm2")}
+    assert all(r["ratio"] > 0 and r["ours_gbps"] > 0 for r in result["ops"])
+    json.dumps(result)

@@ -82,3 +82,29 @@ def test_emulator_reports_a_warp_that_splits_at_mma(backend, monkeypatch):
     launch, alloc, _ = _probe_runner(backend, monkeypatch)
     with pytest.raises(RuntimeError, match="lanes of a warp did not all reach"):
         launch("diverged_mma", (1, 1, 1), (32, 1, 1), alloc(np.zeros(32, np.float32)))
+
+
+@each_backend(*EMULATOR)
+def test_emulator_models_the_tensor_cores_truncation(backend):
+    """The emulator sums an mma.sync as the tensor cores are measured to (cuda_emu.h's
+    MMA_HARDWARE): addends aligned to the largest and truncated, the sum truncated toward
+    zero. 1 + three products of 2^-24 is 1 + 2^-22 summed exactly and rounded to nearest,
+    but 1 on the model (each 2^-24 falls below the last bit kept), -1 for the negated row:
+    the tolerances of opcheck.py are met under this model in every emulator run."""
+    from nodulekit.engine import cuda as cuda_mod
+
+    a = np.zeros((16, 8), np.float32)
+    b = np.zeros((8, 8), np.float32)
+    a[0, :4] = a[1, :4] = [1.0, 2.0**-12, 2.0**-12, 2.0**-12]
+    a[1] *= -1
+    b[:4, 0] = [1.0, 2.0**-12, 2.0**-12, 2.0**-12]
+    got = {}
+    for model in ("exact", "hardware"):
+        rt = cuda_emu.EmuRuntime(mma=model)
+        rt.add_source("probe.cu", cuda_mod.kernel_source("conv_mma.cu") + PROBE)
+        d = rt.zeros((16, 8), np.float32)
+        rt.launch("probe.cu", "mma_probe", (1, 1, 1), (32, 1, 1), (rt.asarray(a),
+                  rt.asarray(b), d, np.int32(0)))
+        got[model] = (float(d[0, 0]), float(d[1, 0]))
+    assert got["exact"] == (1 + 2.0**-22, -(1 + 2.0**-22))
+    assert got["hardware"] == (1.0, -1.0)

@@ -110,10 +110,11 @@ def test_hu_and_masks_through_the_pipeline_equal_the_ground_truth(synth_set, cac
 
 def test_cache_layout_and_metadata(synth_set, cache_path):
     with h5py.File(cache_path, "r") as f:
-        assert f.attrs["format"] == "nodulekit-cache"
+        # strings are fixed-length UTF-8 (checksummed with the header): h5py gives bytes
+        assert f.attrs["format"] == b"nodulekit-cache"
         assert f.attrs["format_version"] == FORMAT_VERSION
         assert f.attrs["window_center"] == -500 and f.attrs["window_width"] == 1600
-        assert str(f.attrs["created_by"]).startswith("nodulekit ")
+        assert f.attrs["created_by"].decode().startswith("nodulekit ")
         for split in ("train", "val", "test"):
             g = f[split]
             n = g["hu"].shape[0]
@@ -288,6 +289,12 @@ def test_existing_output_is_kept_unless_overwrite(synth_set, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         preprocess(synth_set.root, out, workers=0, progress=False)
     assert out.read_bytes() == b"precious"
+    # --overwrite replaces a cache only, never a file preprocess did not write
+    with pytest.raises(PreprocessError, match="not a nodulekit cache"):
+        preprocess(synth_set.root, out, workers=0, overwrite=True, progress=False)
+    assert out.read_bytes() == b"precious"
+    out.unlink()
+    preprocess(synth_set.root, out, workers=0, progress=False)
     preprocess(synth_set.root, out, workers=0, overwrite=True, progress=False)
     with Cache(out) as cache:
         assert len(cache.split("train")) > 0

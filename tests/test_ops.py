@@ -118,6 +118,22 @@ def test_conv2d(backend, case, rng):
     assert (got["dx"] is None) == (not need_dx)
 
 
+@each_backend(*ALL_BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv2d_backward_without_bias_gradient(backend, rng, relu):
+    """need_db=False (a convolution a norm follows has no bias): db is None, dx and dw are
+    exactly what the full call gives."""
+    x, w, b = to_device(backend, rand(rng, 2, 6, 9, 8), rand(rng, 16, 3, 3, 8, scale=0.2),
+                        rand(rng, 16))
+    y = backend.conv2d_forward(x, w, b, relu)
+    dy = to_device(backend, rand(rng, 2, 6, 9, 16))
+    full = to_host(backend, *backend.conv2d_backward(dy, x, w, y, relu))
+    dx, dw, db = backend.conv2d_backward(dy, x, w, y, relu, need_db=False)
+    assert db is None
+    np.testing.assert_array_equal(to_host(backend, dx), full[0])
+    np.testing.assert_array_equal(to_host(backend, dw), full[1])
+
+
 # conv.cu / conv_mma.cu hold a progression of versions (cuda.CONV_VARIANTS, the first the
 # readable direct kernel): each runs on its own backend, CudaBackend(precision,
 # conv_variant=...), and is compared with the float64 reference, with the direct kernel on
@@ -867,6 +883,163 @@ def test_confusion_counts(backend, case, rng):
     assert got["counts"].dtype == np.int64 and got["counts"].shape == (n, 3)
 
 
+# --------------------------------------------------------------------------- normalisation
+
+NormCase = namedtuple("NormCase", "n h w c relu")  # NHWC; the ReLU fused or not
+
+NORM = {  # odd sizes, C off the CPU's 8-lane vectors and the CUDA float4 path, batch 1
+    "n1-7x9-c3": NormCase(1, 7, 9, 3, False),
+    "n2-5x6-c3-relu": NormCase(2, 5, 6, 3, True),
+    "n3-4x5-c8-relu": NormCase(3, 4, 5, 8, True),
+    "n1-6x11-c16": NormCase(1, 6, 11, 16, False),
+    "n2-3x1-c5-relu": NormCase(2, 3, 1, 5, True),
+    "n2-9x7-c24-relu": NormCase(2, 9, 7, 24, True),
+}
+NORM_CUDA_ONLY = {  # several splits per sample, several channel blocks, float4 and scalar
+    "n2-40x37-c4-relu-splits": NormCase(2, 40, 37, 4, True),
+    "n3-21x19-c40-vec4": NormCase(3, 21, 19, 40, False),
+    "n1-33x30-c33-relu-scalar": NormCase(1, 33, 30, 33, True),
+}
+
+
+def _norm_inputs(rng, case):
+    """x off zero mean (a float32 sum of squares would lose digits here), gamma around 1."""
+    n, h, w, c, _ = case
+    return dict(x=rand(rng, n, h, w, c, scale=2.0) + rand(rng, c, scale=3.0),
+                gamma=1.0 + rand(rng, c, scale=0.3), beta=rand(rng, c, scale=0.5),
+                dy=rand(rng, n, h, w, c))
+
+
+@each_backend_and_case((ALL_BACKENDS, NORM), (CUDA_BACKENDS, NORM_CUDA_ONLY))
+def test_instance_norm(backend, case, rng):
+    """Forward (the kept statistics too) and backward against the float64 reference and
+    torch.nn.functional.instance_norm (autograd); the same in training and evaluation."""
+    n, h, w, c, relu = case
+    device = torch_device(backend)
+
+    def run(be, x, gamma, beta, dy):
+        y, mean, invstd = be.instance_norm_forward(x, gamma, beta, relu=relu)
+        dx, dgamma, dbeta = be.instance_norm_backward(dy, x, y, mean, invstd, gamma, relu=relu)
+        return dict(y=y, mean=mean, invstd=invstd, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+    def run_torch(x, gamma, beta, dy):
+        y, mean, invstd = T.instance_norm_forward(x, gamma, beta, relu=relu, device=device)
+        dx, dgamma, dbeta = T.instance_norm_backward(dy, x, gamma, beta, relu=relu,
+                                                     device=device)
+        return dict(y=y, mean=mean, invstd=invstd, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+    p = h * w
+    got = check_op(backend, run, run_torch, _norm_inputs(rng, case),
+                   reduce=dict(y=p, mean=p, invstd=p, dx=p, dgamma=n * p, dbeta=n * p))
+    assert got["mean"].shape == (n, c) and got["invstd"].shape == (n, c)
+    if relu:
+        assert (got["y"] >= 0).all()
+
+
+@each_backend_and_case((ALL_BACKENDS, NORM | {"n3-1x1-c6-relu": NormCase(3, 1, 1, 6, True)}),
+                       (CUDA_BACKENDS, NORM_CUDA_ONLY))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm(backend, case, rng, training):
+    """Forward (with the running statistics' update) and backward against the float64
+    reference and torch.nn.functional.batch_norm (autograd): training on the batch's
+    statistics, evaluation on the running ones (constants to the backward)."""
+    n, h, w, c, relu = case
+    device = torch_device(backend)
+    inputs = _norm_inputs(rng, case)
+    inputs.update(running_mean=rand(rng, c, scale=0.5), running_var=0.5 + rand(rng, c) ** 2)
+
+    def run(be, x, gamma, beta, dy, running_mean, running_var):
+        y, mean, invstd = be.batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                                training, relu=relu)
+        dx, dgamma, dbeta = be.batch_norm_backward(dy, x, y, mean, invstd, gamma, training,
+                                                   relu=relu)
+        return dict(y=y, mean=mean, invstd=invstd, dx=dx, dgamma=dgamma, dbeta=dbeta,
+                    running_mean=running_mean, running_var=running_var)
+
+    def run_torch(x, gamma, beta, dy, running_mean, running_var):
+        y, mean, invstd, rm, rv = T.batch_norm_forward(x, gamma, beta, running_mean,
+                                                       running_var, training, relu=relu,
+                                                       device=device)
+        dx, dgamma, dbeta = T.batch_norm_backward(dy, x, gamma, beta, running_mean,
+                                                  running_var, training, relu=relu,
+                                                  device=device)
+        return dict(y=y, mean=mean, invstd=invstd, dx=dx, dgamma=dgamma, dbeta=dbeta,
+                    running_mean=rm, running_var=rv)
+
+    m = n * h * w
+    got = check_op(backend, run, run_torch, inputs,
+                   reduce=dict(y=m, mean=m, invstd=m, dx=m, dgamma=m, dbeta=m,
+                               running_mean=m, running_var=m))
+    assert got["mean"].shape == (1, c) and got["invstd"].shape == (1, c)
+    if not training:  # the running statistics are read, not written
+        np.testing.assert_array_equal(got["running_mean"],
+                                      inputs["running_mean"].astype(backend.dtype))
+
+
+class _RankSums:
+    """The cross-rank sum of two ranks run one after the other in this process: a first
+    round records each rank's buffer (its local sums), a second gives every rank the sum of
+    both, added in rank order, as an all-reduce would."""
+
+    def __init__(self, be):
+        self.be, self.recorded = be, {}
+
+    def record(self, rank):
+        def sum_across(buf):
+            self.recorded[rank] = np.asarray(self.be.to_host(buf)).copy()
+        return sum_across
+
+    def total(self, rank):
+        def sum_across(buf):
+            np.testing.assert_array_equal(np.asarray(self.be.to_host(buf)), self.recorded[rank])
+            total = self.recorded[0] + self.recorded[1]
+            buf[...] = self.be.asarray(total, dtype=np.float64)
+        return sum_across
+
+
+@each_backend(*ALL_BACKENDS)
+def test_batch_norm_statistics_across_ranks(backend, rng):
+    """Two ranks with half a batch each, their sums added by ``sum_across``, compute what
+    one process computes on the whole batch: y, dx, the running statistics, and dgamma /
+    dbeta as each rank's share of the whole (summed by the gradient all-reduce)."""
+    be = backend
+    inputs = _norm_inputs(rng, NormCase(4, 5, 7, 12, True))
+    x, gamma, beta, dy = to_device(be, *(inputs[k] for k in ("x", "gamma", "beta", "dy")))
+    c = x.shape[3]
+
+    def running():
+        return to_device(be, np.zeros(c)), to_device(be, np.ones(c))
+
+    whole_rm, whole_rv = running()
+    y, mean, invstd = be.batch_norm_forward(x, gamma, beta, whole_rm, whole_rv, relu=True)
+    dx, dgamma, dbeta = be.batch_norm_backward(dy, x, y, mean, invstd, gamma, relu=True)
+    halves = [to_device(be, inputs["x"][2 * r:2 * r + 2]) for r in (0, 1)]
+    dys = [to_device(be, inputs["dy"][2 * r:2 * r + 2]) for r in (0, 1)]
+    stats = [running() for _ in (0, 1)]
+    sums = _RankSums(be)
+    for r in (0, 1):
+        be.batch_norm_forward(halves[r], gamma, beta, *running(), relu=True,
+                              sum_across=sums.record(r))
+    fwd = [be.batch_norm_forward(halves[r], gamma, beta, *stats[r], relu=True,
+                                 sum_across=sums.total(r)) for r in (0, 1)]
+    for r in (0, 1):
+        be.batch_norm_backward(dys[r], halves[r], *fwd[r], gamma, relu=True,
+                               sum_across=sums.record(r))
+    bwd = [be.batch_norm_backward(dys[r], halves[r], *fwd[r], gamma, relu=True,
+                                  sum_across=sums.total(r)) for r in (0, 1)]
+    prec = be.precision
+    assert_close(np.concatenate([to_host(be, f[0]) for f in fwd]), to_host(be, y), prec, 140)
+    assert_close(np.concatenate([to_host(be, b[0]) for b in bwd]), to_host(be, dx), prec, 140)
+    for r in (0, 1):
+        assert_close(to_host(be, fwd[r][1]), to_host(be, mean), prec, 140, "mean")
+        assert_close(to_host(be, stats[r][0]), to_host(be, whole_rm), prec, 140, "running")
+        assert_close(to_host(be, stats[r][1]), to_host(be, whole_rv), prec, 140, "running")
+    assert_close(to_host(be, bwd[0][1]) + to_host(be, bwd[1][1]), to_host(be, dgamma), prec,
+                 140, "dgamma")
+    assert_close(to_host(be, bwd[0][2]) + to_host(be, bwd[1][2]), to_host(be, dbeta), prec,
+                 140, "dbeta")
+
+
 # --------------------------------------------------------------------------- argument errors
 
 
@@ -934,6 +1107,22 @@ ERRORS = [  # id, call(backend), substrings the message must contain
      lambda be: be.window_augment(np.zeros((1, 4, 4), np.int16),
                                   np.zeros((1, 4, 4), np.uint8), np.zeros((1, 3))),
      lambda be: ["window_augment: aug must be a float32", "got float64 array of shape (1, 3)"]),
+    ("instance-norm-one-pixel",
+     lambda be: be.instance_norm_forward(_arr(be, 2, 1, 1, 3), _arr(be, 3), _arr(be, 3)),
+     lambda be: ["instance_norm_forward: needs at least 2 pixels per sample",
+                 "got (2, 1, 1, 3)"]),
+    ("batch-norm-one-value",
+     lambda be: be.batch_norm_forward(_arr(be, 1, 1, 1, 3), _arr(be, 3), _arr(be, 3),
+                                      _arr(be, 3), _arr(be, 3)),
+     lambda be: ["batch_norm_forward: training needs at least 2 values per channel"]),
+    ("batch-norm-running-wrong-C",
+     lambda be: be.batch_norm_forward(_arr(be, 2, 4, 4, 3), _arr(be, 3), _arr(be, 3),
+                                      _arr(be, 4), _arr(be, 3)),
+     lambda be: ["batch_norm_forward: running_mean must have shape (3) (C)", "got (4,)"]),
+    ("norm-backward-stats-per-sample",
+     lambda be: be.instance_norm_backward(_arr(be, 2, 4, 4, 3), _arr(be, 2, 4, 4, 3), None,
+                                          _arr(be, 1, 3), _arr(be, 1, 3), _arr(be, 3)),
+     lambda be: ["instance_norm_backward: mean must have shape (2, 3) ([groups, C])"]),
     ("dice-target-bool",
      lambda be: be.sigmoid_dice_loss(_arr(be, 1, 4, 4, 1), np.zeros((1, 4, 4, 1), bool)),
      lambda be: ["sigmoid_dice_loss: target must be a uint8 NHW1 array", "got bool array"]),

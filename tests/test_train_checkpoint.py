@@ -135,3 +135,80 @@ def test_missing_parts_and_wrong_architecture(tmp_path):
     path = _save(tmp_path / "ck3.h5", model, opt, params=nan)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(path)
+
+
+def _trained_with_norm(norm, seed=0):
+    be = get_backend("cpu")
+    model = UNet(be, depth=2, width=4, seed=seed, norm=norm)
+    opt = Adam(be, model.params, model.grads, lr=1e-3)
+    rng = np.random.default_rng(seed)
+    x = rng.random((2, 16, 16, 1), dtype=np.float32)
+    t = (rng.random((2, 16, 16, 1)) < 0.2).astype(np.uint8)
+    for _ in range(3):
+        TrainStep(model, opt)(x, t)
+    return be, model, opt, x
+
+
+def _save_with_norm(path, model, opt, norm, **kw):
+    config = {"depth": model.depth, "width": model.width, "seed": 0, "lr": 1e-3, "norm": norm}
+    return _save(path, model, opt, config=config, buffers=model.buffers,
+                 buffer_layout=model.buffer_layout, **kw)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_round_trip_with_norm(tmp_path, norm):
+    """gamma and beta are parameters like any; batch norm's running statistics are a
+    dataset of their own (/buffers, with its checksum), and the model rebuilt from the file
+    evaluates exactly as the original (on the running statistics)."""
+    be, model, opt, x = _trained_with_norm(norm)
+    path = _save_with_norm(tmp_path / "ck.h5", model, opt, norm)
+    with h5py.File(path, "r") as f:
+        assert ("buffers" in f) == (norm == "batch")
+    ck = load_checkpoint(path)
+    clone = model_from_checkpoint(ck, be)
+    assert clone.norm == norm
+    np.testing.assert_array_equal(clone.params, model.params)
+    np.testing.assert_array_equal(clone.buffers, model.buffers)
+    if norm == "batch":
+        assert model.buffers.size and not np.array_equal(
+            model.buffers, model.buffer_layout.initial_buffers().astype(np.float32))
+    np.testing.assert_array_equal(clone.forward(x, keep_for_backward=False),
+                                  model.forward(x, keep_for_backward=False))
+
+
+def test_batch_norm_buffers_are_checked(tmp_path):
+    be, model, opt, _ = _trained_with_norm("batch")
+    path = _save_with_norm(tmp_path / "ck.h5", model, opt, "batch")
+    with h5py.File(path, "r") as f:
+        offset = f["buffers"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset + 4] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="'buffers' does not match its SHA-256"):
+        load_checkpoint(path)
+    # a batch-norm configuration whose file lacks the running statistics
+    path = _save(tmp_path / "nobuf.h5", model, opt,
+                 config={"depth": 2, "width": 4, "seed": 0, "norm": "batch"})
+    with pytest.raises(CheckpointError, match="buffers .0 tensors. do not match the model's "
+                                              r"\(20: norm batch\)"):
+        model_from_checkpoint(load_checkpoint(path), be)
+
+
+def test_checkpoint_from_before_norms_is_norm_none(tmp_path):
+    """A checkpoint written before normalisation layers (no "norm" in its configuration, no
+    buffers) loads as norm none and predicts as it did; and a norm checkpoint's layout is
+    refused for the plain U-Net."""
+    be, model, opt, x = _trained()
+    path = _save(tmp_path / "old.h5", model, opt)  # the configuration of older versions
+    with h5py.File(path, "r") as f:
+        assert "buffers" not in f and "buffer_layout" not in f.attrs
+        assert "norm" not in load_checkpoint(path).config
+    clone = model_from_checkpoint(load_checkpoint(path), be)
+    assert clone.norm == "none" and clone.buffers.size == 0
+    np.testing.assert_array_equal(clone.forward(x, keep_for_backward=False),
+                                  model.forward(x, keep_for_backward=False))
+    _, normed, nopt, _ = _trained_with_norm("instance")
+    path = _save(tmp_path / "mixed.h5", normed, nopt)  # instance-norm weights, no norm key
+    with pytest.raises(CheckpointError, match="does not match a depth-2 width-4 U-Net with "
+                                              "norm none"):
+        model_from_checkpoint(load_checkpoint(path), be)

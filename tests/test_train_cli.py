@@ -229,3 +229,34 @@ def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):  # noqa:
     assert r.config.data_kind == "folder"
     assert r.config.cache == str(tmp_path / "run" / "cache.h5")
     assert (tmp_path / "run" / "cache.h5").is_file()
+
+
+def test_train_with_norm_then_inspect_and_evaluate(tiny_data, tmp_path):  # noqa: F811
+    """`train --norm batch`: the configuration and checkpoint record it, `inspect RUN`
+    shows each norm layer after its convolution (and the parameters match the model's),
+    `evaluate RUN` runs the model on its running statistics."""
+    _, cache = tiny_data
+    run = tmp_path / "bn"
+    result = _invoke("train", cache, "--epochs", 1, *_model_args(), "--device", "cpu",
+                     "--workers", 0, "--out", run, "--no-progress", "--no-test", "--norm",
+                     "batch")
+    assert result.exit_code == 0, result.output
+    assert "U-Net depth 2 width 4, batch norm" in result.output
+    assert json.loads((run / "config.json").read_text())["config"]["norm"] == "batch"
+    ck = load_checkpoint(run / "checkpoint_last.h5")
+    assert ck.config["norm"] == "batch" and ck.buffers.size == sum(
+        int(np.prod(shape)) for _, shape, _ in ck.buffer_layout) > 0
+    result = _invoke("inspect", run, "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert "batch norm" in result.output
+    lines = result.output.splitlines()
+    conv = next(i for i, line in enumerate(lines) if line.startswith("enc0.conv1"))
+    assert lines[conv + 1].startswith("enc0.norm1") and "batchnorm+relu" in lines[conv + 1]
+    assert "conv3x3+relu" not in result.output and "head" in result.output
+    layers = json.loads(result.output[result.output.index("{"):])
+    assert layers["norm"] == "batch" and layers["totals"]["params"] == ck.params.size
+    result = _invoke("inspect", "--width", 4, "--depth", 2, "--size", 32, "--norm", "instance")
+    assert result.exit_code == 0 and "instnorm+relu" in result.output
+    result = _invoke("evaluate", run, "--device", "cpu", "--workers", 0, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "mean Dice" in result.output

@@ -85,8 +85,8 @@ def _same_training(single: Path, ranks: Path) -> None:
     from nodulekit.nn.layout import ParameterLayout, unet_parameter_shapes
 
     cfg = a.config
-    start = ParameterLayout(unet_parameter_shapes(cfg["depth"], cfg["width"], 1)).he_normal(
-        cfg["seed"])
+    start = ParameterLayout(unet_parameter_shapes(cfg["depth"], cfg["width"], 1,
+                                                  cfg.get("norm", "none"))).he_normal(cfg["seed"])
 
     def rel(x, y, scale):
         return (np.linalg.norm(np.asarray(x, np.float64) - y)
@@ -129,6 +129,35 @@ def test_two_ranks_equal_one_process(tiny_data, tmp_path):  # noqa: F811
                                                                      ta["slices"]]
     for key in ("mean_dice", "mean_iou", "global_dice", "slices"):
         assert tb["all"][key] == pytest.approx(ta["all"][key], rel=METRICS_RTOL)
+
+
+@needs_mpi
+def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):  # noqa: F811
+    """Batch norm on 2 ranks normalises with the global batch's statistics (each layer's
+    per-channel sums all-reduced, forward and backward, as SyncBatchNorm), so it trains as
+    one process with the whole batch: weights, Adam state, losses, validation metrics and
+    the running statistics, to float32 rounding. (With each rank's own statistics, batches
+    of 2 instead of 4, the first step's loss alone differs by 2e-4, 200x the tolerance.)"""
+    _, cache = tiny_data
+    run = tmp_path / "ranks"
+    proc = subprocess.run([_mpiexec(), "-n", "2", *_train_cmd(cache, run, "--epochs", "2",
+                                                                "--no-test", "--norm",
+                                                                "batch")],
+                          capture_output=True, text=True, timeout=180, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data-parallel: 2 ranks over MPI" in proc.stdout and "batch norm" in proc.stdout
+    tiny_train(cache, tmp_path / "single", epochs=2, test=False, norm="batch")
+    _same_training(tmp_path / "single", run)
+    a = load_checkpoint(tmp_path / "single" / "checkpoint_last.h5")
+    b = load_checkpoint(run / "checkpoint_last.h5")
+    assert a.config["norm"] == b.config["norm"] == "batch"
+    from nodulekit.nn.layout import ParameterLayout, unet_buffer_shapes
+
+    initial = ParameterLayout(unet_buffer_shapes(a.config["depth"], a.config["width"],
+                                                 "batch")).initial_buffers()
+    assert np.abs(a.buffers - initial).max() > 0.01, "the running statistics never moved"
+    diff = np.linalg.norm(a.buffers.astype(np.float64) - b.buffers) / np.linalg.norm(a.buffers)
+    assert diff < MOMENTS_RTOL, f"running statistics differ by {diff:.2e} (relative)"
 
 
 @needs_mpi
@@ -497,6 +526,24 @@ def test_nccl_communicator_calls(monkeypatch):
         comm.bcast(np.zeros(3, np.float16).view(_FakeCupyArray))
     comm.close()
     assert calls[-1] == ("destroy",)
+
+
+def test_nccl_allreduce_sum_queues_without_waiting(monkeypatch):
+    """Batch norm's cross-rank sums (`allreduce_sum`): an in-place NCCL sum, not divided by
+    the number of ranks, queued on the stream without a wait (the kernels after it on the
+    same stream read the result; the step's gradient all-reduce waits, and its watchdog
+    catches a hung rank)."""
+    calls = []
+    for name, module in _fake_cupy(calls, ranks=2).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    comm = distributed.NCCLCommunicator(_RootOfTwo())
+    sums = np.arange(6, dtype=np.float32).view(_FakeCupyArray)
+    comm.allreduce_sum(sums)
+    np.testing.assert_array_equal(sums, 2 * np.arange(6, dtype=np.float32))
+    assert calls[1:] == [("allReduce", True, 6, 100, 105, 4242)]
+    distributed.Communicator().allreduce_sum(sums)  # one rank: nothing to add
+    np.testing.assert_array_equal(sums, 2 * np.arange(6, dtype=np.float32))
+    comm.close()
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -16,7 +16,11 @@ TINY_MODEL = {"width": 4, "depth": 2, "batch_size": 4, "lr": 1e-3}
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """(data-set folder, cache path) of the tiny synthetic set."""
+    """(data-set folder, cache path) of the tiny synthetic set (written as DICOM and read
+    back with pydicom: where pydicom is missing, as on a GPU machine without the carried
+    wheels, the tests that need it skip, saying so)."""
+    pytest.importorskip("pydicom", reason="the tiny data set is DICOM: pydicom is not "
+                        "installed (carry its wheel: bash bench/gpu_check.sh --fetch-wheels)")
     from nodulekit.data.cache import open_cache
     from nodulekit.data.preprocess import preprocess
     from nodulekit.data.synth import SynthConfig, synthesize

@@ -212,3 +212,35 @@ def test_bce_term_against_torch():
     ref.backward()
     assert float(value) == pytest.approx(ref.item(), rel=1e-6)
     np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_batch_norm_run_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
+    """With batch norm the run also carries its running statistics (checkpoint dataset
+    /buffers, used by validation): interrupted and resumed, it ends with the same weights,
+    Adam state, running statistics and metrics, bit for bit, as a run never stopped. A
+    resumed run keeps its norm; fine-tuning takes the checkpoint's."""
+    _, cache = tiny_data
+    opts = dict(epochs=3, norm="batch", test=False)
+    full = tiny_train(cache, tmp_path / "full", **opts)
+    steps_per_epoch = full.history[0]["step"]
+
+    def kill_in_epoch_2(epoch, step):
+        if epoch == 1 and step == steps_per_epoch + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny_train(cache, tmp_path / "cut", callback=kill_in_epoch_2, **opts)
+    resumed = train(resume=str(tmp_path / "cut"), device="cpu", workers=0, progress=False,
+                    echo=lambda *_: None)
+    assert resumed.config.norm == "batch" and len(resumed.history) == 3
+    _same_run(tmp_path / "full", tmp_path / "cut")
+    for name in ("checkpoint_last.h5", "checkpoint_best.h5"):
+        a, b = load_checkpoint(tmp_path / "full" / name), load_checkpoint(tmp_path / "cut" / name)
+        assert a.buffers is not None and a.buffers.size
+        np.testing.assert_array_equal(a.buffers, b.buffers, err_msg=name)
+    with pytest.raises(ValueError, match="norm is batch, cannot change it to instance"):
+        train(resume=str(tmp_path / "cut"), epochs=4, norm="instance", device="cpu",
+              progress=False, echo=lambda *_: None)
+    ft = tiny_train(cache, tmp_path / "ft", epochs=1, finetune_from=tmp_path / "full",
+                    width=None, depth=None, test=False)
+    assert ft.config.norm == "batch"

@@ -1,4 +1,5 @@
-"""The whole U-Net against the PyTorch reference: loss, every gradient, 20 Adam steps.
+"""The whole U-Net against the PyTorch reference: loss, every gradient, 20 Adam steps; with
+each normalisation (instance, batch: gradients, running statistics, evaluation) too.
 
 Tolerances, from the precision:
 - reference backend (float64) vs torch float64: 1e-9 relative to each gradient's largest
@@ -56,13 +57,14 @@ def _batch(n, h, w, seed=0):
     return image, mask
 
 
-def _torch_loss_and_grads(weights, depth, width, image, mask, dtype):
-    model = TorchUNet(depth, width).to(dtype).load_ours(weights)
+def _torch_loss_and_grads(weights, depth, width, image, mask, dtype, norm="none",
+                          buffers=None):
+    model = TorchUNet(depth, width, norm=norm).to(dtype).load_ours(weights, buffers)
     x = torch.tensor(image.transpose(0, 3, 1, 2), dtype=dtype)
     t = torch.tensor(mask.transpose(0, 3, 1, 2))
     loss = torch_dice_loss(model(x), t)
     loss.backward()
-    return loss.item(), model.grads_ours()
+    return loss.item(), model.grads_ours(), model
 
 
 # depth, width, batch, height, width of the image
@@ -79,16 +81,24 @@ UNET_REL_TOL = {"fp64": 1e-9, "fp32": 2e-4}
 def test_unet_gradients_match_torch(backend, case):
     """The loss and every gradient of our U-Net against the PyTorch reference U-Net in
     float64, within UNET_REL_TOL of each gradient's largest entry."""
+    _check_gradients(backend, case, "none")
+
+
+def _check_gradients(be, case, norm):
+    """One training step's loss and gradients against TorchUNet's in float64 (see the
+    module doc's tolerances); returns both models after it."""
     depth, width, n, h, w = case
-    be, rel_tol = backend, UNET_REL_TOL[backend.precision]
-    model = UNet(be, depth=depth, width=width, seed=3)
+    rel_tol = UNET_REL_TOL[be.precision]
+    model = UNet(be, depth=depth, width=width, seed=3, norm=norm)
+    buffers = model.buffer_dict()
     image, mask = _batch(n, h, w)
     logits = model.forward(be.asarray(image, dtype=be.dtype))
     loss, _, dlogits = be.sigmoid_dice_loss(logits, be.asarray(mask))
     model.backward(dlogits)
 
     weights = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
-    t_loss, t_grads = _torch_loss_and_grads(weights, depth, width, image, mask, torch.float64)
+    t_loss, t_grads, t_model = _torch_loss_and_grads(weights, depth, width, image, mask,
+                                                     torch.float64, norm, buffers)
     assert float(loss) == pytest.approx(t_loss, rel=rel_tol, abs=rel_tol)
     assert set(t_grads) == set(model.g)
     for name, t_grad in t_grads.items():
@@ -96,6 +106,72 @@ def test_unet_gradients_match_torch(backend, case):
         scale = max(np.abs(t_grad).max(), 1e-12)
         err = np.abs(ours - t_grad).max() / scale
         assert err <= rel_tol, f"{name}: relative error {err:.2e} > {rel_tol:.0e}"
+    return model, t_model, image
+
+
+UNET_NORM_SHAPES = {"2-4-2-12-20": (2, 4, 2, 12, 20), "3-5-1-16-24-batch1": (3, 5, 1, 16, 24)}
+UNET_NORM_SHAPES_CUDA = {"3-20-2-24-16": (3, 20, 2, 24, 16)}
+
+
+@each_backend_and_case((ALL_BACKENDS, UNET_NORM_SHAPES), (CUDA_BACKENDS, UNET_NORM_SHAPES_CUDA))
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_unet_with_norm_matches_torch(backend, case, norm):
+    """conv -> norm -> ReLU: the loss and every gradient (gamma and beta among them) against
+    TorchUNet(norm=...) in float64; batch norm's running statistics after the training step,
+    and the evaluation forward (running statistics) against torch's eval() mode."""
+    be, rel_tol = backend, UNET_REL_TOL[backend.precision]
+    model, t_model, image = _check_gradients(be, case, norm)
+    assert any(name.endswith(".gamma") for name in model.g)
+    assert all(not name.endswith(".b") for name in model.g if "conv" in name)
+    t_buffers = t_model.export_buffers()
+    assert set(t_buffers) == set(model.b) and (norm == "batch") == bool(t_buffers)
+    for name, value in model.buffer_dict().items():
+        np.testing.assert_allclose(value, t_buffers[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    logits = be.to_host(model.forward(be.asarray(image, dtype=be.dtype),
+                                      keep_for_backward=False)).astype(np.float64)
+    with torch.no_grad():
+        t_logits = t_model.eval()(torch.tensor(image.transpose(0, 3, 1, 2))).numpy()
+    t_logits = t_logits.transpose(0, 2, 3, 1)
+    err = np.abs(logits - t_logits).max() / np.abs(t_logits).max()
+    assert err <= rel_tol, f"evaluation logits: relative error {err:.2e}"
+    if norm == "batch":  # evaluation normalises with the running statistics, not the batch's
+        train_logits = be.to_host(model.forward(be.asarray(image, dtype=be.dtype),
+                                                keep_for_backward=False, training=True))
+        assert np.abs(train_logits - logits).max() > 1e3 * rel_tol * np.abs(logits).max()
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_twenty_adam_steps_with_norm_match_torch(norm):
+    """As test_twenty_adam_steps_match_torch, with a norm: gamma and beta train under Adam,
+    batch norm's running statistics follow torch's."""
+    depth, width, lr = 2, 4, 1e-3
+    be = get_backend("cpu")
+    model = UNet(be, depth=depth, width=width, seed=5, norm=norm)
+    opt = Adam(be, model.params, model.grads, lr=lr)
+    image, mask = _batch(2, 16, 24, seed=1)
+    x = image.astype(np.float32)
+    tmodel = TorchUNet(depth, width, norm=norm).load_ours(model.state_dict(),
+                                                          model.buffer_dict())
+    topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
+    tx, tt = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(mask.transpose(0, 3, 1, 2))
+    step = TrainStep(model, opt)
+    ours_losses, torch_losses = [], []
+    for _ in range(20):
+        ours_losses.append(float(step(x, mask).dice))
+        topt.zero_grad()
+        loss = torch_dice_loss(tmodel(tx), tt)
+        loss.backward()
+        topt.step()
+        torch_losses.append(loss.item())
+    np.testing.assert_allclose(ours_losses, torch_losses, atol=1e-4)
+    assert ours_losses[-1] < ours_losses[0] - 1e-3, "20 steps should lower the loss"
+    final = tmodel.export_ours()
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(value, final[name], atol=2e-4, err_msg=name)
+    for name, value in model.buffer_dict().items():
+        np.testing.assert_allclose(value, tmodel.export_buffers()[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
 
 
 def test_twenty_adam_steps_match_torch():
@@ -151,6 +227,43 @@ def test_parameters_live_in_one_flat_buffer():
         assert np.shares_memory(model.g[name], model.grads), name
     model.params[:] = 7.0
     assert float(model.p["head.b"][0]) == 7.0
+    assert model.buffers.size == 0 and model.b == {}
+    bn = UNet(be, depth=2, width=4, seed=0, norm="batch")
+    assert bn.buffers.size == 2 * sum(4 * 2**level for level in (0, 0, 1, 1, 2, 2, 1, 1, 0, 0))
+    for name, view in bn.b.items():
+        assert np.shares_memory(view, bn.buffers), name
+        assert name not in bn.p and name not in bn.g  # not parameters: no Adam
+        assert float(view[0]) == (1.0 if name.endswith("running_var") else 0.0)
+
+
+def test_norm_none_is_the_paper_net_unchanged():
+    """norm "none" has exactly the parameters and initial values of the U-Net before norms
+    (its checkpoints and numbers are those of older versions); a norm drops each 3x3
+    convolution's bias for gamma (1) and beta (0) and leaves the weights' draws alone."""
+    plain = ParameterLayout(unet_parameter_shapes(3, 4))
+    assert unet_parameter_shapes(3, 4) == unet_parameter_shapes(3, 4, norm="none")
+    for norm in ("instance", "batch"):
+        normed = ParameterLayout(unet_parameter_shapes(3, 4, norm=norm))
+        a, b = plain.views(plain.he_normal(2)), normed.views(normed.he_normal(2))
+        for name, value in a.items():
+            if name.endswith(".w"):
+                np.testing.assert_array_equal(b[name], value)
+            elif name in ("head.b", *(n for n in a if ".up." in n)):
+                assert name in b
+            else:
+                assert name not in b
+                norm_layer = name[:-2].replace("conv", "norm")
+                assert (b[norm_layer + ".gamma"] == 1).all()
+                assert not b[norm_layer + ".beta"].any()
+    with pytest.raises(ValueError, match="unknown normalisation 'layer'"):
+        unet_parameter_shapes(2, 4, norm="layer")
+
+
+def test_instance_norm_needs_two_pixels_at_the_bottom():
+    model = UNet(get_backend("cpu"), depth=4, width=2, norm="instance")
+    with pytest.raises(ValueError, match="deepest level of a 16x16 input at depth 4 has one"):
+        model.forward(np.zeros((2, 16, 16, 1), np.float32))
+    model.forward(np.zeros((1, 16, 32, 1), np.float32))  # 1 x 2 at the bottom: fine
 
 
 def test_he_init_is_seeded_with_the_right_spread():
@@ -165,14 +278,24 @@ def test_he_init_is_seeded_with_the_right_spread():
     assert not views["enc0.conv1.b"].any()
 
 
-def test_weight_converters_round_trip_and_agree_with_torch_layers():
+@pytest.mark.parametrize("norm", ["none", "instance", "batch"])
+def test_weight_converters_round_trip_and_agree_with_torch_layers(norm):
     rng = np.random.default_rng(0)
-    for name, shape in unet_parameter_shapes(2, 3):
+    for name, shape in unet_parameter_shapes(2, 3, norm=norm):
         value = rng.standard_normal(shape).astype(np.float32)
         assert np.array_equal(torch_to_ours(name, ours_to_torch(name, value)), value)
-    model = TorchUNet(2, 3)
+    model = TorchUNet(2, 3, norm=norm)
     for name, shape in model.shapes:
         assert tuple(model.p(name).shape) == ours_to_torch(name, np.empty(shape)).shape
+    # gamma, beta and the running statistics both ways
+    ours = UNet(get_backend("cpu"), depth=2, width=3, seed=1, norm=norm)
+    ours.params[:] = rng.standard_normal(ours.params.shape).astype(np.float32)
+    ours.buffers[:] = rng.random(ours.buffers.shape).astype(np.float32)
+    model.load_ours(ours.state_dict(), ours.buffer_dict())
+    for name, value in ours.state_dict().items():
+        np.testing.assert_array_equal(model.export_ours()[name], value, err_msg=name)
+    for name, value in ours.buffer_dict().items():
+        np.testing.assert_array_equal(model.export_buffers()[name], value, err_msg=name)
 
 
 TRAIN_LR = 1e-3

@@ -120,6 +120,11 @@ def _cases(backend, batch: int, size: int, width: int, depth: int, rng) -> list[
                       lambda: backend.split_channels(cat, c0),
                       (backend.to_host(cat), c0), {}, bytes=nbytes))
 
+    # normalisation (+ ReLU) after a level-0 convolution and at the bottom
+    cases += _norm_cases(backend, arr, "enc0.norm1", (n, s, s, c0))
+    cases += _norm_cases(backend, arr, "bottom.norm2",
+                         (n, s >> depth, s >> depth, widths[depth]))
+
     # loss, metrics, optimiser, input pipeline
     logits = arr(n, s, s, 1)
     target = (rng.random((n, s, s, 1)) > 0.9).astype(np.uint8)
@@ -148,6 +153,36 @@ def _cases(backend, batch: int, size: int, width: int, depth: int, rng) -> list[
     cases.append(Case("window_augment", "input: window+flip+rotate", f"{n}x{s}x{s}",
                       lambda: backend.window_augment(hud, maskd, augd), (hu, mask, aug), {},
                       bytes=px * (2 + 1 + 4 + 1)))
+    return cases
+
+
+def _norm_cases(backend, arr, where: str, shape: tuple[int, int, int, int]) -> list[Case]:
+    """Instance and batch norm (training), forward and backward, ReLU fused, on an
+    activation of ``shape``: the compulsory traffic is x read and y written forward; dy, x,
+    y read and dx written backward (torch redoes its forward from x instead of reading y)."""
+    n, h, w, c = shape
+    x, gamma, beta, dy = arr(*shape), 1 + 0.1 * arr(c), arr(c), arr(*shape)
+    xd, gd, bd, dyd = (backend.asarray(a) for a in (x, gamma, beta, dy))
+    nbytes = 4.0 * x.size
+    label, dims = f"{where} (+ReLU)", f"{n}x{h}x{w}x{c}"
+    y, mean, invstd = backend.instance_norm_forward(xd, gd, bd, relu=True)
+    cases = [Case("instance_norm_forward", label, dims,
+                  lambda: backend.instance_norm_forward(xd, gd, bd, relu=True),
+                  (x, gamma, beta), {"relu": True}, bytes=2 * nbytes),
+             Case("instance_norm_backward", label, dims,
+                  lambda y=y, m=mean, s=invstd: backend.instance_norm_backward(
+                      dyd, xd, y, m, s, gd, relu=True),
+                  (dy, x, gamma, beta), {"relu": True}, bytes=4 * nbytes)]
+    running = (np.zeros(c, backend.dtype), np.ones(c, backend.dtype))
+    rm, rv = (backend.asarray(a) for a in running)
+    y, mean, invstd = backend.batch_norm_forward(xd, gd, bd, rm, rv, relu=True)
+    cases += [Case("batch_norm_forward", label, dims,
+                   lambda: backend.batch_norm_forward(xd, gd, bd, rm, rv, relu=True),
+                   (x, gamma, beta, *running), {"relu": True}, bytes=2 * nbytes),
+              Case("batch_norm_backward", label, dims,
+                   lambda y=y, m=mean, s=invstd: backend.batch_norm_backward(
+                       dyd, xd, y, m, s, gd, relu=True),
+                   (dy, x, gamma, beta, *running), {"relu": True}, bytes=4 * nbytes)]
     return cases
 
 
@@ -371,45 +406,70 @@ def _time_torch(fn: Callable[[], object], sweep: _Sweep) -> float:
     return event_median_ms(fn, sweep.repeats, sweep.warmup, torch.cuda.synchronize)[0]
 
 
-def _time_conv_layer(sweep: _Sweep, names: list[str], batch: int, layer: tuple,
-                     rng: np.random.Generator) -> None:
-    """Every version in ``names`` on one U-Net convolution (conv_variant_shapes' row) at one
-    batch, forward (and, at a training batch, backward), each against cuDNN at its
-    precision (timed once per precision and pass)."""
-    from nodulekit.bench.gpu_timing import event_median_ms
-    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
-    from nodulekit.reference.torch_ops import make_torch_op
+# The sweep's order: fastest versions first (the reverse of the reading order), so a budget
+# that runs out cuts the slow ones, never the tensor-core timings.
+FAST_FIRST = ("mma_bf16", "mma_tf32", "register_blocked", "smem_tiled", "direct")
+# direct's weight gradient has each thread sum over every pixel of the batch (3.1 M at the
+# paper's batch 12, 512x512): it is timed only where the batch has at most this many.
+DIRECT_MAX_PIXELS = 65536
 
-    label, h, c, k, r, need_dx = layer
+
+def fast_first(names: Sequence[str]) -> list[str]:
+    """``names`` in FAST_FIRST's order (names it does not know last, as given)."""
+    rank = {v: i for i, v in enumerate(FAST_FIRST)}
+    return sorted(names, key=lambda v: rank.get(v, len(rank)))
+
+
+def _conv_inputs(batch: int, layer: tuple, seed: int) -> tuple:
+    """Seeded random x, w, b, dy for one U-Net convolution at one batch."""
+    rng = np.random.default_rng([seed, batch, layer[1], layer[2], layer[3], layer[4]])
+    _, h, c, k, r, _ = layer
     x = rng.standard_normal((batch, h, h, c), dtype=np.float32)
     w = (rng.standard_normal((k, r, r, c), dtype=np.float32)
          * np.float32((2.0 / (r * r * c)) ** 0.5))
     b = rng.standard_normal(k, dtype=np.float32) * np.float32(0.1)
     dy = rng.standard_normal((batch, h, h, k), dtype=np.float32)
-    flops = 2.0 * batch * h * h * k * r * r * c
+    return x, w, b, dy
+
+
+def _time_conv_layer(sweep: _Sweep, variant: str, batch: int, layer: tuple,
+                     torch_ms: dict) -> None:
+    """One version on one U-Net convolution (conv_variant_shapes' row) at one batch,
+    forward (and, at a training batch, backward), against cuDNN at its precision (timed
+    once per layer, batch, precision and pass: ``torch_ms`` keeps them across versions)."""
+    from nodulekit.bench.gpu_timing import event_median_ms
+    from nodulekit.engine.cuda import CONV_VARIANTS, CudaBackend
+    from nodulekit.reference.torch_ops import make_torch_op
+
+    label, h, c, k, r, need_dx = layer
     shape = f"{batch}x{h}x{h}x{c} -> {k}, {r}x{r}"
+    if variant == "direct" and batch * h * h > DIRECT_MAX_PIXELS:
+        sweep.skipped.append(f"direct {label} batch {batch}: only at {DIRECT_MAX_PIXELS} "
+                             f"pixels a batch or fewer")
+        return
+    flops = 2.0 * batch * h * h * k * r * r * c
     cases = [_Pass("forward", label, batch, shape, flops)]
     if batch > 1:
         cases.append(_Pass("backward", label, batch, shape, flops * (2 if need_dx else 1)))
-    torch_ms: dict = {}  # (precision, pass) -> ms
-    for v in names:
-        precision = CONV_VARIANTS[v][0]
-        be = CudaBackend(precision=precision, conv_variant=v)
-        xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
-        y = be.conv2d_forward(xd, wd, bd, relu=True)
-        for case in cases:
-            if sweep.out_of_time(f"{v} {case.what} {label} batch {batch}"):
-                continue
-            # direct is slow at the big shapes: one timed run is enough
-            reps = 1 if v == "direct" else sweep.repeats
-            ours = _conv_call(be, case.what, (xd, wd, bd, dyd, y), need_dx)
-            ours_ms, _ = event_median_ms(ours, reps, min(sweep.warmup, reps), be.synchronize)
-            if (precision, case.what) not in torch_ms:
-                kw = {"device": "cuda", "relu": True, **_torch_precision(precision)}
-                fn = (make_torch_op("conv2d_forward", x, w, b, **kw) if case.what == "forward"
-                      else make_torch_op("conv2d_backward", dy, x, w, b, need_dx=need_dx, **kw))
-                torch_ms[precision, case.what] = _time_torch(fn, sweep)
-            sweep.add_row(v, precision, case, ours_ms, torch_ms[precision, case.what], reps)
+    x, w, b, dy = _conv_inputs(batch, layer, 0)
+    precision = CONV_VARIANTS[variant][0]
+    be = CudaBackend(precision=precision, conv_variant=variant)
+    xd, wd, bd, dyd = (be.asarray(a) for a in (x, w, b, dy))
+    y = be.conv2d_forward(xd, wd, bd, relu=True)
+    for case in cases:
+        if sweep.out_of_time(f"{variant} {case.what} {label} batch {batch}"):
+            continue
+        # direct is slow: one timed run is enough
+        reps = 1 if variant == "direct" else sweep.repeats
+        ours = _conv_call(be, case.what, (xd, wd, bd, dyd, y), need_dx)
+        ours_ms, _ = event_median_ms(ours, reps, min(sweep.warmup, reps), be.synchronize)
+        key = (label, batch, precision, case.what)
+        if key not in torch_ms:
+            kw = {"device": "cuda", "relu": True, **_torch_precision(precision)}
+            fn = (make_torch_op("conv2d_forward", x, w, b, **kw) if case.what == "forward"
+                  else make_torch_op("conv2d_backward", dy, x, w, b, need_dx=need_dx, **kw))
+            torch_ms[key] = _time_torch(fn, sweep)
+        sweep.add_row(variant, precision, case, ours_ms, torch_ms[key], reps)
 
 
 def _time_upconv_level(sweep: _Sweep, precisions: list[str], batch: int, level: tuple,
@@ -456,7 +516,8 @@ def upconv_levels(width: int = 64, depth: int = 4, size: int = 512) -> list[tupl
 def run_conv_variants_bench(variants: str | Sequence[str] | None = "all",
                             batches: Sequence[int] = (12, 1), repeats: int = 5,
                             warmup: int = 1, width: int = 64, depth: int = 4,
-                            size: int = 512, budget_s: float = 240.0) -> dict:
+                            size: int = 512, budget_s: float = 240.0,
+                            progress: Callable[[dict], None] | None = None) -> dict:
     """Every convolution version (cuda.CONV_VARIANTS) on the U-Net's shapes against cuDNN
     (PyTorch, channels_last) at the same precision: fp32 versions against torch with TF32
     off, tf32 against torch with TF32 on (cudnn and matmul), bf16 against torch on bf16
@@ -465,33 +526,46 @@ def run_conv_variants_bench(variants: str | Sequence[str] | None = "all",
     inference batch (1): forward. Then the 2x2 up-convolution at each of those precisions
     (rows "upconv_<precision>"). TFLOP/s at 2 FLOPs per multiply-add, and the fraction of
     the device's peak for that precision (PEAK_TFLOPS). Cases past ``budget_s`` seconds are
-    skipped and listed. The inputs are random (seed 0). Raises BenchUnavailableError where
-    there is no usable GPU, UnknownVariantError for a name not in CONV_VARIANTS."""
+    skipped and listed. The versions run fastest first (FAST_FIRST: a budget that runs out
+    cuts the slow ones), each over every layer and batch; ``direct`` only where a batch has
+    at most DIRECT_MAX_PIXELS pixels. ``progress``, if given, gets the result so far after
+    every version's layers (a JSON file written as the sweep goes keeps what finished).
+    The inputs are random (seeded per layer). Raises BenchUnavailableError where there is
+    no usable GPU, UnknownVariantError for a name not in CONV_VARIANTS."""
     from nodulekit.engine.cuda import CONV_VARIANTS
 
     device = _require_gpu()
     require_torch()
-    names = variant_names(variants, list(CONV_VARIANTS))
+    names = fast_first(variant_names(variants, list(CONV_VARIANTS)))
     peak_key, peak = device_peak(device)
     sweep = _Sweep(repeats, warmup, budget_s, peak)
-    rng = np.random.default_rng(0)
-    for batch in batches:
-        for layer in conv_variant_shapes(width, depth, size):
-            _time_conv_layer(sweep, names, batch, layer, rng)
-    precisions = [p for p in ("fp32", "tf32", "bf16")
+    config = {"variants": names, "batches": list(batches), "width": width, "depth": depth,
+              "size": size, "repeats": repeats, "warmup": warmup, "timing": "CUDA events",
+              "budget_s": budget_s, "direct_max_pixels": DIRECT_MAX_PIXELS,
+              "torch": "cuDNN via torch, channels_last, same precision"}
+
+    def result() -> dict:
+        return {"benchmark": "conv-variants", **provenance("cuda"), "config": config,
+                "peak": {"device": peak_key, "tflops": peak,
+                         "source": "NVIDIA datasheets, dense (half the 'with sparsity' "
+                                   "figure)"},
+                "variants": {v: CONV_VARIANTS[v] for v in names},
+                "rows": list(sweep.rows), "skipped": list(sweep.skipped)}
+
+    torch_ms: dict = {}
+    for v in names:
+        for batch in batches:
+            for layer in conv_variant_shapes(width, depth, size):
+                _time_conv_layer(sweep, v, batch, layer, torch_ms)
+        if progress is not None:
+            progress(result())
+    precisions = [p for p in ("bf16", "tf32", "fp32")
                   if any(CONV_VARIANTS[v][0] == p for v in names)]
+    rng = np.random.default_rng(0)
     for batch in batches:
         for level in upconv_levels(width, depth, size):
             _time_upconv_level(sweep, precisions, batch, level, rng)
-    return {"benchmark": "conv-variants", **provenance("cuda"),
-            "config": {"variants": names, "batches": list(batches), "width": width,
-                       "depth": depth, "size": size, "repeats": repeats, "warmup": warmup,
-                       "timing": "CUDA events", "budget_s": budget_s,
-                       "torch": "cuDNN via torch, channels_last, same precision"},
-            "peak": {"device": peak_key, "tflops": peak,
-                     "source": "NVIDIA datasheets, dense (half the 'with sparsity' figure)"},
-            "variants": {v: CONV_VARIANTS[v] for v in names},
-            "rows": sweep.rows, "skipped": sweep.skipped}
+    return result()
 
 
 def format_variants(result: dict) -> str:
@@ -610,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions' sweep (what ``nodulekit bench ops --op conv --variants all`` runs)."""
     import argparse
     import json
+    import os
     import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
@@ -624,18 +699,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the sweep")
     ap.add_argument("--json", dest="json_path", default=None, help="file, or '-': stdout")
     args = ap.parse_args(argv)
+    def write(result: dict) -> None:  # after every version, and at the end
+        if args.json_path and args.json_path != "-":
+            tmp = f"{args.json_path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, args.json_path)
+
     try:
         result = run_conv_variants_bench(args.variants, tuple(int(b) for b in
                                                               args.batches.split(",")),
-                                         args.repeats, args.warmup, budget_s=args.budget)
+                                         args.repeats, args.warmup, budget_s=args.budget,
+                                         progress=write)
     except (BenchUnavailableError, UnknownVariantError) as exc:
         raise SystemExit(str(exc)) from exc  # the message, exit status 1
     print(format_variants(result))
-    if args.json_path == "-":  # one line, after the table (bench/gpu_check.sh's log)
+    if args.json_path == "-":  # one line, after the table
         print("conv-variants JSON:", json.dumps(result))
-    elif args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    else:
+        write(result)
     sys.stdout.flush()
     return 0
 

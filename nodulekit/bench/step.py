@@ -34,7 +34,7 @@ def synthetic_batch(batch: int, size: int, seed: int):
 
 def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,
                    batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
-                   lr: float = 1e-4) -> dict:
+                   lr: float = 1e-4, norm: str = "none") -> dict:
     torch = require_torch()
     from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
 
@@ -43,8 +43,8 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     image, mask = synthetic_batch(batch, size, seed)
 
     # ---- ours
-    model = UNet(backend, depth=depth, width=width, seed=seed)
-    start_weights = model.state_dict()
+    model = UNet(backend, depth=depth, width=width, seed=seed, norm=norm)
+    start_weights, start_buffers = model.state_dict(), model.buffer_dict()
     optimizer = Adam(backend, model.params, model.grads, lr=lr)
     x, t = backend.asarray(image), backend.asarray(mask)
     step = TrainStep(model, optimizer)  # the paper's step: Dice loss (s = 1), Adam
@@ -56,7 +56,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    tmodel = TorchUNet(depth, width).load_ours(start_weights).to(tdev)
+    tmodel = TorchUNet(depth, width, norm=norm).load_ours(start_weights, start_buffers).to(tdev)
     tmodel = tmodel.to(memory_format=torch.channels_last)
     topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
     tx = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(tdev)
@@ -82,7 +82,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         **provenance(backend_name),
         "backend": backend_name,
         "device_choice": why,
-        "config": {"width": width, "depth": depth, "size": size, "batch": batch,
+        "config": {"width": width, "depth": depth, "norm": norm, "size": size, "batch": batch,
                    "repeats": repeats, "warmup": warmup, "seed": seed, "lr": lr,
                    "parameters": model.num_parameters, "precision": backend.precision,
                    "torch_memory_format": "channels_last", "timing": "interleaved"},
@@ -103,7 +103,9 @@ def format_step(r: dict) -> str:
     c = r["config"]
     return "\n".join([
         f"device: {r['device']}  ({r['device_choice']})",
-        f"U-Net depth {c['depth']} width {c['width']} ({c['parameters']:,} parameters), "
+        f"U-Net depth {c['depth']} width {c['width']}"
+        + (f", {c['norm']} norm" if c.get("norm", "none") != "none" else "")
+        + f" ({c['parameters']:,} parameters), "
         f"batch {c['batch']} x {c['size']}x{c['size']}, {c['precision']}",
         f"first-step loss: ours {r['first_step_loss']['ours']:.6f}  "
         f"torch {r['first_step_loss']['torch']:.6f}",

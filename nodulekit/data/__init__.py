@@ -8,6 +8,7 @@
     decode.py      the work of one preprocessing worker
     preprocess.py  decoding in parallel into the HDF5 cache
     cache.py       the cache's layout, and reading it
+    checksum.py    HDF5's Fletcher-32 chunk checksum, for chunks written and read raw
     loader.py      batches with augmentation parameters, prefetched by worker threads
 
 Names below are imported on first use, so that `import nodulekit.data` stays cheap (the
@@ -26,6 +27,7 @@ _EXPORTS = {
     "SynthConfig": "synth", "synthesize": "synth", "render_slice": "synth",
     "PreprocessError": "preprocess", "PreprocessReport": "preprocess",
     "Cache": "cache", "open_cache": "cache", "CacheError": "cache",
+    "PreprocessOptions": "preprocess", "NotCTError": "dicom",
     "Loader": "loader", "Batch": "loader", "train_loader": "loader",
     "eval_loader": "loader", "LoaderError": "loader", "SampleOptions": "loader",
     "ReadOptions": "loader", "fits_in_memory": "loader",

@@ -1,12 +1,14 @@
 """The work of one preprocessing worker: a slice and its mask, decoded and measured.
 
 Kept apart from the cache writer so that a worker process imports only what it uses
-(pydicom, Pillow, NumPy; not h5py). A worker writes each slice's HU straight into the cache
-file, at the byte offset of the slice's HDF5 chunk that the parent allocated and looked up
-beforehand (`nodulekit.data.preprocess`); what goes back through the pipe is small: the
-metadata, the mask as the bounding box of its nodules, the components. Half a megabyte per
-slice through a pipe, or through a shared buffer that the parent then copies into the file,
-costs as much as decoding it.
+(pydicom, Pillow, NumPy, and Numba for the chunk checksum; not h5py). A worker writes each
+slice's HU straight into the cache file, followed by the chunk's Fletcher-32 checksum
+(`nodulekit.data.checksum`), at the byte offset of the slice's HDF5 chunk that the parent
+allocated and looked up beforehand (`nodulekit.data.preprocess`); what goes back through
+the pipe is small: the metadata, the mask as the bounding box of its nodules, the
+components. Half a megabyte per slice through a pipe, or through a shared buffer that the
+parent then copies into the file, costs as much as decoding it. A write that fails (a full
+disk) comes back as `Decoded.write_error`, which the parent reports.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit.data.dicom import DicomError, DicomWarning, read_slice
+from nodulekit.data.dicom import DicomError, DicomWarning, NotCTError, read_slice
 from nodulekit.data.masks import MaskBox, MaskError, read_mask_box
 from nodulekit.data.nodules import box_components, section_diameter_mm
 
@@ -49,6 +51,7 @@ class Decoded:
     error: str | None = None
     shape: tuple[int, int] | None = None  # the slice's (H, W); None when `error`
     written: bool = False  # the HU are in the cache file already (at the task's offset)
+    write_error: str | None = None  # why writing the HU into the cache file failed
 
 
 def decode(task: Task, hu_out: np.ndarray | None = None,
@@ -65,6 +68,9 @@ def decode(task: Task, hu_out: np.ndarray | None = None,
             s = read_slice(task.image, allow_non_ct=task.allow_non_ct, out=hu_out,
                            identifiers=False)  # the layout has the patient
         box = read_mask_box(task.mask, s.hu.shape) if task.mask else None
+    except NotCTError as e:
+        return Decoded(task.row, error=f"{e.what}, not CT (--allow-non-ct / "
+                                       "allow_non_ct=True reads it anyway)")
     except (DicomError, MaskError) as e:
         return Decoded(task.row, error=e.reason if Path(e.path) == Path(task.image)
                        else f"mask {e.path}: {e.reason}")
@@ -140,14 +146,23 @@ def worker_main(conn, out_path: str, lock) -> None:
 
 def decode_to_file(task: Task, fd: int, offset: int, hu_buffer: np.ndarray,
                    lock=None) -> Decoded:
-    """`decode` one task, its HU written to the open file `fd` at `offset` (holding `lock`)
-    when the slice has the shape of `hu_buffer`; the mask comes back as its bounding box."""
+    """`decode` one task, its HU and their chunk checksum written to the open file `fd` at
+    `offset` (holding `lock`) when the slice has the shape of `hu_buffer`; the mask comes
+    back as its bounding box. A failed write is `write_error`, the system's reason."""
+    from nodulekit.data.checksum import chunk_checksum  # preloaded by the fork server
+
     d = decode(task, hu_out=hu_buffer, full_mask=False)
     if d.hu is not None:
         if d.shape == hu_buffer.shape:
-            with lock if lock is not None else contextlib.nullcontext():
-                write_at(fd, d.hu, offset)
-            d.written = True
+            checksum = chunk_checksum(np.ascontiguousarray(d.hu, dtype="<i2"))
+            try:
+                with lock if lock is not None else contextlib.nullcontext():
+                    write_at(fd, d.hu, offset)
+                    write_at(fd, checksum, offset + d.hu.nbytes)
+                d.written = True
+            except OSError as e:
+                d.write_error = (f"{e.strerror} (errno {e.errno})" if e.errno
+                                 else str(e))
         d.hu = None
     return d
 

@@ -21,6 +21,7 @@ HU follows DESIGN.md: ``hu = stored * RescaleSlope + RescaleIntercept``, rounded
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,14 @@ class DicomError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class NotCTError(DicomError):
+    """A DICOM image whose Modality is not CT (`what` says what it is instead)."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.what = what
+        super().__init__(path, f"{what}, not CT (allow_non_ct=True reads it anyway)")
 
 
 class DicomWarning(UserWarning):
@@ -93,36 +102,40 @@ def read_slice(path: str | os.PathLike, *, allow_non_ct: bool = False,
     (for callers that take them from elsewhere: a little faster).
     """
     ds = _open(path)
-    h = _Header(ds)
-    if h.frames > 1:
-        raise DicomError(path, f"multi-frame image with {h.frames} frames; this reads one "
-                               "slice per file (read_slices(..., split_frames=True) splits it)")
-    _check_image(ds, path, allow_non_ct, h)
-    stored = _pixels(ds, path, h)
-    return _make_slice(ds, path, stored, frame=None, out=out, header=h,
-                       identifiers=identifiers)
+    with _readable_header(path):
+        h = _Header(ds)
+        if h.frames > 1:
+            raise DicomError(path, f"multi-frame image with {h.frames} frames; this reads one "
+                                   "slice per file (read_slices(..., split_frames=True) splits "
+                                   "it)")
+        _check_image(ds, path, allow_non_ct, h)
+        stored = _pixels(ds, path, h)
+        return _make_slice(ds, path, stored, frame=None, out=out, header=h,
+                           identifiers=identifiers)
 
 
 def read_slices(path: str | os.PathLike, *, allow_non_ct: bool = False,
                 split_frames: bool = True) -> list[CTSlice]:
     """Read a DICOM file into one `CTSlice` per frame (a plain file gives a list of one)."""
     ds = _open(path)
-    h = _Header(ds)
-    frames = h.frames
-    if frames > 1 and not split_frames:
-        raise DicomError(path, f"multi-frame image with {frames} frames and split_frames=False")
-    _check_image(ds, path, allow_non_ct, h)
-    stored = _pixels(ds, path, h)
-    if frames <= 1:
-        return [_make_slice(ds, path, stored, frame=None, header=h)]
-    positions = _per_frame_positions(ds, frames)
-    out = []
-    for i in range(frames):
-        s = _make_slice(ds, path, stored[i], frame=i, header=h)
-        if positions[i] is not None:
-            s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i]))
-        out.append(s)
-    return out
+    with _readable_header(path):
+        h = _Header(ds)
+        frames = h.frames
+        if frames > 1 and not split_frames:
+            raise DicomError(path, f"multi-frame image with {frames} frames and "
+                                   "split_frames=False")
+        _check_image(ds, path, allow_non_ct, h)
+        stored = _pixels(ds, path, h)
+        if frames <= 1:
+            return [_make_slice(ds, path, stored, frame=None, header=h)]
+        positions = _per_frame_positions(ds, frames)
+        out = []
+        for i in range(frames):
+            s = _make_slice(ds, path, stored[i], frame=i, header=h)
+            if positions[i] is not None:
+                s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i]))
+            out.append(s)
+        return out
 
 
 def read_header(path: str | os.PathLike) -> pydicom.Dataset:
@@ -174,6 +187,24 @@ def stored_to_hu(stored: np.ndarray, slope: float, intercept: float,
 # ----------------------------------------------------------------------------- internals
 
 
+# What pydicom (or Python's int / float) raises for a header value it cannot convert: an
+# unknown VR, "m1024" as a decimal string, ... (a damaged or odd file).
+_VALUE_ERRORS = (ValueError, TypeError, NotImplementedError, KeyError, IndexError,
+                 OverflowError)
+
+
+@contextlib.contextmanager
+def _readable_header(path):
+    """A header value that cannot be converted as a `DicomError` naming the file."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except _VALUE_ERRORS as e:
+        raise DicomError(path, f"a header value cannot be read ({type(e).__name__}: "
+                               f"{e})") from None
+
+
 def _open(path, stop_before_pixels: bool = False) -> pydicom.Dataset:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
@@ -184,10 +215,14 @@ def _open(path, stop_before_pixels: bool = False) -> pydicom.Dataset:
     except InvalidDicomError:
         raise DicomError(path, "not a DICOM file (no 'DICM' marker after the 128-byte "
                                "preamble)") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
-        raise DicomError(path, f"not a readable DICOM file, or truncated ({e})") from None
+    except PermissionError as e:
+        raise DicomError(path, f"cannot be read ({e.strerror})") from None
+    except Exception as e:  # pydicom's parser on a damaged file: struct.error, unknown VRs..
+        raise DicomError(path, f"not a readable DICOM file, or truncated "
+                               f"({type(e).__name__}: {e})") from None
     if not stop_before_pixels:
-        _check_not_truncated(ds, path)
+        with _readable_header(path):
+            _check_not_truncated(ds, path)
     return ds
 
 
@@ -342,9 +377,7 @@ def _check_image(ds: pydicom.Dataset, path, allow_non_ct: bool,
         raise DicomError(path, "no pixel data: not an image (or truncated before its pixels)")
     modality = h.modality
     if modality != "CT" and not allow_non_ct:
-        what = f"modality is {modality!r}" if modality else "no Modality tag"
-        raise DicomError(path, f"{what}, not CT (allow_non_ct=True / --allow-non-ct reads "
-                               "it anyway)")
+        raise NotCTError(path, f"modality is {modality!r}" if modality else "no Modality tag")
     if h.samples != 1:
         raise DicomError(path, f"{h.samples} samples per pixel "
                                f"({_value(ds, _PHOTOMETRIC) or '?'}): not a grey CT slice")

@@ -7,14 +7,21 @@ Two layouts are read:
   ``<split>_dataset.csv`` with columns ``patientID, exam, slice, image, mask`` (``image`` and
   ``mask`` relative to ``images/`` and ``masks/``; ``mask`` empty for a slice without a
   nodule). Column names are matched leniently (case, spaces, underscores); paths are also
-  tried relative to the split folder.
-- **A plain folder tree** of DICOM files with masks either beside them (``X.dcm`` +
-  ``X_mask.png``) or in a mirrored tree (``images/...`` and ``masks/...``, or the tree itself
-  and ``masks/...``). A slice without a mask has no nodule. Patients (the PatientID tag,
-  else the top folder) get a seeded patient-level 80/10/10 split.
+  tried relative to the split folder and the data folder. A listed path must stay inside
+  the data folder (no ``..`` out of it, no absolute path elsewhere): a CSV is data, and
+  should not make the reader open files anywhere on the machine. Such a row is skipped and
+  reported, unless ``allow_outside_paths=True`` (``nodulekit preprocess
+  --allow-outside-paths``). The check is on the path as written (normalised, links not
+  followed), so a data folder may hold links to where the files really are.
+- **A plain folder tree** of DICOM files with masks either beside them (``X.dcm`` with
+  ``X.png`` or ``X_mask.png``) or in a mirrored tree (``images/...`` and ``masks/...``, or
+  the tree itself and ``masks/...``; ``masks/<same path>.png`` or ``..._mask.png``). A slice
+  without a mask has no nodule. Patients (the PatientID tag, else the top folder) get a
+  seeded patient-level 80/10/10 split.
 
-Nothing that does not fit is guessed: a mask without a slice, a listed file that is
-missing, a DICOM the CSV does not list, a slice with two candidate masks, all become
+Nothing that does not fit is guessed: a mask without a slice, an image file (PNG, JPEG,
+TIFF, ...) whose name fits no mask pattern, a listed file that is missing or outside the
+data folder, a DICOM the CSV does not list, a slice with two candidate masks, all become
 `Problem` entries in the returned `DataIndex` (size mismatches and non-binary masks are found
 when the pixels are read, see `masks.read_mask`).
 """
@@ -34,6 +41,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 LAYOUTS = ("auto", "unitochest", "folder")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# Files that look like a mask (or an image meant as one): reported when no slice uses them.
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+_MASK_PATTERNS = "X.png or X_mask.png beside X.dcm, or masks/<same path>.png"
 
 
 class LayoutError(ValueError):
@@ -119,8 +129,10 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 
 def read_layout(root: str | os.PathLike, layout: str = "auto", *, seed: int = 0,
-                fractions: Sequence[float] = DEFAULT_FRACTIONS) -> DataIndex:
-    """The slices under `root`; `seed` and `fractions` split a plain folder tree."""
+                fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                allow_outside_paths: bool = False) -> DataIndex:
+    """The slices under `root`; `seed` and `fractions` split a plain folder tree;
+    `allow_outside_paths` reads what a UniToChest CSV lists outside `root` too."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
@@ -129,14 +141,14 @@ def read_layout(root: str | os.PathLike, layout: str = "auto", *, seed: int = 0,
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "unitochest":
-        return read_unitochest(root)
+        return read_unitochest(root, allow_outside_paths=allow_outside_paths)
     return read_folder_tree(root, seed=seed, fractions=fractions)
 
 
 # ----------------------------------------------------------------------------- UniToChest
 
 
-def read_unitochest(root: str | os.PathLike) -> DataIndex:
+def read_unitochest(root: str | os.PathLike, *, allow_outside_paths: bool = False) -> DataIndex:
     root = Path(root)
     records: list[SliceRecord] = []
     problems: list[Problem] = []
@@ -154,7 +166,7 @@ def read_unitochest(root: str | os.PathLike) -> DataIndex:
             if len(others) == 1:
                 csv_path = others[0]
         if csv_path.is_file():
-            recs, probs = _read_split_csv(root, split, csv_path)
+            recs, probs = _read_split_csv(root, split, csv_path, allow_outside_paths)
         else:
             problems.append(Problem(str(d), f"no {split}_dataset.csv: slices found by "
                                             "scanning images/ with masks/ mirrored",
@@ -171,9 +183,9 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace("_", "").replace(" ", "").replace("-", "")
 
 
-def _read_split_csv(root: Path, split: str,
-                    csv_path: Path) -> tuple[list[SliceRecord], list[Problem]]:
-    reader = _SplitCsv(root, split, csv_path)
+def _read_split_csv(root: Path, split: str, csv_path: Path,
+                    allow_outside_paths: bool = False) -> tuple[list[SliceRecord], list[Problem]]:
+    reader = _SplitCsv(root, split, csv_path, allow_outside_paths)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = csv.DictReader(f)
         reader.read_columns(rows.fieldnames)
@@ -190,8 +202,10 @@ class _SplitCsv:
     lists a quarter of a million slices.
     """
 
-    def __init__(self, root: Path, split: str, csv_path: Path):
+    def __init__(self, root: Path, split: str, csv_path: Path,
+                 allow_outside_paths: bool = False):
         self.split, self.csv_path = split, csv_path
+        self.allow_outside_paths = allow_outside_paths
         self.d = os.path.abspath(root / split)
         self.images_dir = os.path.join(self.d, "images")
         self.masks_dir = os.path.join(self.d, "masks")
@@ -245,10 +259,8 @@ class _SplitCsv:
         if not image_text:
             self.problems.append(Problem(where, "empty 'image' field; row ignored"))
             return None
-        image = _find(image_text, (self.images_dir, self.d, self.root_s), self.image_files)
+        image = self._find(where, "image", image_text, self.images_dir, self.image_files)
         if image is None:
-            self.problems.append(Problem(where, f"image {image_text!r} listed but not found "
-                                                f"under {self.images_dir}"))
             return None
         if image in self.listed:
             self.problems.append(Problem(where, f"image {image_text!r} listed twice; this "
@@ -262,11 +274,8 @@ class _SplitCsv:
         (True, the mask or None for a slice without nodule)."""
         mask_text = self.field(row, "mask")
         if mask_text:
-            mask = _find(mask_text, (self.masks_dir, self.d, self.root_s), self.mask_files)
+            mask = self._find(where, "mask", mask_text, self.masks_dir, self.mask_files)
             if mask is None:
-                self.problems.append(Problem(where, f"mask {mask_text!r} listed but not "
-                                                    "found; slice skipped (its truth is "
-                                                    "unknown)"))
                 return False, None
             self.listed_masks.add(mask)
             return True, mask
@@ -279,6 +288,30 @@ class _SplitCsv:
                                          skipped=False))
         return True, None
 
+    def _find(self, where: str, kind: str, text: str, folder: str,
+              known: set[str]) -> str | None:
+        """The file a CSV field names (tried under `folder`, the split folder, the data
+        folder), absolute and normalised; None, reported, when it is missing or outside
+        the data folder (unless allowed)."""
+        found = _find(text, (folder, self.d, self.root_s), known,
+                      inside=None if self.allow_outside_paths else self.root_s)
+        if isinstance(found, str):
+            return found
+        what = "image" if kind == "image" else "mask"
+        then = "row skipped" if kind == "image" else "slice skipped (its truth is unknown)"
+        if found is not None:
+            how = "an absolute path" if os.path.isabs(text) else "a path that leaves it"
+            self.problems.append(Problem(where, f"{what} {text!r} is outside the data folder "
+                                                f"{self.root_s} ({how}: {found.outside}), "
+                                                f"not read; {then} (--allow-outside-paths "
+                                                "reads it)"))
+        elif kind == "image":
+            self.problems.append(Problem(where, f"image {text!r} listed but not found "
+                                                f"under {folder}"))
+        else:
+            self.problems.append(Problem(where, f"mask {text!r} listed but not found; {then}"))
+        return None
+
     def report_unlisted(self) -> None:
         """DICOMs and masks in the folder that the CSV does not list."""
         for path in sorted(self.image_files - self.listed):
@@ -290,13 +323,25 @@ class _SplitCsv:
                 self.problems.append(Problem(path, "mask without a slice in the CSV; ignored"))
 
 
-def _find(text: str, bases: tuple[str, ...], known: set[str]) -> str | None:
-    """The first of base/text that exists, as an absolute normalised path."""
+@dataclass(frozen=True)
+class _Outside:
+    outside: str  # where a CSV path leads, outside the data folder (never looked at)
+
+
+def _find(text: str, bases: tuple[str, ...], known: set[str],
+          inside: str | None = None) -> str | _Outside | None:
+    """The first of base/text that exists, as an absolute normalised path; with `inside`,
+    only one under that folder: the others are never looked at, and when none under it
+    exists, the first of them comes back as `_Outside` (else None)."""
+    outside = None
     for base in bases:
         candidate = os.path.normpath(os.path.join(base, text))
+        if inside is not None and _under(candidate, inside) is None:
+            outside = outside or _Outside(candidate)
+            continue
         if candidate in known or os.path.isfile(candidate):
             return candidate
-    return None
+    return outside
 
 
 def _under(path: str, base: str) -> str | None:
@@ -345,7 +390,7 @@ def read_folder_tree(root: str | os.PathLike, *, seed: int = 0,
             exam = str(ds.get("SeriesInstanceUID", "") or ds.get("StudyInstanceUID", "")
                        or "").strip() or None
             slice_no = _int_or_none(ds.get("InstanceNumber"))
-        except DicomError:
+        except (DicomError, ValueError, TypeError, NotImplementedError, KeyError):
             pass  # decoding reports it, with the reason, when the cache is built
         patient = patient or (rel.parts[0] if len(rel.parts) > 1 else "unknown")
         exam = exam or (rel.parent.as_posix() if len(rel.parts) > 1 else "1")
@@ -357,25 +402,27 @@ def read_folder_tree(root: str | os.PathLike, *, seed: int = 0,
 
 
 def _pair_tree(root: Path, images_dir: Path, masks_dir: Path, exclude: Path):
-    """(records without split/patient, problems, used masks) for DICOMs under images_dir."""
+    """(records without split/patient, problems, used masks) for DICOMs under images_dir.
+
+    A slice X.dcm's mask is X.png or X_mask.png beside it, or masks/<same path>.png or
+    masks/<same folder>/X_mask.png; every other image file (PNG, JPEG, ...) in either tree
+    is reported, not silently ignored.
+    """
     records: list[SliceRecord] = []
     problems: list[Problem] = []
     used: set[Path] = set()
-    sidecars: list[Path] = []
+    pictures: list[Path] = []  # image files in both trees: masks, or reported
     images: list[Path] = []
     for path in _walk(images_dir, exclude=exclude):
-        name = path.name.lower()
-        if name.endswith("_mask.png"):
-            sidecars.append(path)
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            pictures.append(path)
         elif _looks_like_dicom(path):
             images.append(path)
+    if masks_dir.is_dir():
+        pictures += [p for p in _walk(masks_dir) if p.suffix.lower() in _IMAGE_SUFFIXES]
+    known = {_abs(p) for p in pictures}  # set look-ups, not a stat per candidate
     for image in images:
-        rel = _rel_image(images_dir, image)
-        candidates = [image.with_name(image.stem + "_mask.png")]
-        if masks_dir.is_dir():
-            candidates += [masks_dir / rel.with_suffix(".png"),
-                           masks_dir / rel.parent / (rel.stem + "_mask.png")]
-        found = [c for c in candidates if c.is_file()]
+        found = [c for c in _mask_candidates(images_dir, masks_dir, image) if _abs(c) in known]
         if len(found) > 1:
             problems.append(Problem(str(image), "two masks for this slice ("
                                                 + ", ".join(map(str, found))
@@ -388,13 +435,40 @@ def _pair_tree(root: Path, images_dir: Path, masks_dir: Path, exclude: Path):
         records.append(SliceRecord("", "", "", None, str(_abs(image)),
                                    None if mask is None else str(mask),
                                    _relative(root, image)))
-    orphans = [p for p in sidecars if _abs(p) not in used]
-    if masks_dir.is_dir():
-        orphans += [p for p in _walk(masks_dir)
-                    if p.suffix.lower() == ".png" and _abs(p) not in used]
-    for path in orphans:
-        problems.append(Problem(str(path), "mask without a slice; ignored"))
+    problems.extend(_unused_pictures(pictures, used))
     return records, problems, used
+
+
+def _mask_candidates(images_dir: Path, masks_dir: Path, image: Path) -> list[Path]:
+    """Where slice `image`'s mask may be, in the patterns `_pair_tree` reads."""
+    rel = _rel_image(images_dir, image)
+    stem = image.name[:-len(image.suffix)] if image.suffix else image.name
+    candidates = [image.with_name(stem + ".png"), image.with_name(stem + "_mask.png")]
+    if masks_dir.is_dir():
+        mirrored = masks_dir / rel.parent
+        candidates += [mirrored / (stem + ".png"), mirrored / (stem + "_mask.png")]
+    return candidates
+
+
+def _unused_pictures(pictures: list[Path], used: set[Path]) -> list[Problem]:
+    """A problem for each image file that is no slice's mask, saying why."""
+    problems = []
+    for path in pictures:
+        if _abs(path) in used:
+            continue
+        if path.suffix.lower() != ".png":
+            reason = (f"{path.suffix} file ignored: masks are read from PNG files "
+                      f"({_MASK_PATTERNS})")
+        elif path.stem.lower().endswith("_mask") or _is_under(path, "masks"):
+            reason = "mask without a slice; ignored"
+        else:
+            reason = (f"PNG whose name fits no slice's mask ({_MASK_PATTERNS}); ignored")
+        problems.append(Problem(str(path), reason))
+    return problems
+
+
+def _is_under(path: Path, folder_name: str) -> bool:
+    return folder_name in (p.lower() for p in path.parts[:-1])
 
 
 # ----------------------------------------------------------------------------- helpers

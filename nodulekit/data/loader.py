@@ -33,6 +33,7 @@ this rank reads (all three disjoint, together the whole epoch):
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodulekit.data.cache import Cache, CacheSplit
+from nodulekit.data.cache import READ_ERRORS, Cache, CacheError, CacheSplit, damaged
+from nodulekit.data.checksum import CHECKSUM_BYTES, chunk_ok
 
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
@@ -57,6 +59,10 @@ def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
 
 class LoaderError(ValueError):
     """A loader that cannot be built as asked; the message says why."""
+
+
+class NoNoduleSlices(LoaderError):
+    """sampling="nodules" on a split without a slice with a nodule."""
 
 
 @dataclass(frozen=True)
@@ -178,10 +184,11 @@ class Loader:
             self._empty_rows = np.flatnonzero(~has_nodule).astype(np.int64)
             self._n_empty = int(round(self.empty_fraction * len(self._empty_rows)))
             if len(self._base_rows) == 0:
+                path = self.cache.path
                 self.close()
-                raise LoaderError(f"{self.cache.path}: split {split!r} has no slice with a "
-                                  "nodule, so sampling='nodules' has nothing to draw "
-                                  "(use sampling='all')")
+                raise NoNoduleSlices(f"{path}: split {split!r} has no slice with a nodule, "
+                                     "so sampling='nodules' has nothing to draw (use "
+                                     "sampling='all')")
         else:
             self._base_rows = np.arange(len(self.split), dtype=np.int64)
             self._empty_rows = np.empty(0, dtype=np.int64)
@@ -330,12 +337,21 @@ def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
                  in_memory: bool = False) -> Loader:
     """The paper's training loader: nodule slices (+ a fraction of empty ones), shuffled,
     augmented, incomplete last batch dropped."""
-    return Loader(cache, "train", batch_size=batch_size,
-                  sample=SampleOptions(sampling="nodules", empty_fraction=empty_fraction,
-                                       shuffle=True, augment=True, drop_last=True, seed=seed),
-                  read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
-                                   in_memory=in_memory),
-                  rank=rank, world_size=world_size)
+    try:
+        return Loader(cache, "train", batch_size=batch_size,
+                      sample=SampleOptions(sampling="nodules", empty_fraction=empty_fraction,
+                                           shuffle=True, augment=True, drop_last=True,
+                                           seed=seed),
+                      read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
+                                       in_memory=in_memory),
+                      rank=rank, world_size=world_size)
+    except NoNoduleSlices:
+        path = cache.path if isinstance(cache, Cache) else cache
+        raise LoaderError(
+            f"{path}: its train split has no slice with a nodule, so there is nothing to "
+            "train on: the masks were not found, or mark nothing. `nodulekit preprocess "
+            "DATA OUT.h5` lists the files it could not pair (beside X.dcm, a mask is read "
+            "as X.png or X_mask.png, or under a mirrored masks/ folder)") from None
 
 
 def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
@@ -353,37 +369,73 @@ def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
 
 
 class _RowReader:
-    """Reads cache rows into fresh batch arrays, as cheaply as the cache's layout allows."""
+    """Reads cache rows into fresh batch arrays, as cheaply as the cache's layout allows.
+
+    Every read is checked: through HDF5, its Fletcher-32 filter checks each chunk; raw, a
+    chunk is read with its checksum and checked here (`checksum.chunk_ok`, without the GIL,
+    so the loader's threads check in parallel). A chunk that fails raises `CacheError`
+    naming the file, the dataset and the row.
+    """
 
     def __init__(self, split: CacheSplit, has_nodule: np.ndarray, in_memory: bool):
         self.split = split
+        self.path = split.path
         self.has_nodule = has_nodule
         self.h, self.w = split.image_shape
         self.memory: tuple[np.ndarray, np.ndarray] | None = None
         if in_memory:
             self.memory = (split.hu[()], split.mask[()])
         # Whole-chunk reads skip HDF5's selection machinery (about 4x faster); they need
-        # one unfiltered chunk per slice, which is what `preprocess` writes.
-        self.raw = all(ds.chunks == (1, self.h, self.w)
-                       and ds.id.get_create_plist().get_nfilters() == 0
-                       and ds.dtype.isnative for ds in (split.hu, split.mask))
+        # one chunk per slice with only the checksum filter, which is what `preprocess`
+        # writes, in the byte order of this machine.
+        self.raw = sys.byteorder == "little" and all(
+            ds.chunks == (1, self.h, self.w) and _checksum_only(ds) and ds.dtype.isnative
+            for ds in (split.hu, split.mask))
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b = len(rows)
         if self.memory is not None:
             return (np.ascontiguousarray(self.memory[0][rows]),
                     np.ascontiguousarray(self.memory[1][rows]))
-        hu = np.empty((b, self.h, self.w), dtype=np.int16)
-        mask = np.zeros((b, self.h, self.w), dtype=np.uint8)
-        if self.raw:
-            hu_bytes = hu.reshape(b, -1).view(np.uint8)
-            mask_bytes = mask.reshape(b, -1)
-            for j, i in enumerate(rows.tolist()):
-                self.split.hu.id.read_direct_chunk((i, 0, 0), out=hu_bytes[j])
-                if self.has_nodule[i]:  # an empty slice's mask chunk was never written
-                    self.split.mask.id.read_direct_chunk((i, 0, 0), out=mask_bytes[j])
-        else:
+        if not self.raw:
+            hu = np.empty((b, self.h, self.w), dtype=np.int16)
+            mask = np.zeros((b, self.h, self.w), dtype=np.uint8)
             for j, i in enumerate(rows.tolist()):
                 self.split.hu.read_direct(hu, np.s_[i], np.s_[j])
                 self.split.mask.read_direct(mask, np.s_[i], np.s_[j])
+            return hu, mask
+        # Chunk j is read into bytes [j * n, (j + 1) * n + 4) of one buffer: its checksum
+        # lands on the first bytes of row j + 1 (or the 4 spare bytes at the end), is
+        # checked, and is then overwritten by the next chunk or cleared.
+        n_hu, n_mask = self.h * self.w * 2, self.h * self.w
+        hu_bytes = np.empty(b * n_hu + CHECKSUM_BYTES, dtype=np.uint8)
+        mask_bytes = np.zeros(b * n_mask + CHECKSUM_BYTES, dtype=np.uint8)
+        for j, i in enumerate(rows.tolist()):
+            self._chunk(self.split.hu, i, hu_bytes[j * n_hu:(j + 1) * n_hu + CHECKSUM_BYTES])
+            if self.has_nodule[i]:  # an empty slice's mask chunk was never written
+                self._chunk(self.split.mask, i,
+                            mask_bytes[j * n_mask:(j + 1) * n_mask + CHECKSUM_BYTES])
+        hu = hu_bytes[:b * n_hu].view(np.int16).reshape(b, self.h, self.w)
+        mask = mask_bytes[:b * n_mask].reshape(b, self.h, self.w)
         return hu, mask
+
+    def _chunk(self, ds, row: int, out: np.ndarray) -> None:
+        """Chunk `row` of `ds` as stored (data, then checksum) into `out`, checked; then its
+        checksum bytes are cleared."""
+        try:
+            filter_mask, _ = ds.id.read_direct_chunk((row, 0, 0), out=out)
+        except READ_ERRORS as e:
+            raise damaged(self.path, f"{ds.name} row {row}", e) from None
+        if filter_mask != 0 or not chunk_ok(out):
+            raise CacheError(f"{self.path}: {ds.name} row {row}: checksum mismatch: the file "
+                             "is damaged; rebuild it with `nodulekit preprocess DATA "
+                             f"{self.path} --overwrite`")
+        out[-CHECKSUM_BYTES:] = 0
+
+
+def _checksum_only(ds) -> bool:
+    """Whether `ds`'s chunks go through HDF5's Fletcher-32 filter and nothing else."""
+    import h5py
+
+    plist = ds.id.get_create_plist()
+    return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_FLETCHER32

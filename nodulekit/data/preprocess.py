@@ -1,31 +1,42 @@
 """Build the HDF5 cache from a data folder (`nodulekit preprocess DATA OUT.h5`).
 
-DICOM decoding, mask reading and connected components run in worker processes started
-by a fork server (spawn where there is none, see `nodulekit.data.procs`): they import only
+DICOM decoding, mask reading and connected components run in worker processes started by a
+fork server (spawn where there is none, see `nodulekit.data.procs`): they import only
 `nodulekit.data.decode`. The parent decodes the first readable slice itself, which sets the
 cache's slice size, and creates the datasets with every HU chunk (one per slice,
 uncompressed) allocated in the file up front; each worker then writes a slice's HU straight
-into its chunk, at the byte offset HDF5 reports for it, and sends back only the small rest
-(metadata, the mask's bounding box, the components). The parent writes the masks and the
-metadata. Results are handled in the layout's order whatever the worker count; a slice
-written at its planned row is moved up when a file before it in its split was skipped, so
-the cache is the same with 0 or N workers (only a skipped slice's chunk then stays as unused
-space in the file). The layout of the file is in `nodulekit.data.cache`. As with any
-multiprocessing code, a script that calls `preprocess` with workers must do so under
-``if __name__ == "__main__":``.
+into its chunk, followed by the chunk's Fletcher-32 checksum, at the byte offset HDF5
+reports for it, and sends back only the small rest (metadata, the mask's bounding box, the
+components); the parent writes the masks and the metadata. (With a filter on the dataset,
+HDF5 writes every chunk it allocates: zeros, whose checksum is 0. That costs one sequential
+write of the HU's size up front, about a tenth of a millisecond per 512 x 512 slice, and
+finds a full disk before any decoding.) Results are handled in the layout's order whatever
+the worker count; a slice written at its planned row is moved up when a file before it in
+its split was skipped, so the cache is the same with 0 or N workers (only a skipped slice's
+chunk then stays as unused space in the file). The layout of the file is in
+`nodulekit.data.cache`. As with any multiprocessing code, a script that calls `preprocess`
+with workers must do so under ``if __name__ == "__main__":``.
 
 Every file left out is reported with the reason (`PreprocessReport.skipped`, and the cache's
 ``/skipped`` group); ``strict=True`` makes the first one an error instead. The cache is
 written to a temporary file beside `out` and renamed over it at the very end, so an
-interrupted run leaves no half-written file under the final name; an existing `out` is
-kept unless ``overwrite=True``.
+interrupted or failed run (a full disk included) leaves no half-written file, under the
+final name or the temporary one; a failed write is a `PreprocessError` that names `out` and
+the cause. An existing `out` is kept unless ``overwrite=True``, and even then replaced only
+when it is a cache (a file `preprocess` wrote, damaged or not) or empty.
+
+Every chunk the cache holds carries HDF5's Fletcher-32 checksum (`nodulekit.data.cache`);
+the chunks written past HDF5 (the workers' HU, the parent's whole-chunk writes) get theirs
+from `nodulekit.data.checksum`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import re
 import secrets
 import time
 import warnings
@@ -37,7 +48,14 @@ import h5py
 import numpy as np
 
 from nodulekit import __version__
-from nodulekit.data.cache import FORMAT_NAME, FORMAT_VERSION, WINDOW_CENTER, WINDOW_WIDTH
+from nodulekit.data.cache import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LIBVER,
+    WINDOW_CENTER,
+    WINDOW_WIDTH,
+    is_cache_file,
+)
 from nodulekit.data.decode import Decoded, Task, decode, worker_main
 from nodulekit.data.layout import SPLITS, DataIndex, Problem, SliceRecord, read_layout
 from nodulekit.data.nodules import NoduleLinker
@@ -46,6 +64,30 @@ from nodulekit.data.procs import worker_context
 
 class PreprocessError(RuntimeError):
     """The cache was not written: the message says why (with --strict: which file)."""
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How `preprocess` reads the data folder and writes the cache (`nodulekit preprocess`'s
+    options).
+
+    layout: "auto", "unitochest" or "folder" (`layout.read_layout`).
+    workers: decoding processes (None: one per CPU; 0: decode in this process).
+    strict: the first file that would be skipped is an error instead.
+    overwrite: replace an existing cache at `out`.
+    allow_non_ct: also read slices whose Modality is not CT.
+    split_seed: seed of the patient-level split of a plain folder tree.
+    allow_outside_paths: read files that a UniToChest CSV names outside the data folder.
+    """
+
+    layout: str = "auto"
+    workers: int | None = None
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    allow_non_ct: bool = False
+    split_seed: int = 0
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -105,23 +147,20 @@ class PreprocessReport:
 # ----------------------------------------------------------------------------- parent side
 
 
-def preprocess(data: str | os.PathLike, out: str | os.PathLike, *, layout: str = "auto",
-               workers: int | None = None, strict: bool = False, overwrite: bool = False,
-               progress: bool = True, allow_non_ct: bool = False, split_seed: int = 0,
-               index: DataIndex | None = None) -> PreprocessReport:
+def preprocess(data: str | os.PathLike, out: str | os.PathLike,
+               options: PreprocessOptions | None = None, *, index: DataIndex | None = None,
+               **settings) -> PreprocessReport:
     """Decode the data set under `data` into the HDF5 cache `out`.
 
-    workers: decoding processes (None: one per CPU; 0: decode in this process).
-    split_seed: seed of the patient-level split of a plain folder tree.
+    options: a `PreprocessOptions`; `settings` (its field names: ``workers=0``, ...) set or
+    override single fields.
     index: an already-read layout (`layout.read_layout`), to skip reading it again.
     """
+    o = dataclasses.replace(options or PreprocessOptions(), **settings)
     start, cpu_start = time.perf_counter(), _own_cpu_seconds()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if not out.parent.is_dir():
-        raise PreprocessError(f"{out.parent}: output directory does not exist")
-    n_workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
+    _check_output(out, o.overwrite)
+    n_workers = (os.cpu_count() or 1) if o.workers is None else max(0, int(o.workers))
     # Beside the output (same file system, so the final rename is atomic); a random part
     # keeps two runs apart. Not mkstemp: its 0600 mode would stick to the finished cache.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
@@ -130,30 +169,24 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike, *, layout: str =
         if n_workers:
             pool = _Workers(n_workers, tmp)  # they start while the layout is read
         if index is None:
-            index = read_layout(data, layout, seed=split_seed)
+            index = read_layout(data, o.layout, seed=o.split_seed,
+                                allow_outside_paths=o.allow_outside_paths)
         skipped = [p for p in index.problems if p.skipped]
         notes = [p for p in index.problems if not p.skipped]
-        if strict and skipped:
-            raise PreprocessError(f"--strict: {len(skipped)} file(s) do not fit the layout, "
-                                  f"first: {skipped[0]}")
-        if not index.records:
-            raise PreprocessError(f"{index.root}: no slices found ({index.layout} layout)"
-                                  + (f"; first problem: {skipped[0]}" if skipped else ""))
-        writer = _CacheWriter(tmp, index, strict, preallocate=pool is not None)
-        tasks = [Task(i, r.image, r.mask, allow_non_ct) for i, r in enumerate(index.records)]
+        _check_index(index, skipped, o.strict)
+        writer = _CacheWriter(tmp, index, o.strict, preallocate=pool is not None, name=out)
+        tasks = [Task(i, r.image, r.mask, o.allow_non_ct) for i, r in enumerate(index.records)]
         worker_cpu: list[float] = []
-        _decode_all(writer, tasks, pool, progress, worker_cpu)
+        _decode_all(writer, tasks, pool, o.progress, worker_cpu)
         if pool is not None:
             pool.close()
             pool = None
         shape = writer.finish(data_root=index.root, skipped_layout=skipped)
         os.replace(tmp, out)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
-        if pool is not None:
-            pool.close(wait=False)
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # KeyboardInterrupt too: never leave a partial file behind
+        _discard(pool, writer, tmp)
+        if isinstance(e, OSError):
+            raise PreprocessError(_os_error_message(e, out, tmp)) from None
         raise
     return PreprocessReport(out=out, layout=index.layout, counts=writer.counts,
                             skipped=skipped + writer.skipped, notes=notes,
@@ -161,6 +194,70 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike, *, layout: str =
                             workers=n_workers, image_shape=shape,
                             cpu_seconds={"parent": _own_cpu_seconds() - cpu_start,
                                          "workers": sum(worker_cpu)})
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is not ours to write: an existing file without `overwrite`, and
+    with it any file but a cache (or an empty file)."""
+    if out.is_dir():
+        raise PreprocessError(f"{out} is a folder: name the cache file to write (such as "
+                              f"{out / 'cache.h5'})")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to "
+                                  "replace it")
+        if out.stat().st_size and not is_cache_file(out):
+            raise PreprocessError(f"{out} exists and is not a nodulekit cache: --overwrite "
+                                  "replaces only a cache that `nodulekit preprocess` wrote "
+                                  "(or an empty file); remove it yourself, or choose another "
+                                  "name")
+    if not out.parent.is_dir():
+        raise PreprocessError(f"{out.parent}: output directory does not exist")
+
+
+def _check_index(index: DataIndex, skipped: list[Problem], strict: bool) -> None:
+    if strict and skipped:
+        raise PreprocessError(f"--strict: {len(skipped)} file(s) do not fit the layout, "
+                              f"first: {skipped[0]}")
+    if not index.records:
+        raise PreprocessError(f"{index.root}: no slices found ({index.layout} layout)"
+                              + (f"; first problem: {skipped[0]}" if skipped else ""))
+
+
+def _discard(pool: _Workers | None, writer: _CacheWriter | None, tmp: Path) -> None:
+    """Stop the workers, close the half-written cache and delete it, whatever fails."""
+    try:
+        if pool is not None:
+            pool.close(wait=False)
+    finally:
+        try:
+            if writer is not None:
+                writer.close()
+        except (OSError, RuntimeError, ValueError):
+            pass  # a full disk fails the close's flush too: the file is deleted below
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _os_error_message(e: OSError, out: Path, tmp: Path) -> str:
+    """One line for an OSError met while preprocessing: the user's path, not the hidden
+    temporary file, and the cause."""
+    if e.filename and os.fspath(e.filename) != os.fspath(tmp):  # an input file
+        return f"{e.filename}: {e.strerror or e}"
+    return f"{out}: cannot write the cache: {_cause(e, tmp, out)} (nothing was kept)"
+
+
+def _cause(e: BaseException, tmp: Path, out: Path) -> str:
+    """The reason of a failed write: the system's words for its errno where there is one
+    (h5py's messages carry it inside: "errno = 28"), else the message, with the temporary
+    file's name replaced by the output's."""
+    number = getattr(e, "errno", None)
+    if not number:
+        found = re.search(r"errno = (\d+)", str(e))
+        number = int(found.group(1)) if found else None
+    if number:
+        return f"{os.strerror(number)} (errno {number})"
+    return " ".join(str(e).replace(str(tmp), str(out)).split()) or type(e).__name__
 
 
 # Slices per message to a worker, and messages in flight per worker: enough to keep every
@@ -255,6 +352,7 @@ class _Dispatch:
         self.next_chunk = 0
         self.done: dict[int, list[Decoded]] = {}
         self.added = 0
+        self.answered = False  # a worker has sent results back
 
     def run(self) -> None:
         from multiprocessing.connection import wait
@@ -276,11 +374,18 @@ class _Dispatch:
         proc = self.worker_of[conn]
         proc.join(timeout=1)
         chunk = self.chunks[self.pool.queued[conn][0]]
+        what = (f"a decoding process stopped (exit code {proc.exitcode}) while reading "
+                f"{chunk[0].image} ... {chunk[-1].image}")
+        if self.answered:
+            # It did run: a signal (-9: killed, by the kernel too when memory runs out)
+            # or a crash, not how it was started.
+            return PreprocessError(f"{what}; the cache {self.writer.name} was not written "
+                                   "(--workers 0 decodes in the main process, which shows "
+                                   "the failure)")
         return PreprocessError(
-            f"a decoding process stopped (exit code {proc.exitcode}) while reading "
-            f"{chunk[0].image} ... {chunk[-1].image}. If it could not even start, run "
-            "the calling script under `if __name__ == \"__main__\":`, or use workers=0 "
-            "(--workers 0)")
+            f"{what}, before any worker had answered. A process that cannot even start is "
+            "often a script that calls preprocess outside `if __name__ == \"__main__\":`; "
+            "else use workers=0 (--workers 0) to see the failure")
 
     def send_next(self, conn) -> None:
         """Give `conn`'s worker the next chunk, if any is left."""
@@ -299,7 +404,12 @@ class _Dispatch:
             k, results = conn.recv()
         except (EOFError, OSError):
             raise self.stopped(conn) from None
+        self.answered = True
         self.pool.queued[conn].remove(k)
+        for d in results:
+            if d.write_error is not None:  # its file system said no: no point going on
+                raise PreprocessError(f"{self.writer.name}: cannot write the cache: "
+                                      f"{d.write_error} (nothing was kept)")
         self.done[k] = results
 
     def add_ready(self) -> None:
@@ -331,14 +441,24 @@ def _cpu_seconds_of(pid: int) -> float:
 
 
 class _CacheWriter:
-    """Writes decoded slices into the per-split datasets, in record order."""
+    """Writes decoded slices into the per-split datasets, in record order.
 
-    def __init__(self, path: Path, index: DataIndex, strict: bool, preallocate: bool = False):
+    path: the file written (the temporary one); name: the cache's final path, for messages.
+    Every failed write raises `PreprocessError` naming `name` and the cause.
+    """
+
+    def __init__(self, path: Path, index: DataIndex, strict: bool, preallocate: bool = False,
+                 name: Path | None = None):
         self.path = path
+        self.name = path if name is None else name
         self.index = index
         self.strict = strict
         self.preallocate = preallocate
-        self.file = h5py.File(path, "w")
+        with self.writing():
+            self.file = _new_file(path)
+            # First, so that they sit at the start of the file: what marks it as a cache
+            # (`cache.is_cache_file`), for `--overwrite`, even when it is damaged.
+            _set_attrs(self.file, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
         self.shape: tuple[int, int] | None = None
         self.shape_source = ""
         self.skipped: list[Problem] = []
@@ -356,6 +476,7 @@ class _CacheWriter:
         self.meta: dict[str, dict[str, list]] = {s: _empty_meta() for s in SPLITS}
         self.counts = {s: {"slices": 0, "nodule_slices": 0} for s in SPLITS}
         self._mask_buffer: np.ndarray | None = None
+        self._chunk_buffer: np.ndarray | None = None  # a chunk with its checksum
         self.lock = contextlib.nullcontext()  # held for writes while workers write too
         self._exam: tuple | None = None
         self._linker: NoduleLinker | None = None
@@ -375,9 +496,10 @@ class _CacheWriter:
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             hu = g.create_dataset("hu", shape=(n, h, w), maxshape=(None, h, w), dtype="<i2",
-                                  chunks=(1, h, w), dcpl=dcpl)
+                                  chunks=(1, h, w), dcpl=dcpl, fletcher32=True)
             mask = g.create_dataset("mask", shape=(n, h, w), maxshape=(None, h, w),
-                                    dtype=np.uint8, chunks=(1, h, w), fillvalue=0)
+                                    dtype=np.uint8, chunks=(1, h, w), fillvalue=0,
+                                    fletcher32=True)
             self.datasets[split] = (hu, mask)
             if self.preallocate:
                 self.offsets[split] = _chunk_offsets(hu, n, f"{self.path}: {split}/hu")
@@ -397,6 +519,28 @@ class _CacheWriter:
         if self.file.id.valid:
             self.file.close()
 
+    @contextlib.contextmanager
+    def writing(self):
+        """h5py's errors for a failed write (a full disk, a file system that refuses: an
+        OSError, or a RuntimeError or ValueError on some of h5py's paths) as a
+        `PreprocessError` naming the cache and the cause."""
+        try:
+            yield
+        except PreprocessError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise PreprocessError(f"{self.name}: cannot write the cache: "
+                                  f"{_cause(e, self.path, self.name)} (nothing was kept)"
+                                  ) from None
+
+    def _write_chunk(self, ds: h5py.Dataset, row: int, data: np.ndarray) -> None:
+        """One whole chunk (one slice), with its Fletcher-32 checksum, past HDF5's filters."""
+        from nodulekit.data.checksum import with_checksum  # Numba: only when writing
+
+        chunk = self._chunk_buffer = with_checksum(data, out=self._chunk_buffer)
+        with self.lock, self.writing():
+            ds.id.write_direct_chunk((row, 0, 0), chunk)
+
     def add(self, d: Decoded) -> None:
         record = self.index.records[d.row]
         if d.error is not None:
@@ -407,7 +551,8 @@ class _CacheWriter:
             if d.hu is None:
                 raise PreprocessError("internal: the first slice must come with its pixels")
             self.shape, self.shape_source = shape, record.image
-            self._create(shape)
+            with self.writing():
+                self._create(shape)
         elif shape != self.shape:
             self._skip(record, f"size {shape[0]}x{shape[1]} differs from the cache's "
                                f"{self.shape[0]}x{self.shape[1]} (set by {self.shape_source})")
@@ -420,13 +565,11 @@ class _CacheWriter:
         hu_ds, mask_ds = self.datasets[split]
         # Whole-chunk writes: one chunk per slice, no conversion, no selection machinery.
         if d.hu is not None:
-            with self.lock:
-                hu_ds.id.write_direct_chunk((row, 0, 0),
-                                            np.ascontiguousarray(d.hu, dtype="<i2"))
+            self._write_chunk(hu_ds, row, np.ascontiguousarray(d.hu, dtype="<i2"))
         elif d.written:
             planned = self.planned[d.row]
             if planned != row:  # something before it was skipped: move it up
-                with self.lock:
+                with self.lock, self.writing():  # the chunk as stored: checksum included
                     _, data = hu_ds.id.read_direct_chunk((planned, 0, 0))
                     hu_ds.id.write_direct_chunk((row, 0, 0), data)
         else:
@@ -435,8 +578,7 @@ class _CacheWriter:
         if mask is None and d.mask_box is not None:
             mask = d.mask_box.full(out=self._mask_buffer)
         if mask is not None:  # empty masks stay as the dataset's fill value, 0
-            with self.lock:
-                mask_ds.id.write_direct_chunk((row, 0, 0), np.ascontiguousarray(mask))
+            self._write_chunk(mask_ds, row, np.ascontiguousarray(mask))
         self._add_meta(split, row, record, d)
 
     def _add_meta(self, split: str, row: int, record: SliceRecord, d: Decoded) -> None:
@@ -480,9 +622,15 @@ class _CacheWriter:
             first = self.skipped[0] if self.skipped else None
             raise PreprocessError(f"{data_root}: no slice could be read"
                                   + (f"; first: {first}" if first else ""))
+        with self.writing():
+            self._write_rest(data_root, skipped_layout + self.skipped)
+        return self.shape
+
+    def _write_rest(self, data_root: Path, everything: list[Problem]) -> None:
+        """The attributes, the final row counts, the metadata and the skipped files; then
+        the file is closed (which flushes it: where a full disk shows at the latest)."""
         f = self.file
-        f.attrs.update({
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        _set_attrs(f, {
             "created_by": f"nodulekit {__version__}",
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "window_center": WINDOW_CENTER, "window_width": WINDOW_WIDTH,
@@ -495,15 +643,10 @@ class _CacheWriter:
             g["hu"].resize(n, axis=0)
             g["mask"].resize(n, axis=0)
             _write_meta(g.create_group("meta"), self.meta[split])
-        everything = skipped_layout + self.skipped
         g = f.create_group("skipped")
-        text = h5py.string_dtype()
-        g.create_dataset("path", data=np.array([p.path for p in everything], dtype=object),
-                         dtype=text)
-        g.create_dataset("reason", data=np.array([p.reason for p in everything], dtype=object),
-                         dtype=text)
+        _column(g, "path", [p.path for p in everything])
+        _column(g, "reason", [p.reason for p in everything])
         f.close()
-        return self.shape
 
 
 def _chunk_offsets(ds: h5py.Dataset, n: int, what: str) -> np.ndarray:
@@ -538,30 +681,64 @@ def _padded(rows: list[list[float]]) -> np.ndarray:
     return out
 
 
+def _new_file(path: Path) -> h5py.File:
+    """An empty cache file: HDF5 1.10's format (`cache.LIBVER`: its metadata carries
+    checksums), and the root's attributes kept in its object header (HDF5 moves more than 8
+    into a heap written later, elsewhere in the file), so the first ones stay at the start."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(*(getattr(h5py.h5f, f"LIBVER_{v.upper()}") for v in LIBVER))
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_attr_phase_change(64, 48)
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl,
+                                     fapl=fapl))
+
+
+def _set_attrs(f: h5py.File, attrs: dict) -> None:
+    """Attributes; strings fixed-length UTF-8, stored in the object header (checksummed)
+    rather than in HDF5's global heap (not checksummed), where h5py puts a str."""
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            raw = value.encode()
+            value = np.array(raw, dtype=h5py.string_dtype("utf-8", max(1, len(raw))))
+        f.attrs.create(key, value)
+
+
+def _column(g: h5py.Group, name: str, values) -> None:
+    """A metadata column: chunked, with HDF5's Fletcher-32 checksum on every chunk; strings
+    fixed-length UTF-8 (variable-length ones would live in HDF5's global heap, which has no
+    checksum)."""
+    if isinstance(values, list):  # of str
+        encoded = [v.encode() for v in values]
+        length = max([1] + [len(v) for v in encoded])
+        values = np.array(encoded, dtype=h5py.string_dtype("utf-8", length))
+    rows = values.shape[0]
+    # ~64 KiB chunks: one checksum per chunk; a split of 250k slices has a few per column
+    per_row = max(1, values.dtype.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
+    chunk_rows = max(1, min(rows, (64 << 10) // per_row))
+    g.create_dataset(name, data=values, chunks=(chunk_rows, *values.shape[1:]),
+                     maxshape=(None, *values.shape[1:]), fletcher32=True)
+
+
 def _write_meta(g: h5py.Group, m: dict[str, list]) -> None:
-    text = h5py.string_dtype()
     n = len(m["patient"])
     for name in ("patient", "exam", "source", "mask_source"):
-        g.create_dataset(name, data=np.array(m[name], dtype=object).reshape(n), dtype=text)
-    g.create_dataset("slice", data=np.array(m["slice"], dtype=np.int32).reshape(n))
-    g.create_dataset("instance_number",
-                     data=np.array(m["instance_number"], dtype=np.int32).reshape(n))
-    g.create_dataset("slice_position",
-                     data=np.array(m["slice_position"], dtype=np.float32).reshape(n))
-    g.create_dataset("pixel_spacing",
-                     data=np.array(m["pixel_spacing"], dtype=np.float32).reshape(n, 2))
-    g.create_dataset("slice_thickness",
-                     data=np.array(m["slice_thickness"], dtype=np.float32).reshape(n))
-    g.create_dataset("has_nodule", data=np.array(m["has_nodule"], dtype=bool).reshape(n))
-    g.create_dataset("n_nodules", data=np.array([len(d) for d in m["section_diameter_mm"]],
-                                                dtype=np.int16).reshape(n))
+        _column(g, name, m[name])
+    _column(g, "slice", np.array(m["slice"], dtype=np.int32).reshape(n))
+    _column(g, "instance_number", np.array(m["instance_number"], dtype=np.int32).reshape(n))
+    _column(g, "slice_position", np.array(m["slice_position"], dtype=np.float32).reshape(n))
+    _column(g, "pixel_spacing", np.array(m["pixel_spacing"], dtype=np.float32).reshape(n, 2))
+    _column(g, "slice_thickness", np.array(m["slice_thickness"], dtype=np.float32).reshape(n))
+    _column(g, "has_nodule", np.array(m["has_nodule"], dtype=bool).reshape(n))
+    _column(g, "n_nodules", np.array([len(d) for d in m["section_diameter_mm"]],
+                                     dtype=np.int16).reshape(n))
     section = _padded(m["section_diameter_mm"])
     nodule = _padded(m["nodule_diameter_mm"])
-    g.create_dataset("section_diameter_mm", data=section)
-    g.create_dataset("nodule_diameter_mm", data=nodule)
+    _column(g, "section_diameter_mm", section)
+    _column(g, "nodule_diameter_mm", nodule)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: slices without nodule
-        g.create_dataset("max_diameter_mm", data=np.nanmax(nodule, axis=1).astype(np.float32))
+        _column(g, "max_diameter_mm", np.nanmax(nodule, axis=1).astype(np.float32))
 
 
 def _relative_to(root: Path | str, path: str | None) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-# The modules the workers run; `decode` brings NumPy, pydicom and Pillow with it.
-PRELOAD = ("nodulekit.data.decode", "nodulekit.data.synth")
+# The modules the workers run; `decode` brings NumPy, pydicom and Pillow with it, `checksum`
+# Numba and its compiled code (loaded on import).
+PRELOAD = ("nodulekit.data.decode", "nodulekit.data.checksum", "nodulekit.data.synth")
 
 
 def worker_context():

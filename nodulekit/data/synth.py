@@ -16,7 +16,10 @@ Written (as DESIGN.md describes UniToChest), for each split folder train/ val/ t
     masks/patient_XXXX/exam_1/NNNN.png    0/255 masks, only for slices with a nodule
     <split>_dataset.csv                   patientID, exam, slice, image, mask
 
-plus ``synth.json`` at the top: the configuration and every nodule (centre, diameter, HU).
+plus ``synth.json`` at the top: the configuration and every nodule (centre, diameter, HU),
+and ``.nodulekit-synth``, the marker that says `synthesize` wrote the folder: only a folder
+with it (or an empty one) is replaced with ``overwrite=True``, and then only when it holds
+nothing but files `synthesize` writes.
 
 Everything is a function of the seed: patient p's anatomy comes from the RNG
 ``(seed, p)`` and slice k's noise from ``(seed, p, k)``, so `render_slice` regenerates any
@@ -46,6 +49,8 @@ RESCALE_INTERCEPT = -1024
 TABLE3_COUNTS = (177, 7417, 2172, 305)
 TABLE3_RANGES = ((1.0, 3.0), (3.0, 10.0), (10.0, 30.0), (30.0, 136.0))
 SLICE_THICKNESSES_MM = (1.0, 1.25, 1.5, 2.0)
+# Written first into a folder `synthesize` creates: what `overwrite=True` may replace.
+MARKER = ".nodulekit-synth"
 
 
 @dataclass(frozen=True)
@@ -323,15 +328,10 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
     """
     cfg = config or SynthConfig()
     root = Path(out)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{root} exists and is not empty; pass overwrite=True "
-                                  "(--overwrite) to replace it")
-        if root.is_dir():
-            shutil.rmtree(root)
-        else:
-            root.unlink()
+    _clear(root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by nodulekit synth: `nodulekit synth --overwrite` "
+                               "may delete this folder\n")
 
     ids = [patient_id(p) for p in range(cfg.patients)]
     split_of = split_patients(ids, seed=cfg.seed)
@@ -374,6 +374,68 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
         json.dump({"config": asdict(cfg), "splits": splits,
                    "nodules": [asdict(n) for n in nodules]}, f, indent=1)
     return result
+
+
+def _clear(root: Path, overwrite: bool) -> None:
+    """Make way for a data set at `root`: nothing there, or an empty folder, or (with
+    `overwrite`) a data set that `synthesize` wrote, deleted. Anything else is refused:
+    a file, a folder without the marker, or one that holds a file synth does not write."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if not root.is_dir() or root.is_symlink():
+        raise FileExistsError(f"{root} exists and is not a folder; choose another name")
+    if not any(root.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{root} exists and is not empty; pass overwrite=True "
+                              "(--overwrite) to replace a data set that synth wrote there")
+    if not ((root / MARKER).is_file() or _older_synth_set(root)):
+        raise FileExistsError(f"{root} was not written by nodulekit synth (no {MARKER} "
+                              "marker in it), so --overwrite does not delete it; remove it "
+                              "yourself, or choose another folder")
+    others = _not_written(root)
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                          else "")
+        raise FileExistsError(f"{root} holds files that nodulekit synth did not write "
+                              f"({listed}), so --overwrite does not delete it; move them "
+                              "out, or choose another folder")
+    shutil.rmtree(root)
+
+
+def _older_synth_set(root: Path) -> bool:
+    """A data set written before the marker: its synth.json is synth's."""
+    try:
+        info = json.loads((root / "synth.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"config", "splits", "nodules"} <= info.keys()
+
+
+def _not_written(root: Path) -> list[str]:
+    """The files and links under `root` (relative paths) that `synthesize` does not write."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / n).as_posix() for n in sorted(filenames)
+                  if not _synth_file(rel.parts, n)]
+        found += [(rel / n).as_posix() + "/" for n in sorted(dirnames)
+                  if (Path(dirpath) / n).is_symlink()]  # os.walk does not enter them
+    return found
+
+
+def _synth_file(folder: tuple[str, ...], name: str) -> bool:
+    """Whether `synthesize` writes a file `name` in `folder` (parts relative to the root)."""
+    if not folder:
+        return name in (MARKER, "synth.json")
+    split = folder[0]
+    if split not in SPLITS:
+        return False
+    if len(folder) == 1:
+        return name == f"{split}_dataset.csv"
+    kind = {"images": ".dcm", "masks": ".png"}.get(folder[1])
+    return (kind is not None and len(folder) == 4 and folder[2].startswith("patient_")
+            and folder[3].startswith("exam_") and name.endswith(kind))
 
 
 def _write_patient(cfg: SynthConfig, root: str, p: int, split: str):

@@ -45,7 +45,8 @@ The package, one job a module:
 - `world`: the launcher's environment, MPI and NCCL here, `select_kind`, `init`, and the
   GPU and CPU threads of each rank;
 - `sharding`: each rank's part of the batches (`shard_global_batches`, `shard_batches`);
-- `launcher`: `launch`, `nodulekit train --gpus N` re-run under mpiexec.
+- `launcher`: `launch`, `nodulekit train --gpus N` re-run under mpiexec (signals passed on,
+  ranks never left running: `LaunchInterrupted`).
 
 Everything public is re-exported here: ``from nodulekit import distributed``, then
 ``distributed.init(...)``.
@@ -64,7 +65,12 @@ from nodulekit.distributed.faults import (
     collective,
     fault_hook,
 )
-from nodulekit.distributed.launcher import find_mpiexec, launch, launch_command
+from nodulekit.distributed.launcher import (
+    LaunchInterrupted,
+    find_mpiexec,
+    launch,
+    launch_command,
+)
 from nodulekit.distributed.sharding import (
     check_global_batch,
     shard_batches,
@@ -118,6 +124,7 @@ __all__ = [
     "shard_batches",
     "shard_global_batches",
     # launcher
+    "LaunchInterrupted",
     "find_mpiexec",
     "launch",
     "launch_command",

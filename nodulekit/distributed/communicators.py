@@ -56,6 +56,10 @@ class Communicator:
     def allreduce_mean(self, buf: Buffer) -> None:
         """buf <- the mean of every rank's buf (the gradient all-reduce)."""
 
+    def allreduce_sum(self, buf: Buffer) -> None:
+        """buf <- the sum of every rank's buf (a small one: batch norm's per-channel sums,
+        float64)."""
+
     def bcast(self, buf: Buffer, root: int = 0) -> None:
         """buf <- root's buf (the initial weights)."""
 
@@ -147,6 +151,12 @@ class MPICommunicator(Communicator):
         with self._guard("the gradient all-reduce"):
             self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
         host /= host.dtype.type(self.size)
+        _host_back(buf, host)
+
+    def allreduce_sum(self, buf: Buffer) -> None:
+        host = _host_view(buf)
+        with self._guard("the batch-norm all-reduce"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
         _host_back(buf, host)
 
     def bcast(self, buf: Buffer, root: int = 0) -> None:
@@ -272,6 +282,16 @@ class NCCLCommunicator(Communicator):
                                 self.nccl.NCCL_SUM, stream.ptr)
             stream.synchronize()  # NCCL is asynchronous: the wait is where a hang shows
         buf /= buf.dtype.type(self.size)
+
+    def allreduce_sum(self, buf: Buffer) -> None:
+        self._check(buf)
+        stream = self.cupy.cuda.get_current_stream()
+        # queued on the stream, no wait: the kernels that read the sums come after it on the
+        # same stream, and a rank that hangs shows in the step's (waited-for) gradient
+        # all-reduce; waiting here would stall the GPU twice per batch-norm layer
+        with self._watchdog.guard("the NCCL batch-norm all-reduce"):
+            self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._dtype(buf),
+                                self.nccl.NCCL_SUM, stream.ptr)
 
     def bcast(self, buf: Buffer, root: int = 0) -> None:
         self._check(buf)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.engine import cpu_conv, cpu_upconv
+from nodulekit.engine import cpu_conv, cpu_norm, cpu_upconv
 from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
@@ -243,7 +243,7 @@ class CPUBackend(Backend):
         self._conv(x, w.reshape(k, -1), r, b, relu, y.reshape(n * h * wd, k))
         return y
 
-    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx, need_db=True):
         n, h, wd, c = x.shape
         k, r = w.shape[0], w.shape[1]
         rows = n * h * wd
@@ -256,13 +256,17 @@ class CPUBackend(Backend):
                                      relu, x.reshape(rows, c), w.reshape(c), dx.reshape(-1, c),
                                      dw_partial, db_partial)
             return (dx if need_dx else None, dw_partial.sum(axis=0).reshape(w.shape),
-                    db_partial.sum(axis=0))
+                    db_partial.sum(axis=0) if need_db else None)
         dy2d = dy.reshape(rows, k)
-        dz2d = np.empty_like(dy2d)
         partial = np.empty((_reduction_blocks(rows), k), dtype=np.float32)
-        y2d = y.reshape(rows, k) if relu else dy2d
-        kern.relu_grad_and_bias_grad(dy2d, y2d, relu, dz2d, partial)
-        db = partial.sum(axis=0)
+        if relu:
+            dz2d = np.empty_like(dy2d)
+            kern.relu_grad_and_bias_grad(dy2d, y.reshape(rows, k), relu, dz2d, partial)
+        else:  # no mask: dz is dy, and db its column sums (the same sums in the same order
+            dz2d = dy2d  # as the fused pass, without its copy), if wanted
+            if need_db:
+                kern.column_sums(dy2d, 0, partial)
+        db = partial.sum(axis=0) if need_db else None
 
         # dW^T[R*R*C, K] = patches(x)^T @ dZ: register_blocked where it is faster, else
         # patches_gemm
@@ -431,6 +435,41 @@ class CPUBackend(Backend):
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         kern.adam_step(param, grad, m, v, (lr / bc1, beta1, beta2, eps, np.sqrt(bc2)))
+
+    # ------------------------------------------------------------------ normalisation
+    # (the passes of ops.Backend's instance / batch norm; kernels and their order of
+    # summation in cpu_norm.py)
+    def _norm_moments(self, x):
+        n, h, w, c = x.shape
+        block = cpu_norm.block_pixels(h * w, c)
+        partial = np.empty((n, -(-(h * w) // block), 2, c), dtype=np.float64)
+        cpu_norm.moments(x.reshape(n, h * w, c), block, partial)
+        return partial.sum(axis=1)
+
+    def _norm_apply(self, x, mean, scale, beta, relu):
+        n, h, w, c = x.shape
+        y = np.empty_like(x)
+        cpu_norm.apply(x.reshape(n, h * w, c), mean, scale, beta, relu, y.reshape(n, h * w, c))
+        return y
+
+    def _norm_grad_sums(self, dy, x, y, mean, invstd, relu):
+        n, h, w, c = x.shape
+        block = cpu_norm.block_pixels(h * w, c)
+        partial = np.empty((n, -(-(h * w) // block), 2, c), dtype=np.float64)
+        shape = (n, h * w, c)
+        cpu_norm.grad_sums(dy.reshape(shape), x.reshape(shape),
+                           (y if relu else dy).reshape(shape), mean, invstd, relu, block,
+                           partial)
+        return partial.sum(axis=1)
+
+    def _norm_grad_apply(self, dy, x, y, mean, invstd, coef, relu):
+        n, h, w, c = x.shape
+        dx = np.empty_like(x)
+        shape = (n, h * w, c)
+        cpu_norm.grad_apply(dy.reshape(shape), x.reshape(shape),
+                            (y if relu else dy).reshape(shape), mean, invstd, coef, relu,
+                            dx.reshape(shape))
+        return dx
 
     # ------------------------------------------------------------------ input pipeline
     def _window_augment(self, hu, mask, aug, center, width):

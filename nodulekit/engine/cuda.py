@@ -29,6 +29,9 @@ sigmoid_dice_loss     dice.cu  dice_partial_sums (its last block: dice, loss), d
 adam_step             adam.cu  adam_step[_vec4], one launch for the flat buffer
 window_augment        window.cu window_augment
 confusion_counts      metrics.cu confusion_counts
+instance_norm_*,      norm.cu  norm_moments / norm_grad_sums (+ norm_sum_splits),
+batch_norm_*          norm_apply[_vec4], norm_grad_apply[_vec4]; the per-channel
+                      arithmetic between them on [G, C] arrays (ops.Backend)
 ====================  ========================================================
 
 Beyond the op contract, :meth:`CudaBackend.upconv2x2_concat_forward` and
@@ -97,6 +100,8 @@ KERNELS = {
                            for p in ("tf32", "bf16")),
     "dice.cu": ("dice_partial_sums", "dice_grad"),
     "metrics.cu": ("confusion_counts",),
+    "norm.cu": ("norm_moments", "norm_sum_splits", "norm_apply", "norm_apply_vec4",
+                "norm_grad_sums", "norm_grad_apply", "norm_grad_apply_vec4"),
     "pool.cu": ("maxpool2x2_forward", "maxpool2x2_forward_vec4", "maxpool2x2_backward",
                 "maxpool2x2_backward_vec4"),
     "reduce.cu": ("relu_grad_channel_sums", "channel_sums", "sum_partials"),
@@ -143,6 +148,19 @@ _MMA = {"mma_tf32": "tf32", "mma_bf16": "bf16"}  # variant -> kernel name suffix
 
 THREADS = 256          # threads per block of every kernel but the channel-sum layout
 BLOCKS_PER_SM = 32     # grid-stride kernels: at most this many blocks per SM
+
+# What one SM of a Hopper GPU (sm_90: H100, H200) holds at once, from NVIDIA's CUDA C++
+# Programming Guide (compute capability 9.0) and the occupancy calculator's allocation
+# rules: the inputs of resident_blocks().
+SM90_LIMITS = {
+    "registers": 65536,            # 32-bit registers per SM
+    "register_unit": 256,          # registers are given to a warp in units of 256
+    "threads": 2048,               # resident threads (64 warps)
+    "blocks": 32,                  # resident blocks
+    "shared_bytes": 228 * 1024,    # shared memory per SM (the carveout at its largest)
+    "shared_reserved": 1024,       # what the system keeps per block
+    "shared_unit": 128,            # shared memory is given in units of 128 bytes
+}
 INT32_MAX = 2**31 - 1
 
 
@@ -230,11 +248,27 @@ class CupyRuntime:
             _MODULES[key] = self.cp.RawModule(code=kernel_source(file), options=NVRTC_OPTIONS)
         return _MODULES[key]
 
-    def launch(self, file: str, kernel: str, grid: tuple, block: tuple, args: tuple) -> None:
+    def _function(self, file: str, kernel: str):
         fn = self._functions.get((file, kernel))
         if fn is None:
             fn = self._functions[(file, kernel)] = self.module(file).get_function(kernel)
-        fn(tuple(grid), tuple(block), tuple(args))
+        return fn
+
+    def launch(self, file: str, kernel: str, grid: tuple, block: tuple, args: tuple) -> None:
+        self._function(file, kernel)(tuple(grid), tuple(block), tuple(args))
+
+    def resident_blocks(self, file: str, kernel: str, threads: int) -> int:
+        """How many blocks of ``threads`` threads of the kernel one SM holds at once: the
+        driver's occupancy calculation (cuOccupancyMaxActiveBlocksPerMultiprocessor), else
+        resident_blocks() on the kernel's registers and static shared memory."""
+        fn = self._function(file, kernel)
+        try:
+            from cupy_backends.cuda.api import driver
+
+            return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                fn.kernel.ptr, threads, 0)))
+        except Exception:  # an older CuPy: the same rules from the kernel's attributes
+            return resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes), threads)
 
     def empty(self, shape: tuple[int, ...] | int, dtype: Any) -> DeviceArray:
         return self.cp.empty(shape, dtype=dtype)
@@ -275,6 +309,47 @@ def _check_sizes(op: str, *arrays) -> None:
         if a is not None and a.size > INT32_MAX:
             raise ValueError(f"{op}: {a.size} elements is more than the kernels' 32-bit pixel "
                              f"and channel indices allow; use a smaller batch")
+
+
+def resident_blocks(registers: int, shared_bytes: int, threads: int,
+                    limits: dict | None = None) -> int:
+    """Blocks of a kernel that one SM holds at once (at least 1), from its registers per
+    thread, static shared memory per block and threads per block: the least of what the
+    register file, the shared memory, the thread slots and the block slots allow
+    (:data:`SM90_LIMITS` by default; ``nodulekit inspect --kernels`` prints the first two
+    for every kernel)."""
+    lim = SM90_LIMITS if limits is None else limits
+    warps = _cdiv(threads, 32)
+    per_warp = _cdiv(max(registers, 1) * 32, lim["register_unit"]) * lim["register_unit"]
+    by_registers = (lim["registers"] // per_warp) // warps
+    per_block = _cdiv(shared_bytes + lim["shared_reserved"], lim["shared_unit"]) * \
+        lim["shared_unit"]
+    by_shared = lim["shared_bytes"] // per_block
+    return max(1, min(by_registers, by_shared, lim["threads"] // (32 * warps), lim["blocks"]))
+
+
+def wave_splits(rows: int, tiles: int, slots: int, step: int = 16,
+                min_rows: int = 256) -> tuple[int, int]:
+    """How to cut a weight gradient's ``rows`` summed pixels into splits (blockIdx.z), so
+    that ``tiles`` output tiles times the splits fill whole waves of ``slots`` blocks (the
+    SMs times the blocks each holds at once: resident_blocks).
+
+    Each split sums at least ``min_rows`` rows (and a multiple of ``step``); among the
+    split counts that keep the grid within two waves (at most two splits where the tiles
+    alone fill a wave), the one that keeps the largest fraction of the GPU's block slots
+    busy wins, ``blocks / (waves * slots)``, ties to fewer splits (fewer partial sums to
+    add). Returns (splits, rows per split)."""
+    tiles, slots = max(int(tiles), 1), max(int(slots), 1)
+    most = max(1, min(max(2, _cdiv(2 * slots, tiles)), int(rows) // min_rows, 65535))
+    best = None
+    for want in range(1, most + 1):
+        per = _cdiv(_cdiv(rows, want), step) * step
+        splits = _cdiv(rows, per)
+        blocks = tiles * splits
+        busy = blocks / (_cdiv(blocks, slots) * slots)
+        if best is None or busy > best[0] + 1e-12:
+            best = (busy, splits, per)
+    return best[1], best[2]
 
 
 def conv_choice(precision: str, conv_variant: str | None = None) -> tuple[str, str]:
@@ -340,6 +415,13 @@ class CudaBackend(Backend):
     def _aligned(self, *arrays) -> bool:
         """Every array starts on a 16-byte boundary (float4 / uchar4 access is legal)."""
         return all(self.rt.address(a) % 16 == 0 for a in arrays)
+
+    def _weight_grad_splits(self, rows: int, tiles: int, file: str, kernel: str):
+        """(splits, rows per split) of a weight-gradient launch: whole waves of the GPU's
+        SMs times the blocks of this kernel each SM holds (wave_splits)."""
+        resident = getattr(self.rt, "resident_blocks", None)
+        per_sm = resident(file, kernel, THREADS) if resident is not None else 1
+        return wave_splits(rows, tiles, self.sm_count * per_sm)
 
     def _splits(self, rows: int, tiles: int, step: int = 16, min_rows: int = 256):
         """Cut ``rows`` reduction rows into ranges so ``tiles * splits`` blocks fill the GPU.
@@ -434,7 +516,7 @@ class CudaBackend(Backend):
         else:
             kernel, ba, bb = f"conv_weight_grad_64x128{vec}", 64, 128
         tiles = (_cdiv(j, bb), _cdiv(k, ba))
-        splits, rows = self._splits(m, tiles[0] * tiles[1])
+        splits, rows = self._weight_grad_splits(m, tiles[0] * tiles[1], file, kernel)
         out = dw if splits == 1 else self.empty((splits, k * j))
         self._launch(file, kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dz, x,
                      out, *dims, _i32(rows))
@@ -442,18 +524,20 @@ class CudaBackend(Backend):
             self._sum_partials(out, splits, k * j, dw)
         return dw
 
-    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx, need_db=True):
         n, h, wd, c = x.shape
         k, r = w.shape[0], w.shape[1]
         m = n * h * wd
         _check_sizes("conv2d_backward", x, dy)
         db = self.empty((k,))
-        if relu:
+        if relu:  # (db comes with the mask's pass whether wanted or not)
             dz = self.empty(dy.shape)
             self._channel_sums(dy, k, 0, m, k, db, dz=dz, y=y)
         else:
             dz = dy
-            self._channel_sums(dy, k, 0, m, k, db)
+            if need_db:
+                self._channel_sums(dy, k, 0, m, k, db)
+        db = db if need_db else None
         dw = self._conv_weight_grad(dz, x, w.shape)
         dx = None
         if need_dx:
@@ -515,10 +599,10 @@ class CudaBackend(Backend):
         self._launch(file, kernel, (_cdiv(m, 128), _cdiv(c, 64), 1), (THREADS, 1, 1), dy, w, dx,
                      _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off))
         tiles = (_cdiv(c, 128), _cdiv(4 * k, 64))
-        splits, rows = self._splits(m, tiles[0] * tiles[1])
+        file, kernel = self._upconv_kernel("upconv_weight_grad_64x128", "weight_grad")
+        splits, rows = self._weight_grad_splits(m, tiles[0] * tiles[1], file, kernel)
         dw = self.empty(w.shape)
         out = dw if splits == 1 else self.empty((splits, w.size))
-        file, kernel = self._upconv_kernel("upconv_weight_grad_64x128", "weight_grad")
         self._launch(file, kernel, (tiles[0], tiles[1], splits), (THREADS, 1, 1), dy, x, out,
                      _i32(n), _i32(h), _i32(wd), _i32(c), _i32(k), _i32(ld), _i32(off),
                      _i32(rows))
@@ -630,6 +714,60 @@ class CudaBackend(Backend):
         self._launch("metrics.cu", "confusion_counts", (blocks, n, 1), (THREADS, 1, 1), logits,
                      target, _i32(p), counts)
         return counts
+
+    # ------------------------------------------------------------------ normalisation
+    # (the passes of ops.Backend's instance / batch norm; norm.cu's header has the math)
+    def _norm_sums(self, kernel: str, x, inputs: tuple, flags: tuple):
+        """float64 [N, 2, C]: norm.cu's per-sample channel sums of two values (kernel
+        ``norm_moments`` or ``norm_grad_sums``), in a fixed order: per-split partials, then
+        norm_sum_splits. ``inputs``: the arrays before P, C; ``flags``: the ints after."""
+        n, h, w, c = x.shape
+        p = h * w
+        _check_sizes(kernel, x)
+        if n > 65535:
+            raise ValueError(f"{kernel}: at most 65535 samples, got {n}")
+        bx = min(32, 1 << (max(c, 1) - 1).bit_length())
+        by = THREADS // bx
+        col_blocks = _cdiv(c, bx)
+        splits, rows = self._splits(p, col_blocks * n, step=by, min_rows=4 * by)
+        partial = self.empty((n, splits, 2, c), np.float64)
+        self._launch("norm.cu", kernel, (col_blocks, splits, n), (bx, by, 1), *inputs,
+                     _i32(p), _i32(c), *flags, _i32(rows), partial)
+        sums = self.empty((n, 2, c), np.float64)
+        self._launch("norm.cu", "norm_sum_splits", self._grid_stride(n * 2 * c),
+                     (THREADS, 1, 1), partial, _i32(splits), _i32(2 * c), _i32(n * 2 * c),
+                     sums)
+        return sums
+
+    def _norm_moments(self, x):
+        return self._norm_sums("norm_moments", x, (x,), ())
+
+    def _norm_grad_sums(self, dy, x, y, mean, invstd, relu):
+        per_sample = mean.shape[0] > 1
+        return self._norm_sums("norm_grad_sums", x,
+                               (dy, x, y if relu else dy, mean, invstd, _i32(relu)),
+                               (_i32(per_sample),))
+
+    def _norm_elementwise(self, kernel: str, x, arrays: tuple, relu: bool, groups: int):
+        """norm_apply / norm_grad_apply[_vec4] over every element of x: the output."""
+        n, h, w, c = x.shape
+        out = self.empty(x.shape)
+        _check_sizes(kernel, x)
+        vec = c % 4 == 0 and self._aligned(out, *(a for a in arrays if a.ndim == 4))
+        total = x.size // 4 if vec else x.size
+        self._launch("norm.cu", kernel + ("_vec4" if vec else ""), self._grid_stride(total),
+                     (THREADS, 1, 1), *arrays, _i32(relu), _i32(n), _i32(h * w), _i32(c),
+                     _i32(groups > 1), out)
+        return out
+
+    def _norm_apply(self, x, mean, scale, beta, relu):
+        return self._norm_elementwise("norm_apply", x, (x, mean, scale, beta), relu,
+                                      mean.shape[0])
+
+    def _norm_grad_apply(self, dy, x, y, mean, invstd, coef, relu):
+        return self._norm_elementwise("norm_grad_apply", x,
+                                      (dy, x, y if relu else dy, mean, invstd, coef), relu,
+                                      mean.shape[0])
 
     # ------------------------------------------------------------------ optimiser
     def _adam_step(self, param, grad, m, v, step, lr, betas, eps):

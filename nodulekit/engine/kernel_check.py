@@ -70,6 +70,7 @@ class FileReport:
     problems: list[str] = field(default_factory=list)  # errors, warnings, missing kernels
     kernels: list[KernelInfo] = field(default_factory=list)
     cubin_bytes: int = 0
+    cubin: bytes = field(default=b"", repr=False)  # the machine code, for disassemble()
 
 
 def nvrtc_options(arch: str = DEFAULT_ARCH, verbose: bool = True) -> list[str]:
@@ -147,6 +148,7 @@ def compile_file(name: str, arch: str = DEFAULT_ARCH) -> FileReport:
     if compiled:
         cubin = nvrtc.getCUBIN(prog)
         report.cubin_bytes = len(cubin)
+        report.cubin = _whole_elf(bytes(cubin))
         for kernel in KERNELS.get(name, ()):
             if kernel.encode() not in cubin:
                 report.problems.append(f"kernel {kernel!r} (launched by cuda.py) not in the cubin")
@@ -165,14 +167,83 @@ def compile_file(name: str, arch: str = DEFAULT_ARCH) -> FileReport:
     return report
 
 
+def _whole_elf(image: bytes) -> bytes:
+    """A cubin as CuPy's getCUBIN returns it can lack its last byte(s) (zeros: it is handed
+    over like a C string): pad it to the end its ELF header gives, so tools can read it."""
+    if len(image) < 64 or image[:4] != b"\x7fELF":
+        return image
+    phoff, shoff = int.from_bytes(image[32:40], "little"), int.from_bytes(image[40:48], "little")
+    phsize, phnum, shsize, shnum = (int.from_bytes(image[i:i + 2], "little")
+                                    for i in (54, 56, 58, 60))
+    end = max(phoff + phsize * phnum, shoff + shsize * shnum)
+    return image + b"\0" * max(0, end - len(image))
+
+
 def compile_all(arch: str = DEFAULT_ARCH, files=None) -> list[FileReport]:
     return [compile_file(f, arch) for f in (files or kernel_files())]
 
 
+def find_tool(name: str) -> str | None:
+    """A CUDA command-line tool (nvcc, cuobjdump, nvdisasm): on the PATH, in the CUDA
+    toolkit's folder, or from the NVIDIA wheels (``nvidia-cuda-cuobjdump``,
+    ``nvidia-cuda-nvdisasm``: ``site-packages/nvidia/cu*/bin``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = [os.path.join("/usr/local/cuda/bin", name)]
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            for sub in sorted(os.listdir(root)):
+                candidates.append(os.path.join(root, sub, "bin", name))
+    except ImportError:
+        pass
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
+def disassemble(cubin: bytes) -> dict[str, str]:
+    """``cuobjdump -sass`` of a cubin: kernel name -> its SASS text. Needs cuobjdump and
+    the nvdisasm it runs (find_tool); RuntimeError naming what is missing otherwise."""
+    cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        raise RuntimeError("disassembling needs cuobjdump and nvdisasm: the CUDA toolkit, or "
+                           "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep
+               + os.environ.get("PATH", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernels.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
+                              env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip()[-2000:]}")
+    parts = re.split(r"^\s*Function : (\w+)\s*$", proc.stdout, flags=re.MULTILINE)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def nvcc_cubin(name: str, arch: str = DEFAULT_ARCH) -> bytes:
+    """``nvcc -arch=sm_<arch> -cubin`` of a kernel file (the toolkit's own compiler, the
+    options CuPy gives NVRTC); RuntimeError where nvcc is missing or fails."""
+    nvcc = find_tool("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, name), os.path.join(tmp, "out.cubin")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(kernel_source(name))
+        proc = subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-std=c++17", "-ftz=true",
+                               src, "-o", out], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {name}: {proc.stderr.strip()[-2000:]}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def nvcc_report(name: str, arch: str = DEFAULT_ARCH) -> FileReport:
     """The same report from ``nvcc -arch=sm_<arch> -cubin -Xptxas -v`` (needs nvcc)."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                    if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    nvcc = find_tool("nvcc")
     opts = [f"-arch=sm_{arch}", "-cubin", "-std=c++17", "-ftz=true", "-Xptxas", "-v"]
     report = FileReport(name, False, 0.0, opts)
     if nvcc is None:

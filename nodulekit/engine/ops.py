@@ -24,14 +24,15 @@ The ops, with their math (x, y: input, output; K out channels; C in channels):
         y[n,h,w,k] = b[k] + sum_{r,s,c} x[n, h+r-P, w+s-P, c] * w[k,r,s,c]
         y = max(y, 0) if relu
 
-``conv2d_backward(dy, x, w, y, relu, need_dx)`` -> ``(dx, dw, db)``
+``conv2d_backward(dy, x, w, y, relu, need_dx, need_db)`` -> ``(dx, dw, db)``
     With ``dz = dy * (y > 0)`` when relu (``y`` is the forward output), else ``dz = dy``::
 
         db[k]       = sum_{n,h,w} dz[n,h,w,k]
         dw[k,r,s,c] = sum_{n,h,w} dz[n,h,w,k] * x[n, h+r-P, w+s-P, c]
         dx[n,h,w,c] = sum_{k,r,s} dz[n, h-r+P, w-s+P, k] * w[k,r,s,c]
 
-    ``dx`` is None when ``need_dx`` is False (the first layer needs no input gradient).
+    ``dx`` is None when ``need_dx`` is False (the first layer needs no input gradient),
+    ``db`` None when ``need_db`` is False (a convolution without a bias: one a norm follows).
 
 ``maxpool2x2_forward(x)`` -> ``(y, argmax)``
     ``y[n,i,j,c] = max_{a,b in {0,1}} x[n, 2i+a, 2j+b, c]``, output ``H // 2, W // 2``
@@ -97,6 +98,49 @@ The ops, with their math (x, y: input, output; K out channels; C in channels):
     becomes 1. The reference computes coordinates in float64; the CPU backend too; a
     GPU in float32 may differ on the rare exact tie.
 
+``instance_norm_forward(x, gamma, beta, eps, relu)`` -> ``(y, mean, invstd)``
+    Per sample n and channel c over the H x W pixels (M = H W, at least 2), as
+    ``torch.nn.functional.instance_norm`` (no running statistics: the same in training and
+    evaluation)::
+
+        mean[n,c]   = (1/M) sum_{h,w} x[n,h,w,c]
+        var[n,c]    = (1/M) sum_{h,w} x[n,h,w,c]^2 - mean[n,c]^2     (biased)
+        invstd[n,c] = 1 / sqrt(var[n,c] + eps)
+        y = gamma[c] (x - mean[n,c]) invstd[n,c] + beta[c];   y = max(y, 0) if relu
+
+    ``mean`` and ``invstd`` (``[N, C]``, the backend's float) are kept for the backward.
+    The sums are float64 on every backend (a float32 sum of squares would cancel).
+
+``instance_norm_backward(dy, x, y, mean, invstd, gamma, relu)`` -> ``(dx, dgamma, dbeta)``
+    With ``g = dy * (y > 0)`` when relu (``y`` the forward output), else ``g = dy``, and
+    ``xhat = (x - mean) invstd``, per (n, c) over the M pixels::
+
+        dbeta[c]  = sum_{n,h,w} g;          dgamma[c] = sum_{n,h,w} g xhat
+        dx = gamma[c] invstd[n,c] (g - (1/M) sum_{h,w} g - xhat (1/M) sum_{h,w} g xhat)
+
+``batch_norm_forward(x, gamma, beta, running_mean, running_var, training, relu,
+sum_across, momentum, eps)`` -> ``(y, mean, invstd)``
+    As ``torch.nn.functional.batch_norm``. Training: the statistics of channel c over all
+    N x H x W pixels (M of them, at least 2) as above, and the running statistics updated
+    in place, PyTorch's way (momentum m; the variance unbiased)::
+
+        running_mean = (1 - m) running_mean + m mean
+        running_var  = (1 - m) running_var  + m var M / (M - 1)
+
+    Evaluation (``training`` False): ``mean = running_mean``, ``invstd = 1 / sqrt(
+    running_var + eps)``, nothing updated. ``y`` as instance norm's; ``mean``, ``invstd``
+    are ``[1, C]``. Data-parallel (the global batch's statistics, as ``SyncBatchNorm``):
+    ``sum_across(buf)`` sums a float64 array of the backend in place over the ranks;
+    training calls it once, on ``[sum x (C), sum x^2 (C), M]``, and the statistics are
+    those of every rank's pixels together.
+
+``batch_norm_backward(dy, x, y, mean, invstd, gamma, training, relu, sum_across)``
+    -> ``(dx, dgamma, dbeta)``. Training: instance norm's formula with the sums over all
+    N x H x W pixels, and across the ranks: ``sum_across`` is called once, on ``[sum g (C),
+    sum g xhat (C), M]``; ``dgamma`` and ``dbeta`` stay this rank's own (the gradient
+    all-reduce averages them with the other parameters'). Evaluation: the statistics are
+    constants, ``dx = gamma invstd g``.
+
 ``confusion_counts(logits, target)`` -> int64 ``[N, 3]``
     Per sample: true positives, false positives, false negatives of the prediction
     ``p > 0.5``, computed as ``logits > 0`` (the same in exact arithmetic, and free of
@@ -126,7 +170,15 @@ OP_NAMES = (
     "adam_step",
     "window_augment",
     "confusion_counts",
+    "instance_norm_forward",
+    "instance_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_backward",
 )
+
+# PyTorch's defaults for its normalisation layers (InstanceNorm2d, BatchNorm2d)
+NORM_EPS = 1e-5
+BN_MOMENTUM = 0.1
 
 
 # --------------------------------------------------------------------------- checks
@@ -217,7 +269,8 @@ class Backend:
         check_array(op, "b", b, self.dtype, 1, "K", (k,))
         return self._conv2d_forward(x, w, b, bool(relu))
 
-    def conv2d_backward(self, dy, x, w, y=None, relu: bool = False, need_dx: bool = True):
+    def conv2d_backward(self, dy, x, w, y=None, relu: bool = False, need_dx: bool = True,
+                        need_db: bool = True):
         op = "conv2d_backward"
         check_array(op, "x", x, self.dtype, 4, "NHWC")
         check_array(op, "w", w, self.dtype, 4, "KRSC", (None, None, None, x.shape[3]))
@@ -230,7 +283,8 @@ class Backend:
             if y is None:
                 raise ValueError(f"{op}: relu=True needs y, the forward output")
             check_array(op, "y", y, self.dtype, 4, "NHWK", (n, h, wd, k))
-        return self._conv2d_backward(dy, x, w, y if relu else None, bool(relu), bool(need_dx))
+        return self._conv2d_backward(dy, x, w, y if relu else None, bool(relu), bool(need_dx),
+                                     bool(need_db))
 
     # ---- max-pool
     def maxpool2x2_forward(self, x):
@@ -356,6 +410,162 @@ class Backend:
         check_array(op, "logits", logits, self.dtype, 4, "NHW1", (None, None, None, 1))
         check_array(op, "target", target, np.uint8, 4, "NHW1", tuple(logits.shape))
         return self._confusion_counts(logits, target)
+
+    # ---- normalisation (instance and batch norm, the ReLU optionally fused)
+    def instance_norm_forward(self, x, gamma, beta, eps: float = NORM_EPS, relu: bool = False):
+        op = "instance_norm_forward"
+        self._check_norm_input(op, x, gamma, beta, eps)
+        if x.shape[1] * x.shape[2] < 2:
+            raise ValueError(f"{op}: needs at least 2 pixels per sample (H x W) to take "
+                             f"statistics over, got {tuple(x.shape)} (NHWC)")
+        return self._instance_norm_forward(x, gamma, beta, float(eps), bool(relu))
+
+    def instance_norm_backward(self, dy, x, y, mean, invstd, gamma, relu: bool = False):
+        op = "instance_norm_backward"
+        self._check_norm_backward(op, (dy, x, y, mean, invstd, gamma), relu, x.shape[0])
+        return self._instance_norm_backward(dy, x, y if relu else None, mean, invstd, gamma,
+                                            bool(relu))
+
+    # the op contract: torch.nn.functional.batch_norm's arguments, one each, plus the ReLU
+    # and the cross-rank sum
+    def batch_norm_forward(self, x, gamma, beta, running_mean, running_var,  # noqa: PLR0913
+                           training: bool = True, relu: bool = False, sum_across=None,
+                           momentum: float = BN_MOMENTUM, eps: float = NORM_EPS):
+        op = "batch_norm_forward"
+        self._check_norm_input(op, x, gamma, beta, eps)
+        c = x.shape[3]
+        check_array(op, "running_mean", running_mean, self.dtype, 1, "C", (c,))
+        check_array(op, "running_var", running_var, self.dtype, 1, "C", (c,))
+        if training and x.shape[0] * x.shape[1] * x.shape[2] < 2:
+            raise ValueError(f"{op}: training needs at least 2 values per channel (N x H x "
+                             f"W) to take statistics over, got {tuple(x.shape)} (NHWC)")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+        return self._batch_norm_forward(x, gamma, beta, (running_mean, running_var),
+                                        bool(training), bool(relu), sum_across,
+                                        float(momentum), float(eps))
+
+    def batch_norm_backward(self, dy, x, y, mean, invstd, gamma, training: bool = True,
+                            relu: bool = False, sum_across=None):
+        op = "batch_norm_backward"
+        self._check_norm_backward(op, (dy, x, y, mean, invstd, gamma), relu, 1)
+        return self._batch_norm_backward(dy, x, y if relu else None, mean, invstd, gamma,
+                                         bool(training), bool(relu), sum_across)
+
+    def _check_norm_input(self, op, x, gamma, beta, eps) -> None:
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        c = x.shape[3]
+        check_array(op, "gamma", gamma, self.dtype, 1, "C", (c,))
+        check_array(op, "beta", beta, self.dtype, 1, "C", (c,))
+        if not eps > 0:
+            raise ValueError(f"{op}: eps must be > 0, got {eps}")
+
+    def _check_norm_backward(self, op, arrays, relu, groups) -> None:
+        dy, x, y, mean, invstd, gamma = arrays
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        check_array(op, "dy", dy, self.dtype, 4, "NHWC", tuple(x.shape))
+        if relu:
+            if y is None:
+                raise ValueError(f"{op}: relu=True needs y, the forward output")
+            check_array(op, "y", y, self.dtype, 4, "NHWC", tuple(x.shape))
+        c = x.shape[3]
+        check_array(op, "mean", mean, self.dtype, 2, "[groups, C]", (groups, c))
+        check_array(op, "invstd", invstd, self.dtype, 2, "[groups, C]", (groups, c))
+        check_array(op, "gamma", gamma, self.dtype, 1, "C", (c,))
+
+    # The four ops above as four passes a backend implements (CPU: Numba, CUDA: norm.cu),
+    # with the small per-channel arithmetic between them here, on the backend's arrays.
+    # Statistics ``mean``, ``invstd`` etc. are [G, C] with G = N (per sample) or 1 (shared).
+    #   _norm_moments(x)                          float64 [N, 2, C]: sum x, sum x^2 over H, W
+    #   _norm_apply(x, mean, scale, beta, relu)   y = (x - mean) scale + beta (ReLU'd)
+    #   _norm_grad_sums(dy, x, y, mean, invstd, relu)
+    #                                             float64 [N, 2, C]: sum g, sum g xhat
+    #   _norm_grad_apply(dy, x, y, mean, invstd, coef, relu)
+    #                                             dx = k (g - a - xhat b), coef [G, 3, C] =
+    #                                             (k, a, b)
+    # y is None where relu is False. Each pass sums in a fixed order (see each backend).
+
+    def _instance_norm_forward(self, x, gamma, beta, eps, relu):
+        h, w = x.shape[1:3]
+        mean, _, invstd = norm_statistics(self.xp, self._norm_moments(x), h * w, eps)
+        return self._normalise(x, mean, invstd, gamma, beta, relu)
+
+    def _instance_norm_backward(self, dy, x, y, mean, invstd, gamma, relu):
+        h, w = x.shape[1:3]
+        sums = self._norm_grad_sums(dy, x, y, mean, invstd, relu)
+        total = sums.sum(axis=0)
+        dx = self._norm_input_grad(dy, x, y, (mean, invstd), gamma, sums / (h * w), relu)
+        return dx, total[1].astype(self.dtype), total[0].astype(self.dtype)
+
+    def _batch_norm_forward(self, x, gamma, beta, running, training, relu, sum_across,
+                            momentum, eps):
+        xp = self.xp
+        c = x.shape[3]
+        running_mean, running_var = running
+        if not training:
+            mean = running_mean.astype(np.float64).reshape(1, c)
+            invstd = 1.0 / xp.sqrt(running_var.astype(np.float64).reshape(1, c) + eps)
+            return self._normalise(x, mean, invstd, gamma, beta, relu)
+        buf = _with_count(xp, self._norm_moments(x).sum(axis=0), x)
+        if sum_across is not None:
+            sum_across(buf)
+        count = buf[-1]
+        mean, var, invstd = norm_statistics(xp, buf[:-1].reshape(1, 2, c), count, eps)
+        # PyTorch's update, in float64 (as its CPU kernels): the variance unbiased
+        f64 = np.float64
+        running_mean[...] = ((1.0 - momentum) * running_mean.astype(f64)
+                             + momentum * mean[0]).astype(self.dtype)
+        running_var[...] = ((1.0 - momentum) * running_var.astype(f64)
+                            + momentum * var[0] * (count / (count - 1.0))).astype(self.dtype)
+        return self._normalise(x, mean, invstd, gamma, beta, relu)
+
+    def _batch_norm_backward(self, dy, x, y, mean, invstd, gamma, training, relu, sum_across):
+        xp = self.xp
+        c = x.shape[3]
+        local = self._norm_grad_sums(dy, x, y, mean, invstd, relu).sum(axis=0)  # [2, C]
+        dgamma, dbeta = local[1].astype(self.dtype), local[0].astype(self.dtype)
+        if training:
+            buf = _with_count(xp, local, x)
+            if sum_across is not None:
+                sum_across(buf)
+            means = buf[:-1].reshape(1, 2, c) / buf[-1]
+        else:  # the running statistics are constants: dx = gamma invstd g
+            means = xp.zeros((1, 2, c), dtype=np.float64)
+        dx = self._norm_input_grad(dy, x, y, (mean, invstd), gamma, means, relu)
+        return dx, dgamma, dbeta
+
+    def _normalise(self, x, mean, invstd, gamma, beta, relu):
+        """(y, mean, invstd) from float64 statistics [G, C]; the kept ones rounded to the
+        backend's float, scale = gamma invstd rounded once."""
+        dt = self.dtype  # (asarray: the backend's own memory, as its kernels want)
+        scale = self.asarray(invstd * gamma.astype(np.float64), dtype=dt)
+        mean, invstd = self.asarray(mean, dtype=dt), self.asarray(invstd, dtype=dt)
+        return self._norm_apply(x, mean, scale, beta, relu), mean, invstd
+
+    def _norm_input_grad(self, dy, x, y, stats, gamma, means, relu):
+        """dx from the float64 means [G, 2, C] of g and g xhat (zeros: constants)."""
+        mean, invstd = stats
+        k = invstd.astype(np.float64) * gamma.astype(np.float64)
+        coef = self.asarray(self.xp.stack([k, means[:, 0], means[:, 1]], axis=1),
+                            dtype=self.dtype)
+        return self._norm_grad_apply(dy, x, y, mean, invstd, coef, relu)
+
+
+def norm_statistics(xp, sums, count, eps: float):
+    """(mean, var, invstd), float64 [G, C], from sums [G, 2, C] (sum x, sum x^2) of
+    ``count`` values each: var = sum x^2 / count - mean^2 (biased; float64 sums of float32
+    values, so the difference keeps its digits), clamped at 0 against rounding."""
+    mean = sums[:, 0] / count
+    var = xp.maximum(sums[:, 1] / count - mean * mean, 0.0)
+    return mean, var, 1.0 / xp.sqrt(var + eps)
+
+
+def _with_count(xp, sums, x):
+    """[sums (2C values), count]: the buffer the cross-rank sum adds up, float64."""
+    count = xp.full((1,), float(x.shape[0] * x.shape[1] * x.shape[2]), dtype=np.float64)
+    return xp.concatenate([sums.reshape(-1).astype(np.float64), count])
 
 
 def identity_augmentation(n: int) -> np.ndarray:

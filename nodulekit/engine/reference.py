@@ -35,12 +35,12 @@ class ReferenceBackend(Backend):
                 y += np.einsum("nhwc,kc->nhwk", xp[:, r:r + h, s:s + wd, :], w[:, r, s, :])
         return np.maximum(y, 0.0) if relu else y
 
-    def _conv2d_backward(self, dy, x, w, y, relu, need_dx):
+    def _conv2d_backward(self, dy, x, w, y, relu, need_dx, need_db=True):
         n, h, wd, _ = x.shape
         _, R, S, _ = w.shape
         P = R // 2
         dz = dy * (y > 0) if relu else dy
-        db = dz.sum(axis=(0, 1, 2))
+        db = dz.sum(axis=(0, 1, 2)) if need_db else None
         # dw[k,r,s,c] = sum_{n,h,w} dz[n,h,w,k] * x[n, h+r-P, w+s-P, c]
         xp = np.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
         dw = np.zeros(w.shape, f64)
@@ -159,6 +159,64 @@ class ReferenceBackend(Backend):
         fp = (pred & ~t).sum(axis=(1, 2))
         fn = (~pred & t).sum(axis=(1, 2))
         return np.stack([tp, fp, fn], axis=1).astype(np.int64)
+
+    # ---- normalisation: statistics over H, W (instance) or N, H, W (batch), in float64
+    def _instance_norm_forward(self, x, gamma, beta, eps, relu):
+        m = x.shape[1] * x.shape[2]
+        s1, s2 = x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))  # [N, C]
+        mean = s1 / m
+        invstd = 1.0 / np.sqrt(np.maximum(s2 / m - mean**2, 0.0) + eps)
+        return _norm_out(x, mean, invstd, gamma, beta, relu), mean, invstd
+
+    def _instance_norm_backward(self, dy, x, y, mean, invstd, gamma, relu):
+        m = x.shape[1] * x.shape[2]
+        g = dy * (y > 0) if relu else dy
+        xhat = (x - mean[:, None, None, :]) * invstd[:, None, None, :]
+        sg, sgx = g.sum(axis=(1, 2)), (g * xhat).sum(axis=(1, 2))  # [N, C]
+        k = (gamma * invstd)[:, None, None, :]
+        dx = k * (g - (sg / m)[:, None, None, :] - xhat * (sgx / m)[:, None, None, :])
+        return dx, sgx.sum(axis=0), sg.sum(axis=0)
+
+    def _batch_norm_forward(self, x, gamma, beta, running, training, relu, sum_across,
+                            momentum, eps):
+        running_mean, running_var = running
+        if not training:
+            mean = running_mean[None]
+            invstd = 1.0 / np.sqrt(running_var[None] + eps)
+            return _norm_out(x, mean, invstd, gamma, beta, relu), mean, invstd
+        c = x.shape[3]
+        buf = np.concatenate([x.sum(axis=(0, 1, 2)), (x * x).sum(axis=(0, 1, 2)),
+                              [x.size // c]]).astype(f64)
+        if sum_across is not None:  # every rank's sums and count
+            sum_across(buf)
+        m = buf[-1]
+        mean = buf[:c] / m
+        var = np.maximum(buf[c:2 * c] / m - mean**2, 0.0)
+        invstd = 1.0 / np.sqrt(var + eps)
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+        return _norm_out(x, mean[None], invstd[None], gamma, beta, relu), mean[None], invstd[None]
+
+    def _batch_norm_backward(self, dy, x, y, mean, invstd, gamma, training, relu, sum_across):
+        c = x.shape[3]
+        g = dy * (y > 0) if relu else dy
+        xhat = (x - mean[0]) * invstd[0]
+        sg, sgx = g.sum(axis=(0, 1, 2)), (g * xhat).sum(axis=(0, 1, 2))  # [C], this rank's
+        k = gamma * invstd[0]
+        if not training:  # running statistics: constants
+            return k * g, sgx, sg
+        buf = np.concatenate([sg, sgx, [x.size // c]]).astype(f64)
+        if sum_across is not None:
+            sum_across(buf)
+        m = buf[-1]
+        dx = k * (g - buf[:c] / m - xhat * buf[c:2 * c] / m)
+        return dx, sgx, sg
+
+
+def _norm_out(x, mean, invstd, gamma, beta, relu):
+    """gamma (x - mean) invstd + beta, ReLU'd; mean, invstd [G, C] with G = N or 1."""
+    y = gamma * (x - mean[:, None, None, :]) * invstd[:, None, None, :] + beta
+    return np.maximum(y, 0.0) if relu else y
 
 
 def _pixel(img, yi, xi, outside):

@@ -9,6 +9,10 @@ intrinsics a C programmer would write (``_mm256_loadu_ps``, ``_mm256_broadcast_s
 ``_mm256_fmadd_ps``, ``_mm256_storeu_ps``). Locals of this type become SSA values, so a
 loop that carries twelve of them carries twelve registers.
 
+``float64x8`` (eight float64 lanes, ``<8 x double>``: two AVX2 registers) holds sums of
+float32 values widened exactly (``widen8``), for reductions that must not lose digits (the
+normalisation layers' sums of squares).
+
 All loads and stores are unaligned (``align=4``) and take a C-contiguous float32 array
 (anything else is refused when the kernel compiles) and a flat element index; nothing is
 bounds-checked, like the rest of the Numba code.
@@ -26,6 +30,8 @@ from numba.extending import intrinsic, models, register_model
 LANES = 8
 _F32 = ir.FloatType()
 _V8 = ir.VectorType(_F32, LANES)
+_F64 = ir.DoubleType()
+_D8 = ir.VectorType(_F64, LANES)
 
 
 class Float32x8(types.Type):
@@ -42,9 +48,29 @@ class _Float32x8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V8)
 
 
+class Float64x8(types.Type):
+    def __init__(self):
+        super().__init__(name="float64x8")
+
+
+float64x8 = Float64x8()
+
+
+@register_model(Float64x8)
+class _Float64x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _D8)
+
+
 def _element_pointer(context, builder, array_type, array, index_type, index):
     data = context.make_array(array_type)(context, builder, array).data
     return builder.gep(data, [context.cast(builder, index, index_type, types.intp)])
+
+
+def _check_float64_array(array):
+    if not (isinstance(array, types.Array) and array.dtype == types.float64
+            and array.layout == "C"):
+        raise TypingError(f"expected a C-contiguous float64 array, got {array}")
 
 
 def _check_float32_array(array):
@@ -148,3 +174,80 @@ def relu8(typingctx, a):
         return builder.select(negative, zero, args[0])
 
     return float32x8(a), codegen
+
+
+@intrinsic
+def sub8(typingctx, a, b):
+    """a - b, lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(*args)
+
+    return float32x8(a, b), codegen
+
+
+@intrinsic
+def mul8(typingctx, a, b):
+    """a * b, lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(*args)
+
+    return float32x8(a, b), codegen
+
+
+# ---- eight float64 lanes: exact sums of float32 values
+
+
+@intrinsic
+def widen8(typingctx, a):
+    """float32x8 -> float64x8, exactly."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(args[0], _D8)
+
+    return float64x8(a), codegen
+
+
+@intrinsic
+def zeros8d(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_D8, [0.0] * LANES)
+
+    return float64x8(), codegen
+
+
+@intrinsic
+def add8d(typingctx, a, b):
+    """a + b, lane by lane, in float64."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+
+    return float64x8(a, b), codegen
+
+
+@intrinsic
+def fma8d(typingctx, a, b, c):
+    """a * b + c in float64, rounded once (a product of two widened float32 values is
+    exact, so this is the same as a multiply then an add)."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_D8, [_D8] * 3), "llvm.fma.v8f64")
+        return builder.call(fn, args)
+
+    return float64x8(a, b, c), codegen
+
+
+@intrinsic
+def store8d(typingctx, array, index, vector):
+    """array[index : index + 8] = vector, for a C-contiguous float64 array."""
+    _check_float64_array(array)
+
+    def codegen(context, builder, sig, args):
+        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _D8.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return types.void(array, index, vector), codegen

@@ -213,12 +213,27 @@ def _prepare(o: EvaluateOptions, report, progress: bool):
 
     from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 
+    _check_options(o)
     ckpt_path = resolve_checkpoint(o.checkpoint, prefer="best")
     ckpt = load_checkpoint(ckpt_path)
+    if ckpt.warning:
+        report(f"warning: {ckpt.warning}")
     where = Path(o.out) if o.out is not None else ckpt_path.parent / f"evaluate-{o.split}"
     where.mkdir(parents=True, exist_ok=True)
     cache = resolve_eval_data(o.data, ckpt.config, where, report=report, progress=progress)
     return ckpt_path, dataclasses.replace(ckpt, adam=None), where, cache
+
+
+def _check_options(o: EvaluateOptions) -> None:
+    problems = []
+    if o.batch_size is not None and o.batch_size < 1:
+        problems.append(f"batch size must be >= 1, got {o.batch_size}")
+    if o.size is not None and o.size < 1:
+        problems.append(f"size must be >= 1, got {o.size}")
+    if o.workers < 0:
+        problems.append(f"workers must be >= 0, got {o.workers}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _settings(o: EvaluateOptions, cfg: dict, slice_shape, depth: int) -> InferSettings:
@@ -244,14 +259,11 @@ def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True
                              "a cache (.h5) or a data-set folder")
         return Path(cache)
     data = Path(data)
-    if data.is_dir():
-        from nodulekit.data.preprocess import preprocess
+    if data.is_dir():  # the cache there is reused only while it records this folder as it is
+        from nodulekit.data.fingerprint import cache_for_folder
 
-        cache = out / "cache.h5"
-        if not cache.is_file():
-            report(f"preprocessing {data} into {cache}")
-            report(preprocess(data, cache, progress=progress).format())
-        return cache
+        return cache_for_folder(data, out / "cache.h5", report=report, progress=progress,
+                                exclude=out)
     if not data.is_file():
         raise ValueError(f"{data}: no such file or folder")
     return data

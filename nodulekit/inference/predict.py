@@ -13,6 +13,10 @@
    p > 0.5 (logit > 0), one `SlicePrediction` per slice (`run_batches`);
 5. write each slice's mask, overlay in the paper's Fig. 4 colours, probabilities, and at the
    end predictions.csv (`nodulekit.inference.writers`, which shows the files under OUT).
+
+OUT must be new or empty, so old and new outputs never mix; one that holds an earlier
+prediction (its predictions.csv) is replaced with ``overwrite``, which removes the files
+that predictions.csv lists (and it) once the network has loaded, and nothing else.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from nodulekit.inference.inputs import SliceInput, find_inputs, read_truth
 from nodulekit.inference.writers import COLOURS, overlay, write_csv, write_slice
 
 __all__ = ["COLOURS", "Network", "PredictOptions", "PredictResult", "SliceInput",
-           "SlicePrediction", "find_inputs", "overlay", "predict", "read_slices", "run_batches",
-           "summarise"]
+           "SlicePrediction", "earlier_outputs", "find_inputs", "overlay", "predict",
+           "read_slices", "remove_outputs", "run_batches", "summarise"]
 
 Report = Callable[[str], Any]
 
@@ -45,6 +49,7 @@ class PredictOptions:
     precision: str = "fp32"
     batch_size: int = 8  # slices per forward pass
     progress: bool = True
+    overwrite: bool = False  # OUT holds an earlier prediction: replace it
 
 
 @dataclass
@@ -136,9 +141,13 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     from tqdm import tqdm
 
     opts = options if options is not None else PredictOptions()
+    out = Path(out)
+    earlier = earlier_outputs(out, opts.overwrite)
     items = find_inputs(inputs, opts.truth)
     net = Network.load(checkpoint, opts.device, opts.precision, report)
-    out = Path(out)
+    if earlier:
+        report(f"removing the earlier prediction in {out} ({len(earlier) - 1} file(s))")
+        remove_outputs(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out=out)
     report(f"predicting {len(items)} slice(s) with {net.path} (epoch {net.epoch}) into {out}")
@@ -155,13 +164,65 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     return result
 
 
+_OUTPUT_COLUMNS = ("mask", "overlay", "probabilities")
+_OUTPUT_FOLDERS = ("masks", "overlays", "probabilities")
+
+
+def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier prediction in `out` (predictions.csv last) that `overwrite`
+    replaces; [] for a new or empty folder. Refuses (ValueError) a folder that holds other
+    things, or an earlier prediction without `overwrite`."""
+    import csv
+
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return []
+    table = out / "predictions.csv"
+    if not table.is_file():
+        raise ValueError(f"{out} is not empty and holds no earlier prediction "
+                         "(predictions.csv): choose a new or empty --out")
+    if not overwrite:
+        raise ValueError(f"{out} holds an earlier prediction: pass --overwrite to replace it, "
+                         "or choose another --out")
+    root = out.resolve()
+    files = []
+    with open(table, newline="") as f:
+        for row in csv.DictReader(f):
+            for column in _OUTPUT_COLUMNS:
+                rel = row.get(column) or ""
+                path = (out / rel).resolve()
+                if rel and path.suffix == ".png" and path.is_relative_to(root) and \
+                        path.relative_to(root).parts[0] in _OUTPUT_FOLDERS:
+                    files.append(out / rel)
+    return [*files, table]
+
+
+def remove_outputs(out: Path, files: list[Path]) -> None:
+    """Remove `files` and the output folders they leave empty (nothing else)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for name in _OUTPUT_FOLDERS:
+        top = out / name
+        if not top.is_dir():
+            continue
+        for folder in sorted((p for p in top.rglob("*") if p.is_dir()),
+                             key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(top.iterdir()):
+            top.rmdir()
+
+
 def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str, str]],
                 report: Report = print,
                 tick: Callable[[int], Any] | None = None) -> Iterator[LoadedSlice]:
     """Each item read to HU with its truth mask; an item that cannot be read (or whose size the
     depth-`depth` model cannot take) is reported, appended to `failed` and skipped. `tick(1)`
     is called per item, before reading it."""
-    from nodulekit.data.dicom import DicomError, read_slice
+    from nodulekit.data.dicom import DicomError, NotCTError, read_slice
     from nodulekit.training.config import check_input_shape
 
     for item in items:
@@ -170,6 +231,11 @@ def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str,
         try:
             hu = read_slice(item.path).hu
             check_input_shape(hu.shape, depth)
+        except NotCTError as e:  # the model knows CT's HU only: no option to read others
+            why = f"{e.path}: {e.what}, not CT; predict reads CT slices only"
+            failed.append((str(item.path), why))
+            report(f"skipped {why}")
+            continue
         except (DicomError, ValueError) as e:
             failed.append((str(item.path), str(e)))
             report(f"skipped {item.path}: {e}")

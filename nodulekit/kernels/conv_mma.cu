@@ -20,7 +20,8 @@
 // How, step by step from 3. register_blocked (conv.cu): the same 256-thread blocks stage
 // BK = 16 reduction indices of both operands per step in shared memory, rounded on the way
 // in (each value once per block, not once per use), with float4 loads where C % 4 == 0
-// (_vec4, as there).
+// (_vec4, as there). The staged tiles are laid out by stage_index (16 words a row, XOR
+// swizzled): every warp's staging store and fragment load hits 32 different banks.
 // Then instead of each thread owning an 8x4 register tile of scalar FMAs, each of the 8
 // warps owns a 32x32 piece of the block's tile and computes it with warp-wide mma.sync
 // instructions:
@@ -66,9 +67,11 @@
 // sm_90) are named here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
 //
 // Compiled for sm_90 (no GPU has run these yet): NVRTC 13.0 as CuPy calls it, -Xptxas -v:
-// forward 98-102 registers, weight gradient 101-108, 16.9 / 15.6 KB shared memory, no
-// stack, no spills; nvcc 13.0 -Xptxas -v: 93-102 registers, no spills. With a bare
-// __launch_bounds__(256) ptxas aimed at 64 registers and spilled (4-8 bytes).
+// forward 96-107 registers, weight gradient 114-120, up-convolution 106-118, 12.2-13.8 KB
+// shared memory, no stack, no spills (the swizzled layout costs a few registers for the
+// indices and saves the padding's 20%). With a bare __launch_bounds__(256) ptxas aimed at
+// 64 registers and spilled (4-8 bytes). The SASS (tests/test_kernels_sass.py) has HMMA.1688
+// .F32.TF32 / HMMA.16816.F32.BF16, LDG.E.128 in the _vec4 kernels, no local memory.
 //
 // Check: pytest -m gpu tests/test_cuda_backend.py   (GPU: one-warp mma and cvt probes
 //        against NumPy)
@@ -79,8 +82,7 @@
 
 #include "common.cuh"
 
-#define BK 16        // reduction indices staged per step
-#define BKP (BK + 4) // row pitch of the staged tiles: a TF32 fragment load hits 32 banks
+#define BK 16  // reduction indices staged per step: one row of a staged tile
 #define PREC_TF32 0
 #define PREC_BF16 1
 
@@ -141,14 +143,36 @@ __device__ __forceinline__ float round_operand(float v) {
     return PREC == PREC_TF32 ? to_tf32(v) : to_bf16(v);
 }
 
-// p[0], p[stride], p[2 * stride], p[3 * stride] = the four values of v, rounded: a float4
-// load (four consecutive reduction indices) into a staged tile, along its row or column
+// Where element (r, c) of a staged tile lives (r < 128 its row, c < BK its reduction
+// index): 16 words a row, no padding; rows 2i and 2i+1 share the 32 words of line i, and
+// those 32 words are permuted by XOR with a mask of the row's bits 1-6. The mask makes
+// every warp-wide access of these kernels hit 32 different banks (bank = word % 32):
+//   staging stores, a warp writing: 2 rows x 16 indices (scalar forward), 8 rows x 4
+//   float4 groups (_vec4 forward), one index of 32 consecutive rows (scalar weight
+//   gradient, up-convolution), one index of 16 rows 4 apart x 2 indices and one of 32 rows
+//   4 apart (_vec4 weight gradient);
+//   fragment loads: rows g = 0..7 at indices t, t + 4 (TF32) and 2t, 2t + 1, 2t + 8,
+//   2t + 9 (BF16).
+// With the former layout ([rows][BK + 4], the padding that made the TF32 fragment loads
+// conflict-free) those stores were 16-way (_vec4 Xs), 8-way (_vec4 Ds), 4-way (a column of
+// 32 rows, the _vec4 forward) and 2-way (scalar forward, BF16 loads) bank conflicts.
+// mask bits: b0 = r1 ^ r6, b1 = r2, b2 = r1 ^ r3, b3 = r2 ^ r4, b4 = r5 (tests/
+// test_cuda_emu.py counts the banks of every warp access from the emulator's record).
+__device__ __forceinline__ int stage_index(int r, int c) {
+    const int mask = (((r >> 1) & 3) * 5) ^ ((r >> 1) & 0x1C) ^ ((r >> 6) & 1);
+    return ((r >> 1) << 5) | ((((r & 1) << 4) | c) ^ mask);
+}
+
+// The four values of v, rounded, into elements (r + s * dr, c + s * dc), s = 0..3, of a
+// staged tile: a float4 load (four consecutive reduction indices: dr = 0, dc = 1; or four
+// consecutive rows: dr = 1, dc = 0)
 template <int PREC>
-__device__ __forceinline__ void store_rounded4(float* p, int stride, float4 v) {
-    p[0] = round_operand<PREC>(v.x);
-    p[stride] = round_operand<PREC>(v.y);
-    p[2 * stride] = round_operand<PREC>(v.z);
-    p[3 * stride] = round_operand<PREC>(v.w);
+__device__ __forceinline__ void store_rounded4(float* S, int r, int c, int dr, int dc,
+                                               float4 v) {
+    S[stage_index(r, c)] = round_operand<PREC>(v.x);
+    S[stage_index(r + dr, c + dc)] = round_operand<PREC>(v.y);
+    S[stage_index(r + 2 * dr, c + 2 * dc)] = round_operand<PREC>(v.z);
+    S[stage_index(r + 3 * dr, c + 3 * dc)] = round_operand<PREC>(v.w);
 }
 
 // a warp's MI x NI tiles of 16x8 fp32 accumulators (4 per lane), all zero
@@ -168,31 +192,37 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 }
 
 // One BK-wide step of a warp's (MI*16) x (NI*8) piece: acc += As[rows] * Bs[cols]^T, where
-// As holds the warp's rows from row0 and Bs its columns from col0, both [.][BKP] with the
-// reduction index along the row. The fragment loads follow the layouts in the header.
+// As holds the warp's rows from row0 and Bs its columns from col0, both staged tiles
+// (stage_index) with the reduction index along the row. The fragment loads follow the
+// layouts in the header.
 template <int PREC, int MI, int NI>
-__device__ __forceinline__ void warp_mma_step(const float (*As)[BKP], const float (*Bs)[BKP],
-                                              int row0, int col0, int lane,
-                                              float (&acc)[MI][NI][4]) {
+__device__ __forceinline__ void warp_mma_step(const float* As, const float* Bs, int row0,
+                                              int col0, int lane, float (&acc)[MI][NI][4]) {
+    // stage_index(r, c) = stage_index(r, 0) ^ c: one base per fragment row, then XORs
     const int g = lane >> 2, t = lane & 3;
+    int ra[MI][2], rb[NI];
+    #pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        ra[mi][0] = stage_index(row0 + mi * 16 + g, 0);
+        ra[mi][1] = stage_index(row0 + mi * 16 + g + 8, 0);
+    }
+    #pragma unroll
+    for (int ni = 0; ni < NI; ++ni) rb[ni] = stage_index(col0 + ni * 8 + g, 0);
     if constexpr (PREC == PREC_TF32) {
         #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
             unsigned a[MI][4], b[NI][2];
             #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-                const float* r0 = As[row0 + mi * 16 + g];
-                const float* r1 = As[row0 + mi * 16 + g + 8];
-                a[mi][0] = __float_as_uint(r0[kk + t]);
-                a[mi][1] = __float_as_uint(r1[kk + t]);
-                a[mi][2] = __float_as_uint(r0[kk + t + 4]);
-                a[mi][3] = __float_as_uint(r1[kk + t + 4]);
+                a[mi][0] = __float_as_uint(As[ra[mi][0] ^ (kk + t)]);
+                a[mi][1] = __float_as_uint(As[ra[mi][1] ^ (kk + t)]);
+                a[mi][2] = __float_as_uint(As[ra[mi][0] ^ (kk + t + 4)]);
+                a[mi][3] = __float_as_uint(As[ra[mi][1] ^ (kk + t + 4)]);
             }
             #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
-                const float* c = Bs[col0 + ni * 8 + g];
-                b[ni][0] = __float_as_uint(c[kk + t]);
-                b[ni][1] = __float_as_uint(c[kk + t + 4]);
+                b[ni][0] = __float_as_uint(Bs[rb[ni] ^ (kk + t)]);
+                b[ni][1] = __float_as_uint(Bs[rb[ni] ^ (kk + t + 4)]);
             }
             #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -202,20 +232,19 @@ __device__ __forceinline__ void warp_mma_step(const float (*As)[BKP], const floa
     } else {
         unsigned a[MI][4], b[NI][2];
         #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-            const float* r0 = As[row0 + mi * 16 + g];
-            const float* r1 = As[row0 + mi * 16 + g + 8];
-            a[mi][0] = pack_bf16x2(r0[2 * t], r0[2 * t + 1]);
-            a[mi][1] = pack_bf16x2(r1[2 * t], r1[2 * t + 1]);
-            a[mi][2] = pack_bf16x2(r0[2 * t + 8], r0[2 * t + 9]);
-            a[mi][3] = pack_bf16x2(r1[2 * t + 8], r1[2 * t + 9]);
-        }
+        for (int mi = 0; mi < MI; ++mi)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {  // a0: (g, 2t) a1: (g+8, 2t) a2: (g, 2t+8) a3: (g+8, 2t+8)
+                const int base = ra[mi][r & 1], c = 2 * t + 8 * (r >> 1);
+                a[mi][r] = pack_bf16x2(As[base ^ c], As[base ^ (c + 1)]);
+            }
         #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-            const float* c = Bs[col0 + ni * 8 + g];
-            b[ni][0] = pack_bf16x2(c[2 * t], c[2 * t + 1]);
-            b[ni][1] = pack_bf16x2(c[2 * t + 8], c[2 * t + 9]);
-        }
+        for (int ni = 0; ni < NI; ++ni)
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int c = 2 * t + 8 * r;
+                b[ni][r] = pack_bf16x2(Bs[rb[ni] ^ c], Bs[rb[ni] ^ (c + 1)]);
+            }
         #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
             #pragma unroll
@@ -233,8 +262,8 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
                                                  int C, int K, int R) {
     constexpr int BM = 128, BN = 64, NT = 256, WM = 4;  // warps: 4 along m, 2 along k
     constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;  // 2 x 4 tiles of 16x8
-    __shared__ float As[BM][BKP];  // As[i][jj] = round(X[m0 + i, j0 + jj])
-    __shared__ float Bs[BN][BKP];  // Bs[q][jj] = round(w[k0 + q, j0 + jj])
+    __shared__ float As[BM * BK];  // (i, jj) = round(X[m0 + i, j0 + jj])   (stage_index)
+    __shared__ float Bs[BN * BK];  // (q, jj) = round(w[k0 + q, j0 + jj])
     __shared__ int pix_n[BM], pix_h[BM], pix_w[BM];
 
     const int P = R / 2, J = R * R * C, M = N * H * W;
@@ -259,10 +288,10 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
         const Tap tap = decode_tap(j, J, R, C);  // with VEC, J % 4 == 0: all four in or out
         for (int i = tid / (BK / V); i < BM; i += NT / (BK / V)) {
             if constexpr (VEC) {
-                store_rounded4<PREC>(&As[i][jj], 1, gather_patch4(x, pix_n[i], pix_h[i],
-                                                                  pix_w[i], tap, P, H, W, C));
+                store_rounded4<PREC>(As, i, jj, 0, 1, gather_patch4(x, pix_n[i], pix_h[i],
+                                                                    pix_w[i], tap, P, H, W, C));
             } else {
-                As[i][jj] = round_operand<PREC>(
+                As[stage_index(i, jj)] = round_operand<PREC>(
                     gather_patch(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C));
             }
         }
@@ -272,9 +301,9 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
             if constexpr (VEC) {
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (in) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
-                store_rounded4<PREC>(&Bs[q][jj], 1, v);
+                store_rounded4<PREC>(Bs, q, jj, 0, 1, v);
             } else {
-                Bs[q][jj] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
+                Bs[stage_index(q, jj)] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
             }
         }
         __syncthreads();
@@ -334,8 +363,8 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
                                                      int W, int C, int K, int R, int rows) {
     constexpr int BA = 64, BB = 128, NT = 256, WA = 2;  // warps: 2 along k, 4 along j
     constexpr int MI = BA / WA / 16, NI = BB / (NT / 32 / WA) / 8;  // 2 x 4 tiles of 16x8
-    __shared__ float Ds[BA][BKP];  // Ds[a][mm] = round(dz[m0 + mm, k0 + a])
-    __shared__ float Xs[BB][BKP];  // Xs[b][mm] = round(X[m0 + mm, j0 + b])
+    __shared__ float Ds[BA * BK];  // (a, mm) = round(dz[m0 + mm, k0 + a])   (stage_index)
+    __shared__ float Xs[BB * BK];  // (b, mm) = round(X[m0 + mm, j0 + b])
     __shared__ int pix_n[BK], pix_h[BK], pix_w[BK];
 
     const int P = R / 2, J = R * R * C, M = N * H * W;
@@ -363,19 +392,20 @@ __device__ __forceinline__ void conv_weight_grad_mma(const float* __restrict__ d
             if constexpr (VEC) {
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (in) v = *reinterpret_cast<const float4*>(dz + (long long)m * K + k);
-                store_rounded4<PREC>(&Ds[ka][mm], BKP, v);
+                store_rounded4<PREC>(Ds, ka, mm, 1, 0, v);
             } else {
-                Ds[ka][mm] = round_operand<PREC>(in ? dz[(long long)m * K + k] : 0.0f);
+                Ds[stage_index(ka, mm)] = round_operand<PREC>(in ? dz[(long long)m * K + k]
+                                                                 : 0.0f);
             }
         }
         __syncthreads();  // pix_* ready
         for (int mm = tid / (BB / V); mm < BK; mm += NT / (BB / V)) {
             if constexpr (VEC) {
-                store_rounded4<PREC>(&Xs[jb][mm], BKP, gather_patch4(x, pix_n[mm], pix_h[mm],
+                store_rounded4<PREC>(Xs, jb, mm, 1, 0, gather_patch4(x, pix_n[mm], pix_h[mm],
                                                                      pix_w[mm], tap, P, H, W,
                                                                      C));
             } else {
-                Xs[jb][mm] = round_operand<PREC>(
+                Xs[stage_index(jb, mm)] = round_operand<PREC>(
                     gather_patch(x, pix_n[mm], pix_h[mm], pix_w[mm], tap, P, H, W, C));
             }
         }
@@ -452,8 +482,8 @@ __device__ __forceinline__ void upconv_forward_mma(const float* __restrict__ x,
                                                    int C, int K, int ld, int off) {
     constexpr int BM = 128, BN = 64, NT = 256, WM = 4;
     constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;
-    __shared__ float As[BM][BKP];  // As[i][cc] = round(x[m0 + i, c0 + cc])
-    __shared__ float Bs[BN][BKP];  // Bs[q][cc] = round(Wq[q0 + q, c0 + cc])
+    __shared__ float As[BM * BK];  // (i, cc) = round(x[m0 + i, c0 + cc])   (stage_index)
+    __shared__ float Bs[BN * BK];  // (q, cc) = round(Wq[q0 + q, c0 + cc])
     const int M = N * H * W, Q = 4 * K;
     const int m0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -468,10 +498,11 @@ __device__ __forceinline__ void upconv_forward_mma(const float* __restrict__ x,
         __syncthreads();
         for (int i = tid / BK; i < BM; i += NT / BK) {
             const int m = m0 + i;
-            As[i][cc] = round_operand<PREC>((m < M && c < C) ? x[(long long)m * C + c] : 0.0f);
+            As[stage_index(i, cc)] =
+                round_operand<PREC>((m < M && c < C) ? x[(long long)m * C + c] : 0.0f);
         }
         for (int q = tid / BK; q < BN; q += NT / BK)
-            Bs[q][cc] = round_operand<PREC>(upconv_wq(w, q0 + q, c, Q, C, K));
+            Bs[stage_index(q, cc)] = round_operand<PREC>(upconv_wq(w, q0 + q, c, Q, C, K));
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
     }
@@ -504,8 +535,8 @@ __device__ __forceinline__ void upconv_backward_data_mma(const float* __restrict
                                                          int W, int C, int K, int ld, int off) {
     constexpr int BM = 128, BN = 64, NT = 256, WM = 4;
     constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;
-    __shared__ float As[BM][BKP];  // As[i][u] = round(DY[m0 + i, q0 + u])
-    __shared__ float Bs[BN][BKP];  // Bs[cc][u] = round(Wq[q0 + u, c0 + cc])
+    __shared__ float As[BM * BK];  // (i, u) = round(DY[m0 + i, q0 + u])   (stage_index)
+    __shared__ float Bs[BN * BK];  // (cc, u) = round(Wq[q0 + u, c0 + cc])
     __shared__ long long pix[BM];  // offset of each pixel's output block, -1 past the end
     const int M = N * H * W, Q = 4 * K;
     const int m0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
@@ -526,11 +557,12 @@ __device__ __forceinline__ void upconv_backward_data_mma(const float* __restrict
         for (int i = tid / BK; i < BM; i += NT / BK) {
             float v = 0.0f;
             if (q_ok && pix[i] >= 0) v = dy[pix[i] + ((long long)a * 2 * W + b) * ld + off + k];
-            As[i][uu] = round_operand<PREC>(v);
+            As[stage_index(i, uu)] = round_operand<PREC>(v);
         }
         for (int e = tid; e < BK * BN; e += NT) {  // rows of Wq, contiguous along c
             const int u = e / BN, ccol = e - u * BN;
-            Bs[ccol][u] = round_operand<PREC>(upconv_wq(w, q0 + u, c0 + ccol, Q, C, K));
+            Bs[stage_index(ccol, u)] =
+                round_operand<PREC>(upconv_wq(w, q0 + u, c0 + ccol, Q, C, K));
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
@@ -557,8 +589,8 @@ __device__ __forceinline__ void upconv_weight_grad_mma(const float* __restrict__
                                                        int rows) {
     constexpr int BA = 64, BB = 128, NT = 256, WA = 2;
     constexpr int MI = BA / WA / 16, NI = BB / (NT / 32 / WA) / 8;
-    __shared__ float Ds[BA][BKP];  // Ds[qa][mm] = round(DY[m0 + mm, q0 + qa])
-    __shared__ float Xs[BB][BKP];  // Xs[cb][mm] = round(x[m0 + mm, c0 + cb])
+    __shared__ float Ds[BA * BK];  // (qa, mm) = round(DY[m0 + mm, q0 + qa])   (stage_index)
+    __shared__ float Xs[BB * BK];  // (cb, mm) = round(x[m0 + mm, c0 + cb])
     __shared__ long long pix[BK];
     const int M = N * H * W, Q = 4 * K;
     const int c0 = blockIdx.x * BB, q0 = blockIdx.y * BA, split = blockIdx.z;
@@ -579,14 +611,14 @@ __device__ __forceinline__ void upconv_weight_grad_mma(const float* __restrict__
         if (tid < BK) pix[tid] = m0 + tid < m_end ? up_block(m0 + tid, H, W, ld) : -1;
         for (int mm = tid / BB; mm < BK; mm += NT / BB) {
             const int m = m0 + mm;
-            Xs[cb][mm] = round_operand<PREC>((m < m_end && c < C) ? x[(long long)m * C + c]
-                                                                   : 0.0f);
+            Xs[stage_index(cb, mm)] =
+                round_operand<PREC>((m < m_end && c < C) ? x[(long long)m * C + c] : 0.0f);
         }
         __syncthreads();  // pix ready
         for (int mm = tid / BA; mm < BK; mm += NT / BA) {
             float v = 0.0f;
             if (q_ok && pix[mm] >= 0) v = dy[pix[mm] + ((long long)a * 2 * W + b) * ld + off + k];
-            Ds[qa][mm] = round_operand<PREC>(v);
+            Ds[stage_index(qa, mm)] = round_operand<PREC>(v);
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(Ds, Xs, row0, col0, lane, acc);

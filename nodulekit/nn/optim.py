@@ -51,7 +51,8 @@ def lr_scale(layout, mode: str, reference_fan_in: int = 9) -> np.ndarray | None:
     wide layers of the U-Net then run away (the logits grow to -1e4 within a few hundred
     steps at lr 1e-3, measured on the demo set). Scaling each tensor's step by
     min(1, sqrt(reference_fan_in / fan_in)) (3x3 on one channel = 9: the first layer keeps
-    lr) gives every layer the same relative speed. Biases follow their weights.
+    lr) gives every layer the same relative speed. Biases follow their weights; a norm's
+    gamma and beta (each scales or shifts one normalised channel) keep lr.
     """
     if mode == "none":
         return None
@@ -60,6 +61,8 @@ def lr_scale(layout, mode: str, reference_fan_in: int = 9) -> np.ndarray | None:
     scale = np.ones(layout.total, dtype=np.float32)
     for slot in layout.slots.values():
         name = slot.name
+        if name.endswith((".gamma", ".beta")):
+            continue  # factor 1
         weight = layout.slots[name[:-2] + ".w"] if name.endswith(".b") else slot
         k, r, s, c = weight.shape
         fan_in = c if ".up." in weight.name else r * s * c

@@ -1,6 +1,6 @@
 """The training step: the one that `nodulekit train`, `bench step` and `bench gpus` all run.
 
-    logits = model.forward(image)
+    logits = model.forward(image, comm=comm)                           (batch norm: global stats)
     loss, dlogits = sigmoid + per-sample Dice (+ bce_weight x BCE)     one fused engine op
     model.backward(dlogits)                                            grads in one flat buffer
     comm.allreduce_mean(grads)                                         data-parallel only
@@ -8,7 +8,9 @@
 
 The paper's step is the first, second, fourth and fifth line with smoothing 1 and no BCE
 term or scaling. `comm` is anything with ``allreduce_mean(buffer)`` (a communicator of
-`nodulekit.distributed`); the network code does not know how ranks talk.
+`nodulekit.distributed`), and ``allreduce_sum(buffer)`` for a U-Net with batch norm (its
+statistics are the global batch's: one sum of a few per-channel values per layer, forward
+and backward); the network code does not know how ranks talk.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class TrainStep:
 
     def __call__(self, image, target) -> StepLosses:
         model = self.model
-        logits = model.forward(image)
+        logits = model.forward(image, comm=self.comm)
         loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
         bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
                if self.bce_weight else 0.0)

@@ -12,13 +12,19 @@ order `UNet.forward` runs the layers, with the same names as the parameter layou
   forward + backward.
 - Activation bytes: the layer's output in the backend's float (4 bytes), plus the max-pool's
   uint8 argmax: what the forward pass allocates, and keeps for the backward pass.
+- With a norm (``norm`` "instance" or "batch") each 3x3 convolution (no bias, no ReLU) is
+  followed by its norm layer (``enc0.conv1`` by ``enc0.norm1``: gamma and beta, the ReLU
+  fused), whose FLOPs are not counted either (a few per element: memory-bound); its
+  output is a second activation kept for the backward pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodulekit.nn.layout import level_widths
+from nodulekit.nn.layout import check_norm, level_widths, norm_name
+
+NORM_OPS = {"instance": "instnorm+relu", "batch": "batchnorm+relu"}
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,10 @@ class LayerInfo:
 
 
 def unet_layers(depth: int = 4, width: int = 64, size=(512, 512), batch: int = 1,
-                in_channels: int = 1, float_bytes: int = 4) -> list[LayerInfo]:
+                in_channels: int = 1, float_bytes: int = 4,
+                norm: str = "none") -> list[LayerInfo]:
     """Every layer of a U-Net for an N x H x W input; see the module docstring."""
+    check_norm(norm)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     f = 2**depth
     if h % f or w % f or h <= 0 or w <= 0:
@@ -45,9 +53,13 @@ def unet_layers(depth: int = 4, width: int = 64, size=(512, 512), batch: int = 1
 
     def conv(name, c, k, hh, ww, r=3, first=False, relu=True):
         macs = n * hh * ww * k * r * r * c
-        layers.append(LayerInfo(name, f"conv{r}x{r}" + ("+relu" if relu else ""),
-                                (n, hh, ww, k), k * r * r * c + k, 2 * macs,
+        normed = relu and norm != "none"  # then: no bias, the ReLU in the norm
+        layers.append(LayerInfo(name, f"conv{r}x{r}" + ("+relu" if relu and not normed else ""),
+                                (n, hh, ww, k), k * r * r * c + (0 if normed else k), 2 * macs,
                                 2 * macs * (1 if first else 2), n * hh * ww * k * float_bytes))
+        if normed:
+            layers.append(LayerInfo(norm_name(name), NORM_OPS[norm], (n, hh, ww, k), 2 * k, 0,
+                                    0, n * hh * ww * k * float_bytes))
 
     c, hh, ww = in_channels, h, w
     for level in range(depth):
@@ -105,16 +117,17 @@ def _bytes(v: float) -> str:
 
 
 def format_layers(layers: list[LayerInfo], title: str = "") -> str:
-    head = (f"{'layer':<14s}{'op':<13s}{'output (N,H,W,C)':<22s}{'params':>11s}"
+    ow = max([13] + [len(x.op) + 1 for x in layers])  # the op column: 13, or the longest
+    head = (f"{'layer':<14s}{'op':<{ow}s}{'output (N,H,W,C)':<22s}{'params':>11s}"
             f"{'FLOPs':>12s}{'activations':>13s}")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for x in layers:
         shape = "(" + ", ".join(map(str, x.output_shape)) + ")"
-        lines.append(f"{x.name:<14s}{x.op:<13s}{shape:<22s}{x.params:>11,d}"
+        lines.append(f"{x.name:<14s}{x.op:<{ow}s}{shape:<22s}{x.params:>11,d}"
                      f"{_human(x.flops, 'FLOP'):>12s}{_bytes(x.activation_bytes):>13s}")
     t = totals(layers)
     lines.append("-" * len(head))
-    lines.append(f"{'total':<49s}{t['params']:>11,d}{_human(t['flops'], 'FLOP'):>12s}"
+    lines.append(f"{'total':<{36 + ow}s}{t['params']:>11,d}{_human(t['flops'], 'FLOP'):>12s}"
                  f"{_bytes(t['activation_bytes']):>13s}")
     lines.append(f"parameters {t['params']:,} ({_bytes(t['param_bytes'])}); forward "
                  f"{_human(t['flops'], 'FLOP')}, backward {_human(t['backward_flops'], 'FLOP')},"

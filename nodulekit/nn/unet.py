@@ -11,6 +11,17 @@ Shapes for depth D, width F, an N x H x W x 1 input (widths F * 2**level):
     decoder level l:  up-conv 2x2/2 -> F*2**l, written into concat [skip l | up];
                       conv3x3+ReLU x2
     head:             conv1x1 -> 1 logit per pixel
+
+With ``norm`` "instance" or "batch" each "conv3x3+ReLU" is conv3x3 (no bias) -> norm -> ReLU,
+as in nnU-Net and the paper's own EDDL U-Net: the convolution runs without its fused ReLU,
+and the norm op applies the ReLU in its own pass. Training (``forward`` keeping what the
+backward needs) normalises batch norm with the batch's statistics and updates its running
+ones (in ``buffers``); evaluation (``training=False``, the default of
+``keep_for_backward=False``) uses the running ones. Data-parallel batch norm takes the
+statistics of the global batch: ``forward(..., comm=...)`` with anything that has
+``allreduce_sum(buffer)`` (a communicator of `nodulekit.distributed`, which this package
+does not import) sums each layer's per-channel sums over the ranks, once forward and once
+backward.
 """
 
 from __future__ import annotations
@@ -18,22 +29,38 @@ from __future__ import annotations
 import numpy as np
 
 from nodulekit.engine.ops import Backend, check_array
-from nodulekit.nn.layout import ParameterLayout, level_widths, unet_parameter_shapes
+from nodulekit.nn.layout import (
+    ParameterLayout,
+    check_norm,
+    level_widths,
+    norm_name,
+    unet_buffer_shapes,
+    unet_parameter_shapes,
+)
 
 
 class UNet:
     def __init__(self, backend: Backend, depth: int = 4, width: int = 64, in_channels: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, norm: str = "none"):
         self.backend = backend
         self.depth, self.width, self.in_channels = int(depth), int(width), int(in_channels)
+        self.norm = check_norm(norm)
         self.widths = level_widths(self.depth, self.width)
         self.layout = ParameterLayout(unet_parameter_shapes(self.depth, self.width,
-                                                            self.in_channels))
+                                                            self.in_channels, self.norm))
         self.params = backend.asarray(self.layout.he_normal(seed), dtype=backend.dtype)
         self.grads = backend.zeros(self.layout.total)
         self.p = self.layout.views(self.params)
         self.g = self.layout.views(self.grads)
+        # batch norm's running statistics: a second flat buffer, no gradient, no Adam
+        self.buffer_layout = ParameterLayout(unet_buffer_shapes(self.depth, self.width,
+                                                                self.norm))
+        self.buffers = backend.asarray(self.buffer_layout.initial_buffers(),
+                                       dtype=backend.dtype)
+        self.b = self.buffer_layout.views(self.buffers)
+        self._zero_bias: dict[int, object] = {}
         self._saved = None
+        self._comm, self._training = None, True
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -51,6 +78,18 @@ class UNet:
     def state_dict(self) -> dict[str, np.ndarray]:
         """name -> host copy in our layout."""
         return {k: self.backend.to_host(v).copy() for k, v in self.p.items()}
+
+    def load_buffers(self, flat) -> None:
+        """Copy a flat buffer vector (batch norm's running statistics) in, in place."""
+        flat = self.backend.asarray(flat, dtype=self.backend.dtype)
+        if flat.shape != self.buffers.shape:
+            raise ValueError(f"buffer vector must have {self.buffer_layout.total} values for "
+                             f"norm={self.norm!r}; got {flat.shape}")
+        self.buffers[...] = flat
+
+    def buffer_dict(self) -> dict[str, np.ndarray]:
+        """Buffer name -> host copy (batch norm's running_mean / running_var; else empty)."""
+        return {k: self.backend.to_host(v).copy() for k, v in self.b.items()}
 
     def load_state_dict(self, tensors: dict) -> None:
         for name, view in self.p.items():
@@ -73,19 +112,38 @@ class UNet:
                 f"UNet.forward: input H and W must be positive multiples of 2**depth = {f} "
                 f"(depth {self.depth}); got {h}x{w}. Crop or pad the slice, e.g. to "
                 f"{max(f, h // f * f)}x{max(f, w // f * f)}.")
+        if self.norm == "instance" and (h // f) * (w // f) < 2:
+            raise ValueError(
+                f"UNet.forward: instance norm takes statistics over each sample's pixels, and "
+                f"the deepest level of a {h}x{w} input at depth {self.depth} has one; use an "
+                f"input of at least {f}x{2 * f} or a smaller depth")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, keep_for_backward: bool = True):
-        """x [N,H,W,in_channels] -> logits [N,H,W,1]."""
+    def forward(self, x, keep_for_backward: bool = True, training: bool | None = None,
+                comm=None):
+        """x [N,H,W,in_channels] -> logits [N,H,W,1].
+
+        training: batch norm on the batch's statistics (updating the running ones), or on
+        the running ones; default: keep_for_backward. comm: None, or an object with
+        ``allreduce_sum(buffer)`` that sums a small backend array over the data-parallel
+        ranks (batch norm in training only; kept for the backward pass)."""
         self.check_input(x)
         be, p = self.backend, self.p
+        training = keep_for_backward if training is None else bool(training)
+        self._comm = comm
         saved = {}
 
         def conv(name, inp, relu=True):
-            out = be.conv2d_forward(inp, p[name + ".w"], p[name + ".b"], relu=relu)
+            if self.norm == "none" or not relu:  # the head (no ReLU) keeps its bias
+                out = be.conv2d_forward(inp, p[name + ".w"], p[name + ".b"], relu=relu)
+                if keep_for_backward:
+                    saved[name] = (inp, out)
+                return out
+            z = be.conv2d_forward(inp, p[name + ".w"], self._zeros(p[name + ".w"].shape[0]))
+            y, mean, invstd = self._norm_forward(norm_name(name), z, training)
             if keep_for_backward:
-                saved[name] = (inp, out)
-            return out
+                saved[name] = (inp, z, y, mean, invstd)
+            return y
 
         h = x
         skips = []
@@ -106,7 +164,41 @@ class UNet:
             h = conv(f"dec{level}.conv2", conv(f"dec{level}.conv1", h))
         logits = conv("head", h, relu=False)
         self._saved = saved if keep_for_backward else None
+        self._training = training
         return logits
+
+    def _zeros(self, k: int):
+        """A zero bias for the convolutions a norm follows (the op contract takes one)."""
+        if k not in self._zero_bias:
+            self._zero_bias[k] = self.backend.zeros((k,))
+        return self._zero_bias[k]
+
+    def _sum_across(self):
+        return self._comm.allreduce_sum if self._comm is not None else None
+
+    def _norm_forward(self, name: str, z, training: bool):
+        """The norm layer `name` (+ ReLU) on a convolution's output: (y, mean, invstd)."""
+        be, gamma, beta = self.backend, self.p[name + ".gamma"], self.p[name + ".beta"]
+        if self.norm == "instance":
+            return be.instance_norm_forward(z, gamma, beta, relu=True)
+        return be.batch_norm_forward(z, gamma, beta, self.b[name + ".running_mean"],
+                                     self.b[name + ".running_var"], training=training,
+                                     relu=True, sum_across=self._sum_across())
+
+    def _norm_backward(self, name: str, dy, kept):
+        """dz (the convolution's output gradient); gamma's and beta's into ``grads``."""
+        be, z, y, mean, invstd = self.backend, *kept
+        gamma = self.p[name + ".gamma"]
+        if self.norm == "instance":
+            dz, dgamma, dbeta = be.instance_norm_backward(dy, z, y, mean, invstd, gamma,
+                                                          relu=True)
+        else:
+            dz, dgamma, dbeta = be.batch_norm_backward(dy, z, y, mean, invstd, gamma,
+                                                       training=self._training, relu=True,
+                                                       sum_across=self._sum_across())
+        self.g[name + ".gamma"][...] = dgamma
+        self.g[name + ".beta"][...] = dbeta
+        return dz
 
     # ------------------------------------------------------------------ backward
     def backward(self, dlogits) -> None:
@@ -117,11 +209,18 @@ class UNet:
         xp = be.xp
 
         def conv_back(name, dy, relu=True, need_dx=True):
-            inp, out = saved.pop(name)
-            dx, dw, db = be.conv2d_backward(dy, inp, p[name + ".w"], out, relu=relu,
-                                            need_dx=need_dx)
+            if self.norm == "none" or not relu:
+                inp, out = saved.pop(name)
+                dx, dw, db = be.conv2d_backward(dy, inp, p[name + ".w"], out, relu=relu,
+                                                need_dx=need_dx)
+                g[name + ".w"][...] = dw
+                g[name + ".b"][...] = db
+                return dx
+            inp, *kept = saved.pop(name)
+            dz = self._norm_backward(norm_name(name), dy, kept)
+            dx, dw, _ = be.conv2d_backward(dz, inp, p[name + ".w"], need_dx=need_dx,
+                                           need_db=False)
             g[name + ".w"][...] = dw
-            g[name + ".b"][...] = db
             return dx
 
         dh = conv_back("head", dlogits, relu=False)

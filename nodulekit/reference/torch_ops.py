@@ -30,13 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodulekit.engine.ops import AIR_HU, WINDOW_CENTER, WINDOW_WIDTH
+from nodulekit.engine.ops import AIR_HU, BN_MOMENTUM, NORM_EPS, WINDOW_CENTER, WINDOW_WIDTH
 
 __all__ = [
     "OPS", "make_torch_op", "to_numpy", "to_torch",
     "conv2d_forward", "conv2d_backward", "maxpool2x2_forward", "maxpool2x2_backward",
     "upconv2x2_forward", "upconv2x2_backward", "concat_channels", "split_channels",
     "sigmoid_dice_loss", "adam_step", "adam_steps", "window_augment", "confusion_counts",
+    "instance_norm_forward", "instance_norm_backward", "batch_norm_forward",
+    "batch_norm_backward",
 ]
 
 Array = np.ndarray | torch.Tensor  # what the ops take: NumPy arrays or tensors in place
@@ -280,6 +282,81 @@ def _build_confusion_counts(logits, target):
     return run
 
 
+def _instance_norm(x, gamma, beta, eps, relu):
+    y = F.instance_norm(_nchw(x), weight=gamma, bias=beta, eps=eps)
+    return _nhwc(F.relu(y) if relu else y)
+
+
+def _stats(t: torch.Tensor, dims, eps):
+    """(mean, 1 / sqrt(biased var + eps)) of an NCHW tensor over ``dims``."""
+    mean = t.mean(dim=dims)
+    return mean, torch.rsqrt(t.var(dim=dims, unbiased=False) + eps)
+
+
+@_op
+def _build_instance_norm_forward(x, gamma, beta, eps=NORM_EPS, relu=False):
+    """-> (y, mean [N, C], invstd [N, C]); the statistics from torch's own mean and var."""
+    def run():
+        mean, invstd = _stats(_nchw(x), (2, 3), eps)
+        return _instance_norm(x, gamma, beta, eps, relu), mean, invstd
+
+    return run
+
+
+@_op
+def _build_instance_norm_backward(dy, x, gamma, beta, eps=NORM_EPS, relu=False):
+    """Autograd through ``relu(instance_norm(x))``: (dx, dgamma, dbeta).
+
+    In NCHW-contiguous memory, not channels_last: torch 2.13's instance-norm backward on
+    the CPU returns a wrong dx for a batch of one when the incoming gradient is
+    channels_last (off by O(1); found by this suite, batch 2 is right)."""
+    x = _nchw(x).contiguous().requires_grad_(True)
+    gamma, beta = _leaf(gamma), _leaf(beta)
+    y = F.instance_norm(x, weight=gamma, bias=beta, eps=eps)
+    y = F.relu(y) if relu else y
+    g = _nchw(dy).contiguous()
+
+    def run():
+        dx, dgamma, dbeta = torch.autograd.grad(y, (x, gamma, beta), g, retain_graph=True)
+        return _nhwc(dx), dgamma, dbeta
+
+    return run
+
+
+def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, relu):
+    y = F.batch_norm(_nchw(x), running_mean, running_var, weight=gamma, bias=beta,
+                     training=training, momentum=momentum, eps=eps)
+    return _nhwc(F.relu(y) if relu else y)
+
+
+@_op
+def _build_batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
+                              momentum=BN_MOMENTUM, eps=NORM_EPS, relu=False):
+    """-> (y, mean [1, C], invstd [1, C], running_mean, running_var after the call). Each
+    call starts from the running statistics given (torch updates its tensors in place)."""
+    def run():
+        rm, rv = running_mean.clone(), running_var.clone()
+        y = _batch_norm(x, gamma, beta, rm, rv, training, momentum, eps, relu)
+        if training:
+            mean, invstd = _stats(_nchw(x), (0, 2, 3), eps)
+        else:
+            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+        return y, mean[None], invstd[None], rm, rv
+
+    return run
+
+
+@_op
+def _build_batch_norm_backward(dy, x, gamma, beta, running_mean, running_var, training=True,
+                               eps=NORM_EPS, relu=False):
+    """Autograd through ``relu(batch_norm(x))`` (batch statistics in training, the running
+    ones, constants, in evaluation): (dx, dgamma, dbeta)."""
+    x, gamma, beta = _leaf(x), _leaf(gamma), _leaf(beta)
+    y = _batch_norm(x, gamma, beta, running_mean.clone(), running_var.clone(), training,
+                    BN_MOMENTUM, eps, relu)
+    return lambda: torch.autograd.grad(y, (x, gamma, beta), dy, retain_graph=True)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -402,3 +479,35 @@ def window_augment(hu, mask, aug, center=WINDOW_CENTER, width=WINDOW_WIDTH, *,
 def confusion_counts(logits, target, *, device="cpu", dtype=None):
     """-> int64 [N, 3]: TP, FP, FN of ``logits > 0``."""
     return _numpy_op("confusion_counts", logits, target, device=device, dtype=dtype)
+
+
+def instance_norm_forward(x, gamma, beta, eps=NORM_EPS, relu=False, *, device="cpu",
+                          dtype=None):
+    """-> (y, mean [N, C], invstd [N, C])."""
+    return _numpy_op("instance_norm_forward", x, gamma, beta, float(eps), bool(relu),
+                     device=device, dtype=dtype)
+
+
+def instance_norm_backward(dy, x, gamma, beta, eps=NORM_EPS, relu=False, *, device="cpu",
+                           dtype=None):
+    """-> (dx, dgamma, dbeta); unlike the engine op it takes ``beta`` (not y, mean, invstd)
+    and recomputes the forward."""
+    return _numpy_op("instance_norm_backward", dy, x, gamma, beta, float(eps), bool(relu),
+                     device=device, dtype=dtype)
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,  # noqa: PLR0913
+                       momentum=BN_MOMENTUM, eps=NORM_EPS, relu=False, *, device="cpu",
+                       dtype=None):
+    """-> (y, mean [1, C], invstd [1, C], running_mean, running_var updated); the inputs
+    are not changed."""
+    return _numpy_op("batch_norm_forward", x, gamma, beta, running_mean, running_var,
+                     bool(training), float(momentum), float(eps), bool(relu), device=device,
+                     dtype=dtype)
+
+
+def batch_norm_backward(dy, x, gamma, beta, running_mean, running_var,  # noqa: PLR0913
+                        training=True, eps=NORM_EPS, relu=False, *, device="cpu", dtype=None):
+    """-> (dx, dgamma, dbeta); takes what torch needs to redo the forward."""
+    return _numpy_op("batch_norm_backward", dy, x, gamma, beta, running_mean, running_var,
+                     bool(training), float(eps), bool(relu), device=device, dtype=dtype)

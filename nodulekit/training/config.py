@@ -32,14 +32,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nodulekit.nn.layout import NORMS
 from nodulekit.nn.optim import LR_SCALINGS
 
 PAPER_DEFAULTS = {"epochs": 200, "batch_size": 12, "lr": 1e-4, "width": 64, "depth": 4,
-                  "empty_fraction": 0.0, "smooth": 1.0, "lr_scaling": "none", "bce_weight": 0.0}
+                  "empty_fraction": 0.0, "smooth": 1.0, "lr_scaling": "none", "bce_weight": 0.0,
+                  "norm": "none"}
 # Measured on the 2-core CPU: README, "Training".
 DEMO_DEFAULTS = {"epochs": 5, "batch_size": 4, "lr": 2e-3, "width": 8, "depth": 4,
                  "empty_fraction": 0.3, "smooth": 0.01, "lr_scaling": "fan_in",
-                 "bce_weight": 0.01}
+                 "bce_weight": 0.01, "norm": "none"}
 SELECTION_METRIC = "val_mean_iou"
 
 
@@ -62,7 +64,9 @@ class TrainOptions:
     (`conflicts_on_resume`); the SESSION ones apply to the new session.
     """
 
-    data: str | None = _option()  # a cache (.h5), a data-set folder, or None: the demo set
+    # a cache (.h5), a data-set folder, or None: the demo set. On resume: the run's own data,
+    # or its cache at a new place (checked by `setup.resumed_config`, not field by field)
+    data: str | None = _option(on_resume=SESSION)
     out: str | None = _option(on_resume=SESSION)  # the run folder (default runs/<data>-<time>)
     resume: str | None = _option(on_resume=SESSION)  # a run folder to continue
     finetune_from: str | None = _option()  # a checkpoint or run folder to start from
@@ -78,6 +82,7 @@ class TrainOptions:
     smooth: float | None = _option()
     lr_scaling: str | None = _option()
     bce_weight: float | None = _option()
+    norm: str | None = _option()  # "none" | "instance" | "batch" after every 3x3 convolution
     device: str = _option("auto", on_resume=SESSION)
     workers: int = _option(2, on_resume=SESSION)
     queue: int | None = _option(on_resume=SESSION)
@@ -150,7 +155,9 @@ class TrainConfig:
     smooth: float = 1.0  # the Dice loss's smoothing s
     lr_scaling: str = "none"  # "none" (the paper's Adam) or "fan_in" (see lr_scale)
     bce_weight: float = 0.0  # > 0: add this x per-sample summed BCE to the Dice loss
+    norm: str = "none"  # the U-Net's normalisation layers (a run from before them: none)
     selection_metric: str = SELECTION_METRIC
+    cache_identity: str = ""  # `nodulekit.data.fingerprint.cache_identity` of the cache
     eval_batch_size: int = 0  # 0: the training batch size
     test_after: bool = True  # evaluate the best model on the test split at the end
     extra: dict = field(default_factory=dict)
@@ -172,8 +179,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.epochs < 0:
-            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -189,11 +196,35 @@ class TrainConfig:
             problems.append(f"smooth must be >= 0, got {self.smooth}")
         if self.lr_scaling not in LR_SCALINGS:
             problems.append(f"lr scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
-        if self.workers < 0:
-            problems.append(f"workers must be >= 0, got {self.workers}")
+        problems += self._norm_problems() + self._session_problems()
         if problems:
             raise ValueError("; ".join(problems))
         check_input_shape(self.image_shape, self.depth)
+
+    def validate_session(self) -> None:
+        """The options a resumed session may change (workers, queue)."""
+        problems = self._session_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _norm_problems(self) -> list[str]:
+        if self.norm not in NORMS:
+            return [f"norm must be one of {NORMS}, got {self.norm!r}"]
+        h, w = (int(v) >> int(self.depth) for v in self.image_shape)
+        if self.norm == "instance" and h * w < 2:
+            return [f"instance norm takes statistics over each slice's pixels, and at depth "
+                    f"{self.depth} the deepest level of a {self.image_shape[0]}x"
+                    f"{self.image_shape[1]} input has one; use a larger --size or a smaller "
+                    "--depth"]
+        return []
+
+    def _session_problems(self) -> list[str]:
+        problems = []
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.queue is not None and self.queue < 1:
+            problems.append(f"queue must be >= 1 batch, got {self.queue}")
+        return problems
 
 
 def check_input_shape(shape, depth: int) -> None:

@@ -24,7 +24,14 @@ for any thread count (`engine/cpu.py` splits every sum the same way whatever its
 do); the tests check it with a real SIGKILL.
 
 A NaN or Inf loss stops the run (`TrainingDiverged`) naming the epoch and step; nothing of
-that epoch is saved, so checkpoint_last stays the last good one.
+that epoch is saved, so checkpoint_last stays the last good one. So does a file of the run
+folder that cannot be written (a full disk: `WriteFailed`, one line naming the file, the
+cause and the epoch checkpoint_last.h5 still holds).
+
+The run folder has one writer: rank 0 locks it (`nodulekit.training.runlock`) before it
+reads or writes anything there, removes the temporary files a killed session left, and
+releases it when the session ends; a new run that stops before its first checkpoint removes
+what it wrote there (a failed start leaves no empty run folder).
 
 Data-parallel (`nodulekit.distributed`; `mpiexec -n N nodulekit train` or `--gpus N`): rank 0
 resolves the configuration (and reads a checkpoint to resume or fine-tune) and sends it to
@@ -55,6 +62,11 @@ from nodulekit.training.config import TrainConfig, TrainOptions, center_crop
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message says where and which checkpoint is good."""
+
+
+class WriteFailed(OSError):
+    """A file of the run folder could not be written (a full disk, ...); the message names
+    it, the cause, and the epoch that checkpoint_last.h5 still holds."""
 
 
 @dataclass
@@ -95,10 +107,19 @@ def train(options: TrainOptions | None = None, *, echo=None, callback=None, comm
     early = _Buffered(echo)  # lines printed before the run folder (and its log) exists
     held = {}
 
+    def claim(folder: Path) -> None:  # rank 0: lock the run folder for this session
+        from nodulekit.training.runlock import RunLock
+
+        held["lock"] = lock = RunLock.acquire(folder)
+        removed = lock.clean_stale_partials()
+        if removed:
+            early(f"removed {len(removed)} temporary file(s) that a stopped session left in "
+                  f"{folder}: {', '.join(sorted(removed))}")
+
     def setup():  # rank 0 only: may generate the demo set or preprocess a folder
         from nodulekit.training.setup import resolve
 
-        config, ckpt = resolve(options, early, options.progress)
+        config, ckpt = resolve(options, early, options.progress, claim=claim)
         if comm.size > 1:
             distributed.check_global_batch(config.batch_size, comm.size)
         held["ckpt"] = ckpt
@@ -118,6 +139,9 @@ def train(options: TrainOptions | None = None, *, echo=None, callback=None, comm
             finally:
                 report.close()
         finally:
+            lock = held.pop("lock", None)
+            if lock is not None:
+                lock.release(new_run=options.resume is None)
             if own_comm:
                 comm.close()
     return result
@@ -143,7 +167,7 @@ def _without_arrays(ckpt):
         return None
     adam = None if ckpt.adam is None else {k: v for k, v in ckpt.adam.items()
                                           if k not in ("m", "v")}
-    return dataclasses.replace(ckpt, params=None, adam=adam)
+    return dataclasses.replace(ckpt, params=None, adam=adam, buffers=None)
 
 
 class _Buffered:
@@ -181,10 +205,13 @@ class Training:
             self._continue_from(ckpt)
         if self.dist is not None:  # every rank starts from rank 0's weights (and Adam state)
             self.dist.bcast(self.model.params)
+            if self.model.buffers.size:  # batch norm's running statistics
+                self.dist.bcast(self.model.buffers)
             if ckpt is not None:
                 self.dist.bcast(self.optimizer.m)
                 self.dist.bcast(self.optimizer.v)
         self.resumed_from = ckpt.epoch if ckpt is not None else None
+        self.saved_epoch = self.epoch  # what checkpoint_last.h5 holds
         self.fault = distributed.fault_hook(comm)
         self.cache = self.loader = None
 
@@ -221,7 +248,7 @@ class Training:
                                              self.backend)
             # the other ranks: rank 0's weights come by broadcast
         return UNet(self.backend, depth=config.depth, width=config.width,
-                    in_channels=config.in_channels, seed=config.seed)
+                    in_channels=config.in_channels, seed=config.seed, norm=config.norm)
 
     def _optimizer_and_step(self):
         from nodulekit.nn import Adam, TrainStep, lr_scale
@@ -237,7 +264,10 @@ class Training:
 
     def _continue_from(self, ckpt) -> None:
         if ckpt.params is not None:
+            from nodulekit.training.checkpoint import load_buffers
+
             self.model.load_flat(ckpt.params)
+            load_buffers(self.model, ckpt)
             self.optimizer.load_state(ckpt.adam)
         else:  # another rank: the arrays come by broadcast
             self.optimizer.step_count = int(ckpt.adam["step"])
@@ -283,7 +313,8 @@ class Training:
                     f"and {self.n_test} test slices")
         scaled = " scaled by fan-in" if self.step.lr_scale is not None else ""
         bce = f" + {config.bce_weight:g} x BCE" if config.bce_weight else ""
-        self.report(f"model: U-Net depth {config.depth} width {config.width}, "
+        norm = f", {config.norm} norm" if config.norm != "none" else ""
+        self.report(f"model: U-Net depth {config.depth} width {config.width}{norm}, "
                     f"{self.model.num_parameters:,} parameters; Adam lr {config.lr:g}{scaled}; "
                     f"Dice loss (smoothing {config.smooth:g}){bce}; {config.epochs} epochs; "
                     f"seed {config.seed}")
@@ -301,9 +332,9 @@ class Training:
             for epoch in range(self.epoch, self.config.epochs):
                 self.run_epoch(epoch)
             seconds = time.perf_counter() - t_start
-            self.report(f"trained {self.config.epochs} epochs in {seconds:.1f} s; best "
-                        f"validation mean IoU {self.best_score:.4f} at epoch "
-                        f"{self.best_epoch} (checkpoint_best.h5)")
+            self.report(f"{self._trained()} in {seconds:.1f} s; best validation mean IoU "
+                        f"{self.best_score:.4f} at epoch {self.best_epoch} "
+                        "(checkpoint_best.h5)")
         except TrainingDiverged as exc:
             raise self._diverged(exc) from None
         except KeyboardInterrupt:
@@ -319,6 +350,15 @@ class Training:
                              seconds=seconds, rank=self.comm.rank, ranks=self.comm.size)
         self.test(result, t_start)
         return result
+
+    def _trained(self) -> str:
+        """What this session trained: "trained 5 epochs", or for a resumed run "trained
+        epochs 3-5 (3 this session; resumed after epoch 2)"."""
+        first, last = self.resumed_from or 0, self.config.epochs
+        if not first:
+            return f"trained {last} epochs"
+        return (f"trained epochs {first + 1}-{last} ({last - first} this session; resumed "
+                f"after epoch {first})")
 
     def run_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -416,13 +456,26 @@ class Training:
 
     def save(self, epoch: int, improved: bool) -> None:
         """Checkpoints (best first: killed between the two, the run resumes from the older
-        "last" and recomputes the same epoch, rewriting the same best), metrics, plot."""
+        "last" and recomputes the same epoch, rewriting the same best), metrics, plot. A
+        file that cannot be written stops the run with `WriteFailed`."""
+        try:
+            self._write_run_files(epoch, improved)
+        except OSError as e:
+            what = "checkpoint" if str(e.filename or "").endswith(".h5") else "file"
+            kept = (f"checkpoint_last.h5 still holds epoch {self.saved_epoch}"
+                    if self.saved_epoch else "no checkpoint_last.h5 yet: nothing to resume")
+            raise WriteFailed(f"could not write {what} {e.filename}: {e.strerror or e}; "
+                              f"{kept}") from None
+
+    def _write_run_files(self, epoch: int, improved: bool) -> None:
         from nodulekit.training.checkpoint import Checkpoint, save_checkpoint
         from nodulekit.training.runfiles import plot_progress, write_metrics_csv
 
         config = self.config
         state = Checkpoint(params=self.backend.to_host(self.model.params),
                            layout=self.model.layout, config=config.to_dict(), epoch=epoch + 1,
+                           buffers=self.backend.to_host(self.model.buffers),
+                           buffer_layout=self.model.buffer_layout,
                            global_step=self.global_step, adam=self.optimizer.state(),
                            history=self.history, best_epoch=self.best_epoch,
                            best_score=self.best_score,
@@ -433,6 +486,7 @@ class Training:
                             dataclasses.replace(state, kind="best"))
         save_checkpoint(self.run_dir / "checkpoint_last.h5",
                         dataclasses.replace(state, kind="last"))
+        self.saved_epoch = epoch + 1
         write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         plot_progress(self.run_dir / "progress.png", self.history,
                       title=f"U-Net depth {config.depth} width {config.width}, "
@@ -518,12 +572,12 @@ def _check_same_weights(comm, be, model, opt, epoch: int, report) -> None:
     (every rank adds the same averaged gradient); if an all-reduce ever gave the ranks
     different sums, say so and give every rank rank 0's weights and Adam state."""
     xp = be.xp
-    mine = tuple(float(be.to_host(xp.sum(a, dtype=xp.float64)))
-                 for a in (model.params, opt.m, opt.v))
+    arrays = (model.params, opt.m, opt.v) + ((model.buffers,) if model.buffers.size else ())
+    mine = tuple(float(be.to_host(xp.sum(a, dtype=xp.float64))) for a in arrays)
     every = comm.allgather_object(mine)
     if all(f == every[0] for f in every):
         return
     report(f"warning: after epoch {epoch + 1} the ranks' weights differ (sums {every}); "
            "continuing from rank 0's")
-    for a in (model.params, opt.m, opt.v):
+    for a in arrays:
         comm.bcast(a)

@@ -9,19 +9,28 @@ A run folder holds::
     checkpoint_best.h5     the epoch with the best validation mean IoU so far
     train.log              everything printed, with a time stamp per line
     test/summary.json      the best model on the test split (when the cache has one)
+    .lock                  who writes the folder now (`nodulekit.training.runlock`)
+
+Every file but the log is written to a temporary file beside it (``.NAME.<pid>-<random>
+.partial``, mode 0666 less the umask, like the log) and renamed over it; a failed write
+(a full disk, a read-only folder) is an OSError naming the file, with the temporary file
+removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from nodulekit.training.checkpoint import write_file_atomic
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
                   "val_iou", "val_global_dice", "seconds", "train_seconds", "images_per_s",
@@ -52,29 +61,33 @@ class Reporter:
         self.log(message)
 
     def log(self, message: str, when: float | None = None) -> None:
-        """Into the log file only (stamped with `when`, a time.time(), default now)."""
+        """Into the log file only (stamped with `when`, a time.time(), default now). A log
+        that cannot be written (a full disk) is given up, once, with a warning: the run's
+        own error, if any, is what the user must see."""
         if self._file is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-            for line in str(message).splitlines() or [""]:
-                self._file.write(f"{stamp}  {line}\n")
-            self._file.flush()
+            try:
+                for line in str(message).splitlines() or [""]:
+                    self._file.write(f"{stamp}  {line}\n")
+                self._file.flush()
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
+                if not self.quiet:
+                    print(f"warning: cannot write {self.log_path} ({e.strerror or e}); "
+                          "no longer logging to it", file=sys.stderr)
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk: the flush fails, still close
+                self._file.close()
             self._file = None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`text` into `path` atomically (see the module docstring)."""
+    write_file_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -199,7 +212,6 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    write_file_atomic(path, image.getbuffer())

@@ -1,13 +1,20 @@
 """From `TrainOptions` to a `TrainConfig`: a new run (its data made ready) or a resumed one.
 
 A new run takes its defaults from the data (the paper's for a cache or a data-set folder,
-the demo's for the embedded set), preprocesses a folder into the run folder, reads the
-architecture from the checkpoint it fine-tunes, and checks the input shape. A resumed run
-takes everything from its checkpoint_last; options given again must match, field by field.
+the demo's for the embedded set), preprocesses a folder into the run folder (or reuses the
+cache there when it still records that folder as it is: `nodulekit.data.fingerprint`), reads
+the architecture from the checkpoint it fine-tunes, and checks the input shape. A resumed
+run takes everything from its checkpoint_last; options given again must match, field by
+field; it may be pointed at its cache at a new place (DATA: ``nodulekit train --resume RUN
+NEW.h5``) when that holds the same slices (`cache_identity`).
+
+Both first lock the run folder (`claim`, `nodulekit.training.runlock`): nothing is read or
+written there before this process is its one writer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,22 +27,36 @@ from nodulekit.training.config import (
     resolve_size,
 )
 
+Claim = Callable[[Path], None]  # locks a run folder (made if missing) for this process
 
-def resolve(options: TrainOptions, report, progress: bool) -> tuple[TrainConfig, Checkpoint | None]:
-    """(configuration, checkpoint to resume from or None). `report` takes printed lines."""
+
+def _no_claim(_folder: Path) -> None:
+    pass
+
+
+def resolve(options: TrainOptions, report, progress: bool,
+            claim: Claim = _no_claim) -> tuple[TrainConfig, Checkpoint | None]:
+    """(configuration, checkpoint to resume from or None). `report` takes printed lines;
+    `claim` locks the run folder (called once, before anything there is read or written)."""
     if options.resume is not None:
-        config, ckpt = resumed_config(options)
+        config, ckpt = resumed_config(options, claim=claim, report=report)
         config.test_after = options.test
         return config, ckpt
-    return new_config(options, report=report, progress=progress), None
+    return new_config(options, report=report, progress=progress, claim=claim), None
 
 
-def new_config(options: TrainOptions, *, report, progress: bool) -> TrainConfig:
+def new_config(options: TrainOptions, *, report, progress: bool,
+               claim: Claim = _no_claim) -> TrainConfig:
+    from nodulekit.data.fingerprint import cache_identity
     from nodulekit.engine import resolve_device
 
     kind, name = _data_kind(options.data)
     defaults = DEMO_DEFAULTS if kind == "demo" else PAPER_DEFAULTS
     out = _run_folder(options.out, name)
+    claim(out)
+    if any((out / f"checkpoint_{which}.h5").exists() for which in ("last", "best")):
+        raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it, or "
+                         "choose another --out")
     cache = _ready_cache(options.data, kind, out, report=report, progress=progress)
     o = options.defaults_from(defaults)
     finetune = o.pop("finetune_from")
@@ -52,7 +73,8 @@ def new_config(options: TrainOptions, *, report, progress: bool) -> TrainConfig:
         seed=int(o["seed"] or 0), workers=int(options.workers), queue=options.queue,
         empty_fraction=float(o["empty_fraction"]), finetune_from=finetune,
         test_after=options.test, smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]),
-        bce_weight=float(o["bce_weight"]))
+        bce_weight=float(o["bce_weight"]), norm=str(o["norm"]),
+        cache_identity=cache_identity(cache))
     config.validate()
     return config
 
@@ -72,11 +94,7 @@ def _data_kind(data) -> tuple[str, str]:
 def _run_folder(out, name: str) -> Path:
     if out is None:
         out = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out).absolute()
-    if (out / "checkpoint_last.h5").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it, or "
-                         "choose another --out")
-    return out
+    return Path(out).absolute()
 
 
 def _ready_cache(data, kind: str, out: Path, *, report, progress: bool) -> Path:
@@ -88,24 +106,21 @@ def _ready_cache(data, kind: str, out: Path, *, report, progress: bool) -> Path:
         return Path(ensure_demo_cache(report=report, progress=progress)).absolute()
     if kind == "cache":
         return Path(data).absolute()
-    cache = out / "cache.h5"
-    if not cache.is_file():
-        from nodulekit.data.preprocess import preprocess
+    from nodulekit.data.fingerprint import cache_for_folder
 
-        out.mkdir(parents=True, exist_ok=True)
-        report(f"preprocessing {data} into {cache}")
-        report(preprocess(data, cache, progress=progress).format())
-    return cache.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    return cache_for_folder(data, out / "cache.h5", report=report, progress=progress,
+                            exclude=out).absolute()
 
 
 def _architecture_from(finetune, options: TrainOptions, resolved: dict) -> str:
-    """Fine-tuning: width and depth come from the checkpoint (an explicit other value is an
-    error). Returns the checkpoint's absolute path."""
+    """Fine-tuning: width, depth and norm come from the checkpoint (an explicit other value
+    is an error; a checkpoint from before norms has none). Returns its absolute path."""
     ft = load_checkpoint(resolve_checkpoint(finetune, prefer="best"))
-    for key in ("width", "depth"):
-        stored = int(ft.config[key])
+    for key, kind in (("width", int), ("depth", int), ("norm", str)):
+        stored = kind(ft.config.get(key, "none") if key == "norm" else ft.config[key])
         asked = getattr(options, key)
-        if asked is not None and int(asked) != stored:
+        if asked is not None and kind(asked) != stored:
             raise ValueError(f"--{key} {asked} differs from the fine-tuned checkpoint's "
                              f"{stored} ({ft.path})")
         resolved[key] = stored
@@ -121,10 +136,19 @@ def _shapes(cache: Path, size, depth: int) -> tuple[list[int], list[int]]:
     return resolve_size(cache_shape, size, depth), cache_shape
 
 
-def resumed_config(options: TrainOptions) -> tuple[TrainConfig, Checkpoint]:
+def resumed_config(options: TrainOptions, *, claim: Claim = _no_claim,
+                   report=print) -> tuple[TrainConfig, Checkpoint]:
     from nodulekit.engine import resolve_device
 
-    ckpt = load_checkpoint(resolve_checkpoint(options.resume, prefer="last"))
+    path = resolve_checkpoint(options.resume, prefer="last")
+    run = path.parent.absolute()
+    if options.out is not None and Path(options.out).resolve() != run.resolve():
+        raise ValueError(f"--out {options.out}: --resume continues the run in {run}, in "
+                         "place; drop --out (a new run takes --out without --resume)")
+    claim(run)
+    ckpt = load_checkpoint(path)
+    if ckpt.warning:
+        report(f"warning: {ckpt.warning}")
     config = TrainConfig.from_dict(ckpt.config)
     conflicts = options.conflicts_on_resume(config)
     if conflicts:
@@ -132,10 +156,96 @@ def resumed_config(options: TrainOptions) -> tuple[TrainConfig, Checkpoint]:
     if ckpt.adam is None:
         raise ValueError(f"{ckpt.path}: has no optimizer state, so it cannot be resumed "
                          "(use --finetune-from to start from its weights)")
+    _check_epochs(options.epochs if options.epochs is not None else config.epochs, ckpt, run)
     if options.epochs is not None:
         config.epochs = int(options.epochs)
     config.device = options.device
     config.backend, _ = resolve_device(options.device)
     config.workers, config.queue = int(options.workers), options.queue
-    config.out = str(ckpt.path.parent.absolute())
+    config.validate_session()
+    old_run, config.out = config.out, str(run)
+    _resumed_data(config, options.data, Path(old_run), report)
     return config, ckpt
+
+
+def _check_epochs(epochs: int, ckpt: Checkpoint, run: Path) -> None:
+    """A resumed run goes on: to more epochs than its checkpoint has done."""
+    done = ckpt.epoch
+    if epochs < done:
+        raise ValueError(f"{run} has trained {done} epochs; --epochs {epochs} would not "
+                         f"continue it (a run is not shortened: pass --epochs > {done}, or "
+                         f"start a new run)")
+    if epochs == done:
+        raise ValueError(f"{run} has finished its {done} epochs: pass --epochs > {done} to "
+                         f"train on (`nodulekit evaluate {run}` scores its best model)")
+
+
+def _resumed_data(config: TrainConfig, data, old_run: Path, report) -> None:
+    """Point `config.cache` at the run's cache: where it was, where `data` (the cache at a new
+    place) says, or inside the run folder when the folder was moved; it must hold the slices
+    the run trained on."""
+    from nodulekit.data.fingerprint import cache_identity
+
+    cache = Path(config.cache)
+    if data is not None and not _same_path(data, config.data):
+        given = Path(data).absolute()
+        if given.is_dir():
+            raise ValueError(f"{data}: with --resume, DATA names the run's cache (.h5) at a "
+                             f"new place; the run trained on {config.data}")
+        _check_same_cache(given, config, report)
+        report(f"reading the run's cache from {given} (recorded: {cache})")
+        config.cache = str(given)
+        if config.data_kind == "cache":
+            config.data = str(given)
+        return
+    if not cache.is_file():
+        inside = _moved_with_run(cache, old_run, Path(config.out))
+        if inside is not None:
+            config.cache = str(inside)
+        elif config.data_kind == "demo":
+            config.cache = str(_ready_cache(None, "demo", Path(config.out), report=report,
+                                            progress=False))
+        else:
+            raise ValueError(f"the run's cache {cache} is not there (moved or deleted?); "
+                             f"name it where it is now: nodulekit train --resume {config.out} "
+                             "PATH.h5")
+    if config.cache_identity:
+        if cache_identity(config.cache) != config.cache_identity:
+            raise ValueError(f"{config.cache} holds other slices than when the run started "
+                             "(rebuilt from other data?); resume with the cache it trained on "
+                             f"(nodulekit train --resume {config.out} PATH.h5)")
+    else:  # a run from before caches were identified: identify it from now on
+        config.cache_identity = cache_identity(config.cache)
+
+
+def _check_same_cache(given: Path, config: TrainConfig, report) -> None:
+    from nodulekit.data.cache import open_cache
+    from nodulekit.data.fingerprint import cache_identity
+
+    if config.cache_identity:
+        if cache_identity(given) != config.cache_identity:
+            raise ValueError(f"{given}: it holds other slices than the cache the run "
+                             f"trained on ({config.cache}); with --resume, DATA names that "
+                             "cache at a new place")
+        return
+    with open_cache(given) as c:
+        shape = list(c.split("train").image_shape)
+    if shape != list(config.cache_shape):
+        raise ValueError(f"{given}: its slices are {shape[0]}x{shape[1]}, the run's "
+                         f"cache's were {config.cache_shape[0]}x{config.cache_shape[1]}")
+    report(f"warning: the run recorded no identity of its cache; {given} was checked by its "
+           "slice size only")
+    config.cache_identity = cache_identity(given)
+
+
+def _same_path(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _moved_with_run(cache: Path, old_run: Path, run: Path) -> Path | None:
+    """The cache at its place inside the run folder, when the folder moved with it."""
+    try:
+        inside = run / cache.relative_to(old_run)
+    except ValueError:
+        return None
+    return inside if inside.is_file() else None
