@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+from tiny import TINY
 
 
 @pytest.fixture
@@ -53,3 +54,26 @@ def pytest_make_collect_report(collector):
                                f"installed here (the CPU-side stack; pip install it, or carry "
                                f"its wheel: bash bench/gpu_check.sh --fetch-wheels)")
     return report
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(data-set folder, cache path) of the tiny synthetic set (written as DICOM and read
+    back with pydicom: where pydicom is missing, as on a GPU machine without the carried
+    wheels, the tests that need it skip, saying so)."""
+    pytest.importorskip("pydicom", reason="the tiny data set is DICOM: pydicom is not "
+                        "installed (carry its wheel: bash bench/gpu_check.sh --fetch-wheels)")
+    from nodulekit.data.cache import open_cache
+    from nodulekit.data.preprocess import preprocess
+    from nodulekit.data.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(root / "data", SynthConfig(**TINY), workers=0)
+    preprocess(root / "data", root / "cache.h5", workers=0, progress=False)
+    with open_cache(root / "cache.h5") as c:
+        for split in ("train", "val", "test"):
+            has = c.split(split).meta["has_nodule"].astype(bool)
+            assert has.any() and (~has).any(), (
+                f"the tiny set's {split} split should hold slices with and without a nodule; "
+                f"synth changed? adjust TINY ({TINY})")
+    return root / "data", root / "cache.h5"

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_train_helpers import TINY, TINY_MODEL, tiny_data, tiny_train  # noqa: F401
+from tiny import TINY, TINY_MODEL, tiny_train
 
 from nodulekit.cli import main
 from nodulekit.training.checkpoint import CheckpointError, load_checkpoint
@@ -67,7 +67,7 @@ def _quiet(**kw):
 
 
 @pytest.fixture(scope="module")
-def run_1(tiny_data, tmp_path_factory):  # noqa: F811
+def run_1(tiny_data, tmp_path_factory):
     """A tiny run of one epoch (its checkpoints are read, never written, by the tests)."""
     _, cache = tiny_data
     run = tmp_path_factory.mktemp("faults") / "run"
@@ -136,7 +136,7 @@ def _split_slices(summary_path: Path) -> int:
     return json.loads(summary_path.read_text())["all"]["slices"]
 
 
-def test_evaluate_rebuilds_the_cache_for_other_data(run_1, tiny_data, other_data):  # noqa: F811
+def test_evaluate_rebuilds_the_cache_for_other_data(run_1, tiny_data, other_data):
     data_a, _ = tiny_data
     first = _cli("evaluate", run_1, data_a, "--device", "cpu", "--no-progress")
     assert first.exit_code == 0, first.output
@@ -160,7 +160,7 @@ def test_evaluate_rebuilds_the_cache_for_other_data(run_1, tiny_data, other_data
     assert "changed since it was built" in changed.output, changed.output
 
 
-def test_train_rebuilds_the_cache_in_its_run_folder(tiny_data, other_data, tmp_path):  # noqa: F811
+def test_train_rebuilds_the_cache_in_its_run_folder(tiny_data, other_data, tmp_path):
     """`train dirA --out X` that stops after preprocessing keeps X/cache.h5; `train dirB
     --out X` must not train on it."""
     from nodulekit.data.cache import open_cache
@@ -199,7 +199,7 @@ def _holder_pid(run: Path) -> int | None:
         return None
 
 
-def test_second_writer_is_refused_naming_the_holder(tiny_data, tmp_path):  # noqa: F811
+def test_second_writer_is_refused_naming_the_holder(tiny_data, tmp_path):
     _, cache = tiny_data
     run = tmp_path / "X"
     a = subprocess.Popen([sys.executable, "-m", "nodulekit.cli", "train", str(cache), "--out",
@@ -277,7 +277,7 @@ def _rank_pids(launcher: int) -> set[int]:
                     "'.[test]' brings mpi4py and mpich)")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_killed_launcher_leaves_no_rank_running(tiny_data, tmp_path, how):  # noqa: F811
+def test_killed_launcher_leaves_no_rank_running(tiny_data, tmp_path, how):
     """`nodulekit train --gpus 2` (two CPU ranks under the venv's mpiexec), killed as a
     scheduler kills it: SIGTERM is passed on to the ranks (the launcher then exits 143 and
     says so); after SIGKILL, which it cannot catch, the ranks end as well."""
@@ -338,7 +338,7 @@ def _check_left_epoch_1(run: Path, message: str, kinds=("last",)) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
-def test_full_disk_on_a_checkpoint_write_injected(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+def test_full_disk_on_a_checkpoint_write_injected(tiny_data, tmp_path, monkeypatch):
     _, cache = tiny_data
     run = tmp_path / "X"
     _fail_second_write_of("checkpoint_last.h5", monkeypatch)
@@ -347,7 +347,7 @@ def test_full_disk_on_a_checkpoint_write_injected(tiny_data, tmp_path, monkeypat
     _check_left_epoch_1(run, line.removeprefix("Error: "))
 
 
-def test_full_disk_on_a_checkpoint_write_real(tiny_data, tmp_path):  # noqa: F811
+def test_full_disk_on_a_checkpoint_write_real(tiny_data, tmp_path):
     """A 2 MB tmpfs, filled up during epoch 2: the real ENOSPC of a real file system."""
     _, cache = tiny_data
     disk = tmp_path / "disk"
@@ -372,7 +372,7 @@ def test_full_disk_on_a_checkpoint_write_real(tiny_data, tmp_path):  # noqa: F81
 # ----------------------------------------------------------------------------- 5: OSError
 
 
-def test_read_only_output_is_one_line_for_every_command(run_1, tiny_data,  # noqa: F811
+def test_read_only_output_is_one_line_for_every_command(run_1, tiny_data,
                                                         readonly_dir):
     data, cache = tiny_data
     dicom = sorted((data / "test").rglob("*.dcm"))[0]
@@ -395,7 +395,7 @@ def test_read_only_output_is_one_line_for_every_command(run_1, tiny_data,  # noq
         assert "Read-only file system" in line or "Permission denied" in line, line
 
 
-def test_debug_shows_the_traceback(tiny_data, readonly_dir):  # noqa: F811
+def test_debug_shows_the_traceback(tiny_data, readonly_dir):
     _, cache = tiny_data
     args = ["train", cache, "--out", readonly_dir / "run", "--epochs", 1, *TINY_ARGS]
     result = _cli("--debug", *args, catch=True)
@@ -459,7 +459,7 @@ def test_checkpoint_hash_covers_every_field(run_1, tmp_path, field):
     assert str(path) in str(err.value)
 
 
-def test_edited_checkpoint_blocks_resume(tiny_data, tmp_path):  # noqa: F811
+def test_edited_checkpoint_blocks_resume(tiny_data, tmp_path):
     _, cache = tiny_data
     run = tmp_path / "run"
     tiny_train(cache, run, epochs=1, test=False)
@@ -475,7 +475,7 @@ def test_edited_checkpoint_blocks_resume(tiny_data, tmp_path):  # noqa: F811
     _one_line_error(result, run / "checkpoint_last.h5", "SHA-256")
 
 
-def test_format_1_checkpoint_is_read_with_a_warning(run_1, tiny_data, tmp_path):  # noqa: F811
+def test_format_1_checkpoint_is_read_with_a_warning(run_1, tiny_data, tmp_path):
     path = tmp_path / "v1.h5"
     shutil.copy(run_1 / "checkpoint_best.h5", path)
 
@@ -499,7 +499,7 @@ def test_format_1_checkpoint_is_read_with_a_warning(run_1, tiny_data, tmp_path):
 # ----------------------------------------------------------------------------- 9: smaller
 
 
-def test_bad_counts_are_refused(tiny_data, run_1, tmp_path):  # noqa: F811
+def test_bad_counts_are_refused(tiny_data, run_1, tmp_path):
     _, cache = tiny_data
     for args in (["--epochs", 0], ["--queue", 0], ["--queue", -2], ["--batch-size", 0]):
         result = _cli("train", cache, "--out", tmp_path / "X", *TINY_ARGS, *args)
@@ -520,7 +520,7 @@ def test_bad_counts_are_refused(tiny_data, run_1, tmp_path):  # noqa: F811
     assert not (tmp_path / "X").exists()
 
 
-def test_resume_refuses_out_and_fewer_epochs(tiny_data, tmp_path):  # noqa: F811
+def test_resume_refuses_out_and_fewer_epochs(tiny_data, tmp_path):
     _, cache = tiny_data
     run = tmp_path / "run"
     tiny_train(cache, run, epochs=2, test=False)
@@ -538,7 +538,7 @@ def test_resume_refuses_out_and_fewer_epochs(tiny_data, tmp_path):  # noqa: F811
                for x in lines), lines
 
 
-def test_resume_from_a_moved_cache(tiny_data, tmp_path):  # noqa: F811
+def test_resume_from_a_moved_cache(tiny_data, tmp_path):
     _, cache = tiny_data
     place_a, place_b = tmp_path / "a.h5", tmp_path / "b.h5"
     shutil.copy(cache, place_a)
@@ -562,7 +562,7 @@ def test_resume_from_a_moved_cache(tiny_data, tmp_path):  # noqa: F811
     assert ck.epoch == 2 and ck.config["cache"] == str(place_b)
 
 
-def test_moved_run_folder_finds_its_own_cache(tiny_data, tmp_path):  # noqa: F811
+def test_moved_run_folder_finds_its_own_cache(tiny_data, tmp_path):
     data, _ = tiny_data
     tiny_train(data, tmp_path / "run", epochs=1, test=False)  # the cache inside the run
     (tmp_path / "run").rename(tmp_path / "moved")
@@ -570,7 +570,7 @@ def test_moved_run_folder_finds_its_own_cache(tiny_data, tmp_path):  # noqa: F81
     assert result.config.cache == str(tmp_path / "moved" / "cache.h5")
 
 
-def test_failed_start_leaves_no_run_folder(tiny_data, tmp_path):  # noqa: F811
+def test_failed_start_leaves_no_run_folder(tiny_data, tmp_path):
     _, cache = tiny_data
     run = tmp_path / "X"
     result = _cli("train", cache, "--out", run, *TINY_ARGS, "--batch-size", 1000)
@@ -586,7 +586,7 @@ def test_failed_start_leaves_no_run_folder(tiny_data, tmp_path):  # noqa: F811
     assert [p.name for p in run.iterdir()] == ["notes.txt"]  # a folder we did not make stays
 
 
-def test_stale_partial_files_are_removed_at_start(run_1, tiny_data, tmp_path):  # noqa: F811
+def test_stale_partial_files_are_removed_at_start(run_1, tiny_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_1, run)
     stale = [".checkpoint_last.h5.4242-0badc0de.partial", ".checkpoint_best.h5.x7a_2kq9.partial",
@@ -601,7 +601,7 @@ def test_stale_partial_files_are_removed_at_start(run_1, tiny_data, tmp_path):  
     assert any(f"removed {len(stale)} temporary file(s)" in x for x in lines), lines
 
 
-def test_predict_does_not_mix_old_and_new_outputs(run_1, tiny_data, tmp_path):  # noqa: F811
+def test_predict_does_not_mix_old_and_new_outputs(run_1, tiny_data, tmp_path):
     data, _ = tiny_data
     out = tmp_path / "pred"
     args = ["--out", out, "--device", "cpu", "--no-progress", "--truth", "none"]
@@ -625,7 +625,7 @@ def test_predict_does_not_mix_old_and_new_outputs(run_1, tiny_data, tmp_path):  
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_run_files_follow_the_umask(tiny_data, tmp_path, umask):  # noqa: F811
+def test_run_files_follow_the_umask(tiny_data, tmp_path, umask):
     _, cache = tiny_data
     old = os.umask(umask)
     try:

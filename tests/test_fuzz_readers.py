@@ -54,7 +54,7 @@ def mutations(data: bytes, n: int, seed: int):
 
 
 def _as_pydicom_reads_it(path: Path) -> np.ndarray:
-    """The HU that pydicom's general decoder makes of a file (the DESIGN.md formula)."""
+    """The HU that pydicom's general decoder makes of a file (the docs/design.md formula)."""
     ds = pydicom.dcmread(path)
     stored = ds.pixel_array
     slope = float(ds.RescaleSlope) if ds.get("RescaleSlope") not in (None, "") else 1.0

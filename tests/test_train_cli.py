@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from test_train_helpers import TINY, TINY_MODEL, tiny_data, tiny_train  # noqa: F401
+from tiny import TINY, TINY_MODEL, tiny_train
 
 from nodulekit.cli import main
 from nodulekit.evaluation.metrics import slice_scores
@@ -27,7 +27,7 @@ def _model_args():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_data, tmp_path_factory):  # noqa: F811
+def trained_run(tiny_data, tmp_path_factory):
     """`nodulekit train CACHE --epochs 2 ...` once, shared by the tests below."""
     _, cache = tiny_data
     run = tmp_path_factory.mktemp("cli") / "run"
@@ -37,7 +37,7 @@ def trained_run(tiny_data, tmp_path_factory):  # noqa: F811
     return run, result.output
 
 
-def test_train_writes_the_run_folder(trained_run, tiny_data):  # noqa: F811
+def test_train_writes_the_run_folder(trained_run, tiny_data):
     run, output = trained_run
     for name in ("config.json", "metrics.csv", "progress.png", "checkpoint_last.h5",
                  "checkpoint_best.h5", "train.log", "test/summary.json"):
@@ -65,7 +65,7 @@ def test_train_writes_the_run_folder(trained_run, tiny_data):  # noqa: F811
     assert "mean Dice" in output and "nodule 3-10mm" in output
 
 
-def test_evaluate(trained_run, tiny_data, tmp_path):  # noqa: F811
+def test_evaluate(trained_run, tiny_data, tmp_path):
     run, _ = trained_run
     _, cache = tiny_data
     result = _invoke("evaluate", run, cache, "--split", "test", "--out", tmp_path / "ev",
@@ -92,7 +92,7 @@ def test_evaluate(trained_run, tiny_data, tmp_path):  # noqa: F811
     assert at_end["all"] == s["all"]
 
 
-def test_predict(trained_run, tiny_data, tmp_path):  # noqa: F811
+def test_predict(trained_run, tiny_data, tmp_path):
     run, _ = trained_run
     data, _ = tiny_data
     out = tmp_path / "pred"
@@ -176,7 +176,7 @@ def test_inspect_matches_the_model(trained_run):
     assert result.exit_code != 0 and "not divisible by 2**depth = 4" in result.output
 
 
-def test_size_crop_and_clear_errors(tiny_data, tmp_path):  # noqa: F811
+def test_size_crop_and_clear_errors(tiny_data, tmp_path):
     _, cache = tiny_data
     # --size smaller than the slices: centre crop
     r = tiny_train(cache, tmp_path / "crop", epochs=1, size=16, test=False)
@@ -223,7 +223,7 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     assert "generating" not in result.output and cache.stat().st_mtime_ns == mtime
 
 
-def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):  # noqa: F811
+def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):
     data, _ = tiny_data
     r = tiny_train(data, tmp_path / "run", epochs=1, test=False)
     assert r.config.data_kind == "folder"
@@ -231,7 +231,7 @@ def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):  # noqa:
     assert (tmp_path / "run" / "cache.h5").is_file()
 
 
-def test_train_with_norm_then_inspect_and_evaluate(tiny_data, tmp_path):  # noqa: F811
+def test_train_with_norm_then_inspect_and_evaluate(tiny_data, tmp_path):
     """`train --norm batch`: the configuration and checkpoint record it, `inspect RUN`
     shows each norm layer after its convolution (and the parameters match the model's),
     `evaluate RUN` runs the model on its running statistics."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import TINY_MODEL, tiny_data, tiny_train  # noqa: F401
+from tiny import TINY_MODEL, tiny_train
 
 from nodulekit import distributed
 from nodulekit.training.checkpoint import load_checkpoint
@@ -106,7 +106,7 @@ def _same_training(single: Path, ranks: Path) -> None:
 
 
 @needs_mpi
-def test_two_ranks_equal_one_process(tiny_data, tmp_path):  # noqa: F811
+def test_two_ranks_equal_one_process(tiny_data, tmp_path):
     _, cache = tiny_data
     run = tmp_path / "ranks"
     proc = subprocess.run([_mpiexec(), "-n", "2", *_train_cmd(cache, run, "--epochs", "2")],
@@ -132,7 +132,7 @@ def test_two_ranks_equal_one_process(tiny_data, tmp_path):  # noqa: F811
 
 
 @needs_mpi
-def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):  # noqa: F811
+def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):
     """Batch norm on 2 ranks normalises with the global batch's statistics (each layer's
     per-channel sums all-reduced, forward and backward, as SyncBatchNorm), so it trains as
     one process with the whole batch: weights, Adam state, losses, validation metrics and
@@ -161,7 +161,7 @@ def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):  # no
 
 
 @needs_mpi
-def test_gpus_option_starts_the_ranks_itself(tiny_data, tmp_path):  # noqa: F811
+def test_gpus_option_starts_the_ranks_itself(tiny_data, tmp_path):
     """`nodulekit train --gpus 2` on a host without GPUs: two CPU ranks, under the venv's
     mpiexec; with the demo's step options, the same as one process again."""
     _, cache = tiny_data
@@ -177,7 +177,7 @@ def test_gpus_option_starts_the_ranks_itself(tiny_data, tmp_path):  # noqa: F811
 
 
 @needs_mpi
-def test_resume_on_two_ranks(tiny_data, tmp_path):  # noqa: F811
+def test_resume_on_two_ranks(tiny_data, tmp_path):
     """A run of one process resumed on 2 ranks: rank 0 reads the checkpoint and broadcasts
     weights and Adam's moments; it ends as one process would have."""
     _, cache = tiny_data
@@ -195,7 +195,7 @@ def test_resume_on_two_ranks(tiny_data, tmp_path):  # noqa: F811
 
 @needs_mpi
 @pytest.mark.parametrize("fault", ["kill", "raise"])
-def test_failed_rank_ends_the_run(tiny_data, tmp_path, fault):  # noqa: F811
+def test_failed_rank_ends_the_run(tiny_data, tmp_path, fault):
     """Rank 1 fails after step 3 while rank 0 goes on into the next all-reduce: SIGKILLed
     (mpiexec sees it die and ends rank 0), or raising an error of its own (it prints it
     and aborts the job; left alone it would wait in MPI_Finalize and rank 0 in the
@@ -220,7 +220,7 @@ def test_failed_rank_ends_the_run(tiny_data, tmp_path, fault):  # noqa: F811
 
 
 @needs_mpi
-def test_hung_rank_is_stopped_by_the_watchdog(tiny_data, tmp_path):  # noqa: F811
+def test_hung_rank_is_stopped_by_the_watchdog(tiny_data, tmp_path):
     """Rank 1 stops answering after step 3 (alive, so mpiexec sees nothing): rank 0's
     watchdog gives up after NODULEKIT_DIST_TIMEOUT seconds and aborts every rank."""
     _, cache = tiny_data
@@ -314,7 +314,7 @@ def test_split_range_and_global_batch():
         distributed.check_global_batch(5, 2)
 
 
-def test_sharded_loaders_see_each_sample_once(tiny_data):  # noqa: F811
+def test_sharded_loaders_see_each_sample_once(tiny_data):
     from nodulekit.data.loader import eval_loader, train_loader
 
     _, cache = tiny_data
@@ -361,7 +361,7 @@ class _TwoRanksRootOnly(distributed.Communicator):
         self.size, self.local_size = 2, 2
 
 
-def test_uneven_global_batch_is_refused(tiny_data, tmp_path):  # noqa: F811
+def test_uneven_global_batch_is_refused(tiny_data, tmp_path):
     _, cache = tiny_data
     with pytest.raises(distributed.DistributedError, match="global batch of 5 does not "
                        "divide evenly over 2 ranks"):
@@ -550,7 +550,7 @@ def test_nccl_allreduce_sum_queues_without_waiting(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_nccl_one_rank_trains(tiny_data, tmp_path):  # noqa: F811
+def test_nccl_one_rank_trains(tiny_data, tmp_path):
     """One NCCL rank: a real gradient all-reduce and weight broadcast on the GPU inside real
     training steps (the whole data-parallel path; several GPUs need several GPUs)."""
     from nodulekit.engine import cuda_usable

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from test_train_helpers import TINY_MODEL, read_params, tiny_data, tiny_train  # noqa: F401
+from tiny import TINY_MODEL, read_params, tiny_train
 
 from nodulekit.training.checkpoint import load_checkpoint
 from nodulekit.training.loop import TrainingDiverged, train
@@ -35,7 +35,7 @@ def _same_run(a, b):
     assert rows(a) == rows(b)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
     _, cache = tiny_data
     # the demo's options (per-layer lr scaling, small smoothing, BCE) take the other step path
     opts = dict(epochs=3, lr_scaling="fan_in", smooth=0.01, bce_weight=0.01)
@@ -61,7 +61,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):  # n
     assert "resuming from" in log and "2 epoch(s)" in log
 
 
-def test_resume_cannot_change_what_the_run_computes(tiny_data, tmp_path):  # noqa: F811
+def test_resume_cannot_change_what_the_run_computes(tiny_data, tmp_path):
     _, cache = tiny_data
     tiny_train(cache, tmp_path / "run", epochs=1)
     with pytest.raises(ValueError, match="lr is 0.001, cannot change it to 0.01"):
@@ -75,7 +75,7 @@ def test_resume_cannot_change_what_the_run_computes(tiny_data, tmp_path):  # noq
     assert [r["epoch"] for r in more.history] == [1, 2]
 
 
-def test_killed_process_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
+def test_killed_process_resumes_exactly(tiny_data, tmp_path):
     """SIGKILL a real `nodulekit train` at whatever point it has reached after its first
     checkpoint, resume it, and compare with a run that was never stopped."""
     _, cache = tiny_data
@@ -112,7 +112,7 @@ def test_killed_process_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
     _same_run(tmp_path / "straight", run)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,  # noqa: F811
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,
                                                            monkeypatch):
     import dataclasses
 
@@ -142,7 +142,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     assert len(read_metrics_csv(run / "metrics.csv")) == 1
 
 
-def test_finetune_starts_from_the_weights(tiny_data, tmp_path):  # noqa: F811
+def test_finetune_starts_from_the_weights(tiny_data, tmp_path):
     _, cache = tiny_data
     base = tiny_train(cache, tmp_path / "base", epochs=1, test=False)
     best = read_params(tmp_path / "base" / "checkpoint_best.h5")
@@ -165,7 +165,7 @@ def test_finetune_starts_from_the_weights(tiny_data, tmp_path):  # noqa: F811
                    width=8)
 
 
-def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):  # noqa: F811
+def test_lr_scaling_scales_each_layers_step(tiny_data, tmp_path):
     """With lr_scaling="fan_in" each tensor moves by its factor times Adam's step."""
     from nodulekit.engine import get_backend
     from nodulekit.nn import Adam, TrainStep, UNet, lr_scale
@@ -214,7 +214,7 @@ def test_bce_term_against_torch():
     np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-5, atol=1e-9)
 
 
-def test_batch_norm_run_resumes_exactly(tiny_data, tmp_path):  # noqa: F811
+def test_batch_norm_run_resumes_exactly(tiny_data, tmp_path):
     """With batch norm the run also carries its running statistics (checkpoint dataset
     /buffers, used by validation): interrupted and resumed, it ends with the same weights,
     Adam state, running statistics and metrics, bit for bit, as a run never stopped. A

@@ -16,7 +16,7 @@ worker process can pass them back to whoever writes the report:
 - RescaleSlope / RescaleIntercept missing: slope 1 and intercept 0 are used;
 - HU outside int16: clipped.
 
-HU follows DESIGN.md: ``hu = stored * RescaleSlope + RescaleIntercept``, rounded to int16.
+HU follows docs/design.md: ``hu = stored * RescaleSlope + RescaleIntercept``, rounded to int16.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two layouts are read:
 
-- **UniToChest** (DESIGN.md): split folders ``train/ val/ test/``, each with
+- **UniToChest** (docs/design.md): split folders ``train/ val/ test/``, each with
   ``images/patient_XXXX/exam_N/*.dcm``, PNG masks mirrored under ``masks/``, and
   ``<split>_dataset.csv`` with columns ``patientID, exam, slice, image, mask`` (``image`` and
   ``mask`` relative to ``images/`` and ``masks/``; ``mask`` empty for a slice without a

@@ -2,7 +2,7 @@
 
 What a batch is (`Batch`): ``hu`` int16 [B, H, W], ``mask`` uint8 [B, H, W] in {0, 1}, both
 C-contiguous; ``aug`` float32 [B, 3] with columns (flip_h, flip_v, angle_deg): flips in
-{0., 1.} with p = 0.5 each, the angle uniform in [-max_angle, max_angle] (DESIGN.md: 20
+{0., 1.} with p = 0.5 each, the angle uniform in [-max_angle, max_angle] (docs/design.md: 20
 degrees); all zeros when augmentation is off. ``index`` int64 [B]: the cache rows, to find
 each slice's metadata. ``hu, mask, aug = batch`` unpacks the three arrays.
 

@@ -10,7 +10,7 @@ about -850, fat about -100, soft tissue 0..60, bone 300..1200; clipped to the sc
 several slices. Patients are split 80/10/10 by the seeded patient-level split of
 `layout.split_patients`.
 
-Written (as DESIGN.md describes UniToChest), for each split folder train/ val/ test/:
+Written (as docs/design.md describes UniToChest), for each split folder train/ val/ test/:
 
     images/patient_XXXX/exam_1/NNNN.dcm   CT slices, stored int16 with RescaleIntercept -1024
     masks/patient_XXXX/exam_1/NNNN.png    0/255 masks, only for slices with a nodule
