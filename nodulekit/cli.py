@@ -25,7 +25,7 @@ class _Group(click.Group):
         except OSError as e:
             if _debug(ctx):
                 raise
-            raise click.ClickException(_describe_os_error(e)) from None
+            raise click.ClickException(describe_os_error(e)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +48,7 @@ def _user_error(e: Exception, prefix: str = "") -> Exception:
     --debug the error itself, so that its traceback shows."""
     if _debug():
         return e
-    return click.ClickException(prefix + (_describe_os_error(e) if isinstance(e, OSError)
+    return click.ClickException(prefix + (describe_os_error(e) if isinstance(e, OSError)
                                           else str(e)))
 
 
@@ -58,7 +58,7 @@ _H5_FILE = re.compile(r"(?:file)?name = '([^']*)'")
 _RANDOM_PART = re.compile(r"^(\d+|\d+-[0-9a-f]{8}|[0-9a-z_]{8})$")
 
 
-def _describe_os_error(e: OSError) -> str:
+def describe_os_error(e: OSError) -> str:
     """One line for the user, "PATH: cause": the path they named (a hidden temporary file's
     target, not the temporary file) and the cause in words."""
     if e.errno is None:  # a message of our own (FileExistsError("X exists; ..."), ...)

@@ -407,19 +407,19 @@ def test_debug_shows_the_traceback(tiny_data, readonly_dir):
 
 
 def test_os_error_names_the_users_file_not_the_temporary_one():
-    from nodulekit.cli import _describe_os_error
+    from nodulekit.cli import describe_os_error
 
     h5 = OSError(errno.ENOSPC, "Unable to synchronously create file (unable to open file: "
                  "name = '/data/run/.cache.h5.123.89abcdef.partial', errno = 28, error "
                  "message = 'No space left on device')")
-    assert _describe_os_error(h5) == ("/data/run/cache.h5: No space left on device (Unable "
+    assert describe_os_error(h5) == ("/data/run/cache.h5: No space left on device (Unable "
                                       "to synchronously create file)")
     plain = PermissionError(errno.EACCES, "Permission denied",
                             "/r/.checkpoint_last.h5.77-0badc0de.partial")
-    assert _describe_os_error(plain) == "/r/checkpoint_last.h5: Permission denied"
+    assert describe_os_error(plain) == "/r/checkpoint_last.h5: Permission denied"
     mkstemp = OSError(errno.EROFS, "Read-only file system", "/r/.metrics.csv.a1b_c9z0.partial")
-    assert _describe_os_error(mkstemp) == "/r/metrics.csv: Read-only file system"
-    assert _describe_os_error(FileExistsError("x exists; pass --overwrite")) == \
+    assert describe_os_error(mkstemp) == "/r/metrics.csv: Read-only file system"
+    assert describe_os_error(FileExistsError("x exists; pass --overwrite")) == \
         "x exists; pass --overwrite"
 
 

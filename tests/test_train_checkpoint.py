@@ -17,9 +17,9 @@ from nodulekit.training.checkpoint import (
 )
 
 
-def _trained(seed=0):
+def _trained(seed=0, norm="none"):
     be = get_backend("cpu")
-    model = UNet(be, depth=2, width=4, seed=seed)
+    model = UNet(be, depth=2, width=4, seed=seed, norm=norm)
     opt = Adam(be, model.params, model.grads, lr=1e-3)
     rng = np.random.default_rng(seed)
     x = rng.random((2, 16, 16, 1), dtype=np.float32)
@@ -137,18 +137,6 @@ def test_missing_parts_and_wrong_architecture(tmp_path):
         load_checkpoint(path)
 
 
-def _trained_with_norm(norm, seed=0):
-    be = get_backend("cpu")
-    model = UNet(be, depth=2, width=4, seed=seed, norm=norm)
-    opt = Adam(be, model.params, model.grads, lr=1e-3)
-    rng = np.random.default_rng(seed)
-    x = rng.random((2, 16, 16, 1), dtype=np.float32)
-    t = (rng.random((2, 16, 16, 1)) < 0.2).astype(np.uint8)
-    for _ in range(3):
-        TrainStep(model, opt)(x, t)
-    return be, model, opt, x
-
-
 def _save_with_norm(path, model, opt, norm, **kw):
     config = {"depth": model.depth, "width": model.width, "seed": 0, "lr": 1e-3, "norm": norm}
     return _save(path, model, opt, config=config, buffers=model.buffers,
@@ -160,7 +148,7 @@ def test_round_trip_with_norm(tmp_path, norm):
     """gamma and beta are parameters like any; batch norm's running statistics are a
     dataset of their own (/buffers, with its checksum), and the model rebuilt from the file
     evaluates exactly as the original (on the running statistics)."""
-    be, model, opt, x = _trained_with_norm(norm)
+    be, model, opt, x = _trained(norm=norm)
     path = _save_with_norm(tmp_path / "ck.h5", model, opt, norm)
     with h5py.File(path, "r") as f:
         assert ("buffers" in f) == (norm == "batch")
@@ -177,7 +165,7 @@ def test_round_trip_with_norm(tmp_path, norm):
 
 
 def test_batch_norm_buffers_are_checked(tmp_path):
-    be, model, opt, _ = _trained_with_norm("batch")
+    be, model, opt, _ = _trained(norm="batch")
     path = _save_with_norm(tmp_path / "ck.h5", model, opt, "batch")
     with h5py.File(path, "r") as f:
         offset = f["buffers"].id.get_offset()
@@ -207,7 +195,7 @@ def test_checkpoint_from_before_norms_is_norm_none(tmp_path):
     assert clone.norm == "none" and clone.buffers.size == 0
     np.testing.assert_array_equal(clone.forward(x, keep_for_backward=False),
                                   model.forward(x, keep_for_backward=False))
-    _, normed, nopt, _ = _trained_with_norm("instance")
+    _, normed, nopt, _ = _trained(norm="instance")
     path = _save(tmp_path / "mixed.h5", normed, nopt)  # instance-norm weights, no norm key
     with pytest.raises(CheckpointError, match="does not match a depth-2 width-4 U-Net with "
                                               "norm none"):

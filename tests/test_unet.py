@@ -141,10 +141,11 @@ def test_unet_with_norm_matches_torch(backend, case, norm):
         assert np.abs(train_logits - logits).max() > 1e3 * rel_tol * np.abs(logits).max()
 
 
-@pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_twenty_adam_steps_with_norm_match_torch(norm):
-    """As test_twenty_adam_steps_match_torch, with a norm: gamma and beta train under Adam,
-    batch norm's running statistics follow torch's."""
+@pytest.mark.parametrize("norm", ["none", "instance", "batch"])
+def test_twenty_adam_steps_match_torch(norm):
+    """20 steps of ours and of torch from the same weights: the same losses and weights;
+    with a norm, gamma and beta train under Adam and batch norm's running statistics
+    follow torch's."""
     depth, width, lr = 2, 4, 1e-3
     be = get_backend("cpu")
     model = UNet(be, depth=depth, width=width, seed=5, norm=norm)
@@ -172,35 +173,6 @@ def test_twenty_adam_steps_with_norm_match_torch(norm):
     for name, value in model.buffer_dict().items():
         np.testing.assert_allclose(value, tmodel.export_buffers()[name], rtol=1e-4, atol=1e-5,
                                    err_msg=name)
-
-
-def test_twenty_adam_steps_match_torch():
-    depth, width, lr = 2, 4, 1e-3
-    be = get_backend("cpu")
-    model = UNet(be, depth=depth, width=width, seed=5)
-    opt = Adam(be, model.params, model.grads, lr=lr)
-    image, mask = _batch(2, 16, 24, seed=1)
-    x = image.astype(np.float32)
-
-    tmodel = TorchUNet(depth, width).load_ours(model.state_dict())
-    topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
-    tx = torch.tensor(x.transpose(0, 3, 1, 2))
-    tt = torch.tensor(mask.transpose(0, 3, 1, 2))
-
-    step = TrainStep(model, opt)
-    ours_losses, torch_losses = [], []
-    for _ in range(20):
-        ours_losses.append(float(step(x, mask).dice))
-        topt.zero_grad()
-        loss = torch_dice_loss(tmodel(tx), tt)
-        loss.backward()
-        topt.step()
-        torch_losses.append(loss.item())
-    np.testing.assert_allclose(ours_losses, torch_losses, atol=1e-4)
-    assert ours_losses[-1] < ours_losses[0] - 1e-3, "20 steps should lower the loss"
-    final = tmodel.export_ours()
-    for name, value in model.state_dict().items():
-        np.testing.assert_allclose(value, final[name], atol=2e-4, err_msg=name)
 
 
 def test_input_size_must_divide_by_two_to_the_depth():
