@@ -21,6 +21,8 @@ SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 def test_a_module_needing_a_missing_optional_package_is_skipped(tmp_path):
     conftest = (Path(__file__).with_name("conftest.py")).read_text()
+    # conftest.py imports tests/tiny.py (a plain module beside it): carry it along
+    (tmp_path / "tiny.py").write_text(Path(__file__).with_name("tiny.py").read_text())
     (tmp_path / "conftest.py").write_text(conftest + "\n\nimport sys  # noqa: E402\n\n"
                                           "sys.modules['pydicom'] = None  # as if missing\n")
     (tmp_path / "test_needs_dicom.py").write_text("import pydicom\n\n\ndef test_x():\n"
