@@ -237,6 +237,20 @@ def _library_errors():
             PreprocessError, CheckpointError, TrainingDiverged)
 
 
+def _patch_value(ctx, param, value):
+    """`--patch`: a positive int, or "auto" (None: chosen from the slices and the device)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        patch = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number of pixels nor 'auto'",
+                                 ctx=ctx, param=param) from None
+    if patch < 1:
+        raise click.BadParameter(f"{patch} must be at least 1", ctx=ctx, param=param)
+    return patch
+
+
 @main.command()
 @click.argument("data", required=False, type=click.Path(exists=True))
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -277,6 +291,17 @@ def _library_errors():
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
               help="Normalisation after each 3x3 convolution (conv -> norm -> ReLU; batch norm "
                    "over the global batch on several ranks)  [default: none]")
+@click.option("--patch", default=None, metavar="P|auto", callback=_patch_value,
+              help="Train on P x P crops of the cache's native-resolution slices (P a multiple "
+                   "of 2**depth, at most the slice size); validation, test and predict use "
+                   "whole slices  [default: auto: min(slice, 128) on the CPU, min(slice, 256) "
+                   "on a GPU]")
+@click.option("--foreground-fraction", type=click.FloatRange(0, 1), default=None,
+              help="Of the patches, the fraction placed on a nodule (nnU-Net's foreground "
+                   "oversampling); the rest are uniform over the slice  [default: 1/3]")
+@click.option("--context-slices", type=click.IntRange(min=0), default=None,
+              help="Feed the K slices below and above as extra input channels (2.5D; at a "
+                   "scan's edge the last slice repeats)  [default: 0]")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
@@ -371,6 +396,16 @@ def _command_line(ctx, drop=()) -> list[str]:
     return args + (["--", *positional] if positional else [])
 
 
+def _tile_option(f):
+    return click.option(
+        "--tile", default="auto", show_default=True,
+        help="Whole slices run at their own size (padded with air to a multiple of "
+             "2**depth). 'auto': in tiles only where the forward pass would exceed the memory "
+             "budget (a quarter of the free memory, or NODULEKIT_INFER_MEMORY_MB); 'off': "
+             "never; N: tiles of N x N. Tiles overlap by the network's reach, so the result "
+             "is the untiled one.")(f)
+
+
 @main.command()
 @click.argument("run", type=click.Path(exists=True))
 @click.argument("data", required=False, type=click.Path(exists=True))
@@ -382,7 +417,8 @@ def _command_line(ctx, drop=()) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Slices per forward pass.")
 @click.option("--size", type=click.IntRange(min=1), default=None,
-              help="Centre-crop the slices to SIZE x SIZE.")
+              help="Centre-crop the slices to SIZE x SIZE (default: whole slices).")
+@_tile_option
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Loader threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -417,6 +453,7 @@ def evaluate(run, precision, no_progress, **options):
 @_run_device_options
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Slices per forward pass.")
+@_tile_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def predict(checkpoint, inputs, out, precision, no_progress, **options):
     """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
@@ -435,9 +472,12 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
     click.echo(f"wrote {result.written} mask(s) and overlay(s) under {result.out}")
     if result.summary:
         a, nod = result.summary["all"], result.summary["nodule_slices"]
-        click.echo(f"against the truth masks: {a['slices']} slices, mean Dice "
-                   f"{a['mean_dice']:.4f}, mean IoU {a['mean_iou']:.4f}, global Dice "
-                   f"{a['global_dice']:.4f}; {nod['slices']} with a nodule")
+        from nodulekit.evaluation.metrics import format_conventions
+
+        click.echo(f"against the truth masks: {a['slices']} slices, mean IoU "
+                   f"{a['mean_iou']:.4f}, global Dice {a['global_dice']:.4f}; "
+                   f"{nod['slices']} with a nodule")
+        click.echo(format_conventions(a))
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} input(s) could not be read "
                                    f"(listed above)")

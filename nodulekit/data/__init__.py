@@ -30,7 +30,8 @@ _EXPORTS = {
     "PreprocessOptions": "preprocess", "NotCTError": "dicom",
     "Loader": "loader", "Batch": "loader", "train_loader": "loader",
     "eval_loader": "loader", "LoaderError": "loader", "SampleOptions": "loader",
-    "ReadOptions": "loader", "fits_in_memory": "loader",
+    "ReadOptions": "loader", "fits_in_memory": "loader", "CropOptions": "loader",
+    "context_table": "loader",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,15 +6,36 @@ C-contiguous; ``aug`` float32 [B, 3] with columns (flip_h, flip_v, angle_deg): f
 degrees); all zeros when augmentation is off. ``index`` int64 [B]: the cache rows, to find
 each slice's metadata. ``hu, mask, aug = batch`` unpacks the three arrays.
 
+What a sample is (`CropOptions`): by default the whole slice. ``region`` keeps a centred
+window of every slice (`--size`); ``patch`` (P_h, P_w) trains on crops of that size inside it
+(native-resolution patch training, as nnU-Net): then H, W above are the patch's and
+``origin`` int64 [B, 2] holds each crop's top-left (row, column) in the slice. A fraction
+``foreground_fraction`` of the samples (default 1/3, nnU-Net's) has its crop placed on a
+nodule: a nodule pixel of the slice is drawn at random, then a crop position containing it,
+uniformly; the other samples, and those of slices without a nodule pixel in the region, get
+a crop uniform over the region. The nodule pixels of every slice are indexed once when the
+loader is built (at most `MAX_FOREGROUND_PIXELS` per slice, evenly spaced in raster order),
+so planning an epoch reads no mask. Augmentation (`window_augment`: flips, rotation about the
+crop's centre) is applied to the crop after cropping, image and mask alike; what the
+rotation brings in from outside the crop is air (-1000 HU) and background, as for whole
+slices. With ``context_slices`` K > 0, ``hu`` is int16 [B, 2K+1, H, W]: the K slices below,
+the slice itself (channel K) and the K above, in the same patient and exam ordered by
+slice position (`context_table`), the same window of each; at a scan's first or last slice
+the edge slice repeats. ``mask`` stays the centre slice's.
+
 What an epoch is (the paper's sampling): with ``sampling="nodules"`` the split's slices that
 contain a nodule, plus, when ``empty_fraction`` > 0, that fraction of its empty slices drawn
 afresh each epoch (the paper's fine-tuning uses 2%); with ``sampling="all"`` every slice in
 cache order (evaluation). Everything random (which empty slices, the order, the
-augmentation parameters of each sample) is drawn up front in the main thread from one RNG
-seeded by (seed, epoch), so an epoch's batches depend on nothing else: not on
-`num_workers`, not on `queue_size`, not on timing.
+augmentation parameters of each sample, which samples are placed on a nodule, the crop
+positions) is drawn up front in the main thread from one RNG seeded by (seed, epoch), so an
+epoch's batches depend on nothing else: not on `num_workers`, not on `queue_size`, not on
+timing. The crops' draws come after all the others, so an epoch's rows and augmentation are
+the same with or without patches, and a patch as large as the region draws nothing: its
+batches are those of whole slices, bit for bit.
 
-Workers are threads that read whole HDF5 chunks (one per slice) into the batch arrays; up
+Workers are threads that read whole HDF5 chunks (one per slice) into the batch arrays (a
+crop: the chunk, then its window; every chunk's checksum is checked either way); up
 to `queue_size` batches are read ahead of the consumer, like ECVL's `num_workers` and
 `queue_ratio_size` (ECVL's queue holds queue_ratio_size x num_workers batches). Threads are
 enough: a batch costs a few memory copies, and the consumer (a training step) releases the
@@ -46,6 +67,11 @@ from nodulekit.data.checksum import CHECKSUM_BYTES, chunk_ok
 
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
+FOREGROUND_FRACTION = 1.0 / 3.0  # nnU-Net's oversample_foreground_percent
+# Nodule pixels kept per slice to place crops on: a 30 mm nodule at 0.7 mm covers ~1,400
+# pixels; 1,024 evenly spaced ones place crops as well and bound the index (18,534 nodule
+# slices: at most 76 MB, in practice a few MB).
+MAX_FOREGROUND_PIXELS = 1024
 SAMPLINGS = ("nodules", "all")
 SHARDS = ("batches", "within", "blocks")
 
@@ -67,10 +93,11 @@ class NoNoduleSlices(LoaderError):
 
 @dataclass(frozen=True)
 class Batch:
-    hu: np.ndarray  # int16 [B, H, W]
+    hu: np.ndarray  # int16 [B, H, W]; with context slices [B, 2K+1, H, W]
     mask: np.ndarray  # uint8 [B, H, W], {0, 1}
     aug: np.ndarray  # float32 [B, 3]: flip_h, flip_v, angle_deg
     index: np.ndarray  # int64 [B]: rows of the split in the cache
+    origin: np.ndarray | None = None  # int64 [B, 2]: each window's top-left (None: whole)
 
     def __iter__(self):
         """``hu, mask, aug = batch``."""
@@ -86,6 +113,8 @@ class EpochPlan:
 
     rows: list[np.ndarray]  # int64 per batch
     aug: list[np.ndarray]  # float32 [b, 3] per batch
+    origin: list[np.ndarray] | None = None  # int64 [b, 2] per batch (None: whole slices)
+    foreground: list[np.ndarray] | None = None  # bool [b] per batch: crop placed on a nodule
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,33 @@ class ReadOptions:
     in_memory: bool = False
 
 
+@dataclass(frozen=True)
+class CropOptions:
+    """What each sample is: which window of its slice, with which channels (module doc).
+
+    region: (H, W) of the centred window of every slice that samples come from (a centre
+        crop, `--size`); None: the whole slice.
+    patch: (H, W) (or one int: square) of the training crops inside the region; None or the
+        region's size: the whole region, no random crop.
+    foreground_fraction: of the samples, the fraction whose crop is placed on a nodule.
+    context_slices: K slices below and above as extra channels (hu [B, 2K+1, H, W]).
+    progress: a progress bar while the nodule pixels are indexed (when that takes a while).
+    """
+
+    region: tuple[int, int] | None = None
+    patch: tuple[int, int] | int | None = None
+    foreground_fraction: float = FOREGROUND_FRACTION
+    context_slices: int = 0
+    progress: bool = False
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    h, w = (value, value) if np.isscalar(value) else tuple(value)
+    if int(h) < 1 or int(w) < 1:
+        raise LoaderError(f"{what} must be at least 1x1, got {h}x{w}")
+    return int(h), int(w)
+
+
 def _check_options(batch_size: int, sample: SampleOptions, read: ReadOptions) -> None:
     if batch_size < 1:
         raise LoaderError(f"batch_size must be at least 1, got {batch_size}")
@@ -142,15 +198,22 @@ class Loader:
     sample: what each epoch holds (`SampleOptions`; default: the training loader's).
     read: how it is read (`ReadOptions`).
     rank, world_size, shard: this rank's part of each epoch (`set_shard`).
+    crop: each sample's window and channels (`CropOptions`; default: the whole slice).
     """
 
     def __init__(self, cache: str | os.PathLike | Cache, split: str = "train", *,
                  batch_size: int = 12, sample: SampleOptions | None = None,
                  read: ReadOptions | None = None, rank: int = 0, world_size: int = 1,
-                 shard: str = "batches"):
+                 shard: str = "batches", crop: CropOptions | None = None):
         sample = SampleOptions() if sample is None else sample
         read = ReadOptions() if read is None else read
+        crop = CropOptions() if crop is None else crop
         _check_options(batch_size, sample, read)
+        if not 0.0 <= crop.foreground_fraction <= 1.0:
+            raise LoaderError("foreground_fraction must be in [0, 1], got "
+                              f"{crop.foreground_fraction}")
+        if crop.context_slices < 0:
+            raise LoaderError(f"context_slices must be >= 0, got {crop.context_slices}")
         self.sample_options, self.read_options = sample, read
         self._own_cache = not isinstance(cache, Cache)
         self.cache = Cache(cache) if self._own_cache else cache
@@ -194,6 +257,71 @@ class Loader:
             self._empty_rows = np.empty(0, dtype=np.int64)
             self._n_empty = 0
         self._reader = _RowReader(self.split, has_nodule, read.in_memory)
+        try:
+            self._set_window(crop)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_window(self, crop: CropOptions) -> None:
+        """The region, the patch, the context table and the nodule-pixel index."""
+        h, w = self.split.image_shape
+        rh, rw = (h, w) if crop.region is None else _pair(crop.region, "region")
+        if rh > h or rw > w:
+            raise LoaderError(f"{self.cache.path}: region {rh}x{rw} is larger than the "
+                              f"{h}x{w} slices")
+        ph, pw = (rh, rw) if crop.patch is None else _pair(crop.patch, "patch")
+        if ph > rh or pw > rw:
+            raise LoaderError(f"patch {ph}x{pw} is larger than the {rh}x{rw} slices it is "
+                              "cropped from")
+        self.region = ((h - rh) // 2, (w - rw) // 2, rh, rw)  # top, left, height, width
+        self.patch = (ph, pw)
+        self.foreground_fraction = float(crop.foreground_fraction)
+        self.context_slices = int(crop.context_slices)
+        self._cropping = (ph, pw) != (rh, rw)  # random crop positions
+        self._windowed = (ph, pw) != (h, w) or self.context_slices > 0
+        self._neighbours = None
+        if self.context_slices:
+            m = self.split.meta
+            self._neighbours = context_table(self.context_slices, m["patient"], m["exam"],
+                                             m["slice_position"], m["slice"],
+                                             m["instance_number"])
+        self._fg_offsets = self._fg_pixels = None
+        if self._cropping and self.foreground_fraction > 0:
+            self._fg_offsets, self._fg_pixels = self._index_foreground(crop.progress)
+
+    def _index_foreground(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets int64 [N + 1], pixels int32): row i's nodule pixels inside the region, as
+        linear indices y * W + x, are pixels[offsets[i]:offsets[i + 1]]."""
+        from tqdm import tqdm
+
+        rows = np.flatnonzero(self._has_nodule)
+        w = self.split.image_shape[1]
+        r0, c0, rh, rw = self.region
+
+        def pixels(row: int) -> np.ndarray:
+            window = self._reader.mask(int(row))[r0:r0 + rh, c0:c0 + rw]
+            found = np.flatnonzero(window)
+            if len(found) > MAX_FOREGROUND_PIXELS:
+                found = found[np.linspace(0, len(found) - 1, MAX_FOREGROUND_PIXELS)
+                              .round().astype(np.int64)]
+            y, x = np.divmod(found, rw)
+            return ((y + r0) * w + (x + c0)).astype(np.int32)
+
+        if self.num_workers and len(rows) > 1:
+            self._executor = ThreadPoolExecutor(self.num_workers,
+                                                thread_name_prefix="nodulekit-loader")
+            found = self._executor.map(pixels, rows)
+        else:
+            found = map(pixels, rows)
+        parts = list(tqdm(found, total=len(rows), desc="indexing nodule pixels",
+                          unit="slice", leave=False, delay=2.0, disable=not progress))
+        counts = np.zeros(len(self.split), dtype=np.int64)
+        counts[rows] = [len(p) for p in parts]
+        offsets = np.zeros(len(self.split) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return offsets, flat
 
     # ------------------------------------------------------------------------- planning
 
@@ -230,7 +358,7 @@ class Loader:
         return batches // self.world_size
 
     def plan(self, epoch: int) -> EpochPlan:
-        """The epoch's batches (rows and augmentation) for this rank; cheap, no I/O."""
+        """The epoch's batches (rows, augmentation, crops) for this rank; cheap, no I/O."""
         rng = np.random.default_rng([self.seed, int(epoch)])
         rows = self._base_rows
         if self._n_empty:
@@ -242,18 +370,52 @@ class Loader:
         if self.augment:
             aug[:, 0:2] = rng.random((len(rows), 2)) < 0.5
             aug[:, 2] = rng.uniform(-self.max_angle_deg, self.max_angle_deg, len(rows))
+        origin, foreground = self._place(rows, rng)  # last: the draws above stay as they were
         b = self.batch_size
         starts = [k * b for k in range(self._batches_all_ranks())]
         if self.shard == "within":
             per = b // self.world_size
-            lo, hi = self.rank * per, (self.rank + 1) * per
-            return EpochPlan(rows=[rows[s + lo:s + hi] for s in starts],
-                             aug=[aug[s + lo:s + hi] for s in starts])
-        if self.shard == "blocks":
-            mine = starts[slice(*split_range(len(starts), self.rank, self.world_size))]
+            spans = [(s + self.rank * per, s + (self.rank + 1) * per) for s in starts]
         else:
-            mine = starts[self.rank::self.world_size][:len(self)]
-        return EpochPlan(rows=[rows[s:s + b] for s in mine], aug=[aug[s:s + b] for s in mine])
+            if self.shard == "blocks":
+                mine = starts[slice(*split_range(len(starts), self.rank, self.world_size))]
+            else:
+                mine = starts[self.rank::self.world_size][:len(self)]
+            spans = [(s, s + b) for s in mine]
+
+        def cut(a):
+            return None if a is None else [a[lo:hi] for lo, hi in spans]
+
+        return EpochPlan(rows=cut(rows), aug=cut(aug), origin=cut(origin),
+                         foreground=cut(foreground))
+
+    def _place(self, rows: np.ndarray, rng) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(origin int64 [n, 2], placed-on-a-nodule bool [n]) of each sample's window; (None,
+        None) for whole slices. Draws nothing unless the patch is smaller than the region."""
+        n = len(rows)
+        r0, c0, rh, rw = self.region
+        if not self._windowed:
+            return None, None
+        if not self._cropping:
+            return np.tile(np.array([[r0, c0]], dtype=np.int64), (n, 1)), np.zeros(n, bool)
+        ph, pw = self.patch
+        wants = rng.random(n) < self.foreground_fraction
+        pick = rng.random(n)
+        where = rng.random((n, 2))
+        lo = np.tile(np.array([[r0, c0]], dtype=np.int64), (n, 1))
+        hi = np.tile(np.array([[r0 + rh - ph, c0 + rw - pw]], dtype=np.int64), (n, 1))
+        placed = np.zeros(n, dtype=bool)
+        if self._fg_offsets is not None:
+            first = self._fg_offsets[rows]
+            count = self._fg_offsets[rows + 1] - first
+            placed = wants & (count > 0)
+            k = first[placed] + np.minimum((pick[placed] * count[placed]).astype(np.int64),
+                                           count[placed] - 1)
+            y, x = np.divmod(self._fg_pixels[k].astype(np.int64), self.split.image_shape[1])
+            hi[placed] = np.minimum(np.stack([y, x], axis=1), hi[placed])
+            lo[placed] = np.maximum(np.stack([y - ph + 1, x - pw + 1], axis=1), lo[placed])
+        origin = lo + np.minimum((where * (hi - lo + 1)).astype(np.int64), hi - lo)
+        return origin, placed
 
     # ------------------------------------------------------------------------- iterating
 
@@ -270,18 +432,19 @@ class Loader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch` for this rank, in order."""
         plan = self.plan(epoch)
+        origins = plan.origin if plan.origin is not None else [None] * len(plan.rows)
         if self.num_workers == 0:
-            for rows, aug in zip(plan.rows, plan.aug, strict=True):
-                yield self._make(rows, aug)
+            for rows, aug, origin in zip(plan.rows, plan.aug, origins, strict=True):
+                yield self._make(rows, aug, origin)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.num_workers,
                                                 thread_name_prefix="nodulekit-loader")
         pending: deque = deque()
-        jobs = iter(zip(plan.rows, plan.aug, strict=True))
+        jobs = iter(zip(plan.rows, plan.aug, origins, strict=True))
         try:
-            for rows, aug in jobs:
-                pending.append(self._executor.submit(self._make, rows, aug))
+            for job in jobs:
+                pending.append(self._executor.submit(self._make, *job))
                 if len(pending) >= self.queue_size:
                     break
             while pending:
@@ -294,10 +457,28 @@ class Loader:
             for future in pending:  # the consumer stopped early: drop what was read ahead
                 future.cancel()
 
-    def _make(self, rows: np.ndarray, aug: np.ndarray) -> Batch:
-        hu, mask = self._reader.read(rows)
+    def _make(self, rows: np.ndarray, aug: np.ndarray, origin: np.ndarray | None) -> Batch:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if origin is None:
+            hu, mask = self._reader.read(rows)
+        else:
+            channels = None if self._neighbours is None else self._neighbours[rows]
+            hu, mask = self._reader.read_windows(rows, origin, self.patch, channels)
         return Batch(hu=hu, mask=mask, aug=np.ascontiguousarray(aug, dtype=np.float32),
-                     index=np.ascontiguousarray(rows, dtype=np.int64))
+                     index=rows, origin=origin)
+
+    def read(self, rows) -> Batch:
+        """The samples of the given rows as evaluation sees them: the region of each slice
+        (no random crop: the centred window of the patch size), with its context channels,
+        no augmentation; read in this thread."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        origin = None
+        if self._windowed:
+            r0, c0, rh, rw = self.region
+            ph, pw = self.patch
+            origin = np.tile(np.array([[r0 + (rh - ph) // 2, c0 + (rw - pw) // 2]],
+                                      dtype=np.int64), (len(rows), 1))
+        return self._make(rows, np.zeros((len(rows), 3), np.float32), origin)
 
     # ------------------------------------------------------------------------- lifetime
 
@@ -334,9 +515,9 @@ def fits_in_memory(cache: str | os.PathLike | Cache, split: str,
 def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
                  empty_fraction: float = 0.0, seed: int = 0, num_workers: int = 2,
                  queue_size: int | None = None, rank: int = 0, world_size: int = 1,
-                 in_memory: bool = False) -> Loader:
+                 in_memory: bool = False, crop: CropOptions | None = None) -> Loader:
     """The paper's training loader: nodule slices (+ a fraction of empty ones), shuffled,
-    augmented, incomplete last batch dropped."""
+    augmented, incomplete last batch dropped; `crop`: patches and context (`CropOptions`)."""
     try:
         return Loader(cache, "train", batch_size=batch_size,
                       sample=SampleOptions(sampling="nodules", empty_fraction=empty_fraction,
@@ -344,7 +525,7 @@ def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
                                            seed=seed),
                       read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
                                        in_memory=in_memory),
-                      rank=rank, world_size=world_size)
+                      rank=rank, world_size=world_size, crop=crop)
     except NoNoduleSlices:
         path = cache.path if isinstance(cache, Cache) else cache
         raise LoaderError(
@@ -357,15 +538,58 @@ def train_loader(cache: str | os.PathLike | Cache, *, batch_size: int = 12,
 def eval_loader(cache: str | os.PathLike | Cache, split: str = "test", *,
                 batch_size: int = 12, sampling: str = "all", num_workers: int = 2,
                 queue_size: int | None = None, rank: int = 0, world_size: int = 1,
-                in_memory: bool = False) -> Loader:
-    """Every slice of a split (or only the nodule slices) in cache order, no augmentation,
-    the last partial batch kept."""
+                in_memory: bool = False, context_slices: int = 0) -> Loader:
+    """Every slice of a split (or only the nodule slices) in cache order, whole, no
+    augmentation, the last partial batch kept. context_slices K > 0: hu [B, 2K+1, H, W],
+    the slice in channel K between its neighbours, as the model was trained."""
     return Loader(cache, split, batch_size=batch_size,
                   sample=SampleOptions(sampling=sampling, shuffle=False, augment=False,
                                        drop_last=False),
                   read=ReadOptions(num_workers=num_workers, queue_size=queue_size,
                                    in_memory=in_memory),
-                  rank=rank, world_size=world_size)
+                  rank=rank, world_size=world_size,
+                  crop=CropOptions(context_slices=context_slices))
+
+
+def context_table(k: int, patient, exam, slice_position=None, slice_number=None,
+                  instance_number=None) -> np.ndarray:
+    """int64 [N, 2k+1]: for each of N slices, the indices of the k slices below it, itself
+    (column k) and the k above, among the slices of its scan (same patient and exam).
+
+    A scan's slices are ordered by `slice_position` (mm, ascending: column 0 is the lowest
+    z) when every one of them has a distinct finite position, else by `slice_number`, else
+    by `instance_number` (each when all are distinct and >= 0), else as given. At a scan's
+    first and last slice the edge slice repeats. Any argument but k and the scan keys may be
+    None (absent). `predict` can call it with its series: patient, series, z position.
+    """
+    k = int(k)
+    patient = np.asarray(patient).reshape(-1)
+    n = len(patient)
+    exam = np.asarray(exam).reshape(-1)
+    scans: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(patient.tolist(), exam.tolist(), strict=True)):
+        scans.setdefault(key, []).append(i)
+    keys = [None if v is None else np.asarray(v).reshape(-1)
+            for v in (slice_position, slice_number, instance_number)]
+    offsets = np.arange(-k, k + 1)
+    table = np.empty((n, 2 * k + 1), dtype=np.int64)
+    for members in scans.values():
+        order = _scan_order(np.asarray(members, dtype=np.int64), keys)
+        at = np.clip(np.arange(len(order))[:, None] + offsets, 0, len(order) - 1)
+        table[order] = order[at]
+    return table
+
+
+def _scan_order(rows: np.ndarray, keys: list) -> np.ndarray:
+    """`rows` sorted by the first key whose values there are all valid and distinct."""
+    for j, key in enumerate(keys):
+        if key is None:
+            continue
+        v = key[rows]
+        valid = np.isfinite(v) if j == 0 else v >= 0
+        if valid.all() and len(np.unique(v)) == len(v):
+            return rows[np.argsort(v, kind="stable")]
+    return rows
 
 
 class _RowReader:
@@ -418,6 +642,51 @@ class _RowReader:
         hu = hu_bytes[:b * n_hu].view(np.int16).reshape(b, self.h, self.w)
         mask = mask_bytes[:b * n_mask].reshape(b, self.h, self.w)
         return hu, mask
+
+    def mask(self, row: int) -> np.ndarray:
+        """One slice's mask [H, W] (zeros for a slice without a nodule)."""
+        if self.memory is not None:
+            return self.memory[1][row]
+        if not self.has_nodule[row]:
+            return np.zeros((self.h, self.w), dtype=np.uint8)
+        if not self.raw:
+            return self.split.mask[row]
+        out = np.empty(self.h * self.w + CHECKSUM_BYTES, dtype=np.uint8)
+        self._chunk(self.split.mask, row, out)
+        return out[:-CHECKSUM_BYTES].reshape(self.h, self.w)
+
+    def read_windows(self, rows: np.ndarray, origin: np.ndarray, shape: tuple[int, int],
+                     channels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The `shape` windows at `origin` [b, 2] of the rows: hu [b, H, W] ([b, C, H, W]
+        from the rows `channels` [b, C] when given), mask [b, H, W] (the rows' own). Each
+        chunk is read whole and checked, then its window copied."""
+        b, (ph, pw) = len(rows), shape
+        sources = rows[:, None] if channels is None else channels
+        hu = np.empty((b, sources.shape[1], ph, pw), dtype=np.int16)
+        mask = np.zeros((b, ph, pw), dtype=np.uint8)
+        buffers = None
+        if self.memory is None and self.raw:
+            buffers = (np.empty(self.h * self.w * 2 + CHECKSUM_BYTES, dtype=np.uint8),
+                       np.empty(self.h * self.w + CHECKSUM_BYTES, dtype=np.uint8))
+        for j, (y0, x0) in enumerate(origin.tolist()):
+            window = np.s_[y0:y0 + ph, x0:x0 + pw]
+            for c, row in enumerate(sources[j].tolist()):
+                hu[j, c] = self._window(0, row, window, buffers)
+            if self.has_nodule[rows[j]]:
+                mask[j] = self._window(1, int(rows[j]), window, buffers)
+        return (hu.reshape(b, ph, pw) if channels is None else hu), mask
+
+    def _window(self, which: int, row: int, window, buffers) -> np.ndarray:
+        """`window` of row `row` of hu (which 0) or mask (1)."""
+        if self.memory is not None:
+            return self.memory[which][row][window]
+        ds = (self.split.hu, self.split.mask)[which]
+        if buffers is None:
+            return ds[(row, *window)]
+        out = buffers[which]
+        self._chunk(ds, row, out)
+        dtype = np.int16 if which == 0 else np.uint8
+        return out[:-CHECKSUM_BYTES].view(dtype).reshape(self.h, self.w)[window]
 
     def _chunk(self, ds, row: int, out: np.ndarray) -> None:
         """Chunk `row` of `ds` as stored (data, then checksum) into `out`, checked; then its

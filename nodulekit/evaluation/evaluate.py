@@ -1,12 +1,17 @@
 """Running a model over a split of a cache, and `nodulekit evaluate`'s summary.
 
-`infer_split` runs the network over every slice of a split (no augmentation) and returns the
-per-slice confusion counts of the thresholded prediction (p > 0.5, computed on the device by
-`Backend.confusion_counts`) and each slice's soft Dice (for the validation loss).
+`infer_split` runs the network over every slice of a split (no augmentation) at the slice's
+own size (or a centre crop the caller asks for), padded with air to a multiple of 2**depth
+and tiled where memory demands it (`nodulekit.inference.tiling`: the same logits as one
+pass), and returns the per-slice confusion counts of the thresholded prediction (p > 0.5,
+computed on the device by `Backend.confusion_counts`) and each slice's soft Dice (for the
+validation loss).
 `evaluate` loads a checkpoint, runs `infer_split`, and writes ``summary.json``: per-slice
 Dice and IoU (a slice with empty truth and empty prediction scores 1, the paper's
-convention), their means, the global Dice, the counts, and the table by nodule diameter
-(`nodulekit.evaluation.metrics`).
+convention), their means, the Dice in two more conventions (over the nodule slices only,
+MONAI's default; with smoothing 1 inside the metric, the paper's code), the empty-slice
+false-positive rate, the global Dice, the counts, and the table by nodule diameter
+(`nodulekit.evaluation.metrics`); and ``table.csv``, that table with every column.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit.evaluation import metrics
-from nodulekit.training.config import center_crop, check_input_shape
+from nodulekit.inference import tiling
+from nodulekit.training.config import center_crop
 
 
 @dataclass
@@ -47,6 +53,10 @@ class InferSettings:
     window: tuple[float, float] = (-500.0, 1600.0)  # HU window (center, width)
     smooth: float = 1.0  # the loss's smoothing, for the validation loss
     in_memory: bool | None = None  # read the split into RAM once (None: if it is small)
+    tile: str | int = "auto"  # "auto" (tile over the memory budget), "off", or a tile size
+    memory_budget: int | None = None  # bytes for one forward pass (None: tiling's default)
+
+
 
 
 def infer_split(model, cache, split: str, settings: InferSettings = InferSettings(), *,
@@ -63,12 +73,12 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
     from nodulekit.data.loader import eval_loader, fits_in_memory
 
     be = model.backend
-    center, width = settings.window
     in_memory = settings.in_memory
+    context = (int(model.in_channels) - 1) // 2  # slices below and above as channels
     loader = eval_loader(cache, split, batch_size=settings.batch_size,
                          num_workers=settings.workers, queue_size=settings.queue,
                          in_memory=fits_in_memory(cache, split) if in_memory is None
-                         else in_memory)
+                         else in_memory, **({"context_slices": context} if context else {}))
     sharded = comm is not None and comm.size > 1
     batches = len(loader)
     if sharded:
@@ -80,14 +90,12 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
     try:
         shape = (loader.split.image_shape if settings.image_shape is None
                  else tuple(settings.image_shape))
-        check_input_shape(shape, model.depth)
         with tqdm(total=batches, desc=desc or split, unit="batch", leave=False,
                   disable=not progress) as bar:
             for batch in loader.epoch(0):
                 hu, mask = center_crop(batch.hu, batch.mask, shape)
-                image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
-                                                  be.asarray(batch.aug), center, width)
-                logits = model.forward(image, keep_for_backward=False)
+                logits, target, _ = tiling.run_hu(model, hu, mask, settings.window,
+                                                  settings.tile, settings.memory_budget)
                 counts.append(be.to_host(be.confusion_counts(logits, target)))
                 _, dice, _ = be.sigmoid_dice_loss(logits, target, settings.smooth)
                 soft.append(be.to_host(dice))
@@ -115,6 +123,7 @@ def split_summary(result: SplitResult, split_meta: dict) -> dict:
     bins = metrics.slice_bins(split_meta["max_diameter_mm"][rows])
     out = metrics.summarize(result.counts, bins)
     dice, iou = metrics.slice_scores(result.counts)
+    dice_s1 = metrics.slice_dice_s1(result.counts)
     per_slice = []
     for j, r in enumerate(rows.tolist()):
         tp, fp, fn = (int(v) for v in result.counts[j])
@@ -122,7 +131,8 @@ def split_summary(result: SplitResult, split_meta: dict) -> dict:
             "row": r, "patient": str(split_meta["patient"][r]), "exam": str(split_meta["exam"][r]),
             "slice": int(split_meta["slice"][r]), "source": str(split_meta["source"][r]),
             "bin": bins[j], "max_diameter_mm": _num(split_meta["max_diameter_mm"][r]),
-            "tp": tp, "fp": fp, "fn": fn, "dice": float(dice[j]), "iou": float(iou[j])})
+            "tp": tp, "fp": fp, "fn": fn, "dice": float(dice[j]), "iou": float(iou[j]),
+            "dice_s1": float(dice_s1[j])})
     out["slices"] = per_slice
     out["loss"] = result.loss
     return out
@@ -145,6 +155,7 @@ class EvaluateOptions:
     precision: str = "fp32"
     batch_size: int | None = None  # default: the run's
     size: int | None = None  # centre-crop to size x size (default: whole slices)
+    tile: str | int = "auto"  # whole slices, or tiles where memory demands (see InferSettings)
     workers: int = 2
     progress: bool = True
     threads: int | None = None  # the CPU backend's threads (default: one per core)
@@ -178,10 +189,12 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
         s = c.split(o.split)
         if len(s) == 0:
             raise ValueError(f"{cache}: split {o.split!r} has no slices")
-        settings = _settings(o, ckpt.config, s.image_shape, model.depth)
+        settings = _settings(o, ckpt.config, s.image_shape)
         shape = settings.image_shape
+        how = _describe_inference(model, shape, settings)
         report(f"evaluating {ckpt_path} (epoch {ckpt.epoch}) on {cache} [{o.split}]: "
-               f"{len(s)} slices at {shape[0]}x{shape[1]}")
+               f"{len(s)} slices at {shape[0]}x{shape[1]}"
+               + (f" ({how})" if how != "whole slices" else ""))
         result = infer_split(model, c, o.split, settings, progress=progress, comm=comm)
         summary = split_summary(result, s.meta)
     summary = {
@@ -191,6 +204,8 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
         "threshold": "p > 0.5 (logit > 0)",
         "convention": "per-slice Dice = 2TP/(2TP+FP+FN), IoU = TP/(TP+FP+FN); a slice with "
                       "empty truth and empty prediction scores 1; global = on summed counts",
+        "dice_conventions": DICE_CONVENTIONS,
+        "inference": how,
         "seconds": result.seconds,
         "seconds_per_image": result.seconds / max(1, len(result.rows)),
         **summary,
@@ -200,7 +215,63 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
     path = out / "summary.json"
     if root:
         write_json(path, summary)
+        write_table_csv(out / "table.csv", summary)
     return summary, path
+
+
+DICE_CONVENTIONS = {
+    "mean_dice": "per slice 2TP/(2TP+FP+FN), empty truth and empty prediction = 1, mean over "
+                 "the slices (nodulekit's; MONAI DiceMetric ignore_empty=False)",
+    "mean_dice_nodule": "the same Dice, mean over the slices whose truth has a nodule pixel "
+                        "only (MONAI DiceMetric's default, ignore_empty=True); predicting "
+                        "nothing scores 0",
+    "mean_dice_s1": "per slice (2TP+1)/(2TP+FP+FN+1), smoothing 1 inside the metric, mean "
+                    "over the slices (the paper's code: UC4_pipeline Evaluator."
+                    "DiceCoefficient); one stray pixel on an empty slice scores 0.5",
+    "empty_fp_rate": "fraction of the slices with empty truth that have a predicted pixel",
+}
+TABLE_COLUMNS = ("group", "slices", "mean_dice", "mean_dice_nodule", "mean_dice_s1",
+                 "mean_iou", "global_dice", "global_iou", "tp", "fp", "fn", "nonempty_slices",
+                 "empty_slices", "empty_fp_slices", "empty_fp_rate")
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """The per-diameter table's rows (each bin, empty, with nodule, all) with every column."""
+    groups = [(label if label == metrics.EMPTY_LABEL else f"nodule {label}",
+               summary["by_diameter"][label]) for label in metrics.TABLE_ROWS]
+    groups += [("with nodule", summary["nodule_slices"]), ("all", summary["all"])]
+    return [{"group": name, **{k: g.get(k, "") for k in TABLE_COLUMNS[1:]}}
+            for name, g in groups]
+
+
+def write_table_csv(path: Path, summary: dict) -> None:
+    """table.csv: `table_rows`, floats with 6 significant digits, NaN as "nan"."""
+    from nodulekit.training.runfiles import write_text_atomic
+
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if np.isnan(v) else f"{v:.6g}"
+        return str(v)
+
+    lines = [",".join(TABLE_COLUMNS)]
+    lines += [",".join(cell(r[k]) for k in TABLE_COLUMNS) for r in table_rows(summary)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _describe_inference(model, shape, settings: InferSettings) -> str:
+    """How the slices go through the network: "whole slices", or what padding and tiling
+    they take."""
+    padded = tiling.padded_shape(shape, model.depth)
+    what = []
+    if tuple(padded) != tuple(shape):
+        what.append(f"padded with air to {padded[0]}x{padded[1]}")
+    how = tiling.plan(model, (settings.batch_size, *padded), settings.tile,
+                      settings.memory_budget)
+    if how.tile is not None:
+        what.append(how.describe())
+    elif how.slices_per_pass < settings.batch_size:
+        what.append(f"{how.slices_per_pass} slice(s) per pass (memory)")
+    return "; ".join(what) if what else "whole slices"
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -230,23 +301,37 @@ def _check_options(o: EvaluateOptions) -> None:
         problems.append(f"batch size must be >= 1, got {o.batch_size}")
     if o.size is not None and o.size < 1:
         problems.append(f"size must be >= 1, got {o.size}")
+    try:
+        tiling.parse_tile(o.tile)
+    except ValueError as e:
+        problems.append(str(e))
     if o.workers < 0:
         problems.append(f"workers must be >= 0, got {o.workers}")
     if problems:
         raise ValueError("; ".join(problems))
 
 
-def _settings(o: EvaluateOptions, cfg: dict, slice_shape, depth: int) -> InferSettings:
+def _settings(o: EvaluateOptions, cfg: dict, slice_shape) -> InferSettings:
     """The run's window, smoothing and batch size, unless the options say otherwise."""
-    from nodulekit.training.config import resolve_size
-
     return InferSettings(
-        image_shape=tuple(resolve_size(slice_shape, o.size, depth)),
+        image_shape=crop_shape(slice_shape, o.size),
         batch_size=o.batch_size or int(cfg.get("eval_batch_size") or cfg.get("batch_size")
                                        or 8),
         workers=o.workers,
         window=(float(cfg.get("window_center", -500.0)), float(cfg.get("window_width", 1600.0))),
-        smooth=float(cfg.get("smooth", 1.0)))
+        smooth=float(cfg.get("smooth", 1.0)), tile=tiling.parse_tile(o.tile))
+
+
+def crop_shape(slice_shape, size: int | None) -> tuple[int, int]:
+    """The slices' own (H, W), or a centre crop of them to size x size (any size: the
+    network's input is padded to a multiple of 2**depth). Resizing is not done."""
+    h, w = (int(v) for v in slice_shape)
+    if size is None:
+        return h, w
+    if size > h or size > w:
+        raise ValueError(f"--size {size} is larger than the {h}x{w} slices; evaluate crops "
+                         "but does not resize")
+    return int(size), int(size)
 
 
 def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True) -> Path:
@@ -275,6 +360,6 @@ def format_summary(summary: dict) -> str:
             f"checkpoint epoch {summary['checkpoint_epoch']}, "
             f"{summary['seconds_per_image'] * 1e3:.1f} ms per image on {summary['device']}")
     table = metrics.format_table(summary)
-    tail = (f"mean Dice {a['mean_dice']:.4f}  mean IoU {a['mean_iou']:.4f}  (per slice, all "
-            f"slices; empty-empty = 1)   global Dice {a['global_dice']:.4f}")
-    return "\n".join([head, table, tail])
+    tail = (f"mean IoU {a['mean_iou']:.4f} (per slice, empty-empty = 1)   global Dice "
+            f"{a['global_dice']:.4f} (summed counts)")
+    return "\n".join([head, table, metrics.format_conventions(a), tail])

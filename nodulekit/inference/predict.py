@@ -10,7 +10,9 @@
    (`read_slices`; an unreadable slice is reported, listed in `PredictResult.failed` and
    skipped);
 4. run the model in batches of one slice size, windowed like in training and thresholded at
-   p > 0.5 (logit > 0), one `SlicePrediction` per slice (`run_batches`);
+   p > 0.5 (logit > 0), one `SlicePrediction` per slice (`run_batches`): each slice whole at
+   its own size, padded with air to a multiple of 2**depth and tiled where memory demands
+   it (`nodulekit.inference.tiling`: the same logits as one pass), cropped back;
 5. write each slice's mask, overlay in the paper's Fig. 4 colours, probabilities, and at the
    end predictions.csv (`nodulekit.inference.writers`, which shows the files under OUT).
 
@@ -48,6 +50,7 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 8  # slices per forward pass
+    tile: str | int = "auto"  # "auto" (tile over the memory budget), "off", or a tile size
     progress: bool = True
     overwrite: bool = False  # OUT holds an earlier prediction: replace it
 
@@ -95,6 +98,8 @@ class Network:
     width: float
     path: Path  # the checkpoint file
     epoch: int
+    tile: str | int = "auto"  # see `nodulekit.inference.tiling.plan`
+    memory_budget: int | None = None  # bytes (None: tiling's default)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto",
@@ -117,15 +122,15 @@ class Network:
                    float(cfg.get("window_width", 1600.0)), ckpt.path, ckpt.epoch)
 
     def run(self, batch: list[LoadedSlice]) -> list[SlicePrediction]:
-        """One forward pass over slices of one size."""
+        """Slices of one size through the network (whole, or tiled where memory demands)."""
+        from nodulekit.inference.tiling import run_hu
+
         be = self.backend
         hu = np.stack([s.hu for s in batch])
         mask = np.stack([s.truth if s.truth is not None else np.zeros(s.hu.shape, np.uint8)
                          for s in batch])
-        aug = np.zeros((len(batch), 3), np.float32)
-        image, target = be.window_augment(be.asarray(hu), be.asarray(mask), be.asarray(aug),
-                                          self.center, self.width)
-        logits = self.model.forward(image, keep_for_backward=False)
+        logits, target, image = run_hu(self.model, hu, mask, (self.center, self.width),
+                                       self.tile, self.memory_budget)
         counts = be.to_host(be.confusion_counts(logits, target))
         z = be.to_host(logits)[..., 0]
         grey = be.to_host(image)[..., 0]
@@ -144,7 +149,11 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     out = Path(out)
     earlier = earlier_outputs(out, opts.overwrite)
     items = find_inputs(inputs, opts.truth)
+    from nodulekit.inference.tiling import parse_tile
+
+    tile = parse_tile(opts.tile)
     net = Network.load(checkpoint, opts.device, opts.precision, report)
+    net.tile = tile
     if earlier:
         report(f"removing the earlier prediction in {out} ({len(earlier) - 1} file(s))")
         remove_outputs(out, earlier)
@@ -219,18 +228,17 @@ def remove_outputs(out: Path, files: list[Path]) -> None:
 def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str, str]],
                 report: Report = print,
                 tick: Callable[[int], Any] | None = None) -> Iterator[LoadedSlice]:
-    """Each item read to HU with its truth mask; an item that cannot be read (or whose size the
-    depth-`depth` model cannot take) is reported, appended to `failed` and skipped. `tick(1)`
-    is called per item, before reading it."""
+    """Each item read to HU with its truth mask; an item that cannot be read is reported,
+    appended to `failed` and skipped. `tick(1)` is called per item, before reading it.
+    depth: the model's; any slice size is taken (`Network.run` pads it), so it no longer
+    decides anything."""
     from nodulekit.data.dicom import DicomError, NotCTError, read_slice
-    from nodulekit.training.config import check_input_shape
 
     for item in items:
         if tick is not None:
             tick(1)
         try:
             hu = read_slice(item.path).hu
-            check_input_shape(hu.shape, depth)
         except NotCTError as e:  # the model knows CT's HU only: no option to read others
             why = f"{e.path}: {e.what}, not CT; predict reads CT slices only"
             failed.append((str(item.path), why))

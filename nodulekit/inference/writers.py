@@ -9,7 +9,9 @@ Under OUT, for a slice with output name <rel> (see `nodulekit.inference.inputs`)
     probabilities/<rel>.png  when asked for: p = sigmoid(logit) as 8-bit grey (round(255 p))
     predictions.csv          one row per slice: input, mask, overlay, probabilities,
                              predicted pixels, truth, and with a truth mask tp, fp, fn, Dice,
-                             IoU (empty-empty scores 1); floats with 6 decimals
+                             IoU (empty-empty scores 1) and dice_s1, the Dice with smoothing 1
+                             of the paper's code ((2TP+1)/(2TP+FP+FN+1): one stray pixel on
+                             an empty slice scores 0.5); floats with 6 decimals
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 COLOURS = {"tp": (255, 255, 0), "fp": (0, 255, 0), "fn": (255, 0, 0), "pred": (0, 255, 255)}
 OVERLAY_ALPHA = 0.6
 CSV_COLUMNS = ["input", "mask", "overlay", "probabilities", "predicted_pixels", "truth",
-               "tp", "fp", "fn", "dice", "iou"]
+               "tp", "fp", "fn", "dice", "iou", "dice_s1"]
 
 
 def write_slice(out: Path, p: SlicePrediction, probabilities: bool) -> dict:
@@ -106,6 +108,7 @@ def _truth_cell(item: SliceInput, truth: np.ndarray | None) -> str:
 
 
 def _scores(tp: int, fp: int, fn: int) -> dict:
+    s1 = (2 * tp + 1) / (2 * tp + fp + fn + 1)
     if tp + fp + fn == 0:
-        return {"dice": 1.0, "iou": 1.0}
-    return {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn)}
+        return {"dice": 1.0, "iou": 1.0, "dice_s1": s1}
+    return {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn), "dice_s1": s1}

@@ -4,7 +4,7 @@ Options left unset (None) take the defaults of the data they train on:
 
 - real data (a cache or a data-set folder): the paper's protocol, batch 12, Adam lr 1e-4,
   200 epochs, width 64 and depth 4 (docs/design.md's U-Net), the HU window 1600 / -500, nodule
-  slices only (``empty_fraction`` 0), the model kept on the best validation mean IoU;
+  slices only (``empty_fraction`` 0), the model kept on the best validation nodule-slice Dice;
 - the embedded demo (no DATA): a small synthetic set (`nodulekit.training.demo`) and a small
   model sized to train on a 2-core CPU in about five minutes (`DEMO_DEFAULTS`).
 
@@ -24,6 +24,14 @@ pixel does not vanish, and on an empty slice it stops pushing once p is small), 
 layer's Adam step by sqrt(9 / fan-in) (`nodulekit.nn.lr_scale`), and mixes 30% of the
 empty slices into every epoch. Each is an option (`smooth`, `bce_weight`, `lr_scaling`,
 `empty_fraction`); with real data the defaults stay the paper's.
+
+Patches (`patch`, `foreground_fraction`): training crops of the cache's native-resolution
+slices, a third of them placed on a nodule (nnU-Net's recipe; `nodulekit.data.loader`);
+validation, test and predict run on whole slices (the U-Net is fully convolutional). Left
+unset, the patch is chosen from the slice size and the device (`resolve_patch`); a patch as
+large as the slices is whole-slice training, bit for bit what it was before patches.
+Context (`context_slices` K): the K slices below and above as extra input channels (2.5D),
+`in_channels` = 2K + 1.
 """
 
 from __future__ import annotations
@@ -35,14 +43,25 @@ from pathlib import Path
 from nodulekit.nn.layout import NORMS
 from nodulekit.nn.optim import LR_SCALINGS
 
+FOREGROUND_FRACTION = 1.0 / 3.0  # nnU-Net's: crops placed on a nodule (loader's default)
 PAPER_DEFAULTS = {"epochs": 200, "batch_size": 12, "lr": 1e-4, "width": 64, "depth": 4,
                   "empty_fraction": 0.0, "smooth": 1.0, "lr_scaling": "none", "bce_weight": 0.0,
-                  "norm": "none"}
+                  "norm": "none", "patch": None, "foreground_fraction": FOREGROUND_FRACTION,
+                  "context_slices": 0}
 # Measured on the 2-core CPU: README, "Training".
 DEMO_DEFAULTS = {"epochs": 5, "batch_size": 4, "lr": 2e-3, "width": 8, "depth": 4,
                  "empty_fraction": 0.3, "smooth": 0.01, "lr_scaling": "fan_in",
-                 "bce_weight": 0.01, "norm": "none"}
-SELECTION_METRIC = "val_mean_iou"
+                 "bce_weight": 0.01, "norm": "none", "patch": None,
+                 "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0}
+SELECTION_METRIC = "val_nodule_dice"  # selection.METRIC; runs before it: val_mean_iou
+# The automatic patch side (`--patch auto`): min(slice side, this). On the CPU 128: a step on
+# 8 crops of 128x128 of a width-16 U-Net takes ~240 ms on 2 cores where a whole 512x512
+# slice costs 16x the pixels, and 128 pixels at 0.6-0.8 mm (77-102 mm) hold a 3-30 mm nodule
+# with its surroundings (the depth-4 U-Net's theoretical receptive field is ~200 pixels, its
+# effective one much smaller). On a GPU 256: 4x the context per crop (nnU-Net's 2-D CT
+# patches are larger still) at a step time the GPU keeps short. A cache of 128x128 slices
+# trains on whole slices either way.
+PATCH_SIDE = {"cpu": 128, "cuda": 256}
 
 
 # What `TrainOptions` fields mean for a resumed run: FIXED ones define what the run computes
@@ -83,11 +102,18 @@ class TrainOptions:
     lr_scaling: str | None = _option()
     bce_weight: float | None = _option()
     norm: str | None = _option()  # "none" | "instance" | "batch" after every 3x3 convolution
+    patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
+    foreground_fraction: float | None = _option()  # crops placed on a nodule (default 1/3)
+    context_slices: int | None = _option()  # K slices below and above as input channels
     device: str = _option("auto", on_resume=SESSION)
     workers: int = _option(2, on_resume=SESSION)
     queue: int | None = _option(on_resume=SESSION)
     test: bool = _option(True, on_resume=SESSION)  # evaluate the best model on the test split
     progress: bool = _option(True, on_resume=SESSION)
+
+    def __post_init__(self):
+        if isinstance(self.patch, str):
+            self.patch = None if self.patch.strip().lower() == "auto" else int(self.patch)
 
     def defaults_from(self, defaults: dict) -> dict:
         """The FIXED options (and epochs) with unset ones taken from `defaults`."""
@@ -113,12 +139,14 @@ class TrainOptions:
 def _stored_value(config: TrainConfig, name: str):
     if name == "size":
         return list(config.image_shape)
+    if name == "patch":
+        return list(config.train_shape)
     return getattr(config, name)
 
 
 def _comparable(name: str, asked, stored):
     """`asked` in the form the configuration stores it."""
-    if name == "size":
+    if name in ("size", "patch"):
         return [int(asked)] * 2
     if name in ("data", "finetune_from"):
         text = str(asked)
@@ -149,7 +177,11 @@ class TrainConfig:
     queue: int | None = None
     empty_fraction: float = 0.0
     finetune_from: str | None = None
-    in_channels: int = 1
+    in_channels: int = 1  # 2 * context_slices + 1
+    # training crops (H, W); None: whole slices (image_shape), as every run before patches
+    patch: list[int] | None = None
+    foreground_fraction: float = FOREGROUND_FRACTION  # of the crops, placed on a nodule
+    context_slices: int = 0  # K slices below and above as extra input channels
     window_center: float = -500.0
     window_width: float = 1600.0
     smooth: float = 1.0  # the Dice loss's smoothing s
@@ -177,6 +209,11 @@ class TrainConfig:
     def crop(self) -> bool:
         return list(self.image_shape) != list(self.cache_shape)
 
+    @property
+    def train_shape(self) -> list[int]:
+        """The training input's H, W: the patch, or the whole (centre-cropped) slice."""
+        return list(self.image_shape if self.patch is None else self.patch)
+
     def validate(self) -> None:
         problems = []
         if self.epochs < 1:
@@ -196,10 +233,11 @@ class TrainConfig:
             problems.append(f"smooth must be >= 0, got {self.smooth}")
         if self.lr_scaling not in LR_SCALINGS:
             problems.append(f"lr scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
-        problems += self._norm_problems() + self._session_problems()
+        problems += self._input_problems() + self._norm_problems() + self._session_problems()
         if problems:
             raise ValueError("; ".join(problems))
         check_input_shape(self.image_shape, self.depth)
+        check_patch(self.train_shape, self.image_shape, self.depth)
 
     def validate_session(self) -> None:
         """The options a resumed session may change (workers, queue)."""
@@ -207,15 +245,30 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def _input_problems(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            problems.append("foreground fraction must be in [0, 1], got "
+                            f"{self.foreground_fraction}")
+        if self.context_slices < 0:
+            problems.append(f"context slices must be >= 0, got {self.context_slices}")
+        elif self.in_channels != 2 * self.context_slices + 1:
+            problems.append(f"{self.context_slices} context slice(s) make "
+                            f"{2 * self.context_slices + 1} input channels, not "
+                            f"{self.in_channels}")
+        if self.patch is not None and len(self.patch) != 2:
+            problems.append(f"patch must be [H, W], got {self.patch}")
+        return problems
+
     def _norm_problems(self) -> list[str]:
         if self.norm not in NORMS:
             return [f"norm must be one of {NORMS}, got {self.norm!r}"]
-        h, w = (int(v) >> int(self.depth) for v in self.image_shape)
+        shape = self.train_shape if len(self.train_shape) == 2 else self.image_shape
+        h, w = (int(v) >> int(self.depth) for v in shape)
         if self.norm == "instance" and h * w < 2:
             return [f"instance norm takes statistics over each slice's pixels, and at depth "
-                    f"{self.depth} the deepest level of a {self.image_shape[0]}x"
-                    f"{self.image_shape[1]} input has one; use a larger --size or a smaller "
-                    "--depth"]
+                    f"{self.depth} the deepest level of a {shape[0]}x{shape[1]} input has "
+                    "one; use a larger --size (or --patch) or a smaller --depth"]
         return []
 
     def _session_problems(self) -> list[str]:
@@ -238,6 +291,57 @@ def check_input_shape(shape, depth: int) -> None:
             f"--size {max(f, min(h, w) // f * f)}) or a smaller --depth")
 
 
+def check_patch(patch, image_shape, depth: int) -> None:
+    """ValueError unless the patch's sides are multiples of 2**depth within the slices."""
+    f = 2 ** int(depth)
+    (ph, pw), (h, w) = (int(v) for v in patch), (int(v) for v in image_shape)
+    if ph <= 0 or pw <= 0 or ph % f or pw % f:
+        side = ph if ph <= 0 or ph % f else pw
+        raise ValueError(f"--patch {side} is not a multiple of 2**depth = {f} (depth {depth}); "
+                         f"use a multiple of {f}, e.g. --patch {max(f, side // f * f)}")
+    if ph > h or pw > w:
+        raise ValueError(f"--patch {max(ph, pw)} is larger than the {h}x{w} slices it crops "
+                         f"(after any --size); use --patch <= {min(h, w)}")
+
+
+def resolve_patch(patch, image_shape, depth: int, backend: str) -> list[int]:
+    """The training crop (H, W): `patch` x `patch` (checked), or for None / "auto" each side
+    min(the slice's, `PATCH_SIDE` of the backend, at least 2**depth) (whole slices where
+    they are that small)."""
+    h, w = (int(v) for v in image_shape)
+    if patch is None or (isinstance(patch, str) and patch.strip().lower() == "auto"):
+        f = 2 ** int(depth)
+        side = max(f, PATCH_SIDE.get(backend, PATCH_SIDE["cpu"]) // f * f)
+        shape = [min(h, side), min(w, side)]
+    else:
+        shape = [int(patch)] * 2
+    check_patch(shape, image_shape, depth)
+    return shape
+
+
+def window_input(be, hu, mask, aug, center: float, width: float):
+    """(image float [B, H, W, C], target uint8 [B, H, W, 1]) on `be` from a batch's HU
+    (int16 [B, H, W], or [B, C, H, W] with context slices: C = 2K + 1), mask and
+    augmentation: `window_augment` per channel, the same flips and rotation for each, the
+    channels interleaved (NHWC) with the backend's array module; the target is the centre
+    channel's. One channel: `window_augment` itself."""
+    if hu.ndim == 3:
+        return be.window_augment(be.asarray(hu), be.asarray(mask), be.asarray(aug), center,
+                                 width)
+    # be.asarray around xp's results: a no-op for NumPy and CuPy, and what makes them the
+    # runtime's arrays under the CUDA emulator (whose xp is NumPy)
+    xp = be.xp
+    hu, mask, aug = be.asarray(hu), be.asarray(mask), be.asarray(aug)
+    images, target = [], None
+    for c in range(hu.shape[1]):
+        image, t = be.window_augment(be.asarray(xp.ascontiguousarray(hu[:, c])), mask, aug,
+                                     center, width)
+        images.append(image)
+        if c == hu.shape[1] // 2:
+            target = t
+    return be.asarray(xp.ascontiguousarray(xp.concatenate(images, axis=3))), target
+
+
 def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
     """The network's input (H, W): the cache's, or a centre crop of it to size x size.
 
@@ -258,13 +362,15 @@ def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
 
 
 def center_crop(hu, mask, shape):
-    """Centre crop of [N, H, W] HU and mask arrays to `shape` (H, W), C-contiguous."""
+    """Centre crop of [N, H, W] (or context slices' [N, C, H, W]) HU and [N, H, W] mask
+    arrays to `shape` (H, W), C-contiguous."""
     import numpy as np
 
-    h, w = hu.shape[1:3]
+    h, w = hu.shape[-2:]
     th, tw = (int(v) for v in shape)
     if (h, w) == (th, tw):
         return hu, mask
     r0, c0 = (h - th) // 2, (w - tw) // 2
-    window = np.s_[:, r0:r0 + th, c0:c0 + tw]
-    return np.ascontiguousarray(hu[window]), np.ascontiguousarray(mask[window])
+    window = np.s_[r0:r0 + th, c0:c0 + tw]
+    return (np.ascontiguousarray(hu[(..., *window)]),
+            np.ascontiguousarray(mask[(slice(None), *window)]))

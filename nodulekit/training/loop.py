@@ -7,9 +7,11 @@ The loop, as `Training.run` reads:
                       the empty ones, shuffled and augmented from (seed, epoch)); each goes to
                       the device as int16 HU, is windowed and augmented there
                       (`window_augment`) and takes one `nn.TrainStep`
-        validate      the whole validation split, no augmentation: validation loss, mean
-                      per-slice Dice and IoU, global Dice
-        save          checkpoint_best.h5 when the validation mean IoU improved,
+        validate      the whole validation split, whole slices, no augmentation: validation
+                      loss, mean per-slice Dice and IoU, global Dice, the nodule-slice mean
+                      Dice and the empty-slice false-positive rate
+        save          checkpoint_best.h5 when the validation nodule-slice mean Dice improved
+                      (`nodulekit.evaluation.selection`: a model predicting nothing scores 0),
                       checkpoint_last.h5, metrics.csv, progress.png
     test              the best model on the test split (`nodulekit.evaluation`)
 
@@ -57,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import distributed
-from nodulekit.training.config import TrainConfig, TrainOptions, center_crop
+from nodulekit.training.config import TrainConfig, TrainOptions, window_input
 
 
 class TrainingDiverged(RuntimeError):
@@ -201,6 +203,7 @@ class Training:
         self.optimizer, self.step = self._optimizer_and_step()
         self.epoch, self.global_step, self.history = 0, 0, []
         self.best_epoch, self.best_score = 0, -math.inf
+        self.best_key, self.rescore_best = None, False  # `nodulekit.evaluation.selection`
         if ckpt is not None:
             self._continue_from(ckpt)
         if self.dist is not None:  # every rank starts from rank 0's weights (and Adam state)
@@ -274,13 +277,29 @@ class Training:
         self.epoch, self.global_step = ckpt.epoch, ckpt.global_step
         self.history = list(ckpt.history)
         self.best_epoch, self.best_score = ckpt.best_epoch, ckpt.best_score
+        self._continue_selection()
         self.report(f"resuming from {ckpt.path}: {ckpt.epoch} epoch(s), {ckpt.global_step} "
-                    f"steps done; best validation mean IoU {self.best_score:.4f} "
-                    f"(epoch {self.best_epoch})")
+                    f"steps done; " + (
+                        f"best validation nodule-slice Dice {self.best_score:.4f} (epoch "
+                        f"{self.best_epoch})" if not self.rescore_best else
+                        f"best epoch {self.best_epoch}, kept on validation mean IoU by an "
+                        "earlier nodulekit: re-scored below"))
+
+    def _continue_selection(self) -> None:
+        """The best so far from the checkpoint's history (its best epoch's row); a run from
+        before the nodule-slice rule has no score for it: `_rescore_best` then."""
+        from nodulekit.evaluation import selection
+
+        row = selection.best_row(self.history, self.best_epoch)
+        if row is None:
+            return
+        validated = math.isfinite(float(row.get("val_loss", math.nan)))
+        self.best_key = selection.key(row, validated)
+        self.rescore_best = self.best_key is None
 
     def _open_data(self) -> None:
         from nodulekit.data.cache import open_cache
-        from nodulekit.data.loader import fits_in_memory, train_loader
+        from nodulekit.data.loader import CropOptions, fits_in_memory, train_loader
 
         config, comm = self.config, self.comm
         error = None
@@ -292,10 +311,14 @@ class Training:
         splits = self.cache.splits
         self.n_val = len(self.cache.split("val")) if "val" in splits else 0
         self.n_test = len(self.cache.split("test")) if "test" in splits else 0
+        # the loader gives the network's input: the centre crop (--size), or patches in it
+        crop = CropOptions(region=tuple(config.image_shape), patch=tuple(config.train_shape),
+                           foreground_fraction=config.foreground_fraction,
+                           context_slices=config.context_slices, progress=self.progress)
         self.loader = train_loader(self.cache, batch_size=config.batch_size,
                                    empty_fraction=config.empty_fraction, seed=config.seed,
                                    num_workers=config.workers, queue_size=config.queue,
-                                   in_memory=fits_in_memory(self.cache, "train"))
+                                   in_memory=fits_in_memory(self.cache, "train"), crop=crop)
         # each rank reads its B/N samples of every global batch
         distributed.shard_global_batches(self.loader, comm.rank, comm.size)
         if len(self.loader) == 0:
@@ -307,6 +330,12 @@ class Training:
         config, loader = self.config, self.loader
         crop = (", centre-cropped to " + "x".join(map(str, config.image_shape))
                 if config.crop else "")
+        if config.train_shape != list(config.image_shape):
+            crop += (f"; {'x'.join(map(str, config.train_shape))} patches, "
+                     f"{config.foreground_fraction:.0%} placed on a nodule")
+        if config.context_slices:
+            crop += (f"; {config.context_slices} slice(s) below and above as channels "
+                     f"({config.in_channels} in all)")
         self.report(f"data: {config.cache} ({'x'.join(map(str, config.cache_shape))}{crop}): "
                     f"{loader.samples_per_epoch} training samples per epoch "
                     f"({len(loader)} batches of {config.batch_size}), {self.n_val} validation "
@@ -327,14 +356,14 @@ class Training:
         try:
             self._open_data()
             self._describe()
+            if self.rescore_best:
+                self._rescore_best()
             if self.comm.is_root:
                 self._write_config()
             for epoch in range(self.epoch, self.config.epochs):
                 self.run_epoch(epoch)
             seconds = time.perf_counter() - t_start
-            self.report(f"{self._trained()} in {seconds:.1f} s; best validation mean IoU "
-                        f"{self.best_score:.4f} at epoch {self.best_epoch} "
-                        "(checkpoint_best.h5)")
+            self.report(f"{self._trained()} in {seconds:.1f} s; {self._best_words()}")
         except TrainingDiverged as exc:
             raise self._diverged(exc) from None
         except KeyboardInterrupt:
@@ -360,16 +389,29 @@ class Training:
         return (f"trained epochs {first + 1}-{last} ({last - first} this session; resumed "
                 f"after epoch {first})")
 
+    def _best_words(self) -> str:
+        """The end-of-run line's part on checkpoint_best (a warning when it finds nothing)."""
+        if not self.n_val:
+            return f"no validation split: checkpoint_best.h5 is the last epoch ({self.best_epoch})"
+        words = (f"best validation nodule-slice Dice {self.best_score:.4f} at epoch "
+                 f"{self.best_epoch} (checkpoint_best.h5)")
+        if self.best_score <= 0:
+            words += ("\nwarning: no epoch found a nodule pixel on a validation slice with a "
+                      "nodule; checkpoint_best.h5 finds none either (see metrics.csv)")
+        return words
+
     def run_epoch(self, epoch: int) -> None:
+        from nodulekit.evaluation import selection
+
         t0 = time.perf_counter()
         row, speed = self.train_epoch(epoch)
         row.update(self.validate(epoch))
-        score = row["val_iou"] if self.n_val else float(epoch + 1)
+        key = selection.key(row, validated=bool(self.n_val))
         row.update(seconds=time.perf_counter() - t0, **speed)
-        improved = score > self.best_score
+        improved = selection.improves(key, self.best_key)
         row["best"] = bool(improved)
         if improved:
-            self.best_epoch, self.best_score = epoch + 1, score
+            self.best_epoch, self.best_score, self.best_key = epoch + 1, key[0], key
         self.history.append(row)
         if self.comm.is_root:
             self.save(epoch, improved)
@@ -407,10 +449,8 @@ class Training:
         """Window and augment one batch on the device, take one step; (Dice loss, BCE
         term) of the global batch."""
         config, be = self.config, self.backend
-        hu, mask = center_crop(batch.hu, batch.mask, config.image_shape)
-        image, target = be.window_augment(be.asarray(hu), be.asarray(mask),
-                                          be.asarray(batch.aug), config.window_center,
-                                          config.window_width)
+        image, target = window_input(be, batch.hu, batch.mask, batch.aug,
+                                     config.window_center, config.window_width)
         self.comm.step = self.global_step + 1
         losses = self.step(image, target)
         loss, bce = float(be.to_host(losses.dice)), float(be.to_host(losses.bce))
@@ -434,13 +474,15 @@ class Training:
             f"(global step {self.global_step}); stopping. Last good checkpoint: {kept}. "
             "Try a lower --lr.")
 
-    def validate(self, epoch: int) -> dict:
-        """The row's validation columns (NaN without a validation split)."""
+    def validate(self, epoch: int, model=None, desc: str = "") -> dict:
+        """The row's validation columns (`selection.VALIDATION_COLUMNS`; NaN without a
+        validation split) of `model` (default: the one training): whole slices (the
+        --size centre crop, never the training patch), no augmentation."""
+        from nodulekit.evaluation import selection
+
         if not self.n_val:
-            return {"val_loss": math.nan, "val_dice": math.nan, "val_iou": math.nan,
-                    "val_global_dice": math.nan}
+            return selection.no_validation_columns()
         from nodulekit.evaluation.evaluate import InferSettings, infer_split
-        from nodulekit.evaluation.metrics import global_scores, slice_scores
 
         config = self.config
         settings = InferSettings(image_shape=tuple(config.image_shape),
@@ -448,11 +490,69 @@ class Training:
                                  workers=config.workers, queue=config.queue,
                                  window=(config.window_center, config.window_width),
                                  smooth=config.smooth)
-        val = infer_split(self.model, self.cache, "val", settings, progress=self.progress,
-                          desc=f"validate {epoch + 1}", comm=self.dist)
-        dice, iou = slice_scores(val.counts)
-        return {"val_loss": val.loss, "val_dice": float(dice.mean()),
-                "val_iou": float(iou.mean()), "val_global_dice": global_scores(val.counts)[0]}
+        val = infer_split(model or self.model, self.cache, "val", settings,
+                          progress=self.progress, desc=desc or f"validate {epoch + 1}",
+                          comm=self.dist)
+        return selection.validation_columns(val.counts, val.loss)
+
+    def _rescore_best(self) -> None:
+        """Resuming a run from before the nodule-slice rule, whose checkpoint_best.h5 was kept
+        on validation mean IoU: score it on validation the new way (every rank takes part),
+        so this session replaces it only with a better epoch; its history row gets the
+        score. Without it (or unreadable): the first epoch of this session becomes best."""
+        from nodulekit.evaluation import selection
+
+        self.rescore_best = False
+        if not self.n_val:
+            self.best_key = (float(self.best_epoch), 0.0)
+            return
+        path = self.run_dir / "checkpoint_best.h5"
+        model, why = self._shared_model(path)
+        if model is None:
+            self.best_key = None
+            self.report(f"checkpoint_best.h5 was kept on validation mean IoU by an earlier "
+                        f"nodulekit and cannot be re-scored ({why}); the first epoch of this "
+                        "session becomes the best")
+            return
+        cols = self.validate(self.best_epoch - 1, model=model, desc="re-score best")
+        row = selection.best_row(self.history, self.best_epoch)
+        row.update({k: cols[k] for k in (selection.METRIC, selection.TIE_BREAK)})
+        self.best_key = selection.key(row)
+        self.best_score = self.best_key[0]
+        self.report(f"checkpoint_best.h5 (epoch {self.best_epoch}) was kept on validation mean "
+                    "IoU by an earlier nodulekit; re-scored on validation: nodule-slice Dice "
+                    f"{cols[selection.METRIC]:.4f}, empty-slice false positives "
+                    f"{cols[selection.TIE_BREAK]:.1%}; an epoch of this session replaces it "
+                    "only with a higher nodule-slice Dice")
+
+    def _shared_model(self, path: Path):
+        """(the checkpoint at `path` as a model on every rank, None) or (None, why not)."""
+        from nodulekit.nn import UNet
+        from nodulekit.training.checkpoint import (
+            CheckpointError,
+            load_checkpoint,
+            model_from_checkpoint,
+        )
+
+        model, why = None, None
+        if self.comm.is_root:
+            try:
+                model = model_from_checkpoint(load_checkpoint(path), self.backend)
+            except (OSError, CheckpointError) as e:
+                why = str(e)
+        why = self.comm.bcast_object(why)
+        if why is not None:
+            return None, why
+        if self.dist is not None and self.comm.size > 1:
+            config = self.config
+            if model is None:  # the other ranks: rank 0's weights by broadcast
+                model = UNet(self.backend, depth=config.depth, width=config.width,
+                             in_channels=config.in_channels, seed=config.seed,
+                             norm=config.norm)
+            self.dist.bcast(model.params)
+            if model.buffers.size:
+                self.dist.bcast(model.buffers)
+        return model, None
 
     def save(self, epoch: int, improved: bool) -> None:
         """Checkpoints (best first: killed between the two, the run resumes from the older
@@ -550,7 +650,10 @@ class Training:
                          "precision": be.precision, "versions": versions(),
                          "ranks": comm.size,
                          "communicator": comm.describe()})
+        from nodulekit.evaluation import selection
+
         write_json(path, {"config": self.config.to_dict(),
+                          "selection": selection.describe(),
                           "device": device_description(be.name), "backend": be.name,
                           "precision": be.precision, "versions": versions(),
                           "sessions": sessions})
@@ -560,9 +663,14 @@ def _epoch_line(row: dict, epochs: int) -> str:
     def f(v):
         return "  -   " if math.isnan(v) else f"{v:.4f}"
 
+    def pct(v):
+        return "  -  " if math.isnan(v) else f"{100 * v:4.0f}%"
+
     return (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  "
             f"val loss {f(row['val_loss'])}  Dice {f(row['val_dice'])}  "
             f"IoU {f(row['val_iou'])}  global Dice {f(row['val_global_dice'])}  "
+            f"nodule Dice {f(row['val_nodule_dice'])}  "
+            f"empty FP {pct(row['val_empty_fp'])}  "
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"
             + ("  * best" if row["best"] else ""))
 

@@ -6,7 +6,8 @@ A run folder holds::
     metrics.csv            one row per epoch (see METRIC_COLUMNS)
     progress.png           loss and Dice curves per epoch (like the paper's Fig. 3)
     checkpoint_last.h5     written after every epoch
-    checkpoint_best.h5     the epoch with the best validation mean IoU so far
+    checkpoint_best.h5     the epoch with the best validation nodule-slice mean Dice so far
+                           (`nodulekit.evaluation.selection`; config.json's "selection")
     train.log              everything printed, with a time stamp per line
     test/summary.json      the best model on the test split (when the cache has one)
     .lock                  who writes the folder now (`nodulekit.training.runlock`)
@@ -32,9 +33,13 @@ from pathlib import Path
 
 from nodulekit.training.checkpoint import write_file_atomic
 
+# val_dice, val_iou: means over all validation slices (empty truth and prediction = 1);
+# val_nodule_dice: over the slices whose truth has a nodule (what checkpoint_best is kept on);
+# val_empty_fp: the fraction of empty-truth slices with any predicted pixel. A run resumed
+# from before the last two has them empty in its earlier rows.
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
-                  "val_iou", "val_global_dice", "seconds", "train_seconds", "images_per_s",
-                  "best")
+                  "val_iou", "val_global_dice", "val_nodule_dice", "val_empty_fp", "seconds",
+                  "train_seconds", "images_per_s", "best")
 LOG_NAME = "train.log"
 
 
@@ -168,17 +173,22 @@ def write_metrics_csv(path: str | os.PathLike, history: list[dict]) -> None:
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    """metrics.csv's rows: numbers (an empty cell, a column an earlier version did not
+    write, as NaN)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out = []
     for r in rows:
-        out.append({k: (float(v) if k not in ("epoch", "step", "best") else int(v))
+        out.append({k: (int(v) if k in ("epoch", "step", "best") else
+                        float(v) if v not in ("", None) else math.nan)
                     for k, v in r.items()})
     return out
 
 
 def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "") -> None:
-    """Loss (train, validation) and validation Dice / IoU per epoch, two panels (Fig. 3)."""
+    """Loss (train, validation) per epoch, and the validation scores: mean Dice and IoU over
+    all slices, the nodule-slice mean Dice (what checkpoint_best is kept on) and the
+    empty-slice false-positive rate; two panels (Fig. 3)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -195,17 +205,24 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     ax_loss.set_ylim(bottom=0)
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_score.plot(epochs, [r["val_dice"] for r in history], "o-", label="validation Dice")
-    ax_score.plot(epochs, [r["val_iou"] for r in history], "s-", label="validation IoU")
+    def col(name):
+        return [r.get(name, math.nan) for r in history]
+
+    ax_score.plot(epochs, col("val_dice"), "o-", label="Dice, all slices")
+    ax_score.plot(epochs, col("val_iou"), "s-", label="IoU, all slices")
+    ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=2,
+                  label="Dice, nodule slices (selects best)")
+    ax_score.plot(epochs, col("val_empty_fp"), "x:", color="tab:red",
+                  label="empty slices with a false positive")
     best = [r for r in history if r.get("best")]
     if best:
         b = best[-1]
         ax_score.axvline(b["epoch"], color="grey", ls="--", lw=1,
                          label=f"best (epoch {b['epoch']})")
     ax_score.set_xlabel("epoch")
-    ax_score.set_ylabel("mean per slice")
+    ax_score.set_ylabel("validation (mean per slice, or fraction)")
     ax_score.set_ylim(0, 1)
-    ax_score.legend(loc="lower right")
+    ax_score.legend(loc="best", fontsize="small")
     ax_score.grid(alpha=0.3)
     for ax in (ax_loss, ax_score):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -24,6 +24,7 @@ from nodulekit.training.config import (
     PAPER_DEFAULTS,
     TrainConfig,
     TrainOptions,
+    resolve_patch,
     resolve_size,
 )
 
@@ -64,6 +65,13 @@ def new_config(options: TrainOptions, *, report, progress: bool,
         finetune = _architecture_from(finetune, options, o)
     image_shape, cache_shape = _shapes(cache, o.pop("size"), int(o["depth"]))
     backend, _ = resolve_device(options.device)
+    patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
+    if o["patch"] is None and patch != image_shape:
+        where = "a GPU" if backend == "cuda" else "the CPU"
+        report(f"patches: {patch[0]}x{patch[1]} crops of the {image_shape[0]}x"
+               f"{image_shape[1]} slices (--patch auto: at most {max(patch)} on {where}; "
+               "--patch P to choose)")
+    context = int(o["context_slices"])
     config = TrainConfig(
         data="demo" if kind == "demo" else str(Path(options.data).absolute()), data_kind=kind,
         cache=str(cache), out=str(out), epochs=int(o["epochs"]),
@@ -73,8 +81,9 @@ def new_config(options: TrainOptions, *, report, progress: bool,
         seed=int(o["seed"] or 0), workers=int(options.workers), queue=options.queue,
         empty_fraction=float(o["empty_fraction"]), finetune_from=finetune,
         test_after=options.test, smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]),
-        bce_weight=float(o["bce_weight"]), norm=str(o["norm"]),
-        cache_identity=cache_identity(cache))
+        bce_weight=float(o["bce_weight"]), norm=str(o["norm"]), patch=patch,
+        foreground_fraction=float(o["foreground_fraction"]), context_slices=context,
+        in_channels=2 * context + 1, cache_identity=cache_identity(cache))
     config.validate()
     return config
 
@@ -114,15 +123,17 @@ def _ready_cache(data, kind: str, out: Path, *, report, progress: bool) -> Path:
 
 
 def _architecture_from(finetune, options: TrainOptions, resolved: dict) -> str:
-    """Fine-tuning: width, depth and norm come from the checkpoint (an explicit other value
-    is an error; a checkpoint from before norms has none). Returns its absolute path."""
+    """Fine-tuning: width, depth, norm and context slices (the input channels) come from the
+    checkpoint (an explicit other value is an error; a checkpoint from before norms has
+    none, from before context slices 0). Returns its absolute path."""
     ft = load_checkpoint(resolve_checkpoint(finetune, prefer="best"))
-    for key, kind in (("width", int), ("depth", int), ("norm", str)):
-        stored = kind(ft.config.get(key, "none") if key == "norm" else ft.config[key])
+    absent = {"norm": "none", "context_slices": 0}
+    for key, kind in (("width", int), ("depth", int), ("norm", str), ("context_slices", int)):
+        stored = kind(ft.config.get(key, absent[key]) if key in absent else ft.config[key])
         asked = getattr(options, key)
         if asked is not None and kind(asked) != stored:
-            raise ValueError(f"--{key} {asked} differs from the fine-tuned checkpoint's "
-                             f"{stored} ({ft.path})")
+            raise ValueError(f"--{key.replace('_', '-')} {asked} differs from the fine-tuned "
+                             f"checkpoint's {stored} ({ft.path})")
         resolved[key] = stored
     return str(ft.path.absolute())
 

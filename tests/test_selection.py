@@ -1,0 +1,123 @@
+"""Which epoch training keeps as checkpoint_best (nodulekit.evaluation.selection): never a model
+that predicts nothing when another epoch found nodules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from tiny import tiny_train
+
+from nodulekit.evaluation import selection
+from nodulekit.training.checkpoint import load_checkpoint, save_checkpoint
+from nodulekit.training.runfiles import read_metrics_csv, write_metrics_csv
+
+# validation counts (tp, fp, fn) of 8 empty slices and 2 nodule slices
+NOTHING = np.array([[0, 0, 0]] * 8 + [[0, 0, 6], [0, 0, 9]])  # predicts nothing at all
+FOUND = np.array([[0, 0, 0]] * 5 + [[0, 4, 0]] * 3 + [[4, 2, 2], [3, 0, 6]])  # finds some
+
+
+def _row(epoch, counts):
+    return {"epoch": epoch, **selection.validation_columns(counts, loss=0.5)}
+
+
+def test_predicting_nothing_scores_zero_and_is_not_kept():
+    nothing, found = _row(1, NOTHING), _row(2, FOUND)
+    # the all-slice means favour predicting nothing (empty slices score 1) ...
+    assert nothing["val_dice"] > found["val_dice"] and nothing["val_iou"] > found["val_iou"]
+    # ... the nodule-slice mean does not
+    assert nothing[selection.METRIC] == 0.0 and found[selection.METRIC] > 0
+    assert found[selection.TIE_BREAK] == pytest.approx(3 / 8)
+    for order in ([nothing, found], [found, nothing]):
+        rows = [dict(r, epoch=i + 1) for i, r in enumerate(order)]
+        kept = selection.select(rows)
+        assert rows[kept - 1][selection.METRIC] > 0
+    # more epochs that find nothing after one that did: still the one that did
+    rows = [_row(1, NOTHING), _row(2, FOUND), _row(3, NOTHING), _row(4, NOTHING)]
+    assert selection.select(rows) == 2
+
+
+def test_ties_go_to_fewer_false_positives_then_the_earlier_epoch():
+    blind = np.array([[0, 0, 0]] * 4 + [[0, 0, 5]])  # finds nothing, no false positive
+    noisy = np.array([[0, 3, 0]] * 4 + [[0, 2, 5]])  # finds nothing, marks every empty slice
+    rows = [_row(1, noisy), _row(2, blind), _row(3, blind), _row(4, noisy)]
+    assert [r[selection.METRIC] for r in rows] == [0.0] * 4
+    assert selection.select(rows) == 2
+    # a validation split with no nodule slice: the false-positive rate decides
+    empty_only = [_row(1, np.array([[0, 1, 0], [0, 0, 0]])), _row(2, np.zeros((2, 3), int))]
+    assert math.isnan(empty_only[0][selection.METRIC]) and selection.select(empty_only) == 2
+    # without validation: the last epoch
+    none = [dict(selection.no_validation_columns(), epoch=e) for e in (1, 2, 3)]
+    assert selection.select(none, validated=False) == 3
+
+
+def test_rows_from_before_the_rule_have_no_key():
+    old = {"epoch": 1, "val_loss": 0.5, "val_dice": 0.9, "val_iou": 0.81}
+    assert selection.key(old) is None
+    assert selection.improves((0.0, 0.0), None)
+    assert not selection.improves((0.3, -0.5), (0.3, -0.2))
+    assert selection.improves((0.3, -0.1), (0.3, -0.2))
+    assert selection.best_row([old], 1) is old and selection.best_row([old], 2) is None
+    assert selection.describe()["metric"] == selection.METRIC
+
+
+def test_metrics_csv_reads_columns_an_older_run_lacks(tmp_path):
+    rows = [{"epoch": 1, "step": 3, "train_loss": 0.5, "val_dice": 0.9, "best": True},
+            {"epoch": 2, "step": 6, "train_loss": 0.4, "val_dice": 0.8,
+             selection.METRIC: 0.25, selection.TIE_BREAK: 0.5, "best": True}]
+    write_metrics_csv(tmp_path / "m.csv", rows)
+    back = read_metrics_csv(tmp_path / "m.csv")
+    assert math.isnan(back[0][selection.METRIC]) and back[1][selection.METRIC] == 0.25
+    assert [r["best"] for r in back] == [1, 1]
+
+
+def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkeypatch):
+    """End to end: validation scripted so that epochs 1 and 3 predict nothing (the higher
+    all-slice mean Dice and IoU) and epoch 2 finds nodules; checkpoint_best is epoch 2."""
+    found = _row(2, FOUND)[selection.METRIC]
+    script = iter([NOTHING, FOUND, NOTHING])
+    real = selection.validation_columns
+    monkeypatch.setattr(selection, "validation_columns",
+                        lambda counts, loss: real(next(script), loss))
+    _, cache = tiny_data
+    lines = []
+    result = tiny_train(cache, tmp_path / "run", epochs=3, test=False, echo=lines.append)
+    assert result.best_epoch == 2 and result.best_score == pytest.approx(found)
+    best = load_checkpoint(tmp_path / "run" / "checkpoint_best.h5")
+    assert best.epoch == 2 and best.best_epoch == 2
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["best"] for r in rows] == [1, 1, 0]
+    assert rows[0]["val_iou"] > rows[1]["val_iou"]  # the old rule would have kept epoch 1
+    assert rows[1][selection.METRIC] > 0 and rows[2][selection.TIE_BREAK] == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["selection"]["metric"] == selection.METRIC
+    epoch_lines = [x for x in lines if x.startswith("epoch ")]
+    assert "nodule Dice" in epoch_lines[1] and "* best" in epoch_lines[1]
+    assert "* best" not in epoch_lines[2]
+
+
+def test_resuming_a_run_from_before_the_rule_rescores_its_best(tiny_data, tmp_path):
+    """A checkpoint whose history has no nodule-slice Dice (an older nodulekit's, kept on mean
+    IoU) resumes: its checkpoint_best is scored on validation again, and says so."""
+    _, cache = tiny_data
+    run = tmp_path / "run"
+    tiny_train(cache, run, epochs=1, test=False)
+    new_cols = (selection.METRIC, selection.TIE_BREAK)
+    original = load_checkpoint(run / "checkpoint_last.h5").history[0]
+    for name in ("checkpoint_last.h5", "checkpoint_best.h5"):
+        ck = load_checkpoint(run / name)
+        ck.history = [{k: v for k, v in r.items() if k not in new_cols} for r in ck.history]
+        ck.best_score = original["val_iou"]  # what the old rule stored
+        save_checkpoint(run / name, ck)
+    lines = []
+    result = tiny_train(cache, run, epochs=2, resume=str(run), test=False, echo=lines.append)
+    said = "\n".join(lines)
+    assert "kept on validation mean IoU by an earlier nodulekit" in said and "re-scored" in said
+    last = load_checkpoint(run / "checkpoint_last.h5")
+    first = last.history[0]
+    for k in new_cols:  # the same model on the same slices: the same score
+        assert first[k] == pytest.approx(original[k])
+    expected = selection.select(last.history)
+    assert result.best_epoch == expected and last.best_epoch == expected
