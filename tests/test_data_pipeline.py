@@ -1,4 +1,5 @@
-"""synth -> preprocess -> cache -> loader, against the generator's ground truth."""
+"""The synthetic CT generator, then synth -> preprocess -> cache -> loader, against the
+generator's ground truth."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from nodulekit.data import preprocess as preprocess_module
 from nodulekit.data.cache import FORMAT_VERSION, Cache, CacheError
 from nodulekit.data.loader import eval_loader
 from nodulekit.data.preprocess import PreprocessError, preprocess
-from nodulekit.data.synth import SynthConfig, render_slice, synthesize
+from nodulekit.data.synth import SynthConfig, anatomy, render_slice, synthesize
+from nodulekit.data.synth_anatomy import NODULE_PLAN, Tissue
+from nodulekit.data.synth_geometry import in_lung, wall
+from nodulekit.data.synth_nodules import TABLE3_COUNTS, TABLE3_RANGES, plan_nodules
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,8 @@ def test_synth_is_reproducible_and_realistic(synth_set):
     assert abs(float(corner.mean()) + 1000) < 30  # air
     assert np.percentile(hu, 99.9) > 300  # bone somewhere
     assert ((hu > -950) & (hu < -750)).mean() > 0.05  # lung parenchyma
-    assert ((hu > -20) & (hu < 80)).mean() > 0.1  # soft tissue
+    assert ((hu > -20) & (hu < 80)).mean() > 0.04  # soft tissue
+    assert ((hu > -150) & (hu < -50)).mean() > 0.04  # fat
     assert hu.min() >= -1024 and hu.max() <= 3071
     # A different seed is a different data set.
     other = render_slice(SynthConfig(size=128, patients=4, slices_per_patient=10, seed=8), 0, 3)
@@ -59,7 +64,9 @@ def test_synth_files_carry_real_tags(synth_set):
     ds = pydicom.dcmread(synth_set.root / s.image)
     assert ds.Modality == "CT"
     assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
-    assert float(ds.PixelSpacing[0]) == pytest.approx(360 / 128)
+    # 0.6 to 0.85 mm at 512 pixels; 128 pixels cover the same field of view
+    assert float(ds.PixelSpacing[0]) == pytest.approx(s.pixel_spacing_mm)
+    assert 0.6 * 4 <= s.pixel_spacing_mm <= 0.85 * 4
     assert float(ds.SliceThickness) in (1.0, 1.25, 1.5, 2.0)
     assert int(ds.InstanceNumber) == s.instance_number
     assert float(ds.ImagePositionPatient[2]) == pytest.approx(s.z_mm)
@@ -69,21 +76,180 @@ def test_synth_files_carry_real_tags(synth_set):
         assert set(np.unique(png).tolist()) == {0, 255}
 
 
-def test_synth_nodules_follow_table_3():
-    from nodulekit.data import synth
-
-    cfg = SynthConfig(size=64, patients=400, slices_per_patient=4, seed=0)
-    d = np.array([n.diameter_mm for p in range(cfg.patients)
-                  for n in synth._anatomy(cfg, p).nodules])
-    assert d.min() >= 1.0 and d.max() <= 136.0
-    assert 0.6 < np.mean(d < 10) < 0.9  # Table 3: 75% under 10 mm
-    assert 0.1 < np.mean((d >= 10) & (d < 30)) < 0.35  # 22%
-    assert np.mean(d > 30) < 0.1  # 3%
-
-
 def test_synth_refuses_to_overwrite(synth_set):
     with pytest.raises(FileExistsError, match="overwrite"):
         synthesize(synth_set.root, synth_set.config)
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def _grow(m: np.ndarray) -> np.ndarray:
+    """A boolean mask grown by one pixel (4-neighbours)."""
+    g = m.copy()
+    g[1:] |= m[:-1]
+    g[:-1] |= m[1:]
+    g[:, 1:] |= m[:, :-1]
+    g[:, :-1] |= m[:, 1:]
+    return g
+
+
+def test_synth_has_a_real_ct_geometry(tmp_path):
+    """512 pixels of 0.6 to 0.85 mm, drawn per patient; other sizes keep the field of view."""
+    cfg = SynthConfig(size=512, patients=40, slices_per_patient=1, seed=11)
+    spacing = np.array([cfg.spacing_mm(p) for p in range(cfg.patients)])
+    assert spacing.min() >= 0.6 and spacing.max() <= 0.85 and np.ptp(spacing) > 0.1
+    small = SynthConfig(size=128, patients=40, slices_per_patient=1, seed=11)
+    np.testing.assert_allclose([small.spacing_mm(p) for p in range(40)], spacing * 4)
+    written = synthesize(tmp_path / "d", SynthConfig(size=512, patients=2, slices_per_patient=1,
+                                                     seed=11), workers=0)
+    for s in written.slices:
+        ds = pydicom.dcmread(written.root / s.image)
+        assert (ds.Rows, ds.Columns) == (512, 512)
+        assert float(ds.PixelSpacing[0]) == pytest.approx(spacing[s.patient])
+        assert anatomy(written.config, s.patient).grid.spacing == pytest.approx(spacing[s.patient])
+        hu = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept)
+        border = np.concatenate([hu[0], hu[-1], hu[:, 0], hu[:, -1]])
+        assert np.all(border < -900)  # the body fits in the field of view
+
+
+# Median HU each tissue must have (Hounsfield's scale; blur, noise and partial volume in).
+TISSUE_HU = {Tissue.AIR: (-1024, -980), Tissue.FAT: (-130, -60), Tissue.MUSCLE: (10, 70),
+             Tissue.MEDIASTINAL_FAT: (-130, -50), Tissue.LUNG: (-900, -700),
+             Tissue.BLOOD: (20, 260), Tissue.MYOCARDIUM: (20, 160), Tissue.CORTEX: (300, 1200),
+             Tissue.MARROW: (100, 400), Tissue.LIVER: (30, 160), Tissue.SPLEEN: (30, 160),
+             Tissue.AIRWAY: (-1024, -800), Tissue.CANAL: (0, 60), Tissue.DISC: (50, 130)}
+
+
+def test_synth_tissues_have_plausible_hu():
+    cfg = SynthConfig(size=256, patients=4, slices_per_patient=12, seed=5)
+    pooled: dict[Tissue, list[np.ndarray]] = {t: [] for t in Tissue}
+    for p in range(cfg.patients):
+        for k in (0, cfg.slices_per_patient - 1):
+            hu, _, labels = render_slice(cfg, p, k, labels=True)
+            for t in Tissue:
+                pooled[t].append(hu[labels == t])
+    seen = {t: np.concatenate(v) for t, v in pooled.items()}
+    for t, (lo, hi) in TISSUE_HU.items():
+        if seen[t].size >= 30:
+            assert lo <= np.median(seen[t]) <= hi, (t.name, np.median(seen[t]))
+    must = {Tissue.FAT, Tissue.MUSCLE, Tissue.MEDIASTINAL_FAT, Tissue.LUNG, Tissue.BLOOD,
+            Tissue.CORTEX, Tissue.MARROW, Tissue.AIRWAY, Tissue.NODULE}
+    assert all(seen[t].size >= 30 for t in must), {t.name: seen[t].size for t in must}
+    lung = seen[Tissue.LUNG]
+    assert np.percentile(lung, 1) > -1000 and np.percentile(lung, 99) < -400
+
+
+def test_synth_vessels_continue_from_slice_to_slice():
+    """A lung vessel in one slice is there (within a pixel) in the next; 16 slices away
+    the vessels are elsewhere: they are 3-D tubes, not drawn per slice."""
+    cfg = SynthConfig(size=256, patients=2, slices_per_patient=20, seed=3)
+    for p in range(cfg.patients):
+        vessels = []
+        for k in range(cfg.slices_per_patient):
+            _, _, labels = render_slice(cfg, p, k, labels=True)
+            lung = _grow(_grow(labels == Tissue.LUNG))
+            vessels.append((labels == Tissue.BLOOD) & lung)
+        assert np.mean([v.sum() for v in vessels]) > 100  # vessels in every lung slice
+
+        def kept(a, b):
+            return (a & _grow(b)).sum() / max(a.sum(), 1)
+
+        near = [kept(vessels[k], vessels[k + 1]) for k in range(len(vessels) - 1)]
+        far = [kept(vessels[k], vessels[k + 16]) for k in range(len(vessels) - 16)]
+        assert np.mean(near) > 0.6 and min(near) > 0.5, near
+        assert np.mean(far) < 0.3, far
+
+
+def test_synth_nodule_sizes_follow_table_3():
+    """The diameters' bins in the paper's proportions (Table 3: 1.8%, 73.6%, 21.6%, 3.0%)."""
+    plans = [plan for p in range(3000)
+             for plan in plan_nodules(np.random.default_rng([0, p, NODULE_PLAN, 0]), 4)]
+    d = np.array([plan.diameter for plan in plans])
+    assert d.min() >= 1.0 and d.max() <= 136.0
+    expected = np.array(TABLE3_COUNTS) / sum(TABLE3_COUNTS)
+    share = np.array([np.mean((d >= lo) & (d < hi)) for lo, hi in TABLE3_RANGES])
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / len(d)) + 0.002
+    assert np.all(np.abs(share - expected) < tolerance), (share, expected)
+    kinds = [plan.kind for plan in plans]
+    assert 0.65 < kinds.count("solid") / len(kinds) < 0.85
+    assert kinds.count("part-solid") > 0.05 * len(kinds)
+    assert kinds.count("ground-glass") > 0.05 * len(kinds)
+    # The anatomy places what was planned (each nodule finds a place).
+    cfg = SynthConfig(size=64, patients=6, slices_per_patient=8, seed=0)
+    for p in range(cfg.patients):
+        planned = plan_nodules(np.random.default_rng([0, p, NODULE_PLAN, 0]), 4)
+        placed = [s.nodule.diameter_mm for s in anatomy(cfg, p).nodules]
+        assert placed == [plan.diameter for plan in planned]
+
+
+def _distance_to_tubes(tubes, point) -> np.ndarray:
+    d = tubes.b - tubes.a
+    u = np.clip(np.einsum("ij,ij->i", point - tubes.a, d)
+                / np.maximum(np.einsum("ij,ij->i", d, d), 1e-12), 0, 1)
+    return np.linalg.norm(point - tubes.a - u[:, None] * d, axis=1)
+
+
+def test_synth_places_juxta_pleural_and_vessel_attached_nodules():
+    cfg = SynthConfig(size=256, patients=16, slices_per_patient=16, seed=1)
+    seen = {"pleura": 0, "vessel": 0, "": 0}
+    wall_tissue = [Tissue.MUSCLE, Tissue.SOFT, Tissue.CORTEX, Tissue.MARROW, Tissue.CARTILAGE]
+    for p in range(cfg.patients):
+        body = anatomy(cfg, p)
+        for shape in body.nodules:
+            n = shape.nodule
+            x, y, z = n.center_mm
+            r = n.diameter_mm / 2
+            assert in_lung(body.chest, np.array(x), np.array(y), np.array(z))
+            seen[n.attached] += 1
+            if n.attached == "":
+                continue
+            k = int(np.flatnonzero(body.z == z)[0])
+            _, mask, labels = render_slice(cfg, p, k, labels=True)
+            touching = _grow(_grow(mask.astype(bool)))
+            if n.attached == "pleura":
+                depth = float(wall(body.chest, np.array(x), np.array(y)).cavity)
+                assert depth <= r + 1.0, (n, depth)
+                assert np.isin(labels[touching], wall_tissue).any(), n
+            else:
+                gap = _distance_to_tubes(body.vessels, np.array(n.center_mm)) - body.vessels.r
+                assert gap.min() <= r, (n, gap.min())
+    assert seen["pleura"] >= 3 and seen["vessel"] >= 3 and seen[""] >= 10, seen
+
+
+def test_synth_masks_cover_nodules_only(synth_set):
+    cfg = synth_set.config
+    checked = 0
+    for s in synth_set.slices:
+        hu, mask, labels = render_slice(cfg, s.patient, s.slice_index, labels=True)
+        assert np.array_equal(mask.astype(bool), labels == Tissue.NODULE)
+        if not mask.any():
+            continue
+        # every mask pixel is within a nodule of this patient that reaches this slice
+        rows, cols = np.nonzero(mask)
+        body = anatomy(cfg, s.patient)
+        mm = body.grid.origin + body.grid.spacing * np.stack([cols, rows], 1)
+        near = np.zeros(len(rows), dtype=bool)
+        for shape in body.nodules:
+            cx, cy, cz = shape.nodule.center_mm
+            reach = shape.reach + body.grid.spacing
+            if abs(s.z_mm - cz) <= reach:
+                near |= np.hypot(mm[:, 0] - cx, mm[:, 1] - cy) <= reach
+        assert near.all()
+        checked += 1
+    assert checked >= 5
+
+
+def test_synth_is_a_function_of_the_seed():
+    cfg = SynthConfig(size=96, patients=3, slices_per_patient=6, seed=21)
+    first = [render_slice(cfg, p, k, labels=True) for p in range(3) for k in (0, 5)]
+    anatomy.cache_clear()  # everything drawn again from the seed
+    again = [render_slice(cfg, p, k, labels=True) for p in range(3) for k in (0, 5)]
+    for a, b in zip(first, again, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    other = render_slice(SynthConfig(size=96, patients=3, slices_per_patient=6, seed=22), 0, 0)
+    assert not np.array_equal(other[0], first[0][0])
 
 
 def test_hu_and_masks_through_the_pipeline_equal_the_ground_truth(synth_set, cache_path):
@@ -127,7 +293,9 @@ def test_cache_layout_and_metadata(synth_set, cache_path):
         assert total == len(synth_set.slices)
         m = cache.split("train").meta
         assert np.all(np.diff(m["slice"][m["patient"] == m["patient"][0]]) > 0)  # ordered
-        assert np.allclose(m["pixel_spacing"], 360 / 128)
+        spacing = {s.patient_id: s.pixel_spacing_mm for s in synth_set.slices}
+        expected = [spacing[pid] for pid in m["patient"].tolist()]
+        assert np.allclose(m["pixel_spacing"], np.array(expected)[:, None])
         rows = cache.split("train").nodule_rows()
         assert np.all(m["n_nodules"][rows] >= 1)
         assert np.all(np.isnan(m["max_diameter_mm"][cache.split("train").empty_rows()]))
@@ -138,12 +306,12 @@ def test_cache_layout_and_metadata(synth_set, cache_path):
 def test_nodule_diameters_match_the_generator(synth_set, cache_path):
     """Nodules several pixels across are measured (largest section, linked over slices)
     within about a pixel of the generator's diameter."""
-    pixel = synth_set.config.pixel_spacing_mm
     checked = 0
     with Cache(cache_path) as cache:
         for split in cache.splits:
             m = cache.split(split).meta
             for nodule in synth_set.nodules:
+                pixel = synth_set.config.spacing_mm(nodule.patient)
                 if nodule.diameter_mm < 4 * pixel:
                     continue
                 pid = f"{nodule.patient + 1:04d}"

@@ -39,7 +39,7 @@ from nodulekit.inference.inputs import SliceInput
 from nodulekit.inference.predict import read_slices
 
 # Every split holds slices with and without a nodule (as tests/tiny.py's TINY).
-TINY = SynthConfig(size=32, patients=6, slices_per_patient=12, seed=2)
+TINY = SynthConfig(size=32, patients=6, slices_per_patient=12, seed=0)
 SYNTH_ARGS = ["--size", "32", "--patients", "3", "--slices-per-patient", "2", "--workers", "0",
               "--no-progress"]
 

@@ -1,13 +1,21 @@
 """A synthetic chest CT data set in the exact UniToChest layout (`nodulekit synth OUT`).
 
-Every patient is a small analytic phantom, defined in millimetres so consecutive slices
-agree: a body (skin fat over soft tissue), two lungs with texture and vessels, the heart
-between them, ribs that come and go with the slice position, a vertebra with its canal,
-scanner noise, and spherical nodules inside the lungs. HU are realistic: air -1000, lung
-about -850, fat about -100, soft tissue 0..60, bone 300..1200; clipped to the scanner range
-[-1024, 3071]. Nodule diameters follow the paper's Table 3 (most under 10 mm), from 1 to
-136 mm; each nodule is centred on a slice and a pixel, so it always shows, and spans
-several slices. Patients are split 80/10/10 by the seeded patient-level split of
+Every patient is an analytic phantom defined in millimetres, so consecutive slices agree,
+at a real CT's geometry: 512 x 512 pixels of 0.6 to 0.85 mm (drawn per patient; the field
+of view follows, and another `size` keeps that field of view), slices 1 to 2 mm thick over
+a stretch of the lungs. Its parts (`synth_anatomy.py` and the modules it names): the body
+with skin, subcutaneous fat and muscle; ribs (cortex and marrow, descending towards the
+front, so each slice cuts them obliquely), costal cartilages, sternum, scapulae and
+vertebrae; the mediastinum's fat with the aorta, the pulmonary trunk, the vena cava and the
+heart's chambers lower down; the trachea and bronchi (air in a thin wall); lungs with a
+front-to-back density gradient and texture, fissures, a few scar bands, and pulmonary
+arteries and veins branching in 3-D from the hila, tapering to the periphery (a vessel
+crossing the slice is a bright disc: the nodule's main look-alike); the liver and spleen
+under the diaphragm; half the patients with contrast in the blood; the scanner's blur and
+noise. Nodule diameters follow the paper's Table 3 (most 3-10 mm); nodules are solid,
+part-solid or ground-glass, slightly ellipsoidal or lobulated, some touching the chest
+wall, some on a vessel; each is centred on a slice and a pixel, so it always shows. Only
+nodules are in the masks. Patients are split 80/10/10 by the seeded patient-level split of
 `layout.split_patients`.
 
 Written (as docs/design.md describes UniToChest), for each split folder train/ val/ test/:
@@ -16,21 +24,22 @@ Written (as docs/design.md describes UniToChest), for each split folder train/ v
     masks/patient_XXXX/exam_1/NNNN.png    0/255 masks, only for slices with a nodule
     <split>_dataset.csv                   patientID, exam, slice, image, mask
 
-plus ``synth.json`` at the top: the configuration and every nodule (centre, diameter, HU),
-and ``.nodulekit-synth``, the marker that says `synthesize` wrote the folder: only a folder
-with it (or an empty one) is replaced with ``overwrite=True``, and then only when it holds
-nothing but files `synthesize` writes.
+plus ``synth.json`` at the top: the generator's version, the configuration and every
+nodule (centre, diameter, HU, kind, attachment), and ``.nodulekit-synth``, the marker that
+says `synthesize` wrote the folder: only a folder with it (or an empty one) is replaced
+with ``overwrite=True``, and then only when it holds nothing but files `synthesize` writes.
 
-Everything is a function of the seed: patient p's anatomy comes from the RNG
-``(seed, p)`` and slice k's noise from ``(seed, p, k)``, so `render_slice` regenerates any
-slice's ground truth (HU int16 and mask) without reading a file.
+Everything is a function of the seed: patient p's anatomy comes from random generators
+seeded with ``(seed, p, ...)`` and slice k's noise from ``(seed, p, k, 1)``, so
+`render_slice` regenerates any slice's ground truth (HU int16 and mask) without reading a
+file.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import math
 import os
 import shutil
 import uuid
@@ -41,14 +50,23 @@ import numpy as np
 
 from nodulekit.data.layout import SPLITS, split_patients
 from nodulekit.data.masks import write_mask
+from nodulekit.data.synth_anatomy import (
+    SLICE_THICKNESSES_MM,
+    SPACING_AT_512_MM,
+    Patient,
+    build_patient,
+)
+from nodulekit.data.synth_nodules import TABLE3_COUNTS, TABLE3_RANGES, SynthNodule
+from nodulekit.data.synth_render import HU_MAX, HU_MIN, Frame, frame, render
 
-FIELD_OF_VIEW_MM = 360.0
-HU_MIN, HU_MAX = -1024, 3071  # what a 12-bit CT scanner stores
+__all__ = ["GENERATOR", "HU_MAX", "HU_MIN", "MARKER", "RESCALE_INTERCEPT",
+           "SLICE_THICKNESSES_MM", "TABLE3_COUNTS", "TABLE3_RANGES", "SynthConfig",
+           "SynthNodule", "SynthResult", "SynthSlice", "anatomy", "patient_id", "render_slice",
+           "synthesize"]
+
+# Names what the generator draws: a data set written by another version differs.
+GENERATOR = "nodulekit-synth 2"
 RESCALE_INTERCEPT = -1024
-# Table 3 of the paper, all splits: nodules per diameter bin; bins' ranges in mm.
-TABLE3_COUNTS = (177, 7417, 2172, 305)
-TABLE3_RANGES = ((1.0, 3.0), (3.0, 10.0), (10.0, 30.0), (30.0, 136.0))
-SLICE_THICKNESSES_MM = (1.0, 1.25, 1.5, 2.0)
 # Written first into a folder `synthesize` creates: what `overwrite=True` may replace.
 MARKER = ".nodulekit-synth"
 
@@ -66,18 +84,14 @@ class SynthConfig:
             raise ValueError(f"size must be at least 32 pixels, got {self.size}")
         if self.patients < 1 or self.slices_per_patient < 1:
             raise ValueError("patients and slices_per_patient must be at least 1")
+        if self.max_nodules_per_patient < 1:
+            raise ValueError("max_nodules_per_patient must be at least 1")
 
-    @property
-    def pixel_spacing_mm(self) -> float:
-        return FIELD_OF_VIEW_MM / self.size
-
-
-@dataclass(frozen=True)
-class SynthNodule:
-    patient: int
-    center_mm: tuple[float, float, float]  # (x, y, z): columns, rows, along the body
-    diameter_mm: float
-    hu: float
+    def spacing_mm(self, patient: int) -> float:
+        """Patient `patient`'s pixel spacing: 0.6 to 0.85 mm at 512 pixels, scaled by
+        512 / size at another size (the same field of view)."""
+        draw = np.random.default_rng([self.seed, patient]).uniform(*SPACING_AT_512_MM)
+        return float(512 * draw / self.size)  # build_patient's first draw
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class SynthSlice:
     image: str  # path relative to the data set root
     mask: str | None  # idem, None for a slice without a nodule
     nodule_pixels: int
+    pixel_spacing_mm: float
 
 
 @dataclass
@@ -110,8 +125,10 @@ class SynthResult:
         c = self.config
         with_nodule = sum(s.mask is not None for s in self.slices)
         diameters = sorted(n.diameter_mm for n in self.nodules)
+        spacing = sorted({s.pixel_spacing_mm for s in self.slices})
         lines = [f"wrote {self.root}: {c.patients} patients x {c.slices_per_patient} slices, "
-                 f"{c.size}x{c.size} ({c.pixel_spacing_mm:.3f} mm pixels), seed {c.seed}",
+                 f"{c.size}x{c.size} ({spacing[0]:.3f} to {spacing[-1]:.3f} mm pixels), "
+                 f"seed {c.seed}",
                  f"  {len(self.slices)} slices, {with_nodule} with a nodule; "
                  f"{len(self.nodules)} nodules, {diameters[0]:.1f} to {diameters[-1]:.1f} mm"
                  if diameters else f"  {len(self.slices)} slices, no nodules"]
@@ -124,195 +141,31 @@ def patient_id(p: int) -> str:
     return f"{p + 1:04d}"
 
 
-# ----------------------------------------------------------------------------- anatomy
+@functools.lru_cache(maxsize=2)
+def anatomy(cfg: SynthConfig, p: int) -> Patient:
+    """Patient p's anatomy: geometry, tissues, trees, bones, nodules (the last two asked
+    for are kept)."""
+    return build_patient(cfg.seed, p, cfg.size, cfg.slices_per_patient,
+                         cfg.max_nodules_per_patient)
 
 
-@dataclass(frozen=True)
-class _Anatomy:
-    z_mm: np.ndarray  # slice positions
-    thickness_mm: float
-    body: tuple[float, float, float, float]  # cx, cy, ax, ay
-    fat_mm: float
-    lungs: tuple[tuple[float, float, float, float], ...]  # cx, cy, ax, ay at mid-stack
-    heart: tuple[float, float, float, float]
-    vessels: np.ndarray  # (n, 6): x0, y0, z0, slope_x, slope_y, radius
-    ribs: np.ndarray  # (n, 4): angle, phase, half-length, half-width
-    spine: tuple[float, float, float]  # cx, cy, body radius
-    tissue_hu: float
-    noise_hu: float
-    nodules: tuple[SynthNodule, ...]
+@functools.lru_cache(maxsize=2)
+def _frame(cfg: SynthConfig, p: int) -> Frame:
+    return frame(anatomy(cfg, p), cfg.seed)
 
 
-def _anatomy(cfg: SynthConfig, p: int) -> _Anatomy:
-    rng = np.random.default_rng([cfg.seed, p])
-    ps = cfg.pixel_spacing_mm
-    thickness = float(rng.choice(SLICE_THICKNESSES_MM))
-    z0 = float(rng.uniform(-200.0, -100.0))
-    z = z0 - thickness * np.arange(cfg.slices_per_patient)  # head to feet
-    ax, ay = rng.uniform(135.0, 165.0), rng.uniform(95.0, 115.0)
-    body = (0.0, rng.uniform(-5.0, 5.0), ax, ay)
-    fat = rng.uniform(6.0, 18.0)
-    lungs = []
-    for side in (-1.0, 1.0):
-        lax, lay = rng.uniform(0.28, 0.34) * ax, rng.uniform(0.62, 0.72) * ay
-        lungs.append((side * rng.uniform(0.42, 0.48) * ax, body[1] - rng.uniform(0.0, 8.0),
-                      lax, lay))
-    heart = (rng.uniform(-15.0, 5.0), body[1] - 0.25 * ay, rng.uniform(38.0, 50.0),
-             rng.uniform(32.0, 42.0))
-    n_vessels = int(rng.integers(20, 36))
-    vessels = np.empty((n_vessels, 6))
-    for i in range(n_vessels):
-        lx, ly, lax, lay = lungs[i % 2]
-        r, t = math.sqrt(rng.uniform(0.0, 0.8)), rng.uniform(0.0, 2 * math.pi)
-        vessels[i] = (lx + r * lax * math.cos(t), ly + r * lay * math.sin(t),
-                      rng.uniform(z.min(), z.max()), rng.uniform(-1.2, 1.2),
-                      rng.uniform(-1.2, 1.2), rng.uniform(0.7, 3.0))
-    n_ribs = int(rng.integers(10, 15))
-    angles = np.linspace(0.15 * math.pi, 1.85 * math.pi, n_ribs) + rng.normal(0, 0.05, n_ribs)
-    ribs = np.stack([angles, rng.uniform(0, 2 * math.pi, n_ribs),
-                     rng.uniform(6.0, 9.0, n_ribs), rng.uniform(3.0, 4.5, n_ribs)], axis=1)
-    spine = (0.0, body[1] + ay - rng.uniform(38.0, 45.0), rng.uniform(14.0, 18.0))
-    nodules = _nodules(cfg, p, rng, z, lungs, ps)
-    return _Anatomy(z, thickness, body, fat, tuple(lungs), heart, vessels, ribs, spine,
-                    tissue_hu=rng.uniform(30.0, 50.0), noise_hu=rng.uniform(10.0, 20.0),
-                    nodules=nodules)
+def render_slice(cfg: SynthConfig, patient: int, slice_index: int, *,
+                 labels: bool = False) -> tuple[np.ndarray, ...]:
+    """HU int16 (H, W) and nodule mask uint8 {0,1} of one slice: the ground truth; with
+    `labels`, also each pixel's tissue (uint8, `synth_anatomy.Tissue`)."""
+    return _render(cfg, patient, slice_index, labels)
 
 
-def _nodules(cfg, p, rng, z, lungs, ps) -> tuple[SynthNodule, ...]:
-    probabilities = np.asarray(TABLE3_COUNTS, dtype=float) / sum(TABLE3_COUNTS)
-    count = 1 + min(int(rng.poisson(1.2)), cfg.max_nodules_per_patient - 1)
-    size = cfg.size
-    out: list[SynthNodule] = []
-    for _ in range(count):
-        lo, hi = TABLE3_RANGES[int(rng.choice(len(probabilities), p=probabilities))]
-        diameter = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        for _attempt in range(20):
-            lx, ly, lax, lay = lungs[int(rng.integers(2))]
-            # Big masses sit near the lung's centre; small nodules anywhere inside it.
-            reach = max(0.0, 0.75 - diameter / (2.0 * min(lax, lay)))
-            r, t = math.sqrt(rng.uniform(0.0, 1.0)) * reach, rng.uniform(0.0, 2 * math.pi)
-            # Snap the centre onto a pixel centre and a slice, so every nodule shows.
-            col = round((lx + r * lax * math.cos(t)) / ps + (size - 1) / 2)
-            row = round((ly + r * lay * math.sin(t)) / ps + (size - 1) / 2)
-            cx, cy = (col - (size - 1) / 2) * ps, (row - (size - 1) / 2) * ps
-            cz = float(z[int(rng.integers(len(z)))])
-            if all(math.dist((cx, cy, cz), n.center_mm) > (diameter + n.diameter_mm) / 2 + 2 * ps
-                   for n in out):
-                out.append(SynthNodule(p, (cx, cy, cz), diameter, float(rng.uniform(10, 60))))
-                break
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------- render
-
-
-def render_slice(cfg: SynthConfig, patient: int, slice_index: int) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
-    """HU int16 (H, W) and nodule mask uint8 {0,1} of one slice: the ground truth."""
-    return _render(cfg, _anatomy(cfg, patient), patient, slice_index)
-
-
-def _render(cfg: SynthConfig, a: _Anatomy, patient: int, k: int) -> tuple[np.ndarray,
-                                                                         np.ndarray]:
-    size, ps = cfg.size, cfg.pixel_spacing_mm
-    rng = np.random.default_rng([cfg.seed, patient, k, 1])
-    mm = ((np.arange(size) - (size - 1) / 2) * ps).astype(np.float32)
-    x, y = mm[None, :], mm[:, None]
-    z = float(a.z_mm[k])
-    # Lungs widen towards the base: a gentle change along the stack keeps slices distinct.
-    depth = (z - a.z_mm[0]) / max(1.0, float(np.ptp(a.z_mm)) or 1.0)
-    grow = 0.9 + 0.15 * abs(depth)
-
-    img = np.full((size, size), -1000.0, dtype=np.float32)
-    bx, by, bax, bay = a.body
-    body = _ellipse(x, y, bx, by, bax, bay)
-    img[body] = -100.0  # subcutaneous fat
-    img[_ellipse(x, y, bx, by, bax - a.fat_mm, bay - a.fat_mm)] = a.tissue_hu
-    lung = np.zeros_like(body)
-    for lx, ly, lax, lay in a.lungs:
-        lung |= _ellipse(x, y, lx, ly, lax * grow, lay * grow)
-    lung &= body
-    # Parenchyma: about -850 with a smooth texture.
-    img[lung] = -850.0 + 25.0 * _smooth_noise(rng, size, cell=max(2, size // 32))[lung]
-    hx, hy, hax, hay = a.heart
-    img[_ellipse(x, y, hx, hy, hax, hay)] = a.tissue_hu + 10.0  # blood-filled heart
-    for x0, y0, z0, sx, sy, radius in a.vessels:
-        cx, cy = x0 + sx * (z - z0), y0 + sy * (z - z0)
-        box = _box(mm, cx, cy, radius)
-        disc = _disc(x[:, box[1]], y[box[0]], cx, cy, radius) & lung[box]
-        img[box][disc] = 40.0
-    for angle, phase, half_len, half_wid in a.ribs:
-        # Ribs run obliquely, so a given rib crosses only some slices.
-        if math.sin(z / 9.0 + phase) < -0.2:
-            continue
-        ring_x = bx + (bax - a.fat_mm - 8.0) * math.cos(angle)
-        ring_y = by + (bay - a.fat_mm - 8.0) * math.sin(angle)
-        box = _box(mm, ring_x, ring_y, half_len)
-        bxs, bys = x[:, box[1]], y[box[0]]
-        turn = angle + math.pi / 2
-        outer = _rotated_ellipse(bxs, bys, ring_x, ring_y, half_len, half_wid, turn)
-        inner = _rotated_ellipse(bxs, bys, ring_x, ring_y, half_len - 1.5, half_wid - 1.5, turn)
-        img[box][outer] = 1100.0  # cortical bone
-        img[box][inner] = 320.0  # marrow
-    sx0, sy0, sr = a.spine
-    box = _box(mm, sx0, sy0 + sr, sr + 20.0)
-    bxs, bys, part = x[:, box[1]], y[box[0]], img[box]
-    vertebra = _disc(bxs, bys, sx0, sy0, sr)
-    part[vertebra] = 1000.0
-    part[_disc(bxs, bys, sx0, sy0, sr - 2.0)] = 300.0  # cancellous bone
-    part[_ellipse(bxs, bys, sx0, sy0 + sr + 3.0, 12.0, 18.0) & ~vertebra] = 700.0  # arch
-    part[_disc(bxs, bys, sx0, sy0 + sr + 6.0, 7.0)] = 20.0  # spinal canal
-
-    mask = np.zeros((size, size), dtype=np.uint8)
-    for n in a.nodules:
-        cx, cy, cz = n.center_mm
-        r = n.diameter_mm / 2.0
-        dz = z - cz
-        if abs(dz) > r:
-            continue
-        # A sub-pixel nodule still marks its centre pixel in its own slice.
-        section = max(math.sqrt(r * r - dz * dz), 0.5 * ps if dz == 0 else 0.0)
-        box = _box(mm, cx, cy, section)
-        disc = _disc(x[:, box[1]], y[box[0]], cx, cy, section) & body[box]
-        img[box][disc] = n.hu
-        mask[box][disc] = 1
-
-    img += rng.normal(0.0, a.noise_hu, size=img.shape).astype(np.float32)
-    hu = np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
-    return hu, mask
-
-
-def _ellipse(x, y, cx, cy, ax, ay):
-    return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0
-
-
-def _rotated_ellipse(x, y, cx, cy, ax, ay, theta):
-    c, s = math.cos(theta), math.sin(theta)
-    u = (x - cx) * c + (y - cy) * s
-    v = -(x - cx) * s + (y - cy) * c
-    return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
-
-
-def _box(mm: np.ndarray, cx: float, cy: float, r: float) -> tuple[slice, slice]:
-    """The (rows, columns) window holding a shape of radius `r` mm around (cx, cy)."""
-    rows = np.searchsorted(mm, [cy - r - 1e-3, cy + r + 1e-3])
-    cols = np.searchsorted(mm, [cx - r - 1e-3, cx + r + 1e-3])
-    return slice(int(rows[0]), int(rows[1])), slice(int(cols[0]), int(cols[1]))
-
-
-def _disc(x, y, cx, cy, r):
-    return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-
-
-def _smooth_noise(rng, size: int, cell: int) -> np.ndarray:
-    """Unit-variance-ish noise varying over about `cell` pixels (bilinear upsampling)."""
-    n = size // cell + 2
-    coarse = rng.standard_normal((n, n)).astype(np.float32)
-    pos = np.arange(size, dtype=np.float32) / cell
-    i0 = np.floor(pos).astype(int)
-    f = pos - i0
-    rows = coarse[i0] * (1.0 - f)[:, None] + coarse[i0 + 1] * f[:, None]  # (size, n)
-    return rows[:, i0] * (1.0 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+def _render(cfg: SynthConfig, p: int, k: int, want_labels: bool = False):
+    if not 0 <= k < cfg.slices_per_patient:
+        raise IndexError(f"slice {k} out of range: {cfg.slices_per_patient} per patient")
+    rng = np.random.default_rng([cfg.seed, p, k, 1])
+    return render(anatomy(cfg, p), _frame(cfg, p), k, rng, want_labels)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -371,7 +224,7 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
     splits = {s: [pid for pid in ids if split_of[pid] == s] for s in SPLITS}
     result = SynthResult(root, cfg, slices, nodules, splits)
     with open(root / "synth.json", "w") as f:
-        json.dump({"config": asdict(cfg), "splits": splits,
+        json.dump({"generator": GENERATOR, "config": asdict(cfg), "splits": splits,
                    "nodules": [asdict(n) for n in nodules]}, f, indent=1)
     return result
 
@@ -441,21 +294,22 @@ def _synth_file(folder: tuple[str, ...], name: str) -> bool:
 def _write_patient(cfg: SynthConfig, root: str, p: int, split: str):
     """Render and write one patient's slices and masks; its records, nodules, CSV rows."""
     pid = patient_id(p)
-    anatomy = _anatomy(cfg, p)
-    study_uid, series_uid = _uid(cfg, "study", p), _uid(cfg, "series", p)
+    body = anatomy(cfg, p)
+    spacing = body.grid.spacing
     exam = "1"
     rel_dir = Path(f"patient_{pid}") / f"exam_{exam}"
     split_dir = Path(root) / split
     (split_dir / "images" / rel_dir).mkdir(parents=True, exist_ok=True)
     slices, rows = [], []
     for k in range(cfg.slices_per_patient):
-        hu, mask = _render(cfg, anatomy, p, k)
+        hu, mask = _render(cfg, p, k)
         instance = k + 1
         name = f"{instance:04d}"
         image_rel = (rel_dir / f"{name}.dcm").as_posix()
-        _write_ct(split_dir / "images" / image_rel, hu, cfg, pid, instance,
-                  float(anatomy.z_mm[k]), anatomy.thickness_mm, study_uid, series_uid,
-                  _uid(cfg, "sop", p, k))
+        z = float(body.z[k])
+        tags = _CtTags(pid, instance, z, body.thickness, spacing, _uid(cfg, "study", p),
+                       _uid(cfg, "series", p), _uid(cfg, "sop", p, k))
+        _write_ct(split_dir / "images" / image_rel, hu, tags)
         mask_rel = None
         if mask.any():
             mask_rel = (rel_dir / f"{name}.png").as_posix()
@@ -464,11 +318,24 @@ def _write_patient(cfg: SynthConfig, root: str, p: int, split: str):
         rows.append([pid, exam, str(instance), image_rel, mask_rel or ""])
         slices.append(SynthSlice(
             split=split, patient=p, patient_id=pid, exam=exam, slice_index=k,
-            instance_number=instance, z_mm=float(anatomy.z_mm[k]),
-            image=f"{split}/images/{image_rel}",
+            instance_number=instance, z_mm=z, image=f"{split}/images/{image_rel}",
             mask=f"{split}/masks/{mask_rel}" if mask_rel else None,
-            nodule_pixels=int(mask.sum())))
-    return slices, anatomy.nodules, rows
+            nodule_pixels=int(mask.sum()), pixel_spacing_mm=spacing))
+    return slices, tuple(shape.nodule for shape in body.nodules), rows
+
+
+@dataclass(frozen=True)
+class _CtTags:
+    """What a slice's DICOM header says beyond its pixels."""
+
+    patient_id: str
+    instance: int
+    z: float
+    thickness: float
+    spacing: float
+    study_uid: str
+    series_uid: str
+    sop_uid: str
 
 
 def _uid(cfg: SynthConfig, kind: str, *parts: int) -> str:
@@ -482,36 +349,34 @@ def _ds(v: float) -> str:
     return f"{v:.10g}"
 
 
-def _write_ct(path: Path, hu: np.ndarray, cfg: SynthConfig, pid: str, instance: int,
-              z: float, thickness: float, study_uid: str, series_uid: str,
-              sop_uid: str) -> None:
+def _write_ct(path: Path, hu: np.ndarray, tags: _CtTags) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = tags.sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = tags.sop_uid
     ds.Modality = "CT"
     ds.Manufacturer = "nodulekit synth"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.BodyPartExamined = "CHEST"
-    ds.PatientID = pid
-    ds.PatientName = f"Synthetic^{pid}"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = tags.patient_id
+    ds.PatientName = f"Synthetic^{tags.patient_id}"
+    ds.StudyInstanceUID = tags.study_uid
+    ds.SeriesInstanceUID = tags.series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = 1
-    ds.InstanceNumber = instance
-    ps = cfg.pixel_spacing_mm
-    corner = -(cfg.size - 1) / 2 * ps
-    ds.ImagePositionPatient = [_ds(corner), _ds(corner), _ds(z)]
+    ds.InstanceNumber = tags.instance
+    ps = tags.spacing
+    corner = -(hu.shape[1] - 1) / 2 * ps
+    ds.ImagePositionPatient = [_ds(corner), _ds(corner), _ds(tags.z)]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.SliceLocation = _ds(z)
-    ds.SliceThickness = _ds(thickness)
+    ds.SliceLocation = _ds(tags.z)
+    ds.SliceThickness = _ds(tags.thickness)
     ds.PixelSpacing = [_ds(ps), _ds(ps)]
     ds.Rows, ds.Columns = hu.shape
     ds.SamplesPerPixel = 1
