@@ -288,6 +288,11 @@ def _patch_value(ctx, param, value):
 @click.option("--bce-weight", type=float, default=None,
               help="Add this x the per-slice summed BCE to the Dice loss (paper: 0; demo: "
                    "0.01; keeps the net from settling on 'no nodule anywhere').")
+@click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
+              help="The defaults of --lr --smooth --bce-weight --lr-scaling --empty-fraction "
+                   "--norm --foreground-fraction --context-slices: 'nodulekit' (learns on data "
+                   "nobody tuned for; README, 'Recipes') or 'paper' (Dice s=1, Adam 1e-4, no "
+                   "norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
               help="Normalisation after each 3x3 convolution (conv -> norm -> ReLU; batch norm "
                    "over the global batch on several ranks)  [default: none]")
@@ -512,7 +517,7 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
 
     from nodulekit.nn.summary import format_layers, totals, unet_layers
 
-    shape = None
+    shape, channels = None, 1
     if checkpoint:
         from nodulekit.training.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -525,17 +530,20 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
         shape = cfg.get("image_shape") if size is None else None
         batch = cfg.get("batch_size", 1) if batch is None else batch
         norm = cfg.get("norm", "none") if norm is None else norm
+        channels = int(cfg.get("in_channels", 1))  # 2K + 1 with --context-slices K
     width, depth, batch, norm = width or 64, depth or 4, batch or 1, norm or "none"
     shape = shape or (size or 512, size or 512)
     try:
         layers = unet_layers(depth=depth, width=width, size=tuple(shape), batch=batch,
-                             norm=norm)
+                             in_channels=channels, norm=norm)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     normed = f", {norm} norm" if norm != "none" else ""
     click.echo(format_layers(layers, title=f"U-Net depth {depth} width {width}{normed}, input "
-                                           f"{batch} x {shape[0]} x {shape[1]} x 1, fp32"))
-    _write_json({"depth": depth, "width": width, "norm": norm, "input": [batch, *shape, 1],
+                                           f"{batch} x {shape[0]} x {shape[1]} x {channels}, "
+                                           "fp32"))
+    _write_json({"depth": depth, "width": width, "norm": norm,
+                 "input": [batch, *shape, channels],
                  "layers": [asdict(x) for x in layers], "totals": totals(layers)}, json_path)
 
 

@@ -202,7 +202,7 @@ def test_two_ranks_with_patches_and_context_train_as_one_process(tmp_path):
     args = ["--width", str(TINY_MODEL["width"]), "--depth", str(TINY_MODEL["depth"]),
             "--batch-size", "4", "--lr", str(TINY_MODEL["lr"]), "--device", "cpu",
             "--workers", "0", "--no-progress", "--epochs", "2", "--patch", "16",
-            "--context-slices", "1"]
+            "--context-slices", "1", "--recipe", TINY_MODEL["recipe"]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("NODULEKIT_DIST", "NODULEKIT_TEST_FAULT", "NODULEKIT_DIST_TIMEOUT")}
     mpiexec = Path(sys.executable).parent / "mpiexec"

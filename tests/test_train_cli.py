@@ -200,12 +200,13 @@ def test_size_crop_and_clear_errors(tiny_data, tmp_path):
 def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     """No DATA: the demo set is generated once under NODULEKIT_CACHE, then reused."""
     import nodulekit.training.demo as demo
-    import nodulekit.training.setup as setup
 
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "DEMO_SYNTH", dict(TINY))
-    monkeypatch.setattr(setup, "DEMO_DEFAULTS",
-                        dict(setup.DEMO_DEFAULTS, epochs=1, width=4, depth=2, batch_size=4))
+    from nodulekit.training import config as train_config
+
+    monkeypatch.setitem(train_config.SIZE_DEFAULTS, "demo",
+                        {"epochs": 1, "width": 4, "depth": 2, "batch_size": 4})
     monkeypatch.chdir(tmp_path)
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -216,7 +217,7 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("demo-")
     cfg = json.loads((runs[0] / "config.json").read_text())["config"]
-    assert cfg["data_kind"] == "demo" and cfg["lr"] == setup.DEMO_DEFAULTS["lr"]
+    assert cfg["data_kind"] == "demo" and cfg["lr"] == train_config.DEMO_DEFAULTS["lr"]
     assert (runs[0] / "test" / "summary.json").is_file()
     mtime = cache.stat().st_mtime_ns
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress", "--out",

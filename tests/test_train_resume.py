@@ -82,8 +82,8 @@ def test_killed_process_resumes_exactly(tiny_data, tmp_path):
     epochs = 12
     args = ["--epochs", str(epochs), "--width", str(TINY_MODEL["width"]),
             "--depth", str(TINY_MODEL["depth"]), "--batch-size", str(TINY_MODEL["batch_size"]),
-            "--lr", str(TINY_MODEL["lr"]), "--device", "cpu", "--workers", "0",
-            "--no-progress", "--no-test"]
+            "--lr", str(TINY_MODEL["lr"]), "--recipe", TINY_MODEL["recipe"], "--device", "cpu",
+            "--workers", "0", "--no-progress", "--no-test"]
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "nodulekit.cli", "train", str(cache), "--out", str(run), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -44,15 +44,37 @@ from nodulekit.nn.layout import NORMS
 from nodulekit.nn.optim import LR_SCALINGS
 
 FOREGROUND_FRACTION = 1.0 / 3.0  # nnU-Net's: crops placed on a nodule (loader's default)
-PAPER_DEFAULTS = {"epochs": 200, "batch_size": 12, "lr": 1e-4, "width": 64, "depth": 4,
-                  "empty_fraction": 0.0, "smooth": 1.0, "lr_scaling": "none", "bce_weight": 0.0,
-                  "norm": "none", "patch": None, "foreground_fraction": FOREGROUND_FRACTION,
-                  "context_slices": 0}
-# Measured on the 2-core CPU: README, "Training".
-DEMO_DEFAULTS = {"epochs": 5, "batch_size": 4, "lr": 2e-3, "width": 8, "depth": 4,
-                 "empty_fraction": 0.3, "smooth": 0.01, "lr_scaling": "fan_in",
-                 "bce_weight": 0.01, "norm": "none", "patch": None,
-                 "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0}
+# A recipe is how the net learns (loss, Adam's settings, sampling, normalisation, input); the
+# size of the job (epochs, batch, width, depth) is the data's (`SIZE_DEFAULTS`). Every data
+# set trains with "nodulekit" unless `--recipe paper` is asked; README, "Recipes", has what
+# each reached.
+RECIPES = {
+    "nodulekit": {"lr": 2e-3, "smooth": 0.01, "bce_weight": 0.01, "lr_scaling": "fan_in",
+                  "empty_fraction": 0.3, "norm": "batch", "patch": None,
+                  "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 1},
+    "paper": {"lr": 1e-4, "smooth": 1.0, "bce_weight": 0.0, "lr_scaling": "none",
+              "empty_fraction": 0.0, "norm": "none", "patch": None,
+              "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0},
+}
+DEFAULT_RECIPE = "nodulekit"
+SIZE_DEFAULTS = {
+    "real": {"epochs": 200, "batch_size": 12, "width": 64, "depth": 4},  # the paper's
+    "demo": {"epochs": 5, "batch_size": 4, "width": 8, "depth": 4},  # README, "The default run"
+}
+PAPER_DEFAULTS = {**SIZE_DEFAULTS["real"], **RECIPES["paper"]}
+DEMO_DEFAULTS = {**SIZE_DEFAULTS["demo"], **RECIPES[DEFAULT_RECIPE]}
+
+
+def recipe_defaults(recipe: str | None, kind: str) -> dict:
+    """The unset options' values: the recipe's (default "nodulekit") over the data's sizes
+    (kind "demo" or anything else: real data)."""
+    name = DEFAULT_RECIPE if recipe is None else recipe
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; one of {', '.join(RECIPES)}")
+    sizes = SIZE_DEFAULTS["demo" if kind == "demo" else "real"]
+    return {**sizes, **RECIPES[name], "recipe": name}
+
+
 SELECTION_METRIC = "val_nodule_dice"  # selection.METRIC; runs before it: val_mean_iou
 # The automatic patch side (`--patch auto`): min(slice side, this). On the CPU 128: a step on
 # 8 crops of 128x128 of a width-16 U-Net takes ~240 ms on 2 cores where a whole 512x512
@@ -102,6 +124,7 @@ class TrainOptions:
     lr_scaling: str | None = _option()
     bce_weight: float | None = _option()
     norm: str | None = _option()  # "none" | "instance" | "batch" after every 3x3 convolution
+    recipe: str | None = _option()  # RECIPES' name: the defaults of the options above
     patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
     foreground_fraction: float | None = _option()  # crops placed on a nodule (default 1/3)
     context_slices: int | None = _option()  # K slices below and above as input channels
@@ -188,6 +211,7 @@ class TrainConfig:
     lr_scaling: str = "none"  # "none" (the paper's Adam) or "fan_in" (see lr_scale)
     bce_weight: float = 0.0  # > 0: add this x per-sample summed BCE to the Dice loss
     norm: str = "none"  # the U-Net's normalisation layers (a run from before them: none)
+    recipe: str = ""  # the RECIPES entry the unset options came from ("": a run before them)
     selection_metric: str = SELECTION_METRIC
     cache_identity: str = ""  # `nodulekit.data.fingerprint.cache_identity` of the cache
     eval_batch_size: int = 0  # 0: the training batch size

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from nodulekit.training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from nodulekit.training.config import (
-    DEMO_DEFAULTS,
-    PAPER_DEFAULTS,
     TrainConfig,
     TrainOptions,
+    recipe_defaults,
     resolve_patch,
     resolve_size,
 )
@@ -52,7 +51,7 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     from nodulekit.engine import resolve_device
 
     kind, name = _data_kind(options.data)
-    defaults = DEMO_DEFAULTS if kind == "demo" else PAPER_DEFAULTS
+    defaults = recipe_defaults(options.recipe, kind)
     out = _run_folder(options.out, name)
     claim(out)
     if any((out / f"checkpoint_{which}.h5").exists() for which in ("last", "best")):
@@ -83,7 +82,8 @@ def new_config(options: TrainOptions, *, report, progress: bool,
         test_after=options.test, smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]),
         bce_weight=float(o["bce_weight"]), norm=str(o["norm"]), patch=patch,
         foreground_fraction=float(o["foreground_fraction"]), context_slices=context,
-        in_channels=2 * context + 1, cache_identity=cache_identity(cache))
+        in_channels=2 * context + 1, recipe=str(o["recipe"]),
+        cache_identity=cache_identity(cache))
     config.validate()
     return config
 
