@@ -35,7 +35,7 @@ from nodulekit.inference.inputs import SliceInput, find_inputs, read_truth
 from nodulekit.inference.writers import COLOURS, overlay, write_csv, write_slice
 
 __all__ = ["COLOURS", "Network", "PredictOptions", "PredictResult", "SliceInput",
-           "SlicePrediction", "earlier_outputs", "find_inputs", "overlay", "predict",
+           "SlicePrediction", "add_context", "earlier_outputs", "find_inputs", "overlay", "predict",
            "read_slices", "remove_outputs", "run_batches", "summarise"]
 
 Report = Callable[[str], Any]
@@ -71,6 +71,8 @@ class LoadedSlice:
     item: SliceInput
     hu: np.ndarray  # [H, W], C-contiguous
     truth: np.ndarray | None
+    meta: Any = None  # `nodulekit.data.dicom.SliceMeta`: the series and position
+    context: np.ndarray | None = None  # [2K+1, H, W] with --context-slices K (`add_context`)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Network:
         from nodulekit.inference.tiling import run_hu
 
         be = self.backend
-        hu = np.stack([s.hu for s in batch])
+        hu = np.stack([s.hu if s.context is None else s.context for s in batch])
         mask = np.stack([s.truth if s.truth is not None else np.zeros(s.hu.shape, np.uint8)
                          for s in batch])
         logits, target, image = run_hu(self.model, hu, mask, (self.center, self.width),
@@ -163,6 +165,10 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     scored: list[tuple[np.ndarray, bool]] = []  # (tp, fp, fn), has a nodule
     with tqdm(total=len(items), desc="predict", unit="slice", disable=not opts.progress) as bar:
         slices = read_slices(items, net.model.depth, result.failed, report, tick=bar.update)
+        k = (net.model.in_channels - 1) // 2
+        if k:  # the neighbours must be read before a slice can run
+            slices = list(slices)
+            add_context(slices, k, report)
         for p in run_batches(net, slices, opts.batch_size):
             result.rows.append(write_slice(out, p, opts.probabilities))
             result.written += 1
@@ -238,7 +244,7 @@ def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str,
         if tick is not None:
             tick(1)
         try:
-            hu = read_slice(item.path).hu
+            ct = read_slice(item.path)
         except NotCTError as e:  # the model knows CT's HU only: no option to read others
             why = f"{e.path}: {e.what}, not CT; predict reads CT slices only"
             failed.append((str(item.path), why))
@@ -248,8 +254,39 @@ def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str,
             failed.append((str(item.path), str(e)))
             report(f"skipped {item.path}: {e}")
             continue
-        truth = read_truth(item, hu.shape, report)
-        yield LoadedSlice(item, np.ascontiguousarray(hu), truth)
+        truth = read_truth(item, ct.hu.shape, report)
+        yield LoadedSlice(item, np.ascontiguousarray(ct.hu), truth, ct.meta)
+
+
+def add_context(slices: list[LoadedSlice], k: int, report: Report = print) -> None:
+    """Give each slice its `context`: the k slices below and above it in its series, as the
+    model was trained (`nodulekit.data.loader.context_table`: channel k the slice itself,
+    ordered by position along the patient axis, else instance number, else as given; the
+    edge slice repeated at a series' ends). A series is (patient, study, series UID) among
+    the inputs; a neighbour of another size is replaced by the slice itself."""
+    from nodulekit.data.loader import context_table
+
+    def key(s: LoadedSlice, name: str):
+        return getattr(s.meta, name, None) if s.meta is not None else None
+
+    def number(value):
+        return np.nan if value is None else float(value)
+
+    table = context_table(
+        k, [f"{key(s, 'patient_id')}" for s in slices],
+        [f"{key(s, 'study_uid')}/{key(s, 'series_uid')}" for s in slices],
+        slice_position=[number(key(s, "slice_position")) for s in slices],
+        instance_number=[-1 if key(s, "instance_number") is None
+                         else int(key(s, "instance_number")) for s in slices])
+    alone = 0
+    for s, rows in zip(slices, table, strict=True):
+        s.context = np.stack([slices[r].hu if slices[r].hu.shape == s.hu.shape else s.hu
+                              for r in rows])
+        alone += bool((rows == rows[k]).all())
+    if alone:
+        report(f"note: {alone} slice(s) had no neighbour in their series among the inputs; "
+               f"the model takes {k} slice(s) below and above as context (trained with real "
+               "neighbours), so each got itself repeated: give whole series for its results")
 
 
 def run_batches(net: Network, slices: Iterable[LoadedSlice],
