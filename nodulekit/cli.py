@@ -257,7 +257,8 @@ def _patch_value(ctx, param, value):
               help="Epochs in all (paper: 200; demo: 5); with --resume, more than done.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Slices per step (paper: 12).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4).")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate (nodulekit: 1e-3; paper: 1e-4).")
 @click.option("--width", type=click.IntRange(min=1), default=None,
               help="Channels of the first level (paper: 64).")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Poolings (paper: 4).")
@@ -271,8 +272,8 @@ def _patch_value(ctx, param, value):
 @click.option("--queue", type=click.IntRange(min=1), default=None,
               help="Batches read ahead (default 2 x workers).")
 @click.option("--empty-fraction", type=float, default=None,
-              help="Fraction of the empty slices added to each epoch (paper: 0, then 0.02 to "
-                   "fine-tune).")
+              help="Fraction of the empty slices added to each epoch (nodulekit: 0.3; paper: 0, "
+                   "then 0.02 to fine-tune).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder (default: runs/<data>-<date>-<time>).")
 @click.option("--resume", type=click.Path(exists=True), default=None,
@@ -281,13 +282,13 @@ def _patch_value(ctx, param, value):
 @click.option("--finetune-from", type=click.Path(exists=True), default=None,
               help="Start from this checkpoint's (or run folder's best) weights.")
 @click.option("--smooth", type=float, default=None,
-              help="The Dice loss's smoothing s (paper: 1; demo: 0.01).")
+              help="The Dice loss's smoothing s (both recipes: 1).")
 @click.option("--lr-scaling", type=click.Choice(["none", "fan_in"]), default=None,
               help="'fan_in': each layer's Adam step scaled by sqrt(9 / fan-in) (stabilises "
-                   "the normalisation-free U-Net at high lr; demo default). Paper: none.")
+                   "the normalisation-free U-Net at high lr). Both recipes: none.")
 @click.option("--bce-weight", type=float, default=None,
-              help="Add this x the per-slice summed BCE to the Dice loss (paper: 0; demo: "
-                   "0.01; keeps the net from settling on 'no nodule anywhere').")
+              help="Add this x the per-slice summed BCE to the Dice loss (nodulekit: 1e-4, about "
+                   "the pixel mean of a 128 x 128 patch; paper: 0).")
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
               help="The defaults of --lr --smooth --bce-weight --lr-scaling --empty-fraction "
                    "--norm --foreground-fraction --context-slices: 'nodulekit' (learns on data "
@@ -295,7 +296,8 @@ def _patch_value(ctx, param, value):
                    "norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
               help="Normalisation after each 3x3 convolution (conv -> norm -> ReLU; batch norm "
-                   "over the global batch on several ranks)  [default: none]")
+                   "over the global batch on several ranks)  [default: nodulekit: batch; "
+                   "paper: none]")
 @click.option("--patch", default=None, metavar="P|auto", callback=_patch_value,
               help="Train on P x P crops of the cache's native-resolution slices (P a multiple "
                    "of 2**depth, at most the slice size); validation, test and predict use "
@@ -303,7 +305,8 @@ def _patch_value(ctx, param, value):
                    "on a GPU]")
 @click.option("--foreground-fraction", type=click.FloatRange(0, 1), default=None,
               help="Of the patches, the fraction placed on a nodule (nnU-Net's foreground "
-                   "oversampling); the rest are uniform over the slice  [default: 1/3]")
+                   "oversampling); the rest are uniform over the slice  [default: nodulekit: "
+                   "0.5; paper: 1/3]")
 @click.option("--context-slices", type=click.IntRange(min=0), default=None,
               help="Feed the K slices below and above as extra input channels (2.5D; at a "
                    "scan's edge the last slice repeats)  [default: 0]")
