@@ -9,12 +9,22 @@ Truth masks (`truth`): "auto" looks for UniToChest's mirror, ``<root>/masks/<rel
 slice at ``<root>/images/<rel>.dcm`` (a slice without its PNG has no nodule); a folder name
 looks for ``<folder>/<rel>.png``; "none" (or None) looks for none. `read_truth` loads a
 slice's mask once the slice's size is known.
+
+Series (for a model trained with context slices, `plan_series`): each slice's header
+(`read_header`, without its pixels) puts it in a series, (PatientID, StudyInstanceUID,
+SeriesInstanceUID), where slices without a SeriesInstanceUID are one series per folder (and
+a slice whose header cannot be read is alone); a series is ordered along the patient axis by
+ImagePositionPatient projected on the slice normal (from ImageOrientationPatient, its sign
+taken so that the order is z ascending wherever z changes), else the z of
+ImagePositionPatient, else SliceLocation, else InstanceNumber (each when every slice of the
+series has one and no two are equal, as `nodulekit.data.loader.context_table` orders a
+cache's scans), else the input order.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,8 @@ from typing import Any
 import numpy as np
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# normals this close (|cos| of their angle) are one orientation: a series projects on one
+_SAME_NORMAL = 0.999
 
 
 @dataclass
@@ -119,3 +131,147 @@ def _unitochest_truth(path: Path) -> tuple[Path | None, bool]:
                 return masks / Path(*parts[i + 1:]).with_suffix(".png"), True
             return None, False
     return None, False
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What placing a slice in its series takes, from its header alone (None: absent)."""
+
+    patient: str
+    study: str
+    series: str
+    position: tuple[float, float, float] | None  # ImagePositionPatient, mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, column cosines
+    location: float | None  # SliceLocation, mm
+    instance: int | None  # InstanceNumber
+
+
+@dataclass
+class SeriesPlan:
+    """The inputs as series: item indices, each series in order along the patient axis."""
+
+    series: list[list[int]]
+    notes: list[str]  # what a user should know about the grouping and order, one line each
+
+
+def read_header(path: str | os.PathLike) -> SliceHeader | None:
+    """`path`'s `SliceHeader`; None for a file whose header cannot be read (reading the
+    slice then fails too, and says why)."""
+    from nodulekit.data.dicom import DicomError
+    from nodulekit.data.dicom import read_header as dicom_header
+
+    try:
+        ds = dicom_header(path)
+    except DicomError:
+        return None
+    return SliceHeader(_text(ds, "PatientID"), _text(ds, "StudyInstanceUID"),
+                       _text(ds, "SeriesInstanceUID"), _floats(ds, "ImagePositionPatient", 3),
+                       _floats(ds, "ImageOrientationPatient", 6),
+                       (_floats(ds, "SliceLocation", 1) or (None,))[0],
+                       _integer(ds, "InstanceNumber"))
+
+
+def plan_series(items: list[SliceInput], headers: list[SliceHeader | None]) -> SeriesPlan:
+    """`items` (with their `headers`) as series, in the order each first appears, each in
+    order along the patient axis (module doc); notes say where a fallback was taken."""
+    groups: dict[tuple, list[int]] = {}
+    by_folder = 0
+    for i, (item, h) in enumerate(zip(items, headers, strict=True)):
+        if h is None:
+            key: tuple = ("unreadable", i)
+        elif h.series:
+            key = ("uid", h.patient, h.study, h.series)
+        else:
+            key = ("folder", h.patient, h.study, str(item.path.parent))
+            by_folder += 1
+        groups.setdefault(key, []).append(i)
+    notes = []
+    if by_folder:
+        notes.append(f"note: {by_folder} slice(s) have no SeriesInstanceUID: those in one "
+                     "folder (and of one patient and study) are taken as one series")
+    fallback: dict[str, list[str]] = {}
+    series = []
+    for key, members in groups.items():
+        order, how = series_order([headers[i] for i in members])
+        series.append([members[j] for j in order])
+        if how not in ("position", "") and len(members) > 1:
+            fallback.setdefault(how, []).append(key[-1])
+    for how, which in fallback.items():
+        notes.append(f"note: {len(which)} series ordered by {how} (no distinct "
+                     f"{_MISSING[how]} in every slice), e.g. {which[0]}")
+    return SeriesPlan(series, notes)
+
+
+_MISSING = {"the z of ImagePositionPatient": "ImageOrientationPatient",
+            "SliceLocation": "ImagePositionPatient",
+            "InstanceNumber": "ImagePositionPatient or SliceLocation",
+            "the input order": "ImagePositionPatient, SliceLocation or InstanceNumber"}
+
+
+def series_order(headers: list[SliceHeader | None]) -> tuple[np.ndarray, str]:
+    """(order, how): the indices of one series' slices along the patient axis, by the first
+    key that every slice has and no two share (module doc); how: "position" (along the
+    normal), a fallback's name, or "" for a series of one slice."""
+    n = len(headers)
+    if n < 2:
+        return np.arange(n), ""
+    for how, values in (("position", _along_normal(headers)),
+                        ("the z of ImagePositionPatient",
+                         _values(headers, lambda h: h.position and h.position[2])),
+                        ("SliceLocation", _values(headers, lambda h: h.location)),
+                        ("InstanceNumber", _values(headers, lambda h: h.instance))):
+        if values is not None and len(np.unique(values)) == n:
+            return np.argsort(values, kind="stable"), how
+    return np.arange(n), "the input order"
+
+
+def _along_normal(headers: list[SliceHeader | None]) -> np.ndarray | None:
+    """Each slice's ImagePositionPatient projected on the series' slice normal (the first
+    slice's, signed so that z grows along it; else x, else y), when every slice has both
+    tags and one orientation; else None."""
+    if any(h is None or h.position is None or h.orientation is None for h in headers):
+        return None
+    normals = np.array([np.cross(h.orientation[:3], h.orientation[3:]) for h in headers])
+    lengths = np.linalg.norm(normals, axis=1)
+    if not (lengths > 1e-6).all():
+        return None
+    normals /= lengths[:, None]
+    normal = normals[0]
+    if (np.abs(normals @ normal) < _SAME_NORMAL).any():
+        return None
+    lead = next(c for c in (normal[2], normal[0], normal[1]) if abs(c) > 1e-6)
+    normal = normal if lead > 0 else -normal
+    return np.array([h.position for h in headers]) @ normal
+
+
+def _values(headers: list[SliceHeader | None], get) -> np.ndarray | None:
+    """get(header) of every slice as float64; None where one is absent."""
+    values = [None if h is None else get(h) for h in headers]
+    if any(v is None for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
+def _text(ds, name: str) -> str:
+    try:
+        return str(ds.get(name) or "").strip()
+    except Exception:  # noqa: BLE001 (a damaged element: as if absent)
+        return ""
+
+
+def _floats(ds, name: str, n: int) -> tuple[float, ...] | None:
+    """A numeric element's n values as floats, all finite; None where absent or not so."""
+    try:
+        value = ds.get(name)
+        if value is None or value == "":
+            return None
+        several = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        values = tuple(float(v) for v in (value if several else [value]))
+    except Exception:  # noqa: BLE001 (a damaged or odd element: as if absent)
+        return None
+    return values if len(values) == n and np.isfinite(values).all() else None
+
+
+def _integer(ds, name: str) -> int | None:
+    value = _floats(ds, name, 1)
+    return None if value is None or value[0] != int(value[0]) else int(value[0])

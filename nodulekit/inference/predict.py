@@ -8,13 +8,16 @@
    window it was trained with (`Network.load`);
 3. read each slice to HU (`nodulekit.data.dicom.read_slice`) and its truth mask
    (`read_slices`; an unreadable slice is reported, listed in `PredictResult.failed` and
-   skipped);
+   skipped); for a model trained with context slices (`--context-slices K`: 2K+1 input
+   channels), series by series with each slice's K neighbours below and above, as in
+   training (`read_series`: series and order from the headers, whatever the input order);
 4. run the model in batches of one slice size, windowed like in training and thresholded at
    p > 0.5 (logit > 0), one `SlicePrediction` per slice (`run_batches`): each slice whole at
    its own size, padded with air to a multiple of 2**depth and tiled where memory demands
    it (`nodulekit.inference.tiling`: the same logits as one pass), cropped back;
 5. write each slice's mask, overlay in the paper's Fig. 4 colours, probabilities, and at the
-   end predictions.csv (`nodulekit.inference.writers`, which shows the files under OUT).
+   end predictions.csv, its rows in the input order (`nodulekit.inference.writers`, which
+   shows the files under OUT).
 
 OUT must be new or empty, so old and new outputs never mix; one that holds an earlier
 prediction (its predictions.csv) is replaced with ``overwrite``, which removes the files
@@ -24,6 +27,7 @@ that predictions.csv lists (and it) once the network has loaded, and nothing els
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,7 @@ from nodulekit.inference.inputs import SliceInput, find_inputs, read_truth
 from nodulekit.inference.writers import COLOURS, overlay, write_csv, write_slice
 
 __all__ = ["COLOURS", "Network", "PredictOptions", "PredictResult", "SliceInput",
-           "SlicePrediction", "add_context", "earlier_outputs", "find_inputs", "overlay", "predict",
+           "SlicePrediction", "earlier_outputs", "find_inputs", "overlay", "predict", "read_series",
            "read_slices", "remove_outputs", "run_batches", "summarise"]
 
 Report = Callable[[str], Any]
@@ -72,7 +76,7 @@ class LoadedSlice:
     hu: np.ndarray  # [H, W], C-contiguous
     truth: np.ndarray | None
     meta: Any = None  # `nodulekit.data.dicom.SliceMeta`: the series and position
-    context: np.ndarray | None = None  # [2K+1, H, W] with --context-slices K (`add_context`)
+    context: np.ndarray | None = None  # [2K+1, H, W] with --context-slices K (`read_series`)
 
 
 @dataclass
@@ -164,16 +168,17 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     report(f"predicting {len(items)} slice(s) with {net.path} (epoch {net.epoch}) into {out}")
     scored: list[tuple[np.ndarray, bool]] = []  # (tp, fp, fn), has a nodule
     with tqdm(total=len(items), desc="predict", unit="slice", disable=not opts.progress) as bar:
-        slices = read_slices(items, net.model.depth, result.failed, report, tick=bar.update)
-        k = (net.model.in_channels - 1) // 2
-        if k:  # the neighbours must be read before a slice can run
-            slices = list(slices)
-            add_context(slices, k, report)
+        k = (net.model.in_channels - 1) // 2  # context slices: series by series
+        slices = (read_series(items, k, result.failed, report, tick=bar.update) if k else
+                  read_slices(items, net.model.depth, result.failed, report, tick=bar.update))
+        rank = {item.rel: i for i, item in enumerate(items)}
+        ranked = []
         for p in run_batches(net, slices, opts.batch_size):
-            result.rows.append(write_slice(out, p, opts.probabilities))
+            ranked.append((rank[p.item.rel], write_slice(out, p, opts.probabilities)))
             result.written += 1
             if p.counts is not None:
                 scored.append((p.counts, p.has_nodule))
+    result.rows = [row for _, row in sorted(ranked, key=lambda r: r[0])]  # the input order
     write_csv(out / "predictions.csv", result.rows)
     result.summary = summarise(scored)
     return result
@@ -258,35 +263,95 @@ def read_slices(items: Iterable[SliceInput], depth: int, failed: list[tuple[str,
         yield LoadedSlice(item, np.ascontiguousarray(ct.hu), truth, ct.meta)
 
 
-def add_context(slices: list[LoadedSlice], k: int, report: Report = print) -> None:
-    """Give each slice its `context`: the k slices below and above it in its series, as the
-    model was trained (`nodulekit.data.loader.context_table`: channel k the slice itself,
-    ordered by position along the patient axis, else instance number, else as given; the
-    edge slice repeated at a series' ends). A series is (patient, study, series UID) among
-    the inputs; a neighbour of another size is replaced by the slice itself."""
-    from nodulekit.data.loader import context_table
+def read_series(items: list[SliceInput], k: int, failed: list[tuple[str, str]],
+                report: Report = print,
+                tick: Callable[[int], Any] | None = None) -> Iterator[LoadedSlice]:
+    """`read_slices` for a model trained with `k` context slices: each slice with its
+    `context` [2k+1, H, W], the k slices below it in its series, itself (channel k) and the
+    k above, as in training (`nodulekit.data.loader.context_table`), whatever the order of
+    `items`.
 
-    def key(s: LoadedSlice, name: str):
-        return getattr(s.meta, name, None) if s.meta is not None else None
+    Series and their order come from the slices' headers (`inputs.plan_series`: patient,
+    study and series UID; position along the slice normal, else z, SliceLocation,
+    InstanceNumber, the input order); series by series, each slice is read once and kept
+    only while a neighbour needs it. At a series' first and last slice the edge slice
+    repeats, as in training; a slice that cannot be read is reported and skipped (its
+    neighbours close up, as in a cache without it); where the slice size or pixel spacing
+    changes within a series, each part is a series of its own. Notes say, once each, where
+    a fallback was taken and how many slices had no neighbour at all.
+    """
+    from nodulekit.inference.inputs import plan_series, read_header
 
-    def number(value):
-        return np.nan if value is None else float(value)
+    plan = plan_series(items, [read_header(item.path) for item in items])
+    for note in plan.notes:
+        report(note)
+    seen = _ContextNotes()
+    for members in plan.series:
+        slices = read_slices([items[i] for i in members], 0, failed, report, tick)
+        yield from _with_neighbours(slices, k, seen)
+    seen.report(k, report)
 
-    table = context_table(
-        k, [f"{key(s, 'patient_id')}" for s in slices],
-        [f"{key(s, 'study_uid')}/{key(s, 'series_uid')}" for s in slices],
-        slice_position=[number(key(s, "slice_position")) for s in slices],
-        instance_number=[-1 if key(s, "instance_number") is None
-                         else int(key(s, "instance_number")) for s in slices])
-    alone = 0
-    for s, rows in zip(slices, table, strict=True):
-        s.context = np.stack([slices[r].hu if slices[r].hu.shape == s.hu.shape else s.hu
-                              for r in rows])
-        alone += bool((rows == rows[k]).all())
-    if alone:
-        report(f"note: {alone} slice(s) had no neighbour in their series among the inputs; "
-               f"the model takes {k} slice(s) below and above as context (trained with real "
-               "neighbours), so each got itself repeated: give whole series for its results")
+
+@dataclass
+class _ContextNotes:
+    alone: int = 0  # slices with no neighbour
+    split: int = 0  # series cut by a change of size or spacing
+
+    def report(self, k: int, report: Report) -> None:
+        if self.split:
+            report(f"note: {self.split} series change slice size or pixel spacing "
+                   "partway: neighbours are taken only from the part of a slice's own size "
+                   "and spacing (its edge slice repeats at the change)")
+        if self.alone:
+            report(f"note: {self.alone} slice(s) had no neighbour in their series among the "
+                   f"inputs; the model takes {k} slice(s) below and above as context "
+                   "(trained with real neighbours), so each got itself repeated: give whole "
+                   "series for its results")
+
+
+def _with_neighbours(slices: Iterable[LoadedSlice], k: int,
+                     seen: _ContextNotes) -> Iterator[LoadedSlice]:
+    """One series' slices, in order, each given its `context` once its k successors (or
+    the series' end) are read; a change of size or spacing ends the run of neighbours."""
+    below: deque[LoadedSlice] = deque(maxlen=k)
+    ahead: deque[LoadedSlice] = deque()
+    cut = False
+    for s in slices:
+        if ahead and not _same_grid(ahead[-1], s):
+            cut = True
+            while ahead:
+                yield _centre(below, ahead, k, seen)
+            below.clear()
+        ahead.append(s)
+        if len(ahead) > k:
+            yield _centre(below, ahead, k, seen)
+    while ahead:
+        yield _centre(below, ahead, k, seen)
+    seen.split += cut
+
+
+def _centre(below: deque, ahead: deque, k: int, seen: _ContextNotes) -> LoadedSlice:
+    """The first slice of `ahead` with its context (the edge slice repeated where fewer than
+    k neighbours are there), moved to `below`."""
+    s = ahead.popleft()
+    lower, upper = list(below), list(ahead)[:k]
+    seen.alone += not lower and not upper
+    lower = [lower[0] if lower else s] * (k - len(lower)) + lower
+    upper += [upper[-1] if upper else s] * (k - len(upper))
+    s.context = np.stack([t.hu for t in (*lower, s, *upper)])
+    below.append(s)
+    return s
+
+
+def _same_grid(a: LoadedSlice, b: LoadedSlice) -> bool:
+    """Whether two slices of a series have one size and pixel spacing (to 0.1%)."""
+    if a.hu.shape != b.hu.shape:
+        return False
+    sa = getattr(a.meta, "pixel_spacing", None)
+    sb = getattr(b.meta, "pixel_spacing", None)
+    if sa is None or sb is None:
+        return sa is sb
+    return bool(np.allclose(sa, sb, rtol=1e-3, atol=0))
 
 
 def run_batches(net: Network, slices: Iterable[LoadedSlice],
