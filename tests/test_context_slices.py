@@ -18,8 +18,8 @@ from cachefile import write_cache
 from tiny import TINY_MODEL, tiny_train
 
 from nodulekit.data.loader import CropOptions, context_table, eval_loader, train_loader
+from nodulekit.nn.inputs import window_input
 from nodulekit.training.checkpoint import load_checkpoint
-from nodulekit.training.config import window_input
 
 
 def test_context_table_orders_each_scan_by_position_and_repeats_the_edges():

@@ -13,8 +13,9 @@ from tiny import TINY_MODEL, tiny_train
 
 from nodulekit.data.cache import open_cache
 from nodulekit.data.loader import CropOptions, Loader, LoaderError, SampleOptions, train_loader
+from nodulekit.nn.inputs import window_input
 from nodulekit.training.checkpoint import load_checkpoint
-from nodulekit.training.config import check_patch, resolve_patch, window_input
+from nodulekit.training.config import check_patch, resolve_patch
 from nodulekit.training.loop import train
 from nodulekit.training.runfiles import read_metrics_csv
 

@@ -218,7 +218,7 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("demo-")
     cfg = json.loads((runs[0] / "config.json").read_text())["config"]
-    assert cfg["data_kind"] == "demo" and cfg["lr"] == train_config.DEMO_DEFAULTS["lr"]
+    assert cfg["data_kind"] == "demo" and cfg["lr"] == train_config.RECIPES["nodulekit"]["lr"]
     assert (runs[0] / "test" / "summary.json").is_file()
     mtime = cache.stat().st_mtime_ns
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress", "--out",

@@ -26,7 +26,7 @@ import numpy as np
 
 from nodulekit.evaluation import metrics
 from nodulekit.inference import tiling
-from nodulekit.training.config import center_crop
+from nodulekit.nn.inputs import center_crop
 
 
 @dataclass

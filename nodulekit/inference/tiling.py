@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nodulekit.nn.inputs import window_input
+
 AIR_HU = -1000  # what pads a slice (and what the training augmentation fills with)
 MEMORY_ENV = "NODULEKIT_INFER_MEMORY_MB"
 TILE_MODES = ("auto", "off")
@@ -200,13 +202,7 @@ def run_hu(model, hu: np.ndarray, mask: np.ndarray, window=(-500.0, 1600.0), til
     center, width = (float(v) for v in window)
     hu, mask, box = pad_to_multiple(hu, mask, 2**model.depth)
     aug = np.zeros((hu.shape[0], 3), np.float32)
-    if hu.ndim == 3:
-        image, target = be.window_augment(be.asarray(hu), be.asarray(mask), be.asarray(aug),
-                                          center, width)
-    else:  # context slices as channels: each windowed alike, interleaved (NHWC)
-        from nodulekit.training.config import window_input
-
-        image, target = window_input(be, hu, mask, aug, center, width)
+    image, target = window_input(be, hu, mask, aug, center, width)  # context: as channels
     logits = forward(model, image, plan(model, image.shape, tile, budget))
     return crop(be, logits, box), crop(be, target, box), crop(be, image, box)
 

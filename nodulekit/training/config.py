@@ -58,8 +58,6 @@ SIZE_DEFAULTS = {
     "real": {"epochs": 200, "batch_size": 12, "width": 64, "depth": 4},  # the paper's
     "demo": {"epochs": 10, "batch_size": 8, "width": 8, "depth": 4},  # README, "The default run"
 }
-PAPER_DEFAULTS = {**SIZE_DEFAULTS["real"], **RECIPES["paper"]}
-DEMO_DEFAULTS = {**SIZE_DEFAULTS["demo"], **RECIPES[DEFAULT_RECIPE]}
 
 
 def recipe_defaults(recipe: str | None, kind: str) -> dict:
@@ -96,8 +94,8 @@ def _option(default=None, *, on_resume: str = FIXED):
 class TrainOptions:
     """What a user asks of `nodulekit train`: the CLI builds one, the API takes one.
 
-    None means "the data's default" (`PAPER_DEFAULTS` for real data, `DEMO_DEFAULTS` for the
-    embedded demo set); `training.setup.resolve` turns it into a `TrainConfig`. On
+    None means "the default": the recipe's, over the data's sizes (`recipe_defaults`);
+    `training.setup.resolve` turns it into a `TrainConfig`. On
     ``resume`` the FIXED fields must be unset or equal the run's, field by field
     (`conflicts_on_resume`); the SESSION ones apply to the new session.
     """
@@ -340,29 +338,6 @@ def resolve_patch(patch, image_shape, depth: int, backend: str) -> list[int]:
     return shape
 
 
-def window_input(be, hu, mask, aug, center: float, width: float):
-    """(image float [B, H, W, C], target uint8 [B, H, W, 1]) on `be` from a batch's HU
-    (int16 [B, H, W], or [B, C, H, W] with context slices: C = 2K + 1), mask and
-    augmentation: `window_augment` per channel, the same flips and rotation for each, the
-    channels interleaved (NHWC) with the backend's array module; the target is the centre
-    channel's. One channel: `window_augment` itself."""
-    if hu.ndim == 3:
-        return be.window_augment(be.asarray(hu), be.asarray(mask), be.asarray(aug), center,
-                                 width)
-    # be.asarray around xp's results: a no-op for NumPy and CuPy, and what makes them the
-    # runtime's arrays under the CUDA emulator (whose xp is NumPy)
-    xp = be.xp
-    hu, mask, aug = be.asarray(hu), be.asarray(mask), be.asarray(aug)
-    images, target = [], None
-    for c in range(hu.shape[1]):
-        image, t = be.window_augment(be.asarray(xp.ascontiguousarray(hu[:, c])), mask, aug,
-                                     center, width)
-        images.append(image)
-        if c == hu.shape[1] // 2:
-            target = t
-    return be.asarray(xp.ascontiguousarray(xp.concatenate(images, axis=3))), target
-
-
 def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
     """The network's input (H, W): the cache's, or a centre crop of it to size x size.
 
@@ -380,18 +355,3 @@ def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
         shape = [size, size]
     check_input_shape(shape, depth)
     return shape
-
-
-def center_crop(hu, mask, shape):
-    """Centre crop of [N, H, W] (or context slices' [N, C, H, W]) HU and [N, H, W] mask
-    arrays to `shape` (H, W), C-contiguous."""
-    import numpy as np
-
-    h, w = hu.shape[-2:]
-    th, tw = (int(v) for v in shape)
-    if (h, w) == (th, tw):
-        return hu, mask
-    r0, c0 = (h - th) // 2, (w - tw) // 2
-    window = np.s_[r0:r0 + th, c0:c0 + tw]
-    return (np.ascontiguousarray(hu[(..., *window)]),
-            np.ascontiguousarray(mask[(slice(None), *window)]))

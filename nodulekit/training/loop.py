@@ -59,7 +59,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import distributed
-from nodulekit.training.config import TrainConfig, TrainOptions, window_input
+from nodulekit.nn.inputs import window_input
+from nodulekit.training.config import TrainConfig, TrainOptions
 
 
 class TrainingDiverged(RuntimeError):
