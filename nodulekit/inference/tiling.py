@@ -122,7 +122,9 @@ def default_budget(backend) -> int:
     free = None
     if getattr(backend, "name", "cpu") == "cuda":
         try:
-            free = int(backend.xp.cuda.runtime.memGetInfo()[0])
+            # CuPy's pool keeps freed blocks for reuse: free to us, used to the driver
+            free = (int(backend.xp.cuda.runtime.memGetInfo()[0])
+                    + int(backend.xp.get_default_memory_pool().free_bytes()))
         except Exception:  # no runtime to ask: assume a small GPU
             free = 4 << 30
     else:
