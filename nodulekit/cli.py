@@ -210,6 +210,48 @@ def _write_json(result, json_path):
         click.echo(f"wrote {json_path}")
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+@main.command()
+@_device_option
+@click.option("--width", default=16, show_default=True)
+@click.option("--depth", default=4, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Input H = W.")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--norm", default="none", show_default=True,
+              type=click.Choice(["none", "instance", "batch"]),
+              help="Normalisation after each 3x3 convolution (as `train --norm`).")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps (each op: the median).")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--variants", is_flag=True,
+              help="Also profile the step with each convolution version, side by side.")
+@click.option("--remeasure-peaks", is_flag=True,
+              help="Measure the device's ceilings again instead of using the cached ones.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for stdout).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw the roofline, every op a point, as a PNG here.")
+def profile(json_path, plot_path, **options):
+    """One training step op by op: each op's time, FLOPs, bytes, GFLOP/s, GB/s and % of
+    the roofline of this device (its FMA peak and copy bandwidth, measured here, cached)."""
+    from nodulekit.profile.report import format_profile
+    from nodulekit.profile.roofline import plot_roofline
+    from nodulekit.profile.run import ProfileOptions, run_profile
+
+    try:
+        result = run_profile(ProfileOptions(**options))
+    except (ValueError, RuntimeError) as e:
+        raise _user_error(e) from None
+    click.echo(format_profile(result))
+    if plot_path:
+        plot_roofline(result, plot_path)
+        click.echo(f"wrote {plot_path}")
+    _write_json(result, json_path)
+
+
 # ----------------------------------------------------------------------------- train
 # (train, evaluate, predict, inspect: nodulekit/train and nodulekit/nn/summary.py)
 
@@ -420,7 +462,8 @@ def _tile_option(f):
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for summary.json (default: <run>/evaluate-<split>).")
+              help="Folder for summary.json, table.csv, nodules.csv and froc.png (default: "
+                   "<run>/evaluate-<split>).")
 @_run_device_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Slices per forward pass.")
@@ -432,7 +475,8 @@ def _tile_option(f):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate(run, precision, no_progress, **options):
     """Dice and IoU of RUN (a run folder: its best checkpoint; or a checkpoint file) on a split
-    of DATA (default: the data it trained on): per slice, global, and by nodule diameter."""
+    of DATA (default: the data it trained on): per slice, global, and by nodule diameter; and
+    per nodule in whole scans: nodules detected, false positives per scan, FROC and CPM."""
     from nodulekit.evaluation.evaluate import EvaluateOptions, format_summary
     from nodulekit.evaluation.evaluate import evaluate as run_evaluate
 
@@ -450,7 +494,12 @@ def evaluate(run, precision, no_progress, **options):
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for masks/, overlays/, probabilities/ and predictions.csv.")
+              help="Folder for masks/, overlays/, probabilities/ and predictions.csv (scans: "
+                   "masks/, seg/, scans.csv, nodules.csv).")
+@click.option("--scans", is_flag=True,
+              help="Read DICOM folders as whole series (one scan each: NIfTI mask, DICOM SEG, "
+                   "nodules.csv) instead of slice by slice. NIfTI and MetaImage inputs are "
+                   "always scans.")
 @click.option("--truth", default="auto", show_default=True,
               help="Truth masks for the overlays: 'auto' (UniToChest's masks/ beside "
                    "images/), 'none', or a folder mirroring the inputs.")
@@ -464,9 +513,13 @@ def evaluate(run, precision, no_progress, **options):
 @_tile_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def predict(checkpoint, inputs, out, precision, no_progress, **options):
-    """Nodule masks for DICOM INPUTS (files or folders) with CHECKPOINT (or a run folder):
-    0/255 PNG masks named like UniToChest's, and overlays in the paper's Fig. 4 colours
-    (yellow agreement, green false positive, red false negative)."""
+    """Nodule masks for INPUTS with CHECKPOINT (or a run folder).
+
+    DICOM files or folders: 0/255 PNG masks named like UniToChest's, and overlays in the
+    paper's Fig. 4 colours (yellow agreement, green false positive, red false negative).
+    Scans (.nii, .nii.gz, .mhd, .mha; DICOM series folders with --scans): the mask in the
+    scan's geometry as NIfTI (and DICOM SEG for a series), and nodules.csv with each 3-D
+    nodule's centre (LPS mm), diameter, volume and probability."""
     from nodulekit.inference.predict import PredictOptions
     from nodulekit.inference.predict import predict as run_predict
 
@@ -477,7 +530,12 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
                              report=click.echo)
     except _library_errors() as e:
         raise _user_error(e) from None
-    click.echo(f"wrote {result.written} mask(s) and overlay(s) under {result.out}")
+    if result.scans:
+        click.echo(f"wrote {len(result.scans)} scan mask(s) with {len(result.nodules)} "
+                   f"nodule(s) (nodules.csv) under {result.out}")
+    if result.written > len(result.scans):
+        click.echo(f"wrote {result.written - len(result.scans)} mask(s) and overlay(s) under "
+                   f"{result.out}")
     if result.summary:
         a, nod = result.summary["all"], result.summary["nodule_slices"]
         from nodulekit.evaluation.metrics import format_conventions
@@ -572,15 +630,25 @@ def _int_list(text: str) -> list[int]:
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if it holds a data set that synth wrote (its .nodulekit-synth "
                    "marker), and nothing else.")
+@click.option("--format", "data_format", default="unitochest", show_default=True,
+              type=click.Choice(["unitochest", "msd", "luna16", "series"]),
+              help="UniToChest's DICOM slices and PNG masks, or the same patients as whole "
+                   "scans: MSD NIfTI, LUNA16 MetaImage + annotations.csv, DICOM series + "
+                   "NIfTI labels.")
+@click.option("--orientation", default="axial", show_default=True,
+              type=click.Choice(["axial", "flipped", "oblique"]),
+              help="How whole scans lie in their files (not for unitochest).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, progress):
-    """Write a synthetic chest CT data set in the UniToChest layout to OUT."""
+def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, data_format,
+          orientation, progress):
+    """Write a synthetic chest CT data set to OUT (UniToChest layout, or --format)."""
     from nodulekit.data.synth import SynthConfig, synthesize
 
     try:
         cfg = SynthConfig(size=size, patients=patients, slices_per_patient=slices_per_patient,
                           seed=seed)
-        result = synthesize(out, cfg, overwrite=overwrite, progress=progress, workers=workers)
+        result = synthesize(out, cfg, overwrite=overwrite, progress=progress, workers=workers,
+                            format=data_format, orientation=orientation)
     except (ValueError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(result.summary())
@@ -590,8 +658,10 @@ def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, pro
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--layout", default="auto", show_default=True,
-              type=click.Choice(["auto", "unitochest", "folder"]),
-              help="auto: UniToChest when DATA has train/ val/ test/ folders.")
+              type=click.Choice(["auto", "unitochest", "folder", "series", "msd", "luna16"]),
+              help="auto: from what DATA holds (train/ val/ test/: unitochest; dataset.json "
+                   "+ imagesTr/: msd; annotations.csv + *.mhd: luna16; NIfTI labels beside "
+                   "DICOM folders: series; else folder).")
 @click.option("--workers", default=None, type=int,
               help="Decoding processes (default: one per CPU; 0: decode in this process).")
 @click.option("--strict", is_flag=True, help="Any file that would be skipped is an error.")
@@ -599,7 +669,11 @@ def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, pro
               help="Replace OUT if it is a cache (a file preprocess wrote) or empty.")
 @click.option("--allow-non-ct", is_flag=True, help="Also read slices whose Modality is not CT.")
 @click.option("--split-seed", default=0, show_default=True,
-              help="Seed of the 80/10/10 patient split of a plain folder tree.")
+              help="Seed of the 80/10/10 patient split (all layouts but unitochest).")
+@click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MM", help="Resample every slice in-plane to MM x MM pixels (image "
+                                 "linear, mask nearest) and pad / crop to one size "
+                                 "[default: native pixels].")
 @click.option("--allow-outside-paths", is_flag=True,
               help="Read files that a UniToChest CSV names outside DATA (absolute paths, "
                    "paths with ..); by default such rows are skipped and reported.")

@@ -5,8 +5,11 @@
     /                         attrs: format = "nodulekit-cache", format_version = 2,
                                      created_by ("nodulekit X.Y.Z"), created_at (UTC ISO),
                                      window_center = -500, window_width = 1600 (the paper's),
-                                     height, width, layout ("unitochest" / "folder"),
-                                     source_root
+                                     height, width, layout ("unitochest", "folder",
+                                     "series", "msd", "luna16"), source_root,
+                                     spacing_mm (`preprocess --spacing`: every slice
+                                     resampled in-plane to this many mm per pixel;
+                                     absent: native pixels, as read)
     /<split>/                 one group per split: "train", "val", "test" (all three exist;
                               a split without slices has N = 0)
         hu        int16 (N, H, W), chunks (1, H, W): HU of each slice
@@ -17,13 +20,27 @@
                   of a slice without nodule is never written (HDF5 fill value 0), so
                   read it through HDF5, or raw only where meta/has_nodule is true
         meta/     parallel datasets, row i describes slice i:
-            patient            str    patient ID (UniToChest patientID / DICOM PatientID)
+            patient            str    patient ID (UniToChest patientID / DICOM PatientID;
+                                      a scan layout's, see nodulekit.data.layout)
             exam               str    exam within the patient
-            slice              int32  slice number within the exam (-1: unknown)
-            instance_number    int32  DICOM InstanceNumber (-1: absent)
-            slice_position     float32 mm, ImagePositionPatient z (NaN: absent)
-            pixel_spacing      float32 (N, 2) mm, (row, column) (NaN: absent)
-            slice_thickness    float32 mm (NaN: absent)
+            slice              int32  slice number within the exam (-1: unknown); a scan
+                                      layout's count from 1, feet to head
+            instance_number    int32  DICOM InstanceNumber (-1: absent; scan layouts: -1)
+            slice_position     float32 mm: DICOM slices ImagePositionPatient z (NaN:
+                                      absent); scan layouts the position along the slice
+                                      normal (row x column direction), which is z for
+                                      an axial slice
+            pixel_spacing      float32 (N, 2) mm, (row, column) (NaN: absent), in the
+                                      cache: after resampling where it was resampled
+            slice_thickness    float32 mm (NaN: absent); scan layouts: the spacing of
+                                      the slices
+            image_position     float64 (N, 3) LPS mm of pixel (0, 0)'s centre, in the
+                                      cache (after resampling and padding) (NaN: unknown)
+            image_orientation  float64 (N, 6) the row direction (+column) and the column
+                                      direction (+row), LPS cosines, as DICOM's
+                                      ImageOrientationPatient (NaN: unknown)
+            source_pixel_spacing float32 (N, 2) mm, (row, column) as read, before any
+                                      resampling (NaN: absent)
             has_nodule         bool   the mask has a set pixel
             n_nodules          int16  8-connected components in the mask
             section_diameter_mm  float32 (N, K) each component's equal-area circle
@@ -48,6 +65,9 @@ Everything is checksummed, so that a damaged file gives an error, never other nu
   object headers (attributes included) and chunk indexes, all with checksums of their own.
 
 Version 1 caches (before the checksums) are refused, with the command that rebuilds them.
+Version 2 caches written before `image_position`, `image_orientation` and
+`source_pixel_spacing` existed open all the same: `CacheSplit.meta` gives NaN for the first
+two and the (never resampled) `pixel_spacing` for the third (`OPTIONAL_FIELDS`).
 
 Rows are ordered by patient, exam and slice number.
 """
@@ -72,7 +92,10 @@ WINDOW_WIDTH = 1600.0
 META_FIELDS = ("patient", "exam", "slice", "instance_number", "slice_position",
                "pixel_spacing", "slice_thickness", "has_nodule", "n_nodules",
                "section_diameter_mm", "nodule_diameter_mm", "max_diameter_mm", "source",
-               "mask_source")
+               "mask_source", "image_position", "image_orientation", "source_pixel_spacing")
+# Columns that older caches lack: name -> values per row (float64 NaN, or another column's).
+OPTIONAL_FIELDS = {"image_position": 3, "image_orientation": 6,
+                   "source_pixel_spacing": "pixel_spacing"}
 _STRING_FIELDS = ("patient", "exam", "source", "mask_source")
 # What h5py raises for a damaged file: OSError from HDF5 (a checksum that does not match,
 # an address past the end of the file, ...), and on some paths these.
@@ -172,6 +195,9 @@ class CacheSplit:
             meta = {}
             for name in META_FIELDS:
                 try:
+                    if name in OPTIONAL_FIELDS and name not in self._meta_group:
+                        meta[name] = _missing_column(meta, name, len(self))
+                        continue
                     ds = self._meta_group[name]
                     meta[name] = ds.asstr()[()] if name in _STRING_FIELDS else ds[()]
                 except READ_ERRORS as e:
@@ -261,6 +287,14 @@ class Cache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _missing_column(meta: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    """An optional column an older cache lacks: NaN, or the column it defaults to."""
+    default = OPTIONAL_FIELDS[name]
+    if isinstance(default, str):
+        return meta[default].copy()
+    return np.full((n, default), np.nan, dtype=np.float64)
 
 
 def _plain(value):

@@ -1,14 +1,14 @@
 """The work of one preprocessing worker: a slice and its mask, decoded and measured.
 
 Kept apart from the cache writer so that a worker process imports only what it uses
-(pydicom, Pillow, NumPy, and Numba for the chunk checksum; not h5py). A worker writes each
-slice's HU straight into the cache file, followed by the chunk's Fletcher-32 checksum
-(`nodulekit.data.checksum`), at the byte offset of the slice's HDF5 chunk that the parent
-allocated and looked up beforehand (`nodulekit.data.preprocess`); what goes back through
-the pipe is small: the metadata, the mask as the bounding box of its nodules, the
-components. Half a megabyte per slice through a pipe, or through a shared buffer that the
-parent then copies into the file, costs as much as decoding it. A write that fails (a full
-disk) comes back as `Decoded.write_error`, which the parent reports.
+(pydicom, Pillow, NumPy, scipy.ndimage, and Numba for the chunk checksum; not h5py). A
+worker writes each slice's HU straight into the cache file, followed by the chunk's
+Fletcher-32 checksum (`nodulekit.data.checksum`), at the byte offset of the slice's HDF5
+chunk that the parent allocated and looked up beforehand (`nodulekit.data.preprocess`);
+what goes back through the pipe is small: the metadata, the mask as the bounding box of its
+nodules, the components. Half a megabyte per slice through a pipe, or through a shared
+buffer that the parent then copies into the file, costs as much as decoding it. A write
+that fails (a full disk) comes back as `Decoded.write_error`, which the parent reports.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage  # noqa: F401  the components' labelling: loaded once, in the fork server
 
+from nodulekit.data import resample
 from nodulekit.data.dicom import DicomError, DicomWarning, NotCTError, read_slice
 from nodulekit.data.masks import MaskBox, MaskError, read_mask_box
 from nodulekit.data.nodules import box_components, section_diameter_mm
@@ -33,6 +35,8 @@ class Task:
     image: str
     mask: str | None
     allow_non_ct: bool
+    spacing_mm: float | None = None  # resample in-plane to this (`resample`); None: native
+    shape: tuple[int, int] | None = None  # with spacing_mm: pad / crop to this (H, W)
 
 
 @dataclass
@@ -47,6 +51,11 @@ class Decoded:
     slice_position: float = math.nan
     pixel_spacing: tuple[float, float] = (math.nan, math.nan)
     slice_thickness: float = math.nan
+    # LPS mm of pixel (0, 0), and the row and column directions (NaN: unknown)
+    image_position: tuple[float, float, float] = (math.nan,) * 3
+    image_orientation: tuple[float, ...] = (math.nan,) * 6
+    source_pixel_spacing: tuple[float, float] = (math.nan, math.nan)  # before resampling
+    source: str | None = None  # the cache's `source` for this slice; None: the record's
     fixups: tuple[str, ...] = ()
     error: str | None = None
     shape: tuple[int, int] | None = None  # the slice's (H, W); None when `error`
@@ -81,6 +90,21 @@ def decode(task: Task, hu_out: np.ndarray | None = None,
     parts = []
     if box is not None and box.empty:
         box = None  # an all-zero mask file: a slice without nodule
+    hu, spacing = s.hu, m.pixel_spacing
+    position = m.image_position or (math.nan,) * 3
+    orientation = m.image_orientation or (math.nan,) * 6
+    if task.spacing_mm is not None:
+        if not spacing:
+            return Decoded(task.row, error=f"no PixelSpacing: cannot resample to "
+                                           f"{task.spacing_mm:g} mm")
+        regridded = resample.regrid(hu, None if box is None else box.full(), spacing,
+                                    task.spacing_mm, task.shape)
+        if regridded.hu is None:
+            return Decoded(task.row, error=resample_refusal(regridded, task.shape))
+        position = resample.shifted_position(position, orientation, spacing,
+                                             regridded.offset)
+        hu, box = regridded.hu, resample.mask_box(regridded.mask)
+        spacing = (task.spacing_mm, task.spacing_mm)
     if box is not None:
         parts = box_components(box.pixels, box.top, box.left, box.shape[1])
         parts.sort(key=len, reverse=True)
@@ -88,16 +112,25 @@ def decode(task: Task, hu_out: np.ndarray | None = None,
             if mask_out is not None and mask_out.shape != box.shape:
                 mask_out = None
             mask, box = box.full(out=mask_out), None
-    spacing = m.pixel_spacing
     return Decoded(
-        row=task.row, hu=s.hu, mask=mask, mask_box=box, parts=parts,
+        row=task.row, hu=hu, mask=mask, mask_box=box, parts=parts,
         section_mm=[section_diameter_mm(len(p), spacing) if spacing else math.nan
                     for p in parts],
         instance_number=-1 if m.instance_number is None else m.instance_number,
         slice_position=math.nan if m.slice_position is None else m.slice_position,
         pixel_spacing=spacing if spacing else (math.nan, math.nan),
         slice_thickness=math.nan if m.slice_thickness is None else m.slice_thickness,
-        fixups=m.warnings, shape=tuple(s.hu.shape))
+        image_position=tuple(position), image_orientation=tuple(orientation),
+        source_pixel_spacing=m.pixel_spacing or (math.nan, math.nan),
+        fixups=m.warnings, shape=tuple(hu.shape))
+
+
+def resample_refusal(regridded: resample.Regridded, shape) -> str:
+    """Why a resampled slice is skipped: its crop to the cache's size cuts a nodule."""
+    h, w = regridded.resampled_shape
+    return (f"resampled to {h}x{w}, cropping it to the cache's {shape[0]}x{shape[1]} would "
+            f"cut {regridded.lost_nodule_pixels} nodule pixel(s); skipped (a mask is never "
+            "cut)")
 
 
 # ----------------------------------------------------------------------------- worker

@@ -83,6 +83,11 @@ class SliceMeta:
     rescale_intercept: float
     frame: int | None = None  # index within a multi-frame file, None for a plain slice
     warnings: tuple[str, ...] = field(default=())
+    # LPS mm of pixel (0, 0)'s centre (ImagePositionPatient); None: absent
+    image_position: tuple[float, float, float] | None = None
+    # ImageOrientationPatient: the row direction (along a row: +column), then the column
+    # direction (+row), LPS cosines; None: absent
+    image_orientation: tuple[float, float, float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,11 +134,15 @@ def read_slices(path: str | os.PathLike, *, allow_non_ct: bool = False,
         if frames <= 1:
             return [_make_slice(ds, path, stored, frame=None, header=h)]
         positions = _per_frame_positions(ds, frames)
+        orientation = _shared_orientation(ds)
         out = []
         for i in range(frames):
             s = _make_slice(ds, path, stored[i], frame=i, header=h)
             if positions[i] is not None:
-                s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i]))
+                s = CTSlice(s.hu, replace(s.meta, slice_position=positions[i][2],
+                                          image_position=positions[i]))
+            if s.meta.image_orientation is None and orientation is not None:
+                s = CTSlice(s.hu, replace(s.meta, image_orientation=orientation))
             out.append(s)
         return out
 
@@ -250,6 +259,7 @@ _STUDY_UID = 0x0020000D
 _SERIES_UID = 0x0020000E
 _INSTANCE_NUMBER = 0x00200013
 _POSITION = 0x00200032
+_ORIENTATION = 0x00200037
 _SLICE_LOCATION = 0x00201041
 _SAMPLES = 0x00280002
 _PHOTOMETRIC = 0x00280004
@@ -270,7 +280,8 @@ _ANY_PIXEL_DATA = (0x7FE00008, 0x7FE00009, _PIXEL_DATA)  # float, double float, 
 _NUMBER_VRS = {_SAMPLES: "US", _FRAMES: "IS", _ROWS: "US", _COLUMNS: "US",
                _BITS_ALLOCATED: "US", _BITS_STORED: "US", _PIXEL_REPRESENTATION: "US",
                _SLOPE: "DS", _INTERCEPT: "DS", _INSTANCE_NUMBER: "IS", _POSITION: "DS",
-               _SLICE_LOCATION: "DS", _PIXEL_SPACING: "DS", _SLICE_THICKNESS: "DS"}
+               _ORIENTATION: "DS", _SLICE_LOCATION: "DS", _PIXEL_SPACING: "DS",
+               _SLICE_THICKNESS: "DS"}
 
 # VRs whose values pydicom's `convert_value` decodes without the data set's character set.
 _PLAIN_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS", "UI", "OB",
@@ -490,13 +501,15 @@ def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None
         notes.append(f"{clipped} pixel(s) outside int16 HU [{INT16_MIN}, {INT16_MAX}]: clipped")
     for note in notes:
         warnings.warn(f"{path}: {note}", DicomWarning, stacklevel=3)
+    position = _floats(_number(ds, _POSITION), 3)
     meta = SliceMeta(
         path=str(path),
         patient_id=str(_value(ds, _PATIENT_ID) or "") if identifiers else "",
         study_uid=str(_value(ds, _STUDY_UID) or "") if identifiers else "",
         series_uid=str(_value(ds, _SERIES_UID) or "") if identifiers else "",
         instance_number=_int_or_none(_number(ds, _INSTANCE_NUMBER)),
-        slice_position=_slice_position(ds),
+        slice_position=(position[2] if position is not None
+                        else _float_or_none(_number(ds, _SLICE_LOCATION))),
         pixel_spacing=_spacing(ds),
         slice_thickness=_float_or_none(_number(ds, _SLICE_THICKNESS)),
         modality=h.modality,
@@ -504,15 +517,27 @@ def _make_slice(ds: pydicom.Dataset, path, stored: np.ndarray, frame: int | None
         rescale_intercept=intercept,
         frame=frame,
         warnings=tuple(notes),
+        image_position=position,
+        image_orientation=_orientation(ds),
     )
     return CTSlice(hu=hu, meta=meta)
 
 
-def _slice_position(ds) -> float | None:
-    ipp = _number(ds, _POSITION)
-    if isinstance(ipp, (list, tuple, MultiValue)) and len(ipp) == 3:
-        return _float_or_none(ipp[2])
-    return _float_or_none(_number(ds, _SLICE_LOCATION))
+def _orientation(ds) -> tuple[float, ...] | None:
+    """ImageOrientationPatient, None where absent or unreadable: a slice is read without it,
+    as it was before the cache kept it."""
+    try:
+        return _floats(_number(ds, _ORIENTATION), 6)
+    except _VALUE_ERRORS:
+        return None
+
+
+def _floats(values, n: int) -> tuple[float, ...] | None:
+    """A multi-valued number (ImagePositionPatient, ...) as `n` finite floats, else None."""
+    if not isinstance(values, (list, tuple, MultiValue)) or len(values) != n:
+        return None
+    out = tuple(_float_or_none(v) for v in values)
+    return out if all(v is not None and np.isfinite(v) for v in out) else None
 
 
 def _spacing(ds) -> tuple[float, float] | None:
@@ -529,14 +554,22 @@ def _spacing(ds) -> tuple[float, float] | None:
         return None
 
 
-def _per_frame_positions(ds, frames: int) -> list[float | None]:
+def _per_frame_positions(ds, frames: int) -> list[tuple[float, float, float] | None]:
     try:
         groups = ds.PerFrameFunctionalGroupsSequence
-        found = [_float_or_none(g.PlanePositionSequence[0].ImagePositionPatient[2])
-                 for g in groups]
+        found = [_floats(g.PlanePositionSequence[0].ImagePositionPatient, 3) for g in groups]
     except (AttributeError, IndexError, KeyError):
         found = []
     return (found + [None] * frames)[:frames]
+
+
+def _shared_orientation(ds) -> tuple[float, ...] | None:
+    """Enhanced multi-frame CT's orientation (the shared functional groups), else None."""
+    try:
+        group = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+        return _floats(group.ImageOrientationPatient, 6)
+    except (AttributeError, IndexError, KeyError):
+        return None
 
 
 def _int_or_none(v) -> int | None:

@@ -1,6 +1,6 @@
-"""Which slices a data folder holds, with their masks and split: UniToChest or a plain tree.
+"""Which slices a data folder holds, with their masks and split.
 
-Two layouts are read:
+Five layouts are read. Two of DICOM slices, here:
 
 - **UniToChest** (docs/design.md): split folders ``train/ val/ test/``, each with
   ``images/patient_XXXX/exam_N/*.dcm``, PNG masks mirrored under ``masks/``, and
@@ -18,6 +18,15 @@ Two layouts are read:
   the tree itself and ``masks/...``; ``masks/<same path>.png`` or ``..._mask.png``). A slice
   without a mask has no nodule. Patients (the PatientID tag, else the top folder) get a
   seeded patient-level 80/10/10 split.
+
+Three of whole scans, each in a module of its own, whose records name a scan and a slice
+of it (`SliceRecord.volume_slice`; the scans themselves in `DataIndex.scans`):
+
+- **series** (`layout_series`): a tree of DICOM series folders, labels beside them as NIfTI;
+- **msd** (`layout_msd`): the Medical Segmentation Decathlon's ``imagesTr/``, ``labelsTr/``;
+- **luna16** (`layout_luna16`): MetaImage scans and ``annotations.csv``, nodules as spheres.
+
+`detect_layout` tells them apart (`read_layout(..., "auto")`) where the folder says which.
 
 Nothing that does not fit is guessed: a mask without a slice, an image file (PNG, JPEG,
 TIFF, ...) whose name fits no mask pattern, a listed file that is missing or outside the
@@ -39,7 +48,11 @@ import numpy as np
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
-LAYOUTS = ("auto", "unitochest", "folder")
+LAYOUTS = ("auto", "unitochest", "folder", "series", "msd", "luna16")
+# Layouts of whole scans: their slices are read a scan at a time (`nodulekit.data.scans`).
+SCAN_LAYOUTS = ("series", "msd", "luna16")
+# A DICOM series folder X's label is X + one of these, beside X (`layout_series`).
+SERIES_LABEL_SUFFIXES = (".nii.gz", ".nii", ".seg.dcm")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # Files that look like a mask (or an image meant as one): reported when no slice uses them.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -56,9 +69,14 @@ class SliceRecord:
     patient: str
     exam: str
     slice: int | None  # slice number within the exam (CSV `slice` or InstanceNumber)
-    image: str  # absolute path of the DICOM file
-    mask: str | None  # absolute path of the PNG mask; None: no nodule in this slice
+    image: str  # absolute path of the DICOM file (of a scan layout: of the scan)
+    # absolute path of the PNG mask (of a scan layout: of the label volume or annotations
+    # file); None: no nodule in this slice
+    mask: str | None
     source: str  # image path relative to the data root, for reports and the cache
+    # a scan layout's slice: its index in the scan, reoriented (`scans.canonical`);
+    # None for a DICOM slice of its own
+    volume_slice: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,8 @@ class DataIndex:
     layout: str
     records: list[SliceRecord]
     problems: list[Problem] = field(default_factory=list)
+    # scan layouts: each scan (`scans.ScanSpec`) by its path, the records' `image`
+    scans: dict = field(default_factory=dict)
 
     def split(self, name: str) -> list[SliceRecord]:
         return [r for r in self.records if r.split == name]
@@ -119,30 +139,102 @@ def split_patients(patients: Iterable[str], seed: int = 0,
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-    """"unitochest" when a split folder with images/ or a *_dataset.csv exists, else "folder"."""
+    """The layout of the data folder `root`, from what it holds:
+
+    - "unitochest": a split folder (``train/``, ...) with ``images/`` or ``<split>_dataset.csv``;
+    - "msd": ``dataset.json`` and ``imagesTr/``;
+    - "luna16": ``annotations.csv`` and MetaImage scans (``subset*/*.mhd`` or ``*.mhd``);
+    - "series": a label beside a folder (``X/`` and ``X.nii.gz``, ``X.nii`` or ``X.seg.dcm``),
+      and no PNG masks;
+    - "folder" otherwise: DICOM files, PNG masks beside or mirrored, or none.
+
+    Two of the first three, or labels beside folders and PNG masks, is a `LayoutError`
+    asking for ``--layout``: the folder does not say which it is.
+    """
     root = Path(root)
+    found = []
     for split in SPLITS:
         d = root / split
         if d.is_dir() and ((d / f"{split}_dataset.csv").is_file() or (d / "images").is_dir()):
-            return "unitochest"
-    return "folder"
+            found.append("unitochest")
+            break
+    if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        found.append("msd")
+    if (root / "annotations.csv").is_file() and _has_metaimages(root):
+        found.append("luna16")
+    if len(found) > 1:
+        raise LayoutError(f"{root}: looks like more than one layout ({', '.join(found)}); "
+                          "name it with --layout")
+    if found:
+        return found[0]
+    labels, pngs = _labels_and_pngs(root)
+    if labels and pngs:
+        raise LayoutError(f"{root}: holds both labels beside DICOM folders (series "
+                          f"layout, such as {labels[0]}) and PNG files (folder layout, such "
+                          f"as {pngs[0]}); name the layout with --layout")
+    return "series" if labels else "folder"
+
+
+def _has_metaimages(root: Path) -> bool:
+    subsets = [d for d in root.glob("subset*") if d.is_dir()]
+    return any(any(d.glob("*.mhd")) for d in subsets) or any(root.glob("*.mhd"))
+
+
+def _labels_and_pngs(root: Path, most: int = 1) -> tuple[list[Path], list[Path]]:
+    """Files named after a folder beside them as a series' label is, and PNG files, under
+    `root` (at most `most` of each: enough to decide)."""
+    labels: list[Path] = []
+    pngs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        folders = set(dirnames)
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            lower = name.lower()
+            if lower.endswith(".png") and len(pngs) < most:
+                pngs.append(Path(dirpath) / name)
+            for suffix in SERIES_LABEL_SUFFIXES:
+                if lower.endswith(suffix) and name[:-len(suffix)] in folders:
+                    if len(labels) < most:
+                        labels.append(Path(dirpath) / name)
+                    break
+        if len(labels) >= most and len(pngs) >= most:
+            break
+    return labels, pngs
+
+
+def resolve_layout(root: str | os.PathLike, layout: str = "auto") -> str:
+    """`layout` checked, or for "auto" the one `detect_layout` finds."""
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if not Path(root).is_dir():
+        raise LayoutError(f"{root}: not a directory")
+    return detect_layout(root) if layout == "auto" else layout
 
 
 def read_layout(root: str | os.PathLike, layout: str = "auto", *, seed: int = 0,
                 fractions: Sequence[float] = DEFAULT_FRACTIONS,
                 allow_outside_paths: bool = False) -> DataIndex:
-    """The slices under `root`; `seed` and `fractions` split a plain folder tree;
-    `allow_outside_paths` reads what a UniToChest CSV lists outside `root` too."""
+    """The slices under `root`; `seed` and `fractions` split the layouts without splits of
+    their own (all but UniToChest) by patient; `allow_outside_paths` reads what a
+    UniToChest CSV lists outside `root` too."""
     root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"{root}: not a directory")
-    if layout not in LAYOUTS:
-        raise LayoutError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
-    if layout == "auto":
-        layout = detect_layout(root)
+    layout = resolve_layout(root, layout)
     if layout == "unitochest":
         return read_unitochest(root, allow_outside_paths=allow_outside_paths)
-    return read_folder_tree(root, seed=seed, fractions=fractions)
+    if layout == "folder":
+        return read_folder_tree(root, seed=seed, fractions=fractions)
+    # imported here: they import this module
+    if layout == "series":
+        from nodulekit.data.layout_series import read_series_tree
+
+        return read_series_tree(root, seed=seed, fractions=fractions)
+    if layout == "msd":
+        from nodulekit.data.layout_msd import read_msd
+
+        return read_msd(root, seed=seed, fractions=fractions)
+    from nodulekit.data.layout_luna16 import read_luna16
+
+    return read_luna16(root, seed=seed, fractions=fractions)
 
 
 # ----------------------------------------------------------------------------- UniToChest

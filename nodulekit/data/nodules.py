@@ -6,11 +6,18 @@ A nodule spans several slices, so components that overlap in consecutive slices 
 exam are linked into one 3-D nodule (`NoduleLinker`), whose *nodule diameter* is its
 largest section diameter: for a sphere, the section through its centre. The diameter
 bins are the paper's Table 3: < 3 mm, 3-10, 10-30, > 30 mm.
+
+Whole volumes (Z, H, W) have their nodules as 26-connected 3-D components
+(`components_3d`, `label_voxels`, `measure`): each with its voxels, volume, equivalent-sphere
+diameter, largest section diameter (the nodule diameter above), centroid, slice range and,
+given probabilities, their mean and maximum. Labelling works on the bounding box of the set
+voxels only, so a mostly empty scan costs little. The labelling is scipy.ndimage's.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,11 +45,8 @@ def diameter_bin(diameter_mm: float) -> str | None:
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a 2-D mask, each as sorted flat pixel indices (int64).
-
-    Works on runs of set pixels per row and joins runs that touch in the next row, so the
-    cost follows the nodules' height, not the image's area (masks are mostly empty).
-    """
+    """8-connected components of a 2-D mask, each as sorted flat pixel indices (int64),
+    in the order of their first pixel in reading order (row by row)."""
     m = np.asarray(mask) != 0
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
@@ -59,48 +63,29 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
 def box_components(box: np.ndarray, top: int, left: int, width: int) -> list[np.ndarray]:
     """`components` of a mask of `width` columns whose set pixels all lie in `box`, a
     {0, 1} or boolean array whose first pixel is at (`top`, `left`) in the mask."""
+    box = np.asarray(box)
     if box.size == 0:
         return []
-    r0, c0, w = int(top), int(left), int(width)
-    padded = np.zeros((box.shape[0], box.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = box
-    edges = np.diff(padded, axis=1)
-    start_rows, start_cols = np.nonzero(edges == 1)  # row-major: runs in reading order
-    _, end_cols = np.nonzero(edges == -1)  # end is exclusive
-    start_rows += r0
-    start_cols += c0
-    end_cols += c0
-    n = len(start_rows)
+    ndimage = _ndimage()
+    # scipy numbers the components by their first pixel in reading order: the order kept
+    labels, count = ndimage.label(box != 0, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return []
+    inside = np.flatnonzero(labels)  # reading order: each component's pixels stay sorted
+    label_of = labels.ravel()[inside]
+    inside = inside[np.argsort(label_of, kind="stable")]
+    rows, cols = np.divmod(inside, box.shape[1])
+    flat = (rows + int(top)) * int(width) + (cols + int(left))
+    ends = np.cumsum(np.bincount(label_of, minlength=count + 1)[1:])
+    return np.split(flat.astype(np.int64, copy=False), ends[:-1])
 
-    parent = list(range(n))
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+def _ndimage():
+    """scipy.ndimage, imported on first use: the cache and the metrics import this module
+    for the bins only (the preprocessing workers get it preloaded, see data/decode.py)."""
+    from scipy import ndimage
 
-    rows, starts, ends = start_rows.tolist(), start_cols.tolist(), end_cols.tolist()
-    prev_lo = prev_hi = 0  # runs of the previous row are [prev_lo, prev_hi)
-    row_lo = 0
-    for i in range(n):
-        if i > 0 and rows[i] != rows[i - 1]:
-            if rows[i] == rows[i - 1] + 1:
-                prev_lo, prev_hi = row_lo, i
-            else:
-                prev_lo = prev_hi = i
-            row_lo = i
-        for j in range(prev_lo, prev_hi):
-            # 8-connectivity: runs touch if their column ranges overlap or meet diagonally.
-            if starts[j] <= ends[i] and starts[i] <= ends[j]:
-                a, b = find(i), find(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    groups: dict[int, list[np.ndarray]] = {}
-    for i in range(n):
-        base = rows[i] * w
-        groups.setdefault(find(i), []).append(np.arange(base + starts[i], base + ends[i]))
-    return [np.concatenate(parts) for _, parts in sorted(groups.items())]
+    return ndimage
 
 
 def section_diameter_mm(n_pixels: int, pixel_spacing: tuple[float, float]) -> float:
@@ -164,3 +149,116 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
     if a[0] > b[-1] or b[0] > a[-1]:  # both sorted: disjoint ranges cannot share a pixel
         return False
     return bool(np.intersect1d(a, b, assume_unique=True).size)
+
+
+# ------------------------------------------------------------------------- 3-D components
+
+
+@dataclass(frozen=True)
+class LabelledVoxels:
+    """The set voxels of a volume of `shape` (Z, H, W) and their 26-connected components."""
+
+    flat: np.ndarray  # int64 [V]: flat indices into `shape`, ascending
+    labels: np.ndarray  # int32 [V]: each voxel's component, 1..count
+    count: int
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One 26-connected component of a volume; lengths in mm, positions in voxel indices."""
+
+    label: int  # 1..count, by the component's first voxel in C order (slice, row, column)
+    voxels: int
+    volume_mm3: float
+    diameter_mm: float  # of the sphere with the same volume
+    section_diameter_mm: float  # largest equal-area section: the cache's nodule diameter
+    centroid: tuple[float, float, float]  # (k, r, c), mean voxel index
+    slices: tuple[int, int]  # first and last k
+    mean_probability: float  # over its voxels; NaN without probabilities
+    max_probability: float  # NaN without probabilities
+
+
+def components_3d(mask: np.ndarray, spacing_zyx, probability: np.ndarray | None = None
+                  ) -> list[Component]:
+    """26-connected components of a (Z, H, W) mask (any nonzero voxel is set), measured at
+    `spacing_zyx` (slice, row, column) in mm; `probability` (the mask's shape) gives each
+    component's mean and maximum. Ordered by label."""
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        raise ValueError(f"mask must be 3-D (Z, H, W), got shape {m.shape}")
+    flat = np.flatnonzero(m)
+    values = None
+    if probability is not None:
+        p = np.asarray(probability)
+        if p.shape != m.shape:
+            raise ValueError(f"probability {p.shape} and mask {m.shape} differ in shape")
+        values = p.reshape(-1)[flat]
+    return measure(label_voxels(flat, m.shape), spacing_zyx, values)
+
+
+def label_voxels(flat, shape) -> LabelledVoxels:
+    """The 26-connected components of the voxels at `flat` (ascending flat indices into a
+    volume of `shape`), labelled by scipy.ndimage inside their bounding box."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (Z, H, W), got {shape}")
+    flat = np.asarray(flat, dtype=np.int64).reshape(-1)
+    if flat.size == 0:
+        return LabelledVoxels(flat, np.zeros(0, np.int32), 0, shape)
+    if np.any(np.diff(flat) <= 0) or flat[0] < 0 or flat[-1] >= math.prod(shape):
+        raise ValueError(f"voxel indices must be ascending, distinct and inside {shape}")
+    ndimage = _ndimage()
+    where = np.unravel_index(flat, shape)
+    local = tuple(a - a.min() for a in where)
+    box = np.zeros([int(a.max()) + 1 for a in local], dtype=bool)
+    box[local] = True
+    labelled, count = ndimage.label(box, structure=ndimage.generate_binary_structure(3, 3))
+    return LabelledVoxels(flat, labelled[local].astype(np.int32, copy=False), int(count),
+                          shape)
+
+
+def measure(voxels: LabelledVoxels, spacing_zyx, probability=None) -> list[Component]:
+    """Each component of `voxels` measured at `spacing_zyx` (mm); `probability`: one value
+    per voxel, in the order of `voxels.flat`."""
+    n = voxels.count
+    if n == 0:
+        return []
+    dz, dy, dx = (float(v) for v in spacing_zyx)
+    k, r, c = np.unravel_index(voxels.flat, voxels.shape)
+    # Grouped by label; within a label the voxels stay in C order, so k ascends.
+    order = np.argsort(voxels.labels, kind="stable")
+    label_sorted = voxels.labels[order].astype(np.int64)
+    sizes = np.bincount(label_sorted, minlength=n + 1)[1:]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    k_sorted = k[order]
+    centroids = [np.add.reduceat(a[order].astype(np.float64), starts) / sizes
+                 for a in (k, r, c)]
+    # the largest section: the longest run of one (label, slice) in that order
+    key = label_sorted * voxels.shape[0] + k_sorted
+    run_starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    run_sizes = np.diff(np.r_[run_starts, key.size])
+    first_run = np.searchsorted(label_sorted[run_starts], np.arange(1, n + 1))
+    section = np.maximum.reduceat(run_sizes, first_run)
+    if probability is None:
+        mean_p = max_p = np.full(n, math.nan)
+    else:
+        p = np.asarray(probability, dtype=np.float64).reshape(-1)
+        if p.size != voxels.flat.size:
+            raise ValueError(f"{p.size} probabilities for {voxels.flat.size} voxels")
+        p = p[order]
+        mean_p = np.add.reduceat(p, starts) / sizes
+        max_p = np.maximum.reduceat(p, starts)
+    voxel_mm3 = dz * dy * dx
+    out = []
+    for j in range(n):
+        volume = float(sizes[j]) * voxel_mm3
+        out.append(Component(
+            label=j + 1, voxels=int(sizes[j]), volume_mm3=volume,
+            diameter_mm=2.0 * (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0),
+            section_diameter_mm=section_diameter_mm(int(section[j]), (dy, dx)),
+            centroid=(float(centroids[0][j]), float(centroids[1][j]), float(centroids[2][j])),
+            slices=(int(k_sorted[starts[j]]), int(k_sorted[ends[j] - 1])),
+            mean_probability=float(mean_p[j]), max_probability=float(max_p[j])))
+    return out

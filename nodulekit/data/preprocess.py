@@ -17,6 +17,13 @@ chunk then stays as unused space in the file). The layout of the file is in
 `nodulekit.data.cache`. As with any multiprocessing code, a script that calls `preprocess`
 with workers must do so under ``if __name__ == "__main__":``.
 
+The scan layouts (series, msd, luna16: whole scans, `nodulekit.data.scans`) are decoded in
+this process instead, a scan at a time (`nodulekit.data.scan_decode`), into the same writer.
+With ``spacing`` (``--spacing MM``) every slice is resampled in-plane, in the workers or
+here, and padded or cropped to the cache's one size, the most common among the scans
+(`nodulekit.data.resample`, which has the rules); without, slices stay as they are, and a
+slice (or scan) of another size than the first is skipped, as ever.
+
 Every file left out is reported with the reason (`PreprocessReport.skipped`, and the cache's
 ``/skipped`` group); ``strict=True`` makes the first one an error instead. The cache is
 written to a temporary file beside `out` and renamed over it at the very end, so an
@@ -57,9 +64,18 @@ from nodulekit.data.cache import (
     is_cache_file,
 )
 from nodulekit.data.decode import Decoded, Task, decode, worker_main
-from nodulekit.data.layout import SPLITS, DataIndex, Problem, SliceRecord, read_layout
+from nodulekit.data.layout import (
+    SCAN_LAYOUTS,
+    SPLITS,
+    DataIndex,
+    Problem,
+    SliceRecord,
+    read_layout,
+    resolve_layout,
+)
 from nodulekit.data.nodules import NoduleLinker
 from nodulekit.data.procs import worker_context
+from nodulekit.data.resample import common_size, resampled_shape
 
 
 class PreprocessError(RuntimeError):
@@ -71,13 +87,17 @@ class PreprocessOptions:
     """How `preprocess` reads the data folder and writes the cache (`nodulekit preprocess`'s
     options).
 
-    layout: "auto", "unitochest" or "folder" (`layout.read_layout`).
-    workers: decoding processes (None: one per CPU; 0: decode in this process).
+    layout: "auto", "unitochest", "folder", "series", "msd" or "luna16"
+    (`layout.read_layout`).
+    workers: decoding processes (None: one per CPU; 0: decode in this process). The scan
+    layouts (series, msd, luna16) decode in this process, a scan at a time.
     strict: the first file that would be skipped is an error instead.
     overwrite: replace an existing cache at `out`.
     allow_non_ct: also read slices whose Modality is not CT.
-    split_seed: seed of the patient-level split of a plain folder tree.
+    split_seed: seed of the patient-level split (every layout but UniToChest).
     allow_outside_paths: read files that a UniToChest CSV names outside the data folder.
+    spacing: resample every slice in-plane to this many mm per pixel, and pad / crop them
+    to one size (`nodulekit.data.resample`); None: as they are.
     """
 
     layout: str = "auto"
@@ -88,6 +108,7 @@ class PreprocessOptions:
     allow_non_ct: bool = False
     split_seed: int = 0
     allow_outside_paths: bool = False
+    spacing: float | None = None
 
 
 @dataclass
@@ -102,6 +123,7 @@ class PreprocessReport:
     workers: int
     image_shape: tuple[int, int]
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # "parent", "workers"
+    spacing_mm: float | None = None  # resampled to this; None: native
     total_slices: int = field(init=False)
 
     def __post_init__(self):
@@ -117,6 +139,7 @@ class PreprocessReport:
             "counts": self.counts, "total_slices": self.total_slices,
             "seconds": self.seconds, "slices_per_s": self.slices_per_s,
             "workers": self.workers, "cpu_seconds": self.cpu_seconds,
+            "spacing_mm": self.spacing_mm,
             "skipped": [{"path": p.path, "reason": p.reason} for p in self.skipped],
             "fixups": [{"path": p.path, "reason": p.reason} for p in self.fixups],
             "notes": [{"path": p.path, "reason": p.reason} for p in self.notes],
@@ -124,9 +147,10 @@ class PreprocessReport:
 
     def format(self, max_listed: int = 50) -> str:
         h, w = self.image_shape
-        lines = [f"wrote {self.out} ({self.layout} layout, {h}x{w}, {self.total_slices} slices "
-                 f"in {self.seconds:.1f} s = {self.slices_per_s:.0f} slices/s, "
-                 f"{self.workers} worker(s))"]
+        pixels = "" if self.spacing_mm is None else f" at {self.spacing_mm:g} mm"
+        lines = [f"wrote {self.out} ({self.layout} layout, {h}x{w}{pixels}, "
+                 f"{self.total_slices} slices in {self.seconds:.1f} s = "
+                 f"{self.slices_per_s:.0f} slices/s, {self.workers} worker(s))"]
         for split in SPLITS:
             c = self.counts.get(split, {"slices": 0, "nodule_slices": 0})
             lines.append(f"  {split:5s} {c['slices']:7d} slices, {c['nodule_slices']:6d} with "
@@ -159,8 +183,12 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
     o = dataclasses.replace(options or PreprocessOptions(), **settings)
     start, cpu_start = time.perf_counter(), _own_cpu_seconds()
     out = Path(out)
+    _check_spacing(o.spacing)
     _check_output(out, o.overwrite)
-    n_workers = (os.cpu_count() or 1) if o.workers is None else max(0, int(o.workers))
+    layout = index.layout if index is not None else resolve_layout(data, o.layout)
+    scans = layout in SCAN_LAYOUTS  # decoded here, a scan at a time (`scan_decode`)
+    n_workers = (0 if scans else (os.cpu_count() or 1) if o.workers is None
+                 else max(0, int(o.workers)))
     # Beside the output (same file system, so the final rename is atomic); a random part
     # keeps two runs apart. Not mkstemp: its 0600 mode would stick to the finished cache.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
@@ -169,15 +197,21 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
         if n_workers:
             pool = _Workers(n_workers, tmp)  # they start while the layout is read
         if index is None:
-            index = read_layout(data, o.layout, seed=o.split_seed,
+            index = read_layout(data, layout, seed=o.split_seed,
                                 allow_outside_paths=o.allow_outside_paths)
         skipped = [p for p in index.problems if p.skipped]
         notes = [p for p in index.problems if not p.skipped]
         _check_index(index, skipped, o.strict)
-        writer = _CacheWriter(tmp, index, o.strict, preallocate=pool is not None, name=out)
-        tasks = [Task(i, r.image, r.mask, o.allow_non_ct) for i, r in enumerate(index.records)]
+        size = None if o.spacing is None else _planned_size(index, o.spacing)
+        writer = _CacheWriter(tmp, index, o.strict, preallocate=pool is not None, name=out,
+                              spacing_mm=o.spacing)
         worker_cpu: list[float] = []
-        _decode_all(writer, tasks, pool, o.progress, worker_cpu)
+        if scans:
+            _decode_scans(writer, index, o, size)
+        else:
+            tasks = [Task(i, r.image, r.mask, o.allow_non_ct, o.spacing, size)
+                     for i, r in enumerate(index.records)]
+            _decode_all(writer, tasks, pool, o.progress, worker_cpu)
         if pool is not None:
             pool.close()
             pool = None
@@ -193,7 +227,57 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
                             fixups=writer.fixups, seconds=time.perf_counter() - start,
                             workers=n_workers, image_shape=shape,
                             cpu_seconds={"parent": _own_cpu_seconds() - cpu_start,
-                                         "workers": sum(worker_cpu)})
+                                         "workers": sum(worker_cpu)},
+                            spacing_mm=o.spacing)
+
+
+def _check_spacing(spacing: float | None) -> None:
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise PreprocessError(f"--spacing {spacing}: a pixel size in mm above 0 is needed")
+
+
+def _planned_size(index: DataIndex, spacing_mm: float) -> tuple[int, int] | None:
+    """The cache's slice size with `spacing_mm` pixels: the most common resampled size, one
+    vote per scan (`resample.common_size`), from the headers (a scan layout's, or each
+    exam's first DICOM slice's); None when no header says (the first slice decides)."""
+    from nodulekit.data.dicom import DicomError, read_header
+
+    if index.scans:
+        return common_size(resampled_shape(s.slice_shape, s.pixel_spacing, spacing_mm)
+                           for s in index.scans.values())
+    sizes = []
+    seen = set()
+    for r in index.records:
+        if (r.split, r.patient, r.exam) in seen:
+            continue
+        try:
+            ds = read_header(r.image)
+            shape = (int(ds.Rows), int(ds.Columns))
+            spacing = tuple(float(v) for v in ds.PixelSpacing)
+        except (DicomError, AttributeError, TypeError, ValueError):
+            continue  # decoding says what is wrong with it; the next slice may tell
+        seen.add((r.split, r.patient, r.exam))
+        if len(spacing) == 2 and all(v > 0 for v in spacing):
+            sizes.append(resampled_shape(shape, spacing, spacing_mm))
+    return common_size(sizes)
+
+
+def _decode_scans(writer: _CacheWriter, index: DataIndex, o: PreprocessOptions,
+                  size: tuple[int, int] | None) -> None:
+    """A scan layout's slices into the cache, a scan at a time (`scan_decode`)."""
+    from tqdm import tqdm
+
+    from nodulekit.data.scan_decode import decode_scans
+
+    bar = tqdm(total=len(index.records), unit="slice", desc="preprocess",
+               disable=not o.progress)
+    try:
+        for scan in decode_scans(index, allow_non_ct=o.allow_non_ct, spacing_mm=o.spacing,
+                                 shape=size):
+            writer.add_scan(scan)
+            bar.update(scan.spec.slices)
+    finally:
+        bar.close()
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -448,8 +532,9 @@ class _CacheWriter:
     """
 
     def __init__(self, path: Path, index: DataIndex, strict: bool, preallocate: bool = False,
-                 name: Path | None = None):
+                 name: Path | None = None, spacing_mm: float | None = None):
         self.path = path
+        self.spacing_mm = spacing_mm
         self.name = path if name is None else name
         self.index = index
         self.strict = strict
@@ -510,10 +595,35 @@ class _CacheWriter:
         return int(self.offsets[self.index.records[record].split][self.planned[record]])
 
     def _skip(self, record: SliceRecord, reason: str) -> None:
-        problem = Problem(record.image, reason)
+        where = record.image  # a DICOM file, or a scan and which of its slices
+        if record.volume_slice is not None:
+            where += f" slice {record.volume_slice}"
+        self.skip(where, reason)
+
+    def skip(self, path: str, reason: str) -> None:
+        """Leave out `path` (a file, a scan) for `reason`; with strict, stop instead."""
+        problem = Problem(path, reason)
         if self.strict:
             raise PreprocessError(f"--strict: {problem}")
         self.skipped.append(problem)
+
+    def add_scan(self, scan) -> None:
+        """A scan's slices (`scan_decode.DecodedScan`), or the scan skipped once, with its
+        reason, when it cannot be read or its slices are not the cache's size."""
+        if scan.error is not None:
+            self.skip(scan.spec.path, scan.error)
+            return
+        if self.shape is not None and scan.slice_shape not in (None, self.shape):
+            h, w = scan.slice_shape
+            self.skip(scan.spec.path, f"slices of {h}x{w} differ from the cache's "
+                                      f"{self.shape[0]}x{self.shape[1]} (set by "
+                                      f"{self.shape_source}); --spacing MM resamples all "
+                                      "scans to one size")
+            return
+        for note in scan.notes:
+            self.fixups.append(Problem(scan.spec.path, note, skipped=False))
+        for d in scan.rows:
+            self.add(d)
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -590,10 +700,13 @@ class _CacheWriter:
         m["slice_position"].append(d.slice_position)
         m["pixel_spacing"].append(d.pixel_spacing)
         m["slice_thickness"].append(d.slice_thickness)
+        m["image_position"].append(d.image_position)
+        m["image_orientation"].append(d.image_orientation)
+        m["source_pixel_spacing"].append(d.source_pixel_spacing)
         m["has_nodule"].append(bool(d.parts))
         m["section_diameter_mm"].append(d.section_mm)
         m["nodule_diameter_mm"].append([])  # filled when the exam is complete
-        m["source"].append(record.source)
+        m["source"].append(d.source or record.source)
         m["mask_source"].append(_relative_to(self.index.root, record.mask))
         self.counts[split]["slices"] += 1
         self.counts[split]["nodule_slices"] += bool(d.parts)
@@ -630,13 +743,16 @@ class _CacheWriter:
         """The attributes, the final row counts, the metadata and the skipped files; then
         the file is closed (which flushes it: where a full disk shows at the latest)."""
         f = self.file
-        _set_attrs(f, {
+        attrs = {
             "created_by": f"nodulekit {__version__}",
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "window_center": WINDOW_CENTER, "window_width": WINDOW_WIDTH,
             "height": self.shape[0], "width": self.shape[1],
             "layout": self.index.layout, "source_root": str(data_root),
-        })
+        }
+        if self.spacing_mm is not None:  # absent: native pixels, as in older caches
+            attrs["spacing_mm"] = float(self.spacing_mm)
+        _set_attrs(f, attrs)
         for split in SPLITS:
             g = f[split]
             n = self.rows[split]
@@ -669,8 +785,9 @@ def _chunk_offsets(ds: h5py.Dataset, n: int, what: str) -> np.ndarray:
 def _empty_meta() -> dict[str, list]:
     return {name: [] for name in ("patient", "exam", "slice", "instance_number",
                                   "slice_position", "pixel_spacing", "slice_thickness",
-                                  "has_nodule", "section_diameter_mm", "nodule_diameter_mm",
-                                  "source", "mask_source")}
+                                  "image_position", "image_orientation",
+                                  "source_pixel_spacing", "has_nodule", "section_diameter_mm",
+                                  "nodule_diameter_mm", "source", "mask_source")}
 
 
 def _padded(rows: list[list[float]]) -> np.ndarray:
@@ -729,6 +846,11 @@ def _write_meta(g: h5py.Group, m: dict[str, list]) -> None:
     _column(g, "slice_position", np.array(m["slice_position"], dtype=np.float32).reshape(n))
     _column(g, "pixel_spacing", np.array(m["pixel_spacing"], dtype=np.float32).reshape(n, 2))
     _column(g, "slice_thickness", np.array(m["slice_thickness"], dtype=np.float32).reshape(n))
+    _column(g, "image_position", np.array(m["image_position"], dtype=np.float64).reshape(n, 3))
+    _column(g, "image_orientation",
+            np.array(m["image_orientation"], dtype=np.float64).reshape(n, 6))
+    _column(g, "source_pixel_spacing",
+            np.array(m["source_pixel_spacing"], dtype=np.float32).reshape(n, 2))
     _column(g, "has_nodule", np.array(m["has_nodule"], dtype=bool).reshape(n))
     _column(g, "n_nodules", np.array([len(d) for d in m["section_diameter_mm"]],
                                      dtype=np.int16).reshape(n))

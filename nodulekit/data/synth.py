@@ -1,4 +1,5 @@
-"""A synthetic chest CT data set in the exact UniToChest layout (`nodulekit synth OUT`).
+"""A synthetic chest CT data set in the exact UniToChest layout (`nodulekit synth OUT`), or
+the same patients as whole scans (`--format msd|luna16|series`: `synth_export`).
 
 Every patient is an analytic phantom defined in millimetres, so consecutive slices agree,
 at a real CT's geometry: 512 x 512 pixels of 0.6 to 0.85 mm (drawn per patient; the field
@@ -173,12 +174,24 @@ def _render(cfg: SynthConfig, p: int, k: int, want_labels: bool = False):
 
 def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
                overwrite: bool = False, progress: bool = False,
-               workers: int | None = 0) -> SynthResult:
+               workers: int | None = 0, format: str = "unitochest",
+               orientation: str = "axial") -> SynthResult:
     """Write a synthetic UniToChest-layout data set under `out` and return what it holds.
 
     workers: processes writing patients in parallel (None: one per CPU; 0: none). The
     files are the same whatever the number.
+    format: "unitochest", or the same patients as whole scans: "msd", "luna16", "series",
+    placed in the files as `orientation` says ("axial", "flipped", "oblique";
+    `nodulekit.data.synth_export`).
     """
+    if format != "unitochest":
+        from nodulekit.data.synth_export import export
+
+        return export(out, config, format=format, orientation=orientation,
+                      overwrite=overwrite, progress=progress, workers=workers)
+    if orientation != "axial":
+        raise ValueError(f"orientation {orientation!r} is for whole scans (--format msd, "
+                         "luna16 or series); UniToChest slices are axial")
     cfg = config or SynthConfig()
     root = Path(out)
     _clear(root, overwrite)
@@ -278,10 +291,16 @@ def _not_written(root: Path) -> list[str]:
 
 
 def _synth_file(folder: tuple[str, ...], name: str) -> bool:
-    """Whether `synthesize` writes a file `name` in `folder` (parts relative to the root)."""
+    """Whether `synthesize` writes a file `name` in `folder` (parts relative to the root),
+    in any of its formats."""
     if not folder:
-        return name in (MARKER, "synth.json")
-    split = folder[0]
+        if name in (MARKER, "synth.json"):
+            return True
+    from nodulekit.data.synth_export import written_by_export  # it imports this module
+
+    if written_by_export(folder, name):
+        return True
+    split = folder[0] if folder else ""
     if split not in SPLITS:
         return False
     if len(folder) == 1:

@@ -35,6 +35,7 @@ error names both files and the values that differ (as nnU-Net's dataset check do
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,9 +213,7 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
     try:
         img = sitk.ReadImage(os.fspath(path))
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        reason = next((line for line in first if "rror" in line), first[0] if first else "")
-        raise GeometryError(f"{path}: not a readable MetaImage file ({reason.strip()})"
+        raise GeometryError(f"{path}: not a readable MetaImage file ({_itk_reason(e)})"
                             ) from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise GeometryError(f"{path}: a scan is 3-D with one value per voxel, this one has "
@@ -225,6 +224,19 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
     affine = affine_from(img.GetOrigin(), direction, (sz, sy, sx))
     _check_affine(affine, path)
     return Volume(sitk.GetArrayFromImage(img), affine, source=str(path))
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """ITK's reason in an exception's text, without its source file and object address:
+    "ITK ERROR: MetaImageIO(0x..): File cannot be read: X ... Reason: Y" -> "File cannot
+    be read: X ...; Y"."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    found = next((i for i, line in enumerate(lines) if "error" in line.lower()
+                  and not line.startswith("Exception thrown")), None)
+    if found is None:
+        return lines[-1] if lines else type(error).__name__
+    text = re.sub(r"^ITK ERROR:\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", lines[found])
+    return "; ".join([text, *(line.removeprefix("Reason: ") for line in lines[found + 1:])])
 
 
 def write_metaimage(volume: Volume, path: str | os.PathLike) -> Path:
@@ -261,14 +273,24 @@ class _Header:
 
 
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files in `folder` (not below it), by name: the ``.dcm`` family, files
-    without a suffix, and any other file that starts like DICOM ("DICM" at byte 128)."""
-    from nodulekit.data.dicom import is_dicom_path
-
+    """The DICOM files in `folder` (not below it), by name: the ``.dcm`` family, and any
+    other file that starts like DICOM ("DICM" at byte 128: files without a suffix, files
+    named by their UID). Hidden files (macOS's ``._0001.dcm``) are not slices."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GeometryError(f"{folder}: not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_path(p))
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.is_file() and _looks_like_dicom(p))
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_dicom_series(folder_or_files, *, strict: bool = True,

@@ -5,13 +5,17 @@ own size (or a centre crop the caller asks for), padded with air to a multiple o
 and tiled where memory demands it (`nodulekit.inference.tiling`: the same logits as one
 pass), and returns the per-slice confusion counts of the thresholded prediction (p > 0.5,
 computed on the device by `Backend.confusion_counts`) and each slice's soft Dice (for the
-validation loss).
+validation loss); asked (`predictions=True`, off for validation), also each slice's
+predicted pixels, sparse: their flat indices and probabilities (`SlicePrediction`).
 `evaluate` loads a checkpoint, runs `infer_split`, and writes ``summary.json``: per-slice
 Dice and IoU (a slice with empty truth and empty prediction scores 1, the paper's
 convention), their means, the Dice in two more conventions (over the nodule slices only,
 MONAI's default; with smoothing 1 inside the metric, the paper's code), the empty-slice
 false-positive rate, the global Dice, the counts, and the table by nodule diameter
-(`nodulekit.evaluation.metrics`); and ``table.csv``, that table with every column.
+(`nodulekit.evaluation.metrics`); and ``table.csv``, that table with every column. Its
+"nodules" section scores whole scans: truth nodules detected by diameter bin, false
+positives per scan, FROC and CPM (`nodulekit.evaluation.detection`), with ``nodules.csv``
+(one row per scan) and ``froc.png`` beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,12 +34,20 @@ from nodulekit.inference import tiling
 from nodulekit.nn.inputs import center_crop
 
 
+class SlicePrediction(NamedTuple):
+    """One slice's predicted pixels (logit > 0, i.e. p > 0.5): few, so kept sparse."""
+
+    pixels: np.ndarray  # int32 [P]: flat indices into the slice's H x W, ascending
+    probability: np.ndarray  # float64 [P]: sigmoid(logit) of those pixels
+
+
 @dataclass
 class SplitResult:
     counts: np.ndarray  # int64 [N, 3]: tp, fp, fn per slice, in cache row order
     soft_dice: np.ndarray  # float64 [N]: the loss's per-slice Dice (smoothing included)
     rows: np.ndarray  # int64 [N]: cache rows
     seconds: float  # wall time of the pass (reading included)
+    predictions: list[SlicePrediction] | None = None  # [N], when infer_split was asked
 
     @property
     def loss(self) -> float:
@@ -60,10 +73,13 @@ class InferSettings:
 
 
 def infer_split(model, cache, split: str, settings: InferSettings = InferSettings(), *,
-                progress: bool = False, desc: str = "", comm=None) -> SplitResult:
+                progress: bool = False, desc: str = "", comm=None,
+                predictions: bool = False) -> SplitResult:
     """The model over every slice of `split`; see the module docstring.
 
     cache: a path or an open `nodulekit.data.cache.Cache`.
+    predictions: also keep each slice's predicted pixels (`SplitResult.predictions`; only
+    those pixels leave the device).
     comm: data-parallel ranks (`nodulekit.distributed`): each takes a contiguous
     block of the batches, and every rank gets the whole result back (the same batches as
     one process, so the same numbers). Every rank must call this.
@@ -86,6 +102,7 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
 
         loader, batches = shard_batches(loader, comm.rank, comm.size)
     counts, soft, rows = [], [], []
+    predicted: list[SlicePrediction] = []
     t0 = time.perf_counter()
     try:
         shape = (loader.split.image_shape if settings.image_shape is None
@@ -99,22 +116,44 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
                 counts.append(be.to_host(be.confusion_counts(logits, target)))
                 _, dice, _ = be.sigmoid_dice_loss(logits, target, settings.smooth)
                 soft.append(be.to_host(dice))
+                if predictions:
+                    predicted.extend(sparse_predictions(be, logits))
                 rows.append(batch.index)
                 bar.update(1)
         be.synchronize()
     finally:
         loader.close()
     if sharded:  # rank order is cache order: each rank had a contiguous block
-        parts = comm.allgather_object((counts, soft, rows))
+        parts = comm.allgather_object((counts, soft, rows, predicted))
         counts = [c for part in parts for c in part[0]]
         soft = [d for part in parts for d in part[1]]
         rows = [r for part in parts for r in part[2]]
+        predicted = [p for part in parts for p in part[3]]
+    kept = predicted if predictions else None
     if counts:
         return SplitResult(np.concatenate(counts).astype(np.int64),
                            np.concatenate(soft).astype(np.float64), np.concatenate(rows),
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, kept)
     return SplitResult(np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0, np.int64),
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, kept)
+
+
+def sparse_predictions(be, logits) -> list[SlicePrediction]:
+    """Each slice's pixels with logit > 0 (p > 0.5, as `confusion_counts` thresholds) from
+    logits [N, H, W, 1] on the backend: found there, so only those pixels and their logits
+    come to the host."""
+    n = int(logits.shape[0])
+    flat = logits.reshape(n, -1)
+    slice_of, pixel = be.xp.nonzero(flat > 0)  # row-major: by slice, pixels ascending
+    values = be.to_host(flat[slice_of, pixel]).astype(np.float32, copy=False)
+    slice_of, pixel = be.to_host(slice_of), be.to_host(pixel).astype(np.int32)
+    # float64: in float32 every logit above ~16.6 is p = 1.0, and confident candidates
+    # would tie in the FROC's ranking
+    probability = 1.0 / (1.0 + np.exp(-values.astype(np.float64)))
+    bounds = np.searchsorted(slice_of, np.arange(1, n))
+    return [SlicePrediction(i, p) for i, p in zip(np.split(pixel, bounds),
+                                                     np.split(probability, bounds),
+                                                     strict=True)]
 
 
 def split_summary(result: SplitResult, split_meta: dict) -> dict:
@@ -162,7 +201,8 @@ class EvaluateOptions:
 
 
 def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict, Path]:
-    """Evaluate a checkpoint (or a run folder's best one) on a split; write summary.json.
+    """Evaluate a checkpoint (or a run folder's best one) on a split; write summary.json,
+    table.csv, nodules.csv and froc.png.
 
     A data-set folder is preprocessed into the output folder first.
     comm: data-parallel ranks, all calling this: rank 0 reads the checkpoint and sends it
@@ -171,6 +211,7 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
     """
     from nodulekit.data.cache import open_cache
     from nodulekit.engine import get_backend, resolve_device
+    from nodulekit.evaluation import detection, exams
     from nodulekit.training.checkpoint import model_from_checkpoint
     from nodulekit.training.runfiles import write_json
 
@@ -190,13 +231,18 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
         if len(s) == 0:
             raise ValueError(f"{cache}: split {o.split!r} has no slices")
         settings = _settings(o, ckpt.config, s.image_shape)
+        _check_spacing(ckpt.config.get("spacing_mm"), c.attrs.get("spacing_mm"), cache, report)
         shape = settings.image_shape
         how = _describe_inference(model, shape, settings)
         report(f"evaluating {ckpt_path} (epoch {ckpt.epoch}) on {cache} [{o.split}]: "
                f"{len(s)} slices at {shape[0]}x{shape[1]}"
                + (f" ({how})" if how != "whole slices" else ""))
-        result = infer_split(model, c, o.split, settings, progress=progress, comm=comm)
+        result = infer_split(model, c, o.split, settings, progress=progress, comm=comm,
+                             predictions=True)
         summary = split_summary(result, s.meta)
+        t0 = time.perf_counter()
+        nodules = detection.summarize(exams.scan_results(s, result, shape))
+        nodules["seconds"] = time.perf_counter() - t0
     summary = {
         "checkpoint": str(ckpt_path.resolve()), "checkpoint_epoch": ckpt.epoch,
         "data": str(Path(cache).resolve()), "split": o.split, "image_shape": list(shape),
@@ -209,6 +255,7 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
         "seconds": result.seconds,
         "seconds_per_image": result.seconds / max(1, len(result.rows)),
         **summary,
+        "nodules": nodules,
     }
     if comm is not None and comm.size > 1:
         summary["ranks"] = comm.size
@@ -216,6 +263,8 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
     if root:
         write_json(path, summary)
         write_table_csv(out / "table.csv", summary)
+        detection.write_csv(out / "nodules.csv", nodules)
+        detection.write_froc_png(out / "froc.png", nodules)
     return summary, path
 
 
@@ -272,6 +321,23 @@ def _describe_inference(model, shape, settings: InferSettings) -> str:
     elif how.slices_per_pass < settings.batch_size:
         what.append(f"{how.slices_per_pass} slice(s) per pass (memory)")
     return "; ".join(what) if what else "whole slices"
+
+
+def _check_spacing(trained, cache_mm, cache, report) -> None:
+    """Say so where the cache's pixels are not the ones the model trained at (`preprocess
+    --spacing`): the numbers are then of a model run off its scale."""
+    def mm(v):
+        return None if v is None or not np.isfinite(float(v)) else float(v)
+
+    trained, cache_mm = mm(trained), mm(cache_mm)
+    if trained == cache_mm or (trained and cache_mm and abs(trained - cache_mm) < 1e-6):
+        return
+    def pixels(v):
+        return "native pixels" if v is None else f"{v:g} mm pixels"
+
+    report(f"warning: the model trained at {pixels(trained)}, {cache} holds "
+           f"{pixels(cache_mm)}: preprocess the data as the training cache was "
+           "(`preprocess --spacing`) for comparable numbers")
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -362,4 +428,9 @@ def format_summary(summary: dict) -> str:
     table = metrics.format_table(summary)
     tail = (f"mean IoU {a['mean_iou']:.4f} (per slice, empty-empty = 1)   global Dice "
             f"{a['global_dice']:.4f} (summed counts)")
-    return "\n".join([head, table, metrics.format_conventions(a), tail])
+    lines = [head, table, metrics.format_conventions(a), tail]
+    if summary.get("nodules"):  # a summary.json from before the nodule-level results has none
+        from nodulekit.evaluation.detection import format_nodules
+
+        lines.append(format_nodules(summary["nodules"]))
+    return "\n".join(lines)

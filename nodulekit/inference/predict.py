@@ -1,4 +1,6 @@
-"""`nodulekit predict`: DICOM slices -> nodule masks, overlays and probabilities as PNG.
+"""`nodulekit predict`: DICOM slices -> nodule masks, overlays and probabilities as PNG;
+whole scans (NIfTI, MetaImage, and with ``scans`` DICOM series folders) -> NIfTI masks, DICOM
+SEG and nodules.csv (`nodulekit.inference.scans`).
 
 `predict` runs these steps, in order:
 
@@ -20,8 +22,8 @@
    shows the files under OUT).
 
 OUT must be new or empty, so old and new outputs never mix; one that holds an earlier
-prediction (its predictions.csv) is replaced with ``overwrite``, which removes the files
-that predictions.csv lists (and it) once the network has loaded, and nothing else.
+prediction (its predictions.csv or scans.csv) is replaced with ``overwrite``, which removes
+the files that those tables list (and them) once the network has loaded, and nothing else.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class PredictOptions:
     tile: str | int = "auto"  # "auto" (tile over the memory budget), "off", or a tile size
     progress: bool = True
     overwrite: bool = False  # OUT holds an earlier prediction: replace it
+    scans: bool = False  # DICOM folders are whole series (scan outputs), not slices
 
 
 @dataclass
@@ -66,6 +69,8 @@ class PredictResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     rows: list[dict] = field(default_factory=list)
     summary: dict | None = None  # metrics over slices with truth, when there were any
+    scans: list[dict] = field(default_factory=list)  # scans.csv's rows
+    nodules: list[dict] = field(default_factory=list)  # nodules.csv's rows
 
 
 @dataclass
@@ -106,6 +111,9 @@ class Network:
     epoch: int
     tile: str | int = "auto"  # see `nodulekit.inference.tiling.plan`
     memory_budget: int | None = None  # bytes (None: tiling's default)
+    # the pixel size (mm) the model trained at (`preprocess --spacing`); None: native
+    spacing_mm: float | None = None
+    unknown_spacing: int = 0  # slices run at their own pixels: their spacing is unknown
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto",
@@ -124,25 +132,73 @@ class Network:
         backend = get_backend(name, precision)
         model = model_from_checkpoint(ckpt, backend)
         cfg = ckpt.config
-        return cls(backend, model, float(cfg.get("window_center", -500.0)),
-                   float(cfg.get("window_width", 1600.0)), ckpt.path, ckpt.epoch)
+        spacing = cfg.get("spacing_mm")
+        net = cls(backend, model, float(cfg.get("window_center", -500.0)),
+                  float(cfg.get("window_width", 1600.0)), ckpt.path, ckpt.epoch,
+                  spacing_mm=None if spacing is None else float(spacing))
+        if net.spacing_mm is not None:
+            report(f"the model trained at {net.spacing_mm:g} mm pixels: inputs are resampled "
+                   "to them, and its masks mapped back onto the inputs' own pixels")
+        return net
 
     def run(self, batch: list[LoadedSlice]) -> list[SlicePrediction]:
-        """Slices of one size through the network (whole, or tiled where memory demands)."""
+        """Slices of one size through the network (whole, or tiled where memory demands);
+        resampled to the model's pixel size first where it has one
+        (`nodulekit.inference.resampling`), slices of one spacing together."""
+        if self.spacing_mm is None:
+            return self._run(batch, None)
+        out: list[SlicePrediction] = []
+        group: list[LoadedSlice] = []
+        grid = None
+        for s in batch:
+            g = self._grid(s)
+            if group and g != grid:
+                out += self._run(group, grid)
+                group = []
+            group.append(s)
+            grid = g
+        return out + self._run(group, grid)
+
+    def _grid(self, s: LoadedSlice):
+        from nodulekit.inference.resampling import model_grid
+
+        spacing = getattr(s.meta, "pixel_spacing", None)
+        if spacing is None or not np.isfinite(spacing).all() or min(spacing) <= 0:
+            self.unknown_spacing += 1
+            return None
+        return model_grid(s.hu.shape, tuple(spacing), self.spacing_mm)
+
+    def _run(self, batch: list[LoadedSlice], grid) -> list[SlicePrediction]:
+        from nodulekit.inference.resampling import to_model, to_source
         from nodulekit.inference.tiling import run_hu
 
         be = self.backend
         hu = np.stack([s.hu if s.context is None else s.context for s in batch])
         mask = np.stack([s.truth if s.truth is not None else np.zeros(s.hu.shape, np.uint8)
                          for s in batch])
-        logits, target, image = run_hu(self.model, hu, mask, (self.center, self.width),
-                                       self.tile, self.memory_budget)
-        counts = be.to_host(be.confusion_counts(logits, target))
-        z = be.to_host(logits)[..., 0]
-        grey = be.to_host(image)[..., 0]
+        if grid is not None and not grid.identity:
+            logits, _, image = run_hu(self.model, to_model(hu, grid),
+                                      np.zeros((len(batch), *grid.shape), np.uint8),
+                                      (self.center, self.width), self.tile, self.memory_budget)
+            z = to_source(be.to_host(logits)[..., 0], grid)
+            grey = to_source(be.to_host(image)[..., image.shape[-1] // 2], grid)
+            counts = _host_counts(z > 0, mask)
+        else:
+            logits, target, image = run_hu(self.model, hu, mask, (self.center, self.width),
+                                           self.tile, self.memory_budget)
+            counts = be.to_host(be.confusion_counts(logits, target))
+            z = be.to_host(logits)[..., 0]
+            grey = be.to_host(image)[..., image.shape[-1] // 2]
         return [SlicePrediction(s.item, z[j], grey[j], s.truth,
                                 counts[j] if s.truth is not None else None)
                 for j, s in enumerate(batch)]
+
+
+def _host_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(tp, fp, fn) per slice of boolean predictions against 0/1 masks [N, H, W]."""
+    t = truth > 0
+    return np.stack([(pred & t).sum(axis=(1, 2)), (pred & ~t).sum(axis=(1, 2)),
+                     (~pred & t).sum(axis=(1, 2))], axis=1).astype(np.int64)
 
 
 def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
@@ -151,20 +207,30 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     """Run a checkpoint (or a run folder's best one) over DICOM inputs; see the module doc."""
     from tqdm import tqdm
 
+    from nodulekit.inference.scans import is_scan_path, scan_inputs
+
     opts = options if options is not None else PredictOptions()
     out = Path(out)
     earlier = earlier_outputs(out, opts.overwrite)
-    items = find_inputs(inputs, opts.truth)
+    inputs = [Path(p) for p in inputs]
+    scans = scan_inputs([p for p in inputs if is_scan_path(p, opts.scans)])
+    slice_paths = [p for p in inputs if not is_scan_path(p, opts.scans)]
+    items = find_inputs(slice_paths, opts.truth) if slice_paths else []
     from nodulekit.inference.tiling import parse_tile
 
     tile = parse_tile(opts.tile)
     net = Network.load(checkpoint, opts.device, opts.precision, report)
     net.tile = tile
     if earlier:
-        report(f"removing the earlier prediction in {out} ({len(earlier) - 1} file(s))")
+        outputs = sum(p.name not in _TABLES for p in earlier)
+        report(f"removing the earlier prediction in {out} ({outputs} file(s))")
         remove_outputs(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out=out)
+    if scans:
+        _predict_scans(net, scans, out, opts, result, report)
+    if not items:
+        return result
     report(f"predicting {len(items)} slice(s) with {net.path} (epoch {net.epoch}) into {out}")
     scored: list[tuple[np.ndarray, bool]] = []  # (tp, fp, fn), has a nodule
     with tqdm(total=len(items), desc="predict", unit="slice", disable=not opts.progress) as bar:
@@ -184,12 +250,46 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     return result
 
 
-_OUTPUT_COLUMNS = ("mask", "overlay", "probabilities")
-_OUTPUT_FOLDERS = ("masks", "overlays", "probabilities")
+def _predict_scans(net: Network, scans: list, out: Path, opts: PredictOptions,
+                   result: PredictResult, report: Report) -> None:
+    """Each scan through the network, its outputs written (`nodulekit.inference.scans`); a
+    scan that cannot be read is reported, listed in `result.failed` and skipped."""
+    from tqdm import tqdm
+
+    from nodulekit.data.dicom import DicomError
+    from nodulekit.data.seg import SegError
+    from nodulekit.data.volumes import GeometryError
+    from nodulekit.inference.scans import predict_scan, write_scan, write_tables
+
+    report(f"predicting {len(scans)} scan(s) with {net.path} (epoch {net.epoch}) into {out}")
+    for scan in scans:
+        try:
+            with tqdm(desc=scan.name, unit="slice", disable=not opts.progress,
+                      leave=False) as bar:
+                p = predict_scan(net, scan, opts.batch_size, tick=bar.update)
+            row, nodules = write_scan(out, p, opts.probabilities)
+        except (GeometryError, DicomError, SegError) as e:
+            result.failed.append((str(scan.path), str(e)))
+            report(f"skipped {e}")
+            continue
+        for note in p.volume.notes:
+            report(f"note: {note}")
+        report(f"{scan.path}: {p.volume.shape[0]} slices, {len(nodules)} nodule(s) -> "
+               f"{row['mask']}" + (f", {row['seg']}" if row.get("seg") else ""))
+        result.scans.append(row)
+        result.nodules.extend(nodules)
+        result.written += 1
+    write_tables(out, result.scans, result.nodules)
+
+
+_OUTPUT_COLUMNS = ("mask", "overlay", "probabilities", "seg")
+_OUTPUT_FOLDERS = ("masks", "overlays", "probabilities", "seg")
+_OUTPUT_SUFFIXES = (".png", ".nii.gz", ".dcm")
+_TABLES = ("predictions.csv", "scans.csv", "nodules.csv")
 
 
 def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
-    """The files of an earlier prediction in `out` (predictions.csv last) that `overwrite`
+    """The files of an earlier prediction in `out` (its tables last) that `overwrite`
     replaces; [] for a new or empty folder. Refuses (ValueError) a folder that holds other
     things, or an earlier prediction without `overwrite`."""
     import csv
@@ -200,24 +300,26 @@ def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
         raise ValueError(f"{out}: exists and is not a folder")
     if not any(out.iterdir()):
         return []
-    table = out / "predictions.csv"
-    if not table.is_file():
+    tables = [out / name for name in _TABLES if (out / name).is_file()]
+    if not any(t.name in ("predictions.csv", "scans.csv") for t in tables):
         raise ValueError(f"{out} is not empty and holds no earlier prediction "
-                         "(predictions.csv): choose a new or empty --out")
+                         "(predictions.csv or scans.csv): choose a new or empty --out")
     if not overwrite:
         raise ValueError(f"{out} holds an earlier prediction: pass --overwrite to replace it, "
                          "or choose another --out")
     root = out.resolve()
     files = []
-    with open(table, newline="") as f:
-        for row in csv.DictReader(f):
-            for column in _OUTPUT_COLUMNS:
-                rel = row.get(column) or ""
-                path = (out / rel).resolve()
-                if rel and path.suffix == ".png" and path.is_relative_to(root) and \
-                        path.relative_to(root).parts[0] in _OUTPUT_FOLDERS:
-                    files.append(out / rel)
-    return [*files, table]
+    for table in tables:
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                for column in _OUTPUT_COLUMNS:
+                    rel = row.get(column) or ""
+                    path = (out / rel).resolve()
+                    if rel and path.name.endswith(_OUTPUT_SUFFIXES) and \
+                            path.is_relative_to(root) and \
+                            path.relative_to(root).parts[0] in _OUTPUT_FOLDERS:
+                        files.append(out / rel)
+    return [*files, *tables]
 
 
 def remove_outputs(out: Path, files: list[Path]) -> None:

@@ -200,6 +200,9 @@ class TrainConfig:
     patch: list[int] | None = None
     foreground_fraction: float = FOREGROUND_FRACTION  # of the crops, placed on a nodule
     context_slices: int = 0  # K slices below and above as extra input channels
+    # the cache's in-plane pixel size when `preprocess --spacing` resampled it (mm); None:
+    # native pixels. `predict` resamples its inputs to it and maps the masks back.
+    spacing_mm: float | None = None
     window_center: float = -500.0
     window_width: float = 1600.0
     smooth: float = 1.0  # the Dice loss's smoothing s

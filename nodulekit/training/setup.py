@@ -63,6 +63,7 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     if finetune is not None:
         finetune = _architecture_from(finetune, options, o)
     image_shape, cache_shape = _shapes(cache, o.pop("size"), int(o["depth"]))
+    spacing = cache_spacing(cache)
     backend, _ = resolve_device(options.device)
     patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
     if o["patch"] is None and patch != image_shape:
@@ -82,7 +83,7 @@ def new_config(options: TrainOptions, *, report, progress: bool,
         test_after=options.test, smooth=float(o["smooth"]), lr_scaling=str(o["lr_scaling"]),
         bce_weight=float(o["bce_weight"]), norm=str(o["norm"]), patch=patch,
         foreground_fraction=float(o["foreground_fraction"]), context_slices=context,
-        in_channels=2 * context + 1, recipe=str(o["recipe"]),
+        in_channels=2 * context + 1, recipe=str(o["recipe"]), spacing_mm=spacing,
         cache_identity=cache_identity(cache))
     config.validate()
     return config
@@ -136,6 +137,17 @@ def _architecture_from(finetune, options: TrainOptions, resolved: dict) -> str:
                              f"checkpoint's {stored} ({ft.path})")
         resolved[key] = stored
     return str(ft.path.absolute())
+
+
+def cache_spacing(cache: Path) -> float | None:
+    """The pixel size (mm) `preprocess --spacing` resampled the cache to; None: native."""
+    import math
+
+    from nodulekit.data.cache import open_cache
+
+    with open_cache(cache) as c:
+        value = c.attrs.get("spacing_mm")
+    return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
 def _shapes(cache: Path, size, depth: int) -> tuple[list[int], list[int]]:

@@ -1,0 +1,246 @@
+"""`nodulekit predict` on whole scans: a 2-D model over a volume, slice by slice, with the
+mask written back in the scan's own geometry and its nodules counted in 3-D.
+
+A scan is a NIfTI file (``.nii``, ``.nii.gz``), a MetaImage file (``.mhd``, ``.mha``), or,
+with ``--scans``, a folder holding one DICOM series (`nodulekit.data.volumes` reads them all
+into one `Volume`: array [k, r, c] and its LPS affine). For each scan:
+
+1. the scan is turned to the axial view the training cache holds (flips and axis swaps
+   only, as `preprocess` turns scan layouts: `nodulekit.data.scans.canonical`), and its
+   slices go through the network in batches, each whole at the scan's size (padded and
+   tiled as `nodulekit.inference.tiling` does), with its neighbours as context channels for
+   a model trained with ``--context-slices K`` (the K slices below and above along the slice
+   normal, the edge slice repeated, as in training); for a model trained on a cache
+   resampled to MM mm pixels, the slices are resampled to them and the logits mapped back
+   (`nodulekit.inference.resampling`);
+2. the mask (p > 0.5) is written as NIfTI with the input's grid: for a NIfTI input the same
+   affine, shape and axis order as the input file; for a DICOM series, also as a DICOM SEG
+   that references the series' slices (`nodulekit.data.seg`); with ``--probabilities`` the
+   probabilities too (float32 NIfTI);
+3. its nodules: the 26-connected components of the mask (`nodulekit.data.nodules
+   .components_3d`), one row each in ``nodules.csv``: the centroid in patient coordinates
+   (LPS mm, DICOM's and ITK's; NIfTI viewers show RAS, x and y negated), the equivalent-sphere
+   diameter and volume, the largest in-plane section's equal-area diameter, the slice range
+   and the mean and max probability; the most probable first.
+
+Files under OUT::
+
+    masks/<name>.nii.gz           the mask, uint8 0/1
+    probabilities/<name>.nii.gz   with --probabilities: sigmoid(logit), float32
+    seg/<name>.dcm                DICOM inputs: the mask as DICOM SEG
+    nodules.csv                   one row per nodule (3-D component) of every scan
+    scans.csv                     one row per scan: input, outputs, shape, spacing, nodules
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nodulekit.data.volumes import Volume, volume_format
+
+Report = Callable[[str], Any]
+SCAN_COLUMNS = ["input", "format", "mask", "probabilities", "seg", "slices", "rows", "columns",
+                "spacing_mm", "predicted_voxels", "nodules", "notes"]
+NODULE_COLUMNS = ["scan", "nodule", "x_mm", "y_mm", "z_mm", "diameter_mm",
+                  "section_diameter_mm", "volume_mm3", "voxels", "first_slice", "last_slice",
+                  "mean_probability", "max_probability"]
+
+
+@dataclass
+class ScanInput:
+    path: Path
+    name: str  # output name (no suffix)
+    format: str  # "nifti", "metaimage" or "dicom"
+
+
+@dataclass
+class ScanPrediction:
+    scan: ScanInput
+    volume: Volume
+    logits: np.ndarray  # float32 [Z, H, W]
+    nodules: list = field(default_factory=list)  # nodules.Component, most probable first
+
+
+def is_scan_path(path: str | os.PathLike, dicom_folders: bool) -> bool:
+    """Whether `path` is a scan: a NIfTI or MetaImage file; with `dicom_folders`, a folder."""
+    kind = volume_format(path)
+    return kind in ("nifti", "metaimage") or (kind == "dicom" and dicom_folders)
+
+
+def scan_inputs(paths: list[Path]) -> list[ScanInput]:
+    """Each scan with a unique output name: its file name without the suffix (a folder: its
+    name), numbered where two would collide."""
+    found, used = [], set()
+    for path in paths:
+        kind = volume_format(path)
+        name = _stem(path)
+        unique, n = name, 2
+        while unique in used:
+            unique, n = f"{name}-{n}", n + 1
+        used.add(unique)
+        found.append(ScanInput(Path(path), unique, kind))
+    return found
+
+
+def _stem(path: Path) -> str:
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    for suffix in (".nii.gz", ".nii", ".mhd", ".mha"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_scan(scan: ScanInput) -> Volume:
+    """The scan's volume; a DICOM series leniently (gaps and duplicates become notes)."""
+    from nodulekit.data.volumes import read_volume
+
+    return read_volume(scan.path, **({"strict": False} if scan.format == "dicom" else {}))
+
+
+def context_order(volume: Volume) -> int:
+    """+1 when the array's k grows along the slice normal (row x column direction), -1 when
+    against it: training's context takes "below" along the normal (series order)."""
+    d = volume.direction
+    return 1 if np.dot(np.cross(d[:, 0], d[:, 1]), d[:, 2]) >= 0 else -1
+
+
+def slice_stack(hu: np.ndarray, k: int, context: int, order: int) -> np.ndarray:
+    """Slice k alone [H, W] (context 0) or with its neighbours [2K+1, H, W]: K below it
+    along the normal, itself, K above; the edge slice repeats past the scan's ends."""
+    if context == 0:
+        return hu[k]
+    z = hu.shape[0]
+    steps = np.arange(-context, context + 1) * order
+    return hu[np.clip(k + steps, 0, z - 1)]
+
+
+def run_scan(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | None = None
+             ) -> np.ndarray:
+    """The network's logits (float32) for every voxel of `volume`, on its own grid [k, r, c].
+
+    The slices the network sees are the training cache's: the scan turned to the axial view
+    by flips and axis swaps (`nodulekit.data.scans.canonical`, as `preprocess` turns scan
+    layouts), so a NIfTI stored sagittally or mirrored is read the way the model learnt;
+    the logits are turned back."""
+    from nodulekit.data.scans import canonical, canonical_axes
+
+    axes, flips = canonical_axes(volume.affine)
+    logits = _run_axial(net, canonical(volume), batch_size, tick)
+    unflipped = logits[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    return np.ascontiguousarray(unflipped.transpose(np.argsort(axes)))
+
+
+def _run_axial(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | None
+               ) -> np.ndarray:
+    """`run_scan` on a volume in the canonical orientation."""
+    from nodulekit.data.volumes import as_hu
+    from nodulekit.inference.resampling import model_grid, to_model, to_source
+    from nodulekit.inference.tiling import run_hu
+
+    be = net.backend
+    hu = np.ascontiguousarray(as_hu(volume.array))
+    context = (net.model.in_channels - 1) // 2
+    order = context_order(volume)
+    z = hu.shape[0]
+    grid = None
+    if net.spacing_mm is not None:  # the model's pixel size (`nodulekit.inference.resampling`)
+        grid = model_grid(hu.shape[1:], volume.spacing[1:], net.spacing_mm)
+        hu = to_model(hu, grid)
+    logits = np.empty((z, *grid.source_shape) if grid else hu.shape, dtype=np.float32)
+    empty = np.zeros((min(batch_size, z), *hu.shape[1:]), dtype=np.uint8)
+    for start in range(0, z, batch_size):
+        ks = range(start, min(z, start + batch_size))
+        batch = np.stack([slice_stack(hu, k, context, order) for k in ks])
+        out, _, _ = run_hu(net.model, batch, empty[:len(ks)], (net.center, net.width),
+                           net.tile, net.memory_budget)
+        values = be.to_host(out)[..., 0]
+        logits[start:start + len(ks)] = to_source(values, grid) if grid else values
+        if tick is not None:
+            tick(len(ks))
+    return logits
+
+
+def predict_scan(net, scan: ScanInput, batch_size: int,
+                 tick: Callable[[int], Any] | None = None) -> ScanPrediction:
+    from nodulekit.data.nodules import components_3d
+
+    volume = read_scan(scan)
+    logits = run_scan(net, volume, batch_size, tick)
+    probability = _sigmoid(logits)
+    # the most probable first, as a reader goes through a detector's findings
+    nodules = sorted(components_3d(logits > 0, volume.spacing, probability),
+                     key=lambda c: (-c.max_probability, -c.voxels, c.label))
+    return ScanPrediction(scan, volume, logits, nodules)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # no overflow for large |z|
+
+
+def write_scan(out: Path, p: ScanPrediction, probabilities: bool) -> tuple[dict, list[dict]]:
+    """Write `p`'s outputs under `out` (module doc); its scans.csv row and nodules.csv rows."""
+    from nodulekit.data.volumes import write_nifti
+
+    v, name = p.volume, p.scan.name
+    mask = (p.logits > 0).astype(np.uint8)
+    mask_path = _output(out, "masks", f"{name}.nii.gz")
+    write_nifti(v.with_array(mask), mask_path)
+    row = {"input": str(p.scan.path), "format": p.scan.format,
+           "mask": mask_path.relative_to(out).as_posix(), "slices": v.shape[0],
+           "rows": v.shape[1], "columns": v.shape[2],
+           "spacing_mm": " ".join(f"{s:.6g}" for s in v.spacing),
+           "predicted_voxels": int(mask.sum()), "nodules": len(p.nodules),
+           "notes": " | ".join(v.notes)}
+    if probabilities:
+        prob_path = _output(out, "probabilities", f"{name}.nii.gz")
+        write_nifti(v.with_array(_sigmoid(p.logits)), prob_path)
+        row["probabilities"] = prob_path.relative_to(out).as_posix()
+    if p.scan.format == "dicom" and v.files:
+        from nodulekit.data.seg import write_seg
+
+        seg_path = _output(out, "seg", f"{name}.dcm")
+        write_seg(mask, v.files, seg_path)
+        row["seg"] = seg_path.relative_to(out).as_posix()
+    return row, nodule_rows(p)
+
+
+def nodule_rows(p: ScanPrediction) -> list[dict]:
+    """nodules.csv's rows for one scan: centroids in LPS mm."""
+    rows = []
+    for i, c in enumerate(p.nodules, start=1):
+        x, y, z = p.volume.to_patient(np.asarray(c.centroid, dtype=np.float64))
+        rows.append({"scan": p.scan.name, "nodule": i, "x_mm": round(float(x), 3),
+                     "y_mm": round(float(y), 3), "z_mm": round(float(z), 3),
+                     "diameter_mm": round(float(c.diameter_mm), 3),
+                     "section_diameter_mm": round(float(c.section_diameter_mm), 3),
+                     "volume_mm3": round(float(c.volume_mm3), 3), "voxels": int(c.voxels),
+                     "first_slice": int(c.slices[0]), "last_slice": int(c.slices[1]),
+                     "mean_probability": round(float(c.mean_probability), 6),
+                     "max_probability": round(float(c.max_probability), 6)})
+    return rows
+
+
+def _output(out: Path, folder: str, name: str) -> Path:
+    path = out / folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_tables(out: Path, scan_rows: list[dict], nodule_rows_: list[dict]) -> None:
+    """scans.csv and nodules.csv (both written even when empty: their headers say what a row
+    holds)."""
+    import csv
+
+    for name, columns, rows in (("scans.csv", SCAN_COLUMNS, scan_rows),
+                                ("nodules.csv", NODULE_COLUMNS, nodule_rows_)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({c: row.get(c, "") for c in columns})
