@@ -2,10 +2,16 @@
 
     dicom.py       one DICOM slice -> HU int16 + metadata, with clear errors
     masks.py       PNG masks -> uint8 {0, 1}, checked
-    nodules.py     connected components, diameters in mm, the paper's diameter bins
-    layout.py      UniToChest and plain folder trees -> slice records with splits
+    nodules.py     connected components (2-D, 3-D), diameters in mm, the paper's bins
+    volumes.py     whole scans: NIfTI, MetaImage, DICOM series in and out, in LPS mm
+    seg.py         DICOM SEG out and in (highdicom)
+    layout.py      UniToChest and plain folder trees -> slice records with splits;
+                   layout_series.py, layout_msd.py, layout_luna16.py: the scan layouts
+    scans.py       a scan layout's scans: headers, reading, labels, the axial turn
+    resample.py    in-plane resampling to a pixel size (`preprocess --spacing`)
     synth.py       a synthetic chest CT data set in the UniToChest layout
-    decode.py      the work of one preprocessing worker
+                   (synth_export.py: the same patients as MSD, LUNA16 or DICOM series)
+    decode.py      the work of one preprocessing worker (scan_decode.py: of one scan)
     preprocess.py  decoding in parallel into the HDF5 cache
     cache.py       the cache's layout, and reading it
     checksum.py    HDF5's Fletcher-32 chunk checksum, for chunks written and read raw
