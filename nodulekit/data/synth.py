@@ -202,27 +202,8 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
     ids = [patient_id(p) for p in range(cfg.patients)]
     split_of = split_patients(ids, seed=cfg.seed)
     jobs = [(cfg, str(root), p, split_of[pid]) for p, pid in enumerate(ids)]
-    n_workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    n_workers = min(n_workers, cfg.patients)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.patients, unit="patient", desc="synth", disable=not progress)
-    written: list[tuple[list[SynthSlice], tuple[SynthNodule, ...], list[list[str]]]] = []
-    if n_workers <= 1:
-        for job in jobs:
-            written.append(_write_patient(*job))
-            bar.update(1)
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        from nodulekit.data.procs import worker_context
-
-        with ProcessPoolExecutor(n_workers, mp_context=worker_context()) as pool:
-            for item in pool.map(_write_patient, *zip(*jobs, strict=True)):
-                written.append(item)
-                bar.update(1)
-    bar.close()
+    written: list[tuple[list[SynthSlice], tuple[SynthNodule, ...], list[list[str]]]] = \
+        map_patients(_write_patient, jobs, workers, progress)
 
     slices = [s for patient_slices, _, _ in written for s in patient_slices]
     nodules = [n for _, patient_nodules, _ in written for n in patient_nodules]
@@ -240,6 +221,34 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
         json.dump({"generator": GENERATOR, "config": asdict(cfg), "splits": splits,
                    "nodules": [asdict(n) for n in nodules]}, f, indent=1)
     return result
+
+
+def map_patients(write, jobs: list[tuple], workers: int | None, progress: bool) -> list:
+    """[write(*job) for job in jobs], in that order, in `workers` processes (None: one per
+    CPU; 0 or 1: here), with a progress bar by patient."""
+    from tqdm import tqdm
+
+    n_workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
+    n_workers = min(n_workers, len(jobs))
+    bar = tqdm(total=len(jobs), unit="patient", desc="synth", disable=not progress)
+    written = []
+    try:
+        if n_workers <= 1:
+            for job in jobs:
+                written.append(write(*job))
+                bar.update(1)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            from nodulekit.data.procs import worker_context
+
+            with ProcessPoolExecutor(n_workers, mp_context=worker_context()) as pool:
+                for item in pool.map(write, *zip(*jobs, strict=True)):
+                    written.append(item)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return written
 
 
 def _clear(root: Path, overwrite: bool) -> None:

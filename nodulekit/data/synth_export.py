@@ -45,6 +45,7 @@ from nodulekit.data.synth import (
     _render,
     _uid,
     anatomy,
+    map_patients,
     patient_id,
 )
 from nodulekit.data.volumes import (
@@ -83,7 +84,7 @@ def export(out: str | os.PathLike, config: SynthConfig | None = None, *, format:
     split_of = split_patients(names, seed=cfg.seed)
     jobs = [(cfg, str(root), p, format, orientation, split_of[names[p]])
             for p in range(cfg.patients)]
-    written = _run(jobs, workers, progress)
+    written = map_patients(_write_patient, jobs, workers, progress)
     slices = [s for patient_slices, _, _ in written for s in patient_slices]
     nodules = [n for _, patient_nodules, _ in written for n in patient_nodules]
     extra = [row for _, _, rows in written for row in rows]
@@ -163,32 +164,6 @@ def _reversed(volume: Volume, mask: np.ndarray, axes: tuple[int, ...]):
     affine[:3, 3] = volume.to_patient(first)
     turned = Volume(np.ascontiguousarray(volume.array[tuple(index)]), affine)
     return turned, np.ascontiguousarray(mask[tuple(index)])
-
-
-def _run(jobs: list[tuple], workers: int | None, progress: bool) -> list:
-    from tqdm import tqdm
-
-    n_workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    n_workers = min(n_workers, len(jobs))
-    bar = tqdm(total=len(jobs), unit="patient", desc="synth", disable=not progress)
-    written = []
-    try:
-        if n_workers <= 1:
-            for job in jobs:
-                written.append(_write_patient(*job))
-                bar.update(1)
-        else:
-            from concurrent.futures import ProcessPoolExecutor
-
-            from nodulekit.data.procs import worker_context
-
-            with ProcessPoolExecutor(n_workers, mp_context=worker_context()) as pool:
-                for item in pool.map(_write_patient, *zip(*jobs, strict=True)):
-                    written.append(item)
-                    bar.update(1)
-    finally:
-        bar.close()
-    return written
 
 
 def _write_patient(cfg: SynthConfig, root: str, p: int, fmt: str, orientation: str,
