@@ -1,0 +1,280 @@
+"""The CPU's ceilings, measured: FMA throughput, copy bandwidth, OpenBLAS SGEMM.
+
+FMA throughput. A core with two FMA pipes of latency 4 cycles finishes two FMAs a cycle only
+if eight or more of them are in flight, each on its own accumulator: a single chain
+``a = a * m + c`` waits 4 cycles per step. So the kernel keeps ``chains`` independent vector
+accumulators (``lanes`` float32 each), all in registers, and updates each once per
+iteration: ``chains`` FMAs a loop trip, no loads, no stores. Numba would keep a local
+accumulator array in memory and does not vectorise straight-line code (see engine/simd.py),
+so the loop is written as LLVM IR directly (:func:`_fma_loop`): one ``llvm.fma.v<lanes>f32``
+per accumulator and iteration, which compiles to one ``vfmadd`` each. The multiplier, the
+addend and the starting values are run-time arguments: with constants LLVM proved one chain
+to be at its fixed point (1.0 * 0.999 + 0.001 == 1.0) and dropped it, 7 FMAs an iteration
+instead of 8. One copy of the loop per core (``prange``), each its share of the work.
+
+The same loop with one scalar chain takes one FMA latency an iteration, which gives the
+clock the cores run at: ``latency cycles / seconds per iteration``.
+
+Copy bandwidth: ``dst[:] = src`` split over the cores (each part a memcpy), bytes read plus
+bytes written over time (the convention the ops' GB/s follow): once with buffers 8x the
+last-level cache (DRAM) and once with both buffers in a quarter of it (the L3).
+
+All three report the best of a few runs: a ceiling is what the machine can do, and on a
+shared machine the median measures the neighbours too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+FMA_CHAINS = 12  # >= 2 pipes x 4 cycles of latency, with room; 12 of 16 or 32 registers
+FMA_WIDTHS = (8, 16)  # float32 lanes: AVX2 (what the engine's kernels use), AVX-512
+REPEATS = 5
+
+
+def _fma_loop(lanes: int, chains: int):
+    """An intrinsic ``f(iterations, start, m, c) -> float32``: ``chains`` accumulators of
+    ``lanes`` float32, each ``a = fma(a, m, c)`` per iteration, summed at the end (so the
+    work is not dead code)."""
+    f32 = ir.FloatType()
+    vec = ir.VectorType(f32, lanes)
+
+    @intrinsic
+    def fma_loop(typingctx, iterations, start, m, c):
+        def codegen(context, builder, sig, args):
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                                 f"llvm.fma.v{lanes}f32")
+
+            def splat(value):
+                v = ir.Constant(vec, ir.Undefined)
+                for i in range(lanes):
+                    v = builder.insert_element(v, value, ir.Constant(ir.IntType(32), i))
+                return v
+
+            start_v, m_v, c_v = (splat(context.cast(builder, v, t, types.float32))
+                                 for v, t in zip(args[1:], sig.args[1:], strict=True))
+            # allocas in the entry block: LLVM promotes them to registers
+            accs = [cgutils.alloca_once(builder, vec) for _ in range(chains)]
+            for j, acc in enumerate(accs):
+                builder.store(builder.fadd(start_v, ir.Constant(vec, [float(j)] * lanes)), acc)
+            n = context.cast(builder, args[0], sig.args[0], types.intp)
+            with cgutils.for_range(builder, n):
+                for acc in accs:
+                    builder.store(builder.call(fma, [builder.load(acc), m_v, c_v]), acc)
+            total = builder.load(accs[0])
+            for acc in accs[1:]:
+                total = builder.fadd(total, builder.load(acc))
+            s = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+            for i in range(1, lanes):
+                s = builder.fadd(s, builder.extract_element(total, ir.Constant(ir.IntType(32), i)))
+            return s
+
+        return types.float32(iterations, start, m, c), codegen
+
+    return fma_loop
+
+
+def _fma_kernels(lanes: int, chains: int):
+    loop = _fma_loop(lanes, chains)
+
+    @njit(parallel=True)
+    def on_every_core(iterations, start, m, c, out):
+        for t in prange(out.size):
+            out[t] = loop(iterations, start + np.float32(t), m, c)
+
+    @njit
+    def on_one_core(iterations, start, m, c):
+        return loop(iterations, start, m, c)
+
+    return on_every_core, on_one_core
+
+
+# run-time values (see the module docstring): a chain converges to C / (1 - M) = 1.0
+START, M, C = np.float32(0.25), np.float32(0.999), np.float32(0.001)
+
+
+def _best_seconds(fn, repeats: int = REPEATS) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fma_throughput(lanes: int, threads: int, chains: int = FMA_CHAINS,
+                   flops_per_thread: float = 4e9) -> dict:
+    """GFLOP/s of ``threads`` cores each running ``chains`` FMA chains of ``lanes`` floats."""
+    on_every_core, _ = _fma_kernels(lanes, chains)
+    out = np.zeros(threads, dtype=np.float32)
+    on_every_core(16, START, M, C, out)  # compile
+    per_iteration = 2 * lanes * chains
+    iterations = max(1, int(flops_per_thread // per_iteration))
+    seconds = _best_seconds(lambda: on_every_core(iterations, START, M, C, out))
+    return {"lanes": lanes, "chains": chains, "threads": threads,
+            "gflops": threads * iterations * per_iteration / seconds / 1e9}
+
+
+def fma_latency_ns(iterations: int = 20_000_000) -> float:
+    """Nanoseconds per step of one dependent scalar FMA chain: the FMA latency."""
+    _, on_one_core = _fma_kernels(1, 1)
+    on_one_core(16, START, M, C)
+    return _best_seconds(lambda: on_one_core(iterations, START, M, C)) / iterations * 1e9
+
+
+@njit(parallel=True)
+def _copy_parts(src, dst, parts, rounds):
+    # each core copies its own part ``rounds`` times: no start-up and join between rounds
+    # (tens of microseconds, as long as a whole copy of a cache-sized buffer)
+    n = src.size
+    for p in prange(parts):
+        lo, hi = n * p // parts, n * (p + 1) // parts
+        for _ in range(rounds):
+            dst[lo:hi] = src[lo:hi]
+
+
+def copy_bandwidth(total_bytes: int, threads: int, repeats: int = REPEATS) -> dict:
+    """GB/s of a copy whose two buffers take ``total_bytes`` together (read + written)."""
+    n = max(1024, total_bytes // 8)  # float32: two buffers of n
+    src = np.ones(n, dtype=np.float32)
+    dst = np.zeros_like(src)
+    _copy_parts(src, dst, threads, 1)  # compile, and touch the pages
+    # at least ~1 GB of traffic a run, so small copies are not timer noise
+    rounds = max(1, int(1e9 // (2 * src.nbytes)))
+    seconds = _best_seconds(lambda: _copy_parts(src, dst, threads, rounds), repeats)
+    return {"bytes": 2 * src.nbytes, "threads": threads,
+            "gbps": rounds * 2 * src.nbytes / seconds / 1e9}
+
+
+def gemm_throughput(n: int, threads: int, repeats: int = 3) -> dict:
+    """OpenBLAS (numpy's) SGEMM of n x n on ``threads`` threads: GFLOP/s."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty_like(a)
+    # the CPU backend holds BLAS to one thread (cpu_workers.py); a ceiling uses every core
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.matmul(a, b, out=c)
+        seconds = _best_seconds(lambda: np.matmul(a, b, out=c), repeats)
+        # numpy's own BLAS (scipy or torch may have loaded others)
+        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"
+                and "numpy" in str(i.get("filepath", ""))]
+    library = (f"{blas[0].get('internal_api', 'BLAS')} {blas[0].get('version', '')} via numpy "
+               f"({blas[0].get('architecture', '?')} kernels)") if blas else "numpy's BLAS"
+    return {"n": n, "threads": threads, "library": library.replace("openblas", "OpenBLAS"),
+            "gflops": 2 * n**3 / seconds / 1e9}
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest cache's size from sysfs (Linux), or None."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = None
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * scale
+            best = size if best is None else max(best, size)
+    except (OSError, ValueError):
+        return None
+    return best
+
+
+# ---------------------------------------------------------------------- the theoretical peak
+
+# AMD cores by family: fp32 FLOPs per cycle of the FMA pipes (2 pipes x lanes x 2) and the
+# FMA latency in cycles (AMD's Software Optimization Guides, per family). Zen 4 runs a
+# 512-bit FMA on its two 256-bit pipes in two halves: 32, with AVX2 or AVX-512 alike.
+AMD_FMA = {
+    23: ("Zen / Zen 2", 32, 5),   # Zen 1 (models < 0x30) has 128-bit pipes: see _amd_core
+    25: ("Zen 3 / Zen 4", 32, 4),
+    26: ("Zen 5", 64, 4),         # server and desktop parts: two 512-bit FMA pipes
+}
+
+
+def cpu_identity() -> dict:
+    """vendor, family, model and physical cores, from /proc/cpuinfo (Linux); cores are
+    the distinct (physical id, core id) pairs: SMT siblings share their core's FMA pipes."""
+    first: dict = {"vendor_id": None, "cpu family": None, "model": None}
+    cores, processors, package = set(), 0, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            processors += 1
+        elif key in first and first[key] is None:
+            first[key] = value
+        elif key == "physical id":
+            package = value
+        elif key == "core id":
+            cores.add((package, value))
+    def number(text):
+        return int(text) if text is not None and text.isdigit() else None
+
+    return {"vendor": first["vendor_id"], "family": number(first["cpu family"]),
+            "model": number(first["model"]),
+            "cores": len(cores) or processors or os.cpu_count() or 1}
+
+
+def _amd_core(family: int | None, model: int | None):
+    if family not in AMD_FMA:
+        return None
+    name, flops, latency = AMD_FMA[family]
+    if family == 23 and model is not None and model < 0x30:
+        return "Zen / Zen+", 16, 5
+    return name, flops, latency
+
+
+def theoretical(identity: dict, latency_ns: float) -> dict | None:
+    """cores x clock x FLOP per cycle, the clock taken from the measured FMA latency;
+    None for a core this table does not know (only AMD's, so far)."""
+    core = _amd_core(identity["family"], identity["model"]) \
+        if identity["vendor"] == "AuthenticAMD" else None
+    if core is None:
+        return None
+    name, flops_per_cycle, latency_cycles = core
+    clock_ghz = latency_cycles / latency_ns
+    gflops = identity["cores"] * clock_ghz * flops_per_cycle
+    return {"gflops": gflops, "clock_ghz": clock_ghz, "flops_per_cycle": flops_per_cycle,
+            "core": name, "fma_latency_ns": latency_ns,
+            "basis": f"{identity['cores']} cores x {clock_ghz:.2f} GHz x {flops_per_cycle} FLOP "
+                     f"per cycle ({name}, family {identity['family']} model "
+                     f"{identity['model']}: two FMA pipes); the clock from one FMA chain, "
+                     f"{latency_ns:.3f} ns a step at {latency_cycles} cycles of latency"}
+
+
+def measure() -> dict:
+    """Every CPU ceiling; a few seconds (the Numba kernels compile first)."""
+    threads = os.cpu_count() or 1
+    fma = [fma_throughput(lanes, threads) for lanes in FMA_WIDTHS]
+    llc = last_level_cache_bytes()
+    dram = copy_bandwidth(8 * llc if llc else 1 << 28, threads)
+    cache = copy_bandwidth(llc // 4, threads) if llc else None
+    gemm = gemm_throughput(2048, threads)
+    identity = cpu_identity()
+    best = max(f["gflops"] for f in fma)
+    ideal = theoretical(identity, fma_latency_ns())
+    if ideal is not None:
+        ideal["fraction_reached"] = best / ideal["gflops"]
+    return {"fma_gflops": best, "fma": fma,
+            "copy_gbps": dram["gbps"], "copy": dram,
+            "cache_copy_gbps": cache["gbps"] if cache else None,
+            "cache": {"level": "L3", "bytes": llc, "copy": cache},
+            "gemm_gflops": gemm["gflops"], "gemm": gemm,
+            "theoretical": ideal, "hardware": identity}
