@@ -98,13 +98,13 @@ def test_2d_components_come_in_reading_order_of_their_first_pixel():
 # ----------------------------------------------------------------------------- the rule
 
 
-def test_one_voxel_of_overlap_detects_and_a_lone_component_is_a_false_positive():
+def test_overlap_of_iou_tenth_detects_and_a_lone_component_is_a_false_positive():
     truth = np.zeros((4, 10, 10), dtype=bool)
-    truth[1:3, 1:4, 1:4] = True  # nodule 1
+    truth[1:3, 1:4, 1:4] = True  # nodule 1: 18 voxels
     truth[1, 7:9, 7:9] = True  # nodule 2: no candidate
     pred = np.zeros_like(truth)
-    pred[2, 3, 3] = True  # touches nodule 1 at one voxel ...
-    pred[3, 4, 4] = True  # ... and grows outside it (one candidate)
+    pred[2, 2:4, 2:4] = True  # 4 voxels inside nodule 1 ...
+    pred[3, 4, 4] = True  # ... and one outside (one candidate): IoU 4 / 19 = 0.21
     pred[0, 8, 1] = True  # candidate 2: nowhere near a nodule
     prob = np.where(pred, 0.7, 0.0)
     prob[3, 4, 4] = 0.8
@@ -117,18 +117,37 @@ def test_one_voxel_of_overlap_detects_and_a_lone_component_is_a_false_positive()
     np.testing.assert_allclose(m.truth_score, [0.8, np.nan])
 
 
+def test_a_touch_or_a_region_swallowing_nodules_detects_nothing():
+    """IoU below 0.1: the candidate is a false positive and the nodules are missed (a model
+    marking everything must not score a perfect CPM)."""
+    truth = np.zeros((3, 20, 20), dtype=bool)
+    truth[1, 2:5, 2:5] = True  # 9 voxels
+    truth[1, 12:15, 12:15] = True
+    touching = np.zeros_like(truth)
+    touching[1, 4, 4] = True  # one voxel of nodule 1 ...
+    touching[1, 5:10, 5] = True  # ... in a 6-voxel candidate: IoU 1 / 14
+    everything = np.ones_like(truth)  # one component holding both: IoU 9 / 1200
+    for pred in (touching, everything):
+        t, p = _labelled(truth), _labelled(pred)
+        m = detection.match(t, p, [0.9])
+        assert np.isnan(m.truth_score).all() and not m.candidate_hit.any()
+    curve = detection.froc([0.9], [True], [np.nan, np.nan], scans=1)
+    assert detection.cpm(curve) == 0.0
+
+
 def test_two_candidates_on_one_nodule_are_no_false_positive_and_the_best_counts():
-    truth = np.zeros((1, 6, 6), dtype=bool)
-    truth[0, 1:5, 1:5] = True
+    truth = np.zeros((1, 6, 8), dtype=bool)
+    truth[0, 1:5, 1:7] = True  # 24 voxels
     t = _labelled(truth)
     pred = np.zeros_like(truth)
-    pred[0, 1, 1] = pred[0, 4, 4] = True
+    pred[0, 1:3, 1:3] = True  # IoU 4 / 24
+    pred[0, 1:4, 5:7] = True  # IoU 6 / 24, two columns apart: a second candidate
     p = _labelled(pred)
     m = detection.match(t, p, [0.6, 0.9])
     assert m.candidate_hit.tolist() == [True, True] and m.truth_score.tolist() == [0.9]
-    # one candidate over two nodules detects both
-    truth[0, 2:4, 2:4] = False
-    truth[0, 1:5, 2:4] = False
+    # one candidate over two nodules (IoU 4 / 16 each) detects both
+    truth = np.zeros((1, 6, 6), dtype=bool)
+    truth[0, 1:5, 1] = truth[0, 1:5, 4] = True
     pred = np.zeros_like(truth)
     pred[0, 1:5, 1:5] = True
     m = detection.match(_labelled(truth), _labelled(pred), [0.7])
@@ -299,20 +318,20 @@ def _evaluate(ckpt, cache, out):
 
 
 def test_evaluate_writes_the_nodule_results(tmp_path):
-    """Everything predicted: one candidate per scan covering it, so every nodule is found and
-    the empty scan's candidate is the one false positive (1/3 per scan: CPM 5/7). Nothing
-    predicted: nothing found, CPM 0."""
+    """Everything predicted: one candidate per scan covering it, far too large to detect a
+    nodule (IoU < 0.1), so three false positives, nothing found, CPM 0. Nothing predicted:
+    no candidate, nothing found, CPM 0."""
     from PIL import Image
 
     cache = _nodule_cache(tmp_path / "cache.h5")
     summary, written, text = _evaluate(_constant_model(tmp_path / "all.h5", 2.0), cache,
                                        tmp_path / "all")
     n = written["nodules"]
-    assert (n["scans"], n["truth_nodules"], n["detected"], n["missed"]) == (3, 3, 3, 0)
-    assert (n["candidates"], n["false_positives"]) == (3, 1)
-    assert n["fp_per_scan"] == pytest.approx(1 / 3) and n["cpm"] == pytest.approx(5 / 7)
+    assert (n["scans"], n["truth_nodules"], n["detected"], n["missed"]) == (3, 3, 0, 3)
+    assert (n["candidates"], n["false_positives"]) == (3, 3)
+    assert n["fp_per_scan"] == pytest.approx(1.0) and n["cpm"] == 0.0
     assert {k: (v["truth_nodules"], v["detected"]) for k, v in n["by_diameter"].items()} == \
-        {"<3mm": (2, 2), "3-10mm": (1, 1), "10-30mm": (0, 0), ">30mm": (0, 0)}
+        {"<3mm": (2, 0), "3-10mm": (1, 0), "10-30mm": (0, 0), ">30mm": (0, 0)}
     assert n["rule"] == detection.RULE and "all" in written and "slices" in written
     first = n["per_scan"][0]
     assert (first["first_row"], first["last_row"], first["spacing_mm"]) == \
@@ -323,18 +342,18 @@ def test_evaluate_writes_the_nodule_results(tmp_path):
     assert n["per_scan"][1]["nodules"][0]["voxels"] == 2  # diagonal across slices: one
     score = 1 / (1 + math.exp(-2.0))
     assert n["froc"]["points"] == [{"threshold": pytest.approx(score), "fp_per_scan":
-                                    pytest.approx(1 / 3), "sensitivity": 1.0,
-                                    "false_positives": 1, "detected": 3}]
+                                    pytest.approx(1.0), "sensitivity": 0.0,
+                                    "false_positives": 3, "detected": 0}]
     assert summary["nodules"]["cpm"] == n["cpm"]
     with open(tmp_path / "all" / "nodules.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["patient"] for r in rows] == ["0000", "0001", "0002"]
     assert [(r["truth_nodules"], r["detected"], r["false_positives"]) for r in rows] == \
-        [("2", "2", "0"), ("1", "1", "0"), ("0", "0", "1")]
+        [("2", "0", "1"), ("1", "0", "1"), ("0", "0", "1")]
     assert rows[0]["nodules_3-10mm"] == "1" and rows[2]["sensitivity"] == "nan"
     assert list(rows[0]) == list(detection.CSV_COLUMNS)
     assert Image.open(tmp_path / "all" / "froc.png").size[0] >= 500
-    assert "CPM 0.7143" in text and "mean Dice" in text
+    assert "CPM 0.0000" in text and "mean Dice" in text
 
     _, written, text = _evaluate(_constant_model(tmp_path / "none.h5", -2.0), cache,
                                  tmp_path / "none")
@@ -342,6 +361,35 @@ def test_evaluate_writes_the_nodule_results(tmp_path):
     assert (n["detected"], n["candidates"], n["false_positives"], n["cpm"]) == (0, 0, 0, 0.0)
     assert n["froc"]["points"] == [] and n["froc"]["sensitivity"] == [0.0] * 7
     assert (tmp_path / "none" / "froc.png").is_file()
+
+
+def test_scans_found_when_the_prediction_is_the_truth_and_one_speck_more(tmp_path):
+    """The aggregation over a split's exams with predictions that are the truth masks (p 0.8)
+    plus one false-positive speck in the empty scan (p 0.6): every nodule found, one false
+    positive in three scans, found before it in the FROC: CPM 1."""
+    from nodulekit.data.cache import open_cache
+    from nodulekit.evaluation.evaluate import SlicePrediction, SplitResult
+
+    path = _nodule_cache(tmp_path / "cache.h5")
+    with open_cache(path) as c:
+        split = c.split("test")
+        masks = np.asarray(split.mask[:])
+        n = len(split)
+        predictions = []
+        for k in range(n):
+            pixels = np.flatnonzero(masks[k]).astype(np.int32)
+            prob = np.full(pixels.size, 0.8)
+            if k == 2 * PER_SCAN + 2:  # the empty scan
+                pixels, prob = np.array([50], np.int32), np.array([0.6])
+            predictions.append(SlicePrediction(pixels, prob))
+        result = SplitResult(np.zeros((n, 3), np.int64), np.zeros(n), np.arange(n), 0.0,
+                             predictions)
+        scans = exams.scan_results(split, result, (SIZE, SIZE))
+    section = detection.summarize(scans)
+    assert (section["truth_nodules"], section["detected"], section["false_positives"]) == \
+        (3, 3, 1)
+    assert section["fp_per_scan"] == pytest.approx(1 / 3) and section["cpm"] == 1.0
+    assert [p["detected"] for p in section["froc"]["points"]] == [3, 3]
 
 
 def test_infer_split_keeps_predictions_only_when_asked(tmp_path):

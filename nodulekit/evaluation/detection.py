@@ -10,10 +10,12 @@ The unit is the scan (an exam: its slices stacked in cache order into a (Z, H, W
   each scored by its highest probability (`nodules.components_3d` measures both).
 
 The rule (`RULE`, also in summary.json): a truth nodule is detected when at least one
-candidate overlaps it by at least one voxel; a candidate that overlaps no truth nodule is
-a false positive (one that overlaps a nodule is never one, however many others overlap it
-too); at a score threshold t only the candidates scoring >= t count. At the model's own
-threshold every candidate counts.
+candidate overlaps it with an intersection over union of their voxels of at least 0.1
+(`MATCH_IOU`, nnDetection's matching threshold); a candidate that detects no truth nodule is
+a false positive (one that detects a nodule is never one, however many others detect it
+too), so a component that merely touches a nodule, or swallows it in a region many times
+its size, counts as a miss and a false positive; at a score threshold t only the
+candidates scoring >= t count. At the model's own threshold every candidate counts.
 
 FROC: the threshold swept over the candidates' scores (tied scores enter together),
 sensitivity against the mean false positives per scan. CPM, the LUNA16 competition
@@ -42,11 +44,16 @@ from nodulekit.data.nodules import (
     measure,
 )
 
+# The overlap a candidate needs to detect a nodule: intersection over union of their
+# voxels, as nnDetection matches at IoU 0.1. One voxel of contact is not enough: a model
+# that marks the whole lung as one component would otherwise "detect" every nodule in it at
+# no false positive (CPM 1).
+MATCH_IOU = 0.1
 RULE = ("a truth nodule (26-connected 3-D component of the truth mask) is detected when at "
         "least one predicted component (26-connected component of p > 0.5, scored by its "
-        "maximum probability) overlaps it by at least one voxel; a predicted component that "
-        "overlaps no truth nodule is a false positive; at a score threshold t only the "
-        "components scoring >= t count")
+        "maximum probability) overlaps it with an intersection over union of their voxels "
+        f">= {MATCH_IOU}; a predicted component that detects no truth nodule is a false "
+        "positive; at a score threshold t only the components scoring >= t count")
 CPM_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per scan (LUNA16)
 CPM_DEFINITION = ("mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per scan "
                   "(LUNA16); the sensitivity at a rate is the best reached with at most that "
@@ -60,8 +67,8 @@ SPACING_RULE = ("a scan is an exam's slices in cache order; slice spacing = medi
 class Match:
     """Truth nodules against candidates in one scan."""
 
-    truth_score: np.ndarray  # float64 [T]: best score among the candidates overlapping it; NaN
-    candidate_hit: np.ndarray  # bool [P]: the candidate overlaps a truth nodule
+    truth_score: np.ndarray  # float64 [T]: best score of the candidates detecting it; NaN
+    candidate_hit: np.ndarray  # bool [P]: the candidate detects a truth nodule (`MATCH_IOU`)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,13 @@ def match(truth: LabelledVoxels, predicted: LabelledVoxels, scores) -> Match:
                                                return_indices=True)
     t = truth.labels[in_truth].astype(np.int64) - 1
     p = predicted.labels[in_predicted].astype(np.int64) - 1
+    # every overlapping (nodule, candidate) pair once, with its voxels in common
+    pairs, common = np.unique(t * max(predicted.count, 1) + p, return_counts=True)
+    t, p = np.divmod(pairs, max(predicted.count, 1))
+    truth_size = np.bincount(truth.labels, minlength=truth.count + 1)[1:]
+    predicted_size = np.bincount(predicted.labels, minlength=predicted.count + 1)[1:]
+    iou = common / (truth_size[t] + predicted_size[p] - common)
+    t, p = t[iou >= MATCH_IOU], p[iou >= MATCH_IOU]
     truth_score = np.full(truth.count, np.nan)
     np.fmax.at(truth_score, t, scores[p])  # fmax: NaN (no candidate yet) loses
     candidate_hit = np.zeros(predicted.count, dtype=bool)
@@ -306,7 +320,8 @@ def write_csv(path: str | os.PathLike, section: dict) -> None:
 
 def format_nodules(section: dict) -> str:
     """A few lines for the terminal: detected of total by bin, false positives, CPM."""
-    lines = ["nodules (3-D, 26-connected; detected: a predicted component overlaps it)",
+    lines = [f"nodules (3-D, 26-connected; detected: a predicted component overlaps it with "
+             f"IoU >= {MATCH_IOU})",
              f"{'diameter':<10}{'nodules':>9}{'detected':>10}{'missed':>8}{'sensitivity':>13}"]
     groups = [(label, section["by_diameter"][label]) for label in BIN_LABELS]
     for name, g in [*groups, ("all", section)]:
