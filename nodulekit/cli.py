@@ -152,14 +152,17 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
 @click.option("--norm", default="none", show_default=True,
               type=click.Choice(["none", "instance", "batch"]),
               help="Normalisation after each 3x3 convolution (as `train --norm`).")
+@click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
+              help="CPU: also time torch alone in a child process per OpenMP wait policy "
+                   "(PASSIVE, ACTIVE) and give the ratio to its best.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
-def bench_step(device, width, depth, size, batch, repeats, warmup, seed, norm, json_path):
+def bench_step(json_path, torch_alone, **options):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
 
-    result = run_step_bench(device=device, width=width, depth=depth, size=size, batch=batch,
-                            repeats=repeats, warmup=warmup, seed=seed, norm=norm)
+    result = run_step_bench(**options,
+                            torch_alone=("passive", "active") if torch_alone else ())
     click.echo(format_step(result))
     _write_json(result, json_path)
 

@@ -90,6 +90,24 @@ def test_bench_step_times_ours_and_torch_in_turns():
     assert data["ratio_per_turn_median"] == statistics.median(
         o / t for o, t in zip(ours, torch, strict=True))
     assert "median of the per-turn ratios" in result.output
+    # torch alone, one child process per OpenMP wait policy; ours against the best
+    runs = {r["setting"]: r for r in data["torch_alone"]}
+    assert set(runs) == {"passive", "active"}, data["torch_alone"]
+    assert runs["active"]["env"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert all(len(r["samples"]) == 3 and r["ms"] > 0 for r in runs.values())
+    best = min(runs.values(), key=lambda r: r["ms"])
+    assert data["torch_best"]["setting"] == best["setting"]
+    assert data["ratio_to_best_torch"] == data["ours_ms"] / best["ms"]
+    assert "ratio ours / torch at its best" in result.output
+
+
+def test_torch_alone_reports_a_failing_child():
+    from nodulekit.bench.torch_alone import time_torch_alone
+
+    run = time_torch_alone("active", {"width": 8, "depth": 2, "size": 15, "batch": 1,
+                                      "repeats": 1, "warmup": 0, "seed": 0, "lr": 1e-4,
+                                      "norm": "none"})
+    assert run["setting"] == "active" and run["error"].startswith("exit 1")
 
 
 def test_bench_step_with_a_norm_starts_both_sides_alike():
@@ -100,7 +118,8 @@ def test_bench_step_with_a_norm_starts_both_sides_alike():
     for norm in ("instance", "batch"):
         result = CliRunner().invoke(main, ["bench", "step", "--width", "8", "--depth", "2",
                                            "--size", "16", "--batch", "2", "--repeats", "1",
-                                           "--warmup", "0", "--norm", norm, "--json", "-"])
+                                           "--warmup", "0", "--norm", norm,
+                                           "--no-torch-alone", "--json", "-"])
         assert result.exit_code == 0, result.output
         data = json.loads(result.output[result.output.index("{"):])
         assert data["config"]["norm"] == norm and f"{norm} norm" in result.output

@@ -6,6 +6,10 @@ in float32 with TF32 off on a GPU, so both sides compute the same thing. Reporte
 median of ``repeats`` steps after ``warmup``, and the ratio ours / torch (< 1: we are
 faster). Both run in this one process on the same device, in turns (ours, torch, ours,
 ...), so that a load coming and going on a shared machine falls on both alike.
+
+On the CPU, torch is also timed alone at each OpenMP wait policy (`nodulekit.bench
+.torch_alone`: in this process it runs with nodulekit's PASSIVE, which slows its kernels),
+and the ratio to its best is reported beside the one in turns.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ def synthetic_batch(batch: int, size: int, seed: int):
     return image, mask
 
 
-def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,
+def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,  # noqa: PLR0913
                    batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
-                   lr: float = 1e-4, norm: str = "none") -> dict:
+                   lr: float = 1e-4, norm: str = "none",
+                   torch_alone: tuple[str, ...] = ("passive", "active")) -> dict:
+    """The step of both sides in turns (module doc); on the CPU also torch alone in a child
+    process per OpenMP setting in `torch_alone` (`nodulekit.bench.torch_alone`), and the
+    ratio to the best of them."""
     torch = require_torch()
     from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
 
@@ -77,7 +85,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         [lambda: step(x, t), torch_step], repeats, warmup,
         [backend.synchronize, tsync])
 
-    return {
+    result = {
         "benchmark": "step",
         **provenance(backend_name),
         "backend": backend_name,
@@ -97,6 +105,27 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         "torch_ms_samples": torch_all,
         "images_per_s": {"ours": batch / ours_ms * 1e3, "torch": batch / torch_ms * 1e3},
     }
+    if backend_name == "cpu" and torch_alone:
+        _add_torch_alone(result, torch_alone, dict(width=width, depth=depth, size=size,
+                                                   batch=batch, repeats=repeats,
+                                                   warmup=warmup, seed=seed, lr=lr, norm=norm))
+    return result
+
+
+def _add_torch_alone(result: dict, settings, shape: dict) -> None:
+    """torch's step alone per OpenMP setting, the best of them, and our ratio to it (ours
+    from the run in turns: not timed at the same moment, so a load that came and went
+    between them shows in this ratio and not in the other)."""
+    from nodulekit.bench.torch_alone import time_torch_alone
+
+    runs = [time_torch_alone(name, shape) for name in settings]
+    result["torch_alone"] = runs
+    timed = [r for r in runs if "ms" in r]
+    if timed:
+        best = min(timed, key=lambda r: r["ms"])
+        result["torch_best"] = {"setting": best["setting"], "env": best["env"],
+                                "ms": best["ms"]}
+        result["ratio_to_best_torch"] = result["ours_ms"] / best["ms"]
 
 
 def format_step(r: dict) -> str:
@@ -114,4 +143,19 @@ def format_step(r: dict) -> str:
         f"  torch {r['torch_ms']:9.1f} ms   {r['images_per_s']['torch']:7.1f} images/s",
         f"  ratio ours/torch {r['ratio']:.2f}  ({'faster' if r['ratio'] < 1 else 'slower'}"
         f" than torch); median of the per-turn ratios {r['ratio_per_turn_median']:.2f}",
+        *_torch_alone_lines(r),
     ])
+
+
+def _torch_alone_lines(r: dict) -> list[str]:
+    if "torch_alone" not in r:
+        return []
+    lines = ["torch alone, one process per OpenMP setting (not in turns with ours):"]
+    for run in r["torch_alone"]:
+        env = " ".join(f"{k}={v}" for k, v in run["env"].items())
+        lines.append(f"  {env:28s} " + (f"{run['ms']:9.1f} ms" if "ms" in run
+                                          else f"failed: {run['error']}"))
+    if "torch_best" in r:
+        lines.append(f"  ratio ours / torch at its best ({r['torch_best']['setting']}) "
+                     f"{r['ratio_to_best_torch']:.2f}")
+    return lines
