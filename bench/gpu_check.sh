@@ -22,7 +22,7 @@
 # every check passed (a check that cannot run without a GPU is skipped, saying why, only in
 # the rehearsal), 1 otherwise. Files (at most 8 a stage, the device tool's limit):
 #   quick: quick.log, quick.json (each step: status, seconds; the planned time), kernels.txt,
-#          pytest_gpu.xml, smoke.json, sanitizer.txt, train_check.json
+#          pytest_gpu.xml, smoke.json, sanitizer.txt, train_check.json, profile.json
 #   bench: bench.log, bench.json (steps, and the summary), ops.json, conv_variants.json,
 #          step.json, step_paper.json, gpus.json, ncu.csv
 set -uo pipefail
@@ -202,9 +202,9 @@ sanitize() {  # TOOL: compute-sanitizer over one small call of every kernel
 
 quick() {
     # planned: the sum of the steps' limits (a step that ends early leaves time to the rest)
-    # machine, install, kernels, GPU tests, memcheck, racecheck, synccheck, NCCL, training;
-    # GPU_CHECK_LIMIT_X=2 doubles every limit (a rerun after a step ran out of time)
-    local limits=(5 15 15 50 20 20 15 15 25) x=${GPU_CHECK_LIMIT_X:-1}
+    # machine, install, kernels, GPU tests, memcheck, racecheck, synccheck, NCCL, training,
+    # profile; GPU_CHECK_LIMIT_X=2 doubles every limit (a rerun after a step ran out of time)
+    local limits=(5 15 15 50 20 20 15 15 25 30) x=${GPU_CHECK_LIMIT_X:-1}
     local planned=0 i
     for i in "${!limits[@]}"; do
         limits[i]=$(( limits[i] * x ))
@@ -235,6 +235,13 @@ quick() {
         -k nccl_one_rank
     step check "train --device cuda vs cpu: 20 steps" "${limits[8]}" \
         "$PY" -m nodulekit.bench.train_check --out "$WORK/train" --json "$OUT/train_check.json"
+    if gpu_usable > /dev/null; then  # its numbers go into docs/one-step.md's GPU column
+        step info "profile --device cuda: one step op by op, CUDA events, the GPU's peaks" \
+            "${limits[9]}" "$PY" -m nodulekit.cli profile --device cuda --repeats 5 \
+            --json "$OUT/profile.json"
+    else
+        skip "profile --device cuda" "no GPU here ($(gpu_usable))"
+    fi
     finish
 }
 
