@@ -500,9 +500,9 @@ def evaluate(run, precision, no_progress, **options):
               help="Folder for masks/, overlays/, probabilities/ and predictions.csv (scans: "
                    "masks/, seg/, scans.csv, nodules.csv).")
 @click.option("--scans", is_flag=True,
-              help="Read DICOM folders as whole series (one scan each: NIfTI mask, DICOM SEG, "
-                   "nodules.csv) instead of slice by slice. NIfTI and MetaImage inputs are "
-                   "always scans.")
+              help="Read DICOM folders as whole series (each series in them and below them "
+                   "a scan: NIfTI mask, DICOM SEG, nodules.csv) instead of slice by slice. "
+                   "NIfTI and MetaImage inputs are always scans.")
 @click.option("--truth", default="auto", show_default=True,
               help="Truth masks for the overlays: 'auto' (UniToChest's masks/ beside "
                    "images/), 'none', or a folder mirroring the inputs.")
@@ -520,9 +520,9 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
 
     DICOM files or folders: 0/255 PNG masks named like UniToChest's, and overlays in the
     paper's Fig. 4 colours (yellow agreement, green false positive, red false negative).
-    Scans (.nii, .nii.gz, .mhd, .mha; DICOM series folders with --scans): the mask in the
-    scan's geometry as NIfTI (and DICOM SEG for a series), and nodules.csv with each 3-D
-    nodule's centre (LPS mm), diameter, volume and probability."""
+    Scans (.nii, .nii.gz, .mhd, .mha; with --scans each DICOM series in the folders): the
+    mask in the scan's geometry as NIfTI (and DICOM SEG for a series), and nodules.csv with
+    each 3-D nodule's centre (LPS mm), diameter, volume and probability."""
     from nodulekit.inference.predict import PredictOptions
     from nodulekit.inference.predict import predict as run_predict
 

@@ -284,3 +284,41 @@ def test_a_scan_stored_sagittally_or_mirrored_gets_the_axial_ones_mask(scan, tmp
     assert np.array_equal(masks["mirrored"].array, axial[:, :, ::-1])
     for n, v in variants.items():
         assert np.allclose(masks[n].affine, v.affine, atol=1e-4)
+
+
+def test_scans_finds_every_series_in_a_tree(scan, tmp_path):
+    """`--scans` on a patient folder: a series in a subfolder, two series sharing another
+    folder (named by SeriesNumber), a SEG object beside them (left out, said), and a folder
+    with no DICOM at all (reported as failed); each series gets its own mask."""
+    import pydicom
+
+    from nodulekit.data.seg import write_seg
+    from nodulekit.data.volumes import read_dicom_series, read_nifti, write_dicom_series
+
+    volume, _ = scan
+    small = Volume(volume.array[:3, 250:314, 243:307].copy(), volume.affine)
+    root = tmp_path / "P1"
+    write_dicom_series(small, root / "study" / "ct", patient_id="P1", study_uid="1.2.9",
+                       series_uid="1.2.9.1")
+    for number, uid in ((2, "1.2.9.2"), (3, "1.2.9.3")):
+        files = write_dicom_series(small, tmp_path / f"tmp{number}", patient_id="P1",
+                                   study_uid="1.2.9", series_uid=uid)
+        (root / "mixed").mkdir(parents=True, exist_ok=True)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.SeriesNumber = number
+            ds.save_as(root / "mixed" / f"s{number}_{f.name}")
+    ct = read_dicom_series(root / "study" / "ct")
+    write_seg(np.zeros(ct.shape, np.uint8), ct.files, root / "study" / "ct" / "nodules.dcm")
+    (tmp_path / "nothing").mkdir()
+    result, said = _predict([root, tmp_path / "nothing"], tmp_path / "pred", scans=True)
+    names = sorted(r["mask"] for r in result.scans)
+    assert names == ["masks/P1_mixed_s2.nii.gz", "masks/P1_mixed_s3.nii.gz",
+                     "masks/P1_study_ct.nii.gz"]
+    assert [p for p, _ in result.failed] == [str(tmp_path / "nothing")]
+    assert any("1 DICOM file(s) that are not CT images left out (nodules.dcm)" in line
+               for line in said)
+    for name in ("P1_mixed_s2", "P1_mixed_s3", "P1_study_ct"):
+        mask = read_nifti(tmp_path / "pred" / "masks" / f"{name}.nii.gz")
+        assert mask.shape == small.shape
+        assert (tmp_path / "pred" / "seg" / f"{name}.dcm").is_file()

@@ -207,13 +207,14 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     """Run a checkpoint (or a run folder's best one) over DICOM inputs; see the module doc."""
     from tqdm import tqdm
 
-    from nodulekit.inference.scans import is_scan_path, scan_inputs
+    from nodulekit.inference.scans import find_scans, is_scan_path
 
     opts = options if options is not None else PredictOptions()
     out = Path(out)
     earlier = earlier_outputs(out, opts.overwrite)
     inputs = [Path(p) for p in inputs]
-    scans = scan_inputs([p for p in inputs if is_scan_path(p, opts.scans)])
+    scans, scan_notes, no_series = find_scans([p for p in inputs
+                                               if is_scan_path(p, opts.scans)])
     slice_paths = [p for p in inputs if not is_scan_path(p, opts.scans)]
     items = find_inputs(slice_paths, opts.truth) if slice_paths else []
     from nodulekit.inference.tiling import parse_tile
@@ -227,6 +228,11 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
         remove_outputs(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out=out)
+    for note in scan_notes:
+        report(f"note: {note}")
+    for folder in no_series:
+        result.failed.append((folder, "no DICOM series in it or below it"))
+        report(f"skipped {folder}: no DICOM series in it or below it")
     if scans:
         _predict_scans(net, scans, out, opts, result, report)
     if not items:

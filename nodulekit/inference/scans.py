@@ -2,8 +2,9 @@
 mask written back in the scan's own geometry and its nodules counted in 3-D.
 
 A scan is a NIfTI file (``.nii``, ``.nii.gz``), a MetaImage file (``.mhd``, ``.mha``), or,
-with ``--scans``, a folder holding one DICOM series (`nodulekit.data.volumes` reads them all
-into one `Volume`: array [k, r, c] and its LPS affine). For each scan:
+with ``--scans``, each DICOM series in a folder or below it (`find_scans`);
+`nodulekit.data.volumes` reads each into one `Volume`: array [k, r, c] and its LPS affine.
+For each scan:
 
 1. the scan is turned to the axial view the training cache holds (flips and axis swaps
    only, as `preprocess` turns scan layouts: `nodulekit.data.scans.canonical`), and its
@@ -57,6 +58,7 @@ class ScanInput:
     path: Path
     name: str  # output name (no suffix)
     format: str  # "nifti", "metaimage" or "dicom"
+    files: tuple[Path, ...] | None = None  # a DICOM series: its files (`find_scans`)
 
 
 @dataclass
@@ -73,19 +75,88 @@ def is_scan_path(path: str | os.PathLike, dicom_folders: bool) -> bool:
     return kind in ("nifti", "metaimage") or (kind == "dicom" and dicom_folders)
 
 
-def scan_inputs(paths: list[Path]) -> list[ScanInput]:
-    """Each scan with a unique output name: its file name without the suffix (a folder: its
-    name), numbered where two would collide."""
-    found, used = [], set()
+# DICOM objects that are not images of a series (a SEG or RT structure set beside the CT)
+_NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"}
+
+
+def find_scans(paths: list[Path]) -> tuple[list[ScanInput], list[str], list[str]]:
+    """The scans among `paths` (each a scan by `is_scan_path`), with unique output names;
+    notes; and the folders that hold no DICOM series. A NIfTI or MetaImage file is one
+    scan, named by its file without the suffix. A folder holds one scan per DICOM series
+    found in it and in every folder below it (grouped by SeriesInstanceUID; other DICOM
+    objects, such as a SEG beside the CT, are left out with a note), named by the folder's
+    path from the given one (``a_b``), and ``_s<SeriesNumber>`` where a folder holds
+    several. Names that would collide are numbered."""
+    found, notes, empty = [], [], []
     for path in paths:
         kind = volume_format(path)
-        name = _stem(path)
-        unique, n = name, 2
+        if kind == "dicom":
+            series, series_notes = _series_under(Path(path))
+            found += series
+            notes += series_notes
+            if not series:
+                empty.append(str(path))
+        else:
+            found.append(ScanInput(Path(path), _stem(Path(path)), kind))
+    used: set[str] = set()
+    for scan in found:
+        unique, n = scan.name, 2
         while unique in used:
-            unique, n = f"{name}-{n}", n + 1
+            unique, n = f"{scan.name}-{n}", n + 1
         used.add(unique)
-        found.append(ScanInput(Path(path), unique, kind))
-    return found
+        scan.name = unique
+    return found, notes, empty
+
+
+def _series_under(root: Path) -> tuple[list[ScanInput], list[str]]:
+    from nodulekit.data.volumes import dicom_files
+
+    scans, notes = [], []
+    top = _stem(root)
+    for folder, dirs, _ in os.walk(root):
+        dirs.sort()
+        folder = Path(folder)
+        files = dicom_files(folder)
+        if not files:
+            continue
+        groups, left_out = _by_series(files)
+        if left_out:
+            notes.append(f"{folder}: {len(left_out)} DICOM file(s) that are not CT images "
+                         f"left out ({', '.join(left_out[:3])})")
+        rel = folder.relative_to(root)
+        name = "_".join((top, *rel.parts))
+        for number, members in groups:
+            suffix = f"_s{number}" if len(groups) > 1 else ""
+            scans.append(ScanInput(folder, name + suffix, "dicom", tuple(members)))
+    return scans, notes
+
+
+def _by_series(files: list[Path]) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """The files grouped by SeriesInstanceUID, as (SeriesNumber or a count, files), in the
+    order their series first appears; and the names of those that are no image (by
+    Modality). A file whose header cannot be read stays with the others, so that reading
+    the series names it."""
+    from nodulekit.data.dicom import DicomError, read_header
+
+    groups: dict[str, list[Path]] = {}
+    numbers: dict[str, str] = {}
+    left_out = []
+    for f in files:
+        try:
+            ds = read_header(f)
+        except DicomError:
+            groups.setdefault("", []).append(f)
+            continue
+        if str(ds.get("Modality") or "").upper() in _NOT_IMAGES:
+            left_out.append(f.name)
+            continue
+        uid = str(ds.get("SeriesInstanceUID") or "")
+        groups.setdefault(uid, []).append(f)
+        numbers.setdefault(uid, str(ds.get("SeriesNumber") or "").strip())
+    out = []
+    for i, (uid, members) in enumerate(groups.items(), start=1):
+        out.append((numbers.get(uid) or str(i), members))
+    return out, left_out
 
 
 def _stem(path: Path) -> str:
@@ -98,8 +169,10 @@ def _stem(path: Path) -> str:
 
 def read_scan(scan: ScanInput) -> Volume:
     """The scan's volume; a DICOM series leniently (gaps and duplicates become notes)."""
-    from nodulekit.data.volumes import read_volume
+    from nodulekit.data.volumes import read_dicom_series, read_volume
 
+    if scan.files is not None:
+        return read_dicom_series(list(scan.files), strict=False)
     return read_volume(scan.path, **({"strict": False} if scan.format == "dicom" else {}))
 
 
