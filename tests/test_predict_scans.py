@@ -322,3 +322,41 @@ def test_scans_finds_every_series_in_a_tree(scan, tmp_path):
         mask = read_nifti(tmp_path / "pred" / "masks" / f"{name}.nii.gz")
         assert mask.shape == small.shape
         assert (tmp_path / "pred" / "seg" / f"{name}.dcm").is_file()
+
+
+def test_slices_are_resampled_to_the_models_pixels_as_scans_are(scan, tmp_path):
+    """The per-slice path (DICOM files, PNG masks) resamples each slice to the model's pixel
+    size by its own PixelSpacing, and maps the mask back, as the scan path does."""
+    import dataclasses
+
+    from PIL import Image
+
+    from nodulekit.data.volumes import read_nifti, write_dicom_series
+    from nodulekit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    volume, _ = scan
+    crop = Volume(volume.array[:, 250:378, 243:371].copy(), volume.affine.copy())
+    crop.affine[:3, 3] = volume.to_patient((0, 250, 243))
+    up = crop.affine.copy()
+    up[:3, 2] *= -1  # slices going up (+z): the series' own order
+    up[:3, 3] = crop.to_patient((crop.shape[0] - 1, 0, 0))
+    files = write_dicom_series(Volume(crop.array[::-1].copy(), up), tmp_path / "series",
+                               patient_id="P", study_uid="1.2.7", series_uid="1.2.7.1")
+    ckpt = load_checkpoint(MODEL)
+    told = save_checkpoint(tmp_path / "at_1mm.h5", dataclasses.replace(
+        ckpt, config={**ckpt.config, "spacing_mm": 1.0}))  # coarser than the 0.77 mm here
+
+    from nodulekit.inference.predict import PredictOptions, predict
+
+    opts = dict(device="cpu", progress=False, truth="none")
+    said = []
+    slices = predict(told, files, tmp_path / "slices", PredictOptions(**opts),
+                     report=said.append)
+    scans = predict(told, [tmp_path / "series"], tmp_path / "scans",
+                    PredictOptions(scans=True, **opts), report=said.append)
+    assert not slices.failed and not scans.failed
+    by_scan = read_nifti(tmp_path / "scans" / "masks" / "series.nii.gz").array
+    assert by_scan.sum() > 50
+    for k, f in enumerate(files):
+        png = np.asarray(Image.open(tmp_path / "slices" / "masks" / f"{f.stem}.png")) > 0
+        assert np.array_equal(png, by_scan[k] > 0), f"slice {k}"
