@@ -355,6 +355,10 @@ def _patch_value(ctx, param, value):
 @click.option("--context-slices", type=click.IntRange(min=0), default=None,
               help="Feed the K slices below and above as extra input channels (2.5D; at a "
                    "scan's edge the last slice repeats)  [default: 0]")
+@click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MM", help="DATA a folder: resample its slices in-plane to MM x MM pixels "
+                                 "as it is preprocessed (`preprocess --spacing`); predict and "
+                                 "evaluate then resample to them too  [default: native]")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,

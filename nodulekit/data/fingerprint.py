@@ -97,14 +97,19 @@ def source_mismatch(cache: str | os.PathLike, folder: str | os.PathLike, options
 
 def cache_for_folder(folder: str | os.PathLike, cache: str | os.PathLike, *,
                      report: Callable[[str], object] = print, progress: bool = True,
-                     exclude: str | os.PathLike | None = None) -> Path:
-    """`cache` built from `folder` (with `FOLDER_OPTIONS`): reused when it records the folder
-    as it is now, else (re)built, saying which and why. Returns the cache's path."""
+                     exclude: str | os.PathLike | None = None,
+                     spacing: float | None = None) -> Path:
+    """`cache` built from `folder` (with `FOLDER_OPTIONS`, and `spacing`: `preprocess
+    --spacing`, None: native pixels): reused when it records the folder as it is now and
+    the same options, else (re)built, saying which and why. Returns the cache's path."""
     from nodulekit.data.preprocess import preprocess
 
+    options = dict(FOLDER_OPTIONS)
+    if spacing is not None:  # only then: a native cache's fingerprint stays what it was
+        options["spacing"] = float(spacing)
     cache = Path(cache)
     if cache.is_file():
-        why = source_mismatch(cache, folder, FOLDER_OPTIONS, exclude)
+        why = source_mismatch(cache, folder, options, exclude)
         if why is None:
             report(f"reusing {cache}: built from {Path(folder).resolve()}, unchanged since")
             return cache
@@ -113,10 +118,10 @@ def cache_for_folder(folder: str | os.PathLike, cache: str | os.PathLike, *,
         report(f"preprocessing {folder} into {cache}")
     # Taken before the folder is read: a file that changes while it is read then makes the
     # next check rebuild, rather than reuse a cache of the older file.
-    attrs = source_attrs(folder, FOLDER_OPTIONS, exclude)
+    attrs = source_attrs(folder, options, exclude)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
-        result = preprocess(folder, tmp, progress=progress, **FOLDER_OPTIONS)
+        result = preprocess(folder, tmp, progress=progress, **options)
         with h5py.File(tmp, "r+") as f:
             f.attrs.update(attrs)
         os.replace(tmp, cache)

@@ -401,8 +401,9 @@ def crop_shape(slice_shape, size: int | None) -> tuple[int, int]:
 
 
 def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True) -> Path:
-    """A cache path for evaluation: DATA as given (a folder is preprocessed into `out`),
-    or the cache the run trained on."""
+    """A cache path for evaluation: DATA as given (a folder is preprocessed into `out`, at
+    the run's pixel size where it trained on a resampled one), or the cache the run
+    trained on."""
     if data is None:
         cache = config.get("cache")
         if not cache or not Path(cache).is_file():
@@ -413,8 +414,9 @@ def resolve_eval_data(data, config: dict, out: Path, report=print, progress=True
     if data.is_dir():  # the cache there is reused only while it records this folder as it is
         from nodulekit.data.fingerprint import cache_for_folder
 
+        # at the pixel size the model trained at (`preprocess --spacing`), if it had one
         return cache_for_folder(data, out / "cache.h5", report=report, progress=progress,
-                                exclude=out)
+                                exclude=out, spacing=config.get("spacing_mm"))
     if not data.is_file():
         raise ValueError(f"{data}: no such file or folder")
     return data

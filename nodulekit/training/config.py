@@ -123,6 +123,8 @@ class TrainOptions:
     patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
     foreground_fraction: float | None = _option()  # crops placed on a nodule (default 1/3)
     context_slices: int | None = _option()  # K slices below and above as input channels
+    # a data-set folder's pixels resampled in-plane to this (mm) when preprocessed
+    spacing: float | None = _option()
     device: str = _option("auto", on_resume=SESSION)
     workers: int = _option(2, on_resume=SESSION)
     queue: int | None = _option(on_resume=SESSION)
@@ -155,6 +157,8 @@ class TrainOptions:
 
 
 def _stored_value(config: TrainConfig, name: str):
+    if name == "spacing":
+        return config.spacing_mm
     if name == "size":
         return list(config.image_shape)
     if name == "patch":
@@ -166,6 +170,8 @@ def _comparable(name: str, asked, stored):
     """`asked` in the form the configuration stores it."""
     if name in ("size", "patch"):
         return [int(asked)] * 2
+    if name == "spacing":
+        return float(asked)
     if name in ("data", "finetune_from"):
         text = str(asked)
         return stored if stored in (text, str(Path(text).absolute())) else text

@@ -57,7 +57,8 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     if any((out / f"checkpoint_{which}.h5").exists() for which in ("last", "best")):
         raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it, or "
                          "choose another --out")
-    cache = _ready_cache(options.data, kind, out, report=report, progress=progress)
+    cache = _ready_cache(options.data, kind, out, report=report, progress=progress,
+                         spacing=options.spacing)
     o = options.defaults_from(defaults)
     finetune = o.pop("finetune_from")
     if finetune is not None:
@@ -107,9 +108,15 @@ def _run_folder(out, name: str) -> Path:
     return Path(out).absolute()
 
 
-def _ready_cache(data, kind: str, out: Path, *, report, progress: bool) -> Path:
+def _ready_cache(data, kind: str, out: Path, *, report, progress: bool,
+                 spacing: float | None = None) -> Path:
     """The cache the run reads: the demo's (generated once), a folder's (preprocessed into
-    the run folder), or the cache given."""
+    the run folder, resampled to `spacing` mm pixels if given), or the cache given."""
+    if spacing is not None and kind != "folder":
+        what = "the demo set" if kind == "demo" else f"the cache {data}"
+        raise ValueError(f"--spacing resamples a data-set folder as it is preprocessed; "
+                         f"{what} is preprocessed already (`nodulekit preprocess DATA OUT.h5 "
+                         "--spacing MM` makes a resampled cache)")
     if kind == "demo":
         from nodulekit.training.demo import ensure_demo_cache
 
@@ -120,7 +127,7 @@ def _ready_cache(data, kind: str, out: Path, *, report, progress: bool) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     return cache_for_folder(data, out / "cache.h5", report=report, progress=progress,
-                            exclude=out).absolute()
+                            exclude=out, spacing=spacing).absolute()
 
 
 def _architecture_from(finetune, options: TrainOptions, resolved: dict) -> str:

@@ -1,0 +1,45 @@
+"""`train DATA --spacing MM` on a data-set folder: the run's cache resampled as `preprocess
+--spacing` does, the pixel size recorded in the run's configuration, and `evaluate` on a
+folder preprocessing it at that pixel size too (else a model would be scored off its scale).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import tiny_train
+
+SPACING = 12.0  # mm: the tiny set's 32-pixel slices have 9.6-13.6 mm pixels
+
+
+def test_train_on_a_folder_at_a_pixel_size_and_evaluate_at_it(tiny_data, tmp_path):
+    from nodulekit.data.cache import open_cache
+    from nodulekit.evaluation.evaluate import EvaluateOptions, evaluate
+
+    data, _ = tiny_data
+    result = tiny_train(data, tmp_path / "run", epochs=1, spacing=SPACING, size=32,
+                        test=False)  # 35 x 35 slices at 12 mm: cropped to a multiple of 4
+    config = json.loads((result.out / "config.json").read_text())["config"]
+    assert config["spacing_mm"] == SPACING
+    with open_cache(config["cache"]) as c:
+        assert float(c.attrs["spacing_mm"]) == SPACING
+        assert (c.split("train").meta["pixel_spacing"] == SPACING).all()
+    said = []
+    evaluate(EvaluateOptions(result.out, data, out=tmp_path / "eval", device="cpu",
+                             workers=0, progress=False), report=said.append)
+    with open_cache(tmp_path / "eval" / "cache.h5") as c:
+        assert float(c.attrs["spacing_mm"]) == SPACING
+    assert not any(line.startswith("warning: the model trained at") for line in said)
+
+
+def test_spacing_is_for_a_folder_and_fixed_on_resume(tiny_data, tmp_path):
+    _, cache = tiny_data
+    with pytest.raises(ValueError, match=r"--spacing resamples a data-set folder .* the cache"):
+        tiny_train(cache, tmp_path / "run", epochs=1, spacing=SPACING)
+    tiny_train(cache, tmp_path / "native", epochs=1, test=False)
+    from nodulekit.training.loop import train
+
+    with pytest.raises(ValueError, match="spacing is None, cannot change it to 12.0"):
+        train(resume=str(tmp_path / "native"), epochs=2, spacing=SPACING, device="cpu",
+              workers=0, progress=False, echo=lambda *_: None)
