@@ -98,21 +98,18 @@ class NoduleLinker:
     """Joins the components of consecutive slices of one exam into 3-D nodules.
 
     Feed the slices of an exam in order with `add`; `finish` gives, for every row added,
-    the nodule diameter of each of its components (same order as given).
+    the nodule diameter of each of its components (same order as given). Two components of
+    consecutive slices that share a pixel are one nodule: they are an edge of a graph whose
+    connected components (scipy.sparse.csgraph) are the nodules, built while the slices
+    stream past (the writer never holds an exam's masks).
     """
 
     def __init__(self):
-        self._parent: list[int] = []
         self._section: list[float] = []
+        self._edges: list[tuple[int, int]] = []
         self._rows: list[tuple[int, list[int]]] = []  # (row, node ids of its components)
         self._prev: list[tuple[int, np.ndarray]] = []  # previous slice's (node, pixels)
         self._prev_key: int | None = None
-
-    def _find(self, i: int) -> int:
-        while self._parent[i] != i:
-            self._parent[i] = self._parent[self._parent[i]]
-            i = self._parent[i]
-        return i
 
     def add(self, row: int, slice_key: int, parts: list[np.ndarray],
             section_mm: list[float]) -> None:
@@ -122,27 +119,31 @@ class NoduleLinker:
         nodes = []
         current = []
         for pixels, diameter in zip(parts, section_mm, strict=True):
-            node = len(self._parent)
-            self._parent.append(node)
+            node = len(self._section)
             self._section.append(float(diameter))
             nodes.append(node)
             current.append((node, pixels))
             if adjacent:
-                for other, other_pixels in self._prev:
-                    if _overlap(pixels, other_pixels):
-                        a, b = self._find(node), self._find(other)
-                        if a != b:
-                            self._parent[max(a, b)] = min(a, b)
+                self._edges += [(node, other) for other, other_pixels in self._prev
+                                if _overlap(pixels, other_pixels)]
         self._rows.append((row, nodes))
         self._prev = current
         self._prev_key = slice_key
 
     def finish(self) -> dict[int, list[float]]:
-        biggest: dict[int, float] = {}
-        for node, d in enumerate(self._section):
-            root = self._find(node)
-            biggest[root] = max(biggest.get(root, 0.0), d)
-        return {row: [biggest[self._find(n)] for n in nodes] for row, nodes in self._rows}
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(self._section)
+        if n == 0:
+            return {row: [] for row, _ in self._rows}
+        edges = np.asarray(self._edges, dtype=np.int64).reshape(-1, 2)
+        graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])),
+                           shape=(n, n))
+        _, nodule = connected_components(graph, directed=False)
+        biggest = np.zeros(nodule.max() + 1)
+        np.maximum.at(biggest, nodule, np.asarray(self._section))
+        return {row: [float(biggest[nodule[i]]) for i in nodes] for row, nodes in self._rows}
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
