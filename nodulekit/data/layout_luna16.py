@@ -29,14 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nodulekit.data.layout import DEFAULT_FRACTIONS, DataIndex, LayoutError, Problem
-from nodulekit.data.scans import (
-    ScanError,
-    ScanSpec,
-    Sphere,
-    canonical_grid,
-    scan_grid,
-    scan_index,
-)
+from nodulekit.data.scans import Sphere, file_scan_spec, scan_index
 
 ANNOTATIONS = "annotations.csv"
 COLUMNS = ("seriesuid", "coordx", "coordy", "coordz", "diametermm")
@@ -64,16 +57,10 @@ def read_luna16(root: str | os.PathLike, *, seed: int = 0,
             problems.append(Problem(str(path), f"{bad[uid]}; scan skipped (its nodules "
                                                "would be incomplete)"))
             continue
-        try:
-            shape, affine = scan_grid(path)
-        except ScanError as e:
-            problems.append(Problem(str(path), str(e).removeprefix(f"{path}: ")))
-            continue
-        slices, slice_shape, spacing = canonical_grid(shape, affine)
-        scans.append((uid, "1", ScanSpec(str(path), path.relative_to(root).as_posix(), slices,
-                                         slice_shape, spacing,
-                                         spheres=tuple(spheres.get(uid, ())),
-                                         annotations=str(root / ANNOTATIONS))))
+        spec = file_scan_spec(path, root, problems, spheres=tuple(spheres.get(uid, ())),
+                              annotations=str(root / ANNOTATIONS))
+        if spec is not None:
+            scans.append((uid, "1", spec))
     elsewhere = sorted(set(spheres) - set(seen))
     if elsewhere:
         problems.append(Problem(str(root / ANNOTATIONS),

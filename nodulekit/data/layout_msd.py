@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nodulekit.data.layout import DEFAULT_FRACTIONS, DataIndex, LayoutError, Problem
-from nodulekit.data.scans import ScanError, ScanSpec, canonical_grid, scan_grid, scan_index
+from nodulekit.data.scans import file_scan_spec, scan_index
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -48,15 +48,9 @@ def read_msd(root: str | os.PathLike, *, seed: int = 0,
             problems.append(Problem(str(image), f"no label {labels_dir / name}: skipped (a "
                                                 "training scan needs its label)"))
             continue
-        try:
-            shape, affine = scan_grid(image)
-        except ScanError as e:
-            problems.append(Problem(str(image), str(e).removeprefix(f"{image}: ")))
-            continue
-        slices, slice_shape, spacing = canonical_grid(shape, affine)
-        spec = ScanSpec(str(image), image.relative_to(root).as_posix(), slices, slice_shape,
-                        spacing, label=str(label))
-        scans.append((_stem(name), "1", spec))
+        spec = file_scan_spec(image, root, problems, label=str(label))
+        if spec is not None:
+            scans.append((_stem(name), "1", spec))
     for name in sorted(set(labels) - set(images)):
         problems.append(Problem(str(labels[name]), "label without a scan in imagesTr/; "
                                                    "ignored"))

@@ -174,6 +174,19 @@ def scan_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray
     raise ScanError(f"{path}: not a NIfTI or MetaImage file")
 
 
+def file_scan_spec(path: Path, root: Path, problems: list[Problem], **extra) -> ScanSpec | None:
+    """The `ScanSpec` of a NIfTI or MetaImage file, from its header (`extra`: its label or
+    spheres); None, with the reason in `problems`, where the header cannot be read."""
+    try:
+        shape, affine = scan_grid(path)
+    except ScanError as e:
+        problems.append(Problem(str(path), str(e).removeprefix(f"{path}: ")))
+        return None
+    slices, slice_shape, spacing = canonical_grid(shape, affine)
+    return ScanSpec(str(path), path.relative_to(root).as_posix(), slices, slice_shape, spacing,
+                    **extra)
+
+
 def _nifti_grid(path) -> tuple[tuple[int, int, int], np.ndarray]:
     import nibabel as nib
 

@@ -193,11 +193,7 @@ def synthesize(out: str | os.PathLike, config: SynthConfig | None = None, *,
         raise ValueError(f"orientation {orientation!r} is for whole scans (--format msd, "
                          "luna16 or series); UniToChest slices are axial")
     cfg = config or SynthConfig()
-    root = Path(out)
-    _clear(root, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("written by nodulekit synth: `nodulekit synth --overwrite` "
-                               "may delete this folder\n")
+    root = prepare_root(out, overwrite)
 
     ids = [patient_id(p) for p in range(cfg.patients)]
     split_of = split_patients(ids, seed=cfg.seed)
@@ -249,6 +245,17 @@ def map_patients(write, jobs: list[tuple], workers: int | None, progress: bool) 
     finally:
         bar.close()
     return written
+
+
+def prepare_root(out: str | os.PathLike, overwrite: bool) -> Path:
+    """The folder a data set is written to: made way for (`_clear`), created, and marked
+    as synth's (what a later `overwrite` may delete)."""
+    root = Path(out)
+    _clear(root, overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by nodulekit synth: `nodulekit synth --overwrite` "
+                               "may delete this folder\n")
+    return root
 
 
 def _clear(root: Path, overwrite: bool) -> None:

@@ -37,16 +37,15 @@ import numpy as np
 from nodulekit.data.layout import SPLITS, split_patients
 from nodulekit.data.synth import (
     GENERATOR,
-    MARKER,
     SynthConfig,
     SynthResult,
     SynthSlice,
-    _clear,
     _render,
     _uid,
     anatomy,
     map_patients,
     patient_id,
+    prepare_root,
 )
 from nodulekit.data.volumes import (
     Volume,
@@ -74,11 +73,7 @@ def export(out: str | os.PathLike, config: SynthConfig | None = None, *, format:
         raise ValueError(f"unknown orientation {orientation!r}; one of "
                          f"{', '.join(ORIENTATIONS)}")
     cfg = config or SynthConfig()
-    root = Path(out)
-    _clear(root, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("written by nodulekit synth: `nodulekit synth --overwrite` "
-                               "may delete this folder\n")
+    root = prepare_root(out, overwrite)
     names = [reader_patient(cfg, format, p) for p in range(cfg.patients)]
     # the split `nodulekit preprocess --split-seed SEED` gives these patients
     split_of = split_patients(names, seed=cfg.seed)
