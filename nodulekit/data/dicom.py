@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -150,6 +151,27 @@ def read_slices(path: str | os.PathLike, *, allow_non_ct: bool = False,
 def read_header(path: str | os.PathLike) -> pydicom.Dataset:
     """The dataset without its pixel data (fast: for patient IDs when building a split)."""
     return _open(path, stop_before_pixels=True)
+
+
+def header_text(ds, name: str) -> str:
+    """A header element as stripped text; "" where absent or unreadable."""
+    try:
+        return str(ds.get(name) or "").strip()
+    except Exception:  # noqa: BLE001 (a damaged element: as if absent)
+        return ""
+
+
+def header_floats(ds, name: str, n: int) -> tuple[float, ...] | None:
+    """A numeric element's n values as floats, all finite; None where absent or not so."""
+    try:
+        value = ds.get(name)
+        if value is None or value == "":
+            return None
+        several = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        values = tuple(float(v) for v in (value if several else [value]))
+    except Exception:  # noqa: BLE001 (a damaged or odd element: as if absent)
+        return None
+    return values if len(values) == n and np.isfinite(values).all() else None
 
 
 def stored_to_hu(stored: np.ndarray, slope: float, intercept: float,

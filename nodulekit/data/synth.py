@@ -59,6 +59,7 @@ from nodulekit.data.synth_anatomy import (
 )
 from nodulekit.data.synth_nodules import TABLE3_COUNTS, TABLE3_RANGES, SynthNodule
 from nodulekit.data.synth_render import HU_MAX, HU_MIN, Frame, frame, render
+from nodulekit.data.volumes import decimal_string
 
 __all__ = ["GENERATOR", "HU_MAX", "HU_MIN", "MARKER", "RESCALE_INTERCEPT",
            "SLICE_THICKNESSES_MM", "TABLE3_COUNTS", "TABLE3_RANGES", "SynthConfig",
@@ -379,11 +380,6 @@ def _uid(cfg: SynthConfig, kind: str, *parts: int) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
-def _ds(v: float) -> str:
-    """A decimal string DICOM accepts (at most 16 characters)."""
-    return f"{v:.10g}"
-
-
 def _write_ct(path: Path, hu: np.ndarray, tags: _CtTags) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -408,11 +404,11 @@ def _write_ct(path: Path, hu: np.ndarray, tags: _CtTags) -> None:
     ds.InstanceNumber = tags.instance
     ps = tags.spacing
     corner = -(hu.shape[1] - 1) / 2 * ps
-    ds.ImagePositionPatient = [_ds(corner), _ds(corner), _ds(tags.z)]
+    ds.ImagePositionPatient = [decimal_string(v) for v in (corner, corner, tags.z)]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.SliceLocation = _ds(tags.z)
-    ds.SliceThickness = _ds(tags.thickness)
-    ds.PixelSpacing = [_ds(ps), _ds(ps)]
+    ds.SliceLocation = decimal_string(tags.z)
+    ds.SliceThickness = decimal_string(tags.thickness)
+    ds.PixelSpacing = [decimal_string(ps), decimal_string(ps)]
     ds.Rows, ds.Columns = hu.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

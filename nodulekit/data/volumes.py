@@ -270,6 +270,9 @@ class _Header:
     orientation: np.ndarray | None
     shape: tuple[int, int]
     spacing: tuple[float, float] | None
+    sop_uid: str
+    frame_uid: str  # FrameOfReferenceUID
+    thickness: float | None  # SliceThickness, mm
 
 
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
@@ -314,9 +317,9 @@ def read_dicom_series(folder_or_files, *, strict: bool = True,
     distance = distance[keep]
     steps = np.diff(distance)
     # with gaps (not strict) the median step: the affine of the slices that are evenly spaced
-    slice_spacing = float(np.median(steps)) if len(steps) else _thickness(headers[0].path)
+    slice_spacing = float(np.median(steps)) if len(steps) else (headers[0].thickness or 1.0)
     hu = np.empty((len(headers), *headers[0].shape), dtype=np.int16)
-    sop, ids = [], {}
+    ids = {}
     for k, h in enumerate(headers):
         s = read_slice(h.path, allow_non_ct=allow_non_ct, out=hu[k])
         if k == 0:
@@ -328,9 +331,8 @@ def read_dicom_series(folder_or_files, *, strict: bool = True,
     direction = np.stack([row_cos, col_cos, normal], axis=1)
     sr, sc = first.spacing
     affine = affine_from(first.position, direction, (slice_spacing or 1.0, sr, sc))
-    for h in headers:
-        sop.append(_text_tag(h.path, "SOPInstanceUID"))
-    ids["FrameOfReferenceUID"] = _text_tag(first.path, "FrameOfReferenceUID")
+    sop = [h.sop_uid for h in headers]
+    ids["FrameOfReferenceUID"] = first.frame_uid
     return Volume(hu, affine, source=where, files=[h.path for h in headers], sop_uids=sop,
                   ids=ids, notes=notes)
 
@@ -348,37 +350,22 @@ def _series_files(folder_or_files) -> tuple[list[Path], str]:
 
 
 def _series_header(path: Path) -> _Header:
-    from nodulekit.data.dicom import read_header
+    from nodulekit.data.dicom import header_floats, header_text, read_header
 
     ds = read_header(path)  # raises DicomError naming the file
-    position = _floats(ds, "ImagePositionPatient", 3)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _floats(ds, "PixelSpacing", 2)
+
+    def vector(name: str, n: int) -> np.ndarray | None:
+        values = header_floats(ds, name, n)
+        return None if values is None else np.asarray(values, dtype=np.float64)
+
+    spacing = header_floats(ds, "PixelSpacing", 2)
+    thickness = header_floats(ds, "SliceThickness", 1)
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    return _Header(str(path), str(ds.get("SeriesInstanceUID") or "").strip(), position,
-                   orientation, (rows, cols), None if spacing is None else tuple(spacing))
-
-
-def _floats(ds, name: str, n: int) -> np.ndarray | None:
-    try:
-        v = ds.get(name)
-        values = np.array([float(x) for x in (v if n > 1 else [v])], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return values if values.size == n and np.isfinite(values).all() else None
-
-
-def _text_tag(path: str, name: str) -> str:
-    from nodulekit.data.dicom import read_header
-
-    return str(read_header(path).get(name) or "").strip()
-
-
-def _thickness(path: str) -> float:
-    from nodulekit.data.dicom import read_header
-
-    v = _floats(read_header(path), "SliceThickness", 1)
-    return float(v[0]) if v is not None and v[0] > 0 else 1.0
+    return _Header(str(path), header_text(ds, "SeriesInstanceUID"),
+                   vector("ImagePositionPatient", 3), vector("ImageOrientationPatient", 6),
+                   (rows, cols), spacing, header_text(ds, "SOPInstanceUID"),
+                   header_text(ds, "FrameOfReferenceUID"),
+                   thickness[0] if thickness and thickness[0] > 0 else None)
 
 
 def _check_one_series(headers: list[_Header], where: str) -> None:
@@ -486,7 +473,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, patient_id:
     frame_uid = frame_of_reference_uid or f"{study_uid}.0"
     d = volume.direction
     sk, sr, sc = volume.spacing
-    orientation = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
+    orientation = [decimal_string(v) for v in (*d[:, 0], *d[:, 1])]
     written = []
     for k in range(n):
         meta = FileMetaDataset()
@@ -508,10 +495,10 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, patient_id:
         ds.SeriesNumber = 1
         ds.InstanceNumber = k + 1
         position = volume.to_patient((k, 0, 0))
-        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.ImagePositionPatient = [decimal_string(v) for v in position]
         ds.ImageOrientationPatient = orientation
-        ds.SliceThickness = _ds(sk)
-        ds.PixelSpacing = [_ds(sr), _ds(sc)]
+        ds.SliceThickness = decimal_string(sk)
+        ds.PixelSpacing = [decimal_string(sr), decimal_string(sc)]
         ds.Rows, ds.Columns = volume.shape[1:]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -529,7 +516,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, patient_id:
     return written
 
 
-def _ds(v: float) -> str:
+def decimal_string(v: float) -> str:
     """A decimal string DICOM accepts (at most 16 characters)."""
     text = f"{float(v):.10g}"
     return "0" if text in ("-0", "0") else text

@@ -24,12 +24,14 @@ cache's scans), else the input order.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nodulekit.data.dicom import header_floats, header_text
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # normals this close (|cos| of their angle) are one orientation: a series projects on one
@@ -164,10 +166,11 @@ def read_header(path: str | os.PathLike) -> SliceHeader | None:
         ds = dicom_header(path)
     except DicomError:
         return None
-    return SliceHeader(_text(ds, "PatientID"), _text(ds, "StudyInstanceUID"),
-                       _text(ds, "SeriesInstanceUID"), _floats(ds, "ImagePositionPatient", 3),
-                       _floats(ds, "ImageOrientationPatient", 6),
-                       (_floats(ds, "SliceLocation", 1) or (None,))[0],
+    return SliceHeader(header_text(ds, "PatientID"), header_text(ds, "StudyInstanceUID"),
+                       header_text(ds, "SeriesInstanceUID"),
+                       header_floats(ds, "ImagePositionPatient", 3),
+                       header_floats(ds, "ImageOrientationPatient", 6),
+                       (header_floats(ds, "SliceLocation", 1) or (None,))[0],
                        _integer(ds, "InstanceNumber"))
 
 
@@ -252,26 +255,6 @@ def _values(headers: list[SliceHeader | None], get) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
-def _text(ds, name: str) -> str:
-    try:
-        return str(ds.get(name) or "").strip()
-    except Exception:  # noqa: BLE001 (a damaged element: as if absent)
-        return ""
-
-
-def _floats(ds, name: str, n: int) -> tuple[float, ...] | None:
-    """A numeric element's n values as floats, all finite; None where absent or not so."""
-    try:
-        value = ds.get(name)
-        if value is None or value == "":
-            return None
-        several = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-        values = tuple(float(v) for v in (value if several else [value]))
-    except Exception:  # noqa: BLE001 (a damaged or odd element: as if absent)
-        return None
-    return values if len(values) == n and np.isfinite(values).all() else None
-
-
 def _integer(ds, name: str) -> int | None:
-    value = _floats(ds, name, 1)
+    value = header_floats(ds, name, 1)
     return None if value is None or value[0] != int(value[0]) else int(value[0])
