@@ -83,10 +83,7 @@ def regrid(hu: np.ndarray, mask: np.ndarray | None, spacing: tuple[float, float]
     if same:
         out_hu, out_mask = hu, mask
     else:
-        image = ndimage.affine_transform(hu.astype(np.float32), (r_step, c_step),
-                                         offset=(r0, c0), output_shape=m, order=1,
-                                         mode="nearest", prefilter=False)
-        out_hu = np.rint(image).astype(np.int16)  # between neighbours: inside int16
+        out_hu = sample_hu(hu, (r0, c0), (r_step, c_step), m)
         out_mask = None
         if mask is not None:
             out_mask = ndimage.affine_transform(mask, (r_step, c_step), offset=(r0, c0),
@@ -99,6 +96,18 @@ def regrid(hu: np.ndarray, mask: np.ndarray | None, spacing: tuple[float, float]
     if lost:
         return Regridded(None, None, offset, lost, m)
     return Regridded(fitted[0], _or_none(fitted[1]), offset, 0, m)
+
+
+def sample_hu(hu: np.ndarray, origin: tuple[float, float], step: tuple[float, float],
+              shape: tuple[int, int]) -> np.ndarray:
+    """One slice's HU sampled linearly at input coordinates origin + i * step (per axis) on
+    an output grid of `shape`, rounded to int16 (between neighbours: inside int16)."""
+    from scipy import ndimage
+
+    image = ndimage.affine_transform(hu.astype(np.float32), step, offset=origin,
+                                     output_shape=shape, order=1, mode="nearest",
+                                     prefilter=False)
+    return np.rint(image).astype(np.int16)
 
 
 def fit(hu: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]):

@@ -48,17 +48,16 @@ def model_grid(shape: tuple[int, int], spacing: tuple[float, float],
 
 
 def to_model(hu: np.ndarray, grid: ModelGrid) -> np.ndarray:
-    """HU [..., H, W] (int16) resampled onto the model's grid (linear, rounded to int16)."""
-    from scipy import ndimage
+    """HU [..., H, W] (int16) resampled onto the model's grid, each slice as the cache's
+    preprocessing resamples it (`nodulekit.data.resample.sample_hu`)."""
+    from nodulekit.data.resample import sample_hu
 
     if grid.identity:
         return hu
     flat = hu.reshape(-1, *hu.shape[-2:])
     out = np.empty((flat.shape[0], *grid.shape), dtype=np.int16)
     for i, image in enumerate(flat):
-        out[i] = np.rint(ndimage.affine_transform(
-            image.astype(np.float32), grid.step, offset=grid.origin, output_shape=grid.shape,
-            order=1, mode="nearest", prefilter=False))
+        out[i] = sample_hu(image, grid.origin, grid.step, grid.shape)
     return out.reshape(*hu.shape[:-2], *grid.shape)
 
 
