@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from nodulekit.evaluation import metrics
-from nodulekit.inference import tiling
+from nodulekit.inference import tiling, writers
 from nodulekit.nn.inputs import center_crop
 
 
@@ -147,9 +147,8 @@ def sparse_predictions(be, logits) -> list[SlicePrediction]:
     slice_of, pixel = be.xp.nonzero(flat > 0)  # row-major: by slice, pixels ascending
     values = be.to_host(flat[slice_of, pixel]).astype(np.float32, copy=False)
     slice_of, pixel = be.to_host(slice_of), be.to_host(pixel).astype(np.int32)
-    # float64: in float32 every logit above ~16.6 is p = 1.0, and confident candidates
-    # would tie in the FROC's ranking
-    probability = 1.0 / (1.0 + np.exp(-values.astype(np.float64)))
+    # float64: in float32 confident candidates would tie at p = 1.0 in the FROC's ranking
+    probability = writers.probability(values)
     bounds = np.searchsorted(slice_of, np.arange(1, n))
     return [SlicePrediction(i, p) for i, p in zip(np.split(pixel, bounds),
                                                      np.split(probability, bounds),

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from nodulekit.data.volumes import Volume, volume_format
+from nodulekit.inference.writers import probability
 
 Report = Callable[[str], Any]
 SCAN_COLUMNS = ["input", "format", "mask", "probabilities", "seg", "slices", "rows", "columns",
@@ -245,15 +246,12 @@ def predict_scan(net, scan: ScanInput, batch_size: int,
 
     volume = read_scan(scan)
     logits = run_scan(net, volume, batch_size, tick)
-    probability = _sigmoid(logits)
+    # float32: a whole scan's worth (the ranking below breaks ties at p = 1 by size)
+    voxel_p = probability(logits).astype(np.float32)
     # the most probable first, as a reader goes through a detector's findings
-    nodules = sorted(components_3d(logits > 0, volume.spacing, probability),
+    nodules = sorted(components_3d(logits > 0, volume.spacing, voxel_p),
                      key=lambda c: (-c.max_probability, -c.voxels, c.label))
     return ScanPrediction(scan, volume, logits, nodules)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # no overflow for large |z|
 
 
 def write_scan(out: Path, p: ScanPrediction, probabilities: bool) -> tuple[dict, list[dict]]:
@@ -272,7 +270,7 @@ def write_scan(out: Path, p: ScanPrediction, probabilities: bool) -> tuple[dict,
            "notes": " | ".join(v.notes)}
     if probabilities:
         prob_path = _output(out, "probabilities", f"{name}.nii.gz")
-        write_nifti(v.with_array(_sigmoid(p.logits)), prob_path)
+        write_nifti(v.with_array(probability(p.logits).astype(np.float32)), prob_path)
         row["probabilities"] = prob_path.relative_to(out).as_posix()
     if p.scan.format == "dicom" and v.files:
         from nodulekit.data.seg import write_seg

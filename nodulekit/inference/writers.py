@@ -74,10 +74,15 @@ def overlay(grey: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
     return np.rint(rgb).astype(np.uint8)
 
 
+def probability(logits: np.ndarray) -> np.ndarray:
+    """p = sigmoid(logits) in float64 (in float32 every logit above ~16.6 would be 1.0),
+    without overflow for large |logit|."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
+
+
 def probability_grey(logits: np.ndarray) -> np.ndarray:
     """uint8: p = sigmoid(logits) as round(255 p)."""
-    p = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -60, 60)))
-    return np.rint(p * 255).astype(np.uint8)
+    return np.rint(probability(logits) * 255).astype(np.uint8)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
