@@ -44,40 +44,21 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     process per OpenMP setting in `torch_alone` (`nodulekit.bench.torch_alone`), and the
     ratio to the best of them."""
     torch = require_torch()
-    from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
-
     backend_name, why = resolve_device(device)
     backend = get_backend(backend_name)
     image, mask = synthetic_batch(batch, size, seed)
+    model = UNet(backend, depth=depth, width=width, seed=seed, norm=norm)
+    # torch's copy first: both sides start from the same weights
+    tdev = "cuda" if backend_name == "cuda" else "cpu"
+    torch_step = torch_train_step(model, image, mask, lr, tdev)
 
     # ---- ours
-    model = UNet(backend, depth=depth, width=width, seed=seed, norm=norm)
-    start_weights, start_buffers = model.state_dict(), model.buffer_dict()
     optimizer = Adam(backend, model.params, model.grads, lr=lr)
     x, t = backend.asarray(image), backend.asarray(mask)
     step = TrainStep(model, optimizer)  # the paper's step: Dice loss (s = 1), Adam
     first_loss_ours = float(step(x, t).dice)
 
     # ---- torch
-    tdev = "cuda" if backend_name == "cuda" else "cpu"
-    if tdev == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-    tmodel = TorchUNet(depth, width, norm=norm).load_ours(start_weights, start_buffers).to(tdev)
-    tmodel = tmodel.to(memory_format=torch.channels_last)
-    topt = torch.optim.Adam(tmodel.parameters(), lr=lr)
-    tx = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(tdev)
-    tx = tx.contiguous(memory_format=torch.channels_last)
-    tt = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy()).to(tdev)
-
-    def torch_step():
-        topt.zero_grad(set_to_none=True)
-        loss = torch_dice_loss(tmodel(tx), tt)
-        loss.backward()
-        topt.step()
-        return loss.detach()
-
     first_loss_torch = torch_step().item()
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     # ours and torch in turns, so a passing load on a shared machine hits both alike
@@ -126,6 +107,35 @@ def _add_torch_alone(result: dict, settings, shape: dict) -> None:
         result["torch_best"] = {"setting": best["setting"], "env": best["env"],
                                 "ms": best["ms"]}
         result["ratio_to_best_torch"] = result["ours_ms"] / best["ms"]
+
+
+def torch_train_step(ours, image, mask, lr: float, device: str = "cpu"):
+    """PyTorch's training step on the U-Net `ours` (its architecture, weights and buffers)
+    and the batch (NHWC image, mask): channels_last, float32 (TF32 off on a GPU), the same
+    Dice loss and Adam. Returns step(), which runs one step and gives its loss tensor."""
+    torch = require_torch()
+    from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
+
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    model = TorchUNet(ours.depth, ours.width, norm=ours.norm).load_ours(
+        ours.state_dict(), ours.buffer_dict()).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy()).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch_dice_loss(model(x), t)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
 
 
 def format_step(r: dict) -> str:

@@ -48,28 +48,14 @@ def _main(argv: list[str]) -> None:
     import numpy as np
 
     a = json.loads(argv[0])
-    from nodulekit.bench.common import require_torch
-    from nodulekit.bench.step import synthetic_batch
+    from nodulekit.bench.step import synthetic_batch, torch_train_step
     from nodulekit.engine import get_backend
     from nodulekit.nn import UNet
-    from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
 
-    torch = require_torch()
     image, mask = synthetic_batch(a["batch"], a["size"], a["seed"])
     ours = UNet(get_backend("cpu"), depth=a["depth"], width=a["width"], seed=a["seed"],
                 norm=a["norm"])
-    model = TorchUNet(a["depth"], a["width"], norm=a["norm"]).load_ours(
-        ours.state_dict(), ours.buffer_dict()).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=a["lr"])
-    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).contiguous(
-        memory_format=torch.channels_last)
-    t = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy())
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch_dice_loss(model(x), t)
-        loss.backward()
-        opt.step()
+    step = torch_train_step(ours, image, mask, a["lr"])  # the weights `bench step` starts from
 
     for _ in range(a["warmup"]):
         step()
