@@ -140,18 +140,27 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
     _write_json(result, json_path)
 
 
+def _step_shape_options(f):
+    """The U-Net and batch that `bench step` and `profile` time: width, depth, size, batch,
+    norm, seed."""
+    for option in reversed([
+            click.option("--width", default=16, show_default=True),
+            click.option("--depth", default=4, show_default=True),
+            click.option("--size", default=128, show_default=True, help="Input H = W."),
+            click.option("--batch", default=4, show_default=True),
+            click.option("--norm", default="none", show_default=True,
+                         type=click.Choice(["none", "instance", "batch"]),
+                         help="Normalisation after each 3x3 convolution (as `train --norm`)."),
+            click.option("--seed", default=0, show_default=True)]):
+        f = option(f)
+    return f
+
+
 @bench.command("step")
 @_device_option
-@click.option("--width", default=16, show_default=True)
-@click.option("--depth", default=4, show_default=True)
-@click.option("--size", default=128, show_default=True, help="Input H = W.")
-@click.option("--batch", default=4, show_default=True)
+@_step_shape_options
 @click.option("--repeats", default=10, show_default=True, help="Timed steps (median).")
 @click.option("--warmup", default=3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--norm", default="none", show_default=True,
-              type=click.Choice(["none", "instance", "batch"]),
-              help="Normalisation after each 3x3 convolution (as `train --norm`).")
 @click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
               help="CPU: also time torch alone in a child process per OpenMP wait policy "
                    "(PASSIVE, ACTIVE) and give the ratio to its best.")
@@ -218,17 +227,10 @@ def _write_json(result, json_path):
 
 @main.command()
 @_device_option
-@click.option("--width", default=16, show_default=True)
-@click.option("--depth", default=4, show_default=True)
-@click.option("--size", default=128, show_default=True, help="Input H = W.")
-@click.option("--batch", default=4, show_default=True)
-@click.option("--norm", default="none", show_default=True,
-              type=click.Choice(["none", "instance", "batch"]),
-              help="Normalisation after each 3x3 convolution (as `train --norm`).")
+@_step_shape_options
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed steps (each op: the median).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True)
 @click.option("--variants", is_flag=True,
               help="Also profile the step with each convolution version, side by side.")
 @click.option("--remeasure-peaks", is_flag=True,
