@@ -59,7 +59,7 @@ from nodulekit.data.synth_anatomy import (
 )
 from nodulekit.data.synth_nodules import TABLE3_COUNTS, TABLE3_RANGES, SynthNodule
 from nodulekit.data.synth_render import HU_MAX, HU_MIN, Frame, frame, render
-from nodulekit.data.volumes import decimal_string
+from nodulekit.data.volumes import decimal_string, set_ct_pixels
 
 __all__ = ["GENERATOR", "HU_MAX", "HU_MIN", "MARKER", "RESCALE_INTERCEPT",
            "SLICE_THICKNESSES_MM", "TABLE3_COUNTS", "TABLE3_RANGES", "SynthConfig",
@@ -409,19 +409,7 @@ def _write_ct(path: Path, hu: np.ndarray, tags: _CtTags) -> None:
     ds.SliceLocation = decimal_string(tags.z)
     ds.SliceThickness = decimal_string(tags.thickness)
     ds.PixelSpacing = [decimal_string(ps), decimal_string(ps)]
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = str(RESCALE_INTERCEPT)
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
     ds.WindowCenter = "-500"
     ds.WindowWidth = "1600"
-    stored = (hu.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2")
-    ds.PixelData = stored.tobytes()
-    ds["PixelData"].VR = "OW"
+    set_ct_pixels(ds, hu, RESCALE_INTERCEPT)
     ds.save_as(path, enforce_file_format=True)

@@ -499,21 +499,27 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, patient_id:
         ds.ImageOrientationPatient = orientation
         ds.SliceThickness = decimal_string(sk)
         ds.PixelSpacing = [decimal_string(sr), decimal_string(sc)]
-        ds.Rows, ds.Columns = volume.shape[1:]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = str(intercept)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        stored = (volume.array[k].astype(np.int32) - intercept).clip(-32768, 32767)
-        ds.PixelData = stored.astype("<i2").tobytes()
-        ds["PixelData"].VR = "OW"
+        set_ct_pixels(ds, volume.array[k], intercept)
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+def set_ct_pixels(ds, hu: np.ndarray, intercept: int) -> None:
+    """A CT slice's image pixel module on `ds`: HU [H, W] stored as signed 16-bit values
+    hu - intercept (clipped to int16), with RescaleSlope 1 and RescaleIntercept."""
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = str(intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    stored = (np.asarray(hu).astype(np.int32) - intercept).clip(-32768, 32767)
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds["PixelData"].VR = "OW"
 
 
 def decimal_string(v: float) -> str:
