@@ -12,7 +12,6 @@ from nodulekit.data.volumes import (
     GeometryError,
     Volume,
     affine_from,
-    as_hu,
     check_same_grid,
     read_dicom_series,
     read_metaimage,
@@ -214,8 +213,15 @@ def test_unreadable_files_are_named(tmp_path):
 
 
 def test_float_images_are_rounded_to_hu():
-    a = np.array([[[-1000.4, 0.5, 1.6, 40000.0, np.nan]]])
-    assert as_hu(a).tolist() == [[[-1000, 0, 2, 32767, -1024]]]
+    """A float scan (NIfTI with a scale): rounded, clipped to int16, each said; NaN refused
+    (`data.scans.hu_int16`, which `preprocess` and `predict` both read scans through)."""
+    from nodulekit.data.scans import ScanError, hu_int16
+
+    hu, notes = hu_int16(np.array([[[-1000.4, 0.5, 1.6, 40000.0]]]), "a.nii")
+    assert hu.dtype == np.int16 and hu.tolist() == [[[-1000, 0, 2, 32767]]]
+    assert len(notes) == 2 and "rounded" in notes[0] and "clipped" in notes[1]
+    with pytest.raises(ScanError, match="a.nii: 1 voxel"):
+        hu_int16(np.array([[[np.nan, 0.0]]]), "a.nii")
 
 
 def test_seg_round_trip_onto_its_series(tmp_path):

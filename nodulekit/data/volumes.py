@@ -120,17 +120,6 @@ class Volume:
         return replace(self, array=array, notes=[])
 
 
-def as_hu(array: np.ndarray) -> np.ndarray:
-    """An image array as int16 HU: integers as they are (clipped to int16), floats (NIfTI
-    with a scale, float-stored scans) rounded."""
-    a = np.asarray(array)
-    if a.dtype == np.int16:
-        return a
-    if a.dtype.kind == "f":
-        a = np.rint(np.nan_to_num(a, nan=-1024.0))
-    return np.clip(a, -32768, 32767).astype(np.int16)
-
-
 def affine_from(origin, direction, spacing_krc) -> np.ndarray:
     """The affine of a grid: `origin` (3,) LPS mm, `direction` (3, 3) with the unit vectors
     of +column, +row, +slice as columns, `spacing_krc` (slice, row, column) mm."""

@@ -263,6 +263,7 @@ def _predict_scans(net: Network, scans: list, out: Path, opts: PredictOptions,
     from tqdm import tqdm
 
     from nodulekit.data.dicom import DicomError
+    from nodulekit.data.scans import ScanError
     from nodulekit.data.seg import SegError
     from nodulekit.data.volumes import GeometryError
     from nodulekit.inference.scans import predict_scan, write_scan, write_tables
@@ -274,7 +275,7 @@ def _predict_scans(net: Network, scans: list, out: Path, opts: PredictOptions,
                       leave=False) as bar:
                 p = predict_scan(net, scan, opts.batch_size, tick=bar.update)
             row, nodules = write_scan(out, p, opts.probabilities)
-        except (GeometryError, DicomError, SegError) as e:
+        except (GeometryError, DicomError, SegError, ScanError) as e:
             result.failed.append((str(scan.path), str(e)))
             report(f"skipped {e}")
             continue

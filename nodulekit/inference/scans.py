@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +169,18 @@ def _stem(path: Path) -> str:
 
 
 def read_scan(scan: ScanInput) -> Volume:
-    """The scan's volume; a DICOM series leniently (gaps and duplicates become notes)."""
+    """The scan's volume as int16 HU, as `preprocess` reads a scan (`nodulekit.data.scans
+    .hu_int16`: floats rounded, values past int16 clipped, each said in the notes; NaN is an
+    error); a DICOM series leniently (gaps and duplicates become notes)."""
+    from nodulekit.data.scans import hu_int16
     from nodulekit.data.volumes import read_dicom_series, read_volume
 
     if scan.files is not None:
-        return read_dicom_series(list(scan.files), strict=False)
-    return read_volume(scan.path, **({"strict": False} if scan.format == "dicom" else {}))
+        volume = read_dicom_series(list(scan.files), strict=False)
+    else:
+        volume = read_volume(scan.path, **({"strict": False} if scan.format == "dicom" else {}))
+    hu, notes = hu_int16(volume.array, scan.path)
+    return replace(volume, array=hu, notes=volume.notes + [f"{scan.path}: {n}" for n in notes])
 
 
 def context_order(volume: Volume) -> int:
@@ -213,12 +219,11 @@ def run_scan(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | 
 def _run_axial(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | None
                ) -> np.ndarray:
     """`run_scan` on a volume in the canonical orientation."""
-    from nodulekit.data.volumes import as_hu
     from nodulekit.inference.resampling import model_grid, to_model, to_source
     from nodulekit.inference.tiling import run_hu
 
     be = net.backend
-    hu = np.ascontiguousarray(as_hu(volume.array))
+    hu = np.ascontiguousarray(volume.array, dtype=np.int16)  # `read_scan`: int16 already
     context = (net.model.in_channels - 1) // 2
     order = context_order(volume)
     z = hu.shape[0]
