@@ -234,22 +234,21 @@ def series_grid(folder: str | os.PathLike, files: list[Path]
                 ) -> tuple[tuple[int, int, int], np.ndarray, dict[str, str]]:
     """(shape, affine, identifiers) of a DICOM series folder from its first file's header:
     enough to count and size its slices; `volumes.read_dicom_series` checks the rest."""
-    from nodulekit.data.dicom import DicomError, read_header
+    from nodulekit.data.dicom import DicomError, header_floats, header_text, read_header
     from nodulekit.data.volumes import affine_from
 
     try:
         ds = read_header(files[0])
-        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        orientation = [float(v) for v in ds.get("ImageOrientationPatient") or []]
-        spacing = [float(v) for v in ds.get("PixelSpacing") or []]
-        thickness = float(ds.get("SliceThickness") or 1.0)
-        ids = {"PatientID": str(ds.get("PatientID") or "").strip(),
-               "SeriesInstanceUID": str(ds.get("SeriesInstanceUID") or "").strip()}
     except DicomError as e:
         raise ScanError(str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise ScanError(f"{files[0]}: a header value cannot be read ({e})") from None
-    if len(orientation) != 6 or len(spacing) != 2 or not rows or not cols:
+    size = header_floats(ds, "Rows", 1), header_floats(ds, "Columns", 1)
+    rows, cols = (int(v[0]) if v else 0 for v in size)
+    orientation = header_floats(ds, "ImageOrientationPatient", 6)
+    spacing = header_floats(ds, "PixelSpacing", 2)
+    thickness = (header_floats(ds, "SliceThickness", 1) or (1.0,))[0]
+    ids = {"PatientID": header_text(ds, "PatientID"),
+           "SeriesInstanceUID": header_text(ds, "SeriesInstanceUID")}
+    if orientation is None or spacing is None or not rows or not cols:
         raise ScanError(f"{files[0]}: no usable ImageOrientationPatient, PixelSpacing, Rows "
                         f"and Columns, so the series in {folder} cannot be placed")
     row, col = np.array(orientation[:3]), np.array(orientation[3:])
