@@ -276,3 +276,19 @@ def test_profile_command(tmp_path, monkeypatch):
     assert "outside the ops" in result.output
     assert json.loads(out.read_text())["config"]["width"] == 8
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_gpu_fma_kernel_compiles_for_sm_90():
+    """`profile --device cuda`'s FMA-throughput kernel, compiled with NVRTC for sm_90 with
+    the options it runs with (no GPU needed): it compiles, keeps its chains in registers
+    (no local memory: a spilled chain would measure memory, not FMA) and is in the cubin."""
+    from nodulekit.engine.kernel_check import _nvrtc, nvrtc_options, parse_ptxas
+    from nodulekit.profile.peaks_gpu import FMA_CHAINS, FMA_SOURCE
+
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(FMA_SOURCE, "fma_chains.cu", [], [])
+    nvrtc.compileProgram(prog, [*nvrtc_options(), "-std=c++17", f"-DCHAINS={FMA_CHAINS}"])
+    (info,), problems = parse_ptxas(nvrtc.getProgramLog(prog))
+    assert info.kernel == "fma_chains" and not problems
+    assert info.stack_bytes == 0 and info.spill_stores == info.spill_loads == 0
+    assert b"fma_chains" in bytes(nvrtc.getCUBIN(prog))
