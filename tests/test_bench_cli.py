@@ -99,6 +99,11 @@ def test_bench_step_times_ours_and_torch_in_turns():
     assert data["torch_best"]["setting"] == best["setting"]
     assert data["ratio_to_best_torch"] == data["ours_ms"] / best["ms"]
     assert "ratio ours / torch at its best" in result.output
+    # the CPU's vector extensions recorded beside the numbers (machines of one name differ)
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert data["cpu"]["avx512f"] == ("avx512f" in flags)
+    assert data["cpu"]["avx2"] == ("avx2" in flags) and data["cpu"]["cores"] >= 1
 
 
 def test_torch_alone_reports_a_failing_child():

@@ -204,34 +204,6 @@ AMD_FMA = {
 }
 
 
-def cpu_identity() -> dict:
-    """vendor, family, model and physical cores, from /proc/cpuinfo (Linux); cores are
-    the distinct (physical id, core id) pairs: SMT siblings share their core's FMA pipes."""
-    first: dict = {"vendor_id": None, "cpu family": None, "model": None}
-    cores, processors, package = set(), 0, None
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "processor":
-            processors += 1
-        elif key in first and first[key] is None:
-            first[key] = value
-        elif key == "physical id":
-            package = value
-        elif key == "core id":
-            cores.add((package, value))
-    def number(text):
-        return int(text) if text is not None and text.isdigit() else None
-
-    return {"vendor": first["vendor_id"], "family": number(first["cpu family"]),
-            "model": number(first["model"]),
-            "cores": len(cores) or processors or os.cpu_count() or 1}
-
-
 def _amd_core(family: int | None, model: int | None):
     if family not in AMD_FMA:
         return None
@@ -267,6 +239,8 @@ def measure() -> dict:
     dram = copy_bandwidth(8 * llc if llc else 1 << 28, threads)
     cache = copy_bandwidth(llc // 4, threads) if llc else None
     gemm = gemm_throughput(2048, threads)
+    from nodulekit.bench.common import cpu_identity
+
     identity = cpu_identity()
     best = max(f["gflops"] for f in fma)
     ideal = theoretical(identity, fma_latency_ns())
