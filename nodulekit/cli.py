@@ -465,6 +465,15 @@ def _tile_option(f):
              "is the untiled one.")(f)
 
 
+def _min_peak_option(f):
+    return click.option(
+        "--min-peak", default="model", show_default=True,
+        help="The peak filter: a predicted component (p > 0.5, 8-connected per slice) is kept "
+             "only where p reaches this somewhere in it. 'model': the threshold chosen on "
+             "validation when the checkpoint was saved; 'off': keep every component; or a "
+             "probability in [0.5, 1).")(f)
+
+
 @main.command()
 @click.argument("run", type=click.Path(exists=True))
 @click.argument("data", required=False, type=click.Path(exists=True))
@@ -479,6 +488,7 @@ def _tile_option(f):
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="Centre-crop the slices to SIZE x SIZE (default: whole slices).")
 @_tile_option
+@_min_peak_option
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Loader threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -520,6 +530,7 @@ def evaluate(run, precision, no_progress, **options):
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Slices per forward pass.")
 @_tile_option
+@_min_peak_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def predict(checkpoint, inputs, out, precision, no_progress, **options):
     """Nodule masks for INPUTS with CHECKPOINT (or a run folder).

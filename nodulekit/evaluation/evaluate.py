@@ -7,7 +7,9 @@ pass), and returns the per-slice confusion counts of the thresholded prediction 
 computed on the device by `Backend.confusion_counts`) and each slice's soft Dice (for the
 validation loss); asked (`predictions=True`, off for validation), also each slice's
 predicted pixels, sparse: their flat indices and probabilities (`SlicePrediction`).
-`evaluate` loads a checkpoint, runs `infer_split`, and writes ``summary.json``: per-slice
+`evaluate` loads a checkpoint, runs `infer_split`, applies the checkpoint's peak filter
+(`nodulekit.inference.peak_filter`, `--min-peak`: every number below is of the filtered
+prediction, as predict writes it), and writes ``summary.json``: per-slice
 Dice and IoU (a slice with empty truth and empty prediction scores 1, the paper's
 convention), their means, the Dice in two more conventions (over the nodule slices only,
 MONAI's default; with smoothing 1 inside the metric, the paper's code), the empty-slice
@@ -39,6 +41,8 @@ class SlicePrediction(NamedTuple):
 
     pixels: np.ndarray  # int32 [P]: flat indices into the slice's H x W, ascending
     probability: np.ndarray  # float64 [P]: sigmoid(logit) of those pixels
+    logit: np.ndarray | None = None  # float32 [P]: their logits (for the peak filter)
+    truth: np.ndarray | None = None  # bool [P]: whether each is a nodule pixel of the truth
 
 
 @dataclass
@@ -117,7 +121,7 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
                 _, dice, _ = be.sigmoid_dice_loss(logits, target, settings.smooth)
                 soft.append(be.to_host(dice))
                 if predictions:
-                    predicted.extend(sparse_predictions(be, logits))
+                    predicted.extend(sparse_predictions(be, logits, target))
                 rows.append(batch.index)
                 bar.update(1)
         be.synchronize()
@@ -138,21 +142,55 @@ def infer_split(model, cache, split: str, settings: InferSettings = InferSetting
                        time.perf_counter() - t0, kept)
 
 
-def sparse_predictions(be, logits) -> list[SlicePrediction]:
+def sparse_predictions(be, logits, target=None) -> list[SlicePrediction]:
     """Each slice's pixels with logit > 0 (p > 0.5, as `confusion_counts` thresholds) from
-    logits [N, H, W, 1] on the backend: found there, so only those pixels and their logits
-    come to the host."""
+    logits [N, H, W, 1] on the backend: found there, so only those pixels, their logits and
+    (given the target [N, H, W, 1]) their truth come to the host."""
     n = int(logits.shape[0])
     flat = logits.reshape(n, -1)
     slice_of, pixel = be.xp.nonzero(flat > 0)  # row-major: by slice, pixels ascending
     values = be.to_host(flat[slice_of, pixel]).astype(np.float32, copy=False)
+    truth = (None if target is None
+             else be.to_host(target.reshape(n, -1)[slice_of, pixel]) > 0)
     slice_of, pixel = be.to_host(slice_of), be.to_host(pixel).astype(np.int32)
     # float64: in float32 confident candidates would tie at p = 1.0 in the FROC's ranking
     probability = writers.probability(values)
     bounds = np.searchsorted(slice_of, np.arange(1, n))
-    return [SlicePrediction(i, p) for i, p in zip(np.split(pixel, bounds),
-                                                     np.split(probability, bounds),
-                                                     strict=True)]
+    truths = [None] * n if truth is None else np.split(truth, bounds)
+    return [SlicePrediction(i, p, z, t) for i, p, z, t in zip(
+        np.split(pixel, bounds), np.split(probability, bounds), np.split(values, bounds),
+        truths, strict=True)]
+
+
+def component_stats(result: SplitResult, image_shape) -> list:
+    """Each slice's predicted 2-D components (`peak_filter.ComponentStats`: peak logit,
+    pixels on and off the truth), from a result inferred with its predictions."""
+    from nodulekit.inference import peak_filter
+
+    if result.predictions is None:
+        raise ValueError("the split was inferred without its predictions")
+    return [peak_filter.slice_stats(p.pixels, p.logit, p.truth, image_shape)
+            for p in result.predictions]
+
+
+def apply_peak_filter(result: SplitResult, image_shape, min_peak_logit: float | None):
+    """(the result with the components below the peak threshold removed: its counts and
+    predictions, number of components dropped); None leaves it as it is."""
+    import dataclasses
+
+    from nodulekit.inference import peak_filter
+
+    if min_peak_logit is None or result.predictions is None:
+        return result, 0
+    kept_predictions, dropped = [], 0
+    for p in result.predictions:
+        keep, gone = peak_filter.kept_pixels(p.pixels, p.logit, image_shape, min_peak_logit)
+        dropped += gone
+        kept_predictions.append(SlicePrediction(*(None if v is None else v[keep] for v in p)))
+    stats = component_stats(result, image_shape)
+    truth = result.counts[:, 0] + result.counts[:, 2]
+    counts = peak_filter.filtered_counts(stats, truth, min_peak_logit)
+    return dataclasses.replace(result, counts=counts, predictions=kept_predictions), dropped
 
 
 def split_summary(result: SplitResult, split_meta: dict) -> dict:
@@ -197,6 +235,7 @@ class EvaluateOptions:
     workers: int = 2
     progress: bool = True
     threads: int | None = None  # the CPU backend's threads (default: one per core)
+    min_peak: str = "model"  # the peak filter: the checkpoint's, "off", or a probability
 
 
 def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict, Path]:
@@ -211,6 +250,7 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
     from nodulekit.data.cache import open_cache
     from nodulekit.engine import get_backend, resolve_device
     from nodulekit.evaluation import detection, exams
+    from nodulekit.inference import peak_filter
     from nodulekit.training.checkpoint import model_from_checkpoint
     from nodulekit.training.runfiles import write_json
 
@@ -225,6 +265,8 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
     report(sentence)
     be = get_backend(backend_name, o.precision, threads=o.threads)
     model = model_from_checkpoint(ckpt, be)
+    min_peak, words = peak_filter.resolve(o.min_peak, ckpt.history, ckpt.epoch)
+    report(words)
     with open_cache(cache) as c:
         s = c.split(o.split)
         if len(s) == 0:
@@ -238,6 +280,7 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
                + (f" ({how})" if how != "whole slices" else ""))
         result = infer_split(model, c, o.split, settings, progress=progress, comm=comm,
                              predictions=True)
+        result, dropped = apply_peak_filter(result, shape, min_peak)
         summary = split_summary(result, s.meta)
         t0 = time.perf_counter()
         nodules = detection.summarize(exams.scan_results(s, result, shape))
@@ -247,6 +290,10 @@ def evaluate(options: EvaluateOptions, *, report=print, comm=None) -> tuple[dict
         "data": str(Path(cache).resolve()), "split": o.split, "image_shape": list(shape),
         "device": be.name, "precision": be.precision,
         "threshold": "p > 0.5 (logit > 0)",
+        "peak_filter": {"min_peak_logit": min_peak,
+                        "min_peak_probability": (None if min_peak is None else
+                                                 peak_filter.probability_of(min_peak)),
+                        "components_dropped": dropped, "how": words},
         "convention": "per-slice Dice = 2TP/(2TP+FP+FN), IoU = TP/(TP+FP+FN); a slice with "
                       "empty truth and empty prediction scores 1; global = on summed counts",
         "dice_conventions": DICE_CONVENTIONS,
@@ -368,6 +415,12 @@ def _check_options(o: EvaluateOptions) -> None:
         problems.append(f"size must be >= 1, got {o.size}")
     try:
         tiling.parse_tile(o.tile)
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        from nodulekit.inference import peak_filter
+
+        peak_filter.parse_option(o.min_peak)
     except ValueError as e:
         problems.append(str(e))
     if o.workers < 0:

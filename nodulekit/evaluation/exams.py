@@ -111,7 +111,7 @@ def _predicted_voxels(result: SplitResult, positions: np.ndarray, area: int):
     for k, j in enumerate(positions.tolist()):
         if j < 0:
             continue
-        pixels, p = result.predictions[j]
+        pixels, p = result.predictions[j][:2]
         if pixels.size:
             flats.append(k * area + pixels.astype(np.int64))
             probabilities.append(p)

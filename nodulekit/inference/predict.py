@@ -60,6 +60,7 @@ class PredictOptions:
     progress: bool = True
     overwrite: bool = False  # OUT holds an earlier prediction: replace it
     scans: bool = False  # DICOM folders are whole series (scan outputs), not slices
+    min_peak: str = "model"  # the peak filter: the checkpoint's, "off", or a probability
 
 
 @dataclass
@@ -92,7 +93,8 @@ class SlicePrediction:
     logits: np.ndarray  # [H, W]
     grey: np.ndarray  # the windowed slice in [0, 1], [H, W]
     truth: np.ndarray | None
-    counts: np.ndarray | None  # (tp, fp, fn) against the truth mask, when there is one
+    counts: np.ndarray | None  # (tp, fp, fn) of `mask` against the truth, when there is one
+    mask: np.ndarray  # bool [H, W]: logit > 0, the peak filter applied
 
     @property
     def has_nodule(self) -> bool:
@@ -114,12 +116,16 @@ class Network:
     # the pixel size (mm) the model trained at (`preprocess --spacing`); None: native
     spacing_mm: float | None = None
     unknown_spacing: int = 0  # slices run at their own pixels: their spacing is unknown
+    min_peak_logit: float | None = None  # the peak filter (`nodulekit.inference.peak_filter`)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto",
-             precision: str = "fp32", report: Report = print) -> Network:
-        """`checkpoint` (or a run folder's best one) on `device`; says which device."""
+             precision: str = "fp32", report: Report = print,
+             min_peak: str = "model") -> Network:
+        """`checkpoint` (or a run folder's best one) on `device`; says which device, and
+        which peak filter (`min_peak`: "model", "off" or a probability) its masks get."""
         from nodulekit.engine import get_backend, resolve_device
+        from nodulekit.inference import peak_filter
         from nodulekit.training.checkpoint import (
             load_checkpoint,
             model_from_checkpoint,
@@ -127,6 +133,7 @@ class Network:
         )
 
         ckpt = load_checkpoint(resolve_checkpoint(checkpoint, prefer="best"))
+        min_peak_logit, words = peak_filter.resolve(min_peak, ckpt.history, ckpt.epoch)
         name, sentence = resolve_device(device)
         report(sentence)
         backend = get_backend(name, precision)
@@ -135,7 +142,9 @@ class Network:
         spacing = cfg.get("spacing_mm")
         net = cls(backend, model, float(cfg.get("window_center", -500.0)),
                   float(cfg.get("window_width", 1600.0)), ckpt.path, ckpt.epoch,
-                  spacing_mm=None if spacing is None else float(spacing))
+                  spacing_mm=None if spacing is None else float(spacing),
+                  min_peak_logit=min_peak_logit)
+        report(words)
         if net.spacing_mm is not None:
             report(f"the model trained at {net.spacing_mm:g} mm pixels: inputs are resampled "
                    "to them, and its masks mapped back onto the inputs' own pixels")
@@ -169,6 +178,7 @@ class Network:
         return model_grid(s.hu.shape, tuple(spacing), self.spacing_mm)
 
     def _run(self, batch: list[LoadedSlice], grid) -> list[SlicePrediction]:
+        from nodulekit.inference.peak_filter import keep_masks
         from nodulekit.inference.resampling import to_model, to_source
         from nodulekit.inference.tiling import run_hu
 
@@ -182,15 +192,15 @@ class Network:
                                       (self.center, self.width), self.tile, self.memory_budget)
             z = to_source(be.to_host(logits)[..., 0], grid)
             grey = to_source(be.to_host(image)[..., image.shape[-1] // 2], grid)
-            counts = _host_counts(z > 0, mask)
         else:
-            logits, target, image = run_hu(self.model, hu, mask, (self.center, self.width),
-                                           self.tile, self.memory_budget)
-            counts = be.to_host(be.confusion_counts(logits, target))
+            logits, _, image = run_hu(self.model, hu, mask, (self.center, self.width),
+                                      self.tile, self.memory_budget)
             z = be.to_host(logits)[..., 0]
             grey = be.to_host(image)[..., image.shape[-1] // 2]
+        kept = keep_masks(z, self.min_peak_logit)
+        counts = _host_counts(kept, mask)
         return [SlicePrediction(s.item, z[j], grey[j], s.truth,
-                                counts[j] if s.truth is not None else None)
+                                counts[j] if s.truth is not None else None, kept[j])
                 for j, s in enumerate(batch)]
 
 
@@ -220,7 +230,7 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     from nodulekit.inference.tiling import parse_tile
 
     tile = parse_tile(opts.tile)
-    net = Network.load(checkpoint, opts.device, opts.precision, report)
+    net = Network.load(checkpoint, opts.device, opts.precision, report, opts.min_peak)
     net.tile = tile
     if earlier:
         outputs = sum(p.name not in _TABLES for p in earlier)

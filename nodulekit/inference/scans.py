@@ -67,6 +67,7 @@ class ScanPrediction:
     scan: ScanInput
     volume: Volume
     logits: np.ndarray  # float32 [Z, H, W]
+    mask: np.ndarray  # bool [Z, H, W]: logit > 0, the peak filter applied per axial slice
     nodules: list = field(default_factory=list)  # nodules.Component, most probable first
 
 
@@ -201,19 +202,24 @@ def slice_stack(hu: np.ndarray, k: int, context: int, order: int) -> np.ndarray:
 
 
 def run_scan(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | None = None
-             ) -> np.ndarray:
-    """The network's logits (float32) for every voxel of `volume`, on its own grid [k, r, c].
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The network's logits (float32) for every voxel of `volume`, on its own grid [k, r, c],
+    and the predicted mask: logit > 0 with the network's peak filter
+    (`nodulekit.inference.peak_filter`) applied to each axial slice, as in training.
 
     The slices the network sees are the training cache's: the scan turned to the axial view
     by flips and axis swaps (`nodulekit.data.scans.canonical`, as `preprocess` turns scan
     layouts), so a NIfTI stored sagittally or mirrored is read the way the model learnt;
     the logits are turned back."""
     from nodulekit.data.scans import canonical, canonical_axes
+    from nodulekit.inference.peak_filter import keep_masks
 
     axes, flips = canonical_axes(volume.affine)
     logits = _run_axial(net, canonical(volume), batch_size, tick)
-    unflipped = logits[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-    return np.ascontiguousarray(unflipped.transpose(np.argsort(axes)))
+    mask = keep_masks(logits, getattr(net, "min_peak_logit", None))
+    back = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
+    return tuple(np.ascontiguousarray(a[back].transpose(np.argsort(axes)))
+                 for a in (logits, mask))
 
 
 def _run_axial(net, volume: Volume, batch_size: int, tick: Callable[[int], Any] | None
@@ -250,13 +256,13 @@ def predict_scan(net, scan: ScanInput, batch_size: int,
     from nodulekit.data.nodules import components_3d
 
     volume = read_scan(scan)
-    logits = run_scan(net, volume, batch_size, tick)
+    logits, mask = run_scan(net, volume, batch_size, tick)
     # float32: a whole scan's worth (the ranking below breaks ties at p = 1 by size)
     voxel_p = probability(logits).astype(np.float32)
     # the most probable first, as a reader goes through a detector's findings
-    nodules = sorted(components_3d(logits > 0, volume.spacing, voxel_p),
+    nodules = sorted(components_3d(mask, volume.spacing, voxel_p),
                      key=lambda c: (-c.max_probability, -c.voxels, c.label))
-    return ScanPrediction(scan, volume, logits, nodules)
+    return ScanPrediction(scan, volume, logits, mask, nodules)
 
 
 def write_scan(out: Path, p: ScanPrediction, probabilities: bool) -> tuple[dict, list[dict]]:
@@ -264,7 +270,7 @@ def write_scan(out: Path, p: ScanPrediction, probabilities: bool) -> tuple[dict,
     from nodulekit.data.volumes import write_nifti
 
     v, name = p.volume, p.scan.name
-    mask = (p.logits > 0).astype(np.uint8)
+    mask = p.mask.astype(np.uint8)
     mask_path = _output(out, "masks", f"{name}.nii.gz")
     write_nifti(v.with_array(mask), mask_path)
     row = {"input": str(p.scan.path), "format": p.scan.format,

@@ -39,7 +39,7 @@ def write_slice(out: Path, p: SlicePrediction, probabilities: bool) -> dict:
 
     from nodulekit.data.masks import write_mask
 
-    pred = p.logits > 0
+    pred = p.mask
     mask_path = _output_path(out, "masks", p.item.rel)
     write_mask(mask_path, pred)
     overlay_path = _output_path(out, "overlays", p.item.rel)

@@ -480,10 +480,12 @@ class Training:
         validation split) of `model` (default: the one training): whole slices (the
         --size centre crop, never the training patch), no augmentation."""
         from nodulekit.evaluation import selection
+        from nodulekit.inference import peak_filter
 
         if not self.n_val:
-            return selection.no_validation_columns()
-        from nodulekit.evaluation.evaluate import InferSettings, infer_split
+            return {**selection.no_validation_columns(),
+                    **dict.fromkeys(peak_filter.COLUMNS, math.nan)}
+        from nodulekit.evaluation.evaluate import InferSettings, component_stats, infer_split
 
         config = self.config
         settings = InferSettings(image_shape=tuple(config.image_shape),
@@ -493,8 +495,11 @@ class Training:
                                  smooth=config.smooth)
         val = infer_split(model or self.model, self.cache, "val", settings,
                           progress=self.progress, desc=desc or f"validate {epoch + 1}",
-                          comm=self.dist)
-        return selection.validation_columns(val.counts, val.loss)
+                          comm=self.dist, predictions=True)
+        # the peak filter this epoch's model gets (`nodulekit.inference.peak_filter`)
+        calibration = peak_filter.calibrate(component_stats(val, config.image_shape),
+                                            val.counts[:, 0] + val.counts[:, 2])
+        return {**selection.validation_columns(val.counts, val.loss), **calibration.columns()}
 
     def _rescore_best(self) -> None:
         """Resuming a run from before the nodule-slice rule, whose checkpoint_best.h5 was kept
@@ -672,8 +677,21 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"IoU {f(row['val_iou'])}  global Dice {f(row['val_global_dice'])}  "
             f"nodule Dice {f(row['val_nodule_dice'])}  "
             f"empty FP {pct(row['val_empty_fp'])}  "
+            + _filter_words(row) +
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"
             + ("  * best" if row["best"] else ""))
+
+
+def _filter_words(row: dict) -> str:
+    """The epoch line's part on the peak filter chosen on validation."""
+    logit = row.get("val_peak_logit", math.nan)
+    if not math.isfinite(logit) or logit <= 0:
+        return "(no filter)  "
+    from nodulekit.inference.peak_filter import probability_of
+
+    return (f"(filter p>={probability_of(logit):.3f}: nodule Dice "
+            f"{row['val_filtered_nodule_dice']:.4f}, empty FP "
+            f"{100 * row['val_filtered_empty_fp']:.0f}%)  ")
 
 
 def _check_same_weights(comm, be, model, opt, epoch: int, report) -> None:

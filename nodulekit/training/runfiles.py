@@ -38,8 +38,9 @@ from nodulekit.training.checkpoint import write_file_atomic
 # val_empty_fp: the fraction of empty-truth slices with any predicted pixel. A run resumed
 # from before the last two has them empty in its earlier rows.
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
-                  "val_iou", "val_global_dice", "val_nodule_dice", "val_empty_fp", "seconds",
-                  "train_seconds", "images_per_s", "best")
+                  "val_iou", "val_global_dice", "val_nodule_dice", "val_empty_fp",
+                  "val_peak_logit", "val_filtered_nodule_dice", "val_filtered_empty_fp",
+                  "seconds", "train_seconds", "images_per_s", "best")
 LOG_NAME = "train.log"
 
 
@@ -214,6 +215,10 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
                   label="Dice, nodule slices (selects best)")
     ax_score.plot(epochs, col("val_empty_fp"), "x:", color="tab:red",
                   label="empty slices with a false positive")
+    ax_score.plot(epochs, col("val_filtered_nodule_dice"), "D--", color="tab:green",
+                  label="Dice, nodule slices, peak filter")
+    ax_score.plot(epochs, col("val_filtered_empty_fp"), "x--", color="tab:orange",
+                  label="empty slices with a false positive, peak filter")
     best = [r for r in history if r.get("best")]
     if best:
         b = best[-1]
