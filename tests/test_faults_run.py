@@ -253,12 +253,21 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _running(pid: int) -> bool:
-    """Alive and not a zombie."""
+    """Alive and not a zombie: any of its threads. The group leader shows Z as soon as its
+    own thread has exited, while the others (loader, Numba, OpenBLAS) may still be exiting
+    and holding the process's files, the run lock's flock among them (seen under load)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _rank_pids(launcher: int) -> set[int]:
