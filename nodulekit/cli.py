@@ -163,15 +163,16 @@ def _step_shape_options(f):
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
               help="CPU: also time torch alone in a child process per OpenMP wait policy "
-                   "(PASSIVE, ACTIVE) and give the ratio to its best.")
+                   "(PASSIVE, ACTIVE) and malloc policy (nodulekit's, glibc's) and give the "
+                   "ratio to its best.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
 def bench_step(json_path, torch_alone, **options):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
+    from nodulekit.bench.torch_alone import SETTINGS
 
-    result = run_step_bench(**options,
-                            torch_alone=("passive", "active") if torch_alone else ())
+    result = run_step_bench(**options, torch_alone=tuple(SETTINGS) if torch_alone else ())
     click.echo(format_step(result))
     _write_json(result, json_path)
 

@@ -90,10 +90,15 @@ def test_bench_step_times_ours_and_torch_in_turns():
     assert data["ratio_per_turn_median"] == statistics.median(
         o / t for o, t in zip(ours, torch, strict=True))
     assert "median of the per-turn ratios" in result.output
-    # torch alone, one child process per OpenMP wait policy; ours against the best
+    # torch alone, one child process per OpenMP wait policy and malloc policy; ours
+    # against the best
     runs = {r["setting"]: r for r in data["torch_alone"]}
-    assert set(runs) == {"passive", "active"}, data["torch_alone"]
+    assert set(runs) == {"passive", "active", "passive-system-malloc",
+                         "active-system-malloc"}, data["torch_alone"]
     assert runs["active"]["env"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert runs["active-system-malloc"]["env"] == {"OMP_WAIT_POLICY": "ACTIVE",
+                                                   "NODULEKIT_MALLOC": "system"}
+    assert data["malloc"].startswith(("retain", "system"))
     assert all(len(r["samples"]) == 3 and r["ms"] > 0 for r in runs.values())
     best = min(runs.values(), key=lambda r: r["ms"])
     assert data["torch_best"]["setting"] == best["setting"]

@@ -10,6 +10,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from nodulekit import host_memory
+
 
 def cpu_name() -> str:
     try:
@@ -94,6 +96,7 @@ def provenance(backend_name: str) -> dict:
         # other work on the machine skews CPU timings: say how busy it was
         "loadavg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpu": cpu_identity(),  # the host's, for a GPU run too
+        "malloc": host_memory.policy(),  # nodulekit.host_memory: freed memory kept or not
     }
     try:
         import numba

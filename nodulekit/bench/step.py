@@ -39,10 +39,14 @@ def synthetic_batch(batch: int, size: int, seed: int):
 def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,  # noqa: PLR0913
                    batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
                    lr: float = 1e-4, norm: str = "none",
-                   torch_alone: tuple[str, ...] = ("passive", "active")) -> dict:
+                   torch_alone: tuple[str, ...] | None = None) -> dict:
     """The step of both sides in turns (module doc); on the CPU also torch alone in a child
-    process per OpenMP setting in `torch_alone` (`nodulekit.bench.torch_alone`), and the
-    ratio to the best of them."""
+    process per setting in `torch_alone` (`nodulekit.bench.torch_alone.SETTINGS`' names;
+    None: all of them), and the ratio to the best of them."""
+    if torch_alone is None:
+        from nodulekit.bench.torch_alone import SETTINGS
+
+        torch_alone = tuple(SETTINGS)
     torch = require_torch()
     backend_name, why = resolve_device(device)
     backend = get_backend(backend_name)
@@ -160,10 +164,10 @@ def format_step(r: dict) -> str:
 def _torch_alone_lines(r: dict) -> list[str]:
     if "torch_alone" not in r:
         return []
-    lines = ["torch alone, one process per OpenMP setting (not in turns with ours):"]
+    lines = ["torch alone, one process per OpenMP and malloc setting (not in turns with ours):"]
     for run in r["torch_alone"]:
         env = " ".join(f"{k}={v}" for k, v in run["env"].items())
-        lines.append(f"  {env:28s} " + (f"{run['ms']:9.1f} ms" if "ms" in run
+        lines.append(f"  {env:52s} " + (f"{run['ms']:9.1f} ms" if "ms" in run
                                           else f"failed: {run['error']}"))
     if "torch_best" in r:
         lines.append(f"  ratio ours / torch at its best ({r['torch_best']['setting']}) "

@@ -21,9 +21,14 @@ import sys
 import time
 
 # What each setting is: the environment a child process starts with (besides the parent's).
+# The child imports nodulekit (for the weights), so by default its malloc keeps freed memory
+# as ours does (`nodulekit.host_memory`); the "system malloc" settings give torch glibc's
+# defaults, in case its own allocation pattern does better with them.
 SETTINGS = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # as in `bench step`'s own process
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # threads spin between parallel regions
+    "passive-system-malloc": {"OMP_WAIT_POLICY": "PASSIVE", "NODULEKIT_MALLOC": "system"},
+    "active-system-malloc": {"OMP_WAIT_POLICY": "ACTIVE", "NODULEKIT_MALLOC": "system"},
 }
 
 
