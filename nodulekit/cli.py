@@ -177,6 +177,27 @@ def bench_step(json_path, torch_alone, **options):
     _write_json(result, json_path)
 
 
+@bench.command("norm")
+@_device_option
+@click.option("--width", default=16, show_default=True)
+@click.option("--depth", default=4, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Input H = W.")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--repeats", default=20, show_default=True, help="Timed turns (median).")
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for stdout).")
+def bench_norm(json_path, **options):
+    """What the norm layers cost our training step: --norm none, instance and batch timed
+    in turns."""
+    from nodulekit.bench.norm_cost import format_norm, run_norm_bench
+
+    result = run_norm_bench(**options)
+    click.echo(format_norm(result))
+    _write_json(result, json_path)
+
+
 @bench.command("gpus")
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]),

@@ -149,3 +149,28 @@ def test_bench_ops_times_the_norm_ops():
                    for d in ("forward", "backward") for where in ("enc0.norm1", "bottom.norm2")}
     assert all(r["ratio"] > 0 and r["ours_gbps"] > 0 for r in result["ops"])
     json.dumps(result)
+
+
+def test_bench_norm_times_the_three_norms_in_turns():
+    """`bench norm`: each norm's step against none's, in turns, with the per-turn ratios
+    computed from the samples it reports."""
+    import json
+    import statistics
+
+    result = CliRunner().invoke(main, ["bench", "norm", "--width", "8", "--depth", "2",
+                                       "--size", "16", "--batch", "2", "--repeats", "3",
+                                       "--warmup", "1", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    steps = data["steps"]
+    assert list(steps) == ["none", "instance", "batch"]
+    none = steps["none"]
+    assert none["ratio_to_none"] == 1.0 and len(none["samples"]) == 3
+    for norm in ("instance", "batch"):
+        s = steps[norm]
+        assert s["ms"] == statistics.median(s["samples"])
+        assert s["ratio_to_none"] == s["ms"] / none["ms"]
+        assert s["ratio_per_turn_median"] == statistics.median(
+            a / b for a, b in zip(s["samples"], none["samples"], strict=True))
+    assert data["budget"] == 0.15 and data["malloc"]
+    assert "instance norm costs" in result.output

@@ -85,8 +85,9 @@ def keep_masks(logits: np.ndarray, min_peak_logit: float | None) -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim == 2:
         return keep_mask(logits, min_peak_logit)
-    return np.stack([keep_mask(z, min_peak_logit) for z in logits]) if len(logits) else \
-        logits > 0
+    if len(logits) == 0:
+        return logits > 0
+    return np.stack([keep_mask(z, min_peak_logit) for z in logits])
 
 
 def _label_pixels(pixels: np.ndarray, shape) -> tuple[np.ndarray, int]:
