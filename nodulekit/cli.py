@@ -140,20 +140,29 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
     _write_json(result, json_path)
 
 
-def _step_shape_options(f):
-    """The U-Net and batch that `bench step` and `profile` time: width, depth, size, batch,
-    norm, seed."""
-    for option in reversed([
-            click.option("--width", default=16, show_default=True),
-            click.option("--depth", default=4, show_default=True),
-            click.option("--size", default=128, show_default=True, help="Input H = W."),
-            click.option("--batch", default=4, show_default=True),
-            click.option("--norm", default="none", show_default=True,
-                         type=click.Choice(["none", "instance", "batch"]),
-                         help="Normalisation after each 3x3 convolution (as `train --norm`)."),
-            click.option("--seed", default=0, show_default=True)]):
+def _shape_options(f, norm: bool = True):
+    """The U-Net and batch that `bench step`, `bench norm` and `profile` time: width, depth,
+    size, batch, norm (unless `norm` is False: `bench norm` times all three), seed."""
+    options = [click.option("--width", default=16, show_default=True),
+               click.option("--depth", default=4, show_default=True),
+               click.option("--size", default=128, show_default=True, help="Input H = W."),
+               click.option("--batch", default=4, show_default=True)]
+    if norm:
+        options.append(click.option(
+            "--norm", default="none", show_default=True,
+            type=click.Choice(["none", "instance", "batch"]),
+            help="Normalisation after each 3x3 convolution (as `train --norm`)."))
+    options.append(click.option("--seed", default=0, show_default=True))
+    for option in reversed(options):
         f = option(f)
     return f
+
+
+_step_shape_options = _shape_options
+
+
+def _shape_options_without_norm(f):
+    return _shape_options(f, norm=False)
 
 
 @bench.command("step")
@@ -179,11 +188,7 @@ def bench_step(json_path, torch_alone, **options):
 
 @bench.command("norm")
 @_device_option
-@click.option("--width", default=16, show_default=True)
-@click.option("--depth", default=4, show_default=True)
-@click.option("--size", default=128, show_default=True, help="Input H = W.")
-@click.option("--batch", default=4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@_shape_options_without_norm
 @click.option("--repeats", default=20, show_default=True, help="Timed turns (median).")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),

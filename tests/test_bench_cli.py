@@ -71,17 +71,24 @@ def test_bench_ops_cpu_variants_times_every_version_on_every_layer(monkeypatch):
     assert "auto/torch" in result.output
 
 
-def test_bench_step_times_ours_and_torch_in_turns():
-    """`bench step` on a toy U-Net: both sides start from the same weights (same first
-    loss), every turn is recorded, and the ratios are those of the samples."""
+def _toy_bench(command: str):
+    """`nodulekit bench COMMAND` on a toy U-Net (width 8, depth 2, 2 x 16 x 16, 3 turns):
+    (the CLI result, its JSON)."""
     import json
-    import statistics
 
-    result = CliRunner().invoke(main, ["bench", "step", "--width", "8", "--depth", "2",
+    result = CliRunner().invoke(main, ["bench", command, "--width", "8", "--depth", "2",
                                        "--size", "16", "--batch", "2", "--repeats", "3",
                                        "--warmup", "1", "--json", "-"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{"):])
+    return result, json.loads(result.output[result.output.index("{"):])
+
+
+def test_bench_step_times_ours_and_torch_in_turns():
+    """`bench step` on a toy U-Net: both sides start from the same weights (same first
+    loss), every turn is recorded, and the ratios are those of the samples."""
+    import statistics
+
+    result, data = _toy_bench("step")
     first = data["first_step_loss"]
     assert abs(first["ours"] - first["torch"]) < 1e-5
     ours, torch = data["ours_ms_samples"], data["torch_ms_samples"]
@@ -154,14 +161,9 @@ def test_bench_ops_times_the_norm_ops():
 def test_bench_norm_times_the_three_norms_in_turns():
     """`bench norm`: each norm's step against none's, in turns, with the per-turn ratios
     computed from the samples it reports."""
-    import json
     import statistics
 
-    result = CliRunner().invoke(main, ["bench", "norm", "--width", "8", "--depth", "2",
-                                       "--size", "16", "--batch", "2", "--repeats", "3",
-                                       "--warmup", "1", "--json", "-"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{"):])
+    result, data = _toy_bench("norm")
     steps = data["steps"]
     assert list(steps) == ["none", "instance", "batch"]
     none = steps["none"]

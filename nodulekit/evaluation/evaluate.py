@@ -5,8 +5,9 @@ own size (or a centre crop the caller asks for), padded with air to a multiple o
 and tiled where memory demands it (`nodulekit.inference.tiling`: the same logits as one
 pass), and returns the per-slice confusion counts of the thresholded prediction (p > 0.5,
 computed on the device by `Backend.confusion_counts`) and each slice's soft Dice (for the
-validation loss); asked (`predictions=True`, off for validation), also each slice's
-predicted pixels, sparse: their flat indices and probabilities (`SlicePrediction`).
+validation loss); asked (`predictions=True`: evaluate, and validation for its peak
+filter), also each slice's predicted pixels, sparse: their flat indices, probabilities,
+logits and truth (`SlicePrediction`).
 `evaluate` loads a checkpoint, runs `infer_split`, applies the checkpoint's peak filter
 (`nodulekit.inference.peak_filter`, `--min-peak`: every number below is of the filtered
 prediction, as predict writes it), and writes ``summary.json``: per-slice
@@ -182,12 +183,14 @@ def apply_peak_filter(result: SplitResult, image_shape, min_peak_logit: float | 
 
     if min_peak_logit is None or result.predictions is None:
         return result, 0
-    kept_predictions, dropped = [], 0
-    for p in result.predictions:
-        keep, gone = peak_filter.kept_pixels(p.pixels, p.logit, image_shape, min_peak_logit)
-        dropped += gone
+    kept_predictions, stats, dropped = [], [], 0
+    for p in result.predictions:  # each slice's components labelled once
+        label_of, s = peak_filter.slice_components(p.pixels, p.logit, p.truth, image_shape)
+        kept = s.peak >= min_peak_logit
+        dropped += int((~kept).sum())
+        keep = kept[label_of]
         kept_predictions.append(SlicePrediction(*(None if v is None else v[keep] for v in p)))
-    stats = component_stats(result, image_shape)
+        stats.append(s)
     truth = result.counts[:, 0] + result.counts[:, 2]
     counts = peak_filter.filtered_counts(stats, truth, min_peak_logit)
     return dataclasses.replace(result, counts=counts, predictions=kept_predictions), dropped

@@ -68,16 +68,17 @@ def components(predicted: np.ndarray) -> tuple[np.ndarray, int]:
 
 def keep_mask(logits: np.ndarray, min_peak_logit: float | None) -> np.ndarray:
     """The filtered prediction of one slice's logits [H, W]: logit > 0, components whose peak
-    is below `min_peak_logit` removed (None: nothing removed)."""
-    from scipy import ndimage
-
-    predicted = np.asarray(logits) > 0
+    is below `min_peak_logit` removed (None: nothing removed). `kept_pixels` on the slice's
+    predicted pixels, so the dense and the sparse paths are one computation."""
+    logits = np.asarray(logits)
+    predicted = logits > 0
     if min_peak_logit is None or not predicted.any():
         return predicted
-    labels, count = components(predicted)
-    peaks = ndimage.maximum(logits, labels, np.arange(1, count + 1))
-    kept = np.concatenate([[False], np.asarray(peaks) >= min_peak_logit])
-    return kept[labels]
+    pixels = np.flatnonzero(predicted)
+    keep, _ = kept_pixels(pixels, logits.reshape(-1)[pixels], logits.shape, min_peak_logit)
+    out = np.zeros(predicted.size, dtype=bool)
+    out[pixels[keep]] = True
+    return out.reshape(predicted.shape)
 
 
 def keep_masks(logits: np.ndarray, min_peak_logit: float | None) -> np.ndarray:
@@ -104,18 +105,25 @@ def _peaks(label_of: np.ndarray, count: int, logits: np.ndarray) -> np.ndarray:
     return peak
 
 
-def slice_stats(pixels: np.ndarray, logits: np.ndarray, truth: np.ndarray,
-                shape: tuple[int, int]) -> ComponentStats:
-    """The components of one slice's sparse prediction: `pixels` (flat indices into H x W,
-    every pixel with logit > 0), their `logits` and whether each is in the `truth` mask."""
+def slice_components(pixels: np.ndarray, logits: np.ndarray, truth: np.ndarray,
+                     shape: tuple[int, int]) -> tuple[np.ndarray, ComponentStats]:
+    """(component index of each pixel, the components' stats) of one slice's sparse
+    prediction: `pixels` (flat indices into H x W, every pixel with logit > 0), their
+    `logits` and whether each is in the `truth` mask."""
     if len(pixels) == 0:
         empty = np.zeros(0, np.int64)
-        return ComponentStats(np.zeros(0), empty, empty)
+        return empty, ComponentStats(np.zeros(0), empty, empty)
     label_of, count = _label_pixels(pixels, shape)
     truth = np.asarray(truth, dtype=bool)
     tp = np.bincount(label_of, weights=truth, minlength=count).astype(np.int64)
     fp = np.bincount(label_of, weights=~truth, minlength=count).astype(np.int64)
-    return ComponentStats(_peaks(label_of, count, logits), tp, fp)
+    return label_of, ComponentStats(_peaks(label_of, count, logits), tp, fp)
+
+
+def slice_stats(pixels: np.ndarray, logits: np.ndarray, truth: np.ndarray,
+                shape: tuple[int, int]) -> ComponentStats:
+    """The components' stats of one slice's sparse prediction (`slice_components`)."""
+    return slice_components(pixels, logits, truth, shape)[1]
 
 
 def kept_pixels(pixels: np.ndarray, logits: np.ndarray, shape,
