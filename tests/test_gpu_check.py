@@ -48,7 +48,7 @@ def test_the_script_refuses_an_unknown_stage():
 
 def test_quick_prints_its_plan_and_records_every_step(tmp_path):
     """With a Python that fails at once (`false`), every step fails fast: the stage still
-    prints its planned time (3.5 minutes at most), writes quick.json after every step and
+    prints its planned time (4 minutes at most), writes quick.json after every step and
     exits 1, naming the failed checks. The planned time is the sum of the step limits."""
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(SCRIPT), "quick", str(out)], capture_output=True,
@@ -56,11 +56,11 @@ def test_quick_prints_its_plan_and_records_every_step(tmp_path):
                                           "HOME": str(tmp_path)}, timeout=120)
     assert proc.returncode == 1
     log = (out / "quick.log").read_text()
-    assert "quick stage: planned 210 s (3 min 30 s) at most" in log
+    assert "quick stage: planned 240 s (4 min 0 s) at most" in log
     import json
 
     summary = json.loads((out / "quick.json").read_text())
-    assert summary["planned_s"] == 210 and not summary["rehearsal"]
+    assert summary["planned_s"] == 240 and not summary["rehearsal"]
     names = [s["step"] for s in summary["steps"]]
     assert names[0] == "machine" and any(n.startswith("GPU tests") for n in names)
     assert any(n.startswith("train --device cuda") for n in names)
