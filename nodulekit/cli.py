@@ -181,7 +181,8 @@ def bench_step(json_path, torch_alone, **options):
     from nodulekit.bench.step import format_step, run_step_bench
     from nodulekit.bench.torch_alone import SETTINGS
 
-    result = run_step_bench(**options, torch_alone=tuple(SETTINGS) if torch_alone else ())
+    result = run_step_bench(**options, torch_alone=tuple(SETTINGS) if torch_alone else (),
+                            log=lambda line: click.echo(line, err=True))
     click.echo(format_step(result))
     _write_json(result, json_path)
 

@@ -309,15 +309,18 @@ def test_training_steps_match_the_cpu_backend(backend):
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_training_steps_every_precision(backend, precision):
     """Training steps (forward, Dice, backward, Adam) with the tensor-core convolutions
-    stay with the fp32 backend's: the loss within loss_atol of fp32's at every step, and
+    stay with the fp32 backend's: the loss within 1e-3 of fp32's at every step, and
     falling. Per-gradient comparisons with the float64 U-Net do not work at these
     precisions: a pre-activation within 1e-3 of zero flips its ReLU between the runs (one
     or two per layer in a tiny U-Net, found in the emulator), and that pixel's gradient then
-    differs by its whole size; the per-op tests (test_ops.py) check the arithmetic. The
-    emulator measured a largest loss difference of 8e-5 (tf32) and 3e-5 (bf16) over 12
-    steps."""
-    steps, loss_atol = (50, 5e-3) if on_gpu(backend) else (6, 1e-3)
+    differs by its whole size; the per-op tests (test_ops.py) check the arithmetic.
+    12 steps, not 50: on an H200 (2026-12-04) both precisions fell behind fp32 from about
+    step 20 (loss 0.8342 tf32, 0.8342 bf16, 0.8283 fp32 at step 30), and the float64
+    reference given the same operand rounding does the same (0.8318 tf32, 0.8342 bf16):
+    rounding this tiny net's inputs and weights slows its training: no kernel error.
+    At step 12 the GPU was within 8e-5 (tf32) and 1e-5 (bf16) of fp32, as the emulator."""
+    steps = 12 if on_gpu(backend) else 6
     ours, _ = _train(cuda_backend(backend, precision), steps)
     fp32, _ = _train(cuda_backend(backend, "fp32"), steps)
-    np.testing.assert_allclose(ours, fp32, rtol=0, atol=loss_atol)
+    np.testing.assert_allclose(ours, fp32, rtol=0, atol=1e-3)
     assert ours[-1] < ours[0], f"the loss should fall: {ours[0]:.4f} -> {ours[-1]:.4f}"

@@ -15,6 +15,8 @@ and the ratio to its best is reported beside the one in turns.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,10 +41,18 @@ def synthetic_batch(batch: int, size: int, seed: int):
 def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: int = 128,  # noqa: PLR0913
                    batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
                    lr: float = 1e-4, norm: str = "none",
-                   torch_alone: tuple[str, ...] | None = None) -> dict:
+                   torch_alone: tuple[str, ...] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict:
     """The step of both sides in turns (module doc); on the CPU also torch alone in a child
     process per setting in `torch_alone` (`nodulekit.bench.torch_alone.SETTINGS`' names;
-    None: all of them), and the ratio to the best of them."""
+    None: all of them), and the ratio to the best of them. ``log``, if given, gets a line
+    as each phase ends, with the seconds since the start (a run cut short by a time limit
+    still shows where its time went)."""
+    t_start = time.perf_counter()
+
+    def phase(what: str) -> None:
+        if log is not None:
+            log(f"  {time.perf_counter() - t_start:6.1f} s  {what}")
     if torch_alone is None:
         from nodulekit.bench.torch_alone import SETTINGS
 
@@ -55,20 +65,25 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     # torch's copy first: both sides start from the same weights
     tdev = "cuda" if backend_name == "cuda" else "cpu"
     torch_step = torch_train_step(model, image, mask, lr, tdev)
+    phase(f"batch, U-Net ({model.num_parameters:,} parameters) and torch's copy made")
 
     # ---- ours
     optimizer = Adam(backend, model.params, model.grads, lr=lr)
     x, t = backend.asarray(image), backend.asarray(mask)
     step = TrainStep(model, optimizer)  # the paper's step: Dice loss (s = 1), Adam
     first_loss_ours = float(step(x, t).dice)
+    phase("ours: first step (kernels compiled or loaded)")
 
     # ---- torch
     first_loss_torch = torch_step().item()
+    phase("torch: first step" + (" (cudnn.benchmark picks its algorithms)"
+                                 if tdev == "cuda" else ""))
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     # ours and torch in turns, so a passing load on a shared machine hits both alike
     (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
         [lambda: step(x, t), torch_step], repeats, warmup,
         [backend.synchronize, tsync])
+    phase(f"{warmup} + {repeats} steps of each, in turns")
 
     result = {
         "benchmark": "step",
