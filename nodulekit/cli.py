@@ -174,6 +174,9 @@ def _shape_options_without_norm(f):
               help="CPU: also time torch alone in a child process per OpenMP wait policy "
                    "(PASSIVE, ACTIVE) and malloc policy (nodulekit's, glibc's) and give the "
                    "ratio to its best.")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True, show_default=True,
+              help="GPU: torch's cudnn.benchmark (its first step times every algorithm of "
+                   "each convolution shape: over 2 minutes at the paper's shape).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for stdout).")
 def bench_step(json_path, torch_alone, **options):

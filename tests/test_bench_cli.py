@@ -116,6 +116,30 @@ def test_bench_step_times_ours_and_torch_in_turns():
         flags = next(line for line in f if line.startswith("flags")).split()
     assert data["cpu"]["avx512f"] == ("avx512f" in flags)
     assert data["cpu"]["avx2"] == ("avx2" in flags) and data["cpu"]["cores"] >= 1
+    # the phases are logged as they end (a run cut short still shows where its time went)
+    for phase in ("torch's copy made", "ours: first step", "torch: first step",
+                  "steps of each, in turns"):
+        assert phase in result.output, phase
+    assert data["config"]["cudnn_benchmark"] is None  # a GPU setting: none on the CPU
+    assert data["worktree_differs_from_commit"] in (True, False, None)
+
+
+def test_worktree_differs_says_whether_the_commit_is_what_ran(tmp_path):
+    """Benchmark JSONs name the commit; the GPU machine's copy had a stale .git, so they
+    also say whether the tracked files differ from it."""
+    import subprocess
+
+    from nodulekit.bench.common import worktree_differs
+
+    assert worktree_differs(str(tmp_path)) is None  # not a git work tree
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    assert worktree_differs(str(tmp_path)) is False
+    (tmp_path / "a.txt").write_text("two")
+    assert worktree_differs(str(tmp_path)) is True
 
 
 def test_torch_alone_reports_a_failing_child():

@@ -84,6 +84,20 @@ def git_commit() -> str | None:
         return None
 
 
+def worktree_differs(where: str | None = None) -> bool | None:
+    """Whether the tracked files differ from the commit ``git_commit`` names (then that
+    commit is not what ran: a copied tree with a stale .git, as on the GPU machine, or
+    uncommitted edits); None where git cannot tell. ``where``: a folder in the work tree
+    (default: this package's)."""
+    here = where or os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here,
+                             capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {0: False, 1: True}.get(out.returncode)
+
+
 def provenance(backend_name: str) -> dict:
     import numpy
 
@@ -91,6 +105,7 @@ def provenance(backend_name: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(backend_name),
         "commit": git_commit(),
+        "worktree_differs_from_commit": worktree_differs(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         # other work on the machine skews CPU timings: say how busy it was

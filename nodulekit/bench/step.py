@@ -42,12 +42,15 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
                    batch: int = 4, repeats: int = 10, warmup: int = 3, seed: int = 0,
                    lr: float = 1e-4, norm: str = "none",
                    torch_alone: tuple[str, ...] | None = None,
-                   log: Callable[[str], None] | None = None) -> dict:
+                   log: Callable[[str], None] | None = None,
+                   cudnn_benchmark: bool = True) -> dict:
     """The step of both sides in turns (module doc); on the CPU also torch alone in a child
     process per setting in `torch_alone` (`nodulekit.bench.torch_alone.SETTINGS`' names;
     None: all of them), and the ratio to the best of them. ``log``, if given, gets a line
     as each phase ends, with the seconds since the start (a run cut short by a time limit
-    still shows where its time went)."""
+    still shows where its time went). ``cudnn_benchmark``: torch's cudnn.benchmark on a GPU
+(it times every algorithm of each new convolution shape in torch's first step; at the
+paper's shape on an H200 that first step outlasted 137 s, 2026-12-04)."""
     t_start = time.perf_counter()
 
     def phase(what: str) -> None:
@@ -64,7 +67,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     model = UNet(backend, depth=depth, width=width, seed=seed, norm=norm)
     # torch's copy first: both sides start from the same weights
     tdev = "cuda" if backend_name == "cuda" else "cpu"
-    torch_step = torch_train_step(model, image, mask, lr, tdev)
+    torch_step = torch_train_step(model, image, mask, lr, tdev, cudnn_benchmark)
     phase(f"batch, U-Net ({model.num_parameters:,} parameters) and torch's copy made")
 
     # ---- ours
@@ -93,7 +96,8 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         "config": {"width": width, "depth": depth, "norm": norm, "size": size, "batch": batch,
                    "repeats": repeats, "warmup": warmup, "seed": seed, "lr": lr,
                    "parameters": model.num_parameters, "precision": backend.precision,
-                   "torch_memory_format": "channels_last", "timing": "interleaved"},
+                   "torch_memory_format": "channels_last", "timing": "interleaved",
+                   "cudnn_benchmark": cudnn_benchmark if tdev == "cuda" else None},
         "first_step_loss": {"ours": first_loss_ours, "torch": first_loss_torch},
         "ours_ms": ours_ms,
         "torch_ms": torch_ms,
@@ -128,7 +132,8 @@ def _add_torch_alone(result: dict, settings, shape: dict) -> None:
         result["ratio_to_best_torch"] = result["ours_ms"] / best["ms"]
 
 
-def torch_train_step(ours, image, mask, lr: float, device: str = "cpu"):
+def torch_train_step(ours, image, mask, lr: float, device: str = "cpu",
+                     cudnn_benchmark: bool = True):
     """PyTorch's training step on the U-Net `ours` (its architecture, weights and buffers)
     and the batch (NHWC image, mask): channels_last, float32 (TF32 off on a GPU), the same
     Dice loss and Adam. Returns step(), which runs one step and gives its loss tensor."""
@@ -138,7 +143,7 @@ def torch_train_step(ours, image, mask, lr: float, device: str = "cpu"):
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     model = TorchUNet(ours.depth, ours.width, norm=ours.norm).load_ours(
         ours.state_dict(), ours.buffer_dict()).to(device)
     model = model.to(memory_format=torch.channels_last)

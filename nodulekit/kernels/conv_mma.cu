@@ -66,7 +66,19 @@
 // buffering with cp.async, 16-byte gathers where C % 4 == 0, ldmatrix, then wgmma on
 // sm_90) are named here, not built. At 232 GFLOP, 100 TFLOP/s is 2.3 ms.
 //
-// Compiled for sm_90 (no GPU has run these yet): NVRTC 13.0 as CuPy calls it, -Xptxas -v:
+// Measured (one H200, 2026-12-04, bench/results/h200-2026-12-04/; batch 12, 512 x 512,
+// width 64, CUDA events): correct (every GPU test of both versions passed), but only
+// 27-42 TFLOP/s, 1.3-1.6x register_blocked where 2-4x was expected, and 3-12x (TF32) and
+// 4.7-23x (BF16) cuDNN's time at the same precision. enc0.conv2's forward took 5.6 ms for
+// 232 GFLOP. ncu on the TF32 forward (batch 4): 967 M instructions for 4.7 M mma.sync,
+// about 205 issued per mma. The integer ALU pipe is the busiest (49%; most likely the
+// im2col indices and stage_index of each staged element, and its cvt: ncu sampled no
+// source lines). 99 registers leave 4 warps per scheduler, 0.95 of them eligible; DRAM
+// 6%. So the staging's instructions set the pace, not the tensor cores: the next version
+// computes the gather offsets once per tile, converts when it loads a fragment (ldmatrix),
+// copies with cp.async, and gives each warp more mma per staged element.
+//
+// Compiled for sm_90: NVRTC 13.0 as CuPy calls it, -Xptxas -v:
 // forward 96-107 registers, weight gradient 114-120, up-convolution 106-118, 12.2-13.8 KB
 // shared memory, no stack, no spills (the swizzled layout costs a few registers for the
 // indices and saves the padding's 20%). With a bare __launch_bounds__(256) ptxas aimed at
