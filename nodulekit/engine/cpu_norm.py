@@ -314,3 +314,114 @@ def grad_apply(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray, mean: np.ndarray
     grad_sums."""
     run = _grad_apply_serial if x3.size < SERIAL_ELEMENTS else _grad_apply_parallel
     run(dy3, x3, y3, mean, invstd, coef, relu, dx3, block_pixels(x3.shape[1], x3.shape[2]))
+
+
+# ---- the per-channel arithmetic between the passes, for instance norm (one row per
+# sample). ops.Backend does it in a dozen NumPy calls on [N, C] arrays, ~15 us each way
+# at any size: on the U-Net's deep layers more than the passes themselves. These are the
+# same float64 operations in the same order (the block sums added in block order, as
+# NumPy's sum over that axis; no contraction into FMAs), so the same bits
+# (tests/test_norm_cpu.py compares them with ops.Backend's).
+
+@njit(**_JIT)
+def instance_statistics(partial, count, eps, gamma, mean, invstd, scale):
+    """From moments' partial sums [N, blocks, 2, C] of ``count`` pixels a sample: mean,
+    invstd = 1 / sqrt(max(sum x^2 / count - mean^2, 0) + eps) and scale = invstd gamma,
+    each computed in float64 and written rounded to float32 ([N, C] each)."""
+    samples, blocks, _, channels = partial.shape
+    for n in range(samples):
+        for c in range(channels):
+            s0, s1 = partial[n, 0, 0, c], partial[n, 0, 1, c]
+            for j in range(1, blocks):
+                s0 += partial[n, j, 0, c]
+                s1 += partial[n, j, 1, c]
+            m = s0 / count
+            var = s1 / count - m * m
+            if var < 0.0:  # rounding; NaN stays NaN, as np.maximum keeps it
+                var = 0.0
+            inv = 1.0 / np.sqrt(var + eps)
+            mean[n, c] = m
+            invstd[n, c] = inv
+            scale[n, c] = inv * np.float64(gamma[c])
+
+
+@njit(**_JIT)
+def instance_grad_coefficients(partial, count, invstd, gamma, coef, dgamma, dbeta):
+    """From grad_sums' partial sums [N, blocks, 2, C] (sum g, sum g xhat): grad_apply's
+    coef [N, 3, C] = (invstd gamma, mean g, mean g xhat) and dgamma = sum g xhat, dbeta =
+    sum g over the batch (samples added in order), float64 rounded to float32."""
+    samples, blocks, _, channels = partial.shape
+    total = np.empty((2, channels), dtype=np.float64)
+    for n in range(samples):
+        for c in range(channels):
+            s0, s1 = partial[n, 0, 0, c], partial[n, 0, 1, c]
+            for j in range(1, blocks):
+                s0 += partial[n, j, 0, c]
+                s1 += partial[n, j, 1, c]
+            coef[n, 0, c] = np.float64(invstd[n, c]) * np.float64(gamma[c])
+            coef[n, 1, c] = s0 / count
+            coef[n, 2, c] = s1 / count
+            if n == 0:
+                total[0, c], total[1, c] = s0, s1
+            else:
+                total[0, c] += s0
+                total[1, c] += s1
+    for c in range(channels):
+        dbeta[c] = total[0, c]
+        dgamma[c] = total[1, c]
+
+
+# ---- the same for batch norm (one row for the whole batch, the sums all-reduced across
+# ranks between the two halves of each)
+
+@njit(**_JIT)
+def batch_sums(partial, count, buf):
+    """buf = [sum over the batch of partial's first sums (C), of its second (C), count]:
+    blocks added in order within a sample, then the samples in order (NumPy's
+    partial.sum(axis=1).sum(axis=0)); the buffer a cross-rank sum adds up."""
+    samples, blocks, _, channels = partial.shape
+    for k in range(2):
+        for c in range(channels):
+            total = 0.0
+            for n in range(samples):
+                s = partial[n, 0, k, c]
+                for j in range(1, blocks):
+                    s += partial[n, j, k, c]
+                total = s if n == 0 else total + s
+            buf[k * channels + c] = total
+    buf[2 * channels] = count
+
+
+@njit(**_JIT)
+def batch_statistics(buf, eps, momentum, gamma, running_mean, running_var, mean, invstd,
+                     scale):
+    """From batch_sums' buffer (all-reduced): mean, invstd, scale = invstd gamma ([1, C],
+    float32) and PyTorch's update of the running statistics (the variance unbiased), all in
+    float64 as ops.Backend's."""
+    channels = gamma.shape[0]
+    count = buf[2 * channels]
+    for c in range(channels):
+        m = buf[c] / count
+        var = buf[channels + c] / count - m * m
+        if var < 0.0:
+            var = 0.0
+        inv = 1.0 / np.sqrt(var + eps)
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * m
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * var * (count / (count - 1.0)))
+        mean[0, c] = m
+        invstd[0, c] = inv
+        scale[0, c] = inv * np.float64(gamma[c])
+
+
+@njit(**_JIT)
+def batch_grad_coefficients(buf, invstd, gamma, training, coef):
+    """grad_apply's coef [1, 3, C] = (invstd gamma, mean g, mean g xhat) from batch_sums'
+    buffer of the gradient sums (all-reduced); the means are 0 in evaluation, where the
+    running statistics are constants."""
+    channels = gamma.shape[0]
+    count = buf[2 * channels]
+    for c in range(channels):
+        coef[0, 0, c] = np.float64(invstd[0, c]) * np.float64(gamma[c])
+        coef[0, 1, c] = buf[c] / count if training else 0.0
+        coef[0, 2, c] = buf[channels + c] / count if training else 0.0

@@ -196,6 +196,19 @@ def check_array(op: str, name: str, a, dtype, ndim: int, layout: str = "", shape
     ``shape`` may fix some dimensions (None = any). ``layout`` names the axes for
     the message, e.g. "NHWC".
     """
+    # the usual case first, without building a message (every op call checks 3-6 arrays)
+    try:
+        if (a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
+                and (shape is None or (len(shape) == ndim and all(
+                    d is None or d == g for d, g in zip(shape, a.shape, strict=True))))):
+            return
+    except AttributeError:
+        pass
+    _raise_array_error(op, name, a, dtype, ndim, layout, shape)
+
+
+def _raise_array_error(op: str, name: str, a, dtype, ndim: int, layout: str, shape) -> None:
+    """check_array's message: what is wrong with ``a``, the first thing found."""
     where = f"{op}: {name}"
     want = f"{np.dtype(dtype).name} {layout or f'{ndim}-d'} array"
     if not hasattr(a, "dtype") or not hasattr(a, "shape"):
@@ -214,6 +227,7 @@ def check_array(op: str, name: str, a, dtype, ndim: int, layout: str = "", shape
                 )
     if not a.flags.c_contiguous:
         raise ValueError(f"{where} must be C-contiguous ({layout}); got a strided view")
+    raise ValueError(f"{where} must be a {want}, got {_describe(a)}")  # not reached
 
 
 def _check_positive(op: str, a, name: str):

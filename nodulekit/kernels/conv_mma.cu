@@ -70,13 +70,17 @@
 // width 64, CUDA events): correct (every GPU test of both versions passed), but only
 // 27-42 TFLOP/s, 1.3-1.6x register_blocked where 2-4x was expected, and 3-12x (TF32) and
 // 4.7-23x (BF16) cuDNN's time at the same precision. enc0.conv2's forward took 5.6 ms for
-// 232 GFLOP. ncu on the TF32 forward (batch 4): 967 M instructions for 4.7 M mma.sync,
-// about 205 issued per mma. The integer ALU pipe is the busiest (49%; most likely the
-// im2col indices and stage_index of each staged element, and its cvt: ncu sampled no
-// source lines). 99 registers leave 4 warps per scheduler, 0.95 of them eligible; DRAM
-// 6%. So the staging's instructions set the pace, not the tensor cores: the next version
-// computes the gather offsets once per tile, converts when it loads a fragment (ldmatrix),
-// copies with cp.async, and gives each warp more mma per staged element.
+// 232 GFLOP. ncu on the TF32 forward (enc0.conv2 at batch 4, 77 GFLOP in 1.89 ms, 8% of
+// the TF32 peak): 967 M warp instructions for 37.7 M mma.sync (65,536 warps x 36 steps x
+// 16), 26 per mma. At one instruction a cycle per scheduler (132 SMs x 4 x 1.8 GHz) the
+// issuing alone takes 1.0 ms; the issue slots were 54% busy, the integer ALU pipe the
+// busiest (49%). 99 registers leave 4 warps per scheduler, 0.95 of them eligible; DRAM 6%.
+// Per 16 mma a warp also issues the staging's address and stage_index arithmetic, 12 cvt
+// and 12 scalar shared stores per thread, and 32 scalar fragment loads: the instructions
+// around the mma and too few warps to hide latency set the pace, not the tensor cores. The
+// next version gives each warp more mma per staged element (64 x 32 warp tiles), loads
+// fragments with ldmatrix, copies with cp.async into two buffers, and computes the gather
+// offsets once per tile.
 //
 // Compiled for sm_90: NVRTC 13.0 as CuPy calls it, -Xptxas -v:
 // forward 96-107 registers, weight gradient 114-120, up-convolution 106-118, 12.2-13.8 KB
