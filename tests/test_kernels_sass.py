@@ -100,3 +100,53 @@ extern "C" __global__ void spills_vec4(const float* x, float* y, int i) {
                          {"probe.cu": ("spills_vec4",)})
     assert problems == ["spills_vec4: no 128-bit global load (LDG.E.128)",
                         "spills_vec4: local memory (['LDL', 'STL'])"]
+
+
+# ------------------------------------------------------------ instructions per mma.sync
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
+BRANCH = re.compile(r"\bBRA (0x[0-9a-f]+)")
+# m16n8k8 multiply-adds (1,024) of one instruction: BF16's m16n8k16 does twice TF32's
+MMA_WORK = {"HMMA.1688.F32.TF32": 1, "HMMA.16816.F32.BF16": 2}
+# The forward's main loop, per m16n8k8 of work (static count of the loop's code). The
+# first GPU run (H200, 2026-12-04) found the kernel issue-bound: ncu counted 26 issued
+# instructions per mma.sync; the loop's code was 419 for 16 (26 each, 31 with its staging
+# loop run twice). With the staging's per-row work taken out of the loop: 329, 21 each.
+MAX_INSTRUCTIONS_PER_MMA = 24
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest loop (the widest backward branch's range)."""
+    code = [(int(a, 16), ins) for a, ins in SASS_LINE.findall(sass)]
+    loops = [(int(m.group(1), 16), at) for at, ins in code
+             if (m := BRANCH.search(ins)) and int(m.group(1), 16) < at]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return [ins for at, ins in code if start <= at <= end]
+
+
+def instructions_per_mma(sass: str) -> float:
+    loop = main_loop(sass)
+    work = sum(n for ins in loop for name, n in MMA_WORK.items() if name in ins)
+    return len(loop) / work
+
+
+@needs_sass
+@pytest.mark.parametrize("kernel", ["conv_forward_mma_tf32_vec4", "conv_forward_mma_bf16_vec4"])
+def test_the_tensor_core_forward_loop_issues_few_instructions_per_mma(nvrtc_sass, kernel):
+    """The staging's loop-invariant work stays out of the loop over the reduction: at most
+    MAX_INSTRUCTIONS_PER_MMA instructions of the main loop per m16n8k8 of work."""
+    per_mma = instructions_per_mma(nvrtc_sass["conv_mma.cu"][kernel])
+    assert per_mma <= MAX_INSTRUCTIONS_PER_MMA, f"{kernel}: {per_mma:.1f} per mma"
+
+
+def test_instructions_per_mma_counts_the_loop():
+    """The count on a made-up listing: a loop of 6 instructions holding 2 TF32 mma (3 per
+    mma), the code before and after it not counted."""
+    sass = "\n".join(f"/*{at:04x}*/ {ins} ;" for at, ins in [
+        (0x00, "MOV R1, c[0x0][0x28]"), (0x10, "S2R R0, SR_TID.X"),
+        (0x20, "LDS R4, [R2]"), (0x30, "HMMA.1688.F32.TF32 R8, R4, R6, R8"),
+        (0x40, "LDS R5, [R3]"), (0x50, "HMMA.1688.F32.TF32 R8, R5, R6, R8"),
+        (0x60, "ISETP.GE.AND P0, PT, R0, 0x10, PT"), (0x70, "@!P0 BRA 0x20"),
+        (0x80, "STG.E [R10.64], R8"), (0x90, "EXIT")])
+    assert main_loop(sass)[0].startswith("LDS") and len(main_loop(sass)) == 6
+    assert instructions_per_mma(sass) == 3.0

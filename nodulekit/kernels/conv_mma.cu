@@ -191,6 +191,24 @@ __device__ __forceinline__ void store_rounded4(float* S, int r, int c, int dr, i
     S[stage_index(r + 3 * dr, c + 3 * dc)] = round_operand<PREC>(v.w);
 }
 
+// The four values of v, rounded, into slots slot ^ 0..3 of a staged tile: elements (r, c
+// + e) of stage_index(r, c) = slot with c % 4 == 0 (see stage_index)
+template <int PREC>
+__device__ __forceinline__ void store_rounded4_at(float* S, int slot, float4 v) {
+    S[slot] = round_operand<PREC>(v.x);
+    S[slot ^ 1] = round_operand<PREC>(v.y);
+    S[slot ^ 2] = round_operand<PREC>(v.z);
+    S[slot ^ 3] = round_operand<PREC>(v.w);
+}
+
+// p[at .. at + 3] as one float4 (16-byte aligned) where in, else zeros; nothing is read
+// (and no address formed) where not in
+__device__ __forceinline__ float4 load4_if(const float* __restrict__ p, long long at, bool in) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (in) v = *reinterpret_cast<const float4*>(p + at);
+    return v;
+}
+
 // a warp's MI x NI tiles of 16x8 fp32 accumulators (4 per lane), all zero
 template <int MI, int NI>
 __device__ __forceinline__ void zero_accumulators(float (&acc)[MI][NI][4]) {
@@ -270,6 +288,20 @@ __device__ __forceinline__ void warp_mma_step(const float* As, const float* Bs, 
 
 // ------------------------------------------------------------------------------ forward
 // y[m, k] = epilogue(sum_j X[m, j] * w[k, j] + b[k]); block tile 128 (m) x 64 (k)
+//
+// The staging: a thread stages the same rows and the same reduction index of each BK-wide
+// step, so what depends on them alone is computed once, before the loop (after the first
+// GPU run, where ncu found the kernel issue-bound at 26 instructions per mma.sync and the
+// SASS showed the step's address and swizzle arithmetic recomputed every step): each row's
+// pixel and base address and its slots in the staged tile (stage_index(r, c + e) =
+// stage_index(r, c) ^ e for c % 4 == 0), the weight rows. The tap (r, s, c) of the
+// thread's reduction index advances by BK each step instead of being divided out of j.
+// Static count (SASS of conv_forward_mma_tf32_vec4, the loop over j): 495 instructions
+// per step and thread for 16 mma.sync a warp before (419 in the loop's code, its A
+// staging loop run twice), 329 after: 31 per mma.sync down to 21. What is left is mostly
+// the 32 fragment loads' XORed addresses (2 instructions each) and the operand rounding
+// (3 each for TF32). Predicted, not yet measured on a GPU: where the issue rate bounds it
+// (54% of the issue slots were busy), 1.89 ms -> ~1.3 ms for enc0.conv2 at batch 4.
 template <int PREC, bool VEC>
 __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
                                                  const float* __restrict__ w,
@@ -280,50 +312,90 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
     constexpr int MI = BM / WM / 16, NI = BN / (NT / 32 / WM) / 8;  // 2 x 4 tiles of 16x8
     __shared__ float As[BM * BK];  // (i, jj) = round(X[m0 + i, j0 + jj])   (stage_index)
     __shared__ float Bs[BN * BK];  // (q, jj) = round(w[k0 + q, j0 + jj])
-    __shared__ int pix_n[BM], pix_h[BM], pix_w[BM];
+    __shared__ int pix_n[VEC ? 1 : BM], pix_h[VEC ? 1 : BM], pix_w[VEC ? 1 : BM];  // scalar
 
     const int P = R / 2, J = R * R * C, M = N * H * W;
     const int m0 = blockIdx.x * BM, k0 = blockIdx.y * BN;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int row0 = (warp % WM) * (MI * 16), col0 = (warp / WM) * (NI * 8);
 
-    // the block's pixels, decoded once; a pixel past the end gets a row off the image
-    for (int i = tid; i < BM; i += NT)
-        decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
+    // what this thread stages, every step: reduction index jj of the step (VEC: C % 4 == 0,
+    // x and w 16-byte aligned: four consecutive ones, four channels of one tap, one float4)
+    // of RA rows of X and RB rows of w, a row every NT / TPR
+    constexpr int V = VEC ? 4 : 1, TPR = BK / V, STRIDE = NT / TPR;
+    constexpr int RA = BM / STRIDE, RB = BN / STRIDE;
+    const int jj = (tid % TPR) * V, first = tid / TPR;
+
+    // VEC: the rows' pixels in registers (2 rows); scalar: in shared memory (8 rows a
+    // thread would cost too many registers), decoded once either way
+    int a_h[VEC ? RA : 1], a_w[VEC ? RA : 1];
+    long long a_base[VEC ? RA : 1];  // ((n H + h) W + w) C: the pixel's first channel
+    if constexpr (VEC) {
+        #pragma unroll
+        for (int t = 0; t < RA; ++t) {
+            int n, h, ww;
+            decode_pixel(m0 + first + t * STRIDE, M, H, W, n, h, ww);
+            a_h[t] = h;
+            a_w[t] = ww;
+            a_base[t] = (((long long)n * H + h) * W + ww) * C;
+        }
+    } else {
+        for (int i = tid; i < BM; i += NT)
+            decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
+    }
+    int a_slot[RA], b_slot[RB];  // stage_index(row, jj)
+    #pragma unroll
+    for (int t = 0; t < RA; ++t) a_slot[t] = stage_index(first + t * STRIDE, jj);
+    #pragma unroll
+    for (int t = 0; t < RB; ++t) b_slot[t] = stage_index(first + t * STRIDE, jj);
 
     float acc[MI][NI][4];
     zero_accumulators(acc);
 
-    // the reduction indices this thread stages: one, or (VEC: C % 4 == 0, x and w 16-byte
-    // aligned) four consecutive ones = four channels of one tap, one float4 load
-    constexpr int V = VEC ? 4 : 1;
-    const int jj = (tid % (BK / V)) * V;
+    // the tap of reduction index j = j0 + jj, advanced by BK each step (no division)
+    Tap tap = decode_tap(jj, J, R, C);
     for (int j0 = 0; j0 < J; j0 += BK) {
-        __syncthreads();  // the previous step's fragment loads are done (and pix_* written)
         const int j = j0 + jj;
-        const Tap tap = decode_tap(j, J, R, C);  // with VEC, J % 4 == 0: all four in or out
-        for (int i = tid / (BK / V); i < BM; i += NT / (BK / V)) {
-            if constexpr (VEC) {
-                store_rounded4<PREC>(As, i, jj, 0, 1, gather_patch4(x, pix_n[i], pix_h[i],
-                                                                    pix_w[i], tap, P, H, W, C));
-            } else {
-                As[stage_index(i, jj)] = round_operand<PREC>(
+        tap.ok = j < J;  // with VEC, J % 4 == 0: all four in or out
+        __syncthreads();  // the previous step's fragment loads are done (and pix_* written)
+        if constexpr (VEC) {
+            const int dh = tap.r - P, dw = tap.s - P;
+            const long long at = ((long long)dh * W + dw) * C + tap.c;
+            #pragma unroll
+            for (int t = 0; t < RA; ++t) {
+                const int hh = a_h[t] + dh, ww = a_w[t] + dw;
+                const bool in = tap.ok && (unsigned)hh < (unsigned)H && (unsigned)ww < (unsigned)W;
+                store_rounded4_at<PREC>(As, a_slot[t], load4_if(x, a_base[t] + at, in));
+            }
+        } else {
+            #pragma unroll
+            for (int t = 0; t < RA; ++t) {
+                const int i = first + t * STRIDE;
+                As[a_slot[t]] = round_operand<PREC>(
                     gather_patch(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C));
             }
         }
-        for (int q = tid / (BK / V); q < BN; q += NT / (BK / V)) {
-            const int k = k0 + q;
+        #pragma unroll
+        for (int t = 0; t < RB; ++t) {
+            const int k = k0 + first + t * STRIDE;
             const bool in = tap.ok && k < K;
             if constexpr (VEC) {
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (in) v = *reinterpret_cast<const float4*>(w + (long long)k * J + j);
-                store_rounded4<PREC>(Bs, q, jj, 0, 1, v);
+                store_rounded4_at<PREC>(Bs, b_slot[t], load4_if(w, (long long)k * J + j, in));
             } else {
-                Bs[stage_index(q, jj)] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
+                Bs[b_slot[t]] = round_operand<PREC>(in ? w[(long long)k * J + j] : 0.0f);
             }
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
+        // the next step's tap: c + BK, carried into s and r
+        tap.c += BK;
+        while (tap.c >= C) {
+            tap.c -= C;
+            if (++tap.s == R) {
+                tap.s = 0;
+                ++tap.r;
+            }
+        }
     }
 
     const int g = lane >> 2, t = lane & 3;
