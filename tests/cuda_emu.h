@@ -643,6 +643,7 @@ EMU_EXPORT void __tsan_vptr_read(void**) {}
 #define __noinline__
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define NODULEKIT_CUDA_EMU 1  // kernels swap their inline PTX for the emu:: models
 

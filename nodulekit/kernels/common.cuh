@@ -77,19 +77,54 @@ __device__ __forceinline__ float4 gather_patch4(const float* __restrict__ x, int
     return v;
 }
 
-// Thread (ty, tx)'s TM x TN register tile (rows ty + i * (BM/TM), columns tx + q * (BN/TN)
-// of the block's tile at (row0, col0)) to out [rows, cols], row-major, where inside it: the
-// plain epilogue of the fp32 GEMMs without bias (weight gradients, data gradients).
+// The tap of reduction index j + step from that of j (the same r, s, c as decode_tap, by
+// carrying c into s and r instead of dividing): a thread that stages the same index of
+// each step keeps its tap in registers. Past J the values are meaningless (ok is the
+// caller's: j < J).
+__device__ __forceinline__ void advance_tap(Tap& t, int step, int R, int C) {
+    t.c += step;
+    while (t.c >= C) {
+        t.c -= C;
+        if (++t.s == R) {
+            t.s = 0;
+            ++t.r;
+        }
+    }
+}
+
+// p[at .. at + 3] as one float4 (16-byte aligned) where in, else zeros; nothing is read
+// where not in
+__device__ __forceinline__ float4 load4_if(const float* __restrict__ p, long long at, bool in) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (in) v = *reinterpret_cast<const float4*>(p + at);
+    return v;
+}
+
+// Which rows (and columns) of a block's tile thread t owns in the fp32 register-blocked
+// GEMMs: side B shared among B / T threads, T values each. Where T % 4 == 0, in runs of 4
+// consecutive values (one float4 shared load each), the runs B / (T / 4) apart, so that
+// the lanes of a warp read one contiguous stretch per load (no bank conflicts); else one
+// every B / T (neighbouring threads, neighbouring words).
+template <int B, int T>
+__device__ __forceinline__ int tile_index(int t, int e) {
+    if constexpr (T % 4 == 0) return (e / 4) * (B / (T / 4)) + t * 4 + e % 4;
+    else return t + e * (B / T);
+}
+
+// Thread (ty, tx)'s TM x TN register tile (rows tile_index<BM, TM>(ty, i), columns
+// tile_index<BN, TN>(tx, q) of the block's tile at (row0, col0)) to out [rows, cols],
+// row-major, where inside it: the plain epilogue of the fp32 GEMMs without bias (weight
+// gradients, data gradients).
 template <int BM, int BN, int TM, int TN>
 __device__ __forceinline__ void store_register_tile(const float (&acc)[TM][TN],
                                                     float* __restrict__ out, int row0,
                                                     int rows, int col0, int cols, int ty,
                                                     int tx) {
     for (int i = 0; i < TM; ++i) {
-        const int row = row0 + ty + i * (BM / TM);
+        const int row = row0 + tile_index<BM, TM>(ty, i);
         if (row >= rows) continue;
         for (int q = 0; q < TN; ++q) {
-            const int col = col0 + tx + q * (BN / TN);
+            const int col = col0 + tile_index<BN, TN>(tx, q);
             if (col < cols) out[(long long)row * cols + col] = acc[i][q];
         }
     }
@@ -98,19 +133,47 @@ __device__ __forceinline__ void store_register_tile(const float (&acc)[TM][TN],
 // ------------------------------------------------------------ register-blocked GEMM step
 #define BR 16  // reduction indices staged per step in shared memory (fp32 kernels)
 
+// A staged tile's row pitch for a side of B values read T at a time: a multiple of 4 where
+// T % 4 == 0 (the float4 loads; the tile is declared __align__(16)), else B + 1 (the
+// padding that spreads a column's words over the banks for the scalar path).
+template <int B, int T>
+__host__ __device__ constexpr int tile_pitch() {
+    return T % 4 == 0 ? (B % 4 == 0 ? B : B + 4 - B % 4) : B + 1;
+}
+
+// Thread t's T values of one staged row (tile_index<B, T>(t, 0 .. T-1)) into v
+template <int B, int T>
+__device__ __forceinline__ void load_tile_values(const float* row, int t, float (&v)[T]) {
+    if constexpr (T % 4 == 0) {
+        #pragma unroll
+        for (int r = 0; r < T / 4; ++r) {
+            const float4 f = *reinterpret_cast<const float4*>(row + tile_index<B, T>(t, 4 * r));
+            v[4 * r] = f.x;
+            v[4 * r + 1] = f.y;
+            v[4 * r + 2] = f.z;
+            v[4 * r + 3] = f.w;
+        }
+    } else {
+        #pragma unroll
+        for (int e = 0; e < T; ++e) v[e] = row[tile_index<B, T>(t, e)];
+    }
+}
+
 // One staged step of the fp32 register-blocked GEMMs (conv.cu, upconv.cu): for each of the
 // BR staged reduction indices u, thread (ty, tx) adds the outer product of its TM values of
-// A's row u (columns ty, ty + BM/TM, ...) and its TN values of B's row u (columns tx,
-// tx + BN/TN, ...) to its TM x TN register tile: TM + TN shared loads feed TM * TN FMAs.
-// Neighbouring threads read neighbouring shared words. A and B are the staged tiles,
-// [BR][LDA] and [BR][LDB] (LDA >= BM, LDB >= BN: a padded row pitch is fine).
+// A's row u and its TN values of B's row u (tile_index) to its TM x TN register tile: TM +
+// TN values, in (TM + TN) / 4 float4 shared loads where both are multiples of 4, feed TM *
+// TN FMAs. A and B are the staged tiles, [BR][LDA] and [BR][LDB] (LDA >= BM, LDB >= BN;
+// tile_pitch's pitches where the float4 loads need them).
 template <int BM, int BN, int TM, int TN, int LDA, int LDB>
 __device__ __forceinline__ void register_tile_step(const float (*A)[LDA], const float (*B)[LDB],
                                                    int ty, int tx, float (&acc)[TM][TN]) {
+    static_assert(TM % 4 != 0 || LDA % 4 == 0, "float4 loads of A need a pitch of 4k");
+    static_assert(TN % 4 != 0 || LDB % 4 == 0, "float4 loads of B need a pitch of 4k");
     for (int u = 0; u < BR; ++u) {
         float a[TM], b[TN];
-        for (int i = 0; i < TM; ++i) a[i] = A[u][ty + i * (BM / TM)];
-        for (int q = 0; q < TN; ++q) b[q] = B[u][tx + q * (BN / TN)];
+        load_tile_values<BM, TM>(A[u], ty, a);
+        load_tile_values<BN, TN>(B[u], tx, b);
         for (int i = 0; i < TM; ++i)
             for (int q = 0; q < TN; ++q) acc[i][q] += a[i] * b[q];
     }

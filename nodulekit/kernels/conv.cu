@@ -38,9 +38,12 @@
 //      K <= 16). The same staging, but each thread accumulates a TM x TN register tile
 //      (8x4 forward) of outer products: per reduction step TM + TN shared loads feed
 //      TM*TN FMAs (12 loads for 32 FMAs instead of 2 for 1), and a 128x64 block stages
-//      16 x (128 + 64) floats for 16 x 128 x 64 FMAs. A thread's rows are ty + i*(BM/TM)
-//      and its columns tx + q*(BN/TN), so neighbouring threads read neighbouring shared
-//      words and write neighbouring outputs. smem_tiled is this template with TM = TN = 1.
+//      16 x (128 + 64) floats for 16 x 128 x 64 FMAs. A thread owns its rows and columns
+//      in runs of 4 consecutive ones (common.cuh tile_index: rows 4ty..4ty+3 and, for TM
+//      = 8, the same BM/2 further), so its 12 values of a step come in 3 float4 shared
+//      loads, and the lanes of a warp read one contiguous stretch per load. Where TM or TN
+//      is not a multiple of 4: one every BM/TM, neighbouring threads, neighbouring words.
+//      smem_tiled is this template with TM = TN = 1.
 //      Vectorised loads (the _vec4 kernels, picked where C % 4 == 0 and the arrays are
 //      16-byte aligned: every layer of the U-Net but the first): a thread stages four
 //      consecutive reduction indices at once, which are four channels of one tap, with one
@@ -80,6 +83,18 @@
 // reaches a fraction of that: 232 GFLOP at 15 TFLOP/s is 15 ms. The backward costs twice
 // the forward (dx and dw), plus the ReLU pass of reduce.cu. A whole U-Net step at the
 // paper's shape is about 14 TFLOP.
+//
+// Measured (one H200, 2026-12-04, bench/results/h200-2026-12-04/): register_blocked ran
+// at 20-25 TFLOP/s (enc0.conv2 forward 9.2 ms, 1.25x cuDNN's fp32 time; backward 1.1-2.5x).
+// ncu on conv_forward_128x64_vec4 (batch 4): SM 74% busy, shared/L1 73%, 72 registers, 3
+// blocks an SM. Its SASS then spent 1,466 instructions a step and thread on 512 FFMA
+// (35%): 12 scalar shared loads per reduction index, and the staging's address arithmetic
+// (each row's pixel from shared memory and its address, the tap divided out of j) every
+// step. Since: the float4 shared loads above, and in the _vec4 forward the rows' pixels
+// and base addresses in registers and the tap advanced by BR (as conv_mma.cu's forward):
+// about 860 instructions a step (60% FFMA) for _128x64_vec4, about 620 for 1,470 in
+// _256x16_vec4 (72 registers there against 56: 3 blocks an SM instead of 4). Counted in
+// the SASS, checked on the emulator; not yet timed on a GPU.
 //
 // Check: pytest -m gpu tests/test_ops.py -k conv   (GPU: vs reference.py, torch, direct)
 //        pytest tests/test_ops.py -k "conv and emu"   (the same tests, CPU emulator)
@@ -164,17 +179,38 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
                                                   int C, int K, int R) {
     constexpr int NT = (BM / TM) * (BN / TN);  // 256 threads
     static_assert(NT % BR == 0, "each thread stages a fixed reduction index");
-    __shared__ float As[BR][BM + 1];  // As[jj][i] = X[m0 + i, j0 + jj]   (+1: fewer conflicts)
-    __shared__ float Bs[BR][BN + 1];  // Bs[jj][q] = w[k0 + q, j0 + jj]
-    __shared__ int pix_n[BM], pix_h[BM], pix_w[BM];
+    // As[jj][i] = X[m0 + i, j0 + jj], Bs[jj][q] = w[k0 + q, j0 + jj] (tile_pitch)
+    __shared__ __align__(16) float As[BR][tile_pitch<BM, TM>()];
+    __shared__ __align__(16) float Bs[BR][tile_pitch<BN, TN>()];
+    __shared__ int pix_n[VEC ? 1 : BM], pix_h[VEC ? 1 : BM], pix_w[VEC ? 1 : BM];  // scalar
 
     const int P = R / 2, J = R * R * C, M = N * H * W;
     const int m0 = blockIdx.x * BM, k0 = blockIdx.y * BN;
     const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
 
-    // the block's BM pixels, decoded once; a pixel past the end gets a row off the image
-    for (int i = tid; i < BM; i += NT)
-        decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
+    // VEC (one float4 = 4 channels of one tap: C % 4 == 0, x and w 16-byte aligned): a
+    // thread stages reduction index jq of every step for rows first, first + STRIDE, ...;
+    // their pixels and base addresses stay in registers and its tap advances by BR each
+    // step (as conv_mma.cu's forward: the step's address arithmetic out of the loop).
+    // Scalar: the block's BM pixels decoded once into shared memory.
+    constexpr int STRIDE = NT / (BR / 4), RA = VEC ? BM / STRIDE : 1;
+    const int jq = (tid % (BR / 4)) * 4, first = tid / (BR / 4);
+    int a_h[RA], a_w[RA];
+    long long a_base[RA];  // ((n H + h) W + w) C
+    if constexpr (VEC) {
+        #pragma unroll
+        for (int t = 0; t < RA; ++t) {
+            int n, h, ww;
+            decode_pixel(m0 + first + t * STRIDE, M, H, W, n, h, ww);
+            a_h[t] = h;
+            a_w[t] = ww;
+            a_base[t] = (((long long)n * H + h) * W + ww) * C;
+        }
+    } else {
+        for (int i = tid; i < BM; i += NT)
+            decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
+    }
+    Tap vtap = decode_tap(jq, J, R, C);  // VEC: the tap of j0 + jq
 
     float acc[TM][TN];
     for (int i = 0; i < TM; ++i)
@@ -183,17 +219,22 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
     for (int j0 = 0; j0 < J; j0 += BR) {
         __syncthreads();  // the previous step's reads are done (and pix_* written)
         if constexpr (VEC) {
-            // one float4 = 4 channels of one tap (C % 4 == 0, x and w 16-byte aligned): a
-            // quarter of the load instructions; four consecutive j are all in or all out
-            const int jq = (tid % (BR / 4)) * 4, j = j0 + jq;
-            const Tap tap = decode_tap(j, J, R, C);
-            for (int i = tid / (BR / 4); i < BM; i += NT / (BR / 4)) {
-                const float4 v = gather_patch4(x, pix_n[i], pix_h[i], pix_w[i], tap, P, H, W, C);
+            // four consecutive j are all in or all out (J % 4 == 0)
+            const int j = j0 + jq;
+            const Tap tap = {vtap.r, vtap.s, vtap.c, j < J};
+            const int dh = tap.r - P, dw = tap.s - P;
+            const long long at = ((long long)dh * W + dw) * C + tap.c;
+            #pragma unroll
+            for (int t = 0; t < RA; ++t) {
+                const int i = first + t * STRIDE, hh = a_h[t] + dh, ww = a_w[t] + dw;
+                const bool in = tap.ok && (unsigned)hh < (unsigned)H && (unsigned)ww < (unsigned)W;
+                const float4 v = load4_if(x, a_base[t] + at, in);
                 As[jq][i] = v.x;
                 As[jq + 1][i] = v.y;
                 As[jq + 2][i] = v.z;
                 As[jq + 3][i] = v.w;
             }
+            advance_tap(vtap, BR, R, C);
             for (int q = tid / (BR / 4); q < BN; q += NT / (BR / 4)) {
                 const int k = k0 + q;
                 float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -219,10 +260,10 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
     }
 
     for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + i * (BM / TM);
+        const int m = m0 + tile_index<BM, TM>(ty, i);
         if (m >= M) continue;
         for (int q = 0; q < TN; ++q) {
-            const int k = k0 + tx + q * (BN / TN);
+            const int k = k0 + tile_index<BN, TN>(tx, q);
             if (k >= K) continue;
             float v = acc[i][q] + bias[k];
             if (relu && v < 0.0f) v = 0.0f;
@@ -275,8 +316,8 @@ __device__ __forceinline__ void conv_weight_grad_tile(const float* __restrict__ 
                                                       int W, int C, int K, int R, int rows) {
     constexpr int NT = (BA / TA) * (BB / TB);  // 256 threads
     static_assert(NT % BA == 0 && NT % BB == 0, "each thread stages a fixed column");
-    __shared__ float Ds[BR][BA];  // Ds[mm][a] = dz[m0 + mm, k0 + a]
-    __shared__ float Xs[BR][BB];  // Xs[mm][b] = X[m0 + mm, j0 + b]
+    __shared__ __align__(16) float Ds[BR][tile_pitch<BA, TA>()];  // Ds[mm][a] = dz[m0 + mm, k0 + a]
+    __shared__ __align__(16) float Xs[BR][tile_pitch<BB, TB>()];  // Xs[mm][b] = X[m0 + mm, j0 + b]
     __shared__ int pix_n[BR], pix_h[BR], pix_w[BR];
 
     const int P = R / 2, J = R * R * C, M = N * H * W;

@@ -201,14 +201,6 @@ __device__ __forceinline__ void store_rounded4_at(float* S, int slot, float4 v) 
     S[slot ^ 3] = round_operand<PREC>(v.w);
 }
 
-// p[at .. at + 3] as one float4 (16-byte aligned) where in, else zeros; nothing is read
-// (and no address formed) where not in
-__device__ __forceinline__ float4 load4_if(const float* __restrict__ p, long long at, bool in) {
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (in) v = *reinterpret_cast<const float4*>(p + at);
-    return v;
-}
-
 // a warp's MI x NI tiles of 16x8 fp32 accumulators (4 per lane), all zero
 template <int MI, int NI>
 __device__ __forceinline__ void zero_accumulators(float (&acc)[MI][NI][4]) {
@@ -387,15 +379,7 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
         }
         __syncthreads();
         warp_mma_step<PREC, MI, NI>(As, Bs, row0, col0, lane, acc);
-        // the next step's tap: c + BK, carried into s and r
-        tap.c += BK;
-        while (tap.c >= C) {
-            tap.c -= C;
-            if (++tap.s == R) {
-                tap.s = 0;
-                ++tap.r;
-            }
-        }
+        advance_tap(tap, BK, R, C);  // the next step's
     }
 
     const int g = lane >> 2, t = lane & 3;

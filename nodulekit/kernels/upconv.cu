@@ -50,8 +50,8 @@ upconv_forward_128x64(const float* __restrict__ x, const float* __restrict__ w,
                       const float* __restrict__ bias, float* __restrict__ y, int N, int H,
                       int W, int C, int K, int ld, int off) {
     constexpr int BM = 128, BN = 64, TM = 8, TN = 4, NT = 256;
-    __shared__ float As[BR][BM + 1];  // As[cc][i] = x[m0 + i, c0 + cc]
-    __shared__ float Bs[BR][BN + 1];  // Bs[cc][q] = Wq[q0 + q, c0 + cc]
+    __shared__ __align__(16) float As[BR][tile_pitch<BM, TM>()];  // As[cc][i] = x[m0 + i, c0 + cc]
+    __shared__ __align__(16) float Bs[BR][tile_pitch<BN, TN>()];  // Bs[cc][q] = Wq[q0 + q, c0 + cc]
     const int M = N * H * W, Q = 4 * K;
     const int m0 = blockIdx.x * BM, q0 = blockIdx.y * BN;
     const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
@@ -75,11 +75,11 @@ upconv_forward_128x64(const float* __restrict__ x, const float* __restrict__ w,
 
     const int H2 = 2 * H, W2 = 2 * W;
     for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty + i * (BM / TM);
+        const int m = m0 + tile_index<BM, TM>(ty, i);
         if (m >= M) continue;
         const int n = m / (H * W), rem = m - n * (H * W), ii = rem / W, jj = rem - ii * W;
         for (int q = 0; q < TN; ++q) {
-            const int qq = q0 + tx + q * (BN / TN);
+            const int qq = q0 + tile_index<BN, TN>(tx, q);
             if (qq >= Q) continue;
             const int ab = qq / K, k = qq - ab * K, a = ab / 2, b = ab - 2 * a;
             const long long o = (((long long)n * H2 + 2 * ii + a) * W2 + 2 * jj + b) * ld + off + k;
@@ -94,8 +94,8 @@ upconv_backward_data_128x64(const float* __restrict__ dy, const float* __restric
                             float* __restrict__ dx, int N, int H, int W, int C, int K, int ld,
                             int off) {
     constexpr int BM = 128, BN = 64, TM = 8, TN = 4, NT = 256;
-    __shared__ float As[BR][BM + 1];  // As[u][i] = DY[m0 + i, q0 + u]
-    __shared__ float Bs[BR][BN];      // Bs[u][c] = Wq[q0 + u, c0 + c]
+    __shared__ __align__(16) float As[BR][tile_pitch<BM, TM>()];  // As[u][i] = DY[m0 + i, q0 + u]
+    __shared__ __align__(16) float Bs[BR][tile_pitch<BN, TN>()];  // Bs[u][c] = Wq[q0 + u, c0 + c]
     __shared__ int pix_n[BM], pix_i[BM], pix_j[BM];
     const int M = N * H * W, Q = 4 * K, H2 = 2 * H, W2 = 2 * W;
     const int m0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
@@ -146,8 +146,8 @@ upconv_weight_grad_64x128(const float* __restrict__ dy, const float* __restrict_
                           float* __restrict__ out, int N, int H, int W, int C, int K, int ld,
                           int off, int rows) {
     constexpr int BA = 64, BB = 128, TA = 4, TB = 8, NT = 256;
-    __shared__ float Ds[BR][BA];  // Ds[mm][qa] = DY[m0 + mm, q0 + qa]
-    __shared__ float Xs[BR][BB];  // Xs[mm][cb] = x[m0 + mm, c0 + cb]
+    __shared__ __align__(16) float Ds[BR][tile_pitch<BA, TA>()];  // Ds[mm][qa] = DY[m0 + mm, q0 + qa]
+    __shared__ __align__(16) float Xs[BR][tile_pitch<BB, TB>()];  // Xs[mm][cb] = x[m0 + mm, c0 + cb]
     __shared__ int pix_n[BR], pix_i[BR], pix_j[BR];
     const int M = N * H * W, Q = 4 * K, H2 = 2 * H, W2 = 2 * W;
     const int c0 = blockIdx.x * BB, q0 = blockIdx.y * BA, split = blockIdx.z;
@@ -193,11 +193,11 @@ upconv_weight_grad_64x128(const float* __restrict__ dy, const float* __restrict_
 
     float* o = out + (long long)split * Q * C;
     for (int i = 0; i < TA; ++i) {
-        const int qq = q0 + ty + i * (BA / TA);
+        const int qq = q0 + tile_index<BA, TA>(ty, i);
         if (qq >= Q) continue;
         const int qab = qq / K, qk = qq - qab * K;
         for (int t = 0; t < TB; ++t) {
-            const int cc = c0 + tx + t * (BB / TB);
+            const int cc = c0 + tile_index<BB, TB>(tx, t);
             if (cc < C) o[((long long)qk * 4 + qab) * C + cc] = acc[i][t];
         }
     }
