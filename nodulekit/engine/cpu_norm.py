@@ -324,17 +324,23 @@ def grad_apply(dy3: np.ndarray, x3: np.ndarray, y3: np.ndarray, mean: np.ndarray
 # (tests/test_norm_cpu.py compares them with ops.Backend's).
 
 @njit(**_JIT)
+def _sample_sums(partial, n, k, c):
+    """partial[n, :, k, c] added in block order (NumPy's sum over that axis)."""
+    s = partial[n, 0, k, c]
+    for j in range(1, partial.shape[1]):
+        s += partial[n, j, k, c]
+    return s
+
+
+@njit(**_JIT)
 def instance_statistics(partial, count, eps, gamma, mean, invstd, scale):
     """From moments' partial sums [N, blocks, 2, C] of ``count`` pixels a sample: mean,
     invstd = 1 / sqrt(max(sum x^2 / count - mean^2, 0) + eps) and scale = invstd gamma,
     each computed in float64 and written rounded to float32 ([N, C] each)."""
-    samples, blocks, _, channels = partial.shape
+    samples, _, _, channels = partial.shape
     for n in range(samples):
         for c in range(channels):
-            s0, s1 = partial[n, 0, 0, c], partial[n, 0, 1, c]
-            for j in range(1, blocks):
-                s0 += partial[n, j, 0, c]
-                s1 += partial[n, j, 1, c]
+            s0, s1 = _sample_sums(partial, n, 0, c), _sample_sums(partial, n, 1, c)
             m = s0 / count
             var = s1 / count - m * m
             if var < 0.0:  # rounding; NaN stays NaN, as np.maximum keeps it
@@ -350,14 +356,11 @@ def instance_grad_coefficients(partial, count, invstd, gamma, coef, dgamma, dbet
     """From grad_sums' partial sums [N, blocks, 2, C] (sum g, sum g xhat): grad_apply's
     coef [N, 3, C] = (invstd gamma, mean g, mean g xhat) and dgamma = sum g xhat, dbeta =
     sum g over the batch (samples added in order), float64 rounded to float32."""
-    samples, blocks, _, channels = partial.shape
+    samples, _, _, channels = partial.shape
     total = np.empty((2, channels), dtype=np.float64)
     for n in range(samples):
         for c in range(channels):
-            s0, s1 = partial[n, 0, 0, c], partial[n, 0, 1, c]
-            for j in range(1, blocks):
-                s0 += partial[n, j, 0, c]
-                s1 += partial[n, j, 1, c]
+            s0, s1 = _sample_sums(partial, n, 0, c), _sample_sums(partial, n, 1, c)
             coef[n, 0, c] = np.float64(invstd[n, c]) * np.float64(gamma[c])
             coef[n, 1, c] = s0 / count
             coef[n, 2, c] = s1 / count
@@ -379,14 +382,12 @@ def batch_sums(partial, count, buf):
     """buf = [sum over the batch of partial's first sums (C), of its second (C), count]:
     blocks added in order within a sample, then the samples in order (NumPy's
     partial.sum(axis=1).sum(axis=0)); the buffer a cross-rank sum adds up."""
-    samples, blocks, _, channels = partial.shape
+    samples, _, _, channels = partial.shape
     for k in range(2):
         for c in range(channels):
             total = 0.0
             for n in range(samples):
-                s = partial[n, 0, k, c]
-                for j in range(1, blocks):
-                    s += partial[n, j, k, c]
+                s = _sample_sums(partial, n, k, c)
                 total = s if n == 0 else total + s
             buf[k * channels + c] = total
     buf[2 * channels] = count

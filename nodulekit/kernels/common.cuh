@@ -92,6 +92,21 @@ __device__ __forceinline__ void advance_tap(Tap& t, int step, int R, int C) {
     }
 }
 
+// The pixels of a thread's RA staged rows first, first + stride, ... of a forward block's
+// tile at m0, decoded once into registers: h, w and the base address ((n H + h) W + w) C
+// of each (a row past M gets a row off the image, as decode_pixel's)
+template <int RA>
+__device__ __forceinline__ void decode_rows(int m0, int first, int stride, int M, int H,
+                                            int W, int C, int (&h)[RA], int (&w)[RA],
+                                            long long (&base)[RA]) {
+    #pragma unroll
+    for (int t = 0; t < RA; ++t) {
+        int n;
+        decode_pixel(m0 + first + t * stride, M, H, W, n, h[t], w[t]);
+        base[t] = (((long long)n * H + h[t]) * W + w[t]) * C;
+    }
+}
+
 // p[at .. at + 3] as one float4 (16-byte aligned) where in, else zeros; nothing is read
 // where not in
 __device__ __forceinline__ float4 load4_if(const float* __restrict__ p, long long at, bool in) {

@@ -198,14 +198,7 @@ __device__ __forceinline__ void conv_forward_tile(const float* __restrict__ x,
     int a_h[RA], a_w[RA];
     long long a_base[RA];  // ((n H + h) W + w) C
     if constexpr (VEC) {
-        #pragma unroll
-        for (int t = 0; t < RA; ++t) {
-            int n, h, ww;
-            decode_pixel(m0 + first + t * STRIDE, M, H, W, n, h, ww);
-            a_h[t] = h;
-            a_w[t] = ww;
-            a_base[t] = (((long long)n * H + h) * W + ww) * C;
-        }
+        decode_rows(m0, first, STRIDE, M, H, W, C, a_h, a_w, a_base);
     } else {
         for (int i = tid; i < BM; i += NT)
             decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);

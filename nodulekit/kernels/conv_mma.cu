@@ -323,14 +323,7 @@ __device__ __forceinline__ void conv_forward_mma(const float* __restrict__ x,
     int a_h[VEC ? RA : 1], a_w[VEC ? RA : 1];
     long long a_base[VEC ? RA : 1];  // ((n H + h) W + w) C: the pixel's first channel
     if constexpr (VEC) {
-        #pragma unroll
-        for (int t = 0; t < RA; ++t) {
-            int n, h, ww;
-            decode_pixel(m0 + first + t * STRIDE, M, H, W, n, h, ww);
-            a_h[t] = h;
-            a_w[t] = ww;
-            a_base[t] = (((long long)n * H + h) * W + ww) * C;
-        }
+        decode_rows(m0, first, STRIDE, M, H, W, C, a_h, a_w, a_base);
     } else {
         for (int i = tid; i < BM; i += NT)
             decode_pixel(m0 + i, M, H, W, pix_n[i], pix_h[i], pix_w[i]);
