@@ -158,8 +158,6 @@ def _shape_options(f, norm: bool = True):
     return f
 
 
-_step_shape_options = _shape_options
-
 
 def _shape_options_without_norm(f):
     return _shape_options(f, norm=False)
@@ -167,7 +165,7 @@ def _shape_options_without_norm(f):
 
 @bench.command("step")
 @_device_option
-@_step_shape_options
+@_shape_options
 @click.option("--repeats", default=10, show_default=True, help="Timed steps (median).")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
@@ -182,9 +180,8 @@ def _shape_options_without_norm(f):
 def bench_step(json_path, torch_alone, **options):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
-    from nodulekit.bench.torch_alone import SETTINGS
 
-    result = run_step_bench(**options, torch_alone=tuple(SETTINGS) if torch_alone else (),
+    result = run_step_bench(**options, torch_alone=None if torch_alone else (),
                             log=lambda line: click.echo(line, err=True))
     click.echo(format_step(result))
     _write_json(result, json_path)
@@ -258,7 +255,7 @@ def _write_json(result, json_path):
 
 @main.command()
 @_device_option
-@_step_shape_options
+@_shape_options
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed steps (each op: the median).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
@@ -486,23 +483,19 @@ def _command_line(ctx, drop=()) -> list[str]:
     return args + (["--", *positional] if positional else [])
 
 
-def _tile_option(f):
-    return click.option(
-        "--tile", default="auto", show_default=True,
-        help="Whole slices run at their own size (padded with air to a multiple of "
-             "2**depth). 'auto': in tiles only where the forward pass would exceed the memory "
-             "budget (a quarter of the free memory, or NODULEKIT_INFER_MEMORY_MB); 'off': "
-             "never; N: tiles of N x N. Tiles overlap by the network's reach, so the result "
-             "is the untiled one.")(f)
-
-
-def _min_peak_option(f):
-    return click.option(
-        "--min-peak", default="model", show_default=True,
-        help="The peak filter: a predicted component (p > 0.5, 8-connected per slice) is kept "
-             "only where p reaches this somewhere in it. 'model': the threshold chosen on "
-             "validation when the checkpoint was saved; 'off': keep every component; or a "
-             "probability in [0.5, 1).")(f)
+# options `evaluate` and `predict` share (click makes a new Option each time one is applied)
+_tile_option = click.option(
+    "--tile", default="auto", show_default=True,
+    help="Whole slices run at their own size (padded with air to a multiple of 2**depth). "
+         "'auto': in tiles only where the forward pass would exceed the memory budget (a "
+         "quarter of the free memory, or NODULEKIT_INFER_MEMORY_MB); 'off': never; N: tiles "
+         "of N x N. Tiles overlap by the network's reach, so the result is the untiled one.")
+_min_peak_option = click.option(
+    "--min-peak", default="model", show_default=True,
+    help="The peak filter: a predicted component (p > 0.5, 8-connected per slice) is kept "
+         "only where p reaches this somewhere in it. 'model': the threshold chosen on "
+         "validation when the checkpoint was saved; 'off': keep every component; or a "
+         "probability in [0.5, 1).")
 
 
 @main.command()

@@ -49,13 +49,14 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     None: all of them), and the ratio to the best of them. ``log``, if given, gets a line
     as each phase ends, with the seconds since the start (a run cut short by a time limit
     still shows where its time went). ``cudnn_benchmark``: torch's cudnn.benchmark on a GPU
-(it times every algorithm of each new convolution shape in torch's first step; at the
-paper's shape on an H200 that first step outlasted 137 s, 2026-12-04)."""
+    (it times every algorithm of each new convolution shape in torch's first step; at the
+    paper's shape on an H200 that first step outlasted 137 s, 2026-12-04)."""
     t_start = time.perf_counter()
 
     def phase(what: str) -> None:
         if log is not None:
             log(f"  {time.perf_counter() - t_start:6.1f} s  {what}")
+
     if torch_alone is None:
         from nodulekit.bench.torch_alone import SETTINGS
 

@@ -684,11 +684,11 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 def _filter_words(row: dict) -> str:
     """The epoch line's part on the peak filter chosen on validation."""
-    logit = row.get("val_peak_logit", math.nan)
-    if not math.isfinite(logit) or logit <= 0:
-        return "(no filter)  "
-    from nodulekit.inference.peak_filter import probability_of
+    from nodulekit.inference.peak_filter import from_row, probability_of
 
+    logit = from_row(row)
+    if logit is None:
+        return "(no filter)  "
     return (f"(filter p>={probability_of(logit):.3f}: nodule Dice "
             f"{row['val_filtered_nodule_dice']:.4f}, empty FP "
             f"{100 * row['val_filtered_empty_fp']:.0f}%)  ")
