@@ -358,6 +358,20 @@ def _patch_value(ctx, param, value):
               help="Start from this checkpoint's (or run folder's best) weights.")
 @click.option("--smooth", type=float, default=None,
               help="The Dice loss's smoothing s (both recipes: 1).")
+@click.option("--dice", type=click.Choice(["sample", "batch"]), default=None,
+              help="The Dice loss over each sample, averaged (the paper's), or one Dice over "
+                   "the batch's pixels (nnU-Net's batch Dice; a faint false blob on an empty "
+                   "crop then costs its pixels, not a whole sample)  [default: nodulekit: "
+                   "batch; paper: sample]")
+@click.option("--head-prior", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, metavar="P",
+              help="The foreground probability the untrained net starts at: the head's bias "
+                   "starts at log(P / (1 - P)) (RetinaNet's prior)  [default: nodulekit: 0.01; "
+                   "paper: 0.5, a zero bias]")
+@click.option("--lr-schedule", type=click.Choice(["constant", "poly"]), default=None,
+              help="'poly': lr x (1 - step / all steps)^0.9, nnU-Net's decay to ~0 at the "
+                   "run's end; 'constant': the paper's. With --resume to more epochs the "
+                   "decay stretches to the new end  [default: nodulekit: poly; paper: constant]")
 @click.option("--lr-scaling", type=click.Choice(["none", "fan_in"]), default=None,
               help="'fan_in': each layer's Adam step scaled by sqrt(9 / fan-in) (stabilises "
                    "the normalisation-free U-Net at high lr). Both recipes: none.")
@@ -365,10 +379,11 @@ def _patch_value(ctx, param, value):
               help="Add this x the per-slice summed BCE to the Dice loss (nodulekit: 1e-4, about "
                    "the pixel mean of a 128 x 128 patch; paper: 0).")
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
-              help="The defaults of --lr --smooth --bce-weight --lr-scaling --empty-fraction "
-                   "--norm --foreground-fraction --context-slices: 'nodulekit' (learns on data "
-                   "nobody tuned for; README, 'Recipes') or 'paper' (Dice s=1, Adam 1e-4, no "
-                   "norm)  [default: nodulekit]")
+              help="The defaults of --lr --lr-schedule --smooth --dice --head-prior --bce-weight "
+                   "--lr-scaling "
+                   "--empty-fraction --norm --foreground-fraction --context-slices: "
+                   "'nodulekit' (learns on data nobody tuned for; README, 'Recipes') or "
+                   "'paper' (Dice s=1 per sample, Adam 1e-4, no norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
               help="Normalisation after each 3x3 convolution (conv -> norm -> ReLU; batch norm "
                    "over the global batch on several ranks)  [default: nodulekit: batch; "

@@ -53,6 +53,27 @@ def test_ties_go_to_fewer_false_positives_then_the_earlier_epoch():
     assert selection.select(none, validated=False) == 3
 
 
+def test_at_equal_scores_the_soft_dice_on_nodule_slices_comes_first():
+    """Two epochs find no validation nodule pixel above 0.5 (a small split of small
+    nodules): the one whose sigmoid moved towards them (higher soft Dice on the nodule
+    slices) is kept over one that predicts nothing, though it marks more empty slices."""
+    blind = np.array([[0, 0, 0]] * 4 + [[0, 0, 5]])  # nothing anywhere
+    noisy = np.array([[0, 3, 0]] * 4 + [[0, 2, 5]])  # nothing on the nodule, marks empties
+    soft_blind = np.array([0.9] * 4 + [1 / 6])  # p ~ 0 everywhere: (0 + 1) / (0 + 5 + 1)
+    soft_noisy = np.array([0.1] * 4 + [0.35])  # some probability on the nodule
+    rows = [{"epoch": 1, **selection.validation_columns(blind, 0.5, soft_blind)},
+            {"epoch": 2, **selection.validation_columns(noisy, 0.5, soft_noisy)}]
+    assert rows[0][selection.SOFT_TIE_BREAK] == pytest.approx(1 / 6)  # nodule slices only
+    assert rows[1][selection.SOFT_TIE_BREAK] == pytest.approx(0.35)
+    assert selection.select(rows) == 2
+    # the score still comes first: an epoch that found pixels beats any soft Dice
+    found = {"epoch": 3, **selection.validation_columns(FOUND, 0.5, np.zeros(len(FOUND)))}
+    assert selection.select(rows + [found]) == 3
+    # rows from before the soft column (NaN when read back): 0, as before
+    old = dict(rows[1], **{selection.SOFT_TIE_BREAK: math.nan})
+    assert selection.key(old)[1] == 0.0
+
+
 def test_rows_from_before_the_rule_have_no_key():
     old = {"epoch": 1, "val_loss": 0.5, "val_dice": 0.9, "val_iou": 0.81}
     assert selection.key(old) is None
@@ -80,7 +101,7 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     script = iter([NOTHING, FOUND, NOTHING])
     real = selection.validation_columns
     monkeypatch.setattr(selection, "validation_columns",
-                        lambda counts, loss: real(next(script), loss))
+                        lambda counts, loss, soft_dice=None: real(next(script), loss))
     _, cache = tiny_data
     lines = []
     result = tiny_train(cache, tmp_path / "run", epochs=3, test=False, echo=lines.append)

@@ -42,7 +42,10 @@ TINY_ARGS = ["--width", str(TINY_MODEL["width"]), "--depth", str(TINY_MODEL["dep
              "--batch-size", str(TINY_MODEL["batch_size"]), "--lr", str(TINY_MODEL["lr"]),
              "--recipe", TINY_MODEL["recipe"], "--device", "cpu", "--workers", "0",
              "--no-progress"]
-DEMO_OPTS = {"bce_weight": 0.01, "lr_scaling": "fan_in", "smooth": 0.01}
+# the nodulekit recipe's step options (batch Dice: its sums all-reduced; the output prior)
+# and the older demo's (fan-in lr scaling, s = 0.01)
+DEMO_OPTS = {"bce_weight": 0.01, "lr_scaling": "fan_in", "smooth": 0.01, "dice": "batch",
+             "head_prior": 0.01}
 # Tolerances ("float32 rounding"): measured differences are ~1e-6 of the weights' movement,
 # ~2e-7 of Adam's moments and ~3e-10 of the losses; see _same_training.
 WEIGHTS_RTOL, MOMENTS_RTOL, METRICS_RTOL = 2e-5, 1e-5, 1e-6
@@ -166,11 +169,14 @@ def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):
 @needs_mpi
 def test_gpus_option_starts_the_ranks_itself(tiny_data, tmp_path):
     """`nodulekit train --gpus 2` on a host without GPUs: two CPU ranks, under the venv's
-    mpiexec; with the demo's step options, the same as one process again."""
+    mpiexec; with the demo's step options, the same as one process again. Batch Dice
+    included: each rank's gradient needs the whole batch's sums (with each rank's own, the
+    losses differ at the first step)."""
     _, cache = tiny_data
     run = tmp_path / "gpus"
     cmd = _train_cmd(cache, run, "--epochs", "1", "--no-test", "--gpus", "2",
-                     "--bce-weight", "0.01", "--lr-scaling", "fan_in", "--smooth", "0.01")
+                     "--bce-weight", "0.01", "--lr-scaling", "fan_in", "--smooth", "0.01",
+                     "--dice", "batch", "--head-prior", "0.01")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{_mpiexec()} -n 2 {sys.executable} -m nodulekit.cli train" in proc.stdout

@@ -35,10 +35,20 @@ def _same_run(a, b):
     assert rows(a) == rows(b)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
+# the older demo's options (per-layer lr scaling, small smoothing, BCE) take the other step
+# path; the nodulekit recipe's: batch Dice, the output prior, the poly decay (whose lr at a
+# step depends on the global step restored from the checkpoint)
+RESUMED_OPTIONS = {
+    "fan_in": dict(lr_scaling="fan_in", smooth=0.01, bce_weight=0.01),
+    "nodulekit": dict(lr_scaling="none", smooth=1.0, bce_weight=0.01, dice="batch",
+                      head_prior=0.01, lr_schedule="poly"),
+}
+
+
+@pytest.mark.parametrize("options", list(RESUMED_OPTIONS))
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path, options):
     _, cache = tiny_data
-    # the demo's options (per-layer lr scaling, small smoothing, BCE) take the other step path
-    opts = dict(epochs=3, lr_scaling="fan_in", smooth=0.01, bce_weight=0.01)
+    opts = dict(epochs=3, **RESUMED_OPTIONS[options])
     full = tiny_train(cache, tmp_path / "full", **opts)
     steps_per_epoch = full.history[0]["step"]
 
@@ -54,7 +64,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
     resumed = train(resume=str(tmp_path / "cut"), device="cpu", workers=0, progress=False,
                     echo=lambda *_: None)
     assert resumed.config.epochs == 3 and len(resumed.history) == 3
-    assert (resumed.config.lr_scaling, resumed.config.smooth) == ("fan_in", 0.01)
+    for name, value in RESUMED_OPTIONS[options].items():
+        assert getattr(resumed.config, name) == value, name
     assert all(r["train_bce"] > 0 for r in resumed.history)
     _same_run(tmp_path / "full", tmp_path / "cut")
     log = (tmp_path / "cut" / "train.log").read_text()

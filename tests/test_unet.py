@@ -250,6 +250,27 @@ def test_he_init_is_seeded_with_the_right_spread():
     assert not views["enc0.conv1.b"].any()
 
 
+
+def test_head_prior_sets_the_output_bias_only():
+    """head_prior p: the head's bias starts at log(p / (1 - p)), so the untrained net outputs
+    about p where its last features are ~0; everything else is the seed's He init, and 0.5
+    (the paper's zero bias) is the network of before, bit for bit."""
+    be = get_backend("cpu")
+    plain = UNet(be, depth=2, width=4, seed=3)
+    half = UNet(be, depth=2, width=4, seed=3, head_prior=0.5)
+    prior = UNet(be, depth=2, width=4, seed=3, head_prior=0.01)
+    assert np.array_equal(plain.params, half.params)
+    assert prior.p["head.b"][0] == pytest.approx(np.log(0.01 / 0.99), rel=1e-6)
+    others = np.ones(plain.layout.total, bool)
+    head = plain.layout.slots["head.b"]
+    others[head.offset:head.offset + head.size] = False
+    assert np.array_equal(prior.params[others], plain.params[others])
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    p = 1 / (1 + np.exp(-prior.forward(x, keep_for_backward=False).astype(np.float64)))
+    assert np.all(p < 0.05)  # zero input: ReLU features vanish, the bias remains
+    with pytest.raises(ValueError, match="head_prior"):
+        UNet(be, depth=2, width=4, head_prior=1.0)
+
 @pytest.mark.parametrize("norm", ["none", "instance", "batch"])
 def test_weight_converters_round_trip_and_agree_with_torch_layers(norm):
     rng = np.random.default_rng(0)

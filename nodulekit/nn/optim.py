@@ -40,6 +40,21 @@ class Adam:
 
 
 LR_SCALINGS = ("none", "fan_in")
+LR_SCHEDULES = ("constant", "poly")
+POLY_POWER = 0.9  # nnU-Net's
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of the step after `step` steps of `total_steps`: "constant" (the
+    paper's) lr; "poly" (nnU-Net's) lr (1 - step / total)^0.9, falling to ~0 at the last
+    step, so the last epochs' models differ little and the one kept is not one caught
+    mid-swing."""
+    if schedule == "constant":
+        return float(lr)
+    if schedule != "poly":
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    left = max(0.0, 1.0 - step / max(int(total_steps), 1))
+    return float(lr) * left ** POLY_POWER
 
 
 def lr_scale(layout, mode: str, reference_fan_in: int = 9) -> np.ndarray | None:

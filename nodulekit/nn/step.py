@@ -1,7 +1,9 @@
 """The training step: the one that `nodulekit train`, `bench step` and `bench gpus` all run.
 
     logits = model.forward(image, comm=comm)                           (batch norm: global stats)
-    loss, dlogits = sigmoid + per-sample Dice (+ bce_weight x BCE)     one fused engine op
+    loss, dlogits = sigmoid + Dice (+ bce_weight x BCE)                per sample: one fused
+                                                                       engine op; or over the
+                                                                       batch (`nn.loss`)
     model.backward(dlogits)                                            grads in one flat buffer
     comm.allreduce_mean(grads)                                         data-parallel only
     Adam on the flat buffer, each entry's step times lr_scale          one engine call
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodulekit.nn.loss import add_bce
+from nodulekit.nn.loss import DICE_MODES, add_bce, batch_dice_loss
 from nodulekit.nn.optim import Adam
 from nodulekit.nn.unet import UNet
 
@@ -27,28 +29,37 @@ class StepLosses:
     """One step's loss terms on this process's samples, as backend scalars (0-d arrays) so
     that reading them (a device-to-host copy) is the caller's choice."""
 
-    dice: object  # mean_i (1 - dice_i)
+    dice: object  # mean_i (1 - dice_i), or the batch's 1 - Dice (dice="batch")
     bce: object  # bce_weight x mean_i sum_pixels BCE, or 0.0 without the term
 
 
 class TrainStep:
     """forward, loss, backward, gradient all-reduce, Adam; see the module docstring.
 
-    smooth: the Dice loss's s. bce_weight: > 0 adds that much BCE (`nn.loss.add_bce`).
+    smooth: the Dice loss's s. dice: "sample" (mean of per-sample Dice losses, the paper's)
+    or "batch" (one Dice over the batch's pixels, `nn.loss.batch_dice_loss`). bce_weight:
+    > 0 adds that much BCE (`nn.loss.add_bce`).
     lr_scale: None, or a backend float32 array [P] of per-parameter learning-rate factors
     (`nn.optim.lr_scale`). comm: None (one process) or a communicator.
     """
 
     def __init__(self, model: UNet, optimizer: Adam, *, smooth: float = 1.0,
-                 bce_weight: float = 0.0, lr_scale=None, comm=None):
+                 bce_weight: float = 0.0, lr_scale=None, comm=None, dice: str = "sample"):
+        if dice not in DICE_MODES:
+            raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         self.model, self.optimizer = model, optimizer
+        self.dice = dice
         self.smooth, self.bce_weight = float(smooth), float(bce_weight)
         self.lr_scale, self.comm = lr_scale, comm
 
     def __call__(self, image, target) -> StepLosses:
         model = self.model
         logits = model.forward(image, comm=self.comm)
-        loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
+        if self.dice == "batch":
+            loss, dlogits = batch_dice_loss(model.backend, logits, target, self.smooth,
+                                            self.comm)
+        else:
+            loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
         bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
                if self.bce_weight else 0.0)
         model.backward(dlogits)

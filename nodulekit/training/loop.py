@@ -60,6 +60,7 @@ import numpy as np
 
 from nodulekit import distributed
 from nodulekit.nn.inputs import window_input
+from nodulekit.nn.optim import scheduled_lr
 from nodulekit.training.config import TrainConfig, TrainOptions
 
 
@@ -252,7 +253,8 @@ class Training:
                                              self.backend)
             # the other ranks: rank 0's weights come by broadcast
         return UNet(self.backend, depth=config.depth, width=config.width,
-                    in_channels=config.in_channels, seed=config.seed, norm=config.norm)
+                    in_channels=config.in_channels, seed=config.seed, norm=config.norm,
+                    head_prior=config.head_prior)
 
     def _optimizer_and_step(self):
         from nodulekit.nn import Adam, TrainStep, lr_scale
@@ -263,7 +265,7 @@ class Training:
         if scale is not None:
             scale = be.asarray(scale, dtype=be.dtype)
         step = TrainStep(model, optimizer, smooth=config.smooth, bce_weight=config.bce_weight,
-                         lr_scale=scale, comm=self.dist)
+                         lr_scale=scale, comm=self.dist, dice=config.dice)
         return optimizer, step
 
     def _continue_from(self, ckpt) -> None:
@@ -342,12 +344,17 @@ class Training:
                     f"({len(loader)} batches of {config.batch_size}), {self.n_val} validation "
                     f"and {self.n_test} test slices")
         scaled = " scaled by fan-in" if self.step.lr_scale is not None else ""
+        if config.lr_schedule != "constant":
+            scaled += f", {config.lr_schedule} decay"
         bce = f" + {config.bce_weight:g} x BCE" if config.bce_weight else ""
-        norm = f", {config.norm} norm" if config.norm != "none" else ""
-        self.report(f"model: U-Net depth {config.depth} width {config.width}{norm}, "
+        arch = f", {config.norm} norm" if config.norm != "none" else ""
+        if config.head_prior != 0.5:
+            arch += f", output prior {config.head_prior:g}"
+        dice = "over the batch" if config.dice == "batch" else "per sample"
+        self.report(f"model: U-Net depth {config.depth} width {config.width}{arch}, "
                     f"{self.model.num_parameters:,} parameters; Adam lr {config.lr:g}{scaled}; "
-                    f"Dice loss (smoothing {config.smooth:g}){bce}; {config.epochs} epochs; "
-                    f"seed {config.seed}")
+                    f"Dice loss ({dice}, smoothing {config.smooth:g}){bce}; "
+                    f"{config.epochs} epochs; seed {config.seed}")
         if self.n_val == 0:
             self.report("warning: no validation slices; the last epoch counts as the best")
 
@@ -453,6 +460,8 @@ class Training:
         image, target = window_input(be, batch.hu, batch.mask, batch.aug,
                                      config.window_center, config.window_width)
         self.comm.step = self.global_step + 1
+        self.optimizer.lr = scheduled_lr(config.lr, config.lr_schedule, self.global_step,
+                                         config.epochs * len(self.loader))
         losses = self.step(image, target)
         loss, bce = float(be.to_host(losses.dice)), float(be.to_host(losses.bce))
         if self.dist is not None:  # the global batch's mean: every rank the same
@@ -499,7 +508,8 @@ class Training:
         # the peak filter this epoch's model gets (`nodulekit.inference.peak_filter`)
         calibration = peak_filter.calibrate(component_stats(val, config.image_shape),
                                             val.counts[:, 0] + val.counts[:, 2])
-        return {**selection.validation_columns(val.counts, val.loss), **calibration.columns()}
+        return {**selection.validation_columns(val.counts, val.loss, val.soft_dice),
+                **calibration.columns()}
 
     def _rescore_best(self) -> None:
         """Resuming a run from before the nodule-slice rule, whose checkpoint_best.h5 was kept
@@ -510,7 +520,7 @@ class Training:
 
         self.rescore_best = False
         if not self.n_val:
-            self.best_key = (float(self.best_epoch), 0.0)
+            self.best_key = (float(self.best_epoch), 0.0, 0.0)
             return
         path = self.run_dir / "checkpoint_best.h5"
         model, why = self._shared_model(path)
@@ -522,7 +532,8 @@ class Training:
             return
         cols = self.validate(self.best_epoch - 1, model=model, desc="re-score best")
         row = selection.best_row(self.history, self.best_epoch)
-        row.update({k: cols[k] for k in (selection.METRIC, selection.TIE_BREAK)})
+        row.update({k: cols[k] for k in (selection.METRIC, selection.SOFT_TIE_BREAK,
+                                         selection.TIE_BREAK)})
         self.best_key = selection.key(row)
         self.best_score = self.best_key[0]
         self.report(f"checkpoint_best.h5 (epoch {self.best_epoch}) was kept on validation mean "

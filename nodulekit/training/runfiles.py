@@ -35,10 +35,12 @@ from nodulekit.training.checkpoint import write_file_atomic
 
 # val_dice, val_iou: means over all validation slices (empty truth and prediction = 1);
 # val_nodule_dice: over the slices whose truth has a nodule (what checkpoint_best is kept on);
-# val_empty_fp: the fraction of empty-truth slices with any predicted pixel. A run resumed
-# from before the last two has them empty in its earlier rows.
+# val_nodule_soft_dice: the sigmoid's soft Dice (smoothing 1) over those slices (breaks
+# ties of val_nodule_dice, e.g. at 0); val_empty_fp: the fraction of empty-truth slices with
+# any predicted pixel. A run resumed from before these has them empty in its earlier rows.
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
-                  "val_iou", "val_global_dice", "val_nodule_dice", "val_empty_fp",
+                  "val_iou", "val_global_dice", "val_nodule_dice", "val_nodule_soft_dice",
+                  "val_empty_fp",
                   "val_peak_logit", "val_filtered_nodule_dice", "val_filtered_empty_fp",
                   "seconds", "train_seconds", "images_per_s", "best")
 LOG_NAME = "train.log"
