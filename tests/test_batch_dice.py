@@ -1,11 +1,13 @@
-"""The batch Dice loss (`nn.loss.batch_dice_loss`): against torch autograd in float64, against
-the engine's fused per-sample op given the whole batch as one sample, and split over
-data-parallel ranks."""
+"""The batch Dice loss (`nn.loss.batch_dice_loss`, written with the backend's array module:
+NumPy, or CuPy on a GPU): against torch autograd in float64 and against the engine's fused
+per-sample op given the whole batch as one sample, on every backend; split over data-parallel
+ranks; and the poly learning-rate schedule."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from backends import ALL_BACKENDS, each_backend, to_device
 
 from nodulekit.engine import get_backend
 from nodulekit.nn import batch_dice_loss
@@ -21,32 +23,36 @@ def _inputs(seed=0, shape=(3, 7, 9, 1), scale=4.0):
     return z, t
 
 
+@each_backend(*ALL_BACKENDS)
 @pytest.mark.parametrize("smooth", [1.0, 1e-5, 0.0])
-def test_batch_dice_against_torch(smooth):
+def test_batch_dice_against_torch(backend, smooth):
     import torch
 
-    be = get_backend("cpu")
+    be = backend
     z, t = _inputs(1)
-    loss, grad = batch_dice_loss(be, z, t, smooth)
+    loss, grad = batch_dice_loss(be, *to_device(be, z, t), smooth)
+    loss, grad = float(be.to_host(loss)), be.to_host(grad)
     zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
     p, tt = torch.sigmoid(zt), torch.tensor(t, dtype=torch.float64)
     ref = 1 - (2 * (p * tt).sum() + smooth) / (p.sum() + tt.sum() + smooth)
     ref.backward()
-    assert float(loss) == pytest.approx(ref.item(), rel=1e-6)
-    assert grad.dtype == np.float32 and grad.shape == z.shape
+    assert loss == pytest.approx(ref.item(), rel=1e-6)
+    assert grad.dtype == be.dtype and grad.shape == z.shape
     np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=RTOL_GRAD, atol=ATOL_GRAD)
 
 
-def test_batch_dice_is_the_fused_op_on_one_sample():
+@each_backend(*ALL_BACKENDS)
+def test_batch_dice_is_the_fused_op_on_one_sample(backend):
     """The batch's Dice is the per-sample op's with every sample stacked into one (rows
     after rows: NHWC with one channel reshapes for free)."""
-    be = get_backend("cpu")
-    z, t = _inputs(2, (4, 16, 12, 1))
+    be = backend
+    z, t = to_device(be, *_inputs(2, (4, 16, 12, 1)))
     loss, grad = batch_dice_loss(be, z, t, 1.0)
     one = (1, 4 * 16, 12, 1)
     fused_loss, _, fused_grad = be.sigmoid_dice_loss(z.reshape(one), t.reshape(one), 1.0)
-    assert float(loss) == pytest.approx(float(fused_loss), rel=1e-5)
-    np.testing.assert_allclose(grad, fused_grad.reshape(z.shape), rtol=1e-4, atol=1e-10)
+    assert float(be.to_host(loss)) == pytest.approx(float(be.to_host(fused_loss)), rel=1e-5)
+    np.testing.assert_allclose(be.to_host(grad), be.to_host(fused_grad).reshape(z.shape),
+                               rtol=1e-4, atol=1e-10)
 
 
 def test_batch_dice_differs_from_per_sample_where_a_sample_is_empty():
