@@ -380,8 +380,7 @@ def _patch_value(ctx, param, value):
                    "the pixel mean of a 128 x 128 patch; paper: 0).")
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
               help="The defaults of --lr --lr-schedule --smooth --dice --head-prior --bce-weight "
-                   "--lr-scaling "
-                   "--empty-fraction --norm --foreground-fraction --context-slices: "
+                   "--lr-scaling --empty-fraction --norm --foreground-fraction --context-slices: "
                    "'nodulekit' (learns on data nobody tuned for; README, 'Recipes') or "
                    "'paper' (Dice s=1 per sample, Adam 1e-4, no norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,

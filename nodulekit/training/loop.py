@@ -520,7 +520,7 @@ class Training:
 
         self.rescore_best = False
         if not self.n_val:
-            self.best_key = (float(self.best_epoch), 0.0, 0.0)
+            self.best_key = selection.key({"epoch": self.best_epoch}, validated=False)
             return
         path = self.run_dir / "checkpoint_best.h5"
         model, why = self._shared_model(path)
