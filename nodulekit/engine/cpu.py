@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.engine import cpu_conv, cpu_norm, cpu_upconv
+from nodulekit.engine import cpu_conv, cpu_conv_packed, cpu_norm, cpu_upconv
 from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
@@ -54,7 +54,26 @@ CONV_VARIANTS = {
     "patches_gemm": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
     "register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
                         "(cpu_conv.py); needs K % 8 == 0",
+    "packed": "zero-padded input, weights packed per block of channels, 4 x 32 register "
+              "blocks with AVX-512 (6 x 16 without) (cpu_conv_packed.py); 3x3 forward and "
+              "data gradient; needs K % 8 == 0",
 }
+
+
+def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
+    """packed (``cpu_conv_packed``) for a 3x3 forward pass (or data gradient)?
+
+    'auto', measured per shape on one core of the 2-core Zen 4 (forward, AVX-512 blocks):
+    packed ran at 103-114 GFLOP/s wherever C x K >= 64 x 32, against 53-105 for
+    register_blocked (its border pixels and strided weights) and ~80 for patches_gemm. On
+    long rows with few channels (32 -> 32 at 128 x 128 and wider; 8 or 16 channels) its
+    padded copy of x costs more than it saves, and register_blocked stays.
+    """
+    if variant != "auto":
+        return variant == "packed" and cpu_conv_packed.supports(c, k)
+    if not cpu_conv_packed.supports(c, k) or c == 1 or width < 8:
+        return False
+    return width <= 16 or c * k >= 128 * 64 or (c * k >= 64 * 32 and width <= 64)
 
 
 def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
@@ -69,6 +88,16 @@ def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
         return False
     return variant == "register_blocked" or (
         k <= 64 and (width >= 32 or c == 1 or (width >= 16 and c <= 64)))
+
+
+def _packed_weight_grad(variant: str, c: int, k: int) -> bool:
+    # 'auto', measured on the 2-core Zen 4 (both threads, padding included): packed's
+    # weight gradient took 0.52-0.86x register_blocked's time from C x K = 32 x 32 up (the
+    # deeper, the larger the gain: 512 -> 512 at 16 x 16, 33 against 71 ms), and as long or
+    # longer below (8 -> 8: 1.31 against 1.29 ms; 16 -> 16: 1.14 against 0.94 ms)
+    if variant not in ("auto", "packed") or not cpu_conv_packed.supports(c, k):
+        return False
+    return variant == "packed" or c * k >= 32 * 32
 
 
 def _register_blocked_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
@@ -138,6 +167,8 @@ class CPUBackend(Backend):
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
+        if r_size == 3 and _packed_conv(self.conv_variant, c, k, w):
+            return self._conv_packed(x, w2t, b, relu, out2d)
         if r_size == 3 and _register_blocked_conv(self.conv_variant, c, k, w):
             w_tk = np.ascontiguousarray(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
@@ -169,6 +200,23 @@ class CPUBackend(Backend):
             kern.bias_relu_rows(out2d, b, relu, m0, m1)
 
         self.workers.run(job, rows, step)
+        return out2d
+
+    def _conv_packed(self, x, w_tk, b, relu, out2d):
+        """out2d = relu?(conv3x3(x) + b) with ``cpu_conv_packed``: x copied into a zero-padded
+        buffer, the weights packed, then blocks of image rows on the threads."""
+        n, h, w, c = x.shape
+        k = w_tk.shape[1]
+        wide = cpu_conv_packed.WIDE_BLOCKS
+        w_packed = cpu_conv_packed.pack_weights(w_tk, wide)
+        xp = self._pad(x)
+        y = out2d.reshape(n, h, w, k)
+
+        def image_rows(m0, m1, _):
+            cpu_conv_packed.conv3x3_packed_rows(xp, w_packed, b, relu, y, m0 // w, m1 // w,
+                                                wide)
+
+        self.workers.run(image_rows, n * h * w, _block_rows(9 * c), align=w)
         return out2d
 
     def _gram(self, b2d, rows, width, step, a2d=None, fill=None):
@@ -211,6 +259,41 @@ class CPUBackend(Backend):
         workers.run(column_job, width, width)
         return out
 
+    def _pad(self, x):
+        """x [N, H, W, C] copied into a zero-bordered [N, H+2, W+2, C] (cpu_conv_packed)."""
+        n, h, w, c = x.shape
+        xp = np.empty((n, h + 2, w + 2, c), dtype=np.float32)
+        self.workers.run(lambda m0, m1, _: cpu_conv_packed.pad_rows(x, xp, m0, m1),
+                         n * (h + 2), _block_rows((w + 2) * c))
+        return xp
+
+    def _weight_grad_packed(self, x, dz):
+        """dW^T [9C, K] with cpu_conv_packed's kernel. As in ``_gram``: one partial sum per
+        block of image rows, added in block order; where those partials would outweigh the
+        data (deep layers), the taps (dW^T's rows) are split over the threads instead."""
+        n, h, w, c = x.shape
+        k = dz.shape[3]
+        rows = n * h * w
+        xp = self._pad(x)
+        wide = cpu_conv_packed.WIDE_BLOCKS
+        step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
+        if blocks * k < rows:
+            partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
+
+            def job(m0, m1, _):
+                cpu_conv_packed.conv3x3_weight_grad_packed(xp, dz, m0 // w, m1 // w, 0, 9 * c,
+                                                           partial[m0 // step], wide)
+
+            self.workers.run(job, rows, step, align=w)
+            return partial.sum(axis=0)
+        out = np.empty((9 * c, k), dtype=np.float32)
+
+        def taps_job(t0, t1, _):
+            cpu_conv_packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, t0, t1, out, wide)
+
+        self.workers.run(taps_job, 9 * c, 9 * c, align=24)
+        return out
+
     def _weight_grad_3x3(self, x, dz):
         """dW^T [9C, K] with register_blocked's kernel, or None where patches_gemm should
         do it.
@@ -223,10 +306,12 @@ class CPUBackend(Backend):
         """
         n, h, w, c = x.shape
         k = dz.shape[3]
+        if _packed_weight_grad(self.conv_variant, c, k):
+            return self._weight_grad_packed(x, dz)
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
         if not _register_blocked_weight_grad(self.conv_variant, c, k, w) or (
-                blocks * k >= rows and self.conv_variant == "auto"):
+                blocks * k >= rows and self.conv_variant in ("auto", "packed")):
             return None
         partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
 

@@ -153,3 +153,136 @@ def store_4x8(of: np.ndarray, i: int, stride: int, a: tuple) -> None:
     store8(of, i + s, a[1])
     store8(of, i + uint64(2) * s, a[2])
     store8(of, i + uint64(3) * s, a[3])
+
+
+# ---- the wide blocks of cpu_conv_packed: 16 accumulators, for cores with 32 vector
+# registers (AVX-512). A block's pixels are consecutive pixels of a zero-padded image row,
+# C floats apart, so a pixel's operand is xf[i + r * c] (i: the first pixel's, c: C as
+# uint64). Accumulators: pixel r's vectors are a[V r] .. a[V r + V - 1].
+
+
+@njit(**_INLINE)
+def fma_4x32(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * (w[0], w[1], w[2], w[3]) for pixels r = 0..3."""
+    w0, w1, w2, w3 = w
+    s0, s1 = splat8(xf, i), splat8(xf, i + c)
+    s2, s3 = splat8(xf, i + uint64(2) * c), splat8(xf, i + uint64(3) * c)
+    return (fma8(s0, w0, a[0]), fma8(s0, w1, a[1]), fma8(s0, w2, a[2]), fma8(s0, w3, a[3]),
+            fma8(s1, w0, a[4]), fma8(s1, w1, a[5]), fma8(s1, w2, a[6]), fma8(s1, w3, a[7]),
+            fma8(s2, w0, a[8]), fma8(s2, w1, a[9]), fma8(s2, w2, a[10]), fma8(s2, w3, a[11]),
+            fma8(s3, w0, a[12]), fma8(s3, w1, a[13]), fma8(s3, w2, a[14]), fma8(s3, w3, a[15]))
+
+
+@njit(**_INLINE)
+def fma_8x16(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * (w[0], w[1]) for pixels r = 0..7."""
+    w0, w1 = w
+    s0, s1 = splat8(xf, i), splat8(xf, i + c)
+    s2, s3 = splat8(xf, i + uint64(2) * c), splat8(xf, i + uint64(3) * c)
+    s4, s5 = splat8(xf, i + uint64(4) * c), splat8(xf, i + uint64(5) * c)
+    s6, s7 = splat8(xf, i + uint64(6) * c), splat8(xf, i + uint64(7) * c)
+    return (fma8(s0, w0, a[0]), fma8(s0, w1, a[1]), fma8(s1, w0, a[2]), fma8(s1, w1, a[3]),
+            fma8(s2, w0, a[4]), fma8(s2, w1, a[5]), fma8(s3, w0, a[6]), fma8(s3, w1, a[7]),
+            fma8(s4, w0, a[8]), fma8(s4, w1, a[9]), fma8(s5, w0, a[10]), fma8(s5, w1, a[11]),
+            fma8(s6, w0, a[12]), fma8(s6, w1, a[13]), fma8(s7, w0, a[14]), fma8(s7, w1, a[15]))
+
+
+@njit(**_INLINE)
+def fma_8x8(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * w[0] for pixels r = 0..7 (9 loads per 8 FMAs: the
+    loads set the pace)."""
+    w0 = w[0]
+    return (fma8(splat8(xf, i), w0, a[0]), fma8(splat8(xf, i + c), w0, a[1]),
+            fma8(splat8(xf, i + uint64(2) * c), w0, a[2]),
+            fma8(splat8(xf, i + uint64(3) * c), w0, a[3]),
+            fma8(splat8(xf, i + uint64(4) * c), w0, a[4]),
+            fma8(splat8(xf, i + uint64(5) * c), w0, a[5]),
+            fma8(splat8(xf, i + uint64(6) * c), w0, a[6]),
+            fma8(splat8(xf, i + uint64(7) * c), w0, a[7]))
+
+
+@njit(**_INLINE)
+def relu_16(a: tuple) -> tuple:
+    return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]),
+            relu8(a[6]), relu8(a[7]), relu8(a[8]), relu8(a[9]), relu8(a[10]), relu8(a[11]),
+            relu8(a[12]), relu8(a[13]), relu8(a[14]), relu8(a[15]))
+
+
+@njit(**_INLINE)
+def relu_8(a: tuple) -> tuple:
+    return (relu8(a[0]), relu8(a[1]), relu8(a[2]), relu8(a[3]), relu8(a[4]), relu8(a[5]),
+            relu8(a[6]), relu8(a[7]))
+
+
+@njit(**_INLINE)
+def store_4x32(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    """Pixel r's 32 channels to yf[o + r k:] (k: the image's channel count, uint64)."""
+    e = uint64(8)
+    for r in range(4):  # a loop over pixels, constant trip count: LLVM unrolls it
+        p = o + uint64(r) * k
+        store8(yf, p, a[4 * r])
+        store8(yf, p + e, a[4 * r + 1])
+        store8(yf, p + uint64(2) * e, a[4 * r + 2])
+        store8(yf, p + uint64(3) * e, a[4 * r + 3])
+
+
+@njit(**_INLINE)
+def store_8x16(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    e = uint64(8)
+    for r in range(8):
+        p = o + uint64(r) * k
+        store8(yf, p, a[2 * r])
+        store8(yf, p + e, a[2 * r + 1])
+
+
+@njit(**_INLINE)
+def store_8x8(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    for r in range(8):
+        store8(yf, o + uint64(r) * k, a[r])
+
+
+@njit(**_INLINE)
+def load_4x32(yf: np.ndarray, o: int, k: int) -> tuple:
+    """The 4 x 32 block store_4x32 writes, read back (a sum resumed where it stopped)."""
+    e1, e2, e3 = uint64(8), uint64(16), uint64(24)
+    p0, p1, p2, p3 = o, o + k, o + uint64(2) * k, o + uint64(3) * k
+    return (load8(yf, p0), load8(yf, p0 + e1), load8(yf, p0 + e2), load8(yf, p0 + e3),
+            load8(yf, p1), load8(yf, p1 + e1), load8(yf, p1 + e2), load8(yf, p1 + e3),
+            load8(yf, p2), load8(yf, p2 + e1), load8(yf, p2 + e2), load8(yf, p2 + e3),
+            load8(yf, p3), load8(yf, p3 + e1), load8(yf, p3 + e2), load8(yf, p3 + e3))
+
+
+@njit(**_INLINE)
+def load_8x16(yf: np.ndarray, o: int, k: int) -> tuple:
+    e = uint64(8)
+    p = (o, o + k, o + uint64(2) * k, o + uint64(3) * k, o + uint64(4) * k, o + uint64(5) * k,
+         o + uint64(6) * k, o + uint64(7) * k)
+    return (load8(yf, p[0]), load8(yf, p[0] + e), load8(yf, p[1]), load8(yf, p[1] + e),
+            load8(yf, p[2]), load8(yf, p[2] + e), load8(yf, p[3]), load8(yf, p[3] + e),
+            load8(yf, p[4]), load8(yf, p[4] + e), load8(yf, p[5]), load8(yf, p[5] + e),
+            load8(yf, p[6]), load8(yf, p[6] + e), load8(yf, p[7]), load8(yf, p[7] + e))
+
+
+@njit(**_INLINE)
+def load_8x8(yf: np.ndarray, o: int, k: int) -> tuple:
+    return (load8(yf, o), load8(yf, o + k), load8(yf, o + uint64(2) * k),
+            load8(yf, o + uint64(3) * k), load8(yf, o + uint64(4) * k),
+            load8(yf, o + uint64(5) * k), load8(yf, o + uint64(6) * k),
+            load8(yf, o + uint64(7) * k))
+
+
+@njit(**_INLINE)
+def load_6x16(yf: np.ndarray, rows: Rows, hi: int) -> tuple:
+    """The block store_6x16 writes, read back."""
+    i0, i1, i2, i3, i4, i5 = rows
+    h = uint64(hi)
+    return (load8(yf, i0), load8(yf, i0 + h), load8(yf, i1), load8(yf, i1 + h),
+            load8(yf, i2), load8(yf, i2 + h), load8(yf, i3), load8(yf, i3 + h),
+            load8(yf, i4), load8(yf, i4 + h), load8(yf, i5), load8(yf, i5 + h))
+
+
+@njit(**_INLINE)
+def load_6x8(yf: np.ndarray, rows: Rows) -> tuple:
+    i0, i1, i2, i3, i4, i5 = rows
+    return (load8(yf, i0), load8(yf, i1), load8(yf, i2), load8(yf, i3), load8(yf, i4),
+            load8(yf, i5))

@@ -1,0 +1,466 @@
+"""3x3 convolutions on the CPU, version 3: a zero-padded input, weights packed per block
+of output channels, and a register block sized to the core's vector registers
+(``packed`` in cpu.CONV_VARIANTS).
+
+What it computes: the same as ``cpu_conv.conv3x3_rows`` (NHWC float32, stride 1, zero
+'same' padding, w_tk [9C, K] with tap (r, s, c) major):
+
+    y[p, k] = relu?(b[k] + sum_t patch(x, p)[t] * w_tk[t, k])
+
+What version 2 (``cpu_conv``, register_blocked) left on the table, measured on one core of
+the 2-core Zen 4 (peak 116 GFLOP/s a core), forward, 4 images:
+
+- the border pixels: a pixel whose kernel hangs over the image's edge goes one at a time,
+  with a quarter of the block's FMAs in flight. On a 16-pixel row that is 4 of 16 pixels,
+  and the layer ran at 46 GFLOP/s (256 -> 256 channels, 16 x 16);
+- the weights: a block's 16 columns of w_tk are 16 floats out of every K-float row, so
+  walking down them strides K floats. With 9C x K = 2.4 MB of weights (256 -> 256) the
+  hardware prefetcher loses track and the loads wait on L2.
+
+Here, three changes, one per problem:
+
+1. ``pad_rows`` copies x into [N, H+2, W+2, C] with a zero border once per call. Every
+   output pixel is then an interior one: kernel row dy of pixel (h, w) is the run of 3C
+   values at xp[n, h + dy, w:w + 3], and pixel w + 1's run starts C floats later. No
+   border code at all; the zeros add exact zeros. (A copy of x: 0.3 ms for 4 x 128 x 128 x
+   32, next to a 2.4 ms convolution.)
+2. ``pack_weights`` lays each block of output channels out as its own [9C, width] slab,
+   so a block's weights are one sequential stream (the BLIS packing idea).
+3. The block: with AVX-512 the core has 32 vector registers, not 16, so a block can keep
+   16 accumulators: 4 pixels x 32 channels. Each reduction step loads 4 weight vectors,
+   broadcasts 4 input values and does 16 FMAs: 0.5 loads per FMA, against 0.67 for the
+   6 x 16 block. The pixel count 4 (or 8) also divides the U-Net's power-of-two rows, so
+   no pixel is left over. The leftover channels go in blocks of 8 pixels x 16 channels
+   and 8 x 8. With 16 registers (AVX2) those blocks spill (35 GFLOP/s measured with the
+   kernel compiled for Haswell), so there it is 6 x 16 and 6 x 8 (12 and 6 accumulators).
+   ``WIDE_BLOCKS`` is chosen at import from the CPU Numba compiles for.
+
+A row whose width is not a multiple of the block's pixel count ends with a block placed
+at its last pixels, overlapping the one before: those pixels are computed twice, the
+same sums in the same order, so they come out the same. Rows narrower than the block go
+one pixel at a time. Every output is one chain of FMAs in a fixed order (bias, then the
+taps in order), so results are the same on every run and with any thread count, and equal
+to version 2's on every interior pixel.
+
+Napkin math, one core, forward, 4 images (``python -m nodulekit.engine.cpu_conv_packed``
+prints these for your machine): 256 -> 256 channels at 16 x 16 is 2 x 4 x 256 x 2304 x
+256 = 1.2 GFLOP; version 2 took 26 ms (46 GFLOP/s), this one 10.6 ms (114 GFLOP/s, 98% of
+the core's FMA peak). 32 -> 32 at 128 x 128: 106 -> 113 GFLOP/s.
+
+Run it: ``nodulekit bench ops --op conv --variants all``; ``pytest tests/test_conv_packed.py``
+checks it against version 2, the float64 reference and torch, odd sizes included.
+
+Requirements: K % 8 == 0. Serial, nogil: the caller runs blocks of image rows on its
+threads (``cpu_workers.Workers``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm
+from numba import config, njit, uint64
+
+from nodulekit.engine.register_blocks import (
+    fma_4x32,
+    fma_6x8,
+    fma_6x16,
+    fma_8x8,
+    fma_8x16,
+    load_4x32,
+    load_6x8,
+    load_6x16,
+    load_8x8,
+    load_8x16,
+    relu_6x8,
+    relu_6x16,
+    relu_8,
+    relu_16,
+    store_4x32,
+    store_6x8,
+    store_6x16,
+    store_8x8,
+    store_8x16,
+)
+from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8, zeros8
+
+_JIT = {"cache": True, "nogil": True}
+_INLINE = {"cache": True, "inline": "always"}
+PIXEL_CHUNK = 64  # weight gradient: pixels per pass over the blocks of taps and channels
+
+
+def _compiles_for_avx512() -> bool:
+    """Whether Numba compiles for a CPU with AVX-512 (32 vector registers): the host's
+    features unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise."""
+    if config.CPU_FEATURES is not None:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False  # a named CPU without features: assume the narrower register file
+    return "avx512f" in llvm.get_host_cpu_features().flatten()
+
+
+# 4 x 32, 8 x 16 and 8 x 8 blocks (16 accumulators) where the core has 32 vector
+# registers; 6 x 16 and 6 x 8 (12 and 6) where it has 16
+WIDE_BLOCKS = _compiles_for_avx512()
+
+
+def supports(c: int, k: int) -> bool:
+    return k % 8 == 0 and c >= 1
+
+
+def channel_blocks(k: int, wide: bool) -> list[tuple[int, int]]:
+    """(first channel, width) of each block of output channels, in the kernel's order:
+    32s (wide) or 16s while they fit, then what is left (a 16 and/or an 8)."""
+    blocks, j0 = [], 0
+    while j0 < k:
+        left = k - j0
+        if left < 8:
+            raise ValueError(f"cpu_conv_packed needs K % 8 == 0, got K = {k}")
+        width = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
+        blocks.append((j0, width))
+        j0 += width
+    return blocks
+
+
+def pack_weights(w_tk: np.ndarray, wide: bool = WIDE_BLOCKS) -> np.ndarray:
+    """w_tk [9C, K] -> each block of output channels as its own [9C, width] slab; the slab
+    of the block starting at channel j0 sits at offset 9C j0."""
+    taps, k = w_tk.shape
+    packed = np.empty(taps * k, dtype=np.float32)
+    for j0, width in channel_blocks(k, wide):
+        packed[taps * j0: taps * (j0 + width)] = w_tk[:, j0:j0 + width].ravel()
+    return packed
+
+
+@njit(**_JIT)
+def pad_rows(x: np.ndarray, xp: np.ndarray, row0: int, row1: int) -> None:
+    """xp's rows row0..row1 (row = n * (H+2) + h'): x's row h' - 1 between zero columns,
+    or zeros for the top and bottom rows."""
+    _, height, width, channels = x.shape
+    run = width * channels
+    xf, xpf = x.ravel(), xp.ravel()
+    padded_run = (width + 2) * channels
+    for row in range(row0, row1):
+        n, hp = row // (height + 2), row % (height + 2)
+        o = row * padded_run
+        if hp == 0 or hp == height + 1:
+            xpf[o:o + padded_run] = 0.0
+            continue
+        i = (n * height + hp - 1) * run
+        xpf[o:o + channels] = 0.0
+        xpf[o + channels:o + channels + run] = xf[i:i + run]
+        xpf[o + channels + run:o + padded_run] = 0.0
+
+
+# ---- the blocks. Each: y[o : +pixels, j0 : +width] (o a flat index into y) from the padded
+# input at xi (its first pixel's first tap) and the block's weight slab at wi. The sums run
+# bias, then kernel rows 0..2, each over its run of 3C taps.
+
+@njit(**_INLINE)
+def _block_4x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0, b1, b2, b3 = load8(b, j0), load8(b, j0 + 8), load8(b, j0 + 16), load8(b, j0 + 24)
+    a = (b0, b1, b2, b3, b0, b1, b2, b3, b0, b1, b2, b3, b0, b1, b2, b3)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(32)
+        for t in range(taps):
+            wt = wr + t * uint64(32)
+            w = (load8(wf, wt), load8(wf, wt + uint64(8)), load8(wf, wt + uint64(16)),
+                 load8(wf, wt + uint64(24)))
+            a = fma_4x32(xpf, xr + t, c, w, a)
+    if relu:
+        a = relu_16(a)
+    store_4x32(yf, o, k, a)
+
+
+@njit(**_INLINE)
+def _block_8x16(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0, b1 = load8(b, j0), load8(b, j0 + 8)
+    a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(16)
+        for t in range(taps):
+            wt = wr + t * uint64(16)
+            a = fma_8x16(xpf, xr + t, c, (load8(wf, wt), load8(wf, wt + uint64(8))), a)
+    if relu:
+        a = relu_16(a)
+    store_8x16(yf, o, k, a)
+
+
+@njit(**_INLINE)
+def _block_8x8(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0 = load8(b, j0)
+    a = (b0, b0, b0, b0, b0, b0, b0, b0)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(8)
+        for t in range(taps):
+            a = fma_8x8(xpf, xr + t, c, (load8(wf, wr + t * uint64(8)),), a)
+    if relu:
+        a = relu_8(a)
+    store_8x8(yf, o, k, a)
+
+
+@njit(**_INLINE)
+def _six(i, c):
+    return (i, i + c, i + uint64(2) * c, i + uint64(3) * c, i + uint64(4) * c,
+            i + uint64(5) * c)
+
+
+@njit(**_INLINE)
+def _block_6x16(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0, b1 = load8(b, j0), load8(b, j0 + 8)
+    a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(16)
+        for t in range(taps):
+            wt = wr + t * uint64(16)
+            a = fma_6x16(xpf, _six(xr + t, c), load8(wf, wt), load8(wf, wt + uint64(8)), a)
+    if relu:
+        a = relu_6x16(a)
+    store_6x16(yf, _six(o, k), 8, a)
+
+
+@njit(**_INLINE)
+def _block_6x8(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0 = load8(b, j0)
+    a = (b0, b0, b0, b0, b0, b0)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(8)
+        for t in range(taps):
+            a = fma_6x8(xpf, _six(xr + t, c), load8(wf, wr + t * uint64(8)), a)
+    if relu:
+        a = relu_6x8(a)
+    store_6x8(yf, _six(o, k), a)
+
+
+@njit(**_JIT)
+def _one_pixel(xpf, wf, b, yf, relu, xi, wi, channels, o, geometry):
+    """One pixel x the block's channels (j0, width), a vector at a time (rows narrower
+    than a block)."""
+    j0, width = channels
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    for v in range(width // 8):
+        a = load8(b, j0 + 8 * v)
+        for dy in range(3):
+            xr = xi + uint64(dy) * row_stride
+            wr = wi + uint64(dy) * taps * uint64(width) + uint64(8 * v)
+            for t in range(taps):
+                a = fma8(splat8(xpf, xr + t), load8(wf, wr + t * uint64(width)), a)
+        if relu:
+            a = relu8(a)
+        store8(yf, o + uint64(8 * v), a)
+
+
+@njit(**_JIT)
+def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, relu: bool,
+                        y: np.ndarray, row0: int, row1: int, wide: bool) -> None:
+    """y = relu?(conv3x3(x, w) + b) for image rows row0..row1 (row = n * H + h), from
+    xp = pad_rows(x) and w_packed = pack_weights(w_tk); wide: the 32-register blocks."""
+    _, padded_height, padded_width, channels = xp.shape
+    height, width = padded_height - 2, padded_width - 2
+    out_channels = y.shape[3]
+    xpf, wf, yf = xp.ravel(), w_packed.ravel(), y.ravel()
+    c, k = uint64(channels), uint64(out_channels)
+    geometry = (c, k, uint64(padded_width * channels))
+    taps9 = uint64(9 * channels)
+    j0 = 0
+    while j0 < out_channels:  # one block of channels at a time: its weight slab stays hot
+        left = out_channels - j0
+        block = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
+        pixels = (4 if block == 32 else 8) if wide else 6
+        wi = taps9 * uint64(j0)
+        for row in range(row0, row1):
+            n, h = row // height, row % height
+            xrow = uint64((n * padded_height + h) * padded_width) * c
+            orow = uint64(row * width) * k + uint64(j0)
+            if width < pixels:
+                for x0 in range(width):
+                    _one_pixel(xpf, wf, b, yf, relu, xrow + uint64(x0) * c, wi, (j0, block),
+                               orow + uint64(x0) * k, geometry)
+                continue
+            x0 = 0
+            while x0 < width:
+                x0 = min(x0, width - pixels)  # the last block ends at the row's end
+                xi, o = xrow + uint64(x0) * c, orow + uint64(x0) * k
+                if block == 32:
+                    _block_4x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                elif wide and block == 16:
+                    _block_8x16(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                elif wide:
+                    _block_8x8(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                elif block == 16:
+                    _block_6x16(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                else:
+                    _block_6x8(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                x0 += pixels
+        j0 += block
+
+
+# ---- the weight gradient: dW_tk[t, k] = sum over pixels p of patch(x, p)[t] * dz[p, k].
+# The same blocks turned around: a block's "pixels" are now consecutive taps of one kernel
+# row (1 float apart in the padded input, not C), its channels come from dz, and the sums
+# run over the image rows' pixels in order. With the zero border every pixel is valid for
+# every tap, so each image row is one uninterrupted run.
+
+@njit(**_INLINE)
+def _grad_4x32(xpf, dzf, outf, xi, di, o, span):
+    """out[o + r K : +32] = sum over the pixels of rows row0..row1 of xp[tap u0 + r] dz[:32];
+    span = (row0, row1, height, padded_height, padded_width, width, C, K, dy)."""
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros8()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z) if first else load_4x32(outf, o, k)
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            d = dr + uint64(x) * k
+            a = fma_4x32(xpf, xr + uint64(x) * c, one,
+                         (load8(dzf, d), load8(dzf, d + uint64(8)), load8(dzf, d + uint64(16)),
+                          load8(dzf, d + uint64(24))), a)
+    store_4x32(outf, o, k, a)
+
+
+@njit(**_INLINE)
+def _grad_8x16(xpf, dzf, outf, xi, di, o, span):
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros8()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z) if first else load_8x16(outf, o, k)
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            d = dr + uint64(x) * k
+            a = fma_8x16(xpf, xr + uint64(x) * c, one,
+                         (load8(dzf, d), load8(dzf, d + uint64(8))), a)
+    store_8x16(outf, o, k, a)
+
+
+@njit(**_INLINE)
+def _grad_8x8(xpf, dzf, outf, xi, di, o, span):
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros8()
+    a = (z, z, z, z, z, z, z, z) if first else load_8x8(outf, o, k)
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            a = fma_8x8(xpf, xr + uint64(x) * c, one, (load8(dzf, dr + uint64(x) * k),), a)
+    store_8x8(outf, o, k, a)
+
+
+@njit(**_INLINE)
+def _grad_6x16(xpf, dzf, outf, xi, di, o, span):
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros8()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z) if first else load_6x16(outf, _six(o, k), 8)
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            d = dr + uint64(x) * k
+            a = fma_6x16(xpf, _six(xr + uint64(x) * c, one), load8(dzf, d),
+                         load8(dzf, d + uint64(8)), a)
+    store_6x16(outf, _six(o, k), 8, a)
+
+
+@njit(**_INLINE)
+def _grad_6x8(xpf, dzf, outf, xi, di, o, span):
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros8()
+    a = (z, z, z, z, z, z) if first else load_6x8(outf, _six(o, k))
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            a = fma_6x8(xpf, _six(xr + uint64(x) * c, one), load8(dzf, dr + uint64(x) * k), a)
+    store_6x8(outf, _six(o, k), a)
+
+
+@njit(**_JIT)
+def _grad_one_tap(xpf, dzf, outf, xi, di, o, block, span):
+    """The taps left over when 3C is not a multiple of the block's tap count: one tap x
+    `block` channels, a vector at a time."""
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    for v in range(block // 8):
+        a = zeros8() if first else load8(outf, o + uint64(8 * v))
+        for row in range(row0, row1):
+            n, h = row // height, row % height
+            xr = xi + uint64((n * ph + h + dy) * pw) * c
+            dr = di + uint64(row * width) * k + uint64(8 * v)
+            for x in range(width):
+                a = fma8(splat8(xpf, xr + uint64(x) * c), load8(dzf, dr + uint64(x) * k), a)
+        store8(outf, o + uint64(8 * v), a)
+
+
+@njit(**_JIT)
+def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
+                               t_lo: int, t_hi: int, out: np.ndarray, wide: bool,
+                               pixel_chunk: int = 64) -> None:
+    """out[t_lo:t_hi] = dW_tk's rows (taps) t_lo..t_hi, summed over image rows row0..row1
+    (row = n * H + h) of dz and of x (given padded: xp = pad_rows(x)). out [9C, K] is
+    written there, not added to."""
+    _, ph, pw, channels = xp.shape
+    height, width = ph - 2, pw - 2
+    out_channels = dz.shape[3]
+    xpf, dzf, outf = xp.ravel(), dz.ravel(), out.ravel()
+    c, k = uint64(channels), uint64(out_channels)
+    taps = 3 * channels
+    # a few image rows at a time (about PIXEL_CHUNK pixels): their x and dz stay in L1/L2
+    # while every block of taps and channels passes over them; the sums wait in out
+    chunk = max(1, pixel_chunk // width)
+    for r0 in range(row0, row1, chunk):
+        r1 = min(row1, r0 + chunk)
+        first = r0 == row0
+        j0 = 0
+        while j0 < out_channels:
+            left = out_channels - j0
+            block = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
+            group = (4 if block == 32 else 8) if wide else 6
+            di = uint64(j0)
+            for dy in range(3):
+                span = (r0, r1, height, ph, pw, width, c, k, dy, first)
+                u0 = max(t_lo - dy * taps, 0)  # this kernel row's taps in t_lo..t_hi
+                u_hi = min(t_hi - dy * taps, taps)
+                while u0 < u_hi:
+                    o = uint64((dy * taps + u0) * out_channels + j0)
+                    xi = uint64(u0)
+                    if u0 + group > u_hi:
+                        _grad_one_tap(xpf, dzf, outf, xi, di, o, block, span)
+                        u0 += 1
+                        continue
+                    if block == 32:
+                        _grad_4x32(xpf, dzf, outf, xi, di, o, span)
+                    elif wide and block == 16:
+                        _grad_8x16(xpf, dzf, outf, xi, di, o, span)
+                    elif wide:
+                        _grad_8x8(xpf, dzf, outf, xi, di, o, span)
+                    elif block == 16:
+                        _grad_6x16(xpf, dzf, outf, xi, di, o, span)
+                    else:
+                        _grad_6x8(xpf, dzf, outf, xi, di, o, span)
+                    u0 += group
+            j0 += block
