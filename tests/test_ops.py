@@ -83,6 +83,12 @@ CONV = {
     "n1-3x40-c5-k16-3x3": ConvCase(1, 3, 40, 5, 16, 3, False, True),
     "n1-2x16-c4-k64-3x3-relu": ConvCase(1, 2, 16, 4, 64, 3, True, True),
     "n2-4x34-c16-k8-3x3-relu": ConvCase(2, 4, 34, 16, 8, 3, True, True),
+    # and to its packed kernels (cpu_conv_packed.py): K of 32-, 16- and 8-channel blocks,
+    # rows narrower than a block and rows ending in an overlapping block, 3C not a
+    # multiple of the weight gradient's tap groups
+    "n2-5x9-c5-k56-3x3-relu": ConvCase(2, 5, 9, 5, 56, 3, True, True),
+    "n1-4x3-c8-k40-3x3": ConvCase(1, 4, 3, 8, 40, 3, False, True),
+    "n2-6x13-c12-k24-3x3-relu": ConvCase(2, 6, 13, 12, 24, 3, True, True),
 }
 CONV_CUDA_ONLY = {  # several tiles of every CUDA kernel variant
     "n2-9x11-c20-k80-3x3-relu": ConvCase(2, 9, 11, 20, 80, 3, True, True),
