@@ -39,6 +39,11 @@ from nodulekit.engine.ops import AIR_HU, Backend
 PATCH_BLOCK_BYTES = 1 << 20
 
 
+# the packed weight gradient's row blocks (one partial sum each); fixed, so the sums are
+# split the same way on any machine
+WEIGHT_GRAD_BLOCKS = 16
+
+
 def _block_rows(columns: int) -> int:
     """Rows of a block of that many float32 columns (Workers.plan sets the bounds)."""
     return PATCH_BLOCK_BYTES // (4 * max(columns, 1))
@@ -63,19 +68,19 @@ CONV_VARIANTS = {
 def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
     """packed (``cpu_conv_packed``) for a 3x3 forward pass (or data gradient)?
 
-    'auto', measured per shape on the 2-core Zen 4 (AVX-512 blocks; ``bench ops --op conv
-    --variants all`` and one core alone): packed ran at 103-114 GFLOP/s a core wherever
-    C x K >= 64 x 32, against 53-105 for register_blocked (its border pixels and strided
-    weights) and ~80 for patches_gemm. Where it loses: long rows with few channels (32 ->
-    32 at 128 x 128 and wider; 8 or 16 channels), where its padded copy of x costs more than
-    it saves and register_blocked stays; and 8-pixel rows with many channels (4 x 8 x 8 x
-    256 -> 256: 3.1 against 2.6 ms), where packing 2.4 MB of weights for 256 pixels costs
-    more than patches_gemm's copy of the small input.
+    'auto', measured per shape on the 2-core Zen 4 (AVX-512 blocks; one core alone and
+    ``bench ops --op conv --variants all``): packed ran at 103-114 GFLOP/s a core wherever
+    C x K >= 64 x 32 or the rows are short, against 53-105 for register_blocked (its border
+    pixels and strided weights) and ~80 for patches_gemm. On long rows with few channels
+    (32 -> 32 at 128 x 128 and wider; 8 or 16 channels) its padded copy of x costs more
+    than it saves, and register_blocked stays. (On 8-pixel rows with 256 channels,
+    ``bench ops`` had patches_gemm ahead, 2.4 against 3.1 ms, while timed alone in turns
+    packed was, 1.97 against 2.40 ms; the training step took the same either way, 79.0
+    and 78.9 ms at the demo's shape.)
     """
     if variant != "auto":
         return variant == "packed" and cpu_conv_packed.supports(c, k)
-    if not cpu_conv_packed.supports(c, k) or c == 1 or width < 8 or (
-            width < 16 and c * k > 64 * 128):
+    if not cpu_conv_packed.supports(c, k) or c == 1 or width < 8:
         return False
     return width <= 16 or c * k >= 128 * 64 or (c * k >= 64 * 32 and width <= 64)
 
@@ -94,15 +99,14 @@ def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
         k <= 64 and (width >= 32 or c == 1 or (width >= 16 and c <= 64)))
 
 
-def _packed_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
+def _packed_weight_grad(variant: str, c: int, k: int) -> bool:
     # 'auto', measured on the 2-core Zen 4 (both threads, padding included): packed's
-    # weight gradient took 0.52-0.86x register_blocked's time from C x K = 32 x 32 up (the
-    # deeper, the larger the gain: 512 -> 512 at 16 x 16, 33 against 71 ms), and as long or
-    # longer below (8 -> 8: 1.31 against 1.29 ms; 16 -> 16: 1.14 against 0.94 ms); on
-    # 8-pixel rows with many channels patches_gemm's column split stays ahead
+    # weight gradient took 0.55-0.85x register_blocked's time from C x K = 32 x 32 up (the
+    # deeper, the larger the gain: 512 -> 512 at 16 x 16, 31 against 71 ms), and as long or
+    # longer below (8 -> 8: 1.30 against 1.22 ms; 16 -> 16: 1.11 against 0.89 ms)
     if variant not in ("auto", "packed") or not cpu_conv_packed.supports(c, k):
         return False
-    return variant == "packed" or (c * k >= 32 * 32 and (width >= 16 or c * k <= 64 * 128))
+    return variant == "packed" or c * k >= 32 * 32
 
 
 def _register_blocked_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
@@ -281,7 +285,9 @@ class CPUBackend(Backend):
         rows = n * h * w
         xp = self._pad(x)
         wide = cpu_conv_packed.WIDE_BLOCKS
-        step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
+        # as few row blocks as keep the threads busy (Workers.plan: 16): the kernel reads x
+        # and dz in place, and every block costs a [9C, K] partial to write and add
+        step, blocks = self.workers.plan(rows, -(-rows // WEIGHT_GRAD_BLOCKS), align=w)
         if blocks * k < rows:
             partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
 
@@ -311,7 +317,7 @@ class CPUBackend(Backend):
         """
         n, h, w, c = x.shape
         k = dz.shape[3]
-        if _packed_weight_grad(self.conv_variant, c, k, w):
+        if _packed_weight_grad(self.conv_variant, c, k):
             return self._weight_grad_packed(x, dz)
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)

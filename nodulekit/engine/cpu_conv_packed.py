@@ -39,19 +39,33 @@ A row whose width is not a multiple of the block's pixel count ends with a block
 at its last pixels, overlapping the one before: those pixels are computed twice, the
 same sums in the same order, so they come out the same. Rows narrower than the block go
 one pixel at a time. Every output is one chain of FMAs in a fixed order (bias, then the
-taps in order), so results are the same on every run and with any thread count, and equal
-to version 2's on every interior pixel.
+taps in order), whatever the block: results are the same on every run, with any thread
+count, and with either block family (a machine with 16 registers computes the same bits).
 
-Napkin math, one core, forward, 4 images (``python -m nodulekit.engine.cpu_conv_packed``
-prints these for your machine): 256 -> 256 channels at 16 x 16 is 2 x 4 x 256 x 2304 x
-256 = 1.2 GFLOP; version 2 took 26 ms (46 GFLOP/s), this one 10.6 ms (114 GFLOP/s, 98% of
-the core's FMA peak). 32 -> 32 at 128 x 128: 106 -> 113 GFLOP/s.
+The weight gradient, dW_tk[t, k] = sum_p patch(x, p)[t] dz[p, k], turns the same blocks
+around: a block's rows are 4 (or 8, or 6) consecutive taps of one kernel row, one float
+apart in the padded input; its columns are 32 (16, 8) channels of dz; the sum runs over
+pixels. With the border gone every pixel counts for every tap, so an image row is one
+uninterrupted run. The pixels go in chunks of about PIXEL_CHUNK whose x and dz stay in
+L1/L2 while every block of taps and channels passes over them, the sums waiting in the
+output between chunks (without chunks, 128 -> 128 at 64 x 64 ran at 54 GFLOP/s a core:
+each pass re-read 2 MB of dz from L3).
 
-Run it: ``nodulekit bench ops --op conv --variants all``; ``pytest tests/test_conv_packed.py``
-checks it against version 2, the float64 reference and torch, odd sizes included.
+Napkin math, one core of the 2-core Zen 4, 4 images (``python -m
+nodulekit.engine.cpu_conv_packed`` times these on your machine):
 
-Requirements: K % 8 == 0. Serial, nogil: the caller runs blocks of image rows on its
-threads (``cpu_workers.Workers``).
+    forward 256 -> 256 at 16 x 16: 2 x 1024 x 2304 x 256 = 1.2 GFLOP
+      version 2: 23 ms (53 GFLOP/s); packed: 10.6 ms (114 GFLOP/s, 98% of the core's peak)
+    forward 32 -> 32 at 128 x 128: 106 -> 109 GFLOP/s (padding included: 103)
+    weight gradient 128 -> 128 at 64 x 64 (64 rows): version 2 72, packed 99 GFLOP/s
+
+Run it: ``nodulekit bench ops --op conv --variants all`` (every layer, each version,
+against torch); ``pytest tests/test_conv_packed.py`` checks both block families against
+the float64 reference, and ``tests/test_ops.py`` the op (backend ``cpu-packed``) against
+the reference and torch.
+
+Requirements: K % 8 == 0. Serial, nogil: the caller runs blocks of image rows (or, for a
+deep layer's weight gradient, ranges of taps) on its threads (``cpu_workers.Workers``).
 """
 
 from __future__ import annotations
@@ -419,7 +433,7 @@ def _grad_one_tap(xpf, dzf, outf, xi, di, o, block, span):
 @njit(**_JIT)
 def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
                                t_lo: int, t_hi: int, out: np.ndarray, wide: bool,
-                               pixel_chunk: int = 64) -> None:
+                               pixel_chunk: int = PIXEL_CHUNK) -> None:
     """out[t_lo:t_hi] = dW_tk's rows (taps) t_lo..t_hi, summed over image rows row0..row1
     (row = n * H + h) of dz and of x (given padded: xp = pad_rows(x)). out [9C, K] is
     written there, not added to."""
@@ -464,3 +478,52 @@ def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: 
                         _grad_6x8(xpf, dzf, outf, xi, di, o, span)
                     u0 += group
             j0 += block
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    import time
+
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def _time_shape(rng, n: int, h: int, w: int, c: int, k: int) -> str:
+    from nodulekit.engine import cpu_conv
+
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    w_tk = rng.standard_normal((9 * c, k), dtype=np.float32)
+    b = np.zeros(k, dtype=np.float32)
+    dz = rng.standard_normal((n, h, w, k), dtype=np.float32)
+    y = np.empty((n, h, w, k), dtype=np.float32)
+    dw = np.empty((9 * c, k), dtype=np.float32)
+    xp = np.empty((n, h + 2, w + 2, c), dtype=np.float32)
+    pad_rows(x, xp, 0, n * (h + 2))
+    w_packed = pack_weights(w_tk)
+    mflop = 2 * n * h * w * 9 * c * k / 1e6  # per ms: GFLOP/s
+    v2 = _best_ms(lambda: cpu_conv.conv3x3_rows(x, w_tk, b, False, y, 0, n * h))
+    v3 = _best_ms(lambda: conv3x3_packed_rows(xp, w_packed, b, False, y, 0, n * h, WIDE_BLOCKS))
+    pad = _best_ms(lambda: pad_rows(x, xp, 0, n * (h + 2)))
+    g2 = _best_ms(lambda: cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, dw))
+    g3 = _best_ms(lambda: conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, dw,
+                                                     WIDE_BLOCKS))
+    return (f"{n}x{h}x{w} {c:4d} -> {k:4d}: forward v2 {mflop / v2:6.1f}  packed "
+            f"{mflop / v3:6.1f} (with padding {mflop / (v3 + pad):6.1f}) | weight gradient "
+            f"v2 {mflop / g2:6.1f}  packed {mflop / g3:6.1f}")
+
+
+def _time_one_core() -> None:
+    """Version 2 against this one on the calling thread (one core), forward and weight
+    gradient, in GFLOP/s: the docstring's numbers, for this machine."""
+    rng = np.random.default_rng(0)
+    print(f"one core, {'32' if WIDE_BLOCKS else '16'}-register blocks; GFLOP/s")
+    for shape in ((4, 16, 16, 256, 256), (4, 64, 64, 128, 128), (4, 128, 128, 32, 32)):
+        print(_time_shape(rng, *shape))
+
+
+if __name__ == "__main__":
+    _time_one_core()
