@@ -1,16 +1,22 @@
 """The CPU backend: NumPy + Numba, float32.
 
-Convolutions come in two versions (:data:`CONV_VARIANTS`, named by technique in the
+Convolutions come in three versions (:data:`CONV_VARIANTS`, named by technique in the
 vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) or named:
 
 - ``patches_gemm``: patches (im2col) times OpenBLAS SGEMM, one block of output pixels
   at a time so the patch matrix stays small (it would be 9*C floats per pixel for the
   whole batch) and warm in cache when the GEMM reads it. In NHWC a patch row is three
   straight copies and the GEMM's output is already the NHWC output, so nothing is
-  transposed. Best on the deep layers (many channels, few pixels).
+  transposed. Kept for the shapes the others do not take (K % 8 != 0) and the deep
+  up-convolutions.
 - ``register_blocked`` (``cpu_conv.py``, ``cpu_upconv.py``): no patch matrix; 6 pixels
-  x 16 output channels accumulate in vector registers. Best wherever K is small (BLAS
-  reaches half the FMA peak at 16 output columns) and image rows are long.
+  x 16 output channels accumulate in vector registers. Best where K is small (BLAS
+  reaches half the FMA peak at 16 output columns) and image rows are long: the top levels.
+- ``packed`` (``cpu_conv_packed.py``): x copied once into a zero-bordered buffer (no border
+  pixels left), the weights packed per block of output channels, and a register block
+  sized to the core's vector registers (4 pixels x 32 channels with AVX-512). Best from
+  C x K = 64 x 32 on, and on short rows: every deeper level, forward, data and weight
+  gradients.
 
 The backward pass reuses the forward machinery:
 

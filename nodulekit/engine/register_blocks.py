@@ -1,5 +1,5 @@
-"""The register blocks the CPU's register_blocked kernels are made of (``cpu_conv``,
-``cpu_upconv``).
+"""The register blocks the CPU's register_blocked and packed kernels are made of
+(``cpu_conv``, ``cpu_upconv``, ``cpu_conv_packed``).
 
 A register block is a small tile of output sums kept in vector registers (``simd``) while
 a long reduction runs through it, like the micro-kernel at the heart of BLIS or any BLAS
@@ -13,6 +13,10 @@ SGEMM. Two shapes serve every register_blocked kernel:
 - 4 x 16 (8 vectors): turned around for weight gradients: 4 consecutive values of one
   input row (4 taps, or 4 output channels) x 16 channels of the other operand, one pixel
   per step. 4 x 8 likewise.
+
+With AVX-512 a core has 32 vector registers, and ``cpu_conv_packed`` uses blocks of 16
+accumulators instead (4 x 32, 8 x 16, 8 x 8: end of this file); with 16 registers they
+would spill, and it uses the 6 x 16 and 6 x 8 blocks above.
 
 Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
 ``inline='always'`` puts each step into its caller before LLVM sees it, and the tuple
