@@ -2,11 +2,11 @@
 
 test_ops.py checks the op on backend ``cpu-packed`` against the reference and torch, with
 the block family this machine compiles for (``WIDE_BLOCKS``). Here both families run on
-any machine (a 4 x 32 block is still correct where it spills registers, only slow), at the
-shapes where the blocks meet their edges: rows narrower than a block (one pixel at a
-time), rows that are not a multiple of the block's pixels (a last block overlapping the
-one before), K made of 32-, 16- and 8-channel blocks, and 3C not a multiple of the
-weight gradient's tap groups (taps left over, one at a time).
+any machine (a 4 x 64 block of 16-lane vectors is still correct on a core without AVX-512,
+only slow), at the shapes where the blocks meet their edges: rows narrower than a block
+(one pixel at a time), rows that are not a multiple of the block's pixels (a last block
+overlapping the one before), K made of 64-, 32-, 16- and 8-channel blocks, and 3C not a
+multiple of the weight gradient's tap groups (taps left over, one at a time).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SHAPES = [  # N, H, W, C, K
     (1, 1, 1, 4, 8), (2, 3, 2, 5, 40), (1, 4, 3, 8, 16),  # rows narrower than any block
     (2, 5, 9, 3, 56), (1, 3, 13, 1, 24), (2, 6, 11, 16, 48),  # overlapping last blocks
     (1, 4, 16, 12, 32), (2, 2, 8, 32, 64), (1, 3, 7, 7, 8),
+    (1, 3, 9, 8, 120), (2, 2, 3, 16, 64),  # every block width; a 64-block on short rows
 ]
 
 
@@ -39,7 +40,8 @@ def test_pad_rows_is_a_zero_border(rng):
 
 @pytest.mark.parametrize("k,wide,blocks", [
     (8, True, [(0, 8)]), (56, True, [(0, 32), (32, 16), (48, 8)]),
-    (64, True, [(0, 32), (32, 32)]), (40, False, [(0, 16), (16, 16), (32, 8)]),
+    (128, True, [(0, 64), (64, 64)]), (120, True, [(0, 64), (64, 32), (96, 16), (112, 8)]),
+    (40, False, [(0, 16), (16, 16), (32, 8)]),
 ])
 def test_channel_blocks_tile_k(k, wide, blocks):
     assert packed.channel_blocks(k, wide) == blocks

@@ -14,7 +14,8 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
   reaches half the FMA peak at 16 output columns) and image rows are long: the top levels.
 - ``packed`` (``cpu_conv_packed.py``): x copied once into a zero-bordered buffer (no border
   pixels left), the weights packed per block of output channels, and a register block
-  sized to the core's vector registers (4 pixels x 32 channels with AVX-512). Best from
+  sized to the core's vector registers (4 pixels x 64 channels in 16-lane vectors with
+  AVX-512). Best from
   C x K = 64 x 32 on, and on short rows: every deeper level, forward, data and weight
   gradients.
 
@@ -65,9 +66,9 @@ CONV_VARIANTS = {
     "patches_gemm": "patches (im2col, straight copies in NHWC) + OpenBLAS SGEMM",
     "register_blocked": "6 pixels x 16 channels in vector registers, no patch matrix "
                         "(cpu_conv.py); needs K % 8 == 0",
-    "packed": "zero-padded input, weights packed per block of channels, 4 x 32 register "
-              "blocks with AVX-512 (6 x 16 without) (cpu_conv_packed.py); 3x3 forward and "
-              "data gradient; needs K % 8 == 0",
+    "packed": "zero-padded input, weights packed per block of channels, 4 x 64 register "
+              "blocks of 16 lanes with AVX-512 (6 x 16 of 8 without) (cpu_conv_packed.py); "
+              "3x3 forward, data and weight gradients; needs K % 8 == 0",
 }
 
 

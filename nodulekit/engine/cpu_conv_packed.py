@@ -26,14 +26,19 @@ Here, three changes, one per problem:
    32, next to a 2.4 ms convolution.)
 2. ``pack_weights`` lays each block of output channels out as its own [9C, width] slab,
    so a block's weights are one sequential stream (the BLIS packing idea).
-3. The block: with AVX-512 the core has 32 vector registers, not 16, so a block can keep
-   16 accumulators: 4 pixels x 32 channels. Each reduction step loads 4 weight vectors,
-   broadcasts 4 input values and does 16 FMAs: 0.5 loads per FMA, against 0.67 for the
-   6 x 16 block. The pixel count 4 (or 8) also divides the U-Net's power-of-two rows, so
-   no pixel is left over. The leftover channels go in blocks of 8 pixels x 16 channels
-   and 8 x 8. With 16 registers (AVX2) those blocks spill (35 GFLOP/s measured with the
-   kernel compiled for Haswell), so there it is 6 x 16 and 6 x 8 (12 and 6 accumulators).
-   ``WIDE_BLOCKS`` is chosen at import from the CPU Numba compiles for.
+3. The block: with AVX-512 the core has 32 vector registers of 16 lanes, not 16 of 8, so
+   a block can keep 16 accumulators of 16 lanes: 4 pixels x 64 channels
+   (``simd.float32x16``). Each reduction step loads 4 weight vectors, broadcasts 4 input
+   values and does 16 FMAs: 0.5 loads per FMA, against 0.67 for the 6 x 16 block. The
+   pixel count 4 (or 8) also divides the U-Net's power-of-two rows, so no pixel is left
+   over. The leftover channels go in blocks of 8 pixels x 32 channels (16 lanes), 8 x 16
+   and 8 x 8 (8 lanes). On Zen 4, whose FMA pipes are 256 bits wide, a 16-lane FMA runs
+   in two halves, and 4 x 64 measured 1.00-1.15x the speed of the same block in 8-lane
+   vectors (4 x 32); on a core with 512-bit pipes (Zen 5, Intel's server cores) it does
+   twice the 8-lane block's work per instruction. With 16 registers (AVX2) those blocks
+   spill (35 GFLOP/s measured with a 4 x 32 block compiled for Haswell), so there it is
+   6 x 16 and 6 x 8 (12 and 6 accumulators of 8 lanes). ``WIDE_BLOCKS`` is chosen at
+   import from the CPU Numba compiles for.
 
 A row whose width is not a multiple of the block's pixel count ends with a block placed
 at its last pixels, overlapping the one before: those pixels are computed twice, the
@@ -44,8 +49,8 @@ count, and with either block family (a machine with 16 registers computes the sa
 
 The weight gradient, dW_tk[t, k] = sum_p patch(x, p)[t] dz[p, k], turns the same blocks
 around: a block's rows are 4 (or 8, or 6) consecutive taps of one kernel row, one float
-apart in the padded input; its columns are 32 (16, 8) channels of dz; the sum runs over
-pixels. With the border gone every pixel counts for every tap, so an image row is one
+apart in the padded input; its columns are 64 (32, 16, 8) channels of dz; the sum runs
+over pixels. With the border gone every pixel counts for every tap, so an image row is one
 uninterrupted run. The pixels go in chunks of about PIXEL_CHUNK whose x and dz stay in
 L1/L2 while every block of taps and channels passes over them, the sums waiting in the
 output between chunks (without chunks, 128 -> 128 at 64 x 64 ran at 54 GFLOP/s a core:
@@ -55,9 +60,10 @@ Napkin math, one core of the 2-core Zen 4, 4 images (``python -m
 nodulekit.engine.cpu_conv_packed`` times these on your machine):
 
     forward 256 -> 256 at 16 x 16: 2 x 1024 x 2304 x 256 = 1.2 GFLOP
-      version 2: 23 ms (53 GFLOP/s); packed: 10.6 ms (114 GFLOP/s, 98% of the core's peak)
-    forward 32 -> 32 at 128 x 128: 106 -> 109 GFLOP/s (padding included: 103)
-    weight gradient 128 -> 128 at 64 x 64 (64 rows): version 2 72, packed 99 GFLOP/s
+      version 2: 25 ms (48 GFLOP/s); packed: 10.5 ms (116 GFLOP/s, 99% of the core's peak)
+    forward 128 -> 128 at 64 x 64: 85 -> 112 GFLOP/s; 32 -> 32 at 128 x 128: 109 -> 107
+      (102 with the padding: this one stays with version 2)
+    weight gradient 256 -> 256 at 16 x 16: 61 -> 106; 128 -> 128 at 64 x 64: 67 -> 105
 
 Run it: ``nodulekit bench ops --op conv --variants all`` (every layer, each version,
 against torch); ``pytest tests/test_conv_packed.py`` checks both block families against
@@ -75,27 +81,31 @@ from llvmlite import binding as llvm
 from numba import config, njit, uint64
 
 from nodulekit.engine.register_blocks import (
-    fma_4x32,
+    fma_4x64,
     fma_6x8,
     fma_6x16,
     fma_8x8,
     fma_8x16,
-    load_4x32,
+    fma_8x32,
+    load_4x64,
     load_6x8,
     load_6x16,
     load_8x8,
     load_8x16,
+    load_8x32,
     relu_6x8,
     relu_6x16,
     relu_8,
     relu_16,
-    store_4x32,
+    relu_16x16,
+    store_4x64,
     store_6x8,
     store_6x16,
     store_8x8,
     store_8x16,
+    store_8x32,
 )
-from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8, zeros8
+from nodulekit.engine.simd import fma8, load8, load16, relu8, splat8, store8, zeros8, zeros16
 
 _JIT = {"cache": True, "nogil": True}
 _INLINE = {"cache": True, "inline": "always"}
@@ -112,8 +122,8 @@ def _compiles_for_avx512() -> bool:
     return "avx512f" in llvm.get_host_cpu_features().flatten()
 
 
-# 4 x 32, 8 x 16 and 8 x 8 blocks (16 accumulators) where the core has 32 vector
-# registers; 6 x 16 and 6 x 8 (12 and 6) where it has 16
+# 4 x 64 and 8 x 32 blocks of 16 lanes, 8 x 16 and 8 x 8 of 8 (16 accumulators) where the
+# core has 32 vector registers; 6 x 16 and 6 x 8 of 8 lanes (12 and 6) where it has 16
 WIDE_BLOCKS = _compiles_for_avx512()
 
 
@@ -121,15 +131,23 @@ def supports(c: int, k: int) -> bool:
     return k % 8 == 0 and c >= 1
 
 
+@njit(**_INLINE)
+def _block_width(left: int, wide: bool) -> int:
+    """The next block's channels, with `left` channels to go (a multiple of 8)."""
+    if wide:
+        return 64 if left >= 64 else (32 if left >= 32 else (16 if left >= 16 else 8))
+    return 16 if left >= 16 else 8
+
+
 def channel_blocks(k: int, wide: bool) -> list[tuple[int, int]]:
     """(first channel, width) of each block of output channels, in the kernel's order:
-    32s (wide) or 16s while they fit, then what is left (a 16 and/or an 8)."""
+    64s (wide) or 16s while they fit, then what is left (a 32, a 16, an 8)."""
     blocks, j0 = [], 0
     while j0 < k:
         left = k - j0
         if left < 8:
             raise ValueError(f"cpu_conv_packed needs K % 8 == 0, got K = {k}")
-        width = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
+        width = _block_width(left, wide)
         blocks.append((j0, width))
         j0 += width
     return blocks
@@ -170,22 +188,39 @@ def pad_rows(x: np.ndarray, xp: np.ndarray, row0: int, row1: int) -> None:
 # bias, then kernel rows 0..2, each over its run of 3C taps.
 
 @njit(**_INLINE)
-def _block_4x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+def _block_4x64(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
     c, k, row_stride = geometry
     taps = uint64(3) * c
-    b0, b1, b2, b3 = load8(b, j0), load8(b, j0 + 8), load8(b, j0 + 16), load8(b, j0 + 24)
+    b0, b1, b2, b3 = load16(b, j0), load16(b, j0 + 16), load16(b, j0 + 32), load16(b, j0 + 48)
     a = (b0, b1, b2, b3, b0, b1, b2, b3, b0, b1, b2, b3, b0, b1, b2, b3)
+    for dy in range(3):
+        xr = xi + uint64(dy) * row_stride
+        wr = wi + uint64(dy) * taps * uint64(64)
+        for t in range(taps):
+            wt = wr + t * uint64(64)
+            w = (load16(wf, wt), load16(wf, wt + uint64(16)), load16(wf, wt + uint64(32)),
+                 load16(wf, wt + uint64(48)))
+            a = fma_4x64(xpf, xr + t, c, w, a)
+    if relu:
+        a = relu_16x16(a)
+    store_4x64(yf, o, k, a)
+
+
+@njit(**_INLINE)
+def _block_8x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry):
+    c, k, row_stride = geometry
+    taps = uint64(3) * c
+    b0, b1 = load16(b, j0), load16(b, j0 + 16)
+    a = (b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1)
     for dy in range(3):
         xr = xi + uint64(dy) * row_stride
         wr = wi + uint64(dy) * taps * uint64(32)
         for t in range(taps):
             wt = wr + t * uint64(32)
-            w = (load8(wf, wt), load8(wf, wt + uint64(8)), load8(wf, wt + uint64(16)),
-                 load8(wf, wt + uint64(24)))
-            a = fma_4x32(xpf, xr + t, c, w, a)
+            a = fma_8x32(xpf, xr + t, c, (load16(wf, wt), load16(wf, wt + uint64(16))), a)
     if relu:
-        a = relu_16(a)
-    store_4x32(yf, o, k, a)
+        a = relu_16x16(a)
+    store_8x32(yf, o, k, a)
 
 
 @njit(**_INLINE)
@@ -293,9 +328,8 @@ def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, rel
     taps9 = uint64(9 * channels)
     j0 = 0
     while j0 < out_channels:  # one block of channels at a time: its weight slab stays hot
-        left = out_channels - j0
-        block = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
-        pixels = (4 if block == 32 else 8) if wide else 6
+        block = _block_width(out_channels - j0, wide)
+        pixels = (4 if block == 64 else 8) if wide else 6
         wi = taps9 * uint64(j0)
         for row in range(row0, row1):
             n, h = row // height, row % height
@@ -310,8 +344,10 @@ def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, rel
             while x0 < width:
                 x0 = min(x0, width - pixels)  # the last block ends at the row's end
                 xi, o = xrow + uint64(x0) * c, orow + uint64(x0) * k
-                if block == 32:
-                    _block_4x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                if block == 64:
+                    _block_4x64(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
+                elif block == 32:
+                    _block_8x32(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
                 elif wide and block == 16:
                     _block_8x16(xpf, wf, b, yf, relu, xi, wi, j0, o, geometry)
                 elif wide:
@@ -331,12 +367,13 @@ def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, rel
 # every tap, so each image row is one uninterrupted run.
 
 @njit(**_INLINE)
-def _grad_4x32(xpf, dzf, outf, xi, di, o, span):
-    """out[o + r K : +32] = sum over the pixels of rows row0..row1 of xp[tap u0 + r] dz[:32];
-    span = (row0, row1, height, padded_height, padded_width, width, C, K, dy)."""
+def _grad_4x64(xpf, dzf, outf, xi, di, o, span):
+    """out[o + r K : +64] (+)= sum over the pixels of rows r0..r1 of xp[tap u0 + r] dz[:64];
+    span = (r0, r1, height, padded_height, padded_width, width, C, K, dy, first): the
+    sums start at 0 in a pass's first chunk, else from out."""
     row0, row1, height, ph, pw, width, c, k, dy, first = span
-    z = zeros8()
-    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z) if first else load_4x32(outf, o, k)
+    z = zeros16()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z) if first else load_4x64(outf, o, k)
     one = uint64(1)
     for row in range(row0, row1):
         n, h = row // height, row % height
@@ -344,10 +381,27 @@ def _grad_4x32(xpf, dzf, outf, xi, di, o, span):
         dr = di + uint64(row * width) * k
         for x in range(width):
             d = dr + uint64(x) * k
-            a = fma_4x32(xpf, xr + uint64(x) * c, one,
-                         (load8(dzf, d), load8(dzf, d + uint64(8)), load8(dzf, d + uint64(16)),
-                          load8(dzf, d + uint64(24))), a)
-    store_4x32(outf, o, k, a)
+            a = fma_4x64(xpf, xr + uint64(x) * c, one,
+                         (load16(dzf, d), load16(dzf, d + uint64(16)),
+                          load16(dzf, d + uint64(32)), load16(dzf, d + uint64(48))), a)
+    store_4x64(outf, o, k, a)
+
+
+@njit(**_INLINE)
+def _grad_8x32(xpf, dzf, outf, xi, di, o, span):
+    row0, row1, height, ph, pw, width, c, k, dy, first = span
+    z = zeros16()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z) if first else load_8x32(outf, o, k)
+    one = uint64(1)
+    for row in range(row0, row1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = di + uint64(row * width) * k
+        for x in range(width):
+            d = dr + uint64(x) * k
+            a = fma_8x32(xpf, xr + uint64(x) * c, one,
+                         (load16(dzf, d), load16(dzf, d + uint64(16))), a)
+    store_8x32(outf, o, k, a)
 
 
 @njit(**_INLINE)
@@ -451,9 +505,8 @@ def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: 
         first = r0 == row0
         j0 = 0
         while j0 < out_channels:
-            left = out_channels - j0
-            block = 32 if wide and left >= 32 else (16 if left >= 16 else 8)
-            group = (4 if block == 32 else 8) if wide else 6
+            block = _block_width(out_channels - j0, wide)
+            group = (4 if block == 64 else 8) if wide else 6
             di = uint64(j0)
             for dy in range(3):
                 span = (r0, r1, height, ph, pw, width, c, k, dy, first)
@@ -466,8 +519,10 @@ def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: 
                         _grad_one_tap(xpf, dzf, outf, xi, di, o, block, span)
                         u0 += 1
                         continue
-                    if block == 32:
-                        _grad_4x32(xpf, dzf, outf, xi, di, o, span)
+                    if block == 64:
+                        _grad_4x64(xpf, dzf, outf, xi, di, o, span)
+                    elif block == 32:
+                        _grad_8x32(xpf, dzf, outf, xi, di, o, span)
                     elif wide and block == 16:
                         _grad_8x16(xpf, dzf, outf, xi, di, o, span)
                     elif wide:

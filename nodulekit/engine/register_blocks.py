@@ -15,8 +15,8 @@ SGEMM. Two shapes serve every register_blocked kernel:
   per step. 4 x 8 likewise.
 
 With AVX-512 a core has 32 vector registers, and ``cpu_conv_packed`` uses blocks of 16
-accumulators instead (4 x 32, 8 x 16, 8 x 8: end of this file); with 16 registers they
-would spill, and it uses the 6 x 16 and 6 x 8 blocks above.
+accumulators instead (4 x 64 and 8 x 32 of 16 lanes, 8 x 16 and 8 x 8 of 8: end of this
+file); with 16 registers they would spill, and it uses the 6 x 16 and 6 x 8 blocks above.
 
 Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
 ``inline='always'`` puts each step into its caller before LLVM sees it, and the tuple
@@ -33,7 +33,18 @@ from typing import Any
 import numpy as np
 from numba import njit, uint64
 
-from nodulekit.engine.simd import fma8, load8, relu8, splat8, store8
+from nodulekit.engine.simd import (
+    fma8,
+    fma16,
+    load8,
+    load16,
+    relu8,
+    relu16,
+    splat8,
+    splat16,
+    store8,
+    store16,
+)
 
 _INLINE = {"inline": "always", "cache": True}
 
@@ -162,19 +173,87 @@ def store_4x8(of: np.ndarray, i: int, stride: int, a: tuple) -> None:
 # ---- the wide blocks of cpu_conv_packed: 16 accumulators, for cores with 32 vector
 # registers (AVX-512). A block's pixels are consecutive pixels of a zero-padded image row,
 # C floats apart, so a pixel's operand is xf[i + r * c] (i: the first pixel's, c: C as
-# uint64). Accumulators: pixel r's vectors are a[V r] .. a[V r + V - 1].
+# uint64). Accumulators: pixel r's vectors are a[V r] .. a[V r + V - 1]. 4 x 64 and 8 x 32
+# hold 16 lanes a vector (simd.float32x16: one AVX-512 register), 8 x 16 and 8 x 8 eight.
 
 
 @njit(**_INLINE)
-def fma_4x32(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
-    """a += (xf[i + r c] broadcast) * (w[0], w[1], w[2], w[3]) for pixels r = 0..3."""
+def fma_4x64(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * (w[0], .., w[3]) for pixels r = 0..3 (16 lanes)."""
     w0, w1, w2, w3 = w
-    s0, s1 = splat8(xf, i), splat8(xf, i + c)
-    s2, s3 = splat8(xf, i + uint64(2) * c), splat8(xf, i + uint64(3) * c)
-    return (fma8(s0, w0, a[0]), fma8(s0, w1, a[1]), fma8(s0, w2, a[2]), fma8(s0, w3, a[3]),
-            fma8(s1, w0, a[4]), fma8(s1, w1, a[5]), fma8(s1, w2, a[6]), fma8(s1, w3, a[7]),
-            fma8(s2, w0, a[8]), fma8(s2, w1, a[9]), fma8(s2, w2, a[10]), fma8(s2, w3, a[11]),
-            fma8(s3, w0, a[12]), fma8(s3, w1, a[13]), fma8(s3, w2, a[14]), fma8(s3, w3, a[15]))
+    s0, s1 = splat16(xf, i), splat16(xf, i + c)
+    s2, s3 = splat16(xf, i + uint64(2) * c), splat16(xf, i + uint64(3) * c)
+    return (fma16(s0, w0, a[0]), fma16(s0, w1, a[1]), fma16(s0, w2, a[2]), fma16(s0, w3, a[3]),
+            fma16(s1, w0, a[4]), fma16(s1, w1, a[5]), fma16(s1, w2, a[6]), fma16(s1, w3, a[7]),
+            fma16(s2, w0, a[8]), fma16(s2, w1, a[9]), fma16(s2, w2, a[10]), fma16(s2, w3, a[11]),
+            fma16(s3, w0, a[12]), fma16(s3, w1, a[13]), fma16(s3, w2, a[14]),
+            fma16(s3, w3, a[15]))
+
+
+@njit(**_INLINE)
+def fma_8x32(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * (w[0], w[1]) for pixels r = 0..7 (16 lanes)."""
+    w0, w1 = w
+    s0, s1 = splat16(xf, i), splat16(xf, i + c)
+    s2, s3 = splat16(xf, i + uint64(2) * c), splat16(xf, i + uint64(3) * c)
+    s4, s5 = splat16(xf, i + uint64(4) * c), splat16(xf, i + uint64(5) * c)
+    s6, s7 = splat16(xf, i + uint64(6) * c), splat16(xf, i + uint64(7) * c)
+    return (fma16(s0, w0, a[0]), fma16(s0, w1, a[1]), fma16(s1, w0, a[2]), fma16(s1, w1, a[3]),
+            fma16(s2, w0, a[4]), fma16(s2, w1, a[5]), fma16(s3, w0, a[6]), fma16(s3, w1, a[7]),
+            fma16(s4, w0, a[8]), fma16(s4, w1, a[9]), fma16(s5, w0, a[10]), fma16(s5, w1, a[11]),
+            fma16(s6, w0, a[12]), fma16(s6, w1, a[13]), fma16(s7, w0, a[14]),
+            fma16(s7, w1, a[15]))
+
+
+@njit(**_INLINE)
+def relu_16x16(a: tuple) -> tuple:
+    return (relu16(a[0]), relu16(a[1]), relu16(a[2]), relu16(a[3]), relu16(a[4]),
+            relu16(a[5]), relu16(a[6]), relu16(a[7]), relu16(a[8]), relu16(a[9]),
+            relu16(a[10]), relu16(a[11]), relu16(a[12]), relu16(a[13]), relu16(a[14]),
+            relu16(a[15]))
+
+
+@njit(**_INLINE)
+def store_4x64(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    """Pixel r's 64 channels (a[4r] .. a[4r + 3]) to yf[o + r k:] (k: the image's channel
+    count, uint64)."""
+    for r in range(4):  # constant trip count: LLVM unrolls it, the tuple stays in registers
+        p = o + uint64(r) * k
+        store16(yf, p, a[4 * r])
+        store16(yf, p + uint64(16), a[4 * r + 1])
+        store16(yf, p + uint64(32), a[4 * r + 2])
+        store16(yf, p + uint64(48), a[4 * r + 3])
+
+
+@njit(**_INLINE)
+def store_8x32(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    for r in range(8):
+        p = o + uint64(r) * k
+        store16(yf, p, a[2 * r])
+        store16(yf, p + uint64(16), a[2 * r + 1])
+
+
+@njit(**_INLINE)
+def load_4x64(yf: np.ndarray, o: int, k: int) -> tuple:
+    """The block store_4x64 writes, read back (a sum resumed where it stopped)."""
+    p0, p1, p2, p3 = o, o + k, o + uint64(2) * k, o + uint64(3) * k
+    e1, e2, e3 = uint64(16), uint64(32), uint64(48)
+    return (load16(yf, p0), load16(yf, p0 + e1), load16(yf, p0 + e2), load16(yf, p0 + e3),
+            load16(yf, p1), load16(yf, p1 + e1), load16(yf, p1 + e2), load16(yf, p1 + e3),
+            load16(yf, p2), load16(yf, p2 + e1), load16(yf, p2 + e2), load16(yf, p2 + e3),
+            load16(yf, p3), load16(yf, p3 + e1), load16(yf, p3 + e2), load16(yf, p3 + e3))
+
+
+@njit(**_INLINE)
+def load_8x32(yf: np.ndarray, o: int, k: int) -> tuple:
+    """The block store_8x32 writes, read back."""
+    e = uint64(16)
+    p = (o, o + k, o + uint64(2) * k, o + uint64(3) * k, o + uint64(4) * k, o + uint64(5) * k,
+         o + uint64(6) * k, o + uint64(7) * k)
+    return (load16(yf, p[0]), load16(yf, p[0] + e), load16(yf, p[1]), load16(yf, p[1] + e),
+            load16(yf, p[2]), load16(yf, p[2] + e), load16(yf, p[3]), load16(yf, p[3] + e),
+            load16(yf, p[4]), load16(yf, p[4] + e), load16(yf, p[5]), load16(yf, p[5] + e),
+            load16(yf, p[6]), load16(yf, p[6] + e), load16(yf, p[7]), load16(yf, p[7] + e))
 
 
 @njit(**_INLINE)
@@ -219,18 +298,6 @@ def relu_8(a: tuple) -> tuple:
 
 
 @njit(**_INLINE)
-def store_4x32(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
-    """Pixel r's 32 channels to yf[o + r k:] (k: the image's channel count, uint64)."""
-    e = uint64(8)
-    for r in range(4):  # a loop over pixels, constant trip count: LLVM unrolls it
-        p = o + uint64(r) * k
-        store8(yf, p, a[4 * r])
-        store8(yf, p + e, a[4 * r + 1])
-        store8(yf, p + uint64(2) * e, a[4 * r + 2])
-        store8(yf, p + uint64(3) * e, a[4 * r + 3])
-
-
-@njit(**_INLINE)
 def store_8x16(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
     e = uint64(8)
     for r in range(8):
@@ -243,17 +310,6 @@ def store_8x16(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
 def store_8x8(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
     for r in range(8):
         store8(yf, o + uint64(r) * k, a[r])
-
-
-@njit(**_INLINE)
-def load_4x32(yf: np.ndarray, o: int, k: int) -> tuple:
-    """The 4 x 32 block store_4x32 writes, read back (a sum resumed where it stopped)."""
-    e1, e2, e3 = uint64(8), uint64(16), uint64(24)
-    p0, p1, p2, p3 = o, o + k, o + uint64(2) * k, o + uint64(3) * k
-    return (load8(yf, p0), load8(yf, p0 + e1), load8(yf, p0 + e2), load8(yf, p0 + e3),
-            load8(yf, p1), load8(yf, p1 + e1), load8(yf, p1 + e2), load8(yf, p1 + e3),
-            load8(yf, p2), load8(yf, p2 + e1), load8(yf, p2 + e2), load8(yf, p2 + e3),
-            load8(yf, p3), load8(yf, p3 + e1), load8(yf, p3 + e2), load8(yf, p3 + e3))
 
 
 @njit(**_INLINE)
