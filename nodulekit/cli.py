@@ -107,7 +107,7 @@ def _device_option(f):
 @click.option("--variants", default=None,
               help="With --op conv: time the convolution versions ('all' or names, "
                    "comma-separated) against PyTorch: on the CPU (patches_gemm, "
-                   "register_blocked, auto), every 3x3 layer of the bench step U-Net; with "
+                   "register_blocked, packed, auto), every 3x3 layer of the bench step U-Net; with "
                    "--device cuda (direct, smem_tiled, register_blocked, mma_tf32, "
                    "mma_bf16), the 512x512 shapes vs cuDNN.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
