@@ -132,6 +132,10 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 #                     rounded to TF32 / BF16, fp32 sums (CUDA only)
 #   patches_gemm      the patch matrix (im2col) built block by block, then BLAS SGEMM
 #                     (CPU only)
+#   packed            register_blocked with the input zero-padded once (no border pixels)
+#                     and the weights packed per block of output channels, the block sized
+#                     to the core's vector registers (CPU only: cpu_conv_packed.py; on the
+#                     GPU the shared-memory tiles of register_blocked already play both parts)
 # (The earlier names were v1_direct, v2_smem, v3_regblock, v4_mma_tf32, v5_mma_bf16 here and
 # v1_patches_blas, v2_register_blocked on the CPU: "v2" meant a different technique on each
 # device. bench/results/*.json from before keep the old names.)
