@@ -15,9 +15,8 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
 - ``packed`` (``cpu_conv_packed.py``): x copied once into a zero-bordered buffer (no border
   pixels left), the weights packed per block of output channels, and a register block
   sized to the core's vector registers (4 pixels x 64 channels in 16-lane vectors with
-  AVX-512). Best from
-  C x K = 64 x 32 on, and on short rows: every deeper level, forward, data and weight
-  gradients.
+  AVX-512). Best from C x K = 64 x 32 on, and on short rows: every deeper level, forward,
+  data and weight gradients.
 
 The backward pass reuses the forward machinery:
 
@@ -76,8 +75,8 @@ def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
     """packed (``cpu_conv_packed``) for a 3x3 forward pass (or data gradient)?
 
     'auto', measured per shape on the 2-core Zen 4 (AVX-512 blocks; one core alone and
-    ``bench ops --op conv --variants all``): packed ran at 103-114 GFLOP/s a core wherever
-    C x K >= 64 x 32 or the rows are short, against 53-105 for register_blocked (its border
+    ``bench ops --op conv --variants all``): packed ran at 107-116 GFLOP/s a core wherever
+    C x K >= 64 x 32 or the rows are short, against 48-109 for register_blocked (its border
     pixels and strided weights) and ~80 for patches_gemm. On long rows with few channels
     (32 -> 32 at 128 x 128 and wider; 8 or 16 channels) its padded copy of x costs more
     than it saves, and register_blocked stays. (On 8-pixel rows with 256 channels,
@@ -108,8 +107,8 @@ def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
 
 def _packed_weight_grad(variant: str, c: int, k: int) -> bool:
     # 'auto', measured on the 2-core Zen 4 (both threads, padding included): packed's
-    # weight gradient took 0.55-0.85x register_blocked's time from C x K = 32 x 32 up (the
-    # deeper, the larger the gain: 512 -> 512 at 16 x 16, 31 against 71 ms), and as long or
+    # weight gradient took 0.35-0.70x register_blocked's time from C x K = 32 x 32 up (the
+    # deeper, the larger the gain: 512 -> 512 at 16 x 16, 25 against 72 ms), and as long or
     # longer below (8 -> 8: 1.30 against 1.22 ms; 16 -> 16: 1.11 against 0.89 ms)
     if variant not in ("auto", "packed") or not cpu_conv_packed.supports(c, k):
         return False
@@ -313,8 +312,8 @@ class CPUBackend(Backend):
         return out
 
     def _weight_grad_3x3(self, x, dz):
-        """dW^T [9C, K] with register_blocked's kernel, or None where patches_gemm should
-        do it.
+        """dW^T [9C, K] with packed's kernel or register_blocked's, or None where
+        patches_gemm should do it.
 
         The sum over pixels is split as in ``_gram``: one partial per block of image rows,
         added in block order. Where those partials would outweigh the patches (deep
