@@ -65,6 +65,10 @@ nodulekit.engine.cpu_conv_packed`` times these on your machine):
       (102 with the padding: this one stays with version 2)
     weight gradient 256 -> 256 at 16 x 16: 61 -> 106; 128 -> 128 at 64 x 64: 67 -> 105
 
+    the same, compiled for Haswell (16 registers: NUMBA_CPU_NAME=haswell and AVX2's
+    NUMBA_CPU_FEATURES; the 6 x 16 blocks), on the same core: forward 95-98 against
+    version 2's 47-104, weight gradient 84-95 against 63-85
+
 Run it: ``nodulekit bench ops --op conv --variants all`` (every layer, each version,
 against torch); ``pytest tests/test_conv_packed.py`` checks both block families against
 the float64 reference, and ``tests/test_ops.py`` the op (backend ``cpu-packed``) against
