@@ -1,4 +1,5 @@
-"""Eight float32 lanes as a Numba value: the few vector operations a GEMM micro-kernel needs.
+"""Eight (or sixteen) float32 lanes as a Numba value: the few vector operations a GEMM
+micro-kernel needs.
 
 Why this exists: Numba turns off LLVM's SLP vectoriser (it miscompiled code, numba#8705),
 so straight-line code with many scalar accumulators stays scalar, and a local accumulator
@@ -8,6 +9,10 @@ into two SSE/NEON registers where there is no AVX), and the functions below are 
 intrinsics a C programmer would write (``_mm256_loadu_ps``, ``_mm256_broadcast_ss``,
 ``_mm256_fmadd_ps``, ``_mm256_storeu_ps``). Locals of this type become SSA values, so a
 loop that carries twelve of them carries twelve registers.
+
+``float32x16`` is the same with sixteen lanes (one AVX-512 register: ``_mm512_*``); the
+six operations both have (load, store, splat, zeros, fma, relu) are made by one factory per
+kind, so ``load8`` and ``load16`` are the same code for another vector type.
 
 ``float64x8`` (eight float64 lanes, ``<8 x double>``: two AVX2 registers) holds sums of
 float32 values widened exactly (``widen8``), for reductions that must not lose digits (the
@@ -32,6 +37,7 @@ _F32 = ir.FloatType()
 _V8 = ir.VectorType(_F32, LANES)
 _F64 = ir.DoubleType()
 _D8 = ir.VectorType(_F64, LANES)
+_V16 = ir.VectorType(_F32, 16)
 
 
 class Float32x8(types.Type):
@@ -46,6 +52,20 @@ float32x8 = Float32x8()
 class _Float32x8Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V8)
+
+
+class Float32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="float32x16")
+
+
+float32x16 = Float32x16()
+
+
+@register_model(Float32x16)
+class _Float32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16)
 
 
 class Float64x8(types.Type):
@@ -80,65 +100,98 @@ def _check_float32_array(array):
         raise TypingError(f"expected a C-contiguous float32 array, got {array}")
 
 
-@intrinsic
-def load8(typingctx, array, index):
-    """array[index : index + 8] as one vector."""
-    _check_float32_array(array)
+def _float32_memory_ops(vector, llvm_vector):
+    """load, store and splat for one float32 vector type: the same intrinsics for eight
+    lanes (``load8``, ...) and sixteen (``load16``, ...)."""
+    lanes = llvm_vector.count
 
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        return builder.load(builder.bitcast(p, _V8.as_pointer()), align=4)
+    @intrinsic
+    def load(typingctx, array, index):
+        """array[index : index + lanes] as one vector."""
+        _check_float32_array(array)
 
-    return float32x8(array, index), codegen
+        def codegen(context, builder, sig, args):
+            p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            return builder.load(builder.bitcast(p, llvm_vector.as_pointer()), align=4)
 
+        return vector(array, index), codegen
 
-@intrinsic
-def store8(typingctx, array, index, vector):
-    """array[index : index + 8] = vector."""
-    _check_float32_array(array)
+    @intrinsic
+    def store(typingctx, array, index, value):
+        """array[index : index + lanes] = value."""
+        _check_float32_array(array)
 
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], builder.bitcast(p, _V8.as_pointer()), align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            builder.store(args[2], builder.bitcast(p, llvm_vector.as_pointer()), align=4)
+            return context.get_dummy_value()
 
-    return types.void(array, index, vector), codegen
+        return types.void(array, index, value), codegen
 
+    @intrinsic
+    def splat(typingctx, array, index):
+        """array[index] in every lane (a broadcast load)."""
+        _check_float32_array(array)
 
-@intrinsic
-def splat8(typingctx, array, index):
-    """array[index] in all eight lanes (a broadcast load)."""
-    _check_float32_array(array)
+        def codegen(context, builder, sig, args):
+            p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            scalar = builder.load(p, align=4)
+            lane0 = builder.insert_element(ir.Constant(llvm_vector, ir.Undefined), scalar,
+                                           ir.Constant(ir.IntType(32), 0))
+            lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            return builder.shuffle_vector(lane0, ir.Constant(llvm_vector, ir.Undefined), lanes0)
 
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        scalar = builder.load(p, align=4)
-        lane0 = builder.insert_element(ir.Constant(_V8, ir.Undefined), scalar,
-                                       ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
-        return builder.shuffle_vector(lane0, ir.Constant(_V8, ir.Undefined), zeros)
+        return vector(array, index), codegen
 
-    return float32x8(array, index), codegen
-
-
-@intrinsic
-def zeros8(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V8, [0.0] * LANES)
-
-    return float32x8(), codegen
+    return load, store, splat
 
 
-@intrinsic
-def fma8(typingctx, a, b, c):
-    """a * b + c, lane by lane, rounded once."""
+def _float32_arithmetic(vector, llvm_vector):
+    """zeros, fma and relu for one float32 vector type."""
+    lanes = llvm_vector.count
+    zero = ir.Constant(llvm_vector, [0.0] * lanes)
 
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V8, [_V8] * 3), "llvm.fma.v8f32")
-        return builder.call(fn, args)
+    @intrinsic
+    def zeros(typingctx):
+        def codegen(context, builder, sig, args):
+            return zero
 
-    return float32x8(a, b, c), codegen
+        return vector(), codegen
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        """a * b + c, lane by lane, rounded once."""
+
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(llvm_vector, [llvm_vector] * 3),
+                f"llvm.fma.v{lanes}f32")
+            return builder.call(fn, args)
+
+        return vector(a, b, c), codegen
+
+    @intrinsic
+    def relu(typingctx, a):
+        """max(a, 0) lane by lane; a NaN stays NaN (as np.maximum does), so it is not
+        hidden."""
+
+        def codegen(context, builder, sig, args):
+            negative = builder.fcmp_ordered("<", args[0], zero)
+            return builder.select(negative, zero, args[0])
+
+        return vector(a), codegen
+
+    return zeros, fma, relu
+
+
+load8, store8, splat8 = _float32_memory_ops(float32x8, _V8)
+zeros8, fma8, relu8 = _float32_arithmetic(float32x8, _V8)
+# sixteen lanes: one AVX-512 register (LLVM splits it into two AVX2 registers, correctly,
+# where there is no AVX-512). Where the FMA pipes are 512 bits wide (Zen 5, Intel's server
+# cores) a 16-lane FMA does twice an 8-lane one's work per instruction; on Zen 4, which runs
+# it through its 256-bit pipes in two halves, the two are equal.
+load16, store16, splat16 = _float32_memory_ops(float32x16, _V16)
+zeros16, fma16, relu16 = _float32_arithmetic(float32x16, _V16)
 
 
 @intrinsic
@@ -162,18 +215,6 @@ def relu_grad8(typingctx, g, y):
         return builder.select(off, zero, args[0])
 
     return float32x8(g, y), codegen
-
-
-@intrinsic
-def relu8(typingctx, a):
-    """max(a, 0) lane by lane; a NaN stays NaN (as np.maximum does), so it is not hidden."""
-
-    def codegen(context, builder, sig, args):
-        zero = ir.Constant(_V8, [0.0] * LANES)
-        negative = builder.fcmp_ordered("<", args[0], zero)
-        return builder.select(negative, zero, args[0])
-
-    return float32x8(a), codegen
 
 
 @intrinsic
@@ -251,98 +292,3 @@ def store8d(typingctx, array, index, vector):
         return context.get_dummy_value()
 
     return types.void(array, index, vector), codegen
-
-
-# ---- sixteen float32 lanes: one AVX-512 register (LLVM splits it into two AVX2 registers,
-# correctly, where there is no AVX-512). For cores whose FMA pipes are 512 bits wide (Zen 5,
-# Intel's server cores) a 16-lane FMA does twice an 8-lane one's work per instruction; on
-# Zen 4, which runs it through its 256-bit pipes in two halves, the two are equal.
-
-_V16 = ir.VectorType(_F32, 16)
-
-
-class Float32x16(types.Type):
-    def __init__(self):
-        super().__init__(name="float32x16")
-
-
-float32x16 = Float32x16()
-
-
-@register_model(Float32x16)
-class _Float32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16)
-
-
-@intrinsic
-def load16(typingctx, array, index):
-    """array[index : index + 16] as one vector."""
-    _check_float32_array(array)
-
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        return builder.load(builder.bitcast(p, _V16.as_pointer()), align=4)
-
-    return float32x16(array, index), codegen
-
-
-@intrinsic
-def store16(typingctx, array, index, vector):
-    """array[index : index + 16] = vector."""
-    _check_float32_array(array)
-
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], builder.bitcast(p, _V16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(array, index, vector), codegen
-
-
-@intrinsic
-def splat16(typingctx, array, index):
-    """array[index] in all sixteen lanes."""
-    _check_float32_array(array)
-
-    def codegen(context, builder, sig, args):
-        p = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        scalar = builder.load(p, align=4)
-        lane0 = builder.insert_element(ir.Constant(_V16, ir.Undefined), scalar,
-                                       ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-        return builder.shuffle_vector(lane0, ir.Constant(_V16, ir.Undefined), zeros)
-
-    return float32x16(array, index), codegen
-
-
-@intrinsic
-def zeros16(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V16, [0.0] * 16)
-
-    return float32x16(), codegen
-
-
-@intrinsic
-def fma16(typingctx, a, b, c):
-    """a * b + c, lane by lane, rounded once."""
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16] * 3), "llvm.fma.v16f32")
-        return builder.call(fn, args)
-
-    return float32x16(a, b, c), codegen
-
-
-@intrinsic
-def relu16(typingctx, a):
-    """max(a, 0) lane by lane; a NaN stays NaN."""
-
-    def codegen(context, builder, sig, args):
-        zero = ir.Constant(_V16, [0.0] * 16)
-        negative = builder.fcmp_ordered("<", args[0], zero)
-        return builder.select(negative, zero, args[0])
-
-    return float32x16(a), codegen
