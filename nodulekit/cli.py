@@ -378,9 +378,14 @@ def _patch_value(ctx, param, value):
 @click.option("--bce-weight", type=float, default=None,
               help="Add this x the per-slice summed BCE to the Dice loss (nodulekit: 1e-4, about "
                    "the pixel mean of a 128 x 128 patch; paper: 0).")
+@click.option("--nodule-dice-weight", type=click.FloatRange(min=0), default=None,
+              help="Add this x a Dice per nodule of the truth (averaged over the batch's "
+                   "nodules), so a 4 mm nodule weighs what a 30 mm one does  [default: "
+                   "nodulekit: 1; paper: 0]")
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
               help="The defaults of --lr --lr-schedule --smooth --dice --head-prior --bce-weight "
-                   "--lr-scaling --empty-fraction --norm --foreground-fraction --context-slices: "
+                   "--nodule-dice-weight --lr-scaling --empty-fraction --norm "
+                   "--foreground-fraction --context-slices: "
                    "'nodulekit' (learns on data nobody tuned for; README, 'Recipes') or "
                    "'paper' (Dice s=1 per sample, Adam 1e-4, no norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,

@@ -74,6 +74,41 @@ def test_at_equal_scores_the_soft_dice_on_nodule_slices_comes_first():
     assert selection.key(old)[1] == 0.0
 
 
+def test_found_dice_counts_a_slice_only_where_it_overlaps_with_iou_at_least_0_1():
+    counts = np.array([
+        [0, 5, 0],  # empty slice: not in the mean
+        [6, 2, 4],  # IoU 6/12 = 0.5: Dice 12/18 counts
+        [1, 0, 9],  # IoU 1/10 = 0.1: exactly the threshold, Dice 2/11 counts
+        [1, 1, 9],  # IoU 1/11 < 0.1: a touch, scores 0 (plain Dice 2/12)
+        [0, 3, 7],  # a miss: 0 either way
+    ])
+    assert selection.found_dice(counts) == pytest.approx((12 / 18 + 2 / 11) / 4)
+    row = selection.validation_columns(counts, 0.5)
+    assert row[selection.NODULE_DICE] == pytest.approx((12 / 18 + 2 / 11 + 2 / 12) / 4)
+    assert row[selection.METRIC] == pytest.approx(selection.found_dice(counts))
+    assert math.isnan(selection.found_dice(np.array([[0, 1, 0], [0, 0, 0]])))
+
+
+def test_an_epoch_that_floods_every_slice_is_not_kept_for_touching_nodules():
+    """The second set's case (README, "Recipes"): an early epoch marks most of every slice
+    and so touches a few nodule pixels (plain nodule-slice Dice > 0); later epochs find no
+    nodule pixel and mark few empty slices. The plain score keeps the flood; the rule keeps
+    the later epoch whose sigmoid moved more onto the nodules (soft Dice), and any epoch
+    that really finds a nodule beats both."""
+    flood = np.array([[0, 4000, 0]] * 6 + [[3, 3900, 20], [2, 4100, 30]])
+    quiet = np.array([[0, 0, 0]] * 4 + [[0, 30, 0]] * 2 + [[0, 0, 23], [0, 0, 32]])
+    rows = [{"epoch": 1, **selection.validation_columns(flood, 0.5, np.full(8, 0.002))},
+            {"epoch": 2, **selection.validation_columns(quiet, 0.5, np.full(8, 0.05))}]
+    assert rows[0][selection.NODULE_DICE] > 0 == rows[1][selection.NODULE_DICE]
+    assert rows[0][selection.METRIC] == 0.0 == rows[1][selection.METRIC]
+    assert selection.select(rows) == 2
+    plain = [dict(r, **{selection.METRIC: r[selection.NODULE_DICE]}) for r in rows]
+    assert selection.select(plain) == 1  # what the rule before this one kept
+    finds = np.array([[0, 0, 0]] * 4 + [[0, 30, 0]] * 2 + [[10, 5, 13], [0, 0, 32]])
+    rows.append({"epoch": 3, **selection.validation_columns(finds, 0.5, np.full(8, 0.01))})
+    assert rows[2][selection.METRIC] > 0 and selection.select(rows) == 3
+
+
 def test_rows_from_before_the_rule_have_no_key():
     old = {"epoch": 1, "val_loss": 0.5, "val_dice": 0.9, "val_iou": 0.81}
     assert selection.key(old) is None
@@ -119,13 +154,18 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     assert "* best" not in epoch_lines[2]
 
 
-def test_resuming_a_run_from_before_the_rule_rescores_its_best(tiny_data, tmp_path):
-    """A checkpoint whose history has no nodule-slice Dice (an older nodulekit's, kept on mean
-    IoU) resumes: its checkpoint_best is scored on validation again, and says so."""
+@pytest.mark.parametrize("new_cols", [
+    # an older nodulekit's (kept on mean IoU): no nodule-slice column at all
+    (selection.METRIC, selection.NODULE_DICE, selection.SOFT_TIE_BREAK, selection.TIE_BREAK),
+    # the rule before this one (kept on the plain nodule-slice Dice): no found column
+    (selection.METRIC,),
+], ids=["mean-iou-rule", "nodule-dice-rule"])
+def test_resuming_a_run_from_before_the_rule_rescores_its_best(tiny_data, tmp_path, new_cols):
+    """A checkpoint whose history lacks the found-nodule Dice (kept on an earlier rule)
+    resumes: its checkpoint_best is scored on validation again, and says so."""
     _, cache = tiny_data
     run = tmp_path / "run"
     tiny_train(cache, run, epochs=1, test=False)
-    new_cols = (selection.METRIC, selection.TIE_BREAK)
     original = load_checkpoint(run / "checkpoint_last.h5").history[0]
     for name in ("checkpoint_last.h5", "checkpoint_best.h5"):
         ck = load_checkpoint(run / name)
@@ -135,7 +175,7 @@ def test_resuming_a_run_from_before_the_rule_rescores_its_best(tiny_data, tmp_pa
     lines = []
     result = tiny_train(cache, run, epochs=2, resume=str(run), test=False, echo=lines.append)
     said = "\n".join(lines)
-    assert "kept on validation mean IoU by an earlier nodulekit" in said and "re-scored" in said
+    assert "kept on an earlier nodulekit's rule" in said and "re-scored" in said
     last = load_checkpoint(run / "checkpoint_last.h5")
     first = last.history[0]
     for k in new_cols:  # the same model on the same slices: the same score

@@ -43,10 +43,10 @@ TINY_ARGS = ["--width", str(TINY_MODEL["width"]), "--depth", str(TINY_MODEL["dep
              "--recipe", TINY_MODEL["recipe"], "--device", "cpu", "--workers", "0",
              "--no-progress"]
 # the nodulekit recipe's step options (batch Dice: its sums all-reduced; the output prior;
-# the poly decay over the global step count) and the older demo's (fan-in lr scaling,
-# s = 0.01)
+# the poly decay over the global step count; the per-nodule Dice, its nodule count
+# all-reduced) and the older demo's (fan-in lr scaling, s = 0.01)
 DEMO_OPTS = {"bce_weight": 0.01, "lr_scaling": "fan_in", "smooth": 0.01, "dice": "batch",
-             "head_prior": 0.01, "lr_schedule": "poly"}
+             "head_prior": 0.01, "lr_schedule": "poly", "nodule_dice_weight": 1.0}
 # Tolerances ("float32 rounding"): measured differences are ~1e-6 of the weights' movement,
 # ~2e-7 of Adam's moments and ~3e-10 of the losses; see _same_training.
 WEIGHTS_RTOL, MOMENTS_RTOL, METRICS_RTOL = 2e-5, 1e-5, 1e-6
@@ -177,7 +177,8 @@ def test_gpus_option_starts_the_ranks_itself(tiny_data, tmp_path):
     run = tmp_path / "gpus"
     cmd = _train_cmd(cache, run, "--epochs", "1", "--no-test", "--gpus", "2",
                      "--bce-weight", "0.01", "--lr-scaling", "fan_in", "--smooth", "0.01",
-                     "--dice", "batch", "--head-prior", "0.01", "--lr-schedule", "poly")
+                     "--dice", "batch", "--head-prior", "0.01", "--lr-schedule", "poly",
+                     "--nodule-dice-weight", "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{_mpiexec()} -n 2 {sys.executable} -m nodulekit.cli train" in proc.stdout

@@ -41,7 +41,7 @@ def _same_run(a, b):
 RESUMED_OPTIONS = {
     "fan_in": dict(lr_scaling="fan_in", smooth=0.01, bce_weight=0.01),
     "nodulekit": dict(lr_scaling="none", smooth=1.0, bce_weight=0.01, dice="batch",
-                      head_prior=0.01, lr_schedule="poly"),
+                      head_prior=0.01, lr_schedule="poly", nodule_dice_weight=1.0),
 }
 
 
@@ -67,6 +67,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_data, tmp_path, optio
     for name, value in RESUMED_OPTIONS[options].items():
         assert getattr(resumed.config, name) == value, name
     assert all(r["train_bce"] > 0 for r in resumed.history)
+    if RESUMED_OPTIONS[options].get("nodule_dice_weight"):  # the term ran in every epoch
+        assert all(r["train_nodule_dice"] > 0 for r in resumed.history)
     _same_run(tmp_path / "full", tmp_path / "cut")
     log = (tmp_path / "cut" / "train.log").read_text()
     assert "resuming from" in log and "2 epoch(s)" in log

@@ -1,20 +1,29 @@
 """Which epoch a training run keeps as checkpoint_best: the validation scores and the rule.
 
-The rule: the highest **validation nodule-slice mean Dice** (``val_nodule_dice``): the
-per-slice Dice (p > 0.5) averaged over the validation slices whose truth has a nodule pixel,
-MONAI DiceMetric's default (``ignore_empty=True``). A model that predicts nothing scores 0 on
-it, so "no nodule anywhere" is never kept over an epoch that found nodules. (The all-slice
-mean Dice or IoU, empty-empty slices scoring 1, rewards it: a run of issue 18 kept a model
-that predicted nothing, validation mean IoU 0.81, global Dice 0.) Equal scores (two epochs
-that both find nothing score 0 alike) go to the lower **empty-slice false-positive rate**
-(``val_empty_fp``: the fraction of the validation slices with empty truth on which anything
-was predicted), then to the earlier epoch. Before the false-positive rate comes the
-**validation nodule-slice soft Dice** (``val_nodule_soft_dice``: the loss's per-slice Dice
-of the sigmoid, smoothing 1, over the same slices): where no epoch finds a validation
-nodule pixel above 0.5 (a small validation split of small nodules), it still tells an
-epoch that moved probability onto them from one that predicts nothing, which the
-false-positive rate alone would keep (an epoch-1 model that found nothing on the test split
-either, where the last epoch's found its 10-30 mm nodule at Dice 0.75).
+The rule: the highest **validation nodule-slice Dice of found nodules**
+(``val_nodule_found_dice``): the per-slice Dice (p > 0.5) averaged over the validation slices
+whose truth has a nodule pixel (MONAI DiceMetric's default, ``ignore_empty=True``), where a
+slice counts only if its prediction overlaps the truth with an IoU of at least 0.1 (the
+evaluation's `detection.MATCH_IOU`, nnDetection's: a touch is not a find) and scores 0
+otherwise. Both halves matter:
+
+- A model that predicts nothing scores 0, so "no nodule anywhere" is never kept over an
+  epoch that found nodules. (The all-slice mean Dice or IoU, empty-empty slices scoring 1,
+  rewards it: a run of issue 18 kept a model that predicted nothing, validation mean IoU
+  0.81, global Dice 0.)
+- A model that marks much of every slice touches a few nodule pixels by chance, and the
+  plain nodule-slice mean (``val_nodule_dice``, still a column) rewards that touch over an
+  epoch that found none: on a second synthetic set (README, "Recipes") it kept an epoch
+  with validation nodule-slice Dice 0.006 that marked every empty test slice (64.7 false
+  positives per scan) over later epochs that marked 28%. Its touches have IoU far below 0.1.
+
+Equal scores (epochs that find nothing score 0 alike) go to the higher **validation
+nodule-slice soft Dice** (``val_nodule_soft_dice``: the loss's per-slice Dice of the
+sigmoid, smoothing 1, over the same slices): where no epoch finds a validation nodule (a
+small validation split of small nodules) it still tells an epoch that moved probability
+onto them from one that predicts nothing. Then to the lower **empty-slice false-positive
+rate** (``val_empty_fp``: the fraction of the validation slices with empty truth on which
+anything was predicted), then to the earlier epoch.
 
 The false-positive rate decides ties only, not the score: the paper's first stage trains on
 nodule slices alone and marks something on most empty slices (README, "Normalisation
@@ -26,9 +35,10 @@ A validation split without a slice with a nodule scores every epoch 0 (the false
 rate then decides); a run without a validation split keeps its last epoch.
 
 Resuming: the best epoch's history row (stored in every checkpoint) holds its score. A run
-from before this rule (its rows have no ``val_nodule_dice``) kept its best on validation
-mean IoU; the loop re-scores that checkpoint_best on validation when it resumes
-(`nodulekit.training.loop`), and says so.
+from before this rule (its rows have no ``val_nodule_found_dice``: an earlier nodulekit kept
+its best on validation mean IoU, a later one on the plain nodule-slice Dice) has its
+checkpoint_best re-scored on validation when it resumes (`nodulekit.training.loop`), and the
+loop says so.
 """
 
 from __future__ import annotations
@@ -38,13 +48,15 @@ import math
 import numpy as np
 
 from nodulekit.evaluation import metrics
+from nodulekit.evaluation.detection import MATCH_IOU
 
-METRIC = "val_nodule_dice"
+METRIC = "val_nodule_found_dice"
+NODULE_DICE = "val_nodule_dice"  # MONAI's nodule-slice mean, touches included: shown, not kept on
 TIE_BREAK = "val_empty_fp"
 SOFT_TIE_BREAK = "val_nodule_soft_dice"  # before TIE_BREAK; rows before it: 0
 LEGACY_METRIC = "val_mean_iou"  # what runs before this rule selected on
-VALIDATION_COLUMNS = ("val_loss", "val_dice", "val_iou", "val_global_dice", METRIC,
-                      SOFT_TIE_BREAK, TIE_BREAK)
+VALIDATION_COLUMNS = ("val_loss", "val_dice", "val_iou", "val_global_dice", NODULE_DICE,
+                      METRIC, SOFT_TIE_BREAK, TIE_BREAK)
 
 Key = tuple  # (score, soft score, -false-positive rate): higher is better
 
@@ -53,16 +65,21 @@ def describe() -> dict:
     """config.json's "selection": what checkpoint_best is chosen on."""
     return {
         "metric": METRIC,
-        "definition": "validation nodule-slice mean Dice: per-slice Dice (p > 0.5) averaged "
-                      "over the validation slices whose truth has a nodule pixel (MONAI "
-                      "DiceMetric default, ignore_empty=True); predicting nothing scores 0",
+        "definition": "validation nodule-slice Dice of found nodules: per-slice Dice "
+                      "(p > 0.5) averaged over the validation slices whose truth has a "
+                      "nodule pixel (MONAI DiceMetric default, ignore_empty=True), a slice "
+                      f"scoring 0 unless prediction and truth overlap with IoU >= {MATCH_IOU}; "
+                      "predicting nothing scores 0, and so does touching a nodule by "
+                      "marking much of the slice",
         "higher_is_better": True,
         "tie_break": f"higher {SOFT_TIE_BREAK} (the sigmoid's per-slice Dice, smoothing 1, "
                      f"over the same slices), then lower {TIE_BREAK} (fraction of empty-truth "
                      "validation slices with any predicted pixel), then the earlier epoch",
         "no_validation": "the last epoch",
-        "replaces": f"{LEGACY_METRIC} (before 2026-12: empty slices scored 1, so a model "
-                    "predicting nothing could be kept)",
+        "replaces": f"{NODULE_DICE} (2026-12-01 to 2026-12-05: an epoch that marked every "
+                    "slice could be kept for touching a nodule), before it "
+                    f"{LEGACY_METRIC} (empty slices scored 1, so a model predicting nothing "
+                    "could be kept)",
     }
 
 
@@ -77,8 +94,19 @@ def validation_columns(counts, loss: float, soft_dice=None) -> dict:
         if nodule.any():
             soft = float(np.mean(np.asarray(soft_dice, dtype=np.float64)[nodule]))
     return {"val_loss": loss, "val_dice": s["mean_dice"], "val_iou": s["mean_iou"],
-            "val_global_dice": s["global_dice"], METRIC: s["mean_dice_nodule"],
-            SOFT_TIE_BREAK: soft, TIE_BREAK: s["empty_fp_rate"]}
+            "val_global_dice": s["global_dice"], NODULE_DICE: s["mean_dice_nodule"],
+            METRIC: found_dice(counts), SOFT_TIE_BREAK: soft, TIE_BREAK: s["empty_fp_rate"]}
+
+
+def found_dice(counts) -> float:
+    """The nodule-slice mean Dice where a slice whose prediction overlaps its truth with IoU
+    below `MATCH_IOU` scores 0 (NaN without a nodule slice). counts: per-slice (tp, fp, fn)."""
+    counts = np.asarray(counts)
+    nodule = (counts[:, 0] + counts[:, 2]) > 0
+    if not nodule.any():
+        return math.nan
+    dice, iou = metrics.slice_scores(counts[nodule])
+    return float(np.mean(np.where(iou >= MATCH_IOU, dice, 0.0)))
 
 
 def no_validation_columns() -> dict:

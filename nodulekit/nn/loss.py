@@ -12,11 +12,22 @@ Over the batch (nnU-Net's "batch Dice" for 2-D, ``dice="batch"``): one Dice of t
 pixels taken together, 1 - (2 I + s) / (P + G + s) with I, P, G summed over every sample (and
 every data-parallel rank). A false blob then costs its share of the batch's pixels, not a
 whole sample's loss, and predicting nothing scores 1.
+
+Per nodule (``nodule_dice_loss``, added with a weight to either): one Dice per connected
+nodule of the truth, each over its own pixels and its sample's background, averaged over
+the batch's nodules (the "blob loss" of Kofler et al. 2022). Pixel-summed losses, batch Dice
+and BCE alike, push on a missed nodule in proportion to its pixels: a 4 mm nodule of 20
+pixels weighs 1/50 of a 30 mm one, and three quarters of real nodules are that small. Here
+each nodule weighs the same.
 """
 
 from __future__ import annotations
 
+import numpy as np
+from scipy import ndimage
+
 DICE_MODES = ("sample", "batch")
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def dice_loss(model, logits, target, smooth: float = 1.0):
@@ -68,3 +79,72 @@ def add_bce(backend, logits, target, dlogits, weight: float):
     dlogits += (p - t) * logits.dtype.type(weight / n)
     return (weight / n) * (xp.logaddexp(0.0, logits, dtype=xp.float64).sum()
                            - (t * logits).sum(dtype=xp.float64))
+
+
+def label_nodules(target) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sample_of): the truth's nodules in each sample of a host target [N, H, W, 1]
+    as 8-connected 2-D components, numbered 1..K across the batch (int32 [N, H, W, 1], 0 on
+    the background), and each one's sample (int64 [K])."""
+    target = np.asarray(target)
+    n = target.shape[0]
+    labels = np.zeros(target.shape, np.int32)
+    sample_of = []
+    for i in range(n):
+        lab, k = ndimage.label(target[i, ..., 0] > 0, structure=EIGHT_CONNECTED)
+        labels[i, ..., 0] = np.where(lab > 0, lab + len(sample_of), 0)
+        sample_of += [i] * k
+    return labels, np.asarray(sample_of, np.int64)
+
+
+def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
+    """(loss, dlogits or None): sigmoid + one soft Dice per nodule of the truth, averaged.
+
+    Nodule c of sample i (`label_nodules`): D_c = (2 Q_c + s) / (B_i + Q_c + G_c + s), with
+    Q_c the sum of p over c's pixels, G_c its pixel count and B_i the sum of p over sample i's
+    pixels outside every nodule (other nodules' pixels count for neither). loss = mean_c
+    (1 - D_c) over the K nodules of the batch (of every rank). Gradients, u = 1 / (K den_c):
+
+        on c's pixels:           -u (2 - num_c / den_c) p (1 - p)
+        on i's background:      sum_{c in i} u (num_c / den_c) p (1 - p)
+
+    A batch without a nodule gives (0.0, None). The per-nodule sums are float64. comm:
+    data-parallel ranks (``allreduce_sum``, ``size``): K is summed over them and each rank's
+    gradient multiplied by the rank count, as in `batch_dice_loss`; so is its loss (its
+    nodules' share), whose mean over the ranks is then the batch's. The labels come from the
+    host's copy of the target (a few kB a step), where scipy finds the components.
+    """
+    xp = backend.xp
+    labels_host, sample_of = label_nodules(backend.to_host(target))
+    count = np.array([len(sample_of)], np.float64)
+    ranks = 1
+    if comm is not None:
+        total = xp.asarray(count)
+        comm.allreduce_sum(total)
+        count = backend.to_host(total)
+        ranks = int(comm.size)
+    k_all = float(count[0])
+    if not sample_of.size:  # nothing here; other ranks' nodules need no gradient from us
+        return 0.0, None
+    n = logits.shape[0]
+    k = len(sample_of)
+    labels = xp.asarray(labels_host.reshape(n, -1))
+    p = (0.5 * (1.0 + xp.tanh(0.5 * logits))).reshape(n, -1)  # sigmoid without overflow
+    per_label = xp.bincount(labels.ravel(), weights=p.ravel().astype(xp.float64),
+                            minlength=k + 1)
+    q = per_label[1:]
+    g = xp.asarray(np.bincount(labels_host.ravel(), minlength=k + 1)[1:].astype(np.float64))
+    of = xp.asarray(sample_of)
+    on_nodules = xp.bincount(of, weights=q, minlength=n)
+    background = p.sum(axis=1, dtype=xp.float64) - on_nodules  # B_i
+    numerator = 2.0 * q + smooth
+    denominator = background[of] + q + g + smooth
+    loss = ranks * (1.0 - numerator / denominator).sum() / k_all  # ranks: see above
+    u = ranks / (k_all * denominator)
+    ratio = numerator / denominator
+    inside = xp.concatenate([xp.zeros(1), -u * (2.0 - ratio)])  # by label; 0: background
+    outside = xp.bincount(of, weights=u * ratio, minlength=n)
+    coefficient = xp.where(labels > 0, inside[labels], outside[:, None])
+    e = xp.exp(-xp.abs(logits)).reshape(n, -1)
+    slope = e / ((1.0 + e) * (1.0 + e))  # p (1 - p) without 1 - p's cancellation near p = 1
+    dlogits = (coefficient.astype(logits.dtype) * slope).reshape(logits.shape)
+    return loss, dlogits

@@ -4,6 +4,7 @@
     loss, dlogits = sigmoid + Dice (+ bce_weight x BCE)                per sample: one fused
                                                                        engine op; or over the
                                                                        batch (`nn.loss`)
+                    (+ nodule_dice_weight x Dice per nodule)           `nn.loss`
     model.backward(dlogits)                                            grads in one flat buffer
     comm.allreduce_mean(grads)                                         data-parallel only
     Adam on the flat buffer, each entry's step times lr_scale          one engine call
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodulekit.nn.loss import DICE_MODES, add_bce, batch_dice_loss
+from nodulekit.nn.loss import DICE_MODES, add_bce, batch_dice_loss, nodule_dice_loss
 from nodulekit.nn.optim import Adam
 from nodulekit.nn.unet import UNet
 
@@ -31,6 +32,7 @@ class StepLosses:
 
     dice: object  # mean_i (1 - dice_i), or the batch's 1 - Dice (dice="batch")
     bce: object  # bce_weight x mean_i sum_pixels BCE, or 0.0 without the term
+    nodule: object = 0.0  # mean over the batch's nodules of 1 - their Dice (unweighted), or 0.0
 
 
 class TrainStep:
@@ -38,18 +40,21 @@ class TrainStep:
 
     smooth: the Dice loss's s. dice: "sample" (mean of per-sample Dice losses, the paper's)
     or "batch" (one Dice over the batch's pixels, `nn.loss.batch_dice_loss`). bce_weight:
-    > 0 adds that much BCE (`nn.loss.add_bce`).
+    > 0 adds that much BCE (`nn.loss.add_bce`). nodule_dice_weight: > 0 adds that much of
+    the per-nodule Dice loss (`nn.loss.nodule_dice_loss`).
     lr_scale: None, or a backend float32 array [P] of per-parameter learning-rate factors
     (`nn.optim.lr_scale`). comm: None (one process) or a communicator.
     """
 
     def __init__(self, model: UNet, optimizer: Adam, *, smooth: float = 1.0,
-                 bce_weight: float = 0.0, lr_scale=None, comm=None, dice: str = "sample"):
+                 bce_weight: float = 0.0, lr_scale=None, comm=None, dice: str = "sample",
+                 nodule_dice_weight: float = 0.0):
         if dice not in DICE_MODES:
             raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         self.model, self.optimizer = model, optimizer
         self.dice = dice
         self.smooth, self.bce_weight = float(smooth), float(bce_weight)
+        self.nodule_dice_weight = float(nodule_dice_weight)
         self.lr_scale, self.comm = lr_scale, comm
 
     def __call__(self, image, target) -> StepLosses:
@@ -60,6 +65,12 @@ class TrainStep:
                                             self.comm)
         else:
             loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
+        nodule = 0.0
+        if self.nodule_dice_weight:
+            nodule, extra = nodule_dice_loss(model.backend, logits, target, self.smooth,
+                                             self.comm)
+            if extra is not None:
+                dlogits += extra * dlogits.dtype.type(self.nodule_dice_weight)
         bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
                if self.bce_weight else 0.0)
         model.backward(dlogits)
@@ -69,7 +80,7 @@ class TrainStep:
             self.optimizer.step()
         else:
             self._scaled_adam_step()
-        return StepLosses(loss, bce)
+        return StepLosses(loss, bce, nodule)
 
     def _scaled_adam_step(self) -> None:
         # params = before + scale * (Adam's step): Adam with lr * scale per entry

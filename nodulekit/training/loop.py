@@ -265,6 +265,7 @@ class Training:
         if scale is not None:
             scale = be.asarray(scale, dtype=be.dtype)
         step = TrainStep(model, optimizer, smooth=config.smooth, bce_weight=config.bce_weight,
+                         nodule_dice_weight=config.nodule_dice_weight,
                          lr_scale=scale, comm=self.dist, dice=config.dice)
         return optimizer, step
 
@@ -283,10 +284,10 @@ class Training:
         self._continue_selection()
         self.report(f"resuming from {ckpt.path}: {ckpt.epoch} epoch(s), {ckpt.global_step} "
                     f"steps done; " + (
-                        f"best validation nodule-slice Dice {self.best_score:.4f} (epoch "
+                        f"best validation found-nodule Dice {self.best_score:.4f} (epoch "
                         f"{self.best_epoch})" if not self.rescore_best else
-                        f"best epoch {self.best_epoch}, kept on validation mean IoU by an "
-                        "earlier nodulekit: re-scored below"))
+                        f"best epoch {self.best_epoch}, kept on an earlier nodulekit's "
+                        "rule: re-scored below"))
 
     def _continue_selection(self) -> None:
         """The best so far from the checkpoint's history (its best epoch's row); a run from
@@ -347,6 +348,8 @@ class Training:
         if config.lr_schedule != "constant":
             scaled += f", {config.lr_schedule} decay"
         bce = f" + {config.bce_weight:g} x BCE" if config.bce_weight else ""
+        if config.nodule_dice_weight:
+            bce += f" + {config.nodule_dice_weight:g} x Dice per nodule"
         arch = f", {config.norm} norm" if config.norm != "none" else ""
         if config.head_prior != 0.5:
             arch += f", output prior {config.head_prior:g}"
@@ -401,11 +404,12 @@ class Training:
         """The end-of-run line's part on checkpoint_best (a warning when it finds nothing)."""
         if not self.n_val:
             return f"no validation split: checkpoint_best.h5 is the last epoch ({self.best_epoch})"
-        words = (f"best validation nodule-slice Dice {self.best_score:.4f} at epoch "
+        words = (f"best validation found-nodule Dice {self.best_score:.4f} at epoch "
                  f"{self.best_epoch} (checkpoint_best.h5)")
         if self.best_score <= 0:
-            words += ("\nwarning: no epoch found a nodule pixel on a validation slice with a "
-                      "nodule; checkpoint_best.h5 finds none either (see metrics.csv)")
+            words += ("\nwarning: no epoch found a validation nodule (a prediction overlapping "
+                      "a nodule slice's truth with IoU >= 0.1); checkpoint_best.h5 finds none "
+                      "either (see metrics.csv)")
         return words
 
     def run_epoch(self, epoch: int) -> None:
@@ -431,14 +435,15 @@ class Training:
 
         config, be = self.config, self.backend
         t0 = time.perf_counter()
-        losses, bces = [], []
+        losses, bces, nodules = [], [], []
         with tqdm(total=len(self.loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                   unit="batch", leave=False, disable=not self.progress) as bar:
             for step_in_epoch, batch in enumerate(self.loader.epoch(epoch)):
-                loss, bce = self.train_batch(batch)
-                self._check_finite(loss, bce, epoch, step_in_epoch)
+                loss, bce, nodule = self.train_batch(batch)
+                self._check_finite(loss, bce + nodule, epoch, step_in_epoch)
                 losses.append(loss)
                 bces.append(bce)
+                nodules.append(nodule)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.callback is not None:
@@ -449,13 +454,14 @@ class Training:
             _check_same_weights(self.dist, be, self.model, self.optimizer, epoch, self.report)
         images = len(losses) * config.batch_size
         return ({"epoch": epoch + 1, "step": self.global_step,
-                 "train_loss": float(np.mean(losses)), "train_bce": float(np.mean(bces))},
+                 "train_loss": float(np.mean(losses)), "train_bce": float(np.mean(bces)),
+                 "train_nodule_dice": float(np.mean(nodules))},
                 {"train_seconds": seconds,
                  "images_per_s": images / seconds if seconds > 0 else math.nan})
 
-    def train_batch(self, batch) -> tuple[float, float]:
+    def train_batch(self, batch) -> tuple[float, float, float]:
         """Window and augment one batch on the device, take one step; (Dice loss, BCE
-        term) of the global batch."""
+        term, per-nodule Dice loss unweighted) of the global batch."""
         config, be = self.config, self.backend
         image, target = window_input(be, batch.hu, batch.mask, batch.aug,
                                      config.window_center, config.window_width)
@@ -463,19 +469,21 @@ class Training:
         self.optimizer.lr = scheduled_lr(config.lr, config.lr_schedule, self.global_step,
                                          config.epochs * len(self.loader))
         losses = self.step(image, target)
-        loss, bce = float(be.to_host(losses.dice)), float(be.to_host(losses.bce))
+        loss, bce, nodule = (float(be.to_host(v)) if not isinstance(v, float) else v
+                             for v in (losses.dice, losses.bce, losses.nodule))
         if self.dist is not None:  # the global batch's mean: every rank the same
-            loss, bce = (float(v) for v in self.dist.allreduce_mean_host([loss, bce]))
+            loss, bce, nodule = (float(v) for v in
+                                 self.dist.allreduce_mean_host([loss, bce, nodule]))
         self.global_step += 1
         if self.fault is not None:
             self.fault(self.global_step)
-        return loss, bce
+        return loss, bce, nodule
 
     def _check_finite(self, loss: float, bce: float, epoch: int, step_in_epoch: int) -> None:
         if math.isfinite(loss) and math.isfinite(bce):
             return
         what = (f"training loss became {loss}" if not math.isfinite(loss)
-                else f"BCE term became {bce}")
+                else f"BCE or per-nodule term became {bce}")
         last = self.run_dir / "checkpoint_last.h5"
         kept = (f"{last} (after epoch {epoch})" if last.exists()
                 else "none (no epoch had completed)")
@@ -512,8 +520,9 @@ class Training:
                 **calibration.columns()}
 
     def _rescore_best(self) -> None:
-        """Resuming a run from before the nodule-slice rule, whose checkpoint_best.h5 was kept
-        on validation mean IoU: score it on validation the new way (every rank takes part),
+        """Resuming a run from before the found-nodule rule, whose checkpoint_best.h5 was
+        kept on validation mean IoU or on the plain nodule-slice Dice: score it on validation
+        the new way (every rank takes part),
         so this session replaces it only with a better epoch; its history row gets the
         score. Without it (or unreadable): the first epoch of this session becomes best."""
         from nodulekit.evaluation import selection
@@ -526,21 +535,21 @@ class Training:
         model, why = self._shared_model(path)
         if model is None:
             self.best_key = None
-            self.report(f"checkpoint_best.h5 was kept on validation mean IoU by an earlier "
-                        f"nodulekit and cannot be re-scored ({why}); the first epoch of this "
+            self.report(f"checkpoint_best.h5 was kept on an earlier nodulekit's rule "
+                        f"and cannot be re-scored ({why}); the first epoch of this "
                         "session becomes the best")
             return
         cols = self.validate(self.best_epoch - 1, model=model, desc="re-score best")
         row = selection.best_row(self.history, self.best_epoch)
-        row.update({k: cols[k] for k in (selection.METRIC, selection.SOFT_TIE_BREAK,
-                                         selection.TIE_BREAK)})
+        row.update({k: cols[k] for k in (selection.NODULE_DICE, selection.METRIC,
+                                         selection.SOFT_TIE_BREAK, selection.TIE_BREAK)})
         self.best_key = selection.key(row)
         self.best_score = self.best_key[0]
-        self.report(f"checkpoint_best.h5 (epoch {self.best_epoch}) was kept on validation mean "
-                    "IoU by an earlier nodulekit; re-scored on validation: nodule-slice Dice "
+        self.report(f"checkpoint_best.h5 (epoch {self.best_epoch}) was kept on an earlier "
+                    "nodulekit's rule; re-scored on validation: found-nodule Dice "
                     f"{cols[selection.METRIC]:.4f}, empty-slice false positives "
                     f"{cols[selection.TIE_BREAK]:.1%}; an epoch of this session replaces it "
-                    "only with a higher nodule-slice Dice")
+                    "only with a higher found-nodule Dice")
 
     def _shared_model(self, path: Path):
         """(the checkpoint at `path` as a model on every rank, None) or (None, why not)."""
@@ -686,7 +695,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  "
             f"val loss {f(row['val_loss'])}  Dice {f(row['val_dice'])}  "
             f"IoU {f(row['val_iou'])}  global Dice {f(row['val_global_dice'])}  "
-            f"nodule Dice {f(row['val_nodule_dice'])}  "
+            f"nodule Dice {f(row['val_nodule_dice'])} "
+            f"(found {f(row['val_nodule_found_dice'])})  "
             f"empty FP {pct(row['val_empty_fp'])}  "
             + _filter_words(row) +
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"

@@ -33,14 +33,18 @@ from pathlib import Path
 
 from nodulekit.training.checkpoint import write_file_atomic
 
+# train_nodule_dice: the per-nodule Dice loss, unweighted (0 without the term);
 # val_dice, val_iou: means over all validation slices (empty truth and prediction = 1);
-# val_nodule_dice: over the slices whose truth has a nodule (what checkpoint_best is kept on);
+# val_nodule_dice: over the slices whose truth has a nodule; val_nodule_found_dice: the same
+# with a slice scoring 0 unless prediction and truth overlap with IoU >= 0.1 (what
+# checkpoint_best is kept on, `evaluation.selection`);
 # val_nodule_soft_dice: the sigmoid's soft Dice (smoothing 1) over those slices (breaks
-# ties of val_nodule_dice, e.g. at 0); val_empty_fp: the fraction of empty-truth slices with
-# any predicted pixel. A run resumed from before these has them empty in its earlier rows.
-METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "val_loss", "val_dice",
-                  "val_iou", "val_global_dice", "val_nodule_dice", "val_nodule_soft_dice",
-                  "val_empty_fp",
+# ties of val_nodule_found_dice, e.g. at 0); val_empty_fp: the fraction of empty-truth
+# slices with any predicted pixel. A run resumed from before these has them empty in its
+# earlier rows.
+METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "train_nodule_dice", "val_loss",
+                  "val_dice", "val_iou", "val_global_dice", "val_nodule_dice",
+                  "val_nodule_found_dice", "val_nodule_soft_dice", "val_empty_fp",
                   "val_peak_logit", "val_filtered_nodule_dice", "val_filtered_empty_fp",
                   "seconds", "train_seconds", "images_per_s", "best")
 LOG_NAME = "train.log"
@@ -213,8 +217,10 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
 
     ax_score.plot(epochs, col("val_dice"), "o-", label="Dice, all slices")
     ax_score.plot(epochs, col("val_iou"), "s-", label="IoU, all slices")
-    ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=2,
-                  label="Dice, nodule slices (selects best)")
+    ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=1,
+                  label="Dice, nodule slices")
+    ax_score.plot(epochs, col("val_nodule_found_dice"), "o-", lw=2, color="black",
+                  label="Dice, nodule slices, found only (selects best)")
     ax_score.plot(epochs, col("val_empty_fp"), "x:", color="tab:red",
                   label="empty slices with a false positive")
     ax_score.plot(epochs, col("val_filtered_nodule_dice"), "D--", color="tab:green",
