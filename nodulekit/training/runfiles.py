@@ -217,7 +217,7 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
 
     ax_score.plot(epochs, col("val_dice"), "o-", label="Dice, all slices")
     ax_score.plot(epochs, col("val_iou"), "s-", label="IoU, all slices")
-    ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=1,
+    ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=1, color="tab:purple",
                   label="Dice, nodule slices")
     ax_score.plot(epochs, col("val_nodule_found_dice"), "o-", lw=2, color="black",
                   label="Dice, nodule slices, found only (selects best)")
