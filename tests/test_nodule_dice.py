@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from backends import ALL_BACKENDS, each_backend, to_device
 
+from nodulekit.data.nodules import label_slices
 from nodulekit.engine import get_backend
-from nodulekit.nn import batch_dice_loss, label_nodules, nodule_dice_loss
+from nodulekit.nn import batch_dice_loss, nodule_dice_loss
 
 # float32 logits and gradient, float64 sums: the gradient's float32 rounding (~6e-8
 # relative) dominates, as for the batch Dice
@@ -30,16 +31,20 @@ def _inputs(seed=0, shape=(3, 11, 13, 1), scale=4.0):
     return z, t
 
 
-def test_label_nodules_numbers_8_connected_components_across_the_batch():
+def test_label_slices_numbers_8_connected_components_across_the_batch():
     _, t = _inputs()
-    labels, sample_of = label_nodules(t)
-    assert labels.shape == t.shape and labels.dtype == np.int32
-    assert sample_of.tolist() == [0, 0, 2]
-    assert labels[0, 4, 5, 0] == labels[0, 1, 1, 0] == 1  # corner contact joins
-    assert labels[0, 8, 9, 0] == 2 and labels[2, 6, 6, 0] == 3
-    assert ((labels > 0) == (t > 0)).all() and labels[1].max() == 0
-    empty, none = label_nodules(np.zeros((2, 4, 4, 1), np.uint8))
+    t[1, 0, 0] = t[2, 0, 0] = 1  # the same pixel in two slices: two components, not one
+    labels, slice_of = label_slices(t[..., 0])
+    assert labels.shape == t.shape[:3] and labels.dtype == np.int32
+    assert slice_of.tolist() == [0, 0, 1, 2, 2]
+    assert labels[0, 4, 5] == labels[0, 1, 1] == 1  # corner contact joins
+    assert labels[0, 8, 9] == 2 and labels[1, 0, 0] == 3
+    assert labels[2, 0, 0] == 4 and labels[2, 6, 6] == 5
+    assert ((labels > 0) == (t[..., 0] > 0)).all()
+    empty, none = label_slices(np.zeros((2, 4, 4), np.uint8))
     assert empty.max() == 0 and none.size == 0
+    with pytest.raises(ValueError, match="stack"):
+        label_slices(np.zeros((4, 4)))
 
 
 def _torch_reference(z, t, smooth):
@@ -47,10 +52,10 @@ def _torch_reference(z, t, smooth):
     its sample's background, autograd for the gradient."""
     import torch
 
-    labels, sample_of = label_nodules(t)
+    labels, sample_of = label_slices(t[..., 0])
     zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
     p = torch.sigmoid(zt)
-    lab = torch.tensor(labels)
+    lab = torch.tensor(labels)[..., None]  # [N, H, W, 1], as z
     terms = []
     for c, i in enumerate(sample_of.tolist(), start=1):
         own = (lab[i] == c).double()

@@ -29,6 +29,7 @@ DIAMETER_BINS: tuple[tuple[str, float, float], ...] = (
     (">30mm", 30.0, math.inf),
 )
 BIN_LABELS: tuple[str, ...] = tuple(label for label, _, _ in DIAMETER_BINS)
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # a slice's pixel touches its 8 neighbours
 
 
 def diameter_bin(diameter_mm: float) -> str | None:
@@ -68,7 +69,7 @@ def box_components(box: np.ndarray, top: int, left: int, width: int) -> list[np.
         return []
     ndimage = _ndimage()
     # scipy numbers the components by their first pixel in reading order: the order kept
-    labels, count = ndimage.label(box != 0, structure=np.ones((3, 3), dtype=bool))
+    labels, count = ndimage.label(box != 0, structure=EIGHT_CONNECTED)
     if count == 0:
         return []
     inside = np.flatnonzero(labels)  # reading order: each component's pixels stay sorted
@@ -78,6 +79,22 @@ def box_components(box: np.ndarray, top: int, left: int, width: int) -> list[np.
     flat = (rows + int(top)) * int(width) + (cols + int(left))
     ends = np.cumsum(np.bincount(label_of, minlength=count + 1)[1:])
     return np.split(flat.astype(np.int64, copy=False), ends[:-1])
+
+
+def label_slices(masks) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, slice_of): the 8-connected components of each slice of a stack of masks
+    [N, H, W], numbered 1..K across the stack in one pass (int32 [N, H, W], 0 off every
+    component), and the slice each lies in (int64 [K]). Slices are not connected to each
+    other: these are `components`, not `components_3d`."""
+    m = np.asarray(masks) != 0
+    if m.ndim != 3:
+        raise ValueError(f"masks must be a stack [N, H, W], got shape {m.shape}")
+    within_slice = np.zeros((3, 3, 3), dtype=bool)
+    within_slice[1] = EIGHT_CONNECTED
+    labels, count = _ndimage().label(m, structure=within_slice, output=np.int32)
+    slice_of = np.zeros(count + 1, np.int64)
+    slice_of[labels] = np.arange(len(m))[:, None, None]  # every pixel names its slice
+    return labels, slice_of[1:]
 
 
 def _ndimage():

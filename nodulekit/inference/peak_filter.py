@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+from nodulekit.data.nodules import EIGHT_CONNECTED
+
 OFF = "off"
 
 

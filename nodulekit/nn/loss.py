@@ -16,7 +16,7 @@ whole sample's loss, and predicting nothing scores 1.
 Per nodule (``nodule_dice_loss``, added with a weight to either): one Dice per connected
 nodule of the truth, each over its own pixels and its sample's background, averaged over
 the batch's nodules (the "blob loss" of Kofler et al. 2022). Pixel-summed losses, batch Dice
-and BCE alike, push on a missed nodule in proportion to its pixels: a 4 mm nodule of 20
+and BCE alike, push on a missed nodule in proportion to its pixels: a 4 mm nodule of 30
 pixels weighs 1/50 of a 30 mm one, and three quarters of real nodules are that small. Here
 each nodule weighs the same.
 """
@@ -24,10 +24,21 @@ each nodule weighs the same.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from nodulekit.data.nodules import label_slices
 
 DICE_MODES = ("sample", "batch")
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _sigmoid(xp, z):
+    """sigmoid(z) in z's dtype, without exp's overflow for large |z|."""
+    return 0.5 * (1.0 + xp.tanh(0.5 * z))
+
+
+def _sigmoid_slope(xp, z):
+    """p (1 - p) = sigmoid'(z), without 1 - p's cancellation near p = 1."""
+    e = xp.exp(-xp.abs(z))
+    return e / ((1.0 + e) * (1.0 + e))
 
 
 def dice_loss(model, logits, target, smooth: float = 1.0):
@@ -45,7 +56,7 @@ def batch_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     gradients where this loss wants their sum. The loss is a backend float64 scalar.
     """
     xp = backend.xp
-    p = 0.5 * (1.0 + xp.tanh(0.5 * logits))  # sigmoid without overflow, logits' dtype
+    p = _sigmoid(xp, logits)
     t = target.astype(logits.dtype)
     sums = xp.stack([(p * t).sum(dtype=xp.float64), p.sum(dtype=xp.float64),
                      t.sum(dtype=xp.float64)])
@@ -58,9 +69,7 @@ def batch_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     loss = 1.0 - numerator / denominator
     on_target = (-2.0 * ranks / denominator).astype(logits.dtype)  # the 2 t D term
     everywhere = (ranks * numerator / denominator ** 2).astype(logits.dtype)
-    e = xp.exp(-xp.abs(logits))
-    slope = e / ((1.0 + e) * (1.0 + e))  # p (1 - p) without 1 - p's cancellation near p = 1
-    dlogits = (on_target * t + everywhere) * slope
+    dlogits = (on_target * t + everywhere) * _sigmoid_slope(xp, logits)
     return loss, dlogits
 
 
@@ -75,31 +84,17 @@ def add_bce(backend, logits, target, dlogits, weight: float):
     xp = backend.xp
     n = logits.shape[0]
     t = target.astype(logits.dtype)
-    p = 0.5 * (1.0 + xp.tanh(0.5 * logits))  # sigmoid without overflow
+    p = _sigmoid(xp, logits)
     dlogits += (p - t) * logits.dtype.type(weight / n)
     return (weight / n) * (xp.logaddexp(0.0, logits, dtype=xp.float64).sum()
                            - (t * logits).sum(dtype=xp.float64))
 
 
-def label_nodules(target) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, sample_of): the truth's nodules in each sample of a host target [N, H, W, 1]
-    as 8-connected 2-D components, numbered 1..K across the batch (int32 [N, H, W, 1], 0 on
-    the background), and each one's sample (int64 [K])."""
-    target = np.asarray(target)
-    n = target.shape[0]
-    labels = np.zeros(target.shape, np.int32)
-    sample_of = []
-    for i in range(n):
-        lab, k = ndimage.label(target[i, ..., 0] > 0, structure=EIGHT_CONNECTED)
-        labels[i, ..., 0] = np.where(lab > 0, lab + len(sample_of), 0)
-        sample_of += [i] * k
-    return labels, np.asarray(sample_of, np.int64)
-
-
 def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     """(loss, dlogits or None): sigmoid + one soft Dice per nodule of the truth, averaged.
 
-    Nodule c of sample i (`label_nodules`): D_c = (2 Q_c + s) / (B_i + Q_c + G_c + s), with
+    Nodule c of sample i (an 8-connected component of its mask, `data.nodules.label_slices`):
+    D_c = (2 Q_c + s) / (B_i + Q_c + G_c + s), with
     Q_c the sum of p over c's pixels, G_c its pixel count and B_i the sum of p over sample i's
     pixels outside every nodule (other nodules' pixels count for neither). loss = mean_c
     (1 - D_c) over the K nodules of the batch (of every rank). Gradients, u = 1 / (K den_c):
@@ -114,7 +109,7 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     host's copy of the target (a few kB a step), where scipy finds the components.
     """
     xp = backend.xp
-    labels_host, sample_of = label_nodules(backend.to_host(target))
+    labels_host, sample_of = label_slices(backend.to_host(target)[..., 0])
     count = np.array([len(sample_of)], np.float64)
     ranks = 1
     if comm is not None:
@@ -128,7 +123,7 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     n = logits.shape[0]
     k = len(sample_of)
     labels = xp.asarray(labels_host.reshape(n, -1))
-    p = (0.5 * (1.0 + xp.tanh(0.5 * logits))).reshape(n, -1)  # sigmoid without overflow
+    p = _sigmoid(xp, logits).reshape(n, -1)
     per_label = xp.bincount(labels.ravel(), weights=p.ravel().astype(xp.float64),
                             minlength=k + 1)
     q = per_label[1:]
@@ -144,7 +139,6 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     inside = xp.concatenate([xp.zeros(1), -u * (2.0 - ratio)])  # by label; 0: background
     outside = xp.bincount(of, weights=u * ratio, minlength=n)
     coefficient = xp.where(labels > 0, inside[labels], outside[:, None])
-    e = xp.exp(-xp.abs(logits)).reshape(n, -1)
-    slope = e / ((1.0 + e) * (1.0 + e))  # p (1 - p) without 1 - p's cancellation near p = 1
+    slope = _sigmoid_slope(xp, logits).reshape(n, -1)
     dlogits = (coefficient.astype(logits.dtype) * slope).reshape(logits.shape)
     return loss, dlogits

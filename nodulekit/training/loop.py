@@ -469,7 +469,7 @@ class Training:
         self.optimizer.lr = scheduled_lr(config.lr, config.lr_schedule, self.global_step,
                                          config.epochs * len(self.loader))
         losses = self.step(image, target)
-        loss, bce, nodule = (float(be.to_host(v)) if not isinstance(v, float) else v
+        loss, bce, nodule = (float(be.to_host(v))
                              for v in (losses.dice, losses.bce, losses.nodule))
         if self.dist is not None:  # the global batch's mean: every rank the same
             loss, bce, nodule = (float(v) for v in
