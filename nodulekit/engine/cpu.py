@@ -295,14 +295,10 @@ class CPUBackend(Backend):
         # and dz in place, and every block costs a [9C, K] partial to write and add
         step, blocks = self.workers.plan(rows, -(-rows // WEIGHT_GRAD_BLOCKS), align=w)
         if blocks * k < rows:
-            partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
-
-            def job(m0, m1, _):
-                cpu_conv_packed.conv3x3_weight_grad_packed(xp, dz, m0 // w, m1 // w, 0, 9 * c,
-                                                           partial[m0 // step], wide)
-
-            self.workers.run(job, rows, step, align=w)
-            return partial.sum(axis=0)
+            return self._image_row_partials(
+                (n * h, w), step, blocks, (9 * c, k),
+                lambda r0, r1, out: cpu_conv_packed.conv3x3_weight_grad_packed(
+                    xp, dz, r0, r1, 0, 9 * c, out, wide))
         out = np.empty((9 * c, k), dtype=np.float32)
 
         def taps_job(t0, t1, _):
@@ -330,12 +326,21 @@ class CPUBackend(Backend):
         if not _register_blocked_weight_grad(self.conv_variant, c, k, w) or (
                 blocks * k >= rows and self.conv_variant in ("auto", "packed")):
             return None
-        partial = np.empty((blocks, 9 * c, k), dtype=np.float32)
+        return self._image_row_partials(
+            (n * h, w), step, blocks, (9 * c, k),
+            lambda r0, r1, out: cpu_conv.conv3x3_weight_grad_rows(x, dz, r0, r1, out))
+
+    def _image_row_partials(self, rows_shape, step, blocks, shape, kernel):
+        """A sum over the image rows of [N * H, W] pixels (``rows_shape``), one partial of
+        ``shape`` per block of ``step`` pixels (whole rows), added in block order:
+        ``kernel(row0, row1, out)`` writes one block's partial into out."""
+        image_rows, w = rows_shape
+        partial = np.empty((blocks, *shape), dtype=np.float32)
 
         def job(m0, m1, _):
-            cpu_conv.conv3x3_weight_grad_rows(x, dz, m0 // w, m1 // w, partial[m0 // step])
+            kernel(m0 // w, m1 // w, partial[m0 // step])
 
-        self.workers.run(job, rows, step, align=w)
+        self.workers.run(job, image_rows * w, step, align=w)
         return partial.sum(axis=0)
 
     def _conv2d_forward(self, x, w, b, relu):
