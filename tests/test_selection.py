@@ -182,3 +182,40 @@ def test_resuming_a_run_from_before_the_rule_rescores_its_best(tiny_data, tmp_pa
         assert first[k] == pytest.approx(original[k])
     expected = selection.select(last.history)
     assert result.best_epoch == expected and last.best_epoch == expected
+
+
+def test_val_interval_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path, monkeypatch):
+    """--val-interval 2 over 5 epochs: epochs 2, 4 and 5 are validated, 1 and 3 are not
+    (NaN columns, never kept as best, no validation pass run); the best is among the
+    validated; the weights are those of a run validating every epoch; the plot is drawn."""
+    script = iter([NOTHING, FOUND, NOTHING])
+    real = selection.validation_columns
+    calls = []
+
+    def scripted(counts, loss, soft_dice=None):
+        calls.append(1)
+        return real(next(script), loss)
+
+    monkeypatch.setattr(selection, "validation_columns", scripted)
+    _, cache = tiny_data
+    lines = []
+    result = tiny_train(cache, tmp_path / "run", epochs=5, val_interval=2, test=False,
+                        echo=lines.append)
+    assert len(calls) == 3
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    validated = [r["epoch"] for r in rows if math.isfinite(r["val_loss"])]
+    assert validated == [2, 4, 5]
+    assert math.isnan(rows[0][selection.METRIC]) and math.isnan(rows[2]["val_peak_logit"])
+    assert [r["best"] for r in rows] == [0, 1, 0, 1, 0]
+    assert result.best_epoch == 4
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_best.h5").epoch == 4
+    epoch_lines = [x for x in lines if x.startswith("epoch ")]
+    assert "validated every 2 epochs" in epoch_lines[0] and "val loss" in epoch_lines[1]
+    assert (tmp_path / "run" / "progress.png").stat().st_size > 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["config"]["val_interval"] == 2
+    monkeypatch.setattr(selection, "validation_columns", real)
+    every = tiny_train(cache, tmp_path / "every", epochs=5, test=False)
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "run" / "checkpoint_last.h5").params,
+                                  load_checkpoint(tmp_path / "every" / "checkpoint_last.h5").params)
+    assert every.config.val_interval == 1

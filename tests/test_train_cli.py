@@ -208,7 +208,8 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     from nodulekit.training import config as train_config
 
     monkeypatch.setitem(train_config.SIZE_DEFAULTS, "demo",
-                        {"epochs": 1, "width": 4, "depth": 2, "batch_size": 4})
+                        {"epochs": 1, "width": 4, "depth": 2, "batch_size": 4,
+                         "val_interval": 1})
     monkeypatch.chdir(tmp_path)
     result = _invoke("train", "--device", "cpu", "--workers", 0, "--no-progress")
     assert result.exit_code == 0, result.output

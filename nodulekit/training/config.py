@@ -70,8 +70,10 @@ RECIPES = {
 }
 DEFAULT_RECIPE = "nodulekit"
 SIZE_DEFAULTS = {
-    "real": {"epochs": 200, "batch_size": 12, "width": 64, "depth": 4},  # the paper's
-    "demo": {"epochs": 10, "batch_size": 8, "width": 8, "depth": 4},  # README, "The default run"
+    "real": {"epochs": 200, "batch_size": 12, "width": 64, "depth": 4,  # the paper's
+             "val_interval": 1},
+    "demo": {"epochs": 10, "batch_size": 8, "width": 8, "depth": 4,  # README, "The default run"
+             "val_interval": 1},
 }
 
 
@@ -122,6 +124,7 @@ class TrainOptions:
     resume: str | None = _option(on_resume=SESSION)  # a run folder to continue
     finetune_from: str | None = _option()  # a checkpoint or run folder to start from
     epochs: int | None = _option(on_resume=SESSION)
+    val_interval: int | None = _option()  # validate every N epochs (and the last)
     batch_size: int | None = _option()
     lr: float | None = _option()
     width: int | None = _option()
@@ -243,6 +246,9 @@ class TrainConfig:
     cache_identity: str = ""  # `nodulekit.data.fingerprint.cache_identity` of the cache
     eval_batch_size: int = 0  # 0: the training batch size
     test_after: bool = True  # evaluate the best model on the test split at the end
+    # validate after every N-th epoch and the last (MONAI's val_interval); the best is kept
+    # among the validated epochs. 1: every epoch (every run before the option)
+    val_interval: int = 1
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -255,6 +261,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys {unknown}")
         return cls(**d)
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) ends with validation: every `val_interval`-th
+        epoch and the run's last."""
+        return (epoch + 1) % self.val_interval == 0 or epoch + 1 == self.epochs
 
     @property
     def crop(self) -> bool:
@@ -269,6 +280,8 @@ class TrainConfig:
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.val_interval < 1:
+            problems.append(f"validation interval must be >= 1 epoch, got {self.val_interval}")
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:

@@ -417,17 +417,19 @@ class Training:
 
         t0 = time.perf_counter()
         row, speed = self.train_epoch(epoch)
-        row.update(self.validate(epoch))
-        key = selection.key(row, validated=bool(self.n_val))
+        skipped = self.n_val and not self.config.validates(epoch)  # --val-interval
+        row.update(self.validate(epoch) if not skipped else self._not_validated())
+        key = None if skipped else selection.key(row, validated=bool(self.n_val))
         row.update(seconds=time.perf_counter() - t0, **speed)
-        improved = selection.improves(key, self.best_key)
+        improved = key is not None and selection.improves(key, self.best_key)
         row["best"] = bool(improved)
         if improved:
             self.best_epoch, self.best_score, self.best_key = epoch + 1, key[0], key
         self.history.append(row)
         if self.comm.is_root:
             self.save(epoch, improved)
-        self.report(_epoch_line(row, self.config.epochs))
+        self.report(_epoch_line(row, self.config.epochs,
+                                skipped=self.config.val_interval if skipped else 0))
 
     def train_epoch(self, epoch: int) -> tuple[dict, dict]:
         """One pass over the training loader: (the row's loss columns, its speed columns)."""
@@ -500,8 +502,7 @@ class Training:
         from nodulekit.inference import peak_filter
 
         if not self.n_val:
-            return {**selection.no_validation_columns(),
-                    **dict.fromkeys(peak_filter.COLUMNS, math.nan)}
+            return self._not_validated()
         from nodulekit.evaluation.evaluate import InferSettings, component_stats, infer_split
 
         config = self.config
@@ -518,6 +519,15 @@ class Training:
                                             val.counts[:, 0] + val.counts[:, 2])
         return {**selection.validation_columns(val.counts, val.loss, val.soft_dice),
                 **calibration.columns()}
+
+    @staticmethod
+    def _not_validated() -> dict:
+        """The validation columns of an epoch that was not validated (NaN)."""
+        from nodulekit.evaluation import selection
+        from nodulekit.inference import peak_filter
+
+        return {**selection.no_validation_columns(),
+                **dict.fromkeys(peak_filter.COLUMNS, math.nan)}
 
     def _rescore_best(self) -> None:
         """Resuming a run from before the found-nodule rule, whose checkpoint_best.h5 was
@@ -685,14 +695,19 @@ class Training:
                           "sessions": sessions})
 
 
-def _epoch_line(row: dict, epochs: int) -> str:
+def _epoch_line(row: dict, epochs: int, skipped: int = 0) -> str:
+    """The epoch's line; `skipped` > 0: the --val-interval of an epoch not validated."""
     def f(v):
         return "  -   " if math.isnan(v) else f"{v:.4f}"
 
     def pct(v):
         return "  -  " if math.isnan(v) else f"{100 * v:4.0f}%"
 
-    return (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  "
+    head = f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f}  "
+    if skipped:
+        return (head + f"(validated every {skipped} epochs and the last)  "
+                f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s")
+    return (head +
             f"val loss {f(row['val_loss'])}  Dice {f(row['val_dice'])}  "
             f"IoU {f(row['val_iou'])}  global Dice {f(row['val_global_dice'])}  "
             f"nodule Dice {f(row['val_nodule_dice'])} "

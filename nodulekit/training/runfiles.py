@@ -205,16 +205,20 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_score = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
+    # validation's series over the validated epochs only (--val-interval), so lines join
+    validated = [r for r in history if math.isfinite(float(r.get("val_loss", math.nan)))]
+    val_epochs = [r["epoch"] for r in validated]
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation loss")
+    ax_loss.plot(val_epochs, [r["val_loss"] for r in validated], "s-", label="validation loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("Dice loss")
     ax_loss.set_ylim(bottom=0)
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     def col(name):
-        return [r.get(name, math.nan) for r in history]
+        return [r.get(name, math.nan) for r in validated]
 
+    epochs = val_epochs
     ax_score.plot(epochs, col("val_dice"), "o-", label="Dice, all slices")
     ax_score.plot(epochs, col("val_iou"), "s-", label="IoU, all slices")
     ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=1, color="tab:purple",
