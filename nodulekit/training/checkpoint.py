@@ -17,6 +17,12 @@ Layout (format "nodulekit-checkpoint", version 2)::
                                    (not parameters: no Adam), attrs buffer_layout (JSON, as
                                    layout) and sha256_buffers on /; a checkpoint without it
                                    (every run without batch norm, and older files) has none
+    /ema/params       float32 [P]  only with a weight average (`--weight-ema`, `nn.ema`): the
+    /ema/buffers      float32 [B]  averaged parameters (and buffers, with batch norm), the
+                                   model that was validated; sha256_ema_params (and
+                                   sha256_ema_buffers) on /. Loading a model
+                                   (`model_from_checkpoint`) takes these; /params stays the
+                                   optimiser's weights, which a resumed run continues from
 
 Randomness: the model's initialisation comes from ``config["seed"]`` and the loader's plan
 for epoch e is a function of (loader seed, e) only (`nodulekit.data.loader`), so the
@@ -44,6 +50,7 @@ only: no pickle anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -85,6 +92,9 @@ class Checkpoint:
     adam: dict | None = None  # m, v, step, lr, betas, eps
     buffers: np.ndarray | None = None  # float32 [B] (host): batch norm's running statistics
     buffer_layout: list = field(default_factory=list)  # as layout (`layout_list`)
+    # the weight average (`nn.ema`; None without one): the model validated and loaded
+    ema_params: np.ndarray | None = None  # float32 [P] (host)
+    ema_buffers: np.ndarray | None = None  # float32 [B] (host), with batch norm
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_score: float = float("-inf")
@@ -180,6 +190,7 @@ def _image(state: Checkpoint) -> io.BytesIO:
         f.create_dataset("params", data=params)
         a["sha256_params"] = _sha256(params)
         _write_buffers(f, state)
+        _write_average(f, state, params.shape)
         if adam is not None:
             g = f.create_group("adam")
             for key in ("m", "v"):
@@ -210,6 +221,24 @@ def _write_buffers(f: h5py.File, state: Checkpoint) -> None:
     f.create_dataset("buffers", data=buffers)
     f.attrs["buffer_layout"] = json.dumps(slots)
     f.attrs["sha256_buffers"] = _sha256(buffers)
+
+
+def _write_average(f: h5py.File, state: Checkpoint, shape) -> None:
+    """/ema/params (and /ema/buffers), when the run keeps a weight average."""
+    if state.ema_params is None:
+        return
+    g = f.create_group("ema")
+    arrays = [("params", state.ema_params, shape)]
+    if state.buffers is not None and np.size(state.buffers):
+        if state.ema_buffers is None:
+            raise ValueError("a weight average of a model with buffers needs ema_buffers")
+        arrays.append(("buffers", state.ema_buffers, np.shape(state.buffers)))
+    for name, value, want in arrays:
+        arr = np.ascontiguousarray(value, dtype=np.float32)
+        if arr.shape != tuple(want):
+            raise ValueError(f"averaged {name} have shape {arr.shape}, expected {tuple(want)}")
+        g.create_dataset(name, data=arr)
+        f.attrs[f"sha256_ema_{name}"] = _sha256(arr)
 
 
 def content_digest(f: h5py.File) -> str:
@@ -330,11 +359,18 @@ def _read(path: Path, f: h5py.File) -> Checkpoint:
         buffer_layout = _json_attr(path, a, "buffer_layout")
         buffers = _read_array(path, f, "buffers", _layout_total(path, buffer_layout),
                               "sha256_buffers")
+    ema_params = ema_buffers = None
+    if "ema" in f:
+        ema_params = _read_array(path, f, "ema/params", total, "sha256_ema_params")
+        if buffers is not None:
+            ema_buffers = _read_array(path, f, "ema/buffers", buffers.size, "sha256_ema_buffers")
+        if not np.isfinite(ema_params).all():
+            raise CheckpointError(path, "averaged parameters contain NaN or Inf")
     _check_digest(path, f)
     return Checkpoint(
         path=path, params=params, layout=layout, config=config, epoch=int(a["epoch"]),
         global_step=int(a["global_step"]), adam=adam, history=history, buffers=buffers,
-        buffer_layout=buffer_layout,
+        buffer_layout=buffer_layout, ema_params=ema_params, ema_buffers=ema_buffers,
         best_epoch=int(a.get("best_epoch", 0)),
         best_score=float(a.get("best_score", float("-inf"))), rng=rng,
         kind=_text(a.get("kind", "")), nodulekit_version=_text(a.get("nodulekit_version", "")),
@@ -370,7 +406,9 @@ def _check_version(path: Path, f: h5py.File) -> str:
                 "not the configuration, history and counters; a resumed run writes format 2")
     for name in (DIGEST_ATTR, "sha256_params",
                  *(("sha256_adam_m", "sha256_adam_v") if "adam" in f else ()),
-                 *(("sha256_buffers",) if "buffers" in f else ())):
+                 *(("sha256_buffers",) if "buffers" in f else ()),
+                 *(("sha256_ema_params",) if "ema" in f else ()),
+                 *(("sha256_ema_buffers",) if "ema" in f and "buffers" in f else ())):
         if name not in a:
             raise CheckpointError(path, f"attribute {name!r} is missing: incomplete checkpoint")
     return ""
@@ -401,7 +439,8 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
 
 def model_from_checkpoint(ckpt: Checkpoint, backend):
     """A UNet on `backend` with the checkpoint's architecture, parameters and buffers (a
-    checkpoint from before normalisation layers has no ``norm``: "none")."""
+    checkpoint from before normalisation layers has no ``norm``: "none"); with a weight
+    average (`nn.ema`), the averaged ones: the model that was validated."""
     from nodulekit.nn import UNet
     from nodulekit.nn.layout import NORMS, ParameterLayout
 
@@ -422,6 +461,8 @@ def model_from_checkpoint(ckpt: Checkpoint, backend):
         raise CheckpointError(ckpt.path, f"parameter layout ({stored.total} values) does not "
                                          f"match a depth-{depth} width-{width} U-Net with "
                                          f"norm {norm} ({model.layout.total} values)")
+    if ckpt.ema_params is not None:
+        ckpt = dataclasses.replace(ckpt, params=ckpt.ema_params, buffers=ckpt.ema_buffers)
     model.load_flat(ckpt.params)
     load_buffers(model, ckpt)
     return model

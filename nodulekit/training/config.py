@@ -61,12 +61,13 @@ RECIPES = {
                   "nodule_dice_weight": 1.0,
                   "head_prior": 0.01, "lr_schedule": "poly", "lr_scaling": "none",
                   "empty_fraction": 0.3, "norm": "batch", "patch": None,
-                  "foreground_fraction": 0.5, "context_slices": 0},
+                  "foreground_fraction": 0.5, "context_slices": 0, "weight_ema": 0.0},
     "paper": {"lr": 1e-4, "smooth": 1.0, "dice": "sample", "bce_weight": 0.0,
               "nodule_dice_weight": 0.0,
               "head_prior": 0.5, "lr_schedule": "constant", "lr_scaling": "none",
               "empty_fraction": 0.0, "norm": "none", "patch": None,
-              "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0},
+              "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0,
+              "weight_ema": 0.0},
 }
 DEFAULT_RECIPE = "nodulekit"
 SIZE_DEFAULTS = {
@@ -145,6 +146,7 @@ class TrainOptions:
     patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
     foreground_fraction: float | None = _option()  # crops placed on a nodule (default 1/3)
     context_slices: int | None = _option()  # K slices below and above as input channels
+    weight_ema: float | None = _option()  # decay of the weight average (nn.ema); 0: none
     # a data-set folder's pixels resampled in-plane to this (mm) when preprocessed
     spacing: float | None = _option()
     device: str = _option("auto", on_resume=SESSION)
@@ -249,6 +251,9 @@ class TrainConfig:
     # validate after every N-th epoch and the last (MONAI's val_interval); the best is kept
     # among the validated epochs. 1: every epoch (every run before the option)
     val_interval: int = 1
+    # > 0: validate, keep and load an exponential moving average of the weights with this
+    # decay per step (`nn.ema`); 0: the weights themselves (every run before it)
+    weight_ema: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -311,6 +316,8 @@ class TrainConfig:
             problems.append(f"BCE weight must be >= 0, got {self.bce_weight}")
         if not self.nodule_dice_weight >= 0:
             problems.append(f"nodule Dice weight must be >= 0, got {self.nodule_dice_weight}")
+        if not 0.0 <= self.weight_ema < 1.0:
+            problems.append(f"weight EMA decay must be in [0, 1), got {self.weight_ema}")
         if not self.smooth >= 0:
             problems.append(f"smooth must be >= 0, got {self.smooth}")
         if not 0.0 < self.head_prior < 1.0:

@@ -47,6 +47,7 @@ Only rank 0 prints and writes the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,7 +172,8 @@ def _without_arrays(ckpt):
         return None
     adam = None if ckpt.adam is None else {k: v for k, v in ckpt.adam.items()
                                           if k not in ("m", "v")}
-    return dataclasses.replace(ckpt, params=None, adam=adam, buffers=None)
+    return dataclasses.replace(ckpt, params=None, adam=adam, buffers=None, ema_params=None,
+                               ema_buffers=None)
 
 
 class _Buffered:
@@ -215,6 +217,7 @@ class Training:
             if ckpt is not None:
                 self.dist.bcast(self.optimizer.m)
                 self.dist.bcast(self.optimizer.v)
+        self.ema = self._weight_average(ckpt)
         self.resumed_from = ckpt.epoch if ckpt is not None else None
         self.saved_epoch = self.epoch  # what checkpoint_last.h5 holds
         self.fault = distributed.fault_hook(comm)
@@ -268,6 +271,27 @@ class Training:
                          nodule_dice_weight=config.nodule_dice_weight,
                          lr_scale=scale, comm=self.dist, dice=config.dice)
         return optimizer, step
+
+    def _weight_average(self, ckpt):
+        """The weight average (`nn.ema`) when the run keeps one: a copy of the (broadcast)
+        weights, or on resume the checkpoint's (rank 0 reads it, the others get it)."""
+        if not self.config.weight_ema:
+            return None
+        from nodulekit.nn.ema import WeightEMA
+
+        ema = WeightEMA(self.backend, self.model, self.config.weight_ema)
+        if ckpt is None:
+            return ema
+        if ckpt.params is not None:
+            if ckpt.ema_params is None:
+                raise ValueError(f"{ckpt.path}: the run keeps a weight average (weight_ema "
+                                 f"{self.config.weight_ema}) but this checkpoint has none")
+            ema.load(ckpt.ema_params, ckpt.ema_buffers)
+        if self.dist is not None:
+            self.dist.bcast(ema.params)
+            if ema.buffers.size:
+                self.dist.bcast(ema.buffers)
+        return ema
 
     def _continue_from(self, ckpt) -> None:
         if ckpt.params is not None:
@@ -358,6 +382,12 @@ class Training:
                     f"{self.model.num_parameters:,} parameters; Adam lr {config.lr:g}{scaled}; "
                     f"Dice loss ({dice}, smoothing {config.smooth:g}){bce}; "
                     f"{config.epochs} epochs; seed {config.seed}")
+        if config.weight_ema or config.val_interval > 1:
+            kept = (f"the weights' moving average (decay {config.weight_ema:g}) is validated and "
+                    "kept" if config.weight_ema else "")
+            every = (f"validation after every {config.val_interval} epochs and the last"
+                     if config.val_interval > 1 else "")
+            self.report("; ".join(x for x in (every, kept) if x))
         if self.n_val == 0:
             self.report("warning: no validation slices; the last epoch counts as the best")
 
@@ -471,6 +501,8 @@ class Training:
         self.optimizer.lr = scheduled_lr(config.lr, config.lr_schedule, self.global_step,
                                          config.epochs * len(self.loader))
         losses = self.step(image, target)
+        if self.ema is not None:
+            self.ema.update(self.model, self.optimizer.step_count)
         loss, bce, nodule = (float(be.to_host(v))
                              for v in (losses.dice, losses.bce, losses.nodule))
         if self.dist is not None:  # the global batch's mean: every rank the same
@@ -511,9 +543,11 @@ class Training:
                                  workers=config.workers, queue=config.queue,
                                  window=(config.window_center, config.window_width),
                                  smooth=config.smooth)
-        val = infer_split(model or self.model, self.cache, "val", settings,
-                          progress=self.progress, desc=desc or f"validate {epoch + 1}",
-                          comm=self.dist, predictions=True)
+        averaged = self.ema is not None and model is None
+        with self.ema.applied(self.model) if averaged else contextlib.nullcontext():
+            val = infer_split(model or self.model, self.cache, "val", settings,
+                              progress=self.progress, desc=desc or f"validate {epoch + 1}",
+                              comm=self.dist, predictions=True)
         # the peak filter this epoch's model gets (`nodulekit.inference.peak_filter`)
         calibration = peak_filter.calibrate(component_stats(val, config.image_shape),
                                             val.counts[:, 0] + val.counts[:, 2])
@@ -613,6 +647,7 @@ class Training:
                            buffers=self.backend.to_host(self.model.buffers),
                            buffer_layout=self.model.buffer_layout,
                            global_step=self.global_step, adam=self.optimizer.state(),
+                           **self._average_arrays(),
                            history=self.history, best_epoch=self.best_epoch,
                            best_score=self.best_score,
                            rng={"model_seed": config.seed, "loader_seed": config.seed,
@@ -627,6 +662,14 @@ class Training:
         plot_progress(self.run_dir / "progress.png", self.history,
                       title=f"U-Net depth {config.depth} width {config.width}, "
                             f"{Path(config.cache).name}")
+
+    def _average_arrays(self) -> dict:
+        """The checkpoint's weight-average fields (host copies; none without one)."""
+        if self.ema is None:
+            return {}
+        be = self.backend
+        return {"ema_params": be.to_host(self.ema.params).copy(),
+                "ema_buffers": be.to_host(self.ema.buffers).copy()}
 
     def test(self, result: TrainResult, t_start: float) -> None:
         """The best model on the test split, into result.test (every rank takes part)."""

@@ -76,7 +76,7 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     config = TrainConfig(
         data="demo" if kind == "demo" else str(Path(options.data).absolute()), data_kind=kind,
         cache=str(cache), out=str(out), epochs=int(o["epochs"]),
-        val_interval=int(o["val_interval"]),
+        val_interval=int(o["val_interval"]), weight_ema=float(o["weight_ema"]),
         batch_size=int(o["batch_size"]), lr=float(o["lr"]), width=int(o["width"]),
         depth=int(o["depth"]), image_shape=image_shape, cache_shape=cache_shape,
         device=options.device, backend=backend, precision=o["precision"] or "fp32",
