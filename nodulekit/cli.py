@@ -329,10 +329,10 @@ def _patch_value(ctx, param, value):
 @main.command()
 @click.argument("data", required=False, type=click.Path(exists=True))
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Epochs in all (paper: 200; demo: 10); with --resume, more than done.")
+              help="Epochs in all (paper: 200; demo: 20); with --resume, more than done.")
 @click.option("--val-interval", type=click.IntRange(min=1), default=None, metavar="N",
               help="Validate after every N-th epoch and the last (MONAI's val_interval); the "
-                   "best model is kept among the validated epochs  [default: 1]")
+                   "best model is kept among the validated epochs  [default: 1; demo: 2]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Slices per step (paper: 12).")
 @click.option("--lr", type=float, default=None,
