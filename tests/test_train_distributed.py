@@ -149,11 +149,12 @@ def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):
     run = tmp_path / "ranks"
     proc = subprocess.run([_mpiexec(), "-n", "2", *_train_cmd(cache, run, "--epochs", "2",
                                                                 "--no-test", "--norm",
-                                                                "batch")],
+                                                                "batch", "--weight-ema",
+                                                                "0.9")],
                           capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data-parallel: 2 ranks over MPI" in proc.stdout and "batch norm" in proc.stdout
-    tiny_train(cache, tmp_path / "single", epochs=2, test=False, norm="batch")
+    tiny_train(cache, tmp_path / "single", epochs=2, test=False, norm="batch", weight_ema=0.9)
     _same_training(tmp_path / "single", run)
     a = load_checkpoint(tmp_path / "single" / "checkpoint_last.h5")
     b = load_checkpoint(run / "checkpoint_last.h5")
@@ -165,6 +166,11 @@ def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):
     assert np.abs(a.buffers - initial).max() > 0.01, "the running statistics never moved"
     diff = np.linalg.norm(a.buffers.astype(np.float64) - b.buffers) / np.linalg.norm(a.buffers)
     assert diff < MOMENTS_RTOL, f"running statistics differ by {diff:.2e} (relative)"
+    # the weight average (--weight-ema): each rank folds in the same weights
+    for name in ("ema_params", "ema_buffers"):
+        x, y = getattr(a, name), getattr(b, name)
+        diff = np.linalg.norm(x.astype(np.float64) - y) / np.linalg.norm(x)
+        assert diff < WEIGHTS_RTOL, f"{name} differ by {diff:.2e} (relative)"
 
 
 @needs_mpi
@@ -193,15 +199,19 @@ def test_resume_on_two_ranks(tiny_data, tmp_path):
     weights and Adam's moments; it ends as one process would have."""
     _, cache = tiny_data
     run = tmp_path / "resumed"
-    tiny_train(cache, run, epochs=1, test=False)
+    tiny_train(cache, run, epochs=1, test=False, weight_ema=0.9)  # its average broadcast too
     proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "nodulekit.cli",
                            "train", "--resume", str(run), "--epochs", "2", "--device", "cpu",
                            "--workers", "0", "--no-progress"],
                           capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "data-parallel: 2 ranks" in proc.stdout
-    tiny_train(cache, tmp_path / "single", epochs=2, test=False)
+    tiny_train(cache, tmp_path / "single", epochs=2, test=False, weight_ema=0.9)
     _same_training(tmp_path / "single", run)
+    a, b = (load_checkpoint(r / "checkpoint_last.h5") for r in (tmp_path / "single", run))
+    diff = np.linalg.norm(a.ema_params.astype(np.float64) - b.ema_params) / np.linalg.norm(
+        a.ema_params)
+    assert diff < WEIGHTS_RTOL, f"the weight average differs by {diff:.2e} (relative)"
 
 
 @needs_mpi
