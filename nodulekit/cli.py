@@ -385,6 +385,10 @@ def _patch_value(ctx, param, value):
               help="Add this x a Dice per nodule of the truth (averaged over the batch's "
                    "nodules), so a 4 mm nodule weighs what a 30 mm one does  [default: "
                    "nodulekit: 1; paper: 0]")
+@click.option("--nodule-bce-weight", type=click.FloatRange(min=0), default=None,
+              help="Add this x a BCE per nodule of the truth (the mean -log p over its "
+                   "pixels, averaged over the batch's nodules): a push towards each missed "
+                   "nodule that does not fade as p -> 0  [default: 0]")
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
               help="The defaults of --lr --lr-schedule --smooth --dice --head-prior --bce-weight "
                    "--nodule-dice-weight --lr-scaling --empty-fraction --norm "

@@ -6,6 +6,7 @@ from nodulekit.nn.loss import (
     add_bce,
     batch_dice_loss,
     dice_loss,
+    nodule_bce_loss,
     nodule_dice_loss,
 )
 from nodulekit.nn.optim import LR_SCALINGS, LR_SCHEDULES, Adam, lr_scale, scheduled_lr
@@ -14,4 +15,4 @@ from nodulekit.nn.unet import UNet
 
 __all__ = ["UNet", "Adam", "TrainStep", "StepLosses", "dice_loss", "batch_dice_loss",
            "DICE_MODES", "add_bce", "lr_scale", "LR_SCALINGS", "LR_SCHEDULES", "scheduled_lr",
-           "window_input", "center_crop", "nodule_dice_loss"]
+           "window_input", "center_crop", "nodule_dice_loss", "nodule_bce_loss"]

@@ -142,3 +142,42 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     slope = _sigmoid_slope(xp, logits).reshape(n, -1)
     dlogits = (coefficient.astype(logits.dtype) * slope).reshape(logits.shape)
     return loss, dlogits
+
+
+def nodule_bce_loss(backend, logits, target, comm=None):
+    """(loss, dlogits or None): the BCE of each nodule of the truth over its own pixels,
+    averaged, then averaged over the batch's nodules.
+
+    Nodule c (as in `nodule_dice_loss`), G_c pixels: L_c = (1 / G_c) sum_{x in c}
+    softplus(-z_x) = mean -log p over c. loss = mean_c L_c over the K nodules of the batch
+    (of every rank); d loss / d z_x = -(1 - p_x) / (K G_c) on c's pixels, 0 elsewhere. Why:
+    each nodule gets a push of total size 1 / K towards being found, which a Dice does not
+    give once the net is sure a small nodule is background (the Dice's gradient carries
+    p (1 - p), ~0.02 at p = 0.02). Nothing here pushes down: false positives are the other
+    terms' business. comm and the rank factor as in `nodule_dice_loss`.
+    """
+    xp = backend.xp
+    labels_host, sample_of = label_slices(backend.to_host(target)[..., 0])
+    count = np.array([len(sample_of)], np.float64)
+    ranks = 1
+    if comm is not None:
+        total = xp.asarray(count)
+        comm.allreduce_sum(total)
+        count = backend.to_host(total)
+        ranks = int(comm.size)
+    k_all = float(count[0])
+    if not sample_of.size:
+        return 0.0, None
+    k = len(sample_of)
+    labels = xp.asarray(labels_host.reshape(-1))
+    z = logits.reshape(-1)
+    g = xp.asarray(np.bincount(labels_host.ravel(), minlength=k + 1).astype(np.float64))
+    g[0] = 1.0  # the background's slot: never used below
+    per_label = xp.bincount(labels, weights=xp.logaddexp(0.0, -z, dtype=xp.float64),
+                            minlength=k + 1)
+    loss = ranks * (per_label[1:] / g[1:]).sum() / k_all
+    scale = xp.where(labels > 0, (ranks / k_all) / g[labels], 0.0).astype(logits.dtype)
+    e = xp.exp(-xp.abs(z))
+    q = xp.where(z >= 0, e, 1.0) / (1.0 + e)  # 1 - p, exact in the tails (no 1 - 0.9999)
+    dlogits = (-scale * q).reshape(logits.shape)
+    return loss, dlogits

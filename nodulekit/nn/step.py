@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodulekit.nn.loss import DICE_MODES, add_bce, batch_dice_loss, nodule_dice_loss
+from nodulekit.nn.loss import (
+    DICE_MODES,
+    add_bce,
+    batch_dice_loss,
+    nodule_bce_loss,
+    nodule_dice_loss,
+)
 from nodulekit.nn.optim import Adam
 from nodulekit.nn.unet import UNet
 
@@ -48,13 +54,14 @@ class TrainStep:
 
     def __init__(self, model: UNet, optimizer: Adam, *, smooth: float = 1.0,
                  bce_weight: float = 0.0, lr_scale=None, comm=None, dice: str = "sample",
-                 nodule_dice_weight: float = 0.0):
+                 nodule_dice_weight: float = 0.0, nodule_bce_weight: float = 0.0):
         if dice not in DICE_MODES:
             raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         self.model, self.optimizer = model, optimizer
         self.dice = dice
         self.smooth, self.bce_weight = float(smooth), float(bce_weight)
         self.nodule_dice_weight = float(nodule_dice_weight)
+        self.nodule_bce_weight = float(nodule_bce_weight)
         self.lr_scale, self.comm = lr_scale, comm
 
     def __call__(self, image, target) -> StepLosses:
@@ -73,6 +80,11 @@ class TrainStep:
                 dlogits += extra * dlogits.dtype.type(self.nodule_dice_weight)
         bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
                if self.bce_weight else 0.0)
+        if self.nodule_bce_weight:
+            value, extra = nodule_bce_loss(model.backend, logits, target, self.comm)
+            if extra is not None:
+                dlogits += extra * dlogits.dtype.type(self.nodule_bce_weight)
+                bce = bce + self.nodule_bce_weight * value
         model.backward(dlogits)
         if self.comm is not None:
             self.comm.allreduce_mean(model.grads)

@@ -58,12 +58,12 @@ FOREGROUND_FRACTION = 1.0 / 3.0  # nnU-Net's: crops placed on a nodule (loader's
 # each reached.
 RECIPES = {
     "nodulekit": {"lr": 1e-3, "smooth": 1.0, "dice": "batch", "bce_weight": 1e-4,
-                  "nodule_dice_weight": 1.0,
+                  "nodule_dice_weight": 1.0, "nodule_bce_weight": 0.0,
                   "head_prior": 0.01, "lr_schedule": "poly", "lr_scaling": "none",
                   "empty_fraction": 0.3, "norm": "batch", "patch": None,
                   "foreground_fraction": 0.5, "context_slices": 0, "weight_ema": 0.0},
     "paper": {"lr": 1e-4, "smooth": 1.0, "dice": "sample", "bce_weight": 0.0,
-              "nodule_dice_weight": 0.0,
+              "nodule_dice_weight": 0.0, "nodule_bce_weight": 0.0,
               "head_prior": 0.5, "lr_schedule": "constant", "lr_scaling": "none",
               "empty_fraction": 0.0, "norm": "none", "patch": None,
               "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0,
@@ -142,6 +142,7 @@ class TrainOptions:
     lr_scaling: str | None = _option()
     bce_weight: float | None = _option()
     nodule_dice_weight: float | None = _option()  # the per-nodule Dice term's weight
+    nodule_bce_weight: float | None = _option()  # the per-nodule BCE term's weight
     norm: str | None = _option()  # "none" | "instance" | "batch" after every 3x3 convolution
     recipe: str | None = _option()  # RECIPES' name: the defaults of the options above
     patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
@@ -243,6 +244,7 @@ class TrainConfig:
     lr_scaling: str = "none"  # "none" (the paper's Adam) or "fan_in" (see lr_scale)
     bce_weight: float = 0.0  # > 0: add this x per-sample summed BCE to the Dice loss
     nodule_dice_weight: float = 0.0  # > 0: add this x the per-nodule Dice loss (nn.loss)
+    nodule_bce_weight: float = 0.0  # > 0: add this x the per-nodule BCE (nn.loss)
     norm: str = "none"  # the U-Net's normalisation layers (a run from before them: none)
     recipe: str = ""  # the RECIPES entry the unset options came from ("": a run before them)
     selection_metric: str = SELECTION_METRIC
@@ -317,6 +319,8 @@ class TrainConfig:
             problems.append(f"BCE weight must be >= 0, got {self.bce_weight}")
         if not self.nodule_dice_weight >= 0:
             problems.append(f"nodule Dice weight must be >= 0, got {self.nodule_dice_weight}")
+        if not self.nodule_bce_weight >= 0:
+            problems.append(f"nodule BCE weight must be >= 0, got {self.nodule_bce_weight}")
         if not 0.0 <= self.weight_ema < 1.0:
             problems.append(f"weight EMA decay must be in [0, 1), got {self.weight_ema}")
         if not self.smooth >= 0:

@@ -269,6 +269,7 @@ class Training:
             scale = be.asarray(scale, dtype=be.dtype)
         step = TrainStep(model, optimizer, smooth=config.smooth, bce_weight=config.bce_weight,
                          nodule_dice_weight=config.nodule_dice_weight,
+                         nodule_bce_weight=config.nodule_bce_weight,
                          lr_scale=scale, comm=self.dist, dice=config.dice)
         return optimizer, step
 
@@ -374,6 +375,8 @@ class Training:
         bce = f" + {config.bce_weight:g} x BCE" if config.bce_weight else ""
         if config.nodule_dice_weight:
             bce += f" + {config.nodule_dice_weight:g} x Dice per nodule"
+        if config.nodule_bce_weight:
+            bce += f" + {config.nodule_bce_weight:g} x BCE per nodule"
         arch = f", {config.norm} norm" if config.norm != "none" else ""
         if config.head_prior != 0.5:
             arch += f", output prior {config.head_prior:g}"
