@@ -745,11 +745,6 @@ def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, dat
 @click.option("--allow-non-ct", is_flag=True, help="Also read slices whose Modality is not CT.")
 @click.option("--split-seed", default=0, show_default=True,
               help="Seed of the 80/10/10 patient split (all layouts but unitochest).")
-@click.option("--weight-ema", type=click.FloatRange(0, 1, max_open=True), default=None,
-              metavar="D",
-              help="Validate, keep and load an exponential moving average of the weights, "
-                   "decay D per step (e.g. 0.99: about the last 100 steps); 0: the weights "
-                   "themselves  [default: 0]")
 @click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MM", help="Resample every slice in-plane to MM x MM pixels (image "
                                  "linear, mask nearest) and pad / crop to one size "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from backends import ALL_BACKENDS, each_backend, to_device
+from test_nodule_dice import _inputs, _SummedRanks  # the same nodules, the same two ranks
 
 from nodulekit.data.nodules import label_slices
 from nodulekit.engine import get_backend
@@ -14,18 +15,6 @@ from nodulekit.nn import nodule_bce_loss, nodule_dice_loss
 
 # float32 logits and gradient, float64 sums (as the per-nodule Dice)
 RTOL_GRAD, ATOL_GRAD = 1e-5, 1e-10
-
-
-def _inputs(seed=0, shape=(3, 11, 13, 1), scale=4.0):
-    """Logits, and a target with nodules of 1 to 13 pixels (one sample without any)."""
-    rng = np.random.default_rng(seed)
-    z = (rng.standard_normal(shape) * scale).astype(np.float32)
-    t = np.zeros(shape, np.uint8)
-    t[0, 1:4, 1:5] = 1
-    t[0, 4, 5] = 1  # joins the block at a corner (8-connected): 13 pixels
-    t[0, 8:10, 9:11] = 1
-    t[2, 6, 6] = 1
-    return z, t
 
 
 def _torch_reference(z, t):
@@ -69,18 +58,6 @@ def test_the_push_on_a_missed_small_nodule_does_not_fade():
     assert -bce_grad[small].mean() > 500 * -dice_grad[small].mean() > 0
     none, nothing = nodule_bce_loss(be, z, np.zeros_like(t))
     assert none == 0.0 and nothing is None
-
-
-class _SummedRanks:
-    size = 2
-
-    def __init__(self, total=None):
-        self.total, self.parts = total, []
-
-    def allreduce_sum(self, buf):
-        self.parts.append(buf.copy())
-        if self.total is not None:
-            buf[...] = self.total
 
 
 def test_nodule_bce_over_ranks_is_the_whole_batch():

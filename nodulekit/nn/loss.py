@@ -90,6 +90,20 @@ def add_bce(backend, logits, target, dlogits, weight: float):
                            - (t * logits).sum(dtype=xp.float64))
 
 
+def _batch_nodules(backend, target, comm):
+    """(labels int32 [N, H, W] on the host, sample of each label, K: the nodule count over
+    every rank, the rank count) of a batch's target; the per-nodule terms' common start."""
+    labels, sample_of = label_slices(backend.to_host(target)[..., 0])
+    count = np.array([len(sample_of)], np.float64)
+    ranks = 1
+    if comm is not None:  # every rank calls this, with or without nodules of its own
+        total = backend.xp.asarray(count)
+        comm.allreduce_sum(total)
+        count = backend.to_host(total)
+        ranks = int(comm.size)
+    return labels, sample_of, float(count[0]), ranks
+
+
 def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     """(loss, dlogits or None): sigmoid + one soft Dice per nodule of the truth, averaged.
 
@@ -109,15 +123,7 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     host's copy of the target (a few kB a step), where scipy finds the components.
     """
     xp = backend.xp
-    labels_host, sample_of = label_slices(backend.to_host(target)[..., 0])
-    count = np.array([len(sample_of)], np.float64)
-    ranks = 1
-    if comm is not None:
-        total = xp.asarray(count)
-        comm.allreduce_sum(total)
-        count = backend.to_host(total)
-        ranks = int(comm.size)
-    k_all = float(count[0])
+    labels_host, sample_of, k_all, ranks = _batch_nodules(backend, target, comm)
     if not sample_of.size:  # nothing here; other ranks' nodules need no gradient from us
         return 0.0, None
     n = logits.shape[0]
@@ -157,15 +163,7 @@ def nodule_bce_loss(backend, logits, target, comm=None):
     terms' business. comm and the rank factor as in `nodule_dice_loss`.
     """
     xp = backend.xp
-    labels_host, sample_of = label_slices(backend.to_host(target)[..., 0])
-    count = np.array([len(sample_of)], np.float64)
-    ranks = 1
-    if comm is not None:
-        total = xp.asarray(count)
-        comm.allreduce_sum(total)
-        count = backend.to_host(total)
-        ranks = int(comm.size)
-    k_all = float(count[0])
+    labels_host, sample_of, k_all, ranks = _batch_nodules(backend, target, comm)
     if not sample_of.size:
         return 0.0, None
     k = len(sample_of)
