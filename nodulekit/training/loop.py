@@ -9,7 +9,9 @@ The loop, as `Training.run` reads:
                       (`window_augment`) and takes one `nn.TrainStep`
         validate      the whole validation split, whole slices, no augmentation: validation
                       loss, mean per-slice Dice and IoU, global Dice, the nodule-slice mean
-                      Dice and the empty-slice false-positive rate
+                      Dice and the empty-slice false-positive rate (after every
+                      `val_interval`-th epoch and the last; of the weights' moving average
+                      with `weight_ema`, `nn.ema`)
         save          checkpoint_best.h5 when the validation nodule-slice mean Dice improved
                       (`nodulekit.evaluation.selection`: a model predicting nothing scores 0),
                       checkpoint_last.h5, metrics.csv, progress.png
