@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from backends import ALL_BACKENDS, each_backend, to_device
-from test_nodule_dice import _inputs, _SummedRanks  # the same nodules, the same two ranks
+from test_nodule_dice import _inputs, _SummedRanks, step_grads  # same nodules, ranks, step
 
 from nodulekit.data.nodules import label_slices
 from nodulekit.engine import get_backend
@@ -79,18 +79,8 @@ def test_nodule_bce_over_ranks_is_the_whole_batch():
 def test_train_step_adds_the_weighted_term():
     """The step's gradient gains weight x the term's; its weighted value joins the BCE
     column; weight 0 leaves the step as it was."""
-    from nodulekit.nn import Adam, TrainStep, UNet
-
-    be = get_backend("cpu")
-    z, t = _inputs(4, (3, 16, 16, 1))
-    image = z[..., :1] / 4.0
-
     def grads(weight):
-        model = UNet(be, depth=1, width=2, seed=0)
-        step = TrainStep(model, Adam(be, model.params, model.grads, lr=0.0), dice="batch",
-                         nodule_bce_weight=weight)
-        losses = step(image, t)
-        return model.grads.copy(), losses
+        return step_grads(nodule_bce_weight=weight)
 
     plain, plain_losses = grads(0.0)
     one, one_losses = grads(1.0)
@@ -100,3 +90,17 @@ def test_train_step_adds_the_weighted_term():
     np.testing.assert_allclose(three - plain, 3 * (one - plain), rtol=1e-3,
                                atol=1e-6 * np.abs(one - plain).max())
     assert np.abs(one - plain).max() > 1e-4 * np.abs(plain).max()
+
+
+def test_both_per_nodule_terms_in_one_step_add_up():
+    """With both per-nodule terms on (their nodules labelled once, `nn.loss.batch_nodules`),
+    the step's gradient is the plain one plus each term's share, and its BCE column holds
+    the per-nodule BCE's weighted value."""
+    plain, _ = step_grads()
+    dice, dice_losses = step_grads(nodule_dice_weight=1.0)
+    bce, bce_losses = step_grads(nodule_bce_weight=0.5)
+    both, both_losses = step_grads(nodule_dice_weight=1.0, nodule_bce_weight=0.5)
+    np.testing.assert_allclose(both - plain, (dice - plain) + (bce - plain), rtol=1e-3,
+                               atol=1e-6 * np.abs(both - plain).max())
+    assert float(both_losses.nodule) == float(dice_losses.nodule) > 0
+    assert float(both_losses.bce) == float(bce_losses.bce) > 0

@@ -141,21 +141,26 @@ def test_nodule_dice_over_ranks_is_the_whole_batch():
     np.testing.assert_allclose(averaged, grad, rtol=1e-6, atol=1e-12)
 
 
-def test_train_step_adds_the_weighted_term():
-    """The step's gradient is the batch Dice's plus weight x the per-nodule Dice's, and it
-    reports the term's (unweighted) value; weight 0 leaves the step as it was."""
+def step_grads(**weights):
+    """(gradient, losses) of one training step of a tiny U-Net (batch Dice) on fixed inputs
+    with nodules, with the step's per-nodule weights as given (the two per-nodule terms'
+    step tests share it)."""
     from nodulekit.nn import Adam, TrainStep, UNet
 
     be = get_backend("cpu")
     z, t = _inputs(4, (3, 16, 16, 1))
-    image = z[..., :1] / 4.0
+    model = UNet(be, depth=1, width=2, seed=0)
+    step = TrainStep(model, Adam(be, model.params, model.grads, lr=0.0), dice="batch",
+                     **weights)
+    losses = step(z[..., :1] / 4.0, t)
+    return model.grads.copy(), losses
 
+
+def test_train_step_adds_the_weighted_term():
+    """The step's gradient is the batch Dice's plus weight x the per-nodule Dice's, and it
+    reports the term's (unweighted) value; weight 0 leaves the step as it was."""
     def grads(weight):
-        model = UNet(be, depth=1, width=2, seed=0)
-        step = TrainStep(model, Adam(be, model.params, model.grads, lr=0.0), dice="batch",
-                         nodule_dice_weight=weight)
-        losses = step(image, t)
-        return model.grads.copy(), losses
+        return step_grads(nodule_dice_weight=weight)
 
     plain, plain_losses = grads(0.0)
     one, one_losses = grads(1.0)

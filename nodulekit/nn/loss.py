@@ -90,9 +90,10 @@ def add_bce(backend, logits, target, dlogits, weight: float):
                            - (t * logits).sum(dtype=xp.float64))
 
 
-def _batch_nodules(backend, target, comm):
+def batch_nodules(backend, target, comm=None):
     """(labels int32 [N, H, W] on the host, sample of each label, K: the nodule count over
-    every rank, the rank count) of a batch's target; the per-nodule terms' common start."""
+    every rank, the rank count) of a batch's target: what both per-nodule terms start from
+    (the step finds it once and hands it to both, `nodules=`)."""
     labels, sample_of = label_slices(backend.to_host(target)[..., 0])
     count = np.array([len(sample_of)], np.float64)
     ranks = 1
@@ -104,7 +105,7 @@ def _batch_nodules(backend, target, comm):
     return labels, sample_of, float(count[0]), ranks
 
 
-def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
+def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None, nodules=None):
     """(loss, dlogits or None): sigmoid + one soft Dice per nodule of the truth, averaged.
 
     Nodule c of sample i (an 8-connected component of its mask, `data.nodules.label_slices`):
@@ -120,10 +121,11 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     data-parallel ranks (``allreduce_sum``, ``size``): K is summed over them and each rank's
     gradient multiplied by the rank count, as in `batch_dice_loss`; so is its loss (its
     nodules' share), whose mean over the ranks is then the batch's. The labels come from the
-    host's copy of the target (a few kB a step), where scipy finds the components.
+    host's copy of the target (a few kB a step), where scipy finds the components;
+    ``nodules``: `batch_nodules` of this target, when the caller has it already.
     """
     xp = backend.xp
-    labels_host, sample_of, k_all, ranks = _batch_nodules(backend, target, comm)
+    labels_host, sample_of, k_all, ranks = nodules or batch_nodules(backend, target, comm)
     if not sample_of.size:  # nothing here; other ranks' nodules need no gradient from us
         return 0.0, None
     n = logits.shape[0]
@@ -150,7 +152,7 @@ def nodule_dice_loss(backend, logits, target, smooth: float = 1.0, comm=None):
     return loss, dlogits
 
 
-def nodule_bce_loss(backend, logits, target, comm=None):
+def nodule_bce_loss(backend, logits, target, comm=None, nodules=None):
     """(loss, dlogits or None): the BCE of each nodule of the truth over its own pixels,
     averaged, then averaged over the batch's nodules.
 
@@ -160,10 +162,10 @@ def nodule_bce_loss(backend, logits, target, comm=None):
     each nodule gets a push of total size 1 / K towards being found, which a Dice does not
     give once the net is sure a small nodule is background (the Dice's gradient carries
     p (1 - p), ~0.02 at p = 0.02). Nothing here pushes down: false positives are the other
-    terms' business. comm and the rank factor as in `nodule_dice_loss`.
+    terms' business. comm, nodules and the rank factor as in `nodule_dice_loss`.
     """
     xp = backend.xp
-    labels_host, sample_of, k_all, ranks = _batch_nodules(backend, target, comm)
+    labels_host, sample_of, k_all, ranks = nodules or batch_nodules(backend, target, comm)
     if not sample_of.size:
         return 0.0, None
     k = len(sample_of)

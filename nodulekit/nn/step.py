@@ -4,7 +4,8 @@
     loss, dlogits = sigmoid + Dice (+ bce_weight x BCE)                per sample: one fused
                                                                        engine op; or over the
                                                                        batch (`nn.loss`)
-                    (+ nodule_dice_weight x Dice per nodule)           `nn.loss`
+                    (+ nodule_dice_weight x Dice per nodule            `nn.loss`; the
+                     + nodule_bce_weight x BCE per nodule)             nodules found once
     model.backward(dlogits)                                            grads in one flat buffer
     comm.allreduce_mean(grads)                                         data-parallel only
     Adam on the flat buffer, each entry's step times lr_scale          one engine call
@@ -24,6 +25,7 @@ from nodulekit.nn.loss import (
     DICE_MODES,
     add_bce,
     batch_dice_loss,
+    batch_nodules,
     nodule_bce_loss,
     nodule_dice_loss,
 )
@@ -37,7 +39,8 @@ class StepLosses:
     that reading them (a device-to-host copy) is the caller's choice."""
 
     dice: object  # mean_i (1 - dice_i), or the batch's 1 - Dice (dice="batch")
-    bce: object  # bce_weight x mean_i sum_pixels BCE, or 0.0 without the term
+    bce: object  # bce_weight x mean_i sum_pixels BCE (+ nodule_bce_weight x the per-nodule
+    # BCE), or 0.0 without either term
     nodule: object = 0.0  # mean over the batch's nodules of 1 - their Dice (unweighted), or 0.0
 
 
@@ -46,8 +49,9 @@ class TrainStep:
 
     smooth: the Dice loss's s. dice: "sample" (mean of per-sample Dice losses, the paper's)
     or "batch" (one Dice over the batch's pixels, `nn.loss.batch_dice_loss`). bce_weight:
-    > 0 adds that much BCE (`nn.loss.add_bce`). nodule_dice_weight: > 0 adds that much of
-    the per-nodule Dice loss (`nn.loss.nodule_dice_loss`).
+    > 0 adds that much BCE (`nn.loss.add_bce`). nodule_dice_weight, nodule_bce_weight: > 0
+    add that much of the per-nodule Dice (`nn.loss.nodule_dice_loss`) or BCE
+    (`nn.loss.nodule_bce_loss`); the batch's nodules are labelled once for both.
     lr_scale: None, or a backend float32 array [P] of per-parameter learning-rate factors
     (`nn.optim.lr_scale`). comm: None (one process) or a communicator.
     """
@@ -73,15 +77,17 @@ class TrainStep:
         else:
             loss, _, dlogits = model.backend.sigmoid_dice_loss(logits, target, self.smooth)
         nodule = 0.0
+        nodules = (batch_nodules(model.backend, target, self.comm)
+                   if self.nodule_dice_weight or self.nodule_bce_weight else None)
         if self.nodule_dice_weight:
             nodule, extra = nodule_dice_loss(model.backend, logits, target, self.smooth,
-                                             self.comm)
+                                             self.comm, nodules)
             if extra is not None:
                 dlogits += extra * dlogits.dtype.type(self.nodule_dice_weight)
         bce = (add_bce(model.backend, logits, target, dlogits, self.bce_weight)
                if self.bce_weight else 0.0)
         if self.nodule_bce_weight:
-            value, extra = nodule_bce_loss(model.backend, logits, target, self.comm)
+            value, extra = nodule_bce_loss(model.backend, logits, target, self.comm, nodules)
             if extra is not None:
                 dlogits += extra * dlogits.dtype.type(self.nodule_bce_weight)
                 bce = bce + self.nodule_bce_weight * value
