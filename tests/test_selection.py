@@ -151,6 +151,8 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     assert cfg["selection"]["metric"] == selection.METRIC
     epoch_lines = [x for x in lines if x.startswith("epoch ")]
     assert "nodule Dice" in epoch_lines[1] and "* best" in epoch_lines[1]
+    se = rows[1][selection.SCORE_SE]  # beside the score: in metrics.csv and the line
+    assert se > 0 and f"(found {found:.4f} +- {se:.4f})" in epoch_lines[1]
     assert "* best" not in epoch_lines[2]
 
 
@@ -219,3 +221,14 @@ def test_val_interval_validates_every_nth_epoch_and_the_last(tiny_data, tmp_path
     np.testing.assert_array_equal(load_checkpoint(tmp_path / "run" / "checkpoint_last.h5").params,
                                   load_checkpoint(tmp_path / "every" / "checkpoint_last.h5").params)
     assert every.config.val_interval == 1
+
+
+def test_the_standard_error_is_the_per_slice_scores_spread_over_root_n():
+    """Shown beside the score (metrics.csv, the epoch line), not selected on."""
+    counts = np.array([[0, 5, 0], [6, 2, 4], [1, 0, 9], [0, 3, 7]])  # 3 nodule slices
+    scores = np.array([12 / 18, 2 / 11, 0.0])
+    row = selection.validation_columns(counts, 0.5)
+    assert row[selection.METRIC] == pytest.approx(scores.mean())
+    assert row[selection.SCORE_SE] == pytest.approx(scores.std(ddof=1) / math.sqrt(3))
+    assert math.isnan(selection.found_dice_se(np.array([[0, 1, 0], [2, 0, 1]])))  # one slice
+    assert selection.SCORE_SE in selection.VALIDATION_COLUMNS

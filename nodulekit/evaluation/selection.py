@@ -53,10 +53,11 @@ from nodulekit.evaluation.detection import MATCH_IOU
 METRIC = "val_nodule_found_dice"
 NODULE_DICE = "val_nodule_dice"  # MONAI's nodule-slice mean, touches included: shown, not kept on
 TIE_BREAK = "val_empty_fp"
+SCORE_SE = "val_nodule_found_dice_se"  # the score's standard error: shown, not selected on
 SOFT_TIE_BREAK = "val_nodule_soft_dice"  # before TIE_BREAK; rows before it: 0
 LEGACY_METRIC = "val_mean_iou"  # what runs before this rule selected on
 VALIDATION_COLUMNS = ("val_loss", "val_dice", "val_iou", "val_global_dice", NODULE_DICE,
-                      METRIC, SOFT_TIE_BREAK, TIE_BREAK)
+                      METRIC, SCORE_SE, SOFT_TIE_BREAK, TIE_BREAK)
 
 Key = tuple  # (score, soft score, -false-positive rate): higher is better
 
@@ -95,18 +96,36 @@ def validation_columns(counts, loss: float, soft_dice=None) -> dict:
             soft = float(np.mean(np.asarray(soft_dice, dtype=np.float64)[nodule]))
     return {"val_loss": loss, "val_dice": s["mean_dice"], "val_iou": s["mean_iou"],
             "val_global_dice": s["global_dice"], NODULE_DICE: s["mean_dice_nodule"],
-            METRIC: found_dice(counts), SOFT_TIE_BREAK: soft, TIE_BREAK: s["empty_fp_rate"]}
+            METRIC: found_dice(counts), SCORE_SE: found_dice_se(counts),
+            SOFT_TIE_BREAK: soft, TIE_BREAK: s["empty_fp_rate"]}
+
+
+def _found_scores(counts) -> np.ndarray:
+    """Per nodule slice: its Dice, or 0 where prediction and truth overlap with IoU below
+    `MATCH_IOU`. counts: per-slice (tp, fp, fn)."""
+    counts = np.asarray(counts)
+    nodule = (counts[:, 0] + counts[:, 2]) > 0
+    dice, iou = metrics.slice_scores(counts[nodule])
+    return np.where(iou >= MATCH_IOU, dice, 0.0)
 
 
 def found_dice(counts) -> float:
     """The nodule-slice mean Dice where a slice whose prediction overlaps its truth with IoU
     below `MATCH_IOU` scores 0 (NaN without a nodule slice). counts: per-slice (tp, fp, fn)."""
-    counts = np.asarray(counts)
-    nodule = (counts[:, 0] + counts[:, 2]) > 0
-    if not nodule.any():
+    scores = _found_scores(counts)
+    return float(np.mean(scores)) if len(scores) else math.nan
+
+
+def found_dice_se(counts) -> float:
+    """`found_dice`'s standard error: the per-slice scores' sample standard deviation over
+    the square root of their number (NaN with fewer than two nodule slices). Shown beside
+    the score (metrics.csv, the epoch line) so that a difference between epochs can be read
+    against the noise of a small validation split; not selected on (README, "Which model
+    is kept")."""
+    scores = _found_scores(counts)
+    if len(scores) < 2:
         return math.nan
-    dice, iou = metrics.slice_scores(counts[nodule])
-    return float(np.mean(np.where(iou >= MATCH_IOU, dice, 0.0)))
+    return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
 
 
 def no_validation_columns() -> dict:

@@ -759,11 +759,17 @@ def _epoch_line(row: dict, epochs: int, skipped: int = 0) -> str:
             f"val loss {f(row['val_loss'])}  Dice {f(row['val_dice'])}  "
             f"IoU {f(row['val_iou'])}  global Dice {f(row['val_global_dice'])}  "
             f"nodule Dice {f(row['val_nodule_dice'])} "
-            f"(found {f(row['val_nodule_found_dice'])})  "
+            f"(found {f(row['val_nodule_found_dice'])}{_se_words(row)})  "
             f"empty FP {pct(row['val_empty_fp'])}  "
             + _filter_words(row) +
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"
             + ("  * best" if row["best"] else ""))
+
+
+def _se_words(row: dict) -> str:
+    """' +- SE' of the found-nodule Dice (empty for rows without it)."""
+    se = float(row.get("val_nodule_found_dice_se", math.nan))
+    return f" +- {se:.4f}" if math.isfinite(se) else ""
 
 
 def _filter_words(row: dict) -> str:

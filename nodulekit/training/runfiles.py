@@ -44,9 +44,9 @@ from nodulekit.training.checkpoint import write_file_atomic
 # earlier rows.
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "train_bce", "train_nodule_dice", "val_loss",
                   "val_dice", "val_iou", "val_global_dice", "val_nodule_dice",
-                  "val_nodule_found_dice", "val_nodule_soft_dice", "val_empty_fp",
-                  "val_peak_logit", "val_filtered_nodule_dice", "val_filtered_empty_fp",
-                  "seconds", "train_seconds", "images_per_s", "best")
+                  "val_nodule_found_dice", "val_nodule_found_dice_se", "val_nodule_soft_dice",
+                  "val_empty_fp", "val_peak_logit", "val_filtered_nodule_dice",
+                  "val_filtered_empty_fp", "seconds", "train_seconds", "images_per_s", "best")
 LOG_NAME = "train.log"
 
 
