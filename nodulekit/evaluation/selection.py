@@ -88,6 +88,7 @@ def validation_columns(counts, loss: float, soft_dice=None) -> dict:
     """A metrics row's validation columns from the per-slice (tp, fp, fn) of the validation
     split, its mean loss and its per-slice soft Dice (float [N]; None: NaN)."""
     s = metrics.group_summary(counts)
+    found = _found_scores(counts)  # once, for the score and its standard error
     soft = math.nan
     if soft_dice is not None:
         counts = np.asarray(counts)
@@ -96,7 +97,7 @@ def validation_columns(counts, loss: float, soft_dice=None) -> dict:
             soft = float(np.mean(np.asarray(soft_dice, dtype=np.float64)[nodule]))
     return {"val_loss": loss, "val_dice": s["mean_dice"], "val_iou": s["mean_iou"],
             "val_global_dice": s["global_dice"], NODULE_DICE: s["mean_dice_nodule"],
-            METRIC: found_dice(counts), SCORE_SE: found_dice_se(counts),
+            METRIC: _mean(found), SCORE_SE: _standard_error(found),
             SOFT_TIE_BREAK: soft, TIE_BREAK: s["empty_fp_rate"]}
 
 
@@ -112,8 +113,17 @@ def _found_scores(counts) -> np.ndarray:
 def found_dice(counts) -> float:
     """The nodule-slice mean Dice where a slice whose prediction overlaps its truth with IoU
     below `MATCH_IOU` scores 0 (NaN without a nodule slice). counts: per-slice (tp, fp, fn)."""
-    scores = _found_scores(counts)
+    return _mean(_found_scores(counts))
+
+
+def _mean(scores: np.ndarray) -> float:
     return float(np.mean(scores)) if len(scores) else math.nan
+
+
+def _standard_error(scores: np.ndarray) -> float:
+    if len(scores) < 2:
+        return math.nan
+    return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
 
 
 def found_dice_se(counts) -> float:
@@ -122,10 +132,7 @@ def found_dice_se(counts) -> float:
     the score (metrics.csv, the epoch line) so that a difference between epochs can be read
     against the noise of a small validation split; not selected on (README, "Which model
     is kept")."""
-    scores = _found_scores(counts)
-    if len(scores) < 2:
-        return math.nan
-    return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+    return _standard_error(_found_scores(counts))
 
 
 def no_validation_columns() -> dict:

@@ -12,7 +12,7 @@ The loop, as `Training.run` reads:
                       Dice and the empty-slice false-positive rate (after every
                       `val_interval`-th epoch and the last; of the weights' moving average
                       with `weight_ema`, `nn.ema`)
-        save          checkpoint_best.h5 when the validation nodule-slice mean Dice improved
+        save          checkpoint_best.h5 when the validation found-nodule Dice improved
                       (`nodulekit.evaluation.selection`: a model predicting nothing scores 0),
                       checkpoint_last.h5, metrics.csv, progress.png
     test              the best model on the test split (`nodulekit.evaluation`)
@@ -768,7 +768,9 @@ def _epoch_line(row: dict, epochs: int, skipped: int = 0) -> str:
 
 def _se_words(row: dict) -> str:
     """' +- SE' of the found-nodule Dice (empty for rows without it)."""
-    se = float(row.get("val_nodule_found_dice_se", math.nan))
+    from nodulekit.evaluation.selection import SCORE_SE
+
+    se = float(row.get(SCORE_SE, math.nan))
     return f" +- {se:.4f}" if math.isfinite(se) else ""
 
 
