@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.engine import cpu_conv, cpu_conv_packed, cpu_norm, cpu_upconv
+from nodulekit.engine import cpu_conv, cpu_conv_packed, cpu_norm, cpu_upconv, fma_width
 from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
+from nodulekit.engine.simd import aligned_copy, aligned_empty
 
 # One job's block of the patch matrix: about this many bytes. Fewer, larger blocks cost
 # less Python per step (a step runs ~3,000 blocks at 256 KiB); measured here (2-core EPYC,
@@ -83,12 +84,22 @@ def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
     ``bench ops`` had patches_gemm ahead, 2.4 against 3.1 ms, while timed alone in turns
     packed was, 1.97 against 2.40 ms; the training step took the same either way, 79.0
     and 78.9 ms at the demo's shape.)
+
+    Where 16-lane FMAs run at full width (``fma_width``: measured once per machine), packed
+    also takes every layer of >= 32 channels in and out: there register_blocked's 8-lane
+    blocks do half the work per instruction. Measured on a 2-core Xeon (family 6 model 207,
+    both threads, 4 images): 32 -> 32 at 256 x 256 22 against 29 ms, 64 -> 32 43 against
+    52, 32 -> 64 and 64 -> 64 at 128 x 128 12 and 22 against 15 and 27; with 8 or 16
+    channels (the demo's width) packed's 8-lane blocks were 1.3-1.5x slower there too.
     """
     if variant != "auto":
         return variant == "packed" and cpu_conv_packed.supports(c, k)
     if not cpu_conv_packed.supports(c, k) or c == 1 or width < 8:
         return False
-    return width <= 16 or c * k >= 128 * 64 or (c * k >= 64 * 32 and width <= 64)
+    if width <= 16 or c * k >= 128 * 64 or (c * k >= 64 * 32 and width <= 64):
+        return True
+    return (c >= 32 and k >= 32 and cpu_conv_packed.WIDE_BLOCKS
+            and fma_width.full_width())
 
 
 def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
@@ -185,7 +196,7 @@ class CPUBackend(Backend):
         if r_size == 3 and _packed_conv(self.conv_variant, c, k, w):
             return self._conv_packed(x, w2t, b, relu, out2d)
         if r_size == 3 and _register_blocked_conv(self.conv_variant, c, k, w):
-            w_tk = np.ascontiguousarray(w2t)  # [9C, K]; small wherever register_blocked is
+            w_tk = aligned_copy(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
 
             def image_rows(m0, m1, _):
@@ -277,7 +288,7 @@ class CPUBackend(Backend):
     def _pad(self, x):
         """x [N, H, W, C] copied into a zero-bordered [N, H+2, W+2, C] (cpu_conv_packed)."""
         n, h, w, c = x.shape
-        xp = np.empty((n, h + 2, w + 2, c), dtype=np.float32)
+        xp = aligned_empty((n, h + 2, w + 2, c))
         self.workers.run(lambda m0, m1, _: cpu_conv_packed.pad_rows(x, xp, m0, m1),
                          n * (h + 2), _block_rows((w + 2) * c))
         return xp
@@ -385,7 +396,8 @@ class CPUBackend(Backend):
                 kern.im2col_rows(x, m0, m1, r, out)
 
             acc = self._gram(dz2d, rows, r * r * c, _block_rows(r * r * c), fill=fill)
-        dw = np.ascontiguousarray(acc.T).reshape(w.shape)
+        dw = np.empty(w.shape, dtype=np.float32)  # acc.T: [K, R, R, C]
+        kern.transpose(acc, dw.reshape(k, -1))
 
         dx = None
         if need_dx:
@@ -448,7 +460,7 @@ class CPUBackend(Backend):
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
         if _register_blocked_upconv_forward(self.conv_variant, c, k):
             # the GEMM's register blocks write straight into the concat buffer
-            w_cabk = np.ascontiguousarray(w.transpose(3, 1, 2, 0))
+            w_cabk = aligned_copy(w.transpose(3, 1, 2, 0))
 
             def pixels(m0, m1, _):
                 cpu_upconv.upconv2x2_concat_pixels(skip, x, w_cabk, b, y, m0, m1)
@@ -495,7 +507,7 @@ class CPUBackend(Backend):
         rows = n * h * wd
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         dx = np.empty_like(x)
-        w_abkc = np.ascontiguousarray(w.transpose(1, 2, 0, 3))
+        w_abkc = aligned_copy(w.transpose(1, 2, 0, 3))
         partial = np.empty((blocks, 4 * k, c), dtype=np.float32)
 
         def pixels(m0, m1, _):

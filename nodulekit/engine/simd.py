@@ -26,6 +26,7 @@ bounds-checked, like the rest of the Numba code.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -292,3 +293,32 @@ def store8d(typingctx, array, index, vector):
         return context.get_dummy_value()
 
     return types.void(array, index, vector), codegen
+
+
+CACHE_LINE = 64
+
+
+def aligned_empty(shape, dtype=np.float32, align: int = CACHE_LINE) -> np.ndarray:
+    """np.empty whose data starts on an ``align``-byte boundary (a cache line).
+
+    Why: NumPy's memory comes from malloc, which promises 16 bytes, so a 16-lane (64-byte)
+    load from such an array straddles two cache lines three times in four, and an 8-lane
+    one every other time. Measured on one core of a 2-core Xeon (family 6 model 207), the
+    packed forward convolution with its weights 64-byte aligned ran at 225 GFLOP/s (91% of
+    the core's FMA peak); with them 16, 32 or 48 bytes off, 174. Which one a call got
+    depended on where malloc put that call's weights.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dtype.itemsize + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` starting on a cache line (weights a kernel loads in
+    vectors: see ``aligned_empty``)."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
