@@ -357,7 +357,7 @@ class CPUBackend(Backend):
     def _conv2d_forward(self, x, w, b, relu):
         n, h, wd, _ = x.shape
         k, r = w.shape[0], w.shape[1]
-        y = np.empty((n, h, wd, k), dtype=np.float32)
+        y = aligned_empty((n, h, wd, k))  # read in vectors downstream (see simd)
         self._conv(x, w.reshape(k, -1), r, b, relu, y.reshape(n * h * wd, k))
         return y
 
@@ -378,7 +378,7 @@ class CPUBackend(Backend):
         dy2d = dy.reshape(rows, k)
         partial = np.empty((_reduction_blocks(rows), k), dtype=np.float32)
         if relu:
-            dz2d = np.empty_like(dy2d)
+            dz2d = aligned_empty(dy2d.shape)  # the weight gradient loads it in vectors
             kern.relu_grad_and_bias_grad(dy2d, y.reshape(rows, k), relu, dz2d, partial)
         else:  # no mask: dz is dy, and db its column sums (the same sums in the same order
             dz2d = dy2d  # as the fused pass, without its copy), if wanted
@@ -405,7 +405,7 @@ class CPUBackend(Backend):
             # [R, R, K, C] (C stays innermost: a fast copy; 10x faster than [C, R, R, K] for
             # a 256 x 3 x 3 x 256 kernel) and handed over transposed, as _conv wants.
             w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
-            dx = np.empty((n, h, wd, c), dtype=np.float32)
+            dx = aligned_empty((n, h, wd, c))
             self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(-1, c).T, r,
                        np.zeros(c, dtype=np.float32), False, dx.reshape(rows, c))
         return dx, dw, db
