@@ -135,6 +135,7 @@ from nodulekit.engine.simd import (
     relu8,
     splat8,
     store8,
+    store16,
     zeros8,
     zeros16,
 )
@@ -205,16 +206,24 @@ def pad_rows(x: np.ndarray, xp: np.ndarray, row0: int, row1: int) -> None:
     run = width * channels
     xf, xpf = x.ravel(), xp.ravel()
     padded_run = (width + 2) * channels
+    # loops, not slice assignments: as fast, and Numba compiles slice assignments slowly
+    # (their shape checks and broadcasting: 2.5 s for this function, 0.7 s without)
     for row in range(row0, row1):
         n, hp = row // (height + 2), row % (height + 2)
         o = row * padded_run
         if hp == 0 or hp == height + 1:
-            xpf[o:o + padded_run] = 0.0
+            for j in range(padded_run):
+                xpf[o + j] = 0.0
             continue
         i = (n * height + hp - 1) * run
-        xpf[o:o + channels] = 0.0
-        xpf[o + channels:o + channels + run] = xf[i:i + run]
-        xpf[o + channels + run:o + padded_run] = 0.0
+        for j in range(channels):
+            xpf[o + j] = 0.0
+            xpf[o + channels + run + j] = 0.0
+        d, sixteen = o + channels, run - run % 16
+        for j in range(0, sixteen, 16):
+            store16(xpf, uint64(d + j), load16(xf, uint64(i + j)))
+        for j in range(sixteen, run):
+            xpf[d + j] = xf[i + j]
 
 
 # ---- the forward blocks. A block shape is the functions it is made of (register_blocks, or

@@ -122,7 +122,8 @@ def relu_grad_and_bias_grad(dy2d: np.ndarray, y2d: np.ndarray, relu: bool, dz2d:
     per = (rows + blocks - 1) // blocks
     for j in prange(blocks):
         acc = db_partial[j]
-        acc[:] = 0.0
+        for q in range(acc.size):  # a loop: a slice assignment compiles far slower
+            acc[q] = 0.0
         lo, hi = j * per, min(rows, (j + 1) * per)
         if channels % 8 == 0:
             for k0 in range(0, channels, 8):
@@ -157,7 +158,8 @@ def column_sums(a2d: np.ndarray, c0: int, partial: np.ndarray) -> None:
     per = (rows + blocks - 1) // blocks
     for j in prange(blocks):
         acc = partial[j]
-        acc[:] = 0.0
+        for q in range(acc.size):  # a loop: a slice assignment compiles far slower
+            acc[q] = 0.0
         for i in range(j * per, min(rows, (j + 1) * per)):
             base = uint64(i * ld + c0)
             for k in range(uint64(channels)):
@@ -183,7 +185,8 @@ def one_output_backward(dy2d: np.ndarray, y2d: np.ndarray, relu: bool, x2d: np.n
     per = (rows + blocks - 1) // blocks
     for j in prange(blocks):
         acc = dw_partial[j]
-        acc[:] = 0.0
+        for q in range(acc.size):  # a loop: a slice assignment compiles far slower
+            acc[q] = 0.0
         bias = 0.0
         for i in range(j * per, min(rows, (j + 1) * per)):
             g = dy2d[i, 0]
