@@ -48,6 +48,12 @@ def test_train_writes_the_run_folder(trained_run, tiny_data):
     assert c["image_shape"] == [TINY["size"]] * 2 and c["cache"] == str(tiny_data[1])
     assert c["window_center"] == -500 and c["window_width"] == 1600
     assert cfg["backend"] == "cpu" and "numpy" in cfg["versions"] and "CPU" in cfg["device"]
+    # what picked the convolution kernels (another machine may sum in another order)
+    from nodulekit.engine.cpu_conv_packed import WIDE_BLOCKS
+
+    kernels = cfg["sessions"][-1]["cpu_kernels"]
+    assert kernels["32_register_blocks"] == WIDE_BLOCKS
+    assert not WIDE_BLOCKS or isinstance(kernels["fma_16_lanes_full_width"], bool)
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]

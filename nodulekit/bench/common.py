@@ -113,13 +113,10 @@ def provenance(backend_name: str) -> dict:
         "cpu": cpu_identity(),  # the host's, for a GPU run too
         "malloc": host_memory.policy(),  # nodulekit.host_memory: freed memory kept or not
     }
-    if backend_name == "cpu":  # what picks the CPU's convolution kernels (engine/cpu.py)
-        from nodulekit.engine import cpu_conv_packed, fma_width
+    if backend_name == "cpu":  # what picks the CPU's convolution kernels
+        from nodulekit.engine.cpu import kernel_choices
 
-        wide = cpu_conv_packed.WIDE_BLOCKS
-        info["cpu_kernels"] = {"32_register_blocks": wide,
-                               "fma_16_lanes_full_width": fma_width.full_width() if wide
-                               else None}
+        info["cpu_kernels"] = kernel_choices()
     try:
         import numba
 

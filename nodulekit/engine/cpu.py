@@ -156,6 +156,18 @@ def _reduction_blocks(rows: int) -> int:
     return max(1, min(64, rows // 1024))
 
 
+def kernel_choices() -> dict:
+    """What picks this machine's convolution kernels, for the records of runs and
+    benchmarks: a run on a machine with other choices sums in another order."""
+    wide = cpu_conv_packed.WIDE_BLOCKS
+    out = {"32_register_blocks": wide}
+    if wide:
+        decided = fma_width.decide()
+        out["fma_16_lanes_full_width"] = bool(decided["full_width"])
+        out["decided_by"] = decided["source"]
+    return out
+
+
 _WORKERS: dict[int | None, Workers] = {}
 
 

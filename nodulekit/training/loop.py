@@ -728,12 +728,17 @@ class Training:
             except (OSError, json.JSONDecodeError):
                 previous = {}
         sessions = previous.get("sessions", [])
-        sessions.append({"started": datetime.now().isoformat(timespec="seconds"),
-                         "resumed_from_epoch": self.resumed_from,
-                         "device": device_description(be.name), "backend": be.name,
-                         "precision": be.precision, "versions": versions(),
-                         "ranks": comm.size,
-                         "communicator": comm.describe()})
+        session = {"started": datetime.now().isoformat(timespec="seconds"),
+                   "resumed_from_epoch": self.resumed_from,
+                   "device": device_description(be.name), "backend": be.name,
+                   "precision": be.precision, "versions": versions(),
+                   "ranks": comm.size,
+                   "communicator": comm.describe()}
+        if be.name == "cpu":  # the kernels it picked: another machine may sum otherwise
+            from nodulekit.engine.cpu import kernel_choices
+
+            session["cpu_kernels"] = kernel_choices()
+        sessions.append(session)
         from nodulekit.evaluation import selection
 
         write_json(path, {"config": self.config.to_dict(),
