@@ -23,6 +23,7 @@ SHAPES = [  # N, H, W, C, K
     (2, 5, 9, 3, 56), (1, 3, 13, 1, 24), (2, 6, 11, 16, 48),  # overlapping last blocks
     (1, 4, 16, 12, 32), (2, 2, 8, 32, 64), (1, 3, 7, 7, 8),
     (1, 3, 9, 8, 120), (2, 2, 3, 16, 64),  # every block width; a 64-block on short rows
+    (1, 3, 21, 8, 16), (2, 2, 16, 5, 48),  # 16-pixel blocks (16 channels, 32 registers)
 ]
 
 

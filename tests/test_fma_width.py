@@ -70,8 +70,12 @@ def test_full_width_fmas_give_the_shallow_layers_to_packed(fresh, monkeypatch, c
     fma_width.forget()
     monkeypatch.setenv(fma_width.ENV, "256")
     assert not cpu._packed_conv("auto", c, k, width)
-    # 8 or 16 channels stay with register_blocked either way; a named variant is held to
+    # 8 channels in or out stay with register_blocked either way (packed's blocks of 8
+    # are 8 lanes wide too); 16 -> 16 takes packed's 16 x 16 block where it is full width;
+    # a named variant is held to
     fma_width.forget()
     monkeypatch.setenv(fma_width.ENV, "512")
-    assert not cpu._packed_conv("auto", 16, 16, width)
+    assert not cpu._packed_conv("auto", 8, 16, width)
+    assert not cpu._packed_conv("auto", 16, 8, width)
+    assert cpu._packed_conv("auto", 16, 16, width) == cpu_conv_packed.WIDE_BLOCKS
     assert cpu._packed_conv("packed", c, k, width)

@@ -86,11 +86,13 @@ def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
     and 78.9 ms at the demo's shape.)
 
     Where 16-lane FMAs run at full width (``fma_width``: measured once per machine), packed
-    also takes every layer of >= 32 channels in and out: there register_blocked's 8-lane
-    blocks do half the work per instruction. Measured on a 2-core Xeon (family 6 model 207,
-    both threads, 4 images): 32 -> 32 at 256 x 256 22 against 29 ms, 64 -> 32 43 against
-    52, 32 -> 64 and 64 -> 64 at 128 x 128 12 and 22 against 15 and 27; with 8 or 16
-    channels (the demo's width) packed's 8-lane blocks were 1.3-1.5x slower there too.
+    also takes every layer of >= 32 channels in and out, and those of 16 out from 16 in:
+    there register_blocked's 8-lane blocks do half the work per instruction. Measured on a
+    2-core Xeon (family 6 model 207, both threads, 4 images): 32 -> 32 at 256 x 256 22
+    against 29 ms, 64 -> 32 43 against 52, 32 -> 64 and 64 -> 64 at 128 x 128 12 and 22
+    against 15 and 27; 8 images, 16 -> 16 at 128 x 128 2.8 against 3.2 ms, 32 -> 16 at
+    64 x 64 1.4 against 1.6 (the 16 x 16 block of 16 lanes). With 8 channels in or out
+    packed's 8-lane blocks were 1.1-1.5x slower there too.
     """
     if variant != "auto":
         return variant == "packed" and cpu_conv_packed.supports(c, k)
@@ -98,8 +100,8 @@ def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
         return False
     if width <= 16 or c * k >= 128 * 64 or (c * k >= 64 * 32 and width <= 64):
         return True
-    return (c >= 32 and k >= 32 and cpu_conv_packed.WIDE_BLOCKS
-            and fma_width.full_width())
+    return (c >= 16 and (k >= 32 and c >= 32 or k == 16)
+            and cpu_conv_packed.WIDE_BLOCKS and fma_width.full_width())
 
 
 def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:

@@ -109,6 +109,7 @@ from nodulekit.engine.register_blocks import (
     fma_8x8,
     fma_8x16,
     fma_8x32,
+    fma_16x16,
     load_4x64,
     load_6x8,
     load_6x16,
@@ -118,7 +119,6 @@ from nodulekit.engine.register_blocks import (
     relu_6x8,
     relu_6x16,
     relu_8,
-    relu_16,
     relu_16x16,
     store_4x64,
     store_6x8,
@@ -126,6 +126,7 @@ from nodulekit.engine.register_blocks import (
     store_8x8,
     store_8x16,
     store_8x32,
+    store_16x16,
 )
 from nodulekit.engine.simd import (
     aligned_empty,
@@ -172,6 +173,14 @@ def _block_width(left: int, wide: bool) -> int:
     if wide:
         return 64 if left >= 64 else (32 if left >= 32 else (16 if left >= 16 else 8))
     return 16 if left >= 16 else 8
+
+
+@njit(**_INLINE)
+def _block_pixels(block: int, wide: bool) -> int:
+    """The forward block's pixels for a block of that many channels."""
+    if not wide:
+        return 6
+    return 4 if block == 64 else (16 if block == 16 else 8)
 
 
 def channel_blocks(k: int, wide: bool) -> list[tuple[int, int]]:
@@ -249,6 +258,11 @@ def _vectors_2x16(f, i):
 
 
 @njit(**_INLINE)
+def _vectors_1x16(f, i):
+    return (load16(f, i),)
+
+
+@njit(**_INLINE)
 def _vectors_2x8(f, i):
     return (load8(f, i), load8(f, i + uint64(8)))
 
@@ -271,6 +285,11 @@ def _spread_6(v):
 @njit(**_INLINE)
 def _spread_8(v):
     return v + v + v + v + v + v + v + v
+
+
+@njit(**_INLINE)
+def _spread_16(v):
+    return _spread_8(v) + _spread_8(v)
 
 
 @njit(**_INLINE)
@@ -357,7 +376,7 @@ def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, rel
     j0 = 0
     while j0 < out_channels:  # one block of channels at a time: its weight slab stays hot
         block = _block_width(out_channels - j0, wide)
-        pixels = (4 if block == 64 else 8) if wide else 6
+        pixels = _block_pixels(block, wide)
         wi = taps9 * uint64(j0)
         for row in range(row0, row1):
             n, h = row // height, row % height
@@ -379,8 +398,8 @@ def conv3x3_packed_rows(xp: np.ndarray, w_packed: np.ndarray, b: np.ndarray, rel
                     _forward_block(_vectors_2x16, _spread_8, fma_8x32, relu_16x16, store_8x32, 32,
                                    arrays, relu, at, geometry)
                 elif wide and block == 16:
-                    _forward_block(_vectors_2x8, _spread_8, fma_8x16, relu_16, store_8x16, 16,
-                                   arrays, relu, at, geometry)
+                    _forward_block(_vectors_1x16, _spread_16, fma_16x16, relu_16x16, store_16x16,
+                                   16, arrays, relu, at, geometry)
                 elif wide:
                     _forward_block(_vectors_1x8, _spread_8, fma_8x8, relu_8, store_8x8, 8,
                                    arrays, relu, at, geometry)

@@ -15,7 +15,7 @@ SGEMM. Two shapes serve every register_blocked kernel:
   per step. 4 x 8 likewise.
 
 With AVX-512 a core has 32 vector registers, and ``cpu_conv_packed`` uses blocks of 16
-accumulators instead (4 x 64 and 8 x 32 of 16 lanes, 8 x 16 and 8 x 8 of 8: end of this
+accumulators instead (4 x 64, 8 x 32 and 16 x 16 of 16 lanes, 8 x 8 of 8: end of this
 file); with 16 registers they would spill, and it uses the 6 x 16 and 6 x 8 blocks above.
 
 Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
@@ -173,8 +173,9 @@ def store_4x8(of: np.ndarray, i: int, stride: int, a: tuple) -> None:
 # ---- the wide blocks of cpu_conv_packed: 16 accumulators, for cores with 32 vector
 # registers (AVX-512). A block's pixels are consecutive pixels of a zero-padded image row,
 # C floats apart, so a pixel's operand is xf[i + r * c] (i: the first pixel's, c: C as
-# uint64). Accumulators: pixel r's vectors are a[V r] .. a[V r + V - 1]. 4 x 64 and 8 x 32
-# hold 16 lanes a vector (simd.float32x16: one AVX-512 register), 8 x 16 and 8 x 8 eight.
+# uint64). Accumulators: pixel r's vectors are a[V r] .. a[V r + V - 1]. 4 x 64, 8 x 32 and
+# 16 x 16 hold 16 lanes a vector (simd.float32x16: one AVX-512 register), 8 x 16 and 8 x 8
+# eight (8 x 16: the weight gradient's blocks of 16 channels).
 
 
 @njit(**_INLINE)
@@ -203,6 +204,35 @@ def fma_8x32(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
             fma16(s4, w0, a[8]), fma16(s4, w1, a[9]), fma16(s5, w0, a[10]), fma16(s5, w1, a[11]),
             fma16(s6, w0, a[12]), fma16(s6, w1, a[13]), fma16(s7, w0, a[14]),
             fma16(s7, w1, a[15]))
+
+
+@njit(**_INLINE)
+def fma_16x16(xf: np.ndarray, i: int, c: int, w: tuple, a: tuple) -> tuple:
+    """a += (xf[i + r c] broadcast) * w[0] for pixels r = 0..15: 16 channels, one 16-lane
+    vector a pixel (1 weight load and 16 broadcasts feed 16 FMAs)."""
+    w0 = w[0]
+    return (fma16(splat16(xf, i), w0, a[0]), fma16(splat16(xf, i + c), w0, a[1]),
+            fma16(splat16(xf, i + uint64(2) * c), w0, a[2]),
+            fma16(splat16(xf, i + uint64(3) * c), w0, a[3]),
+            fma16(splat16(xf, i + uint64(4) * c), w0, a[4]),
+            fma16(splat16(xf, i + uint64(5) * c), w0, a[5]),
+            fma16(splat16(xf, i + uint64(6) * c), w0, a[6]),
+            fma16(splat16(xf, i + uint64(7) * c), w0, a[7]),
+            fma16(splat16(xf, i + uint64(8) * c), w0, a[8]),
+            fma16(splat16(xf, i + uint64(9) * c), w0, a[9]),
+            fma16(splat16(xf, i + uint64(10) * c), w0, a[10]),
+            fma16(splat16(xf, i + uint64(11) * c), w0, a[11]),
+            fma16(splat16(xf, i + uint64(12) * c), w0, a[12]),
+            fma16(splat16(xf, i + uint64(13) * c), w0, a[13]),
+            fma16(splat16(xf, i + uint64(14) * c), w0, a[14]),
+            fma16(splat16(xf, i + uint64(15) * c), w0, a[15]))
+
+
+@njit(**_INLINE)
+def store_16x16(yf: np.ndarray, o: int, k: int, a: tuple) -> None:
+    """Pixel r's 16 channels (a[r]) to yf[o + r k:]."""
+    for r in range(16):
+        store16(yf, o + uint64(r) * k, a[r])
 
 
 @njit(**_INLINE)
