@@ -31,8 +31,9 @@ Here, three changes, one per problem:
    (``simd.float32x16``). Each reduction step loads 4 weight vectors, broadcasts 4 input
    values and does 16 FMAs: 0.5 loads per FMA, against 0.67 for the 6 x 16 block. The
    pixel count 4 (or 8) also divides the U-Net's power-of-two rows, so no pixel is left
-   over. The leftover channels go in blocks of 8 pixels x 32 channels (16 lanes), 8 x 16
-   and 8 x 8 (8 lanes). On Zen 4, whose FMA pipes are 256 bits wide, a 16-lane FMA runs
+   over. The leftover channels go in blocks of 8 pixels x 32 channels and 16 x 16 (16
+   lanes: one vector a pixel, 1 load and 16 broadcasts per 16 FMAs; 1.5x the 8 x 16 block
+   of 8 lanes it replaced, on one Xeon core), and 8 x 8 (8 lanes). On Zen 4, whose FMA pipes are 256 bits wide, a 16-lane FMA runs
    in two halves, and 4 x 64 measured 1.00-1.15x the speed of the same block in 8-lane
    vectors (4 x 32); on a core with 512-bit pipes (Zen 5, Intel's server cores) it does
    twice the 8-lane block's work per instruction. With 16 registers (AVX2) those blocks
