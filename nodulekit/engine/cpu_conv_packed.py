@@ -26,20 +26,20 @@ Here, three changes, one per problem:
    32, next to a 2.4 ms convolution.)
 2. ``pack_weights`` lays each block of output channels out as its own [9C, width] slab,
    so a block's weights are one sequential stream (the BLIS packing idea).
-3. The block: with AVX-512 the core has 32 vector registers of 16 lanes, not 16 of 8, so
-   a block can keep 16 accumulators of 16 lanes: 4 pixels x 64 channels
-   (``simd.float32x16``). Each reduction step loads 4 weight vectors, broadcasts 4 input
-   values and does 16 FMAs: 0.5 loads per FMA, against 0.67 for the 6 x 16 block. The
-   pixel count 4 (or 8) also divides the U-Net's power-of-two rows, so no pixel is left
-   over. The leftover channels go in blocks of 8 pixels x 32 channels and 16 x 16 (16
-   lanes: one vector a pixel, 1 load and 16 broadcasts per 16 FMAs; 1.5x the 8 x 16 block
-   of 8 lanes it replaced, on one Xeon core), and 8 x 8 (8 lanes). On Zen 4, whose FMA pipes are 256 bits wide, a 16-lane FMA runs
-   in two halves, and 4 x 64 measured 1.00-1.15x the speed of the same block in 8-lane
+3. The block: with AVX-512 the core has 32 vector registers of 16 lanes, not 16 of 8, so a
+   block can keep 16 accumulators of 16 lanes: 4 pixels x 64 channels (``simd.float32x16``).
+   Each reduction step loads 4 weight vectors, broadcasts 4 input values and does 16 FMAs:
+   0.5 loads per FMA, against 0.67 for the 6 x 16 block. The pixel count 4 (or 8) also
+   divides the U-Net's power-of-two rows, so no pixel is left over. The leftover channels go
+   in blocks of 8 pixels x 32 channels and 16 x 16 (16 lanes: one vector a pixel, 1 load and
+   16 broadcasts per 16 FMAs; 1.5x the 8 x 16 block of 8 lanes it replaced, on one Xeon
+   core), and 8 x 8 (8 lanes). On Zen 4, whose FMA pipes are 256 bits wide, a 16-lane FMA
+   runs in two halves, and 4 x 64 measured 1.00-1.15x the speed of the same block in 8-lane
    vectors (4 x 32); on a core with 512-bit pipes (Zen 5, Intel's server cores) it does
    twice the 8-lane block's work per instruction. With 16 registers (AVX2) those blocks
-   spill (35 GFLOP/s measured with a 4 x 32 block compiled for Haswell), so there it is
-   6 x 16 and 6 x 8 (12 and 6 accumulators of 8 lanes). ``WIDE_BLOCKS`` is chosen at
-   import from the CPU Numba compiles for.
+   spill (35 GFLOP/s measured with a 4 x 32 block compiled for Haswell), so there it is 6 x
+   16 and 6 x 8 (12 and 6 accumulators of 8 lanes). ``WIDE_BLOCKS`` is chosen at import from
+   the CPU Numba compiles for.
 
 A row whose width is not a multiple of the block's pixel count ends with a block placed
 at its last pixels, overlapping the one before: those pixels are computed twice, the
