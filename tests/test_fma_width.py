@@ -79,3 +79,13 @@ def test_full_width_fmas_give_the_shallow_layers_to_packed(fresh, monkeypatch, c
     assert not cpu._packed_conv("auto", 16, 8, width)
     assert cpu._packed_conv("auto", 16, 16, width) == cpu_conv_packed.WIDE_BLOCKS
     assert cpu._packed_conv("packed", c, k, width)
+
+
+def test_a_failed_measurement_falls_back_without_caching(fresh, monkeypatch):
+    def broken():
+        raise RuntimeError("no FMA loop here")
+
+    monkeypatch.setattr(fma_width, "measure", broken)
+    assert not fma_width.full_width()
+    assert "not measured (RuntimeError: no FMA loop here)" in fma_width.decide()["source"]
+    assert not (fresh / "cpu").exists() or not list((fresh / "cpu").glob("*.json"))

@@ -96,7 +96,13 @@ def decide() -> dict:
             and cached.get("cpu") == identity:
         _decided = {**cached, "source": f"measured, cached in {path}"}
         return _decided
-    measured = {"version": VERSION, "device": device, "cpu": identity, **measure()}
+    try:
+        measured = {"version": VERSION, "device": device, "cpu": identity, **measure()}
+    except Exception as exc:  # noqa: BLE001 - a probe that fails must not stop a run
+        # the choice made without the probe (Zen 4's): slower on a full-width core, never wrong
+        _decided = {"full_width": False,
+                    "source": f"not measured ({type(exc).__name__}: {exc}); not cached"}
+        return _decided
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
