@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from nodulekit.bench.common import device_description, device_slug
-from nodulekit.training.demo import cache_dir
+from nodulekit.host import cache_dir
 
 # bump when the way a peak is measured changes: older cached files are then measured again
 PEAKS_VERSION = 1

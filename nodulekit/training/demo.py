@@ -18,22 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
+from nodulekit.host import cache_dir
+
 # Real CT geometry (512 x 512 at 0.6-0.85 mm, synth v2's anatomy), small enough to generate
 # in ~15 s on 2 cores. Seed 9: its three splits hold about the same mix of empty slices,
 # slices with a nodule of 10 mm or more and slices with only smaller ones (train 67/20/13%,
 # val 71/17/12%, test 64/23/12%).
 DEMO_SYNTH = {"size": 512, "patients": 40, "slices_per_patient": 32, "seed": 9}
 DEMO_NAME = "synth512-40x32-s9-v2"
-
-
-def cache_dir() -> Path:
-    """Where nodulekit keeps generated data: NODULEKIT_CACHE, else the XDG cache dir."""
-    env = os.environ.get("NODULEKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "nodulekit"
 
 
 def demo_paths(root: Path | None = None) -> tuple[Path, Path]:
