@@ -230,5 +230,6 @@ def test_the_standard_error_is_the_per_slice_scores_spread_over_root_n():
     row = selection.validation_columns(counts, 0.5)
     assert row[selection.METRIC] == pytest.approx(scores.mean())
     assert row[selection.SCORE_SE] == pytest.approx(scores.std(ddof=1) / math.sqrt(3))
-    assert math.isnan(selection.found_dice_se(np.array([[0, 1, 0], [2, 0, 1]])))  # one slice
+    one_slice = selection.validation_columns(np.array([[0, 1, 0], [2, 0, 1]]), 0.5)
+    assert math.isnan(one_slice[selection.SCORE_SE])  # one nodule slice: no spread
     assert selection.SCORE_SE in selection.VALIDATION_COLUMNS

@@ -121,18 +121,13 @@ def _mean(scores: np.ndarray) -> float:
 
 
 def _standard_error(scores: np.ndarray) -> float:
+    """The scores' sample standard deviation over the square root of their number (NaN
+    with fewer than two): shown beside the score (metrics.csv, the epoch line) so that a
+    difference between epochs can be read against the noise of a small validation split;
+    not selected on (README, "Which model is kept")."""
     if len(scores) < 2:
         return math.nan
     return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
-
-
-def found_dice_se(counts) -> float:
-    """`found_dice`'s standard error: the per-slice scores' sample standard deviation over
-    the square root of their number (NaN with fewer than two nodule slices). Shown beside
-    the score (metrics.csv, the epoch line) so that a difference between epochs can be read
-    against the noise of a small validation split; not selected on (README, "Which model
-    is kept")."""
-    return _standard_error(_found_scores(counts))
 
 
 def no_validation_columns() -> dict:
