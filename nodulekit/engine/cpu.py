@@ -16,7 +16,9 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
   pixels left), the weights packed per block of output channels, and a register block
   sized to the core's vector registers (4 pixels x 64 channels in 16-lane vectors with
   AVX-512). Best from C x K = 64 x 32 on, and on short rows: every deeper level, forward,
-  data and weight gradients.
+  data and weight gradients. Its weight gradient with K = 8 or 16 output channels, where
+  16-lane FMAs run at full width, is vectorised over the taps instead of the channels
+  (``cpu_weight_grad_taps.py``: 48 consecutive taps of the padded input x 8 channels).
 
 The backward pass reuses the forward machinery:
 
@@ -34,7 +36,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from nodulekit.engine import cpu_conv, cpu_conv_packed, cpu_norm, cpu_upconv, fma_width
+from nodulekit.engine import (
+    cpu_conv,
+    cpu_conv_packed,
+    cpu_norm,
+    cpu_upconv,
+    cpu_weight_grad_taps,
+    fma_width,
+)
 from nodulekit.engine import cpu_kernels as kern
 from nodulekit.engine.cpu_workers import Workers
 from nodulekit.engine.ops import AIR_HU, Backend
@@ -68,7 +77,8 @@ CONV_VARIANTS = {
                         "(cpu_conv.py); needs K % 8 == 0",
     "packed": "zero-padded input, weights packed per block of channels, 4 x 64 register "
               "blocks of 16 lanes with AVX-512 (6 x 16 of 8 without) (cpu_conv_packed.py); "
-              "3x3 forward, data and weight gradients; needs K % 8 == 0",
+              "3x3 forward, data and weight gradients (with K <= 16 on cores with full-width "
+              "16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); needs K % 8 == 0",
 }
 
 
@@ -126,6 +136,19 @@ def _packed_weight_grad(variant: str, c: int, k: int) -> bool:
     if variant not in ("auto", "packed") or not cpu_conv_packed.supports(c, k):
         return False
     return variant == "packed" or c * k >= 32 * 32
+
+
+def _taps_weight_grad(variant: str, c: int, k: int) -> bool:
+    # 'auto' (and 'packed', whose padded input it shares), where 16-lane FMAs run at full
+    # width: with K = 8 or 16 the other kernels' blocks are one or two 8-lane vectors of
+    # output channels wide. Measured on one core of the 2-core Xeon (family 6 model 207),
+    # 8 images: 8 -> 8 at 128 x 128 139-144 GFLOP/s against register_blocked's 59 and
+    # packed's 66; 16 -> 16 at 64 x 64 167-177 against 62 and 90; 32 -> 16 166-176 against
+    # 61 and 86. At K = 32 it is level with packed (4 x 256 x 256, 32 -> 32: 146-156
+    # against 144). Its 24 sums of 16 lanes need 32 vector registers.
+    if variant not in ("auto", "packed") or k > 16 or not cpu_weight_grad_taps.supports(c, k):
+        return False
+    return cpu_conv_packed.WIDE_BLOCKS and fma_width.full_width()
 
 
 def _register_blocked_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
@@ -299,10 +322,12 @@ class CPUBackend(Backend):
         workers.run(column_job, width, width)
         return out
 
-    def _pad(self, x):
-        """x [N, H, W, C] copied into a zero-bordered [N, H+2, W+2, C] (cpu_conv_packed)."""
+    def _pad(self, x, slack: int = 0):
+        """x [N, H, W, C] copied into a zero-bordered [N, H+2, W+2, C] (cpu_conv_packed),
+        with ``slack`` floats of room after it (read, never used, by cpu_weight_grad_taps)."""
         n, h, w, c = x.shape
-        xp = aligned_empty((n, h + 2, w + 2, c))
+        count = n * (h + 2) * (w + 2) * c
+        xp = aligned_empty((count + slack,))[:count].reshape(n, h + 2, w + 2, c)
         self.workers.run(lambda m0, m1, _: cpu_conv_packed.pad_rows(x, xp, m0, m1),
                          n * (h + 2), _block_rows((w + 2) * c))
         return xp
@@ -331,6 +356,19 @@ class CPUBackend(Backend):
 
         self.workers.run(taps_job, 9 * c, 9 * c, align=24)
         return out
+
+    def _weight_grad_taps(self, x, dz):
+        """dW [K, 3, 3, C] with cpu_weight_grad_taps: one partial sum per block of image
+        rows, added in block order (as ``_weight_grad_packed``)."""
+        n, h, w, c = x.shape
+        k = dz.shape[3]
+        xp = self._pad(x, slack=cpu_weight_grad_taps.SLACK)
+        rows = n * h * w
+        step, blocks = self.workers.plan(rows, -(-rows // WEIGHT_GRAD_BLOCKS), align=w)
+        acc = self._image_row_partials(
+            (n * h, w), step, blocks, (k, 3, cpu_weight_grad_taps.padded_taps(c)),
+            lambda r0, r1, out: cpu_weight_grad_taps.weight_grad_taps(xp, dz, r0, r1, out))
+        return np.ascontiguousarray(acc[:, :, :3 * c]).reshape(k, 3, 3, c)
 
     def _weight_grad_3x3(self, x, dz):
         """dW^T [9C, K] with packed's kernel or register_blocked's, or None where
@@ -375,6 +413,24 @@ class CPUBackend(Backend):
         self._conv(x, w.reshape(k, -1), r, b, relu, y.reshape(n * h * wd, k))
         return y
 
+    def _weight_grad_transposed(self, dz2d, x, w, r):
+        """dW [K, R, R, C] by way of dW^T [R*R*C, K] = patches(x)^T @ dZ: packed's or
+        register_blocked's kernel where faster, else patches_gemm; then transposed."""
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        rows = n * h * wd
+        acc = self._weight_grad_3x3(x, dz2d.reshape(n, h, wd, k)) if r == 3 else None
+        if acc is None and r == 1:
+            acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
+        elif acc is None:
+            def fill(m0, m1, out):
+                kern.im2col_rows(x, m0, m1, r, out)
+
+            acc = self._gram(dz2d, rows, r * r * c, _block_rows(r * r * c), fill=fill)
+        dw = np.empty(w.shape, dtype=np.float32)  # acc.T: [K, R, R, C]
+        kern.transpose(acc, dw.reshape(k, -1))
+        return dw
+
     def _conv2d_backward(self, dy, x, w, y, relu, need_dx, need_db=True):
         n, h, wd, c = x.shape
         k, r = w.shape[0], w.shape[1]
@@ -400,18 +456,10 @@ class CPUBackend(Backend):
                 kern.column_sums(dy2d, 0, partial)
         db = partial.sum(axis=0) if need_db else None
 
-        # dW^T[R*R*C, K] = patches(x)^T @ dZ: register_blocked where it is faster, else
-        # patches_gemm
-        acc = self._weight_grad_3x3(x, dz2d.reshape(n, h, wd, k)) if r == 3 else None
-        if acc is None and r == 1:
-            acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
-        elif acc is None:
-            def fill(m0, m1, out):
-                kern.im2col_rows(x, m0, m1, r, out)
-
-            acc = self._gram(dz2d, rows, r * r * c, _block_rows(r * r * c), fill=fill)
-        dw = np.empty(w.shape, dtype=np.float32)  # acc.T: [K, R, R, C]
-        kern.transpose(acc, dw.reshape(k, -1))
+        if r == 3 and _taps_weight_grad(self.conv_variant, c, k):
+            dw = self._weight_grad_taps(x, dz2d.reshape(n, h, wd, k))  # dW's own layout
+        else:
+            dw = self._weight_grad_transposed(dz2d, x, w, r)
 
         dx = None
         if need_dx:

@@ -1,0 +1,237 @@
+"""The weight gradient of a 3x3 convolution with few output channels, vectorised over the
+taps (``taps`` in the weight gradient's choice, cpu.py: where K is 8 or 16).
+
+What it computes, NHWC float32 (the same sums as ``cpu_conv_packed``'s weight gradient):
+
+    dW[k, dy, dx, c] = sum over pixels p = (n, h, w) of xp[n, h + dy, w + dx, c] dz[p, k]
+
+with xp = x zero-padded by one pixel all round (``cpu_conv_packed.pad_rows``).
+
+Why another kernel. The other two vectorise over the output channels k: a block holds
+vectors of 8 or 16 channels of dz and broadcasts one tap of x per row. With K = 8 or 16 a
+block is then one or two 8-lane vectors wide, and on a core whose FMAs are 16 lanes wide
+(Intel's server cores, Zen 5) half of every instruction is idle; register_blocked's 4 x 16
+block also keeps only 8 sums in flight, which its FMAs' latency leaves waiting. Measured on
+the 2-core Xeon (family 6 model 207), 8 images at the demo's shapes: 8 -> 8 at 128 x 128
+and 16 -> 16 at 64 x 64 ran at 111-122 GFLOP/s on both cores, against a peak of 350-490.
+
+Turned around: for one kernel row dy the 3C taps of pixel w, xp[n, h + dy, w:w + 3, :],
+are 3C consecutive floats of the padded input. So a block holds 3 vectors of 16 taps (48
+consecutive taps) x 8 channels of dz: 24 sums of 16 lanes. Each pixel loads the 3 tap
+vectors and broadcasts 8 values of dz (AVX-512 folds each broadcast into its FMA) for 24
+FMAs, and 24 chains are in flight. The sums are dW's own rows: dW[k, dy] is 3C floats,
+so the block stores straight into dW's layout, [K, 3, 3C] (no transpose after).
+
+With C = 8 a kernel row has 24 taps, a vector and a half: the block is then 2 x 8 and its
+second vector's last 8 lanes (the next pixel's first taps) are thrown away; the rows of
+the output are padded to whole vectors (``padded_taps``) and the caller drops the padding.
+Those lanes read up to 8 floats past a padded row, so the padded input needs that much
+room after its end (``SLACK``).
+
+Order of the sums: every output is one chain of FMAs over the pixels of a call's image rows,
+in order, starting from 0; the caller adds the calls' partial sums in block order. The
+bits depend on the shape and the block plan only, never on threads.
+
+Run it: ``python -m nodulekit.engine.cpu_weight_grad_taps`` times it against
+register_blocked and packed on one core; ``tests/test_weight_grad_taps.py`` checks it
+against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, uint64
+
+from nodulekit.engine.simd import fma16, load16, splat16, store16, zeros16
+
+_JIT = {"cache": True, "nogil": True}
+_INLINE = {"cache": True, "inline": "always"}
+
+LANES = 16
+CHANNELS = 8  # dz channels a block
+SLACK = 8  # floats the padded input needs after its end (the C = 8 block's extra lanes)
+# image rows per pass over the blocks: about this many pixels, so that their x and dz stay
+# in L1/L2 while the blocks go over them
+PIXEL_CHUNK = 256
+
+
+def supports(c: int, k: int) -> bool:
+    return c % 8 == 0 and k % CHANNELS == 0
+
+
+def padded_taps(c: int) -> int:
+    """A kernel row's 3C taps, rounded up to whole vectors: the output's row length."""
+    return -(-3 * c // LANES) * LANES
+
+
+@njit(**_INLINE)
+def _fma_3x8(xpf, i, dzf, d, a):
+    """a[3 j + v] += xpf[i + 16 v:][:16] * dzf[d + j] for v < 3, j < 8."""
+    x0, x1, x2 = load16(xpf, i), load16(xpf, i + uint64(16)), load16(xpf, i + uint64(32))
+    s0, s1 = splat16(dzf, d), splat16(dzf, d + uint64(1))
+    s2, s3 = splat16(dzf, d + uint64(2)), splat16(dzf, d + uint64(3))
+    s4, s5 = splat16(dzf, d + uint64(4)), splat16(dzf, d + uint64(5))
+    s6, s7 = splat16(dzf, d + uint64(6)), splat16(dzf, d + uint64(7))
+    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x2, s0, a[2]),
+            fma16(x0, s1, a[3]), fma16(x1, s1, a[4]), fma16(x2, s1, a[5]),
+            fma16(x0, s2, a[6]), fma16(x1, s2, a[7]), fma16(x2, s2, a[8]),
+            fma16(x0, s3, a[9]), fma16(x1, s3, a[10]), fma16(x2, s3, a[11]),
+            fma16(x0, s4, a[12]), fma16(x1, s4, a[13]), fma16(x2, s4, a[14]),
+            fma16(x0, s5, a[15]), fma16(x1, s5, a[16]), fma16(x2, s5, a[17]),
+            fma16(x0, s6, a[18]), fma16(x1, s6, a[19]), fma16(x2, s6, a[20]),
+            fma16(x0, s7, a[21]), fma16(x1, s7, a[22]), fma16(x2, s7, a[23]))
+
+
+@njit(**_INLINE)
+def _fma_2x8(xpf, i, dzf, d, a):
+    """a[2 j + v] += xpf[i + 16 v:][:16] * dzf[d + j] for v < 2, j < 8."""
+    x0, x1 = load16(xpf, i), load16(xpf, i + uint64(16))
+    s0, s1 = splat16(dzf, d), splat16(dzf, d + uint64(1))
+    s2, s3 = splat16(dzf, d + uint64(2)), splat16(dzf, d + uint64(3))
+    s4, s5 = splat16(dzf, d + uint64(4)), splat16(dzf, d + uint64(5))
+    s6, s7 = splat16(dzf, d + uint64(6)), splat16(dzf, d + uint64(7))
+    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x0, s1, a[2]), fma16(x1, s1, a[3]),
+            fma16(x0, s2, a[4]), fma16(x1, s2, a[5]), fma16(x0, s3, a[6]), fma16(x1, s3, a[7]),
+            fma16(x0, s4, a[8]), fma16(x1, s4, a[9]), fma16(x0, s5, a[10]),
+            fma16(x1, s5, a[11]), fma16(x0, s6, a[12]), fma16(x1, s6, a[13]),
+            fma16(x0, s7, a[14]), fma16(x1, s7, a[15]))
+
+
+@njit(**_INLINE)
+def _load_3x8(outf, o, row):
+    """The sums ``_block3`` stored, read back to go on with them (row: 3 x padded taps)."""
+    e1, e2 = uint64(16), uint64(32)
+    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
+         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
+    return (load16(outf, p[0]), load16(outf, p[0] + e1), load16(outf, p[0] + e2),
+            load16(outf, p[1]), load16(outf, p[1] + e1), load16(outf, p[1] + e2),
+            load16(outf, p[2]), load16(outf, p[2] + e1), load16(outf, p[2] + e2),
+            load16(outf, p[3]), load16(outf, p[3] + e1), load16(outf, p[3] + e2),
+            load16(outf, p[4]), load16(outf, p[4] + e1), load16(outf, p[4] + e2),
+            load16(outf, p[5]), load16(outf, p[5] + e1), load16(outf, p[5] + e2),
+            load16(outf, p[6]), load16(outf, p[6] + e1), load16(outf, p[6] + e2),
+            load16(outf, p[7]), load16(outf, p[7] + e1), load16(outf, p[7] + e2))
+
+
+@njit(**_INLINE)
+def _load_2x8(outf, o, row):
+    """The sums ``_block2`` stored, read back."""
+    e1 = uint64(16)
+    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
+         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
+    return (load16(outf, p[0]), load16(outf, p[0] + e1), load16(outf, p[1]),
+            load16(outf, p[1] + e1), load16(outf, p[2]), load16(outf, p[2] + e1),
+            load16(outf, p[3]), load16(outf, p[3] + e1), load16(outf, p[4]),
+            load16(outf, p[4] + e1), load16(outf, p[5]), load16(outf, p[5] + e1),
+            load16(outf, p[6]), load16(outf, p[6] + e1), load16(outf, p[7]),
+            load16(outf, p[7] + e1))
+
+
+@njit(**_INLINE)
+def _block3(xpf, dzf, outf, span, xi, d0, o, first):
+    """A block of 48 taps x 8 channels over a chunk's pixels (span: see weight_grad_taps)."""
+    r0, r1, height, ph, pw, width, c, k, dy, tp = span
+    z = zeros16()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+    if not first:
+        a = _load_3x8(outf, o, uint64(3) * tp)
+    for row in range(r0, r1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = d0 + uint64(row * width) * k
+        for x in range(width):
+            a = _fma_3x8(xpf, xr + uint64(x) * c, dzf, dr + uint64(x) * k, a)
+    for j in range(24):
+        store16(outf, o + uint64(j // 3) * uint64(3) * tp + uint64(16 * (j % 3)), a[j])
+
+
+@njit(**_INLINE)
+def _block2(xpf, dzf, outf, span, xi, d0, o, first):
+    """A block of 32 taps (C = 8: 24 and 8 thrown away) x 8 channels."""
+    r0, r1, height, ph, pw, width, c, k, dy, tp = span
+    z = zeros16()
+    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+    if not first:
+        a = _load_2x8(outf, o, uint64(3) * tp)
+    for row in range(r0, r1):
+        n, h = row // height, row % height
+        xr = xi + uint64((n * ph + h + dy) * pw) * c
+        dr = d0 + uint64(row * width) * k
+        for x in range(width):
+            a = _fma_2x8(xpf, xr + uint64(x) * c, dzf, dr + uint64(x) * k, a)
+    for j in range(16):
+        store16(outf, o + uint64(j // 2) * uint64(3) * tp + uint64(16 * (j % 2)), a[j])
+
+
+@njit(**_JIT)
+def weight_grad_taps(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
+                     out: np.ndarray, pixel_chunk: int = PIXEL_CHUNK) -> None:
+    """out[k, dy, t] = sum over the pixels of image rows row0..row1 (row = n H + h) of
+    xp's tap t of kernel row dy (t = dx C + c) times dz[., k]; out [K, 3, padded_taps(C)]
+    is written, not added to. xp = pad_rows(x) with SLACK floats of room after it."""
+    _, ph, pw, channels = xp.shape
+    height, width = ph - 2, pw - 2
+    out_channels = dz.shape[3]
+    tp = uint64(out.shape[2])
+    xpf, dzf, outf = xp.ravel(), dz.ravel(), out.ravel()
+    c, k = uint64(channels), uint64(out_channels)
+    chunk = max(1, pixel_chunk // width)
+    for r0 in range(row0, row1, chunk):
+        r1 = min(row1, r0 + chunk)
+        first = r0 == row0
+        for dy in range(3):
+            span = (r0, r1, height, ph, pw, width, c, k, dy, tp)
+            for j0 in range(0, out_channels, CHANNELS):
+                for t0 in range(0, int(tp), 48):
+                    o = uint64(j0) * uint64(3) * tp + uint64(dy) * tp + uint64(t0)
+                    if int(tp) - t0 >= 48:
+                        _block3(xpf, dzf, outf, span, uint64(t0), uint64(j0), o, first)
+                    else:
+                        _block2(xpf, dzf, outf, span, uint64(t0), uint64(j0), o, first)
+
+
+
+def _best_ms(fn, repeats: int = 7) -> float:
+    import time
+
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def _time_shape(rng, n: int, h: int, c: int, k: int) -> str:
+    from nodulekit.engine import cpu_conv, cpu_conv_packed
+    from nodulekit.engine.simd import aligned_empty
+
+    x = rng.standard_normal((n, h, h, c), dtype=np.float32)
+    dz = aligned_empty((n, h, h, k))
+    dz[...] = rng.standard_normal((n, h, h, k), dtype=np.float32)
+    count = n * (h + 2) * (h + 2) * c
+    xp = aligned_empty((count + SLACK,))[:count].reshape(n, h + 2, h + 2, c)
+    cpu_conv_packed.pad_rows(x, xp, 0, n * (h + 2))
+    out = np.empty((k, 3, padded_taps(c)), dtype=np.float32)
+    acc = np.empty((9 * c, k), dtype=np.float32)
+    mflop = 2 * n * h * h * 9 * c * k / 1e6  # per ms: GFLOP/s
+    t = _best_ms(lambda: weight_grad_taps(xp, dz, 0, n * h, out))
+    r = _best_ms(lambda: cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, acc))
+    p = _best_ms(lambda: cpu_conv_packed.conv3x3_weight_grad_packed(
+        xp, dz, 0, n * h, 0, 9 * c, acc, cpu_conv_packed.WIDE_BLOCKS))
+    return (f"{n}x{h}x{h} {c:3d} -> {k:3d}: taps {mflop / t:6.1f}  register_blocked "
+            f"{mflop / r:6.1f}  packed {mflop / p:6.1f}")
+
+
+def _time_one_core() -> None:
+    """This kernel against register_blocked's and packed's weight gradients on the calling
+    thread (one core), in GFLOP/s, at the demo's shapes of K = 8 and 16 (8 images)."""
+    rng = np.random.default_rng(0)
+    print("one core; weight gradient GFLOP/s")
+    for n, h, c, k in ((8, 128, 8, 8), (8, 64, 16, 16), (8, 64, 32, 16), (8, 128, 16, 8)):
+        print(_time_shape(rng, n, h, c, k))
+
+
+if __name__ == "__main__":
+    _time_one_core()
