@@ -18,6 +18,8 @@ from opcheck import TOLERANCES, rand, reference
 from nodulekit.engine import cpu_conv_packed as packed
 from nodulekit.engine.cpu import CPUBackend
 
+CHUNK = packed.PIXEL_CHUNK
+
 SHAPES = [  # N, H, W, C, K
     (1, 1, 1, 4, 8), (2, 3, 2, 5, 40), (1, 4, 3, 8, 16),  # rows narrower than any block
     (2, 5, 9, 3, 56), (1, 3, 13, 1, 24), (2, 6, 11, 16, 48),  # overlapping last blocks
@@ -77,13 +79,14 @@ def test_packed_kernels_against_float64(rng, n, h, w, c, k, wide):
     _, want_dw, _ = ref.conv2d_backward(dz64, x64, w64, want_y, False, False)
     want_tk = want_dw.reshape(k, -1).T
     whole = np.full((9 * c, k), np.nan, dtype=np.float32)
-    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, whole, wide)
+    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, whole, wide, CHUNK)
     np.testing.assert_allclose(whole, want_tk, rtol=rtol,
                                atol=atol * (n * h * w) ** .5 * np.abs(want_tk).max())
     split = np.full((9 * c, k), np.nan, dtype=np.float32)
     middle = 9 * c // 2 + 1  # a range boundary inside a kernel row and a tap group
-    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, middle, split, wide)
-    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, middle, 9 * c, split, wide)
+    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, middle, split, wide, CHUNK)
+    packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, middle, 9 * c, split, wide,
+                                      CHUNK)
     assert np.array_equal(split, whole)  # the same sums in the same order
     chunked = np.full((9 * c, k), np.nan, dtype=np.float32)
     packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, chunked, wide, 1)
@@ -149,7 +152,7 @@ def test_both_block_families_give_the_same_bits(rng, n, h, w, c, k):
         packed.conv3x3_packed_rows(xp, packed.pack_weights(w_tk, wide), b, True, y, 0, n * h,
                                    wide)
         dw = np.empty((9 * c, k), dtype=np.float32)
-        packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, dw, wide)
+        packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, dw, wide, CHUNK)
         ys.append(y)
         dws.append(dw)
     assert np.array_equal(ys[0], ys[1])

@@ -78,10 +78,11 @@ def test_weight_grad_taps_against_float64(rng, n, h, w, c, k):
 
 def _force_taps(monkeypatch, on: bool):
     monkeypatch.setattr(cpu, "_taps_weight_grad",
-                        lambda variant, c, k: on and taps.supports(c, k) and k <= 16)
+                        lambda variant, c, k: on and taps.supports(c, k))
 
 
-@pytest.mark.parametrize("n,h,w,c,k", [(2, 9, 7, 8, 8), (3, 5, 16, 16, 16), (2, 4, 4, 24, 8)])
+@pytest.mark.parametrize("n,h,w,c,k", [(2, 9, 7, 8, 8), (3, 5, 16, 16, 16), (2, 4, 4, 24, 8),
+                                       (2, 3, 5, 16, 40)])
 def test_backend_weight_grad_with_taps_matches_without(rng, monkeypatch, n, h, w, c, k):
     """conv2d_backward with the taps kernel against the same backend without it (the
     transposed kernels) and against the float64 reference; dx and db do not change."""
@@ -123,7 +124,8 @@ def test_auto_takes_taps_only_for_few_output_channels_on_full_width_cores(monkey
     monkeypatch.setattr(cpu.fma_width, "full_width", lambda: True)
     assert cpu._taps_weight_grad("auto", 16, 16) and cpu._taps_weight_grad("auto", 8, 8)
     assert cpu._taps_weight_grad("packed", 32, 16)
-    assert not cpu._taps_weight_grad("auto", 16, 32)  # level with packed there
+    assert cpu._taps_weight_grad("auto", 16, 32) and cpu._taps_weight_grad("auto", 8, 64)
+    assert not cpu._taps_weight_grad("auto", 32, 32)  # level with packed there
     assert not cpu._taps_weight_grad("auto", 1, 8)  # C = 1: 3 taps a kernel row
     assert not cpu._taps_weight_grad("register_blocked", 16, 16)
     monkeypatch.setattr(cpu.fma_width, "full_width", lambda: False)

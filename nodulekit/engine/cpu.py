@@ -16,8 +16,8 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
   pixels left), the weights packed per block of output channels, and a register block
   sized to the core's vector registers (4 pixels x 64 channels in 16-lane vectors with
   AVX-512). Best from C x K = 64 x 32 on, and on short rows: every deeper level, forward,
-  data and weight gradients. Its weight gradient with K = 8 or 16 output channels, where
-  16-lane FMAs run at full width, is vectorised over the taps instead of the channels
+  data and weight gradients. Its weight gradient with K or C <= 16, where 16-lane FMAs
+  run at full width, is vectorised over the taps instead of the output channels
   (``cpu_weight_grad_taps.py``: 48 consecutive taps of the padded input x 8 channels).
 
 The backward pass reuses the forward machinery:
@@ -77,8 +77,9 @@ CONV_VARIANTS = {
                         "(cpu_conv.py); needs K % 8 == 0",
     "packed": "zero-padded input, weights packed per block of channels, 4 x 64 register "
               "blocks of 16 lanes with AVX-512 (6 x 16 of 8 without) (cpu_conv_packed.py); "
-              "3x3 forward, data and weight gradients (with K <= 16 on cores with full-width "
-              "16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); needs K % 8 == 0",
+              "3x3 forward, data and weight gradients (with K or C <= 16 on cores with "
+              "full-width 16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); "
+              "needs K % 8 == 0",
 }
 
 
@@ -140,15 +141,20 @@ def _packed_weight_grad(variant: str, c: int, k: int) -> bool:
 
 def _taps_weight_grad(variant: str, c: int, k: int) -> bool:
     # 'auto' (and 'packed', whose padded input it shares), where 16-lane FMAs run at full
-    # width: with K = 8 or 16 the other kernels' blocks are one or two 8-lane vectors of
-    # output channels wide. Measured on one core of the 2-core Xeon (family 6 model 207),
-    # 8 images: 8 -> 8 at 128 x 128 139-144 GFLOP/s against register_blocked's 59 and
-    # packed's 66; 16 -> 16 at 64 x 64 167-177 against 62 and 90; 32 -> 16 166-176 against
-    # 61 and 86. At K = 32 it is level with packed (4 x 256 x 256, 32 -> 32: 146-156
-    # against 144). Its 24 sums of 16 lanes need 32 vector registers.
-    if variant not in ("auto", "packed") or k > 16 or not cpu_weight_grad_taps.supports(c, k):
+    # width, for K <= 16 or C <= 16: there the other kernels' blocks are one or two 8-lane
+    # vectors of output channels wide, or register_blocked's latency-bound 4 x 16 (C x K <
+    # 32 x 32). Measured on the 2-core Xeon (family 6 model 207), one core, 8 images:
+    # 8 -> 8 at 128 x 128 123-144 GFLOP/s against register_blocked's 52-59 and packed's
+    # 61-66; 16 -> 16 at 64 x 64 164-177 against 57-62 and 74-90; 32 -> 16 161-176 against
+    # 57-61 and 77-86. Both threads, with the padding: 16 -> 32 at 32 x 32 0.40-0.46 ms
+    # against register_blocked's 0.80-0.97, 16 -> 64 0.63-0.71 against 1.66-1.87. From
+    # 32 x 32 channels on it is level with packed (4 x 256 x 256, 32 -> 32: 146-156 GFLOP/s
+    # against 144-155 on one core), which keeps them. Its 24 sums of 16 lanes need 32
+    # vector registers.
+    if variant not in ("auto", "packed") or not cpu_weight_grad_taps.supports(c, k):
         return False
-    return cpu_conv_packed.WIDE_BLOCKS and fma_width.full_width()
+    return ((k <= 16 or c <= 16) and cpu_conv_packed.WIDE_BLOCKS
+            and fma_width.full_width())
 
 
 def _register_blocked_weight_grad(variant: str, c: int, k: int, width: int) -> bool:
@@ -348,11 +354,12 @@ class CPUBackend(Backend):
             return self._image_row_partials(
                 (n * h, w), step, blocks, (9 * c, k),
                 lambda r0, r1, out: cpu_conv_packed.conv3x3_weight_grad_packed(
-                    xp, dz, r0, r1, 0, 9 * c, out, wide))
+                    xp, dz, r0, r1, 0, 9 * c, out, wide, cpu_conv_packed.PIXEL_CHUNK))
         out = np.empty((9 * c, k), dtype=np.float32)
 
         def taps_job(t0, t1, _):
-            cpu_conv_packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, t0, t1, out, wide)
+            cpu_conv_packed.conv3x3_weight_grad_packed(xp, dz, 0, n * h, t0, t1, out, wide,
+                                                       cpu_conv_packed.PIXEL_CHUNK)
 
         self.workers.run(taps_job, 9 * c, 9 * c, align=24)
         return out
@@ -367,7 +374,8 @@ class CPUBackend(Backend):
         step, blocks = self.workers.plan(rows, -(-rows // WEIGHT_GRAD_BLOCKS), align=w)
         acc = self._image_row_partials(
             (n * h, w), step, blocks, (k, 3, cpu_weight_grad_taps.padded_taps(c)),
-            lambda r0, r1, out: cpu_weight_grad_taps.weight_grad_taps(xp, dz, r0, r1, out))
+            lambda r0, r1, out: cpu_weight_grad_taps.weight_grad_taps(
+                xp, dz, r0, r1, out, cpu_weight_grad_taps.PIXEL_CHUNK))
         return np.ascontiguousarray(acc[:, :, :3 * c]).reshape(k, 3, 3, c)
 
     def _weight_grad_3x3(self, x, dz):

@@ -561,10 +561,11 @@ def _pack_dz(dzf, p0, pixels, out_channels, panel, wide):
 @njit(**_JIT)
 def conv3x3_weight_grad_packed(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
                                t_lo: int, t_hi: int, out: np.ndarray, wide: bool,
-                               pixel_chunk: int = PIXEL_CHUNK) -> None:
+                               pixel_chunk: int) -> None:
     """out[t_lo:t_hi] = dW_tk's rows (taps) t_lo..t_hi, summed over image rows row0..row1
     (row = n * H + h) of dz and of x (given padded: xp = pad_rows(x)). out [9C, K] is
-    written there, not added to."""
+    written there, not added to. pixel_chunk: PIXEL_CHUNK (a required
+    argument, not a default: see tests/test_numba_dispatch.py)."""
     _, ph, pw, channels = xp.shape
     height, width = ph - 2, pw - 2
     out_channels = dz.shape[3]
@@ -645,7 +646,7 @@ def _time_shape(rng, n: int, h: int, w: int, c: int, k: int) -> str:
     pad = _best_ms(lambda: pad_rows(x, xp, 0, n * (h + 2)))
     g2 = _best_ms(lambda: cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, dw))
     g3 = _best_ms(lambda: conv3x3_weight_grad_packed(xp, dz, 0, n * h, 0, 9 * c, dw,
-                                                     WIDE_BLOCKS))
+                                                     WIDE_BLOCKS, PIXEL_CHUNK))
     return (f"{n}x{h}x{w} {c:4d} -> {k:4d}: forward v2 {mflop / v2:6.1f}  packed "
             f"{mflop / v3:6.1f} (with padding {mflop / (v3 + pad):6.1f}) | weight gradient "
             f"v2 {mflop / g2:6.1f}  packed {mflop / g3:6.1f}")

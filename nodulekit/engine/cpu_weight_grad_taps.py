@@ -1,5 +1,5 @@
 """The weight gradient of a 3x3 convolution with few output channels, vectorised over the
-taps (``taps`` in the weight gradient's choice, cpu.py: where K is 8 or 16).
+taps (``taps`` in the weight gradient's choice, cpu.py: where K or C is 8 or 16).
 
 What it computes, NHWC float32 (the same sums as ``cpu_conv_packed``'s weight gradient):
 
@@ -165,10 +165,11 @@ def _block2(xpf, dzf, outf, span, xi, d0, o, first):
 
 @njit(**_JIT)
 def weight_grad_taps(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
-                     out: np.ndarray, pixel_chunk: int = PIXEL_CHUNK) -> None:
+                     out: np.ndarray, pixel_chunk: int) -> None:
     """out[k, dy, t] = sum over the pixels of image rows row0..row1 (row = n H + h) of
     xp's tap t of kernel row dy (t = dx C + c) times dz[., k]; out [K, 3, padded_taps(C)]
-    is written, not added to. xp = pad_rows(x) with SLACK floats of room after it."""
+    is written, not added to. xp = pad_rows(x) with SLACK floats of room after it;
+    pixel_chunk: PIXEL_CHUNK (required, not a default: see tests/test_numba_dispatch.py)."""
     _, ph, pw, channels = xp.shape
     height, width = ph - 2, pw - 2
     out_channels = dz.shape[3]
@@ -216,10 +217,11 @@ def _time_shape(rng, n: int, h: int, c: int, k: int) -> str:
     out = np.empty((k, 3, padded_taps(c)), dtype=np.float32)
     acc = np.empty((9 * c, k), dtype=np.float32)
     mflop = 2 * n * h * h * 9 * c * k / 1e6  # per ms: GFLOP/s
-    t = _best_ms(lambda: weight_grad_taps(xp, dz, 0, n * h, out))
+    t = _best_ms(lambda: weight_grad_taps(xp, dz, 0, n * h, out, PIXEL_CHUNK))
     r = _best_ms(lambda: cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, acc))
     p = _best_ms(lambda: cpu_conv_packed.conv3x3_weight_grad_packed(
-        xp, dz, 0, n * h, 0, 9 * c, acc, cpu_conv_packed.WIDE_BLOCKS))
+        xp, dz, 0, n * h, 0, 9 * c, acc, cpu_conv_packed.WIDE_BLOCKS,
+        cpu_conv_packed.PIXEL_CHUNK))
     return (f"{n}x{h}x{h} {c:3d} -> {k:3d}: taps {mflop / t:6.1f}  register_blocked "
             f"{mflop / r:6.1f}  packed {mflop / p:6.1f}")
 
