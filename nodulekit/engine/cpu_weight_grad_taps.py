@@ -1,5 +1,5 @@
-"""The weight gradient of a 3x3 convolution with few output channels, vectorised over the
-taps (``taps`` in the weight gradient's choice, cpu.py: where K or C is 8 or 16).
+"""The weight gradient of a 3x3 convolution with few channels, vectorised over the taps
+(``cpu._taps_weight_grad``: where K or C is at most 16 and 16-lane FMAs run full width).
 
 What it computes, NHWC float32 (the same sums as ``cpu_conv_packed``'s weight gradient):
 
@@ -22,11 +22,20 @@ vectors and broadcasts 8 values of dz (AVX-512 folds each broadcast into its FMA
 FMAs, and 24 chains are in flight. The sums are dW's own rows: dW[k, dy] is 3C floats,
 so the block stores straight into dW's layout, [K, 3, 3C] (no transpose after).
 
-With C = 8 a kernel row has 24 taps, a vector and a half: the block is then 2 x 8 and its
-second vector's last 8 lanes (the next pixel's first taps) are thrown away; the rows of
-the output are padded to whole vectors (``padded_taps``) and the caller drops the padding.
-Those lanes read up to 8 floats past a padded row, so the padded input needs that much
-room after its end (``SLACK``).
+Where 3C is not a multiple of 16 (C = 8, 24, 40, ...: 24 taps a kernel row at C = 8, a
+vector and a half) the last block is 2 x 8 and its second vector's last 8 lanes (the next
+pixel's first taps) are thrown away; the rows of the output are padded to whole vectors
+(``padded_taps``) and the caller drops the padding. Those lanes read up to 8 floats past a
+padded row, so the padded input needs that much room after its end (``SLACK``).
+
+Napkin math, one core of the 2-core Xeon (16-lane FMA peak 167-246 GFLOP/s a core,
+depending on the neighbours), 8 images, against register_blocked and packed in turns:
+
+    8 -> 8 at 128 x 128: 2 x 131072 x 72 x 8 = 151 MFLOP; 123-144 GFLOP/s (1.1 ms),
+      register_blocked 52-59, packed 61-66 (the 2 x 8 block: 24 of 32 lanes used)
+    16 -> 16 at 64 x 64: 164-177 against 57-62 and 74-90
+    32 -> 16 at 64 x 64: 161-176 against 57-61 and 77-86
+    16 -> 8 at 128 x 128: 171-191 against 55-59 and 66-76
 
 Order of the sums: every output is one chain of FMAs over the pixels of a call's image rows,
 in order, starting from 0; the caller adds the calls' partial sums in block order. The
