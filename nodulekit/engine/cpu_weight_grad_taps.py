@@ -51,7 +51,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, uint64
 
-from nodulekit.engine.simd import fma16, load16, splat16, store16, zeros16
+from nodulekit.engine.register_blocks import (
+    fma_32x8,
+    fma_48x8,
+    load_32x8,
+    load_48x8,
+    store_32x8,
+    store_48x8,
+)
+from nodulekit.engine.simd import zeros16
 
 _JIT = {"cache": True, "nogil": True}
 _INLINE = {"cache": True, "inline": "always"}
@@ -74,102 +82,22 @@ def padded_taps(c: int) -> int:
 
 
 @njit(**_INLINE)
-def _fma_3x8(xpf, i, dzf, d, a):
-    """a[3 j + v] += xpf[i + 16 v:][:16] * dzf[d + j] for v < 3, j < 8."""
-    x0, x1, x2 = load16(xpf, i), load16(xpf, i + uint64(16)), load16(xpf, i + uint64(32))
-    s0, s1 = splat16(dzf, d), splat16(dzf, d + uint64(1))
-    s2, s3 = splat16(dzf, d + uint64(2)), splat16(dzf, d + uint64(3))
-    s4, s5 = splat16(dzf, d + uint64(4)), splat16(dzf, d + uint64(5))
-    s6, s7 = splat16(dzf, d + uint64(6)), splat16(dzf, d + uint64(7))
-    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x2, s0, a[2]),
-            fma16(x0, s1, a[3]), fma16(x1, s1, a[4]), fma16(x2, s1, a[5]),
-            fma16(x0, s2, a[6]), fma16(x1, s2, a[7]), fma16(x2, s2, a[8]),
-            fma16(x0, s3, a[9]), fma16(x1, s3, a[10]), fma16(x2, s3, a[11]),
-            fma16(x0, s4, a[12]), fma16(x1, s4, a[13]), fma16(x2, s4, a[14]),
-            fma16(x0, s5, a[15]), fma16(x1, s5, a[16]), fma16(x2, s5, a[17]),
-            fma16(x0, s6, a[18]), fma16(x1, s6, a[19]), fma16(x2, s6, a[20]),
-            fma16(x0, s7, a[21]), fma16(x1, s7, a[22]), fma16(x2, s7, a[23]))
-
-
-@njit(**_INLINE)
-def _fma_2x8(xpf, i, dzf, d, a):
-    """a[2 j + v] += xpf[i + 16 v:][:16] * dzf[d + j] for v < 2, j < 8."""
-    x0, x1 = load16(xpf, i), load16(xpf, i + uint64(16))
-    s0, s1 = splat16(dzf, d), splat16(dzf, d + uint64(1))
-    s2, s3 = splat16(dzf, d + uint64(2)), splat16(dzf, d + uint64(3))
-    s4, s5 = splat16(dzf, d + uint64(4)), splat16(dzf, d + uint64(5))
-    s6, s7 = splat16(dzf, d + uint64(6)), splat16(dzf, d + uint64(7))
-    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x0, s1, a[2]), fma16(x1, s1, a[3]),
-            fma16(x0, s2, a[4]), fma16(x1, s2, a[5]), fma16(x0, s3, a[6]), fma16(x1, s3, a[7]),
-            fma16(x0, s4, a[8]), fma16(x1, s4, a[9]), fma16(x0, s5, a[10]),
-            fma16(x1, s5, a[11]), fma16(x0, s6, a[12]), fma16(x1, s6, a[13]),
-            fma16(x0, s7, a[14]), fma16(x1, s7, a[15]))
-
-
-@njit(**_INLINE)
-def _load_3x8(outf, o, row):
-    """The sums ``_block3`` stored, read back to go on with them (row: 3 x padded taps)."""
-    e1, e2 = uint64(16), uint64(32)
-    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
-         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
-    return (load16(outf, p[0]), load16(outf, p[0] + e1), load16(outf, p[0] + e2),
-            load16(outf, p[1]), load16(outf, p[1] + e1), load16(outf, p[1] + e2),
-            load16(outf, p[2]), load16(outf, p[2] + e1), load16(outf, p[2] + e2),
-            load16(outf, p[3]), load16(outf, p[3] + e1), load16(outf, p[3] + e2),
-            load16(outf, p[4]), load16(outf, p[4] + e1), load16(outf, p[4] + e2),
-            load16(outf, p[5]), load16(outf, p[5] + e1), load16(outf, p[5] + e2),
-            load16(outf, p[6]), load16(outf, p[6] + e1), load16(outf, p[6] + e2),
-            load16(outf, p[7]), load16(outf, p[7] + e1), load16(outf, p[7] + e2))
-
-
-@njit(**_INLINE)
-def _load_2x8(outf, o, row):
-    """The sums ``_block2`` stored, read back."""
-    e1 = uint64(16)
-    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
-         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
-    return (load16(outf, p[0]), load16(outf, p[0] + e1), load16(outf, p[1]),
-            load16(outf, p[1] + e1), load16(outf, p[2]), load16(outf, p[2] + e1),
-            load16(outf, p[3]), load16(outf, p[3] + e1), load16(outf, p[4]),
-            load16(outf, p[4] + e1), load16(outf, p[5]), load16(outf, p[5] + e1),
-            load16(outf, p[6]), load16(outf, p[6] + e1), load16(outf, p[7]),
-            load16(outf, p[7] + e1))
-
-
-@njit(**_INLINE)
-def _block3(xpf, dzf, outf, span, xi, d0, o, first):
-    """A block of 48 taps x 8 channels over a chunk's pixels (span: see weight_grad_taps)."""
+def _block(fma, load, store, zeros, arrays, span, at):
+    """One block (``register_blocks``: fma_48x8 and its load and store, or the 32 x 8
+    ones) over a chunk's pixels, from 0 on its first chunk, else from what it stored.
+    arrays = (xpf, dzf, outf); at = (first tap, first channel, output index, first?)."""
+    xpf, dzf, outf = arrays
     r0, r1, height, ph, pw, width, c, k, dy, tp = span
-    z = zeros16()
-    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
-    if not first:
-        a = _load_3x8(outf, o, uint64(3) * tp)
-    for row in range(r0, r1):
-        n, h = row // height, row % height
+    xi, d0, o, first = at
+    row = uint64(3) * tp  # channel j's output row: 3 kernel rows of padded taps
+    a = zeros if first else load(outf, o, row)
+    for r in range(r0, r1):
+        n, h = r // height, r % height
         xr = xi + uint64((n * ph + h + dy) * pw) * c
-        dr = d0 + uint64(row * width) * k
+        dr = d0 + uint64(r * width) * k
         for x in range(width):
-            a = _fma_3x8(xpf, xr + uint64(x) * c, dzf, dr + uint64(x) * k, a)
-    for j in range(24):
-        store16(outf, o + uint64(j // 3) * uint64(3) * tp + uint64(16 * (j % 3)), a[j])
-
-
-@njit(**_INLINE)
-def _block2(xpf, dzf, outf, span, xi, d0, o, first):
-    """A block of 32 taps (C = 8: 24 and 8 thrown away) x 8 channels."""
-    r0, r1, height, ph, pw, width, c, k, dy, tp = span
-    z = zeros16()
-    a = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
-    if not first:
-        a = _load_2x8(outf, o, uint64(3) * tp)
-    for row in range(r0, r1):
-        n, h = row // height, row % height
-        xr = xi + uint64((n * ph + h + dy) * pw) * c
-        dr = d0 + uint64(row * width) * k
-        for x in range(width):
-            a = _fma_2x8(xpf, xr + uint64(x) * c, dzf, dr + uint64(x) * k, a)
-    for j in range(16):
-        store16(outf, o + uint64(j // 2) * uint64(3) * tp + uint64(16 * (j % 2)), a[j])
+            a = fma(xpf, xr + uint64(x) * c, dzf, dr + uint64(x) * k, a)
+    store(outf, o, row, a)
 
 
 @njit(**_JIT)
@@ -185,6 +113,10 @@ def weight_grad_taps(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
     tp = uint64(out.shape[2])
     xpf, dzf, outf = xp.ravel(), dz.ravel(), out.ravel()
     c, k = uint64(channels), uint64(out_channels)
+    z = zeros16()
+    z8 = (z, z, z, z, z, z, z, z)
+    z16, z24 = z8 + z8, z8 + z8 + z8
+    arrays = (xpf, dzf, outf)
     chunk = max(1, pixel_chunk // width)
     for r0 in range(row0, row1, chunk):
         r1 = min(row1, r0 + chunk)
@@ -194,27 +126,16 @@ def weight_grad_taps(xp: np.ndarray, dz: np.ndarray, row0: int, row1: int,
             for j0 in range(0, out_channels, CHANNELS):
                 for t0 in range(0, int(tp), 48):
                     o = uint64(j0) * uint64(3) * tp + uint64(dy) * tp + uint64(t0)
+                    at = (uint64(t0), uint64(j0), o, first)
                     if int(tp) - t0 >= 48:
-                        _block3(xpf, dzf, outf, span, uint64(t0), uint64(j0), o, first)
-                    else:
-                        _block2(xpf, dzf, outf, span, uint64(t0), uint64(j0), o, first)
-
-
-
-def _best_ms(fn, repeats: int = 7) -> float:
-    import time
-
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+                        _block(fma_48x8, load_48x8, store_48x8, z24, arrays, span, at)
+                    else:  # the last 32 (padded taps = 32 mod 48: C = 8, 24, 40)
+                        _block(fma_32x8, load_32x8, store_32x8, z16, arrays, span, at)
 
 
 def _time_shape(rng, n: int, h: int, c: int, k: int) -> str:
     from nodulekit.engine import cpu_conv, cpu_conv_packed
+    from nodulekit.engine.cpu_conv_packed import _best_ms
     from nodulekit.engine.simd import aligned_empty
 
     x = rng.standard_normal((n, h, h, c), dtype=np.float32)
@@ -226,7 +147,7 @@ def _time_shape(rng, n: int, h: int, c: int, k: int) -> str:
     out = np.empty((k, 3, padded_taps(c)), dtype=np.float32)
     acc = np.empty((9 * c, k), dtype=np.float32)
     mflop = 2 * n * h * h * 9 * c * k / 1e6  # per ms: GFLOP/s
-    t = _best_ms(lambda: weight_grad_taps(xp, dz, 0, n * h, out, PIXEL_CHUNK))
+    t = _best_ms(lambda: weight_grad_taps(xp, dz, 0, n * h, out, PIXEL_CHUNK), 7)
     r = _best_ms(lambda: cpu_conv.conv3x3_weight_grad_rows(x, dz, 0, n * h, acc))
     p = _best_ms(lambda: cpu_conv_packed.conv3x3_weight_grad_packed(
         xp, dz, 0, n * h, 0, 9 * c, acc, cpu_conv_packed.WIDE_BLOCKS,

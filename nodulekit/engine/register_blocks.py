@@ -17,6 +17,9 @@ SGEMM. Two shapes serve every register_blocked kernel:
 With AVX-512 a core has 32 vector registers, and ``cpu_conv_packed`` uses blocks of 16
 accumulators instead (4 x 64, 8 x 32 and 16 x 16 of 16 lanes, 8 x 8 of 8: end of this
 file); with 16 registers they would spill, and it uses the 6 x 16 and 6 x 8 blocks above.
+``cpu_weight_grad_taps`` turns the weight gradient's block around, 48 (or 32) consecutive
+taps in 3 (or 2) vectors x 8 channels of dz: 24 (16) accumulators of 16 lanes (the very
+end of this file).
 
 Accumulators travel as tuples (block[2r], block[2r + 1]: row r's channels 0-7 and 8-15);
 ``inline='always'`` puts each step into its caller before LLVM sees it, and the tuple
@@ -376,3 +379,87 @@ def load_6x8(yf: np.ndarray, rows: Rows) -> tuple:
     i0, i1, i2, i3, i4, i5 = rows
     return (load8(yf, i0), load8(yf, i1), load8(yf, i2), load8(yf, i3), load8(yf, i4),
             load8(yf, i5))
+
+
+# ---- the weight gradient over taps (cpu_weight_grad_taps). Accumulator a[V j + v] holds
+# channel j's taps 16 v .. 16 v + 15 (V = 3 vectors: 48 taps, or 2: 32); in the output,
+# channel j's row starts ``row`` floats after channel j - 1's. Each pixel step loads the V
+# tap vectors once and broadcasts 8 values of dz: 3 + 8 loads feed 24 FMAs.
+
+
+@njit(**_INLINE)
+def fma_48x8(xf: np.ndarray, i: int, df: np.ndarray, d: int, a: tuple) -> tuple:
+    """a[3 j + v] += xf[i + 16 v:][:16] * df[d + j] for v < 3, j < 8."""
+    x0, x1, x2 = load16(xf, i), load16(xf, i + uint64(16)), load16(xf, i + uint64(32))
+    s0, s1 = splat16(df, d), splat16(df, d + uint64(1))
+    s2, s3 = splat16(df, d + uint64(2)), splat16(df, d + uint64(3))
+    s4, s5 = splat16(df, d + uint64(4)), splat16(df, d + uint64(5))
+    s6, s7 = splat16(df, d + uint64(6)), splat16(df, d + uint64(7))
+    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x2, s0, a[2]),
+            fma16(x0, s1, a[3]), fma16(x1, s1, a[4]), fma16(x2, s1, a[5]),
+            fma16(x0, s2, a[6]), fma16(x1, s2, a[7]), fma16(x2, s2, a[8]),
+            fma16(x0, s3, a[9]), fma16(x1, s3, a[10]), fma16(x2, s3, a[11]),
+            fma16(x0, s4, a[12]), fma16(x1, s4, a[13]), fma16(x2, s4, a[14]),
+            fma16(x0, s5, a[15]), fma16(x1, s5, a[16]), fma16(x2, s5, a[17]),
+            fma16(x0, s6, a[18]), fma16(x1, s6, a[19]), fma16(x2, s6, a[20]),
+            fma16(x0, s7, a[21]), fma16(x1, s7, a[22]), fma16(x2, s7, a[23]))
+
+
+@njit(**_INLINE)
+def fma_32x8(xf: np.ndarray, i: int, df: np.ndarray, d: int, a: tuple) -> tuple:
+    """a[2 j + v] += xf[i + 16 v:][:16] * df[d + j] for v < 2, j < 8."""
+    x0, x1 = load16(xf, i), load16(xf, i + uint64(16))
+    s0, s1 = splat16(df, d), splat16(df, d + uint64(1))
+    s2, s3 = splat16(df, d + uint64(2)), splat16(df, d + uint64(3))
+    s4, s5 = splat16(df, d + uint64(4)), splat16(df, d + uint64(5))
+    s6, s7 = splat16(df, d + uint64(6)), splat16(df, d + uint64(7))
+    return (fma16(x0, s0, a[0]), fma16(x1, s0, a[1]), fma16(x0, s1, a[2]), fma16(x1, s1, a[3]),
+            fma16(x0, s2, a[4]), fma16(x1, s2, a[5]), fma16(x0, s3, a[6]), fma16(x1, s3, a[7]),
+            fma16(x0, s4, a[8]), fma16(x1, s4, a[9]), fma16(x0, s5, a[10]),
+            fma16(x1, s5, a[11]), fma16(x0, s6, a[12]), fma16(x1, s6, a[13]),
+            fma16(x0, s7, a[14]), fma16(x1, s7, a[15]))
+
+
+@njit(**_INLINE)
+def store_48x8(of: np.ndarray, o: int, row: int, a: tuple) -> None:
+    for j in range(8):  # constant trip count: unrolled, the tuple stays in registers
+        p = o + uint64(j) * row
+        store16(of, p, a[3 * j])
+        store16(of, p + uint64(16), a[3 * j + 1])
+        store16(of, p + uint64(32), a[3 * j + 2])
+
+
+@njit(**_INLINE)
+def store_32x8(of: np.ndarray, o: int, row: int, a: tuple) -> None:
+    for j in range(8):
+        p = o + uint64(j) * row
+        store16(of, p, a[2 * j])
+        store16(of, p + uint64(16), a[2 * j + 1])
+
+
+@njit(**_INLINE)
+def load_48x8(of: np.ndarray, o: int, row: int) -> tuple:
+    """The block store_48x8 writes, read back (a sum resumed where it stopped)."""
+    e1, e2 = uint64(16), uint64(32)
+    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
+         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
+    return (load16(of, p[0]), load16(of, p[0] + e1), load16(of, p[0] + e2),
+            load16(of, p[1]), load16(of, p[1] + e1), load16(of, p[1] + e2),
+            load16(of, p[2]), load16(of, p[2] + e1), load16(of, p[2] + e2),
+            load16(of, p[3]), load16(of, p[3] + e1), load16(of, p[3] + e2),
+            load16(of, p[4]), load16(of, p[4] + e1), load16(of, p[4] + e2),
+            load16(of, p[5]), load16(of, p[5] + e1), load16(of, p[5] + e2),
+            load16(of, p[6]), load16(of, p[6] + e1), load16(of, p[6] + e2),
+            load16(of, p[7]), load16(of, p[7] + e1), load16(of, p[7] + e2))
+
+
+@njit(**_INLINE)
+def load_32x8(of: np.ndarray, o: int, row: int) -> tuple:
+    """The block store_32x8 writes, read back."""
+    e1 = uint64(16)
+    p = (o, o + row, o + uint64(2) * row, o + uint64(3) * row, o + uint64(4) * row,
+         o + uint64(5) * row, o + uint64(6) * row, o + uint64(7) * row)
+    return (load16(of, p[0]), load16(of, p[0] + e1), load16(of, p[1]), load16(of, p[1] + e1),
+            load16(of, p[2]), load16(of, p[2] + e1), load16(of, p[3]), load16(of, p[3] + e1),
+            load16(of, p[4]), load16(of, p[4] + e1), load16(of, p[5]), load16(of, p[5] + e1),
+            load16(of, p[6]), load16(of, p[6] + e1), load16(of, p[7]), load16(of, p[7] + e1))
