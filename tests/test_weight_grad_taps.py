@@ -20,6 +20,7 @@ from nodulekit.engine import cpu, cpu_conv_packed
 from nodulekit.engine import cpu_weight_grad_taps as taps
 from nodulekit.engine.cpu import CPUBackend
 from nodulekit.engine.simd import aligned_empty
+from nodulekit.reference import torch_ops as T
 
 SHAPES = [  # N, H, W, C, K
     (2, 5, 7, 8, 8), (1, 3, 11, 24, 8), (3, 6, 9, 16, 16), (2, 4, 5, 8, 16),
@@ -85,7 +86,7 @@ def _force_taps(monkeypatch, on: bool):
                                        (2, 3, 5, 16, 40)])
 def test_backend_weight_grad_with_taps_matches_without(rng, monkeypatch, n, h, w, c, k):
     """conv2d_backward with the taps kernel against the same backend without it (the
-    transposed kernels) and against the float64 reference; dx and db do not change."""
+    transposed kernels), the float64 reference and torch; dx and db do not change."""
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
     wt = rng.standard_normal((k, 3, 3, c)).astype(np.float32)
     y = np.maximum(rng.standard_normal((n, h, w, k)), 0).astype(np.float32)
@@ -104,6 +105,9 @@ def test_backend_weight_grad_with_taps_matches_without(rng, monkeypatch, n, h, w
                                         wt.astype(np.float64), y.astype(np.float64), True,
                                         False)
     np.testing.assert_allclose(dw, want_dw, rtol=rtol, atol=atol * scale)
+    dz = dy * (y > 0)  # the ReLU's mask as the backend applies it (y is not conv(x) here)
+    _, torch_dw, _ = T.conv2d_backward(dz, x, wt, np.zeros(k, np.float32), False, False)
+    np.testing.assert_allclose(dw, np.asarray(torch_dw), rtol=rtol, atol=atol * scale)
 
 
 def test_backend_weight_grad_with_taps_is_bit_identical_for_any_thread_count(rng,
