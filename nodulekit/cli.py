@@ -669,6 +669,12 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
         channels = int(cfg.get("in_channels", 1))  # 2K + 1 with --context-slices K
     width, depth, batch, norm = width or 64, depth or 4, batch or 1, norm or "none"
     shape = shape or (size or 512, size or 512)
+    padded = _padded_shape(shape, depth)
+    if tuple(padded) != tuple(shape):
+        click.echo(f"{shape[0]}x{shape[1]} slices run padded with air to {padded[0]}x"
+                   f"{padded[1]}, a multiple of 2**depth (as validation, evaluate and "
+                   "predict run them)")
+        shape = padded
     try:
         layers = unet_layers(depth=depth, width=width, size=tuple(shape), batch=batch,
                              in_channels=channels, norm=norm)
@@ -681,6 +687,11 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
     _write_json({"depth": depth, "width": width, "norm": norm,
                  "input": [batch, *shape, channels],
                  "layers": [asdict(x) for x in layers], "totals": totals(layers)}, json_path)
+
+
+def _padded_shape(shape, depth: int) -> tuple[int, int]:
+    f = 2 ** int(depth)
+    return tuple(-(-int(v) // f) * f if int(v) > 0 else int(v) for v in shape)
 
 
 # ----------------------------------------------------------------------------- data

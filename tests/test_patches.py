@@ -228,6 +228,13 @@ def test_bad_patches_are_clear_errors(nodule_cache):
     assert resolve_patch("auto", [512, 512], 4, "cpu") == [128, 128]
     assert resolve_patch(None, [512, 384], 4, "cuda") == [256, 256]
     assert resolve_patch(None, [512, 512], 8, "cpu") == [256, 256]  # at least 2**depth
+    # sides that are no multiple of 2**depth: the largest crop that is
+    assert resolve_patch(None, [300, 260], 4, "cpu") == [128, 128]
+    assert resolve_patch(None, [100, 90], 4, "cpu") == [96, 80]
+    assert resolve_patch(None, [300, 260], 4, "cuda") == [256, 256]
+    assert resolve_patch(None, [200, 260], 4, "cuda") == [192, 256]
+    with pytest.raises(ValueError, match="smaller than the 16x16"):
+        resolve_patch(None, [12, 40], 4, "cpu")
 
 
 def test_cli_patch_option(tiny_data, tmp_path):

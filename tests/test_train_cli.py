@@ -182,8 +182,10 @@ def test_inspect_matches_the_model(trained_run):
     x = np.zeros((3, 32, 32, 1), np.float32)
     assert model.forward(x, keep_for_backward=False).shape == (3, 32, 32, 1)
 
+    # a size that is no multiple of 2**depth runs padded, as validation and predict run it
     result = _invoke("inspect", "--width", 4, "--depth", 2, "--size", 30)
-    assert result.exit_code != 0 and "not divisible by 2**depth = 4" in result.output
+    assert result.exit_code == 0, result.output
+    assert "padded with air to 32x32" in result.output and "1 x 32 x 32 x 1" in result.output
 
 
 def test_size_crop_and_clear_errors(tiny_data, tmp_path):
@@ -191,10 +193,10 @@ def test_size_crop_and_clear_errors(tiny_data, tmp_path):
     # --size smaller than the slices: centre crop
     r = tiny_train(cache, tmp_path / "crop", epochs=1, size=16, test=False)
     assert r.config.image_shape == [16, 16] and r.config.cache_shape == [32, 32]
-    # not a multiple of 2**depth, larger than the slices, missing data: clear messages
-    for args, message in ((["--size", 30], "not divisible by 2**depth = 4"),
-                          (["--size", 64], "crops but does not resize"),
-                          (["--depth", 6], "not divisible by 2**depth = 64")):
+    # larger than the slices, too small for the depth: clear messages
+    for args, message in ((["--size", 64], "crops but does not resize"),
+                          (["--depth", 6], "smaller than the 64x64 a depth-6 U-Net needs"),
+                          (["--size", 30, "--patch", 30], "e.g. --patch 28")):
         result = _invoke("train", cache, "--epochs", 1, "--width", 4, "--depth", 2,
                          "--device", "cpu", "--out", tmp_path / "bad", "--no-progress", *args)
         assert result.exit_code != 0 and message in result.output, result.output
@@ -203,6 +205,21 @@ def test_size_crop_and_clear_errors(tiny_data, tmp_path):
     result = _invoke("evaluate", bad_ckpt, cache, "--device", "cpu")
     assert result.exit_code != 0 and str(bad_ckpt) in result.output
     assert "truncated or corrupt" in result.output
+
+
+def test_slices_of_any_size_train_on_crops_and_validate_whole(tiny_data, tmp_path):
+    """Slices whose sides are no multiple of 2**depth (here a 30 x 30 centre crop, depth 2):
+    training takes the largest crops that are (28 x 28), validation and test the whole
+    30 x 30 slices, padded with air for the network and cropped back."""
+    _, cache = tiny_data
+    r = tiny_train(cache, tmp_path / "odd", epochs=1, size=30)
+    assert r.config.image_shape == [30, 30] and r.config.patch == [28, 28]
+    row = r.history[-1]
+    assert np.isfinite(row["val_loss"]) and np.isfinite(row["val_dice"])
+    result = _invoke("evaluate", tmp_path / "odd", cache, "--device", "cpu", "--size", 30,
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "30x30" in result.output
 
 
 def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):

@@ -301,7 +301,8 @@ class TrainConfig:
                      + self._session_problems())
         if problems:
             raise ValueError("; ".join(problems))
-        check_input_shape(self.image_shape, self.depth)
+        # the whole slices may be of any size (validation and inference pad them to a
+        # multiple of 2**depth, `inference.tiling`); the training input may not
         check_patch(self.train_shape, self.image_shape, self.depth)
 
     def validate_session(self) -> None:
@@ -371,17 +372,6 @@ class TrainConfig:
         return problems
 
 
-def check_input_shape(shape, depth: int) -> None:
-    """ValueError unless H and W are positive multiples of 2**depth."""
-    f = 2 ** int(depth)
-    h, w = (int(v) for v in shape)
-    if h <= 0 or w <= 0 or h % f or w % f:
-        raise ValueError(
-            f"the input size {h}x{w} is not divisible by 2**depth = {f} (depth {depth}); "
-            f"pass --size with a multiple of {f} (slices are centre-cropped to it, e.g. "
-            f"--size {max(f, min(h, w) // f * f)}) or a smaller --depth")
-
-
 def check_patch(patch, image_shape, depth: int) -> None:
     """ValueError unless the patch's sides are multiples of 2**depth within the slices."""
     f = 2 ** int(depth)
@@ -397,13 +387,17 @@ def check_patch(patch, image_shape, depth: int) -> None:
 
 def resolve_patch(patch, image_shape, depth: int, backend: str) -> list[int]:
     """The training crop (H, W): `patch` x `patch` (checked), or for None / "auto" each side
-    min(the slice's, `PATCH_SIDE` of the backend, at least 2**depth) (whole slices where
-    they are that small)."""
+    min(the slice's rounded down to a multiple of 2**depth, `PATCH_SIDE` of the backend)
+    (whole slices where they are that small and such a multiple)."""
     h, w = (int(v) for v in image_shape)
     if patch is None or (isinstance(patch, str) and patch.strip().lower() == "auto"):
         f = 2 ** int(depth)
+        if min(h, w) < f:
+            raise ValueError(f"the {h}x{w} slices are smaller than the {f}x{f} a depth-{depth} "
+                             f"U-Net needs at least (2**depth); use a smaller --depth")
         side = max(f, PATCH_SIDE.get(backend, PATCH_SIDE["cpu"]) // f * f)
-        shape = [min(h, side), min(w, side)]
+        # a side that is no multiple of 2**depth: the largest crop that is
+        shape = [min(h // f * f, side), min(w // f * f, side)]
     else:
         shape = [int(patch)] * 2
     check_patch(shape, image_shape, depth)
@@ -411,7 +405,10 @@ def resolve_patch(patch, image_shape, depth: int, backend: str) -> list[int]:
 
 
 def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
-    """The network's input (H, W): the cache's, or a centre crop of it to size x size.
+    """The whole slices' (H, W) that validation and test see: the cache's, or a centre crop
+    of it to size x size. Any size: they are padded with air to a multiple of 2**depth for
+    the network (`inference.tiling.pad_to_multiple`) and the logits cropped back; training
+    crops (`resolve_patch`) are multiples of it.
 
     Resizing is not done: a size larger than the slices is an error.
     """
@@ -425,5 +422,6 @@ def resolve_size(cache_shape, size: int | None, depth: int) -> list[int]:
                              "nodulekit crops but does not resize (preprocess at the size "
                              "you want, or use --size <= the slice size)")
         shape = [size, size]
-    check_input_shape(shape, depth)
+    if min(shape) < 1:
+        raise ValueError(f"--size must be >= 1 pixel, got {min(shape)}")
     return shape
