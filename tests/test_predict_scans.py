@@ -360,3 +360,33 @@ def test_slices_are_resampled_to_the_models_pixels_as_scans_are(scan, tmp_path):
     for k, f in enumerate(files):
         png = np.asarray(Image.open(tmp_path / "slices" / "masks" / f"{f.stem}.png")) > 0
         assert np.array_equal(png, by_scan[k] > 0), f"slice {k}"
+
+
+def test_a_folder_of_scans_is_predicted_scan_by_scan(scan, nifti_run, tmp_path):
+    """A folder holding NIfTI and MetaImage files (at any depth, no DICOM) is the scans it
+    holds, each as if given by itself; a folder that also holds DICOM slices stays one."""
+    import shutil
+
+    from nodulekit.data.volumes import read_nifti, write_dicom_series, write_metaimage
+    from nodulekit.inference.scans import scan_files_in_folders
+
+    volume, _ = scan
+    path, nifti_out, _, _ = nifti_run
+    expected = read_nifti(nifti_out / "masks" / "patient.nii.gz").array
+    folder = tmp_path / "scans"
+    (folder / "deeper").mkdir(parents=True)
+    shutil.copy(path, folder / "patient.nii.gz")
+    write_metaimage(volume, folder / "deeper" / "again.mhd")
+    (folder / "notes.txt").write_text("not a scan")
+    result, _ = _predict([folder], tmp_path / "pred")
+    assert not result.failed and result.written == 2
+    for name in ("patient", "again"):
+        assert np.array_equal(read_nifti(tmp_path / "pred" / "masks" / f"{name}.nii.gz").array,
+                              expected)
+    mixed = tmp_path / "mixed"
+    write_dicom_series(volume, mixed / "series", patient_id="P1", study_uid="1.2.840.2",
+                       series_uid="1.2.840.2.1")
+    shutil.copy(path, mixed / "patient.nii.gz")
+    assert scan_files_in_folders([mixed]) == [mixed / "patient.nii.gz", mixed]
+    assert scan_files_in_folders([folder]) == [folder / "deeper" / "again.mhd",
+                                               folder / "patient.nii.gz"]

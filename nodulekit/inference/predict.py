@@ -217,12 +217,12 @@ def predict(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike],
     """Run a checkpoint (or a run folder's best one) over DICOM inputs; see the module doc."""
     from tqdm import tqdm
 
-    from nodulekit.inference.scans import find_scans, is_scan_path
+    from nodulekit.inference.scans import find_scans, is_scan_path, scan_files_in_folders
 
     opts = options if options is not None else PredictOptions()
     out = Path(out)
     earlier = earlier_outputs(out, opts.overwrite)
-    inputs = [Path(p) for p in inputs]
+    inputs = scan_files_in_folders([Path(p) for p in inputs])
     scans, scan_notes, no_series = find_scans([p for p in inputs
                                                if is_scan_path(p, opts.scans)])
     slice_paths = [p for p in inputs if not is_scan_path(p, opts.scans)]

@@ -77,6 +77,28 @@ def is_scan_path(path: str | os.PathLike, dicom_folders: bool) -> bool:
     return kind in ("nifti", "metaimage") or (kind == "dicom" and dicom_folders)
 
 
+def scan_files_in_folders(paths: list[Path]) -> list[Path]:
+    """`paths` with each folder that holds NIfTI or MetaImage files (at any depth) replaced
+    by those files, sorted, each a scan; the folder stays as well where it also holds
+    DICOM files (a hidden file is neither). A folder of NIfTI scans is then predicted as
+    the scans it holds, as they would be given one by one."""
+    from nodulekit.data.volumes import dicom_files
+
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        files = sorted(f for f in path.rglob("*")
+                       if f.is_file() and not f.name.startswith(".")
+                       and volume_format(f) in ("nifti", "metaimage"))
+        out += files
+        folders = [path, *sorted(d for d in path.rglob("*") if d.is_dir())]
+        if not files or any(dicom_files(d) for d in folders):
+            out.append(path)
+    return out
+
+
 # DICOM objects that are not images of a series (a SEG or RT structure set beside the CT)
 _NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"}
 
