@@ -593,8 +593,9 @@ def predict(checkpoint, inputs, out, precision, no_progress, **options):
     DICOM files or folders: 0/255 PNG masks named like UniToChest's, and overlays in the
     paper's Fig. 4 colours (yellow agreement, green false positive, red false negative).
     Scans (.nii, .nii.gz, .mhd, .mha, also those found in folders; with --scans each DICOM
-    series in the folders): the mask in the scan's geometry as NIfTI (and DICOM SEG for a series), and nodules.csv with
-    each 3-D nodule's centre (LPS mm), diameter, volume and probability."""
+    series in the folders): the mask in the scan's geometry as NIfTI (and DICOM SEG for a
+    series), and nodules.csv with each 3-D nodule's centre (LPS mm), diameter, volume and
+    probability."""
     from nodulekit.inference.predict import PredictOptions
     from nodulekit.inference.predict import predict as run_predict
 

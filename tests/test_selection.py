@@ -154,6 +154,21 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     se = rows[1][selection.SCORE_SE]  # beside the score: in metrics.csv and the line
     assert se > 0 and f"(found {found:.4f} +- {se:.4f})" in epoch_lines[1]
     assert "* best" not in epoch_lines[2]
+    # the time left: after every epoch but the last
+    assert all("left)" in x for x in epoch_lines[:2]) and "left)" not in epoch_lines[2]
+
+
+def test_time_left_paces_by_the_epochs_after_the_first():
+    from nodulekit.training.loop import _time_left
+
+    assert _time_left([30.0], 0) == "" and _time_left([], 5) == ""
+    assert _time_left([30.0], 2) == "  (about 1 min left)"  # one epoch: its own pace
+    # the first epoch (compilation) left out of the pace
+    assert _time_left([100.0, 5.0, 7.0], 10) == "  (about 1 min left)"
+    assert _time_left([100.0, 5.0, 7.0], 5) == "  (about 30 s left)"
+    assert _time_left([1.0, 3599.0], 1) == "  (about 60 min left)"
+    assert _time_left([1.0, 3600.0 * 2 + 59 * 60 + 50], 1) == "  (about 3 h 00 min left)"
+    assert _time_left([1.0, 600.0], 200) == "  (about 33 h 20 min left)"
 
 
 @pytest.mark.parametrize("new_cols", [

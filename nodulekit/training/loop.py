@@ -221,6 +221,7 @@ class Training:
                 self.dist.bcast(self.optimizer.v)
         self.ema = self._weight_average(ckpt)
         self.resumed_from = ckpt.epoch if ckpt is not None else None
+        self.session_seconds: list[float] = []  # each epoch of this session, validation in
         self.saved_epoch = self.epoch  # what checkpoint_last.h5 holds
         self.fault = distributed.fault_hook(comm)
         self.cache = self.loader = None
@@ -463,8 +464,10 @@ class Training:
         self.history.append(row)
         if self.comm.is_root:
             self.save(epoch, improved)
+        self.session_seconds.append(row["seconds"])
         self.report(_epoch_line(row, self.config.epochs,
-                                skipped=self.config.val_interval if skipped else 0))
+                                skipped=self.config.val_interval if skipped else 0)
+                    + _time_left(self.session_seconds, self.config.epochs - epoch - 1))
 
     def train_epoch(self, epoch: int) -> tuple[dict, dict]:
         """One pass over the training loader: (the row's loss columns, its speed columns)."""
@@ -769,6 +772,24 @@ def _epoch_line(row: dict, epochs: int, skipped: int = 0) -> str:
             + _filter_words(row) +
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"
             + ("  * best" if row["best"] else ""))
+
+
+def _time_left(seconds: list[float], epochs_left: int) -> str:
+    """'  (about 2 h 41 min left)': the epochs left at the mean pace of this session's
+    epochs after its first (whose time holds Numba's compilation and the first reads);
+    empty after the last epoch."""
+    if epochs_left <= 0 or not seconds:
+        return ""
+    pace = seconds[1:] or seconds
+    left = epochs_left * sum(pace) / len(pace)
+    if left < 60:
+        words = f"{left:.0f} s"
+    elif left < 3600:
+        words = f"{left / 60:.0f} min"
+    else:
+        hours, minutes = divmod(round(left / 60), 60)
+        words = f"{hours} h {minutes:02d} min"
+    return f"  (about {words} left)"
 
 
 def _se_words(row: dict) -> str:
