@@ -342,7 +342,8 @@ def _patch_value(ctx, param, value):
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Poolings (paper: 4).")
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="Centre-crop the slices to SIZE x SIZE (default: the cache's slice size; "
-                   "no resizing). Must be a multiple of 2**depth.")
+                   "no resizing). Any size: whole slices are padded with air to a multiple "
+                   "of 2**depth for the network.")
 @_run_device_options
 @click.option("--seed", type=int, default=None, help="Initialisation and data order  [default: 0]")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
@@ -403,7 +404,7 @@ def _patch_value(ctx, param, value):
               help="Train on P x P crops of the cache's native-resolution slices (P a multiple "
                    "of 2**depth, at most the slice size); validation, test and predict use "
                    "whole slices  [default: auto: min(slice, 128) on the CPU, min(slice, 256) "
-                   "on a GPU]")
+                   "on a GPU, the slice rounded down to a multiple of 2**depth]")
 @click.option("--foreground-fraction", type=click.FloatRange(0, 1), default=None,
               help="Of the patches, the fraction placed on a nodule (nnU-Net's foreground "
                    "oversampling); the rest are uniform over the slice  [default: nodulekit: "
