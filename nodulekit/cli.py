@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,6 +95,17 @@ def bench():
     """Time our kernels and training step against the PyTorch reference."""
 
 
+@contextlib.contextmanager
+def _one_line_errors():
+    """A bench's bad request (a GPU asked for where none is usable, a shape the U-Net
+    cannot take) as one line, as every other command says its errors (--debug: the
+    traceback)."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as e:
+        raise _user_error(e) from None
+
+
 def _device_option(f):
     return click.option("--device", default="cpu", show_default=True,
                         type=click.Choice(["auto", "cpu", "cuda"]),
@@ -135,7 +147,8 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
         return
     from nodulekit.bench.ops import format_table, run_ops_bench
 
-    result = run_ops_bench(device=device, op_filter=op_filter, repeats=repeats)
+    with _one_line_errors():
+        result = run_ops_bench(device=device, op_filter=op_filter, repeats=repeats)
     click.echo(format_table(result))
     _write_json(result, json_path)
 
@@ -181,8 +194,9 @@ def bench_step(json_path, torch_alone, **options):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
 
-    result = run_step_bench(**options, torch_alone=None if torch_alone else (),
-                            log=lambda line: click.echo(line, err=True))
+    with _one_line_errors():
+        result = run_step_bench(**options, torch_alone=None if torch_alone else (),
+                                log=lambda line: click.echo(line, err=True))
     click.echo(format_step(result))
     _write_json(result, json_path)
 
@@ -199,7 +213,8 @@ def bench_norm(json_path, **options):
     in turns."""
     from nodulekit.bench.norm_cost import format_norm, run_norm_bench
 
-    result = run_norm_bench(**options)
+    with _one_line_errors():
+        result = run_norm_bench(**options)
     click.echo(format_norm(result))
     _write_json(result, json_path)
 

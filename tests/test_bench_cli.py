@@ -15,6 +15,22 @@ def test_bench_ops_variants_needs_a_gpu_and_says_so(monkeypatch):
     assert "needs a GPU: no CUDA device" in result.output
 
 
+def test_bench_commands_say_a_bad_request_in_one_line(monkeypatch):
+    """A GPU asked for where none is usable, or a size the U-Net cannot take: one line
+    ("Error: ..."), no traceback, a non-zero exit, as every other command."""
+    monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (False, "no CUDA device"))
+    for command in (["step", "--no-torch-alone"], ["ops", "--op", "adam"], ["norm"]):
+        result = CliRunner().invoke(main, ["bench", *command, "--device", "cuda"])
+        assert result.exit_code == 1, result.output
+        assert "--device cuda asked for, but no CUDA device" in result.output
+        assert "Traceback" not in result.output and result.exception is not None
+    result = CliRunner().invoke(main, ["bench", "step", "--width", "4", "--depth", "2",
+                                       "--size", "30", "--batch", "1", "--repeats", "1",
+                                       "--warmup", "0", "--no-torch-alone"])
+    assert result.exit_code == 1, result.output
+    assert "multiples of 2**depth = 4" in result.output and "Traceback" not in result.output
+
+
 def test_bench_ops_unknown_variant_is_a_bad_option_value(monkeypatch):
     """An unknown version name is a clean usage error naming the versions there are, on
     either device (the library raises UnknownVariantError, the command reports it)."""
