@@ -43,3 +43,28 @@ def test_spacing_is_for_a_folder_and_fixed_on_resume(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="spacing is None, cannot change it to 12.0"):
         train(resume=str(tmp_path / "native"), epochs=2, spacing=SPACING, device="cpu",
               workers=0, progress=False, echo=lambda *_: None)
+
+
+def test_preprocess_says_when_pixel_sizes_differ(tiny_data, tmp_path):
+    """Slices kept at pixel sizes more than 10% apart: the report gives their range and
+    median and the --spacing that resamples them to it (nnU-Net's default); resampled, no
+    such line."""
+    import numpy as np
+
+    from nodulekit.data.cache import open_cache
+    from nodulekit.data.preprocess import preprocess
+
+    data, _ = tiny_data
+    native = preprocess(data, tmp_path / "native.h5", workers=0, progress=False)
+    with open_cache(tmp_path / "native.h5") as c:
+        mm = np.concatenate([c.split(s).meta["pixel_spacing"].mean(axis=1)
+                             for s in ("train", "val", "test")])
+    low, median, high = native.pixel_spacing_mm
+    assert (low, median, high) == pytest.approx((mm.min(), np.median(mm), mm.max()))
+    assert high > 1.1 * low
+    assert f"--spacing {median:.2f} resamples" in native.format()
+    assert native.to_dict()["pixel_spacing_mm"]["median"] == pytest.approx(median)
+    resampled = preprocess(data, tmp_path / "at12.h5", workers=0, progress=False,
+                           spacing=SPACING)
+    assert resampled.pixel_spacing_mm == pytest.approx((SPACING,) * 3)
+    assert resampled.spacing_hint() == "" and "--spacing" not in resampled.format()

@@ -124,6 +124,8 @@ class PreprocessReport:
     image_shape: tuple[int, int]
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # "parent", "workers"
     spacing_mm: float | None = None  # resampled to this; None: native
+    # (smallest, median, largest) pixel spacing of the slices written, mm; None: none known
+    pixel_spacing_mm: tuple[float, float, float] | None = None
     total_slices: int = field(init=False)
 
     def __post_init__(self):
@@ -140,10 +142,26 @@ class PreprocessReport:
             "seconds": self.seconds, "slices_per_s": self.slices_per_s,
             "workers": self.workers, "cpu_seconds": self.cpu_seconds,
             "spacing_mm": self.spacing_mm,
+            "pixel_spacing_mm": (None if self.pixel_spacing_mm is None
+                                 else dict(zip(("min", "median", "max"),
+                                               self.pixel_spacing_mm, strict=True))),
             "skipped": [{"path": p.path, "reason": p.reason} for p in self.skipped],
             "fixups": [{"path": p.path, "reason": p.reason} for p in self.fixups],
             "notes": [{"path": p.path, "reason": p.reason} for p in self.notes],
         }
+
+    def spacing_hint(self) -> str:
+        """A line where the slices kept pixel sizes that differ by more than 10%: the
+        network then sees one nodule at several scales. nnU-Net resamples every case to
+        the data set's median spacing by default; here that is `--spacing`."""
+        if self.spacing_mm is not None or self.pixel_spacing_mm is None:
+            return ""
+        low, median, high = self.pixel_spacing_mm
+        if not high > 1.1 * low:
+            return ""
+        return (f"  pixel spacing {low:.2f}-{high:.2f} mm across the slices (median "
+                f"{median:.2f}): each keeps its own; --spacing {median:.2f} resamples them "
+                "all to the median (nnU-Net's default)")
 
     def format(self, max_listed: int = 50) -> str:
         h, w = self.image_shape
@@ -155,6 +173,9 @@ class PreprocessReport:
             c = self.counts.get(split, {"slices": 0, "nodule_slices": 0})
             lines.append(f"  {split:5s} {c['slices']:7d} slices, {c['nodule_slices']:6d} with "
                          "a nodule")
+        hint = self.spacing_hint()
+        if hint:
+            lines.append(hint)
         for title, items in (("skipped", self.skipped), ("kept with a fix-up", self.fixups),
                              ("notes", self.notes)):
             if not items:
@@ -228,7 +249,7 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
                             workers=n_workers, image_shape=shape,
                             cpu_seconds={"parent": _own_cpu_seconds() - cpu_start,
                                          "workers": sum(worker_cpu)},
-                            spacing_mm=o.spacing)
+                            spacing_mm=o.spacing, pixel_spacing_mm=writer.pixel_spacing_range())
 
 
 def _check_spacing(spacing: float | None) -> None:
@@ -690,6 +711,16 @@ class _CacheWriter:
         if mask is not None:  # empty masks stay as the dataset's fill value, 0
             self._write_chunk(mask_ds, row, np.ascontiguousarray(mask))
         self._add_meta(split, row, record, d)
+
+    def pixel_spacing_range(self) -> tuple[float, float, float] | None:
+        """(smallest, median, largest) pixel spacing of the slices written (mm; each the
+        mean of its row and column spacing), None where no slice has one."""
+        values = np.array([np.mean(v) for m in self.meta.values() for v in m["pixel_spacing"]],
+                          dtype=np.float64)
+        values = values[np.isfinite(values) & (values > 0)]
+        if not values.size:
+            return None
+        return float(values.min()), float(np.median(values)), float(values.max())
 
     def _add_meta(self, split: str, row: int, record: SliceRecord, d: Decoded) -> None:
         m = self.meta[split]
