@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -104,6 +105,26 @@ def _one_line_errors():
         yield
     except (ValueError, RuntimeError, OSError) as e:
         raise _user_error(e) from None
+
+
+class _SpacingType(click.ParamType):
+    """--spacing: a pixel size in mm above 0, or "median" (the scans' median)."""
+
+    name = "spacing"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value is None:
+            return value
+        if str(value).strip().lower() == "median":
+            return "median"
+        try:
+            mm = float(value)
+        except ValueError:
+            mm = math.nan
+        if not (math.isfinite(mm) and mm > 0):
+            self.fail(f"{value!r} is neither a pixel size in mm above 0 nor 'median'",
+                      param, ctx)
+        return mm
 
 
 def _device_option(f):
@@ -432,10 +453,11 @@ def _patch_value(ctx, param, value):
               help="Validate, keep and load an exponential moving average of the weights, "
                    "decay D per step (e.g. 0.99: about the last 100 steps); 0: the weights "
                    "themselves  [default: 0]")
-@click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="MM", help="DATA a folder: resample its slices in-plane to MM x MM pixels "
-                                 "as it is preprocessed (`preprocess --spacing`); predict and "
-                                 "evaluate then resample to them too  [default: native]")
+@click.option("--spacing", type=_SpacingType(), default=None,
+              metavar="MM|median", help="DATA a folder: resample its slices in-plane to MM x MM "
+                                        "pixels (median: the scans' median) as it is "
+                                        "preprocessed (`preprocess --spacing`); predict and "
+                                        "evaluate then resample to them too  [default: native]")
 @click.option("--no-test", is_flag=True, help="Skip evaluating the best model on the test split.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
@@ -773,10 +795,10 @@ def synth(out, size, patients, slices_per_patient, seed, workers, overwrite, dat
 @click.option("--allow-non-ct", is_flag=True, help="Also read slices whose Modality is not CT.")
 @click.option("--split-seed", default=0, show_default=True,
               help="Seed of the 80/10/10 patient split (all layouts but unitochest).")
-@click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="MM", help="Resample every slice in-plane to MM x MM pixels (image "
-                                 "linear, mask nearest) and pad / crop to one size "
-                                 "[default: native pixels].")
+@click.option("--spacing", type=_SpacingType(), default=None, metavar="MM|median",
+              help="Resample every slice in-plane to MM x MM pixels (image linear, mask "
+                   "nearest) and pad / crop to one size; median: to the scans' median "
+                   "pixel spacing (nnU-Net's default)  [default: native pixels].")
 @click.option("--allow-outside-paths", is_flag=True,
               help="Read files that a UniToChest CSV names outside DATA (absolute paths, "
                    "paths with ..); by default such rows are skipped and reported.")

@@ -62,9 +62,43 @@ def test_preprocess_says_when_pixel_sizes_differ(tiny_data, tmp_path):
     low, median, high = native.pixel_spacing_mm
     assert (low, median, high) == pytest.approx((mm.min(), np.median(mm), mm.max()))
     assert high > 1.1 * low
-    assert f"--spacing {median:.2f} resamples" in native.format()
+    assert f"(median {median:.2f}): each keeps its own; --spacing median resamples" \
+        in native.format()
     assert native.to_dict()["pixel_spacing_mm"]["median"] == pytest.approx(median)
     resampled = preprocess(data, tmp_path / "at12.h5", workers=0, progress=False,
                            spacing=SPACING)
     assert resampled.pixel_spacing_mm == pytest.approx((SPACING,) * 3)
     assert resampled.spacing_hint() == "" and "--spacing" not in resampled.format()
+
+
+def test_spacing_median_resamples_to_the_scans_median(tiny_data, tmp_path):
+    """`--spacing median`: the median of the scans' pixel spacings (one vote a scan, from
+    the headers), as nnU-Net resamples by default; `train DIR --spacing median` records the
+    number it became; a bad value is a clear usage error."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from nodulekit.cli import main
+    from nodulekit.data.cache import open_cache
+    from nodulekit.data.layout import read_layout
+    from nodulekit.data.preprocess import _scan_geometry, median_spacing
+
+    data, _ = tiny_data
+    index = read_layout(data, "auto")
+    per_scan = [float(np.mean(s)) for _, s in _scan_geometry(index)]
+    assert len(per_scan) > 2 and max(per_scan) > 1.1 * min(per_scan)
+    median = median_spacing(index)
+    assert median == pytest.approx(np.median(per_scan), abs=1e-4)
+    result = CliRunner().invoke(main, ["preprocess", str(data), str(tmp_path / "m.h5"),
+                                       "--spacing", "median", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"at {median:g} mm" in result.output and "resamples them all" not in result.output
+    with open_cache(tmp_path / "m.h5") as c:
+        assert float(c.attrs["spacing_mm"]) == pytest.approx(median)
+    run = tiny_train(data, tmp_path / "run", epochs=1, spacing="median", size=32, test=False)
+    assert json.loads((run.out / "config.json").read_text())["config"]["spacing_mm"] \
+        == pytest.approx(median)
+    bad = CliRunner().invoke(main, ["preprocess", str(data), str(tmp_path / "x.h5"),
+                                    "--spacing", "mean"])
+    assert bad.exit_code == 2 and "neither a pixel size in mm above 0 nor 'median'" \
+        in bad.output

@@ -98,15 +98,16 @@ def source_mismatch(cache: str | os.PathLike, folder: str | os.PathLike, options
 def cache_for_folder(folder: str | os.PathLike, cache: str | os.PathLike, *,
                      report: Callable[[str], object] = print, progress: bool = True,
                      exclude: str | os.PathLike | None = None,
-                     spacing: float | None = None) -> Path:
+                     spacing: float | str | None = None) -> Path:
     """`cache` built from `folder` (with `FOLDER_OPTIONS`, and `spacing`: `preprocess
-    --spacing`, None: native pixels): reused when it records the folder as it is now and
-    the same options, else (re)built, saying which and why. Returns the cache's path."""
+    --spacing`, mm or "median", None: native pixels): reused when it records the folder as
+    it is now and the same options, else (re)built, saying which and why. Returns the
+    cache's path."""
     from nodulekit.data.preprocess import preprocess
 
     options = dict(FOLDER_OPTIONS)
     if spacing is not None:  # only then: a native cache's fingerprint stays what it was
-        options["spacing"] = float(spacing)
+        options["spacing"] = spacing if spacing == "median" else float(spacing)
     cache = Path(cache)
     if cache.is_file():
         why = source_mismatch(cache, folder, options, exclude)

@@ -97,7 +97,8 @@ class PreprocessOptions:
     split_seed: seed of the patient-level split (every layout but UniToChest).
     allow_outside_paths: read files that a UniToChest CSV names outside the data folder.
     spacing: resample every slice in-plane to this many mm per pixel, and pad / crop them
-    to one size (`nodulekit.data.resample`); None: as they are.
+    to one size (`nodulekit.data.resample`); "median": to the median pixel spacing of the
+    scans (one vote a scan, from the headers; nnU-Net's default); None: as they are.
     """
 
     layout: str = "auto"
@@ -108,7 +109,10 @@ class PreprocessOptions:
     allow_non_ct: bool = False
     split_seed: int = 0
     allow_outside_paths: bool = False
-    spacing: float | None = None
+    spacing: float | str | None = None
+
+
+MEDIAN = "median"  # --spacing median
 
 
 @dataclass
@@ -160,8 +164,8 @@ class PreprocessReport:
         if not high > 1.1 * low:
             return ""
         return (f"  pixel spacing {low:.2f}-{high:.2f} mm across the slices (median "
-                f"{median:.2f}): each keeps its own; --spacing {median:.2f} resamples them "
-                "all to the median (nnU-Net's default)")
+                f"{median:.2f}): each keeps its own; --spacing median resamples them all to "
+                "the scans' median (nnU-Net's default)")
 
     def format(self, max_listed: int = 50) -> str:
         h, w = self.image_shape
@@ -223,6 +227,8 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
         skipped = [p for p in index.problems if p.skipped]
         notes = [p for p in index.problems if not p.skipped]
         _check_index(index, skipped, o.strict)
+        if o.spacing == MEDIAN:
+            o = dataclasses.replace(o, spacing=median_spacing(index))
         size = None if o.spacing is None else _planned_size(index, o.spacing)
         writer = _CacheWriter(tmp, index, o.strict, preallocate=pool is not None, name=out,
                               spacing_mm=o.spacing)
@@ -252,21 +258,40 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
                             spacing_mm=o.spacing, pixel_spacing_mm=writer.pixel_spacing_range())
 
 
-def _check_spacing(spacing: float | None) -> None:
-    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
-        raise PreprocessError(f"--spacing {spacing}: a pixel size in mm above 0 is needed")
+def _check_spacing(spacing: float | str | None) -> None:
+    if spacing is None or spacing == MEDIAN:
+        return
+    if not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
+        raise PreprocessError(f"--spacing {spacing}: a pixel size in mm above 0, or "
+                              f"'{MEDIAN}', is needed")
+
+
+def median_spacing(index: DataIndex) -> float:
+    """The median in-plane pixel spacing (mm; each scan's the mean of its row and column
+    spacing, one vote a scan) from the headers, for `--spacing median`."""
+    values = [float(np.mean(spacing)) for _, spacing in _scan_geometry(index)]
+    if not values:
+        raise PreprocessError(f"--spacing {MEDIAN}: no slice header of {index.root} gives "
+                              "a pixel spacing; give one in mm")
+    return round(float(np.median(values)), 4)
 
 
 def _planned_size(index: DataIndex, spacing_mm: float) -> tuple[int, int] | None:
     """The cache's slice size with `spacing_mm` pixels: the most common resampled size, one
     vote per scan (`resample.common_size`), from the headers (a scan layout's, or each
     exam's first DICOM slice's); None when no header says (the first slice decides)."""
+    return common_size(resampled_shape(shape, spacing, spacing_mm)
+                       for shape, spacing in _scan_geometry(index))
+
+
+def _scan_geometry(index: DataIndex) -> list[tuple[tuple[int, int], tuple[float, float]]]:
+    """(slice shape, pixel spacing) of every scan, from the headers: a scan layout's, or
+    each exam's first readable DICOM slice's (one with a positive spacing)."""
     from nodulekit.data.dicom import DicomError, read_header
 
     if index.scans:
-        return common_size(resampled_shape(s.slice_shape, s.pixel_spacing, spacing_mm)
-                           for s in index.scans.values())
-    sizes = []
+        return [(s.slice_shape, s.pixel_spacing) for s in index.scans.values()]
+    out = []
     seen = set()
     for r in index.records:
         if (r.split, r.patient, r.exam) in seen:
@@ -279,8 +304,8 @@ def _planned_size(index: DataIndex, spacing_mm: float) -> tuple[int, int] | None
             continue  # decoding says what is wrong with it; the next slice may tell
         seen.add((r.split, r.patient, r.exam))
         if len(spacing) == 2 and all(v > 0 for v in spacing):
-            sizes.append(resampled_shape(shape, spacing, spacing_mm))
-    return common_size(sizes)
+            out.append((shape, spacing))
+    return out
 
 
 def _decode_scans(writer: _CacheWriter, index: DataIndex, o: PreprocessOptions,

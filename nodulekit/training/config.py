@@ -150,7 +150,7 @@ class TrainOptions:
     context_slices: int | None = _option()  # K slices below and above as input channels
     weight_ema: float | None = _option()  # decay of the weight average (nn.ema); 0: none
     # a data-set folder's pixels resampled in-plane to this (mm) when preprocessed
-    spacing: float | None = _option()
+    spacing: float | str | None = _option()  # mm, or "median"
     device: str = _option("auto", on_resume=SESSION)
     workers: int = _option(2, on_resume=SESSION)
     queue: int | None = _option(on_resume=SESSION)
@@ -196,8 +196,8 @@ def _comparable(name: str, asked, stored):
     """`asked` in the form the configuration stores it."""
     if name in ("size", "patch"):
         return [int(asked)] * 2
-    if name == "spacing":
-        return float(asked)
+    if name == "spacing":  # "median": what it gave when the run began, if it was asked
+        return (stored if stored is not None else asked) if asked == "median" else float(asked)
     if name in ("data", "finetune_from"):
         text = str(asked)
         return stored if stored in (text, str(Path(text).absolute())) else text
