@@ -98,9 +98,9 @@ def bench():
 
 @contextlib.contextmanager
 def _one_line_errors():
-    """A bench's bad request (a GPU asked for where none is usable, a shape the U-Net
-    cannot take) as one line, as every other command says its errors (--debug: the
-    traceback)."""
+    """A bench's or profile's bad request (a GPU asked for where none is usable, a shape
+    the U-Net cannot take) as one line, as every other command says its errors (--debug:
+    the traceback)."""
     try:
         yield
     except (ValueError, RuntimeError, OSError) as e:
@@ -266,10 +266,8 @@ def bench_gpus(json_path: str | None, **options) -> None:
     efficiency."""
     from nodulekit.bench.gpus import GpusBenchOptions, format_gpus, run_gpus_bench
 
-    try:
+    with _one_line_errors():
         result = run_gpus_bench(GpusBenchOptions(**options), echo=click.echo)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
     click.echo(format_gpus(result))
     _write_json(result, json_path)
 
@@ -310,10 +308,8 @@ def profile(json_path, plot_path, **options):
     from nodulekit.profile.roofline import plot_roofline
     from nodulekit.profile.run import ProfileOptions, run_profile
 
-    try:
+    with _one_line_errors():
         result = run_profile(ProfileOptions(**options))
-    except (ValueError, RuntimeError) as e:
-        raise _user_error(e) from None
     click.echo(format_profile(result))
     if plot_path:
         plot_roofline(result, plot_path)
@@ -708,7 +704,9 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
         channels = int(cfg.get("in_channels", 1))  # 2K + 1 with --context-slices K
     width, depth, batch, norm = width or 64, depth or 4, batch or 1, norm or "none"
     shape = shape or (size or 512, size or 512)
-    padded = _padded_shape(shape, depth)
+    from nodulekit.inference.tiling import padded_size
+
+    padded = padded_size(shape, 2 ** int(depth)) if min(shape) > 0 else tuple(shape)
     if tuple(padded) != tuple(shape):
         click.echo(f"{shape[0]}x{shape[1]} slices run padded with air to {padded[0]}x"
                    f"{padded[1]}, a multiple of 2**depth (as validation, evaluate and "
@@ -726,11 +724,6 @@ def inspect(checkpoint, width, depth, size, batch, norm, json_path, kernels):
     _write_json({"depth": depth, "width": width, "norm": norm,
                  "input": [batch, *shape, channels],
                  "layers": [asdict(x) for x in layers], "totals": totals(layers)}, json_path)
-
-
-def _padded_shape(shape, depth: int) -> tuple[int, int]:
-    f = 2 ** int(depth)
-    return tuple(-(-int(v) // f) * f if int(v) > 0 else int(v) for v in shape)
 
 
 # ----------------------------------------------------------------------------- data

@@ -740,8 +740,8 @@ class _CacheWriter:
     def pixel_spacing_range(self) -> tuple[float, float, float] | None:
         """(smallest, median, largest) pixel spacing of the slices written (mm; each the
         mean of its row and column spacing), None where no slice has one."""
-        values = np.array([np.mean(v) for m in self.meta.values() for v in m["pixel_spacing"]],
-                          dtype=np.float64)
+        pairs = [v for m in self.meta.values() for v in m["pixel_spacing"]]
+        values = np.asarray(pairs, dtype=np.float64).reshape(-1, 2).mean(axis=1)
         values = values[np.isfinite(values) & (values > 0)]
         if not values.size:
             return None

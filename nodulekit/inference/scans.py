@@ -93,8 +93,7 @@ def scan_files_in_folders(paths: list[Path]) -> list[Path]:
                        if f.is_file() and not f.name.startswith(".")
                        and volume_format(f) in ("nifti", "metaimage"))
         out += files
-        folders = [path, *sorted(d for d in path.rglob("*") if d.is_dir())]
-        if not files or any(dicom_files(d) for d in folders):
+        if not files or any(dicom_files(d) for d in (path, *path.rglob("*")) if d.is_dir()):
             out.append(path)
     return out
 

@@ -252,13 +252,18 @@ def forward_tiled(model, image, tile: int, pad: int | None = None):
     return out
 
 
+def padded_size(shape, multiple: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of `multiple`: what a slice of `shape` runs at."""
+    return tuple(-(-int(v) // multiple) * multiple for v in shape)
+
+
 def pad_to_multiple(hu: np.ndarray, mask: np.ndarray, multiple: int):
     """(hu, mask, box): host HU [..., H, W] (slices [N, H, W] or with context channels
     [N, C, H, W]) and masks [N, H, W] padded, centred, to multiples of `multiple` with air
     (`AIR_HU`) and 0; box = (row, col, H, W) of the original inside (the arrays themselves
     when no padding is needed)."""
     h, w = hu.shape[-2:]
-    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    ph, pw = padded_size((h, w), multiple)
     if (ph, pw) == (h, w):
         return hu, mask, (0, 0, h, w)
     r0, c0 = (ph - h) // 2, (pw - w) // 2
