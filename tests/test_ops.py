@@ -124,6 +124,39 @@ def test_conv2d(backend, case, rng):
     assert (got["dx"] is None) == (not need_dx)
 
 
+@each_backend_and_case((ALL_BACKENDS + CPU_CONV_VERSIONS, CONV), (CUDA_BACKENDS, CONV_CUDA_ONLY))
+def test_conv2d_bn_eval_forward(backend, case, rng):
+    """The convolution with the batch norm of evaluation after it, as one op: against the
+    float64 reference and torch (conv2d, then batch_norm on the running statistics), and
+    bit for bit what the two ops give on the same backend (inference relies on it: a
+    model validates the same either way)."""
+    n, h, w, c, k, r, relu, _ = case
+    device = torch_device(backend)
+    inputs = dict(x=rand(rng, n, h, w, c), w=rand(rng, k, r, r, c, scale=(2 / (r * r * c)) ** .5),
+                  gamma=1.0 + rand(rng, k, scale=0.5), beta=rand(rng, k, scale=0.5),
+                  running_mean=rand(rng, k, scale=0.5), running_var=0.5 + rand(rng, k) ** 2)
+
+    def run(be, x, w, gamma, beta, running_mean, running_var):
+        return dict(y=be.conv2d_bn_eval_forward(x, w, gamma, beta, running_mean, running_var,
+                                                relu=relu))
+
+    def run_torch(x, w, gamma, beta, running_mean, running_var):
+        z = T.conv2d_forward(x, w, np.zeros(k), device=device)
+        y = T.batch_norm_forward(z, gamma, beta, running_mean, running_var, training=False,
+                                 relu=relu, device=device)[0]
+        return dict(y=y)
+
+    got = check_op(backend, run, run_torch, inputs, reduce=dict(y=r * r * c))
+    args = to_device(backend, *(inputs[name] for name in ("x", "w", "gamma", "beta",
+                                                          "running_mean", "running_var")))
+    x, wt, gamma, beta, rm, rv = args
+    z = backend.conv2d_forward(x, wt, to_device(backend, np.zeros(k)))
+    two_ops = backend.batch_norm_forward(z, gamma, beta, rm, rv, training=False, relu=relu)[0]
+    np.testing.assert_array_equal(got["y"], to_host(backend, two_ops))
+    if relu:
+        assert (got["y"] >= 0).all()
+
+
 @each_backend(*ALL_BACKENDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 def test_conv2d_backward_without_bias_gradient(backend, rng, relu):

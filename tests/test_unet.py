@@ -231,6 +231,37 @@ def test_norm_none_is_the_paper_net_unchanged():
         unet_parameter_shapes(2, 4, norm="layer")
 
 
+@pytest.mark.parametrize("width", [8, 12], ids=["vectors", "scalar-channels"])
+def test_inference_with_batch_norm_fuses_it_into_the_convolutions(width):
+    """Inference (no backward kept, running statistics) calls the fused op for every 3x3
+    convolution a norm follows, and gives the bits of the two-op path that evaluation with
+    kept activations runs: a model validates the same either way."""
+    be = get_backend("cpu")
+    model = UNet(be, depth=3, width=width, seed=2, norm="batch")
+    rng = np.random.default_rng(5)
+    for name, view in model.b.items():  # running statistics away from 0 and 1
+        view[...] = (0.5 + rng.random(view.shape) if name.endswith("running_var")
+                     else rng.normal(0.0, 0.3, view.shape))
+    x = rng.random((2, 40, 24, 1)).astype(np.float32)
+    calls = []
+    fused = be.conv2d_bn_eval_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return fused(*args, **kwargs)
+
+    be.conv2d_bn_eval_forward = spy
+    try:
+        two_ops = model.forward(x, keep_for_backward=True, training=False)
+        assert calls == []
+        one_op = model.forward(x, keep_for_backward=False, training=False)
+    finally:
+        del be.conv2d_bn_eval_forward
+    assert len(calls) == 2 * (2 * 3 + 1)  # two per level down and up, two at the bottom
+    np.testing.assert_array_equal(one_op, two_ops)
+    assert np.abs(one_op).max() > 0
+
+
 def test_instance_norm_needs_two_pixels_at_the_bottom():
     model = UNet(get_backend("cpu"), depth=4, width=2, norm="instance")
     with pytest.raises(ValueError, match="deepest level of a 16x16 input at depth 4 has one"):

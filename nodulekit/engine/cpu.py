@@ -225,25 +225,31 @@ class CPUBackend(Backend):
         self.workers = _shared_workers(threads)
 
     # ------------------------------------------------------------------ convolution
-    def _conv(self, x, w2d, r_size, b, relu, out2d):
+    def _conv(self, x, w2d, r_size, b, relu, out2d, then=None):
         """out2d[M, K] = epilogue(patches(x) @ w2d^T + b), one block of pixels per job.
 
         Per block of mb pixels: cols [mb, R*R*C] = patches (straight copies in NHWC);
         out2d[block] = cols @ w2d^T (SGEMM, written in place: NHWC is [pixels, K]);
-        then bias and ReLU over the block while it is still in cache.
+        then bias and ReLU over the block while it is still in cache, and ``then(m0, m1)``
+        (if given) on the block's rows out2d[m0:m1] (the norm of `conv2d_bn_eval_forward`).
         """
+        if then is None:
+            def then(m0, m1):
+                pass
+
         n, h, w, c = x.shape
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
         if r_size == 3 and _packed_conv(self.conv_variant, c, k, w):
-            return self._conv_packed(x, w2t, b, relu, out2d)
+            return self._conv_packed(x, w2t, b, relu, out2d, then)
         if r_size == 3 and _register_blocked_conv(self.conv_variant, c, k, w):
             w_tk = aligned_copy(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
 
             def image_rows(m0, m1, _):
                 cpu_conv.conv3x3_rows(x, w_tk, b, relu, y, m0 // w, m1 // w)
+                then(m0, m1)
 
             self.workers.run(image_rows, rows, _block_rows(r_size * r_size * c), align=w)
             return out2d
@@ -255,6 +261,7 @@ class CPUBackend(Backend):
             def job1(m0, m1, _):
                 product(x2d[m0:m1], w2t, out=out2d[m0:m1])
                 kern.bias_relu_rows(out2d, b, relu, m0, m1)
+                then(m0, m1)
 
             self.workers.run(job1, rows, _block_rows(c + k))
             return out2d
@@ -267,13 +274,15 @@ class CPUBackend(Backend):
             kern.im2col_rows(x, m0, m1, r_size, cols)
             np.matmul(cols, w2t, out=out2d[m0:m1])
             kern.bias_relu_rows(out2d, b, relu, m0, m1)
+            then(m0, m1)
 
         self.workers.run(job, rows, step)
         return out2d
 
-    def _conv_packed(self, x, w_tk, b, relu, out2d):
+    def _conv_packed(self, x, w_tk, b, relu, out2d, then):
         """out2d = relu?(conv3x3(x) + b) with ``cpu_conv_packed``: x copied into a zero-padded
-        buffer, the weights packed, then blocks of image rows on the threads."""
+        buffer, the weights packed, then blocks of image rows on the threads (``then`` as
+        in `_conv`)."""
         n, h, w, c = x.shape
         k = w_tk.shape[1]
         wide = cpu_conv_packed.WIDE_BLOCKS
@@ -284,6 +293,7 @@ class CPUBackend(Backend):
         def image_rows(m0, m1, _):
             cpu_conv_packed.conv3x3_packed_rows(xp, w_packed, b, relu, y, m0 // w, m1 // w,
                                                 wide)
+            then(m0, m1)
 
         self.workers.run(image_rows, n * h * w, _block_rows(9 * c), align=w)
         return out2d
@@ -419,6 +429,24 @@ class CPUBackend(Backend):
         k, r = w.shape[0], w.shape[1]
         y = aligned_empty((n, h, wd, k))  # read in vectors downstream (see simd)
         self._conv(x, w.reshape(k, -1), r, b, relu, y.reshape(n * h * wd, k))
+        return y
+
+    def _conv2d_bn_eval_forward(self, x, w, gamma, beta, running, relu, eps):
+        """The convolution's sums, then the norm on each block of rows the thread has just
+        written (in cache), in place: the same arithmetic as the two passes (the same
+        rounded coefficients; ``cpu_norm.apply_rows`` is ``apply``'s loop), one pass over
+        memory fewer."""
+        mean, scale = self._eval_norm_coefficients(gamma, *running, eps)
+        n, h, wd, _ = x.shape
+        k, r = w.shape[0], w.shape[1]
+        y = aligned_empty((n, h, wd, k))
+        y2d = y.reshape(n * h * wd, k)
+
+        def normalise(m0, m1):
+            cpu_norm.apply_rows(y2d, mean, scale, beta, relu, m0, m1)
+
+        self._conv(x, w.reshape(k, -1), r, np.zeros(k, dtype=np.float32), False, y2d,
+                   then=normalise)
         return y
 
     def _weight_grad_transposed(self, dz2d, x, w, r):

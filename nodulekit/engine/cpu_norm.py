@@ -5,7 +5,8 @@ statistics ``mean``, ``invstd``, ``scale`` are ``[G, C]`` with G = N (instance n
 row per sample) or G = 1 (batch norm: one row for every sample):
 
 - ``moments``    per sample and block of pixels: sum x and sum x^2 per channel, in float64;
-- ``apply``      y = (x - mean) scale + beta, ReLU'd: the forward's output;
+- ``apply``      y = (x - mean) scale + beta, ReLU'd: the forward's output (``apply_rows``:
+                 the same on a block of rows a convolution has just written, in place);
 - ``grad_sums``  per sample and block of pixels: sum g and sum g xhat per channel, in
                  float64, with g = dy (ReLU'd by y > 0) and xhat = (x - mean) invstd;
 - ``grad_apply`` dx = k (g - a - xhat b) with (k, a, b) = coef[group] per channel.
@@ -124,15 +125,10 @@ def moments(x3: np.ndarray, block: int, partial: np.ndarray) -> None:
 
 
 @njit(**_JIT)
-def _apply_job(xf, yf, mf, sf, beta, relu, job, dims):
-    """apply on one block of one sample's pixels; dims = (blocks, block, pixels, channels,
-    per_sample). Channel group outer, pixels inner: the group's statistics stay in
-    registers (and no division per pixel)."""
-    blocks, block, pixels, channels, per_sample = dims
-    n = job // blocks
-    lo = (n * pixels + (job - n * blocks) * block) * channels
-    hi = (n * pixels + min(pixels, (job - n * blocks + 1) * block)) * channels
-    g = uint64(n * channels) if per_sample else uint64(0)
+def _apply_span(xf, yf, mf, sf, beta, relu, lo, hi, g, channels):
+    """yf[lo:hi] = (xf - mean) scale + beta, ReLU'd, over whole pixels (lo, hi multiples
+    of channels); the statistics' row at g. Channel group outer, pixels inner: the group's
+    statistics stay in registers (and no division per pixel). xf may be yf (in place)."""
     if channels % 8 == 0:
         for k0 in range(0, channels, 8):
             k = uint64(k0)
@@ -147,6 +143,30 @@ def _apply_job(xf, yf, mf, sf, beta, relu, job, dims):
             if relu and v < 0.0:
                 v = np.float32(0.0)
             yf[row + k] = v
+
+
+@njit(**_JIT)
+def _apply_job(xf, yf, mf, sf, beta, relu, job, dims):
+    """apply on one block of one sample's pixels; dims = (blocks, block, pixels, channels,
+    per_sample)."""
+    blocks, block, pixels, channels, per_sample = dims
+    n = job // blocks
+    lo = (n * pixels + (job - n * blocks) * block) * channels
+    hi = (n * pixels + min(pixels, (job - n * blocks + 1) * block)) * channels
+    g = uint64(n * channels) if per_sample else uint64(0)
+    _apply_span(xf, yf, mf, sf, beta, relu, lo, hi, g, channels)
+
+
+@njit(**_JIT)
+def apply_rows(y2d: np.ndarray, mean: np.ndarray, scale: np.ndarray, beta: np.ndarray,
+               relu: bool, m0: int, m1: int) -> None:
+    """apply in place on rows m0..m1 of y2d [pixels, C], one shared row of statistics
+    (batch norm in evaluation): a convolution's epilogue, on the block its thread has
+    just written. Serial."""
+    channels = y2d.shape[1]
+    yf = y2d.ravel()
+    _apply_span(yf, yf, mean.ravel(), scale.ravel(), beta, relu, m0 * channels,
+                m1 * channels, uint64(0), channels)
 
 
 @njit(parallel=True, **_JIT)

@@ -63,6 +63,16 @@ The ops, with their math (x, y: input, output; K out channels; C in channels):
     and ``split_channels`` then ``upconv2x2_backward`` -> ``(dskip, dx, dw, db)``. Same
     math; a backend may skip the intermediate tensor (the U-Net calls these).
 
+``conv2d_bn_eval_forward(x, w, gamma, beta, running_mean, running_var, relu, eps)`` -> ``y``
+    A convolution without bias, then batch norm in evaluation (the running statistics)::
+
+        y = batch_norm_forward(conv2d_forward(x, w, 0), gamma, beta, running_mean,
+                               running_var, training=False, relu, eps=eps)[0]
+
+    bit for bit: the same sums, then the same ``(z - mean) scale + beta`` per channel. What
+    the U-Net calls at inference; a backend may apply the norm to each block of ``z`` while
+    it is still in cache, instead of a second pass over it.
+
 ``sigmoid_dice_loss(logits, target, smooth)`` -> ``(loss, dice, dlogits)``
     With ``p = sigmoid(z)``, per sample i (sums over the sample's pixels)::
 
@@ -376,6 +386,31 @@ class Backend:
     def _upconv2x2_concat_forward(self, skip, x, w, b):
         return self._concat_channels(skip, self._upconv2x2_forward(x, w, b))
 
+    # ---- a convolution and the batch norm of evaluation after it, as one op (inference)
+    def conv2d_bn_eval_forward(self, x, w, gamma, beta, running_mean,  # noqa: PLR0913
+                               running_var, relu: bool = True, eps: float = NORM_EPS):
+        """``batch_norm_forward(conv2d_forward(x, w, 0), ..., training=False)[0]``, bit for
+        bit; a backend may normalise each block of the sums while it is in cache."""
+        op = "conv2d_bn_eval_forward"
+        check_array(op, "x", x, self.dtype, 4, "NHWC")
+        _check_positive(op, x, "x")
+        k, r = w.shape[0], w.shape[1]
+        if w.ndim != 4 or r != w.shape[2] or r not in (1, 3):
+            raise ValueError(f"{op}: w must be [K,3,3,C] or [K,1,1,C], got {tuple(w.shape)}")
+        check_array(op, "w", w, self.dtype, 4, "KRSC", (None, r, r, x.shape[3]))
+        for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+            check_array(op, name, a, self.dtype, 1, "K", (k,))
+        if not eps > 0:
+            raise ValueError(f"{op}: eps must be > 0, got {eps}")
+        return self._conv2d_bn_eval_forward(x, w, gamma, beta, (running_mean, running_var),
+                                            bool(relu), float(eps))
+
+    def _conv2d_bn_eval_forward(self, x, w, gamma, beta, running, relu, eps):
+        """The default: the two ops' own passes."""
+        z = self._conv2d_forward(x, w, self.zeros((w.shape[0],)), False)
+        return self._batch_norm_forward(z, gamma, beta, running, False, relu, None, 0.0, eps)[0]
+
     def _upconv2x2_split_backward(self, dcat, ca, x, w):
         dskip, dup = self._split_channels(dcat, ca)
         return (dskip, *self._upconv2x2_backward(dup, x, w))
@@ -519,8 +554,7 @@ class Backend:
         c = x.shape[3]
         running_mean, running_var = running
         if not training:
-            mean = running_mean.astype(np.float64).reshape(1, c)
-            invstd = 1.0 / xp.sqrt(running_var.astype(np.float64).reshape(1, c) + eps)
+            mean, invstd = self._eval_statistics(running_mean, running_var, eps)
             return self._normalise(x, mean, invstd, gamma, beta, relu)
         buf = _with_count(xp, self._norm_moments(x).sum(axis=0), x)
         if sum_across is not None:
@@ -550,12 +584,28 @@ class Backend:
         dx = self._norm_input_grad(dy, x, y, (mean, invstd), gamma, means, relu)
         return dx, dgamma, dbeta
 
+    def _eval_statistics(self, running_mean, running_var, eps):
+        """(mean, invstd), float64 [1, C], of batch norm in evaluation."""
+        c = running_mean.shape[0]
+        mean = running_mean.astype(np.float64).reshape(1, c)
+        return mean, 1.0 / self.xp.sqrt(running_var.astype(np.float64).reshape(1, c) + eps)
+
+    def _eval_norm_coefficients(self, gamma, running_mean, running_var, eps):
+        """(mean, scale) [1, C] in the backend's float, as `_normalise` rounds them."""
+        mean, invstd = self._eval_statistics(running_mean, running_var, eps)
+        return self._rounded_coefficients(mean, invstd, gamma)[:2]
+
+    def _rounded_coefficients(self, mean, invstd, gamma):
+        """(mean, scale, invstd) in the backend's float from float64 statistics [G, C]:
+        scale = gamma invstd rounded once."""
+        dt = self.dtype  # (asarray: the backend's own memory, as its kernels want)
+        scale = self.asarray(invstd * gamma.astype(np.float64), dtype=dt)
+        return self.asarray(mean, dtype=dt), scale, self.asarray(invstd, dtype=dt)
+
     def _normalise(self, x, mean, invstd, gamma, beta, relu):
         """(y, mean, invstd) from float64 statistics [G, C]; the kept ones rounded to the
         backend's float, scale = gamma invstd rounded once."""
-        dt = self.dtype  # (asarray: the backend's own memory, as its kernels want)
-        scale = self.asarray(invstd * gamma.astype(np.float64), dtype=dt)
-        mean, invstd = self.asarray(mean, dtype=dt), self.asarray(invstd, dtype=dt)
+        mean, scale, invstd = self._rounded_coefficients(mean, invstd, gamma)
         return self._norm_apply(x, mean, scale, beta, relu), mean, invstd
 
     def _norm_input_grad(self, dy, x, y, stats, gamma, means, relu):
