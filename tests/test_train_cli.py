@@ -240,6 +240,9 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     assert cache.is_file() and (data / "synth.json").is_file()
     assert str(tmp_path / "cache") in str(cache)
     assert "generating the demo data set" in result.output
+    # the first run compiled its kernels in a second process meanwhile, and it went well
+    assert "compiling the run's kernels in a second process" in result.output
+    assert "compiling the kernels ahead failed" not in result.output
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("demo-")
     cfg = json.loads((runs[0] / "config.json").read_text())["config"]
@@ -250,6 +253,7 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
                      tmp_path / "second", "--no-test")
     assert result.exit_code == 0, result.output
     assert "generating" not in result.output and cache.stat().st_mtime_ns == mtime
+    assert "second process" not in result.output  # nothing to overlap: the set exists
 
 
 def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):

@@ -34,8 +34,9 @@ def demo_paths(root: Path | None = None) -> tuple[Path, Path]:
     return root / f"demo-{DEMO_NAME}" / "data", root / f"demo-{DEMO_NAME}.h5"
 
 
-def ensure_demo_cache(report=print, progress: bool = True) -> Path:
-    """The demo cache's path, generating the data set and the cache first if needed."""
+def ensure_demo_cache(report=print, progress: bool = True, workers: int | None = None) -> Path:
+    """The demo cache's path, generating the data set and the cache first if needed (in
+    `workers` processes: None, one per CPU; the data set is the same for any number)."""
     from nodulekit.data.cache import CacheError, open_cache
     from nodulekit.data.preprocess import preprocess
     from nodulekit.data.synth import SynthConfig, synthesize
@@ -56,7 +57,7 @@ def ensure_demo_cache(report=print, progress: bool = True) -> Path:
         data.parent.mkdir(parents=True, exist_ok=True)
         tmp = data.parent / f".data.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        synthesize(tmp, cfg, overwrite=True, progress=progress, workers=None)
+        synthesize(tmp, cfg, overwrite=True, progress=progress, workers=workers)
         shutil.rmtree(data, ignore_errors=True)
         os.replace(tmp, data)
     report(f"preprocessing it into {cache}")

@@ -64,6 +64,7 @@ import numpy as np
 from nodulekit import distributed
 from nodulekit.nn.inputs import window_input
 from nodulekit.nn.optim import scheduled_lr
+from nodulekit.training import warmup
 from nodulekit.training.config import TrainConfig, TrainOptions
 
 
@@ -152,6 +153,21 @@ def train(options: TrainOptions | None = None, *, echo=None, callback=None, comm
             if own_comm:
                 comm.close()
     return result
+
+
+def build_step(config: TrainConfig, be, model, comm=None):
+    """(Adam, TrainStep) of the run's configuration for `model` on backend `be`."""
+    from nodulekit.nn import Adam, TrainStep, lr_scale
+
+    optimizer = Adam(be, model.params, model.grads, lr=config.lr)
+    scale = lr_scale(model.layout, config.lr_scaling)
+    if scale is not None:
+        scale = be.asarray(scale, dtype=be.dtype)
+    step = TrainStep(model, optimizer, smooth=config.smooth, bce_weight=config.bce_weight,
+                     nodule_dice_weight=config.nodule_dice_weight,
+                     nodule_bce_weight=config.nodule_bce_weight,
+                     lr_scale=scale, comm=comm, dice=config.dice)
+    return optimizer, step
 
 
 def _reporter(config: TrainConfig, comm, early: _Buffered, echo):
@@ -263,18 +279,7 @@ class Training:
                     head_prior=config.head_prior)
 
     def _optimizer_and_step(self):
-        from nodulekit.nn import Adam, TrainStep, lr_scale
-
-        config, be, model = self.config, self.backend, self.model
-        optimizer = Adam(be, model.params, model.grads, lr=config.lr)
-        scale = lr_scale(model.layout, config.lr_scaling)
-        if scale is not None:
-            scale = be.asarray(scale, dtype=be.dtype)
-        step = TrainStep(model, optimizer, smooth=config.smooth, bce_weight=config.bce_weight,
-                         nodule_dice_weight=config.nodule_dice_weight,
-                         nodule_bce_weight=config.nodule_bce_weight,
-                         lr_scale=scale, comm=self.dist, dice=config.dice)
-        return optimizer, step
+        return build_step(self.config, self.backend, self.model, self.dist)
 
     def _weight_average(self, ckpt):
         """The weight average (`nn.ema`) when the run keeps one: a copy of the (broadcast)
@@ -403,6 +408,7 @@ class Training:
         try:
             self._open_data()
             self._describe()
+            warmup.wait(self.report)  # the kernels compiled meanwhile (demo set generated)
             if self.rescore_best:
                 self._rescore_best()
             if self.comm.is_root:

@@ -14,6 +14,7 @@ written there before this process is its one writer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -57,23 +58,36 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     if any((out / f"checkpoint_{which}.h5").exists() for which in ("last", "best")):
         raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it, or "
                          "choose another --out")
-    cache = _ready_cache(options.data, kind, out, report=report, progress=progress,
-                         spacing=options.spacing)
     o = options.defaults_from(defaults)
+    backend, _ = resolve_device(options.device)
+    # a core for the warm-up where it runs, the others generate the data set
+    warming = _warm_up_while_generating(options, kind, o, out, backend, report)
+    cache = _ready_cache(options.data, kind, out, report=report, progress=progress,
+                         spacing=options.spacing,
+                         workers=max(1, (os.cpu_count() or 1) - 1) if warming else None)
     finetune = o.pop("finetune_from")
     if finetune is not None:
         finetune = _architecture_from(finetune, options, o)
-    image_shape, cache_shape = _shapes(cache, o.pop("size"), int(o["depth"]))
-    spacing = cache_spacing(cache)
-    backend, _ = resolve_device(options.device)
+    image_shape, cache_shape = _shapes(cache, o["size"], int(o["depth"]))
     patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
     if o["patch"] is None and patch != image_shape:
         where = "a GPU" if backend == "cuda" else "the CPU"
         report(f"patches: {patch[0]}x{patch[1]} crops of the {image_shape[0]}x"
                f"{image_shape[1]} slices (--patch auto: at most {max(patch)} on {where}; "
                "--patch P to choose)")
+    config = _config(options, kind, o, out=out, cache=cache, backend=backend,
+                     shapes=(image_shape, cache_shape, patch), finetune=finetune,
+                     spacing=cache_spacing(cache), identity=cache_identity(cache))
+    config.validate()
+    return config
+
+
+def _config(options: TrainOptions, kind: str, o: dict, *, out: Path, cache: Path,  # noqa: PLR0913
+            backend: str, shapes, finetune, spacing, identity: str) -> TrainConfig:
+    """The run's configuration from the options with their defaults (``o``)."""
+    image_shape, cache_shape, patch = shapes
     context = int(o["context_slices"])
-    config = TrainConfig(
+    return TrainConfig(
         data="demo" if kind == "demo" else str(Path(options.data).absolute()), data_kind=kind,
         cache=str(cache), out=str(out), epochs=int(o["epochs"]),
         val_interval=int(o["val_interval"]), weight_ema=float(o["weight_ema"]),
@@ -90,9 +104,33 @@ def new_config(options: TrainOptions, *, report, progress: bool,
         norm=str(o["norm"]), patch=patch,
         foreground_fraction=float(o["foreground_fraction"]), context_slices=context,
         in_channels=2 * context + 1, recipe=str(o["recipe"]), spacing_mm=spacing,
-        cache_identity=cache_identity(cache))
-    config.validate()
-    return config
+        cache_identity=identity)
+
+
+def _warm_up_while_generating(options: TrainOptions, kind: str, o: dict, out: Path,  # noqa: PLR0913
+                              backend: str, report) -> bool:
+    """Where the demo set is about to be generated (the first run on a machine), start
+    compiling the CPU kernels of this run in a second process meanwhile
+    (`nodulekit.training.warmup`); the run waits for it before its first step. Whether
+    it started."""
+    from nodulekit.training import warmup
+    from nodulekit.training.demo import DEMO_SYNTH, demo_paths
+
+    if kind != "demo" or backend != "cpu" or o["finetune_from"] is not None:
+        return False
+    if demo_paths()[1].is_file() or not warmup.enabled() or (os.cpu_count() or 1) < 2:
+        return False
+    side = int(DEMO_SYNTH["size"])
+    image_shape = resolve_size([side, side], o["size"], int(o["depth"]))
+    patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
+    draft = _config(options, kind, o, out=out, cache=demo_paths()[1], backend=backend,
+                    shapes=(image_shape, [side, side], patch), finetune=None, spacing=None,
+                    identity="")
+    if warmup.start(draft) is None:
+        return False
+    report("compiling the run's kernels in a second process while the demo set is generated "
+           f"(the first run on this machine; {warmup.ENV}=0 turns it off)")
+    return True
 
 
 def _data_kind(data) -> tuple[str, str]:
@@ -114,7 +152,7 @@ def _run_folder(out, name: str) -> Path:
 
 
 def _ready_cache(data, kind: str, out: Path, *, report, progress: bool,
-                 spacing: float | None = None) -> Path:
+                 spacing: float | None = None, workers: int | None = None) -> Path:
     """The cache the run reads: the demo's (generated once), a folder's (preprocessed into
     the run folder, resampled to `spacing` mm pixels if given), or the cache given."""
     if spacing is not None and kind != "folder":
@@ -125,7 +163,8 @@ def _ready_cache(data, kind: str, out: Path, *, report, progress: bool,
     if kind == "demo":
         from nodulekit.training.demo import ensure_demo_cache
 
-        return Path(ensure_demo_cache(report=report, progress=progress)).absolute()
+        return Path(ensure_demo_cache(report=report, progress=progress,
+                                      workers=workers)).absolute()
     if kind == "cache":
         return Path(data).absolute()
     from nodulekit.data.fingerprint import cache_for_folder
