@@ -49,3 +49,14 @@ def test_it_can_be_turned_off(monkeypatch):
     assert not warmup.enabled()
     monkeypatch.setenv(warmup.ENV, "1")
     assert warmup.enabled()
+
+
+def test_a_warm_up_that_takes_too_long_is_stopped(tmp_path, monkeypatch):
+    """Past WAIT_SECONDS the run stops waiting: the second process is killed, a note says
+    so, and the run goes on (compiling what is left itself)."""
+    monkeypatch.setattr(warmup, "WAIT_SECONDS", 0.01)
+    notes = []
+    proc = warmup.start(_config(tmp_path))
+    warmup.wait(notes.append)
+    assert proc.poll() is not None and proc.returncode != 0
+    assert len(notes) == 1 and "compiling the kernels ahead failed" in notes[0]

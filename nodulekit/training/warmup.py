@@ -30,10 +30,12 @@ answer instead of measuring it on cores that the data generation keeps busy.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ENV = "NODULEKIT_WARMUP"
@@ -52,18 +54,26 @@ def start(config) -> subprocess.Popen | None:
     from nodulekit.engine import fma_width
 
     fma_width.decide()  # here, before the data generation loads the cores (module doc)
+    # its errors go to a file, not a pipe: a pipe nobody reads until the end could fill
+    errors = tempfile.TemporaryFile(mode="w+")
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodulekit.training.warmup"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors, text=True)
         proc.stdin.write(json.dumps(config.to_dict()))
         proc.stdin.close()
     except OSError:
+        errors.close()
         return None
-    _pending["process"] = proc
-    _pending["started"] = time.perf_counter()
+    _pending.update(process=proc, errors=errors)
+    atexit.register(_stop, proc)  # a run stopped early (Ctrl-C) does not leave it behind
     return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def wait(report=None) -> float | None:
@@ -71,16 +81,18 @@ def wait(report=None) -> float | None:
     proc = _pending.pop("process", None)
     if proc is None:
         return None
+    errors = _pending.pop("errors")
     t0 = time.perf_counter()
     try:
         proc.wait(timeout=WAIT_SECONDS)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
     waited = time.perf_counter() - t0
-    error = proc.stderr.read() if proc.stderr is not None else ""
+    errors.seek(0)
+    text = errors.read().strip()
+    errors.close()
     if proc.returncode != 0 and report is not None:
-        last = error.strip().splitlines()[-1] if error.strip() else f"exit {proc.returncode}"
+        last = text.splitlines()[-1] if text else f"exit {proc.returncode}"
         report(f"note: compiling the kernels ahead failed ({last}); they compile as the "
                "run first calls them")
     return waited
