@@ -281,14 +281,14 @@ if variants:
                                 "variant": r["variant"], "ours_ms": r["ours_ms"],
                                 "ratio": r["ratio"]} for k, r in best.items()]
     print(f"conv versions: {len(variants['rows'])} rows, {len(variants['skipped'])} skipped")
-for name in ("step.json", "step_paper.json"):
+for name in ("step.json", "step_paper.json", "infer_paper.json"):
     s = load(name)
     if s:
         c = s["config"]
-        print(f"step {c['width']}w {c['size']}px batch {c['batch']}: ours {s['ours_ms']:.1f} ms, "
-              f"torch {s['torch_ms']:.1f} ms, ratio {s['ratio']:.2f}")
+        print(f"{s['benchmark']} {c['width']}w {c['size']}px batch {c['batch']}: ours "
+              f"{s['ours_ms']:.1f} ms, torch {s['torch_ms']:.1f} ms, ratio {s['ratio']:.2f}")
         summary[name[:-5]] = {k: s.get(k) for k in ("ours_ms", "torch_ms", "ratio",
-                                                     "first_step_loss")}
+                                                     "first_step_loss", "logits_max_abs_diff")}
 json.dump(summary, open(sys.argv[2], "w"))
 EOF
 }
@@ -309,7 +309,7 @@ bench() {
         FAILED+=("a usable GPU")
         finish
     fi
-    step check "bench ops --device cuda (paper shapes, CUDA events)" 110 \
+    step check "bench ops --device cuda (paper shapes, CUDA events)" 95 \
         "${NK[@]}" bench ops --device cuda --repeats 10 --json "$OUT/ops.json"
     step check "conv versions vs cuDNN (fastest first; direct at small shapes)" 100 \
         "$PY" -m nodulekit.bench.ops --op conv --variants all --repeats 3 --warmup 1 \
@@ -321,6 +321,9 @@ bench() {
     step check "bench step --device cuda (the paper: width 64, 512x512, batch 12)" 150 \
         "${NK[@]}" bench step --device cuda --width 64 --size 512 --batch 12 --repeats 3 \
         --warmup 1 --no-cudnn-benchmark --json "$OUT/step_paper.json"
+    step check "bench infer --device cuda (the paper's inference: width 64, 12 x 512x512)" 20 \
+        "${NK[@]}" bench infer --device cuda --width 64 --size 512 --batch 12 --repeats 5 \
+        --no-cudnn-benchmark --json "$OUT/infer_paper.json"
     step check "bench gpus --device cuda" 40 \
         "${NK[@]}" bench gpus --device cuda --json "$OUT/gpus.json"
     if command -v ncu > /dev/null; then

@@ -222,6 +222,37 @@ def bench_step(json_path, torch_alone, **options):
     _write_json(result, json_path)
 
 
+@bench.command("infer")
+@_device_option
+@click.option("--width", default=16, show_default=True)
+@click.option("--depth", default=4, show_default=True)
+@click.option("--size", default=512, show_default=True, help="Slice H = W (whole slices).")
+@click.option("--batch", default=4, show_default=True, help="Slices per forward pass.")
+@click.option("--norm", default="none", show_default=True,
+              type=click.Choice(["none", "instance", "batch"]),
+              help="Normalisation after each 3x3 convolution (as `train --norm`; batch norm "
+                   "on seeded running statistics).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--repeats", default=10, show_default=True, help="Timed batches (median).")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
+              help="CPU: also time torch alone in a child process per OpenMP wait policy "
+                   "and malloc policy, and give the ratio to its best.")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True, show_default=True,
+              help="GPU: torch's cudnn.benchmark.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for stdout).")
+def bench_infer(json_path, torch_alone, **options):
+    """Whole-slice inference (what predict, evaluate and validation run) against PyTorch."""
+    from nodulekit.bench.infer import format_infer, run_infer_bench
+
+    with _one_line_errors():
+        result = run_infer_bench(**options, torch_alone=None if torch_alone else (),
+                                 log=lambda line: click.echo(line, err=True))
+    click.echo(format_infer(result))
+    _write_json(result, json_path)
+
+
 @bench.command("norm")
 @_device_option
 @_shape_options_without_norm

@@ -191,6 +191,37 @@ def test_bench_step_with_a_norm_starts_both_sides_alike():
         assert abs(first["ours"] - first["torch"]) < 1e-5
 
 
+def test_bench_infer_times_whole_slice_inference_against_torch():
+    """`bench infer`: the same logits on both sides (batch norm on seeded running
+    statistics, which ours runs inside the convolutions), every turn recorded, and torch
+    alone timed in a child process doing inference, not a training step."""
+    import json
+    import statistics
+
+    for norm in ("batch", "none"):
+        result = CliRunner().invoke(main, ["bench", "infer", "--width", "8", "--depth", "2",
+                                           "--size", "24", "--batch", "2", "--repeats", "3",
+                                           "--warmup", "1", "--norm", norm,
+                                           "--no-torch-alone", "--json", "-"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output[result.output.index("{"):])
+        assert data["benchmark"] == "infer" and data["config"]["norm"] == norm
+        # float32 both sides: agreement to float32's digits, and logits that are not 0
+        assert data["logits_max_abs"] > 0.1
+        assert data["logits_max_abs_diff"] < 1e-4 * max(1.0, data["logits_max_abs"])
+        ours, torch = data["ours_ms_samples"], data["torch_ms_samples"]
+        assert len(ours) == len(torch) == 3
+        assert data["ratio"] == statistics.median(ours) / statistics.median(torch)
+        assert data["ms_per_slice"]["ours"] == data["ours_ms"] / 2
+        assert "ms per slice" in result.output and "torch alone" not in result.output
+    from nodulekit.bench.torch_alone import time_torch_alone
+
+    run = time_torch_alone("passive", {"kind": "infer", "width": 8, "depth": 2, "size": 24,
+                                       "batch": 2, "repeats": 2, "warmup": 0, "seed": 0,
+                                       "lr": 0.0, "norm": "batch"})
+    assert run["ms"] > 0 and len(run["samples"]) == 2, run
+
+
 def test_bench_ops_times_the_norm_ops():
     import json
 

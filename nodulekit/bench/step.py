@@ -112,7 +112,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         "images_per_s": {"ours": batch / ours_ms * 1e3, "torch": batch / torch_ms * 1e3},
     }
     if backend_name == "cpu" and torch_alone:
-        _add_torch_alone(result, torch_alone, dict(width=width, depth=depth, size=size,
+        add_torch_alone(result, torch_alone, dict(width=width, depth=depth, size=size,
                                                    batch=batch, repeats=repeats,
                                                    warmup=warmup, seed=seed, lr=lr, norm=norm),
                          lambda: step(x, t))
@@ -120,7 +120,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     return result
 
 
-def _add_torch_alone(result: dict, settings, shape: dict, ours_step=None) -> None:
+def add_torch_alone(result: dict, settings, shape: dict, ours_step=None) -> None:
     """torch's step alone per OpenMP setting, the best of them, and our ratio to it.
 
     torch alone runs in child processes, so it cannot take turns with ours step by step.
@@ -197,11 +197,11 @@ def format_step(r: dict) -> str:
         f"  torch {r['torch_ms']:9.1f} ms   {r['images_per_s']['torch']:7.1f} images/s",
         f"  ratio ours/torch {r['ratio']:.2f}  ({'faster' if r['ratio'] < 1 else 'slower'}"
         f" than torch); median of the per-turn ratios {r['ratio_per_turn_median']:.2f}",
-        *_torch_alone_lines(r),
+        *torch_alone_lines(r),
     ])
 
 
-def _torch_alone_lines(r: dict) -> list[str]:
+def torch_alone_lines(r: dict) -> list[str]:
     if "torch_alone" not in r:
         return []
     lines = ["torch alone, one process per OpenMP and malloc setting (ours timed again after "

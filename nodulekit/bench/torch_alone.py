@@ -1,4 +1,5 @@
-"""PyTorch's training step timed alone, in a process of its own, under chosen OpenMP settings.
+"""PyTorch's training step (or inference) timed alone, in a process of its own, under chosen
+OpenMP settings.
 
 Why a process of its own: OpenMP reads its settings once, when its runtime loads, and
 nodulekit sets ``OMP_WAIT_POLICY=PASSIVE`` at import (its Numba pool and OpenBLAS share
@@ -6,7 +7,8 @@ the cores: see ``nodulekit/__init__.py``), so the torch that `bench step` times 
 with ours runs passive too. PyTorch's CPU kernels are fastest with their threads spinning
 between parallel regions (``OMP_WAIT_POLICY=ACTIVE``), so the fair comparison is against
 torch at its best setting, measured here: the same U-Net, weights and batch as `bench step`
-(built from the same seed), one setting per child process.
+(built from the same seed), one setting per child process; with ``"kind": "infer"`` the
+inference of `bench infer` instead.
 
 Run as ``python -m nodulekit.bench.torch_alone '<json arguments>'``; it prints one JSON
 line: {"ms": median, "samples": [...], "env": {...}}.
@@ -35,10 +37,12 @@ SETTINGS = {
 def time_torch_alone(setting: str, step: dict, timeout: float = 600.0) -> dict:
     """{"setting", "env", "ms", "samples"} of torch's step in a child process with
     `SETTINGS[setting]`; {"setting", "env", "error"} when the child fails. step: the
-    step's width, depth, size, batch, repeats, warmup, seed, lr and norm."""
+    step's width, depth, size, batch, repeats, warmup, seed, lr and norm, and its kind
+    ("step", the default, or "infer")."""
     env = dict(os.environ, **SETTINGS[setting])
-    args = json.dumps({k: step[k] for k in ("width", "depth", "size", "batch", "repeats",
-                                            "warmup", "seed", "lr", "norm")})
+    args = json.dumps({"kind": step.get("kind", "step"),
+                       **{k: step[k] for k in ("width", "depth", "size", "batch", "repeats",
+                                               "warmup", "seed", "lr", "norm")}})
     done = subprocess.run([sys.executable, "-m", "nodulekit.bench.torch_alone", args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     out = {"setting": setting, "env": SETTINGS[setting]}
@@ -53,14 +57,21 @@ def _main(argv: list[str]) -> None:
     import numpy as np
 
     a = json.loads(argv[0])
-    from nodulekit.bench.step import synthetic_batch, torch_train_step
     from nodulekit.engine import get_backend
-    from nodulekit.nn import UNet
 
-    image, mask = synthetic_batch(a["batch"], a["size"], a["seed"])
-    ours = UNet(get_backend("cpu"), depth=a["depth"], width=a["width"], seed=a["seed"],
-                norm=a["norm"])
-    step = torch_train_step(ours, image, mask, a["lr"])  # the weights `bench step` starts from
+    if a.get("kind", "step") == "infer":
+        from nodulekit.bench.infer import bench_model, synthetic_slices, torch_infer
+
+        ours = bench_model(get_backend("cpu"), a["width"], a["depth"], a["norm"], a["seed"])
+        step = torch_infer(ours, synthetic_slices(a["batch"], a["size"], a["seed"]))
+    else:
+        from nodulekit.bench.step import synthetic_batch, torch_train_step
+        from nodulekit.nn import UNet
+
+        image, mask = synthetic_batch(a["batch"], a["size"], a["seed"])
+        ours = UNet(get_backend("cpu"), depth=a["depth"], width=a["width"], seed=a["seed"],
+                    norm=a["norm"])
+        step = torch_train_step(ours, image, mask, a["lr"])  # `bench step`'s first weights
 
     for _ in range(a["warmup"]):
         step()
