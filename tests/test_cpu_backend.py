@@ -47,6 +47,27 @@ def test_cpu_weight_gradient_is_bit_identical_for_any_thread_count(rng, hw, c, k
         assert np.array_equal(dx, results[0][0])
 
 
+@pytest.mark.parametrize("variant", ["packed", "register_blocked"])
+def test_cpu_convolution_blocks_do_not_change_a_bit(rng, monkeypatch, variant):
+    """The 3x3 convolutions' blocks of image rows (``cpu.CONV_BLOCK_BYTES``) are a matter
+    of speed only: every output pixel is summed on its own, so the forward pass and the
+    data gradient are the same bits with one image row a block or 16 blocks a call."""
+    import nodulekit.engine.cpu as cpu
+
+    x = rng.standard_normal((3, 21, 19, 16)).astype(np.float32)
+    w = rng.standard_normal((32, 3, 3, 16)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    dy = rng.standard_normal((3, 21, 19, 32)).astype(np.float32)
+    be = CPUBackend(conv_variant=variant)
+    results = []
+    for size in (1, 64 << 20):  # a block as small as Workers.plan lets it be; the largest
+        monkeypatch.setattr(cpu, "CONV_BLOCK_BYTES", size)
+        y = be.conv2d_forward(x, w, b, relu=True)
+        results.append((y, be.conv2d_backward(dy, x, w, y, relu=True)[0]))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
 # The register-blocked CPU kernels on their own, at the shapes where borders meet: one-pixel
 # and one-row images, rows shorter than one 6-pixel block, leftovers after the last block,
 # C not a multiple of 4 (weight-gradient groups of 1), K of several 16-channel blocks, and

@@ -65,6 +65,21 @@ def _block_rows(columns: int) -> int:
     return PATCH_BLOCK_BYTES // (4 * max(columns, 1))
 
 
+# The 3x3 convolutions' blocks of image rows (forward and data gradient, register_blocked
+# and packed): as large as Workers.plan allows (16 blocks a call, whatever the thread
+# count), so a block of output channels keeps its weight slab in the core's cache over
+# more rows. Each output pixel is summed on its own, so the split does not change a bit.
+# Measured on the 2-core Xeon (family 6 model 207), against 1 MiB, in turns: one deep
+# forward (4 x 64 x 64, 256 -> 128) 291 against 247 GFLOP/s; the width-32 step (4 x 256 x
+# 256) 1373-1385 against 1420-1440 ms; whole-slice inference 2-4% faster; the demo's step
+# the same.
+CONV_BLOCK_BYTES = 16 << 20
+
+
+def _conv_block_rows(columns: int) -> int:
+    return CONV_BLOCK_BYTES // (4 * max(columns, 1))
+
+
 # The convolution versions (3x3 convolutions and the 2x2 up-convolution's GEMMs), named
 # by technique in the vocabulary cuda.CONV_VARIANTS explains and shares: register_blocked
 # is the same technique (an implicit GEMM whose outputs stay in registers as a block of
@@ -251,7 +266,7 @@ class CPUBackend(Backend):
                 cpu_conv.conv3x3_rows(x, w_tk, b, relu, y, m0 // w, m1 // w)
                 then(m0, m1)
 
-            self.workers.run(image_rows, rows, _block_rows(r_size * r_size * c), align=w)
+            self.workers.run(image_rows, rows, _conv_block_rows(r_size * r_size * c), align=w)
             return out2d
         if r_size == 1:
             x2d = x.reshape(rows, c)
@@ -295,7 +310,7 @@ class CPUBackend(Backend):
                                                 wide)
             then(m0, m1)
 
-        self.workers.run(image_rows, n * h * w, _block_rows(9 * c), align=w)
+        self.workers.run(image_rows, n * h * w, _conv_block_rows(9 * c), align=w)
         return out2d
 
     def _gram(self, b2d, rows, width, step, a2d=None, fill=None):
