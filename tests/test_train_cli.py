@@ -264,25 +264,6 @@ def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):
     assert (tmp_path / "run" / "cache.h5").is_file()
 
 
-def test_a_folder_run_warms_its_kernels_up_and_computes_the_same(tiny_data, tmp_path,
-                                                                 monkeypatch):
-    """A new run on a folder compiles its kernels in a second process while the folder is
-    preprocessed (a guessed slice size), and computes the same numbers as without."""
-    data, _ = tiny_data
-    histories = []
-    for on in ("1", "0"):
-        monkeypatch.setenv("NODULEKIT_WARMUP", on)
-        lines = []
-        r = tiny_train(data, tmp_path / f"warm{on}", epochs=1, test=False, norm="batch",
-                       echo=lines.append)
-        said = "\n".join(lines)
-        assert ("compiling the run's kernels in a second process while" in said) == (on == "1")
-        assert "compiling the kernels ahead failed" not in said
-        histories.append([{k: v for k, v in row.items() if "seconds" not in k
-                           and "per_s" not in k} for row in r.history])
-    assert histories[0] == histories[1]
-
-
 def test_train_with_norm_then_inspect_and_evaluate(tiny_data, tmp_path):
     """`train --norm batch`: the configuration and checkpoint record it, `inspect RUN`
     shows each norm layer after its convolution (and the parameters match the model's),

@@ -98,12 +98,11 @@ def source_mismatch(cache: str | os.PathLike, folder: str | os.PathLike, options
 def cache_for_folder(folder: str | os.PathLike, cache: str | os.PathLike, *,
                      report: Callable[[str], object] = print, progress: bool = True,
                      exclude: str | os.PathLike | None = None,
-                     spacing: float | str | None = None, workers: int | None = None) -> Path:
+                     spacing: float | str | None = None) -> Path:
     """`cache` built from `folder` (with `FOLDER_OPTIONS`, and `spacing`: `preprocess
     --spacing`, mm or "median", None: native pixels): reused when it records the folder as
-    it is now and the same options, else (re)built, saying which and why (in `workers`
-    decoding processes: None, one per CPU; the cache is the same for any number). Returns
-    the cache's path."""
+    it is now and the same options, else (re)built, saying which and why. Returns the
+    cache's path."""
     from nodulekit.data.preprocess import preprocess
 
     options = dict(FOLDER_OPTIONS)
@@ -123,7 +122,7 @@ def cache_for_folder(folder: str | os.PathLike, cache: str | os.PathLike, *,
     attrs = source_attrs(folder, options, exclude)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
-        result = preprocess(folder, tmp, progress=progress, workers=workers, **options)
+        result = preprocess(folder, tmp, progress=progress, **options)
         with h5py.File(tmp, "r+") as f:
             f.attrs.update(attrs)
         os.replace(tmp, cache)

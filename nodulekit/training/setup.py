@@ -61,7 +61,7 @@ def new_config(options: TrainOptions, *, report, progress: bool,
     o = options.defaults_from(defaults)
     backend, _ = resolve_device(options.device)
     # a core for the warm-up where it runs, the others generate the data set
-    warming = _warm_up_while_preparing(options, kind, o, out, backend, report)
+    warming = _warm_up_while_generating(options, kind, o, out, backend, report)
     cache = _ready_cache(options.data, kind, out, report=report, progress=progress,
                          spacing=options.spacing,
                          workers=max(1, (os.cpu_count() or 1) - 1) if warming else None)
@@ -107,43 +107,29 @@ def _config(options: TrainOptions, kind: str, o: dict, *, out: Path, cache: Path
         cache_identity=identity)
 
 
-# a guess of a folder's slice size before it is read: CT's usual matrix. Only the kernels'
-# choice of version depends on shapes, and hardly: a run on 300 x 260 slices warmed up for
-# 512 x 512 compiled one kernel of its own (0.2 s), the checksum's
-FOLDER_SLICE_GUESS = 512
-
-
-def _warm_up_while_preparing(options: TrainOptions, kind: str, o: dict, out: Path,  # noqa: PLR0913
-                             backend: str, report) -> bool:
-    """Where the data set is about to be generated (the demo's first run on a machine) or
-    preprocessed (a folder, into a new run), start compiling the CPU kernels of this run
-    in a second process meanwhile (`nodulekit.training.warmup`); the run waits for it
-    before its first step. Whether it started."""
+def _warm_up_while_generating(options: TrainOptions, kind: str, o: dict, out: Path,  # noqa: PLR0913
+                              backend: str, report) -> bool:
+    """Where the demo set is about to be generated (the first run on a machine), start
+    compiling the CPU kernels of this run in a second process meanwhile
+    (`nodulekit.training.warmup`); the run waits for it before its first step. Whether
+    it started."""
     from nodulekit.training import warmup
     from nodulekit.training.demo import DEMO_SYNTH, demo_paths
 
-    if backend != "cpu" or o["finetune_from"] is not None or not warmup.enabled():
+    if kind != "demo" or backend != "cpu" or o["finetune_from"] is not None:
         return False
-    if (os.cpu_count() or 1) < 2:
+    if demo_paths()[1].is_file() or not warmup.enabled() or (os.cpu_count() or 1) < 2:
         return False
-    if kind == "demo" and not demo_paths()[1].is_file():
-        side, what = int(DEMO_SYNTH["size"]), "the demo set is generated"
-    elif kind == "folder" and not (out / "cache.h5").is_file():
-        side, what = FOLDER_SLICE_GUESS, f"{options.data} is preprocessed"
-    else:
-        return False
-    try:
-        image_shape = resolve_size([side, side], o["size"], int(o["depth"]))
-        patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
-    except ValueError:  # shapes the guess cannot have: the run finds them out itself
-        return False
-    draft = _config(options, kind, o, out=out, cache=out / "draft.h5", backend=backend,
+    side = int(DEMO_SYNTH["size"])
+    image_shape = resolve_size([side, side], o["size"], int(o["depth"]))
+    patch = resolve_patch(o["patch"], image_shape, int(o["depth"]), backend)
+    draft = _config(options, kind, o, out=out, cache=demo_paths()[1], backend=backend,
                     shapes=(image_shape, [side, side], patch), finetune=None, spacing=None,
                     identity="")
     if warmup.start(draft) is None:
         return False
-    report(f"compiling the run's kernels in a second process while {what} ({warmup.ENV}=0 "
-           "turns it off)")
+    report("compiling the run's kernels in a second process while the demo set is generated "
+           f"(the first run on this machine; {warmup.ENV}=0 turns it off)")
     return True
 
 
@@ -185,7 +171,7 @@ def _ready_cache(data, kind: str, out: Path, *, report, progress: bool,
 
     out.mkdir(parents=True, exist_ok=True)
     return cache_for_folder(data, out / "cache.h5", report=report, progress=progress,
-                            exclude=out, spacing=spacing, workers=workers).absolute()
+                            exclude=out, spacing=spacing).absolute()
 
 
 def _architecture_from(finetune, options: TrainOptions, resolved: dict) -> str:

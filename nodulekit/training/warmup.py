@@ -1,23 +1,20 @@
-"""Compile a run's CPU kernels in a second process while this one prepares the data set.
+"""Compile a run's CPU kernels in a second process while this one generates the data set.
 
 Why: Numba compiles each kernel at its first call, one at a time on one core: 26-40 s
 for the demo's training step, validation and test on the 2-core machine, all of it before
-the first step. A new run first generates the demo set (its first run on a machine,
-12-20 s) or preprocesses a folder into the run folder, and nothing compiles meanwhile.
-Every kernel is compiled with ``cache=True``, so a second process that calls them with the
-run's own shapes writes them to Numba's on-disk cache, and the run then loads each in
-milliseconds instead of compiling it.
+the first step. The first run on a machine also generates the demo set first (12-20 s),
+and nothing compiles meanwhile. Every kernel is compiled with ``cache=True``, so a
+second process that calls them with the run's own shapes writes them to Numba's on-disk
+cache, and the run then loads each in milliseconds instead of compiling it.
 
 How: `start` launches ``python -m nodulekit.training.warmup`` with the run's draft
 configuration (the shapes it will have once the data set exists): one training step of
 the run's batch, patch, width and loss on made-up data, then the evaluation of one batch
-of whole slices (`compile_run_kernels`), while the data set is generated or preprocessed
-on the other cores (a folder's slice size is guessed, `training.setup.FOLDER_SLICE_GUESS`:
-a wrong guess costs only the kernels it missed). The run calls `wait` before its first
-step, so the two never compile the same kernel at once. The warm-up computes nothing the
-run keeps: the kernels are the same machine code whoever compiled them, so the run's
-numbers do not change. Any failure of the warm-up only costs its time: the run compiles
-what is missing itself, after a note.
+of whole slices (`compile_run_kernels`), while the data set is generated on the other
+cores. The run calls `wait` before its first step, so the two never compile the same
+kernel at once. The warm-up computes nothing the run keeps: the kernels are the same
+machine code whoever compiled them, so the run's numbers do not change. Any failure of the
+warm-up only costs its time: the run compiles what is missing itself, after a note.
 
 Measured on the 2-core Xeon (``nodulekit train --epochs 1 --no-test``, fresh caches, in
 turns): 46.5 and 50.6 s without it, 37.7 and 37.9 s with it; the demo set then takes
