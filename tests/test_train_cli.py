@@ -256,6 +256,32 @@ def test_default_run_uses_the_user_cache(tmp_path, monkeypatch):
     assert "second process" not in result.output  # nothing to overlap: the set exists
 
 
+def test_the_warm_up_changes_no_number(tmp_path, monkeypatch):
+    """The first run on a machine compiles its kernels in a second process while the demo
+    set is generated; with or without that, the run computes the same numbers."""
+    import nodulekit.training.demo as demo
+    from nodulekit.training import config as train_config
+    from nodulekit.training.loop import train
+
+    monkeypatch.setattr(demo, "DEMO_SYNTH", dict(TINY))
+    monkeypatch.setitem(train_config.SIZE_DEFAULTS, "demo",
+                        {"epochs": 1, "width": 4, "depth": 2, "batch_size": 4,
+                         "val_interval": 1})
+    histories = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / f"cache{on}"))  # generated anew
+        monkeypatch.setenv("NODULEKIT_WARMUP", on)
+        lines = []
+        r = train(out=str(tmp_path / f"run{on}"), device="cpu", workers=0, progress=False,
+                  test=False, echo=lines.append)
+        said = "\n".join(lines)
+        assert ("compiling the run's kernels in a second process" in said) == (on == "1")
+        assert "compiling the kernels ahead failed" not in said
+        histories.append([{k: v for k, v in row.items() if "seconds" not in k
+                           and "per_s" not in k} for row in r.history])
+    assert histories[0] == histories[1]
+
+
 def test_folder_data_is_preprocessed_into_the_run(tiny_data, tmp_path):
     data, _ = tiny_data
     r = tiny_train(data, tmp_path / "run", epochs=1, test=False)
