@@ -174,12 +174,13 @@ def bench_ops(device, op_filter, repeats, variants, json_path):
     _write_json(result, json_path)
 
 
-def _shape_options(f, norm: bool = True):
-    """The U-Net and batch that `bench step`, `bench norm` and `profile` time: width, depth,
-    size, batch, norm (unless `norm` is False: `bench norm` times all three), seed."""
+def _shape_options(f, norm: bool = True, size: int = 128):
+    """The U-Net and batch that `bench step`, `bench infer`, `bench norm` and `profile`
+    time: width, depth, size, batch, norm (unless `norm` is False: `bench norm` times all
+    three), seed."""
     options = [click.option("--width", default=16, show_default=True),
                click.option("--depth", default=4, show_default=True),
-               click.option("--size", default=128, show_default=True, help="Input H = W."),
+               click.option("--size", default=size, show_default=True, help="Input H = W."),
                click.option("--batch", default=4, show_default=True)]
     if norm:
         options.append(click.option(
@@ -192,9 +193,32 @@ def _shape_options(f, norm: bool = True):
     return f
 
 
-
 def _shape_options_without_norm(f):
     return _shape_options(f, norm=False)
+
+
+def _whole_slice_options(f):
+    return _shape_options(f, size=512)
+
+
+def _against_torch_options(f):
+    """What `bench step` and `bench infer` share: torch alone (CPU), cudnn.benchmark (GPU),
+    --json."""
+    options = [
+        click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
+                     help="CPU: also time torch alone in a child process per OpenMP wait "
+                          "policy (PASSIVE, ACTIVE) and malloc policy (nodulekit's, glibc's) "
+                          "and give the ratio to its best."),
+        click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True,
+                     show_default=True,
+                     help="GPU: torch's cudnn.benchmark (its first step times every "
+                          "algorithm of each convolution shape: over 2 minutes at the "
+                          "paper's shape for a training step)."),
+        click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+                     help="Also write the results as JSON here ('-' for stdout).")]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @bench.command("step")
@@ -202,15 +226,7 @@ def _shape_options_without_norm(f):
 @_shape_options
 @click.option("--repeats", default=10, show_default=True, help="Timed steps (median).")
 @click.option("--warmup", default=3, show_default=True)
-@click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
-              help="CPU: also time torch alone in a child process per OpenMP wait policy "
-                   "(PASSIVE, ACTIVE) and malloc policy (nodulekit's, glibc's) and give the "
-                   "ratio to its best.")
-@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True, show_default=True,
-              help="GPU: torch's cudnn.benchmark (its first step times every algorithm of "
-                   "each convolution shape: over 2 minutes at the paper's shape).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write the results as JSON here ('-' for stdout).")
+@_against_torch_options
 def bench_step(json_path, torch_alone, **options):
     """One training step (forward, Dice loss, backward, Adam) against PyTorch."""
     from nodulekit.bench.step import format_step, run_step_bench
@@ -224,26 +240,13 @@ def bench_step(json_path, torch_alone, **options):
 
 @bench.command("infer")
 @_device_option
-@click.option("--width", default=16, show_default=True)
-@click.option("--depth", default=4, show_default=True)
-@click.option("--size", default=512, show_default=True, help="Slice H = W (whole slices).")
-@click.option("--batch", default=4, show_default=True, help="Slices per forward pass.")
-@click.option("--norm", default="none", show_default=True,
-              type=click.Choice(["none", "instance", "batch"]),
-              help="Normalisation after each 3x3 convolution (as `train --norm`; batch norm "
-                   "on seeded running statistics).")
-@click.option("--seed", default=0, show_default=True)
+@_whole_slice_options
 @click.option("--repeats", default=10, show_default=True, help="Timed batches (median).")
 @click.option("--warmup", default=2, show_default=True)
-@click.option("--torch-alone/--no-torch-alone", default=True, show_default=True,
-              help="CPU: also time torch alone in a child process per OpenMP wait policy "
-                   "and malloc policy, and give the ratio to its best.")
-@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True, show_default=True,
-              help="GPU: torch's cudnn.benchmark.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write the results as JSON here ('-' for stdout).")
+@_against_torch_options
 def bench_infer(json_path, torch_alone, **options):
-    """Whole-slice inference (what predict, evaluate and validation run) against PyTorch."""
+    """Whole-slice inference (what predict, evaluate and validation run; batch norm on
+    seeded running statistics) against PyTorch."""
     from nodulekit.bench.infer import format_infer, run_infer_bench
 
     with _one_line_errors():

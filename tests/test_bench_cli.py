@@ -87,14 +87,15 @@ def test_bench_ops_cpu_variants_times_every_version_on_every_layer(monkeypatch):
     assert "auto/torch" in result.output
 
 
-def _toy_bench(command: str):
-    """`nodulekit bench COMMAND` on a toy U-Net (width 8, depth 2, 2 x 16 x 16, 3 turns):
-    (the CLI result, its JSON)."""
+def _toy_bench(command: str, *more: str):
+    """`nodulekit bench COMMAND` on a toy U-Net (width 8, depth 2, 2 x 16 x 16, 3 turns;
+    ``more`` options after those, the last of an option winning): (the CLI result, its
+    JSON)."""
     import json
 
     result = CliRunner().invoke(main, ["bench", command, "--width", "8", "--depth", "2",
                                        "--size", "16", "--batch", "2", "--repeats", "3",
-                                       "--warmup", "1", "--json", "-"])
+                                       "--warmup", "1", "--json", "-", *more])
     assert result.exit_code == 0, result.output
     return result, json.loads(result.output[result.output.index("{"):])
 
@@ -177,15 +178,9 @@ def test_torch_alone_reports_a_failing_child():
 def test_bench_step_with_a_norm_starts_both_sides_alike():
     """`bench step --norm instance|batch`: the torch U-Net gets the same norm (and the same
     gamma, beta, running statistics): the first losses agree."""
-    import json
-
     for norm in ("instance", "batch"):
-        result = CliRunner().invoke(main, ["bench", "step", "--width", "8", "--depth", "2",
-                                           "--size", "16", "--batch", "2", "--repeats", "1",
-                                           "--warmup", "0", "--norm", norm,
-                                           "--no-torch-alone", "--json", "-"])
-        assert result.exit_code == 0, result.output
-        data = json.loads(result.output[result.output.index("{"):])
+        result, data = _toy_bench("step", "--repeats", "1", "--warmup", "0", "--norm", norm,
+                                  "--no-torch-alone")
         assert data["config"]["norm"] == norm and f"{norm} norm" in result.output
         first = data["first_step_loss"]
         assert abs(first["ours"] - first["torch"]) < 1e-5
@@ -195,16 +190,11 @@ def test_bench_infer_times_whole_slice_inference_against_torch():
     """`bench infer`: the same logits on both sides (batch norm on seeded running
     statistics, which ours runs inside the convolutions), every turn recorded, and torch
     alone timed in a child process doing inference, not a training step."""
-    import json
     import statistics
 
     for norm in ("batch", "none"):
-        result = CliRunner().invoke(main, ["bench", "infer", "--width", "8", "--depth", "2",
-                                           "--size", "24", "--batch", "2", "--repeats", "3",
-                                           "--warmup", "1", "--norm", norm,
-                                           "--no-torch-alone", "--json", "-"])
-        assert result.exit_code == 0, result.output
-        data = json.loads(result.output[result.output.index("{"):])
+        result, data = _toy_bench("infer", "--size", "24", "--norm", norm, "--no-torch-alone")
+        assert data["config"]["size"] == 24
         assert data["benchmark"] == "infer" and data["config"]["norm"] == norm
         # float32 both sides: agreement to float32's digits, and logits that are not 0
         assert data["logits_max_abs"] > 0.1

@@ -123,3 +123,74 @@ def require_torch():
             "the benchmarks time against PyTorch, which is not installed here: "
             "pip install 'nodulekit[bench]'  (pins torch==2.13.0)") from exc
     return torch
+
+
+# ---- what `bench step` and `bench infer` share: both time ours and the PyTorch reference
+# of one U-Net in turns
+
+
+def phase_logger(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """phase(what): a line to ``log`` with the seconds since this call (a run cut short by
+    a time limit still shows where its time went); nothing without a log."""
+    t_start = time.perf_counter()
+
+    def phase(what: str) -> None:
+        if log is not None:
+            log(f"  {time.perf_counter() - t_start:6.1f} s  {what}")
+
+    return phase
+
+
+def torch_alone_settings(requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The settings torch is timed alone under: None means all of them."""
+    if requested is not None:
+        return requested
+    from nodulekit.bench.torch_alone import SETTINGS
+
+    return tuple(SETTINGS)
+
+
+def torch_copy(ours, image, device: str = "cpu", cudnn_benchmark: bool = True):
+    """(PyTorch's U-Net with `ours`' architecture, weights and buffers; the NHWC batch
+    `image` as its input): channels_last, float32, TF32 off on a GPU (so both sides
+    compute the same thing)."""
+    torch = require_torch()
+    from nodulekit.reference.torch_unet import TorchUNet
+
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    model = TorchUNet(ours.depth, ours.width, norm=ours.norm).load_ours(
+        ours.state_dict(), ours.buffer_dict()).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
+    return model, x.contiguous(memory_format=torch.channels_last)
+
+
+def time_in_turns(ours: Callable[[], object], theirs: Callable[[], object], backend,
+                  torch_device: str, repeats: int, warmup: int) -> dict:
+    """ours and torch in turns (a passing load on a shared machine hits both alike): the
+    result's timing fields, medians, ratio and every sample."""
+    import torch
+
+    tsync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
+    (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
+        [ours, theirs], repeats, warmup, [backend.synchronize, tsync])
+    return {
+        "ours_ms": ours_ms,
+        "torch_ms": torch_ms,
+        "ratio": ours_ms / torch_ms,
+        # each turn's ratio shares the machine's state of the moment with its partner
+        "ratio_per_turn_median": statistics.median(o / t for o, t in zip(ours_all, torch_all,
+                                                                          strict=True)),
+        "ours_ms_samples": ours_all,
+        "torch_ms_samples": torch_all,
+    }
+
+
+def shape_config(model, backend, torch_device: str, cudnn_benchmark: bool, **shape) -> dict:
+    """The result's "config": the shape given, the model's size, how torch ran."""
+    return {**shape, "parameters": model.num_parameters, "precision": backend.precision,
+            "torch_memory_format": "channels_last", "timing": "interleaved",
+            "cudnn_benchmark": cudnn_benchmark if torch_device == "cuda" else None}

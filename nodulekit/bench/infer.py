@@ -15,13 +15,19 @@ best is given beside the one in turns.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 
-from nodulekit.bench.common import interleaved_median_ms, provenance, require_torch
+from nodulekit.bench.common import (
+    phase_logger,
+    provenance,
+    require_torch,
+    shape_config,
+    time_in_turns,
+    torch_alone_settings,
+    torch_copy,
+)
 from nodulekit.engine import get_backend, resolve_device
 from nodulekit.nn import UNet
 
@@ -50,17 +56,8 @@ def torch_infer(ours: UNet, image: np.ndarray, device: str = "cpu",
     and the NHWC batch `image`: eval mode, inference_mode, channels_last, float32 (TF32
     off on a GPU). Returns run(), which gives the logits tensor (NCHW)."""
     torch = require_torch()
-    from nodulekit.reference.torch_unet import TorchUNet
-
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    model = TorchUNet(ours.depth, ours.width, norm=ours.norm).load_ours(
-        ours.state_dict(), ours.buffer_dict()).to(device)
-    model = model.to(memory_format=torch.channels_last).eval()
-    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    model, x = torch_copy(ours, image, device, cudnn_benchmark)
+    model = model.eval()
 
     def run():
         with torch.inference_mode():
@@ -77,17 +74,8 @@ def run_infer_bench(device: str = "cpu", width: int = 16, depth: int = 4,  # noq
                     cudnn_benchmark: bool = True) -> dict:
     """Both sides' inference in turns (module doc); on the CPU also torch alone per setting
     in `torch_alone` (None: all of `torch_alone.SETTINGS`; () none)."""
-    t_start = time.perf_counter()
-
-    def phase(what: str) -> None:
-        if log is not None:
-            log(f"  {time.perf_counter() - t_start:6.1f} s  {what}")
-
-    if torch_alone is None:
-        from nodulekit.bench.torch_alone import SETTINGS
-
-        torch_alone = tuple(SETTINGS)
-    torch = require_torch()
+    phase = phase_logger(log)
+    torch_alone = torch_alone_settings(torch_alone)
     backend_name, why = resolve_device(device)
     backend = get_backend(backend_name)
     image = synthetic_slices(batch, size, seed)
@@ -102,32 +90,23 @@ def run_infer_bench(device: str = "cpu", width: int = 16, depth: int = 4,  # noq
     ours_logits = backend.to_host(ours())[..., 0]
     torch_logits = theirs().float().cpu().numpy()[:, 0]
     phase(f"U-Net ({model.num_parameters:,} parameters), torch's copy, a first batch of each")
-    tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
-        [ours, theirs], repeats, warmup, [backend.synchronize, tsync])
+    timing = time_in_turns(ours, theirs, backend, tdev, repeats, warmup)
     phase(f"{warmup} + {repeats} batches of each, in turns")
     result = {
         "benchmark": "infer",
         **provenance(backend_name),
         "backend": backend_name,
         "device_choice": why,
-        "config": {"width": width, "depth": depth, "norm": norm, "size": size, "batch": batch,
-                   "repeats": repeats, "warmup": warmup, "seed": seed,
-                   "parameters": model.num_parameters, "precision": backend.precision,
-                   "torch_memory_format": "channels_last", "timing": "interleaved",
-                   "cudnn_benchmark": cudnn_benchmark if tdev == "cuda" else None},
+        "config": shape_config(model, backend, tdev, cudnn_benchmark, width=width,
+                               depth=depth, norm=norm, size=size, batch=batch,
+                               repeats=repeats, warmup=warmup, seed=seed),
         # float32 on both sides, different orders of summation: a few units in the last
         # places of logits that reach tens
         "logits_max_abs_diff": float(np.abs(ours_logits - torch_logits).max()),
         "logits_max_abs": float(np.abs(torch_logits).max()),
-        "ours_ms": ours_ms,
-        "torch_ms": torch_ms,
-        "ratio": ours_ms / torch_ms,
-        "ratio_per_turn_median": statistics.median(o / t for o, t in zip(ours_all, torch_all,
-                                                                          strict=True)),
-        "ours_ms_samples": ours_all,
-        "torch_ms_samples": torch_all,
-        "ms_per_slice": {"ours": ours_ms / batch, "torch": torch_ms / batch},
+        **timing,
+        "ms_per_slice": {"ours": timing["ours_ms"] / batch,
+                         "torch": timing["torch_ms"] / batch},
     }
     if backend_name == "cpu" and torch_alone:
         from nodulekit.bench.step import add_torch_alone

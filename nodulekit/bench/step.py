@@ -21,7 +21,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nodulekit.bench.common import interleaved_median_ms, provenance, require_torch
+from nodulekit.bench.common import (
+    phase_logger,
+    provenance,
+    require_torch,
+    shape_config,
+    time_in_turns,
+    torch_alone_settings,
+    torch_copy,
+)
 from nodulekit.engine import get_backend, resolve_device
 from nodulekit.nn import Adam, TrainStep, UNet
 
@@ -52,17 +60,8 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     still shows where its time went). ``cudnn_benchmark``: torch's cudnn.benchmark on a GPU
     (it times every algorithm of each new convolution shape in torch's first step; at the
     paper's shape on an H200 that first step outlasted 137 s, 2026-12-04)."""
-    t_start = time.perf_counter()
-
-    def phase(what: str) -> None:
-        if log is not None:
-            log(f"  {time.perf_counter() - t_start:6.1f} s  {what}")
-
-    if torch_alone is None:
-        from nodulekit.bench.torch_alone import SETTINGS
-
-        torch_alone = tuple(SETTINGS)
-    torch = require_torch()
+    phase = phase_logger(log)
+    torch_alone = torch_alone_settings(torch_alone)
     backend_name, why = resolve_device(device)
     backend = get_backend(backend_name)
     image, mask = synthetic_batch(batch, size, seed)
@@ -83,11 +82,7 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
     first_loss_torch = torch_step().item()
     phase("torch: first step" + (" (cudnn.benchmark picks its algorithms)"
                                  if tdev == "cuda" else ""))
-    tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    # ours and torch in turns, so a passing load on a shared machine hits both alike
-    (ours_ms, ours_all), (torch_ms, torch_all) = interleaved_median_ms(
-        [lambda: step(x, t), torch_step], repeats, warmup,
-        [backend.synchronize, tsync])
+    timing = time_in_turns(lambda: step(x, t), torch_step, backend, tdev, repeats, warmup)
     phase(f"{warmup} + {repeats} steps of each, in turns")
 
     result = {
@@ -95,27 +90,19 @@ def run_step_bench(device: str = "cpu", width: int = 16, depth: int = 4, size: i
         **provenance(backend_name),
         "backend": backend_name,
         "device_choice": why,
-        "config": {"width": width, "depth": depth, "norm": norm, "size": size, "batch": batch,
-                   "repeats": repeats, "warmup": warmup, "seed": seed, "lr": lr,
-                   "parameters": model.num_parameters, "precision": backend.precision,
-                   "torch_memory_format": "channels_last", "timing": "interleaved",
-                   "cudnn_benchmark": cudnn_benchmark if tdev == "cuda" else None},
+        "config": shape_config(model, backend, tdev, cudnn_benchmark, width=width,
+                               depth=depth, norm=norm, size=size, batch=batch,
+                               repeats=repeats, warmup=warmup, seed=seed, lr=lr),
         "first_step_loss": {"ours": first_loss_ours, "torch": first_loss_torch},
-        "ours_ms": ours_ms,
-        "torch_ms": torch_ms,
-        "ratio": ours_ms / torch_ms,
-        # each turn's ratio shares the machine's state of the moment with its partner
-        "ratio_per_turn_median": statistics.median(o / t for o, t in zip(ours_all, torch_all,
-                                                                          strict=True)),
-        "ours_ms_samples": ours_all,
-        "torch_ms_samples": torch_all,
-        "images_per_s": {"ours": batch / ours_ms * 1e3, "torch": batch / torch_ms * 1e3},
+        **timing,
+        "images_per_s": {"ours": batch / timing["ours_ms"] * 1e3,
+                         "torch": batch / timing["torch_ms"] * 1e3},
     }
     if backend_name == "cpu" and torch_alone:
         add_torch_alone(result, torch_alone, dict(width=width, depth=depth, size=size,
                                                    batch=batch, repeats=repeats,
                                                    warmup=warmup, seed=seed, lr=lr, norm=norm),
-                         lambda: step(x, t))
+                        lambda: step(x, t))
         phase("torch alone, ours between its runs")
     return result
 
@@ -158,18 +145,10 @@ def torch_train_step(ours, image, mask, lr: float, device: str = "cpu",
     and the batch (NHWC image, mask): channels_last, float32 (TF32 off on a GPU), the same
     Dice loss and Adam. Returns step(), which runs one step and gives its loss tensor."""
     torch = require_torch()
-    from nodulekit.reference.torch_unet import TorchUNet, torch_dice_loss
+    from nodulekit.reference.torch_unet import torch_dice_loss
 
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    model = TorchUNet(ours.depth, ours.width, norm=ours.norm).load_ours(
-        ours.state_dict(), ours.buffer_dict()).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model, x = torch_copy(ours, image, device, cudnn_benchmark)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
     t = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy()).to(device)
 
     def step():
