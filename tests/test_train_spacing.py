@@ -87,7 +87,7 @@ def test_spacing_median_resamples_to_the_scans_median(tiny_data, tmp_path):
     index = read_layout(data, "auto")
     per_scan = [float(np.mean(s)) for _, s in _scan_geometry(index)]
     assert len(per_scan) > 2 and max(per_scan) > 1.1 * min(per_scan)
-    median = median_spacing(index)
+    median = median_spacing(_scan_geometry(index), index.root)
     assert median == pytest.approx(np.median(per_scan), abs=1e-4)
     result = CliRunner().invoke(main, ["preprocess", str(data), str(tmp_path / "m.h5"),
                                        "--spacing", "median", "--no-progress"])

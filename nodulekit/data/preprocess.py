@@ -227,9 +227,11 @@ def preprocess(data: str | os.PathLike, out: str | os.PathLike,
         skipped = [p for p in index.problems if p.skipped]
         notes = [p for p in index.problems if not p.skipped]
         _check_index(index, skipped, o.strict)
+        # the headers' (shape, spacing) per scan, read once for both uses
+        geometry = _scan_geometry(index) if o.spacing is not None else []
         if o.spacing == MEDIAN:
-            o = dataclasses.replace(o, spacing=median_spacing(index))
-        size = None if o.spacing is None else _planned_size(index, o.spacing)
+            o = dataclasses.replace(o, spacing=median_spacing(geometry, index.root))
+        size = None if o.spacing is None else _planned_size(geometry, o.spacing)
         writer = _CacheWriter(tmp, index, o.strict, preallocate=pool is not None, name=out,
                               spacing_mm=o.spacing)
         worker_cpu: list[float] = []
@@ -266,22 +268,23 @@ def _check_spacing(spacing: float | str | None) -> None:
                               f"'{MEDIAN}', is needed")
 
 
-def median_spacing(index: DataIndex) -> float:
+def median_spacing(geometry, root) -> float:
     """The median in-plane pixel spacing (mm; each scan's the mean of its row and column
-    spacing, one vote a scan) from the headers, for `--spacing median`."""
-    values = [float(np.mean(spacing)) for _, spacing in _scan_geometry(index)]
+    spacing, one vote a scan) of `_scan_geometry`'s list for the data set at `root`, for
+    `--spacing median`."""
+    values = [float(np.mean(spacing)) for _, spacing in geometry]
     if not values:
-        raise PreprocessError(f"--spacing {MEDIAN}: no slice header of {index.root} gives "
+        raise PreprocessError(f"--spacing {MEDIAN}: no slice header of {root} gives "
                               "a pixel spacing; give one in mm")
     return round(float(np.median(values)), 4)
 
 
-def _planned_size(index: DataIndex, spacing_mm: float) -> tuple[int, int] | None:
+def _planned_size(geometry, spacing_mm: float) -> tuple[int, int] | None:
     """The cache's slice size with `spacing_mm` pixels: the most common resampled size, one
-    vote per scan (`resample.common_size`), from the headers (a scan layout's, or each
-    exam's first DICOM slice's); None when no header says (the first slice decides)."""
+    vote per scan (`resample.common_size`), from `_scan_geometry`'s list; None when no
+    header says (the first slice decides)."""
     return common_size(resampled_shape(shape, spacing, spacing_mm)
-                       for shape, spacing in _scan_geometry(index))
+                       for shape, spacing in geometry)
 
 
 def _scan_geometry(index: DataIndex) -> list[tuple[tuple[int, int], tuple[float, float]]]:

@@ -283,15 +283,20 @@ class Backend:
     # ---- convolution
     def conv2d_forward(self, x, w, b, relu: bool = False):
         op = "conv2d_forward"
+        k = self._check_conv_input(op, x, w)
+        check_array(op, "b", b, self.dtype, 1, "K", (k,))
+        return self._conv2d_forward(x, w, b, bool(relu))
+
+    def _check_conv_input(self, op: str, x, w) -> int:
+        """x NHWC and w [K,3,3,C] or [K,1,1,C] of the backend's float; K."""
         check_array(op, "x", x, self.dtype, 4, "NHWC")
         check_array(op, "w", w, self.dtype, 4, "KRSC")
         _check_positive(op, x, "x")
-        k, r, s, c = w.shape
+        k, r, s, _ = w.shape
         if r != s or r not in (1, 3):
             raise ValueError(f"{op}: w must be [K,3,3,C] or [K,1,1,C], got {tuple(w.shape)}")
         check_array(op, "w", w, self.dtype, 4, "KRSC", (None, r, r, x.shape[3]))
-        check_array(op, "b", b, self.dtype, 1, "K", (k,))
-        return self._conv2d_forward(x, w, b, bool(relu))
+        return k
 
     def conv2d_backward(self, dy, x, w, y=None, relu: bool = False, need_dx: bool = True,
                         need_db: bool = True):
@@ -392,12 +397,7 @@ class Backend:
         """``batch_norm_forward(conv2d_forward(x, w, 0), ..., training=False)[0]``, bit for
         bit; a backend may normalise each block of the sums while it is in cache."""
         op = "conv2d_bn_eval_forward"
-        check_array(op, "x", x, self.dtype, 4, "NHWC")
-        _check_positive(op, x, "x")
-        k, r = w.shape[0], w.shape[1]
-        if w.ndim != 4 or r != w.shape[2] or r not in (1, 3):
-            raise ValueError(f"{op}: w must be [K,3,3,C] or [K,1,1,C], got {tuple(w.shape)}")
-        check_array(op, "w", w, self.dtype, 4, "KRSC", (None, r, r, x.shape[3]))
+        k = self._check_conv_input(op, x, w)
         for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                         ("running_var", running_var)):
             check_array(op, name, a, self.dtype, 1, "K", (k,))

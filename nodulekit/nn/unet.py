@@ -153,10 +153,11 @@ class UNet:
             if self.norm == "batch" and not training and not keep_for_backward:
                 # inference: the norm applied to each block of sums while in cache (the
                 # same bits as the two ops below, one pass over the activation fewer)
-                nn_, b_ = norm_name(name), self.b
+                layer = norm_name(name)
                 return be.conv2d_bn_eval_forward(
-                    inp, p[name + ".w"], p[nn_ + ".gamma"], p[nn_ + ".beta"],
-                    b_[nn_ + ".running_mean"], b_[nn_ + ".running_var"], relu=True)
+                    inp, p[name + ".w"], p[layer + ".gamma"], p[layer + ".beta"],
+                    self.b[layer + ".running_mean"], self.b[layer + ".running_var"],
+                    relu=True)
             z = be.conv2d_forward(inp, p[name + ".w"], self._zeros(p[name + ".w"].shape[0]))
             y, mean, invstd = self._norm_forward(norm_name(name), z, training)
             if keep_for_backward:
