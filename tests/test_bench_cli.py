@@ -38,7 +38,7 @@ def test_bench_ops_unknown_variant_is_a_bad_option_value(monkeypatch):
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--variants'" in result.output
     assert "unknown cpu convolution variant 'v2'" in result.output
-    assert "patches_gemm, register_blocked, packed, auto" in result.output
+    assert "patches_gemm, register_blocked, packed, winograd, auto" in result.output
     assert "Traceback" not in result.output
     monkeypatch.setattr("nodulekit.engine.cuda_usable", lambda: (True, "NVIDIA H100 80GB HBM3"))
     monkeypatch.setattr("nodulekit.engine.resolve_device", lambda device: ("cuda", "test"))

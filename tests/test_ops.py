@@ -89,6 +89,11 @@ CONV = {
     "n2-5x9-c5-k56-3x3-relu": ConvCase(2, 5, 9, 5, 56, 3, True, True),
     "n1-4x3-c8-k40-3x3": ConvCase(1, 4, 3, 8, 40, 3, False, True),
     "n2-6x13-c12-k24-3x3-relu": ConvCase(2, 6, 13, 12, 24, 3, True, True),
+    # and to Winograd's F(4x4, 3x3) (cpu_conv_winograd.py): sides multiples of 4, C and K of
+    # 8; one tile (fewer than a register block's), blocks of 64 + 8 and 16 + 8 channels
+    "n1-4x4-c16-k8-3x3": ConvCase(1, 4, 4, 16, 8, 3, False, True),
+    "n3-12x8-c8-k72-3x3-relu": ConvCase(3, 12, 8, 8, 72, 3, True, True),
+    "n2-8x20-c40-k24-3x3-relu": ConvCase(2, 8, 20, 40, 24, 3, True, True),
 }
 CONV_CUDA_ONLY = {  # several tiles of every CUDA kernel variant
     "n2-9x11-c20-k80-3x3-relu": ConvCase(2, 9, 11, 20, 80, 3, True, True),

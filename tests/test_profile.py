@@ -193,7 +193,7 @@ def test_variants_side_by_side():
     result = run_profile(ProfileOptions(repeats=1, warmup=0, width=8, depth=2, size=32,
                                         batch=1, variants=True), peaks=PEAKS)
     v = result["variants"]
-    assert v["names"] == ["auto", "patches_gemm", "register_blocked", "packed"]
+    assert v["names"] == ["auto", "patches_gemm", "register_blocked", "packed", "winograd"]
     assert len(v["ops"]) == sum(o["kind"] in ("conv3x3", "conv1x1", "upconv2x2")
                                 for o in result["ops"])
     assert all(set(row["ms"]) == set(v["names"]) for row in v["ops"])

@@ -39,6 +39,7 @@ import numpy as np
 from nodulekit.engine import (
     cpu_conv,
     cpu_conv_packed,
+    cpu_conv_winograd,
     cpu_norm,
     cpu_upconv,
     cpu_weight_grad_taps,
@@ -95,6 +96,9 @@ CONV_VARIANTS = {
               "3x3 forward, data and weight gradients (with K or C <= 16 on cores with "
               "full-width 16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); "
               "needs K % 8 == 0",
+    "winograd": "Winograd's F(2x2, 3x3): 16 multiply-adds for 4 outputs instead of 36, "
+                "as 16 SGEMMs between additions-only transforms (cpu_conv_winograd.py); "
+                "3x3 forward and data gradient, H and W even",
 }
 
 
@@ -128,6 +132,48 @@ def _packed_conv(variant: str, c: int, k: int, width: int) -> bool:
         return True
     return (c >= 16 and (k >= 32 and c >= 32 or k == 16)
             and cpu_conv_packed.WIDE_BLOCKS and fma_width.full_width())
+
+
+def _winograd_conv(variant: str, c: int, k: int, height: int, width: int,
+                   images: int) -> bool:
+    """winograd (``cpu_conv_winograd``: F(4x4, 3x3)) for a 3x3 forward pass (or data
+    gradient)?
+
+    'auto', measured on the 2-core Xeon (family 6 model 207, both threads, each shape in
+    turns with the direct versions): 0.58-0.70x their time wherever both channel counts are
+    >= 16, one of them >= 32, and the image holds >= 128 tiles of 4 x 4 (8 x 64 x 64, 16 ->
+    32: 1.17 against 1.95 ms; 8 x 32 x 32, 64 -> 64: 1.37 against 2.35; 4 x 128 x 128, 64
+    -> 64: 8.3 against 17.9; 4 x 32 x 32, 512 -> 256: 0.62x of 41 ms); 0.8-1.0x at 128
+    tiles of 128 channels. Slower on fewer tiles (8 x 8 x 8, 256 -> 256: 5.5 against 3.0
+    ms; 4 x 16 x 16, 512 -> 512: 1.3x of 22 ms), where the weights' transform and the
+    short products cost more than they save, and with 8 or 16 channels in and out (16 ->
+    16 at 128 x 128: 1.26x; the transforms' additions outweigh the products).
+    """
+    if not cpu_conv_winograd.supports(c, k, height, width):
+        return False
+    if variant != "auto":
+        return variant == "winograd"
+    tiles = images * (height // cpu_conv_winograd.TILE) * (width // cpu_conv_winograd.TILE)
+    return min(c, k) >= 16 and max(c, k) >= 32 and tiles >= 128
+
+
+def _winograd_weight_grad(variant: str, c: int, k: int, height: int, width: int,
+                          images: int) -> bool:
+    """winograd's weight gradient (F(3x3, 4x4), ``cpu_conv_winograd``)?
+
+    'auto', measured as `_winograd_conv`: 0.59-0.81x the direct kernels' time wherever both
+    channel counts are >= 32 and the image holds >= 128 tiles (4 x 256 x 256, 64 -> 32:
+    39.6 against 67.2 ms; 4 x 64 x 64, 128 -> 128: 14.7 against 22.6; 8 x 64 x 64, 32 ->
+    32: 2.5 against 3.1), 0.89-0.96x at 4 x 32 x 32 with 512 and 256 channels; slower with
+    16 or 8 channels (16 -> 32 at 64 x 64: 1.12x; 16 -> 8 at 128 x 128: 2.1x, where
+    cpu_weight_grad_taps is quick) and on few tiles (4 x 16 x 16, 512 -> 512: 1.3-1.6x).
+    """
+    if not cpu_conv_winograd.supports(c, k, height, width):
+        return False
+    if variant != "auto":
+        return variant == "winograd"
+    tiles = images * (height // cpu_conv_winograd.TILE) * (width // cpu_conv_winograd.TILE)
+    return min(c, k) >= 32 and tiles >= 128 and c * k <= 512 * 256
 
 
 def _register_blocked_conv(variant: str, c: int, k: int, width: int) -> bool:
@@ -237,6 +283,9 @@ class CPUBackend(Backend):
                              f"{', '.join(CONV_VARIANTS)}")
         self.precision = precision
         self.conv_variant = conv_variant
+        # the variant of everything winograd does not do (weight gradients, up-convolutions,
+        # 3x3 layers of odd sizes or channels): it leaves them to 'auto'
+        self.direct_variant = "auto" if conv_variant == "winograd" else conv_variant
         self.workers = _shared_workers(threads)
 
     # ------------------------------------------------------------------ convolution
@@ -256,9 +305,11 @@ class CPUBackend(Backend):
         rows = n * h * w
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
-        if r_size == 3 and _packed_conv(self.conv_variant, c, k, w):
+        if r_size == 3 and _winograd_conv(self.conv_variant, c, k, h, w, n):
+            return self._conv_winograd(x, w2t, b, relu, out2d, then)
+        if r_size == 3 and _packed_conv(self.direct_variant, c, k, w):
             return self._conv_packed(x, w2t, b, relu, out2d, then)
-        if r_size == 3 and _register_blocked_conv(self.conv_variant, c, k, w):
+        if r_size == 3 and _register_blocked_conv(self.direct_variant, c, k, w):
             w_tk = aligned_copy(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
 
@@ -311,6 +362,37 @@ class CPUBackend(Backend):
             then(m0, m1)
 
         self.workers.run(image_rows, n * h * w, _conv_block_rows(9 * c), align=w)
+        return out2d
+
+    def _conv_winograd(self, x, w_tk, b, relu, out2d, then):
+        """out2d = relu?(conv3x3(x) + b) with ``cpu_conv_winograd``: x copied into a
+        zero-padded buffer, the weights transformed, then blocks of tile rows (two image
+        rows each) on the threads (``then`` as in `_conv`)."""
+        n, h, w, c = x.shape
+        k = w_tk.shape[1]
+        wide = cpu_conv_packed.WIDE_BLOCKS
+        u = cpu_conv_winograd.pack_transformed_weights(
+            cpu_conv_winograd.transform_weights(w_tk), wide)
+        xp = self._pad(x)
+        y = out2d.reshape(n, h, w, k)
+        # blocks of whole tile rows, counted in tiles so that Workers.plan's smallest block
+        # (64 rows) is 64 tiles, not 64 tile rows
+        wg = cpu_conv_winograd
+        per_row, tiles = w // wg.TILE, n * h // wg.TILE * (w // wg.TILE)
+        step, _ = self.workers.plan(tiles, wg.tile_rows_per_block(w) * per_row, align=per_row,
+                                    blocks_at_least=wg.BLOCKS_AT_LEAST)
+        scratch = self.workers.scratch(
+            "winograd", [((wg.PLANES * wg.plane_floats(step, c),), np.float32),
+                         ((wg.PLANES * wg.plane_floats(step, k),), np.float32)])
+
+        def tile_rows(m0, m1, worker):
+            v, m = scratch[worker]
+            t0, t1 = m0 // per_row, m1 // per_row
+            wg.conv3x3_winograd_tile_rows(xp, u, b, relu, y, t0, t1, v, m, wide)
+            then(wg.TILE * t0 * w, wg.TILE * t1 * w)
+
+        self.workers.run(tile_rows, tiles, step, align=per_row,
+                         blocks_at_least=cpu_conv_winograd.BLOCKS_AT_LEAST)
         return out2d
 
     def _gram(self, b2d, rows, width, step, a2d=None, fill=None):
@@ -403,6 +485,36 @@ class CPUBackend(Backend):
                 xp, dz, r0, r1, out, cpu_weight_grad_taps.PIXEL_CHUNK))
         return np.ascontiguousarray(acc[:, :, :3 * c]).reshape(k, 3, 3, c)
 
+    def _weight_grad_winograd(self, x, dz):
+        """dW^T [9C, K] with cpu_conv_winograd's F(3x3, 4x4): one partial sum of the 36
+        products per block of tile rows (WEIGHT_GRAD_BLOCKS of them, whatever the thread
+        count), added in block order, then transformed back once."""
+        wg = cpu_conv_winograd
+        n, h, w, c = x.shape
+        k = dz.shape[3]
+        xp = self._pad(x)
+        per_row, tile_rows = w // wg.TILE, n * h // wg.TILE
+        tiles = tile_rows * per_row
+        step, blocks = self.workers.plan(tiles, -(-tile_rows // wg.WEIGHT_GRAD_BLOCKS) * per_row,
+                                         align=per_row, blocks_at_least=wg.WEIGHT_GRAD_BLOCKS)
+        partial = np.empty((blocks, wg.PLANES * c * k), dtype=np.float32)
+        pass_tiles = max(1, wg.WEIGHT_GRAD_TILES // per_row) * per_row
+        scratch = self.workers.scratch(
+            "winograd-dw", [((wg.PLANES * wg.plane_floats(pass_tiles, c),), np.float32),
+                            ((wg.PLANES * wg.plane_floats(pass_tiles, k),), np.float32)])
+        wide = cpu_conv_packed.WIDE_BLOCKS
+
+        def tile_rows_job(m0, m1, worker):
+            v, z = scratch[worker]
+            wg.weight_grad_tile_rows(xp, dz, m0 // per_row, m1 // per_row,
+                                     partial[m0 // step], v, z, wide)
+
+        self.workers.run(tile_rows_job, tiles, step, align=per_row,
+                         blocks_at_least=wg.WEIGHT_GRAD_BLOCKS)
+        out = np.empty((9 * c, k), dtype=np.float32)
+        wg.weight_grad_output(partial.sum(axis=0), c, k, out, wg.OUTPUT_CONSTANTS)
+        return out
+
     def _weight_grad_3x3(self, x, dz):
         """dW^T [9C, K] with packed's kernel or register_blocked's, or None where
         patches_gemm should do it.
@@ -415,12 +527,14 @@ class CPUBackend(Backend):
         """
         n, h, w, c = x.shape
         k = dz.shape[3]
-        if _packed_weight_grad(self.conv_variant, c, k):
+        if _winograd_weight_grad(self.conv_variant, c, k, h, w, n):
+            return self._weight_grad_winograd(x, dz)
+        if _packed_weight_grad(self.direct_variant, c, k):
             return self._weight_grad_packed(x, dz)
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
-        if not _register_blocked_weight_grad(self.conv_variant, c, k, w) or (
-                blocks * k >= rows and self.conv_variant in ("auto", "packed")):
+        if not _register_blocked_weight_grad(self.direct_variant, c, k, w) or (
+                blocks * k >= rows and self.direct_variant in ("auto", "packed")):
             return None
         return self._image_row_partials(
             (n * h, w), step, blocks, (9 * c, k),
@@ -507,7 +621,8 @@ class CPUBackend(Backend):
                 kern.column_sums(dy2d, 0, partial)
         db = partial.sum(axis=0) if need_db else None
 
-        if r == 3 and _taps_weight_grad(self.conv_variant, c, k):
+        if (r == 3 and _taps_weight_grad(self.direct_variant, c, k)
+                and not _winograd_weight_grad(self.conv_variant, c, k, h, wd, n)):
             dw = self._weight_grad_taps(x, dz2d.reshape(n, h, wd, k))  # dW's own layout
         else:
             dw = self._weight_grad_transposed(dz2d, x, w, r)
@@ -571,7 +686,7 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k = w.shape[0]
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
-        if _register_blocked_upconv_forward(self.conv_variant, c, k):
+        if _register_blocked_upconv_forward(self.direct_variant, c, k):
             # the GEMM's register blocks write straight into the concat buffer
             w_cabk = aligned_copy(w.transpose(3, 1, 2, 0))
 
@@ -593,7 +708,7 @@ class CPUBackend(Backend):
         k = w.shape[0]
         rows = n * h * wd
         step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
-        if _register_blocked_upconv_backward(self.conv_variant, c, k, rows, blocks):
+        if _register_blocked_upconv_backward(self.direct_variant, c, k, rows, blocks):
             return self._upconv2x2_split_backward_blocked(dcat, ca, x, w, step, blocks)
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)

@@ -1,0 +1,657 @@
+"""3x3 convolutions on the CPU, version 4: Winograd's minimal filtering, F(4x4, 3x3)
+for the forward pass and the data gradient, F(3x3, 4x4) for the weight gradient
+(``winograd`` in cpu.CONV_VARIANTS).
+
+What it computes: the same as ``cpu_conv_packed`` (NHWC float32, stride 1, zero 'same'
+padding, w_tk [9C, K] with tap (r, s, c) major), with fewer multiplications:
+
+    y[p, k] = relu?(b[k] + sum_t patch(x, p)[t] * w_tk[t, k])
+    dW_tk[t, k] = sum_p patch(x, p)[t] * dz[p, k]
+
+A direct convolution spends 9 multiply-adds per output pixel, input channel and output
+channel. Winograd's algorithm (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016) computes a 4 x 4 tile of outputs from the 6 x 6 window of input under it
+with 36 instead of 144:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, per channel pair)
+
+with B^T 6 x 6, G 6 x 3 and A^T 4 x 6 (``B_T``, ``G``, ``A_T`` below: polynomial
+interpolation at the points 0, 1, -1, 2, -2 and infinity). Summed over the input
+channels, the elementwise products become 36 matrix products, one per position xi of the
+6 x 6 transformed tile:
+
+    V = B^T d B       the input transform, per tile and channel: additions and small
+                      constants, 8 channels a vector (NHWC keeps a pixel's channels together)
+    U = G g G^T       the weight transform, once per call
+    M[xi] [tiles, K] = V[xi] [tiles, C] @ U[xi] [C, K]       the products: 4x fewer FMAs
+    Y = A^T M A + b   the output transform per tile (+ bias, ReLU)
+
+The products are the packed convolution's register blocks (``cpu_conv_packed``, 4 tiles x
+64 channels of 16 lanes with AVX-512) with C "taps" where the direct kernel has 9C. One
+block of about BLOCK_TILES tiles (whole tile rows) goes through all three stages on one
+thread while its V and M (36 x tiles x (C + K) floats) stay in the core's L2.
+
+The weight gradient turns the same picture around: over one 4 x 4 tile of dz and the
+6 x 6 window of x under it, dW is a 3 x 3 correlation with a 4 x 4 "filter" (dz's tile):
+F(3x3, 4x4), the same points and so the same B^T. Its 36 products M[xi] [C, K] = V[xi]^T
+[C, tiles] @ Z[xi] [tiles, K] (Z = G_W dz G_W^T) sum over the tiles, and A_W^T M A_W
+(3 x 6) runs once, on the sum: 36 multiply-adds per 16 pixels where the direct sum needs
+144. The sum over tiles is split into WEIGHT_GRAD_BLOCKS fixed blocks, added in order.
+
+What it costs, measured here (tests/test_conv_winograd.py): rounding. The transforms
+scale and mix inputs of either sign (constants up to 8) before the products, so an output
+carries about 6x the direct sum's error (against float64: 1e-5 of the output's scale at
+256 channels, where the direct kernels give 2e-6; the tests' fp32 rule allows 1e-6 x
+sqrt(9C), 5e-5 there). Every output is still one fixed chain of operations: the same bits
+on every run, thread count and register-block family. And speed where there is little to
+multiply: with 8 or 16 channels the transforms' additions cost more than the products
+save, and on fewer than ~128 tiles the weights' transform and the short products do;
+cpu.py's 'auto' takes it only where it measured faster.
+
+Napkin math, the 2-core Xeon (family 6 model 207, 16-lane FMAs at full width), both
+threads, against the direct kernels 'auto' had before (``python -m
+nodulekit.engine.cpu_conv_winograd`` times the forward pass on your machine; its
+GFLOP/s count the direct convolution's FLOPs, so they can pass the FMA peak):
+
+    forward 64 -> 64 at 4 x 128 x 128 (9.7 GFLOP direct, 2.4 in the products):
+      packed 17.9 ms (269 GFLOP/s); winograd 8.3 ms (582 direct-equivalent)
+    forward 32 -> 32 at 4 x 256 x 256: 25.0 -> 16.3 ms; 128 -> 128 at 4 x 64 x 64:
+      16.9 -> 10.0 ms; 512 -> 256 at 4 x 32 x 32: 0.62x of 41 ms
+    weight gradient 64 -> 32 at 4 x 256 x 256: 67.2 -> 39.6 ms; 128 -> 128 at 4 x 64 x
+      64: 22.6 -> 14.7 ms
+    one core, 128 -> 128 at 4 x 64 x 64: input transform 1.1 ms, products 8.7 ms (139
+      GFLOP/s of real FMAs, 57% of the core's peak), output transform 0.9 ms; the
+      packed forward 31 ms
+    (F(2x2, 3x3), tried first: 2.25x fewer FMAs, 4x the input's size in V, and 1.0-1.35x
+    faster than packed with both threads; OpenBLAS for the products: 124 GFLOP/s a core)
+
+Requirements: H and W multiples of 4, C and K multiples of 8. Serial, nogil: the caller
+runs blocks of tile rows on its threads (``cpu_workers.Workers``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, uint64
+
+from nodulekit.engine import cpu_conv_packed as packed
+from nodulekit.engine.register_blocks import (
+    fma_4x8,
+    fma_4x16,
+    fma_4x64,
+    fma_8x8,
+    fma_8x16,
+    fma_8x32,
+    fma_16x16,
+    load_4x8,
+    load_4x16,
+    load_4x64,
+    load_8x8,
+    load_8x16,
+    load_8x32,
+    store_4x8,
+    store_4x16,
+    store_4x64,
+    store_8x8,
+    store_8x16,
+    store_8x32,
+    store_16x16,
+)
+from nodulekit.engine.simd import add8, fma8, load8, mul8, relu8, splat8, store8, sub8, zeros8
+
+_JIT = {"cache": True, "nogil": True}
+_INLINE = {"cache": True, "inline": "always"}
+
+# F(4x4, 3x3): 6 x 6 input windows, 4 x 4 output tiles (Lavin and Gray's matrices)
+ALPHA, TILE = 6, 4
+B_T = np.array([[4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
+              [0, 0, 1]], dtype=np.float64)
+A_T = np.array([[1, 1, 1, 1, 1, 0],
+                [0, 1, -1, 2, -2, 0],
+                [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+PLANES = ALPHA * ALPHA
+
+# tiles per block (whole tile rows, at least one). One core of the Xeon, 4 images:
+# 128 -> 128 at 64 x 64 took 11.4, 10.7 and 10.5 ms with 32, 64 and 128 tiles; 32 -> 32
+# at 256 x 256 15.0 with 64 and 22.2 with 128 (its V and M then leave L2)
+BLOCK_TILES = 64
+# and at least this many blocks a call, whatever the thread count (Workers.plan's default
+# is 16: here a smaller block costs speed in the products)
+BLOCKS_AT_LEAST = 4
+
+
+def supports(c: int, k: int, height: int, width: int) -> bool:
+    return c % 8 == 0 and k % 8 == 0 and height % TILE == 0 and width % TILE == 0
+
+
+# U[xi] = sum over the 9 taps (r, s) of G[i, r] G[j, s] g[r, s], xi = 6 i + j: a [36, 9]
+# matrix of coefficients, 144 of them nonzero
+_WEIGHT_TRANSFORM = np.einsum("ir,js->ijrs", G, G).reshape(PLANES, 9).astype(np.float32)
+# elements of the [C, K] planes per pass: the 9 taps' runs stay in L1 while 36 are written
+_TRANSFORM_RUN = 512
+
+
+def transform_weights(w_tk: np.ndarray) -> np.ndarray:
+    """w_tk [9C, K] (tap (r, s, c) major) -> U [36, C, K] = G g G^T for every (c, k), in
+    float32, each element's nonzero terms fused-multiply-added in tap order (so the same on
+    every machine, unlike a BLAS product of [36, 9] by [9, C K], whose kernel depends on
+    the CPU); C K a multiple of 8."""
+    taps, k = w_tk.shape
+    c = taps // 9
+    u = np.empty((PLANES, c * k), dtype=np.float32)
+    _transform_weights(np.ascontiguousarray(w_tk, dtype=np.float32).reshape(9, c * k),
+                       _WEIGHT_TRANSFORM, u)
+    return u.reshape(PLANES, c, k)
+
+
+@njit(**_JIT)
+def _transform_weights(w9, coefficients, u):
+    size = w9.shape[1]
+    wf, cf, uf = w9.ravel(), coefficients.ravel(), u.ravel()
+    for e0 in range(0, size, _TRANSFORM_RUN):
+        e1 = min(size, e0 + _TRANSFORM_RUN)
+        for xi in range(PLANES):
+            for e in range(e0, e1, 8):  # size is a multiple of 8 (K is)
+                a = zeros8()
+                for t in range(9):
+                    if cf[9 * xi + t] != 0.0:
+                        a = fma8(splat8(cf, 9 * xi + t), load8(wf, t * size + e), a)
+                store8(uf, xi * size + e, a)
+
+
+def tile_rows_per_block(width: int) -> int:
+    """Tile rows (W/4 tiles each) per block: about BLOCK_TILES tiles."""
+    return max(1, round(BLOCK_TILES / (width // TILE)))
+
+
+@njit(**_INLINE)
+def _bt(d0, d1, d2, d3, d4, d5, two, four, five):
+    """B^T applied to one line of six vectors (the window's column or row): 6 vectors."""
+    t1 = fma8(four, sub8(zeros8(), d2), d4)  # d4 - 4 d2
+    t2 = fma8(four, sub8(zeros8(), d1), d3)  # d3 - 4 d1
+    t3 = sub8(d4, d2)
+    t4 = mul8(two, sub8(d3, d1))
+    r0 = add8(fma8(four, d0, mul8(five, sub8(zeros8(), d2))), d4)
+    r5 = add8(fma8(four, d1, mul8(five, sub8(zeros8(), d3))), d5)
+    return r0, add8(t1, t2), sub8(t1, t2), add8(t3, t4), sub8(t3, t4), r5
+
+
+@njit(**_JIT)
+def input_transform(xp: np.ndarray, tile_row0: int, tile_row1: int, vf: np.ndarray,
+                    plane: int, constants: np.ndarray) -> None:
+    """V = B^T d B for the tiles of tile rows tile_row0..tile_row1 (tile row = n * H/4 +
+    ty, W/4 tiles each, T of them in order), d the 6 x 6 window of the padded input xp
+    [N, H+2, W+2, C] under the tile: V[xi][tile, c] at vf[xi * plane + tile * C + c];
+    8 channels a vector (C % 8 == 0). constants = (2, 4, 5)."""
+    _, padded_height, padded_width, c = xp.shape
+    tiles_h, tiles_w = (padded_height - 2) // TILE, (padded_width - 2) // TILE
+    xf = xp.ravel()
+    two, four, five = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
+    row = padded_width * c  # floats from one padded row to the next
+    t = np.empty(PLANES * 8, dtype=np.float32)  # B^T d, [6 rows][6 columns][8 lanes]
+    tile = 0
+    for tr in range(tile_row0, tile_row1):
+        n, ty = tr // tiles_h, tr % tiles_h
+        for tx in range(tiles_w):
+            base = ((n * padded_height + TILE * ty) * padded_width + TILE * tx) * c
+            for ch in range(0, c, 8):
+                for j in range(ALPHA):  # B^T d, one window column at a time
+                    i = base + j * c + ch
+                    r = _bt(load8(xf, i), load8(xf, i + row), load8(xf, i + 2 * row),
+                            load8(xf, i + 3 * row), load8(xf, i + 4 * row),
+                            load8(xf, i + 5 * row), two, four, five)
+                    for q in range(ALPHA):
+                        store8(t, (q * ALPHA + j) * 8, r[q])
+                o = tile * c + ch
+                for q in range(ALPHA):  # (B^T d) B, one row at a time, to V[6 q .. 6 q + 5]
+                    e = q * ALPHA * 8
+                    r = _bt(load8(t, e), load8(t, e + 8), load8(t, e + 16), load8(t, e + 24),
+                            load8(t, e + 32), load8(t, e + 40), two, four, five)
+                    for j in range(ALPHA):
+                        store8(vf, o + (ALPHA * q + j) * plane, r[j])
+            tile += 1
+
+
+@njit(**_INLINE)
+def _at(m0, m1, m2, m3, m4, m5, two, four, eight):
+    """A^T applied to one line of six vectors: 4 vectors."""
+    a, b = add8(m1, m2), sub8(m1, m2)
+    c, d = add8(m3, m4), sub8(m3, m4)
+    return (add8(add8(m0, a), c), fma8(two, d, b), fma8(four, c, a),
+            add8(fma8(eight, d, b), m5))
+
+
+@njit(**_JIT)
+def output_transform(mf: np.ndarray, plane: int, b: np.ndarray, relu: bool, y: np.ndarray,
+                     tile_row0: int, tile_row1: int, constants: np.ndarray) -> None:
+    """y's 4 x 4 block under each tile of tile rows tile_row0..tile_row1 = A^T M A + b
+    (ReLU'd if asked), M[xi][tile, k] at mf[xi * plane + tile * K + k]; 8 channels a
+    vector (K % 8 == 0). constants = (2, 4, 8)."""
+    _, height, width, k = y.shape
+    tiles_h, tiles_w = height // TILE, width // TILE
+    yf = y.ravel()
+    two, four, eight = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
+    s = np.empty(TILE * ALPHA * 8, dtype=np.float32)  # A^T M, [4 rows][6 columns][8 lanes]
+    tile = 0
+    for tr in range(tile_row0, tile_row1):
+        n, ty = tr // tiles_h, tr % tiles_h
+        for tx in range(tiles_w):
+            top = ((n * height + TILE * ty) * width + TILE * tx) * k
+            for ch in range(0, k, 8):
+                i = tile * k + ch
+                for j in range(ALPHA):  # A^T M, one tile column at a time
+                    r = _at(load8(mf, i + j * plane), load8(mf, i + (ALPHA + j) * plane),
+                            load8(mf, i + (2 * ALPHA + j) * plane),
+                            load8(mf, i + (3 * ALPHA + j) * plane),
+                            load8(mf, i + (4 * ALPHA + j) * plane),
+                            load8(mf, i + (5 * ALPHA + j) * plane), two, four, eight)
+                    for q in range(TILE):
+                        store8(s, (q * ALPHA + j) * 8, r[q])
+                bias = load8(b, ch)
+                for q in range(TILE):  # (A^T M) A + b, one output row at a time
+                    e = q * ALPHA * 8
+                    r = _at(load8(s, e), load8(s, e + 8), load8(s, e + 16), load8(s, e + 24),
+                            load8(s, e + 32), load8(s, e + 40), two, four, eight)
+                    o = top + q * width * k + ch
+                    for p in range(TILE):
+                        out = add8(r[p], bias)
+                        if relu:
+                            out = relu8(out)
+                        store8(yf, o + p * k, out)
+            tile += 1
+
+
+# V[xi] and M[xi] lie this many floats (a cache line) further apart than their size: at
+# power-of-two sizes the 16 planes' loads and stores of one tile would otherwise all fall
+# into the same few sets of L1 and L2 and evict each other
+PLANE_PAD = 16
+
+
+def plane_floats(tiles: int, channels: int) -> int:
+    return tiles * channels + PLANE_PAD
+
+
+def pack_transformed_weights(u: np.ndarray, wide: bool = packed.WIDE_BLOCKS) -> np.ndarray:
+    """U [36, C, K] -> for each xi, its [C, K] packed per block of output channels as
+    ``cpu_conv_packed.pack_weights`` packs [9C, K]: block (j0, width) of plane xi is the
+    [C, width] slab at xi C K + C j0."""
+    planes, c, k = u.shape
+    out = np.empty((planes, c * k), dtype=np.float32)
+    blocks = packed.channel_blocks(k, wide)
+    full = sum(width for _, width in blocks if width == blocks[0][1])  # the leading run
+    width = blocks[0][1]
+    # the leading blocks of one width in one transposed copy, the tail (at most three
+    # narrower blocks) one by one
+    out[:, : c * full].reshape(planes, full // width, c, width)[...] = (
+        u[:, :, :full].reshape(planes, c, full // width, width).transpose(0, 2, 1, 3))
+    for j0, w in blocks:
+        if j0 >= full:
+            out[:, c * j0: c * (j0 + w)].reshape(planes, c, w)[...] = u[:, :, j0:j0 + w]
+    return out.reshape(-1)
+
+
+@njit(**_INLINE)
+def _product_block(vectors, spread, fma, store, width, arrays, at, geometry):
+    """M[o : +pixels tiles, j0 : +width] = sum over c of V[tile, c] U[c, j0 : +width]:
+    one register block, its sums in channel order from zero."""
+    vf, uf, zero, mf = arrays
+    vi, ui, o = at
+    c, k = geometry
+    a = spread(vectors(zero, uint64(0)))
+    for t in range(c):
+        a = fma(vf, vi + uint64(t), c, vectors(uf, ui + uint64(t) * uint64(width)), a)
+    store(mf, o, k, a)
+
+
+@njit(**_JIT)
+def _one_tile(vf, uf, mf, vi, ui, o, c, block):
+    """One tile x a block of channels, 8 at a time (blocks of tiles fewer than a block's)."""
+    for q in range(block // uint64(8)):
+        a = zeros8()
+        for t in range(c):
+            a = fma8(splat8(vf, vi + t), load8(uf, ui + t * block + uint64(8) * q), a)
+        store8(mf, o + uint64(8) * q, a)
+
+
+@njit(**_JIT)
+def products(vf: np.ndarray, v_plane: int, u_packed: np.ndarray, c: int, k: int,
+             tiles: int, mf: np.ndarray, m_plane: int, wide: bool) -> None:
+    """M[xi] [tiles, K] = V[xi] [tiles, C] @ U[xi] [C, K] for the 16 xi, with the packed
+    convolution's register blocks (the "pixels" are tiles, C floats apart in V, and the
+    "taps" the C input channels): each output one chain of FMAs in channel order."""
+    zero = np.zeros(64, dtype=np.float32)
+    arrays = (vf, u_packed, zero, mf)
+    cu, ku = uint64(c), uint64(k)
+    geometry = (cu, ku)
+    for xi in range(PLANES):
+        v0, u0, m0 = uint64(xi * v_plane), uint64(xi * c * k), uint64(xi * m_plane)
+        j0 = 0
+        while j0 < k:  # one block of channels at a time: its slab of U stays in L1
+            block = packed._block_width(k - j0, wide)
+            pixels = packed._block_pixels(block, wide)
+            ui = u0 + cu * uint64(j0)
+            if tiles < pixels:
+                for t0 in range(tiles):
+                    _one_tile(vf, u_packed, mf, v0 + uint64(t0) * cu, ui,
+                              m0 + uint64(t0) * ku + uint64(j0), cu, uint64(block))
+                j0 += block
+                continue
+            t0 = 0
+            while t0 < tiles:
+                t0 = min(t0, tiles - pixels)  # the last block ends at the last tile
+                at = (v0 + uint64(t0) * cu, ui, m0 + uint64(t0) * ku + uint64(j0))
+                if block == 64:
+                    _product_block(packed._vectors_4x16, packed._spread_4, fma_4x64,
+                                   store_4x64, 64, arrays, at, geometry)
+                elif block == 32:
+                    _product_block(packed._vectors_2x16, packed._spread_8, fma_8x32,
+                                   store_8x32, 32, arrays, at, geometry)
+                elif wide and block == 16:
+                    _product_block(packed._vectors_1x16, packed._spread_16, fma_16x16,
+                                   store_16x16, 16, arrays, at, geometry)
+                elif wide:
+                    _product_block(packed._vectors_1x8, packed._spread_8, fma_8x8, store_8x8,
+                                   8, arrays, at, geometry)
+                elif block == 16:
+                    _product_block(packed._vectors_2x8, packed._spread_6, packed._fma_6x16,
+                                   packed._store_6x16, 16, arrays, at, geometry)
+                else:
+                    _product_block(packed._vectors_1x8, packed._spread_6, packed._fma_6x8,
+                                   packed._store_6x8, 8, arrays, at, geometry)
+                t0 += pixels
+            j0 += block
+
+
+_INPUT_CONSTANTS = np.array([2, 4, 5], dtype=np.float32)
+_DZ_CONSTANTS = np.array([2, 4, 1 / 4, -1 / 6, 1 / 24], dtype=np.float32)
+OUTPUT_CONSTANTS = np.array([2, 4, 8], dtype=np.float32)
+
+
+def conv3x3_winograd_tile_rows(xp, u_packed, b, relu, y, tile_row0, tile_row1, v, m,
+                               wide=packed.WIDE_BLOCKS):
+    """One block: y's image rows 4 tile_row0 .. 4 tile_row1 (of its N * H) from the padded
+    input xp [N, H+2, W+2, C] and the packed transformed weights
+    (``pack_transformed_weights``); v and m are flat scratch of at least 36
+    plane_floats(tiles, C) and 36 plane_floats(tiles, K) floats."""
+    c, k = xp.shape[3], y.shape[3]
+    tiles = (tile_row1 - tile_row0) * (y.shape[2] // TILE)
+    v_plane, m_plane = plane_floats(tiles, c), plane_floats(tiles, k)
+    input_transform(xp, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS)
+    products(v, v_plane, u_packed, c, k, tiles, m, m_plane, wide)
+    output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, OUTPUT_CONSTANTS)
+
+
+# ---- the weight gradient: dW[r, s][c, k] = sum over pixels p of x_pad[p + (r, s), c] dz[p, k].
+# Over one 4 x 4 tile of dz and the 6 x 6 window of x under it, that is a 3 x 3 correlation
+# of a 6 x 6 input with a 4 x 4 "filter" (dz's tile): Winograd's F(3x3, 4x4), with the
+# same points and so the same B^T as the forward pass:
+#
+#     dW_tile = A_W^T [ (G_W dz G_W^T) * (B^T x B) ] A_W       (6 x 6 elementwise)
+#
+# and summed over tiles and channels, 36 products M[xi] [C, K] = V[xi]^T [C, tiles] @
+# Z[xi] [tiles, K] (V the forward's input transform of x, Z = G_W dz G_W^T), then A_W^T M A_W
+# once for the whole sum: 36 multiply-adds per tile of 16 pixels where the direct sum
+# needs 144 (9 taps x 16 pixels), 4x fewer.
+G_W = np.array([[1 / 4, 0, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6, 1 / 6],
+                [1 / 24, 1 / 12, 1 / 6, 1 / 3],
+                [1 / 24, -1 / 12, 1 / 6, -1 / 3],
+                [0, 0, 0, 1]], dtype=np.float64)
+A_W_T = np.array([[1, 1, 1, 1, 1, 0],
+                  [0, 1, -1, 2, -2, 0],
+                  [0, 1, 1, 4, 4, 1]], dtype=np.float64)
+# tiles per pass of the weight gradient's products: their V and Z planes stay in L2
+WEIGHT_GRAD_TILES = 64
+# the tile blocks (one partial sum of M each, added in block order): fixed, so the sums are
+# split the same way on any machine
+WEIGHT_GRAD_BLOCKS = 8
+
+
+@njit(**_INLINE)
+def _gw(d0, d1, d2, d3, two, four, quarter, minus_sixth, twenty_fourth):
+    """G_W applied to one line of four vectors (dz's tile column or row): 6 vectors."""
+    s02, s13 = add8(d0, d2), add8(d1, d3)
+    u = fma8(four, d2, d0)  # d0 + 4 d2
+    v = mul8(two, fma8(four, d3, d1))  # 2 d1 + 8 d3
+    return (mul8(quarter, d0), mul8(minus_sixth, add8(s02, s13)),
+            mul8(minus_sixth, sub8(s02, s13)), mul8(twenty_fourth, add8(u, v)),
+            mul8(twenty_fourth, sub8(u, v)), d3)
+
+
+@njit(**_JIT)
+def dz_transform(dz: np.ndarray, tile_row0: int, tile_row1: int, zf: np.ndarray, plane: int,
+                 constants: np.ndarray, wide: bool) -> None:
+    """Z = G_W d G_W^T for the 4 x 4 tiles d of dz [N, H, W, K] in tile rows tile_row0..
+    tile_row1: Z[xi] at zf[xi * plane:], laid out per block of channels
+    (``cpu_conv_packed.channel_blocks``) as [tiles, width] panels (block j0's at T j0), so
+    that the products read each block's values as one run (in place, a tile's channels
+    would be K floats apart: at K = 256, 1 KB, L1's sets collide)."""
+    _, height, width, k = dz.shape
+    tiles_h, tiles_w = height // TILE, width // TILE
+    tiles = (tile_row1 - tile_row0) * tiles_w
+    df = dz.ravel()
+    two, four, quarter = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
+    minus_sixth, twenty_fourth = splat8(constants, 3), splat8(constants, 4)
+    row = width * k
+    t = np.empty(ALPHA * TILE * 8, dtype=np.float32)  # G_W d, [6 rows][4 columns][8 lanes]
+    j0 = 0
+    while j0 < k:
+        block = packed._block_width(k - j0, wide)
+        tile = 0
+        for tr in range(tile_row0, tile_row1):
+            n, ty = tr // tiles_h, tr % tiles_h
+            for tx in range(tiles_w):
+                base = ((n * height + TILE * ty) * width + TILE * tx) * k
+                for ch in range(j0, j0 + block, 8):
+                    for j in range(TILE):  # G_W d, one tile column at a time
+                        i = base + j * k + ch
+                        r = _gw(load8(df, i), load8(df, i + row), load8(df, i + 2 * row),
+                                load8(df, i + 3 * row), two, four, quarter, minus_sixth,
+                                twenty_fourth)
+                        for q in range(ALPHA):
+                            store8(t, (q * TILE + j) * 8, r[q])
+                    o = tiles * j0 + tile * block + (ch - j0)
+                    for q in range(ALPHA):  # (G_W d) G_W^T, one row at a time
+                        e = q * TILE * 8
+                        r = _gw(load8(t, e), load8(t, e + 8), load8(t, e + 16),
+                                load8(t, e + 24), two, four, quarter, minus_sixth,
+                                twenty_fourth)
+                        for j in range(ALPHA):
+                            store8(zf, o + (ALPHA * q + j) * plane, r[j])
+                tile += 1
+        j0 += block
+
+
+@njit(**_INLINE)
+def _vectors_1x8(f, i):
+    return (load8(f, i),)
+
+
+@njit(**_INLINE)
+def _vectors_2x8(f, i):
+    return (load8(f, i), load8(f, i + uint64(8)))
+
+
+@njit(**_INLINE)
+def _fma_4x16(xf, i, c, w, a):
+    return fma_4x16(xf, i, w[0], w[1], a)
+
+
+@njit(**_INLINE)
+def _fma_4x8(xf, i, c, w, a):
+    return fma_4x8(xf, i, w[0], a)
+
+
+@njit(**_INLINE)
+def _load_4x16(f, o, k):
+    return load_4x16(f, o, k)
+
+
+@njit(**_INLINE)
+def _store_4x16(f, o, k, a):
+    store_4x16(f, o, k, a)
+
+
+@njit(**_INLINE)
+def _load_4x8(f, o, k):
+    return load_4x8(f, o, k)
+
+
+@njit(**_INLINE)
+def _store_4x8(f, o, k, a):
+    store_4x8(f, o, k, a)
+
+
+@njit(**_INLINE)
+def _grad_block(vectors, fma, load, store, width, arrays, at, geometry, first):
+    """M[c0 : +rows, j0 : +width] += sum over the pass's tiles t of V[t, c0 + r] Z[t, j0:]:
+    one register block (rows of M: consecutive channels of V, broadcast; columns: a
+    block's panel of Z), resumed from M unless it is the first pass."""
+    vf, zf, mf, zero = arrays
+    vi, zi, o = at
+    c, k, tiles = geometry
+    if first:
+        a = load(zero, uint64(0), uint64(0))
+    else:
+        a = load(mf, o, k)
+    one = uint64(1)
+    for t in range(tiles):
+        a = fma(vf, vi + uint64(t) * c, one, vectors(zf, zi + uint64(t) * uint64(width)), a)
+    store(mf, o, k, a)
+
+
+@njit(**_JIT)
+def weight_grad_products(vf: np.ndarray, v_plane: int, zf: np.ndarray, z_plane: int, c: int,
+                         k: int, tiles: int, mf: np.ndarray, first: bool, wide: bool) -> None:
+    """M[xi] [C, K] (+)= V[xi]^T @ Z[xi] over this pass's tiles, for the 36 xi (M at
+    mf[xi C K:], row-major); each element one chain of FMAs, over the tiles in order."""
+    zero = np.zeros(64, dtype=np.float32)  # a block's starting sums, read as a block
+    arrays = (vf, zf, mf, zero)
+    cu, ku = uint64(c), uint64(k)
+    geometry = (cu, ku, tiles)
+    for xi in range(PLANES):
+        v0, z0, m0 = uint64(xi * v_plane), uint64(xi * z_plane), uint64(xi * c * k)
+        j0 = 0
+        while j0 < k:
+            block = packed._block_width(k - j0, wide)
+            zi = z0 + uint64(tiles * j0)
+            for c0 in range(0, c, 4 if (block == 64 or not wide) else 8):
+                at = (v0 + uint64(c0), zi, m0 + uint64(c0) * ku + uint64(j0))
+                if wide and block == 64:
+                    _grad_block(packed._vectors_4x16, fma_4x64, load_4x64, store_4x64, 64,
+                                arrays, at, geometry, first)
+                elif wide and block == 32:
+                    _grad_block(packed._vectors_2x16, fma_8x32, load_8x32, store_8x32, 32,
+                                arrays, at, geometry, first)
+                elif wide and block == 16:
+                    _grad_block(_vectors_2x8, fma_8x16, load_8x16, store_8x16, 16, arrays, at,
+                                geometry, first)
+                elif wide:
+                    _grad_block(_vectors_1x8, fma_8x8, load_8x8, store_8x8, 8, arrays, at,
+                                geometry, first)
+                elif block == 16:
+                    _grad_block(_vectors_2x8, _fma_4x16, _load_4x16, _store_4x16, 16, arrays,
+                                at, geometry, first)
+                else:
+                    _grad_block(_vectors_1x8, _fma_4x8, _load_4x8, _store_4x8, 8, arrays, at,
+                                geometry, first)
+            j0 += block
+
+
+@njit(**_INLINE)
+def _aw(m0, m1, m2, m3, m4, m5, two, four):
+    """A_W^T applied to one line of six vectors: 3 vectors."""
+    a, b = add8(m1, m2), sub8(m1, m2)
+    c, d = add8(m3, m4), sub8(m3, m4)
+    return add8(add8(m0, a), c), fma8(two, d, b), add8(fma8(four, c, a), m5)
+
+
+@njit(**_JIT)
+def weight_grad_output(mf: np.ndarray, c: int, k: int, out: np.ndarray,
+                       constants: np.ndarray) -> None:
+    """dW_tk [9C, K] (tap (r, s, c) major) = A_W^T M A_W for every (c, k), M [36, C, K]."""
+    two, four = splat8(constants, 0), splat8(constants, 1)
+    of = out.ravel()
+    plane = c * k
+    s = np.empty(3 * ALPHA * 8, dtype=np.float32)
+    for e in range(0, plane, 8):  # one (c, 8 channels k) at a time
+        for j in range(ALPHA):
+            r = _aw(load8(mf, e + j * plane), load8(mf, e + (ALPHA + j) * plane),
+                    load8(mf, e + (2 * ALPHA + j) * plane),
+                    load8(mf, e + (3 * ALPHA + j) * plane),
+                    load8(mf, e + (4 * ALPHA + j) * plane),
+                    load8(mf, e + (5 * ALPHA + j) * plane), two, four)
+            for q in range(3):
+                store8(s, (q * ALPHA + j) * 8, r[q])
+        for q in range(3):
+            b = q * ALPHA * 8
+            r = _aw(load8(s, b), load8(s, b + 8), load8(s, b + 16), load8(s, b + 24),
+                    load8(s, b + 32), load8(s, b + 40), two, four)
+            for p in range(3):  # tap (q, p): rows (3 q + p) C + c of dW_tk
+                store8(of, (3 * q + p) * plane + e, r[p])
+
+
+def weight_grad_tile_rows(xp, dz, tile_row0, tile_row1, m, v, z, wide=packed.WIDE_BLOCKS):
+    """m [36 C K] = the products' sum over the tiles of tile rows tile_row0..tile_row1, in
+    passes of WEIGHT_GRAD_TILES tiles (v, z: scratch of 36 plane_floats(pass tiles, C or
+    K) floats)."""
+    c, k = xp.shape[3], dz.shape[3]
+    per_row = dz.shape[2] // TILE
+    rows_per_pass = max(1, WEIGHT_GRAD_TILES // per_row)
+    for t0 in range(tile_row0, tile_row1, rows_per_pass):
+        t1 = min(tile_row1, t0 + rows_per_pass)
+        tiles = (t1 - t0) * per_row
+        v_plane, z_plane = plane_floats(tiles, c), plane_floats(tiles, k)
+        input_transform(xp, t0, t1, v, v_plane, _INPUT_CONSTANTS)
+        dz_transform(dz, t0, t1, z, z_plane, _DZ_CONSTANTS, wide)
+        weight_grad_products(v, v_plane, z, z_plane, c, k, tiles, m, t0 == tile_row0, wide)
+
+
+def _main() -> None:  # pragma: no cover - a timing script
+    import time
+
+    from nodulekit.engine.cpu import CPUBackend
+
+    def best_ms(f):
+        f()
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+
+    rng = np.random.default_rng(0)
+    backends = {"direct": CPUBackend(conv_variant="packed"),
+                "winograd": CPUBackend(conv_variant="winograd")}
+    print("3x3 convolutions, both threads, best of 7; GFLOP/s count the direct FLOPs")
+    for n, h, c, k in [(4, 256, 32, 32), (4, 256, 64, 32), (4, 128, 64, 64),
+                       (4, 64, 128, 128), (4, 32, 256, 256), (8, 128, 16, 16)]:
+        x = rng.standard_normal((n, h, h, c), dtype=np.float32)
+        w = (rng.standard_normal((k, 3, 3, c)) / np.sqrt(9 * c)).astype(np.float32)
+        dz = rng.standard_normal((n, h, h, k), dtype=np.float32)
+        bias = np.zeros(k, dtype=np.float32)
+        gflop = 2 * n * h * h * 9 * c * k / 1e9
+        line = []
+        for name, be in backends.items():
+            forward = best_ms(lambda be=be, a=(x, w, bias): be.conv2d_forward(*a, True))
+            grad = best_ms(lambda be=be, a=(dz, x, w, dz): be.conv2d_backward(*a, False, False))
+            line.append(f"{name} forward {forward:.2f} ms ({gflop / forward * 1e3:.0f}), "
+                        f"weight gradient {grad:.2f} ({gflop / grad * 1e3:.0f})")
+        print(f"{n} x {h} x {h}, {c} -> {k}: " + "; ".join(line))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()
