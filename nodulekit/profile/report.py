@@ -103,6 +103,9 @@ def format_profile(result: dict) -> str:
         format_kinds(result["kinds"]),
         "%roof: achieved GFLOP/s over the roofline at the op's intensity (DRAM copy ceiling);"
         " %L3: the same against the L3 copy",
+        "FLOPs are the direct convolution's: a layer the CPU runs with Winograd's algorithm"
+        " (cpu_conv_winograd) does 4x fewer, so its GFLOP/s are direct-equivalent and may"
+        " pass the peak",
     ]
     if "variants" in result:
         lines += ["", format_variants(result["variants"])]
