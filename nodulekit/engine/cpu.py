@@ -512,7 +512,7 @@ class CPUBackend(Backend):
         self.workers.run(tile_rows_job, tiles, step, align=per_row,
                          blocks_at_least=wg.WEIGHT_GRAD_BLOCKS)
         out = np.empty((9 * c, k), dtype=np.float32)
-        wg.weight_grad_output(partial.sum(axis=0), c, k, out, wg.OUTPUT_CONSTANTS)
+        wg.weight_grad_output(partial.sum(axis=0), c, k, out, wg.OUTPUT_CONSTANTS, wide)
         return out
 
     def _weight_grad_3x3(self, x, dz):

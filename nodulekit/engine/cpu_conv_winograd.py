@@ -97,7 +97,25 @@ from nodulekit.engine.register_blocks import (
     store_8x32,
     store_16x16,
 )
-from nodulekit.engine.simd import add8, fma8, load8, mul8, relu8, splat8, store8, sub8, zeros8
+from nodulekit.engine.simd import (
+    add8,
+    add16,
+    fma8,
+    fma16,
+    load8,
+    load16,
+    mul8,
+    mul16,
+    relu8,
+    relu16,
+    splat8,
+    splat16,
+    store8,
+    store16,
+    sub8,
+    sub16,
+    zeros8,
+)
 
 _JIT = {"cache": True, "nogil": True}
 _INLINE = {"cache": True, "inline": "always"}
@@ -175,100 +193,146 @@ def tile_rows_per_block(width: int) -> int:
     return max(1, round(BLOCK_TILES / (width // TILE)))
 
 
+# The transforms run on vectors of 8 or 16 channels (``lanes``): 16 where Numba compiles for
+# AVX-512 and C (or K) is a multiple of 16, half the instructions of 8 (each lane's
+# arithmetic is the same, so are the bits). A vector kind is its operations, passed as
+# one tuple (load, store, add, sub, mul, fma, splat); LLVM inlines them.
 @njit(**_INLINE)
-def _bt(d0, d1, d2, d3, d4, d5, two, four, five):
-    """B^T applied to one line of six vectors (the window's column or row): 6 vectors."""
-    t1 = fma8(four, sub8(zeros8(), d2), d4)  # d4 - 4 d2
-    t2 = fma8(four, sub8(zeros8(), d1), d3)  # d3 - 4 d1
-    t3 = sub8(d4, d2)
-    t4 = mul8(two, sub8(d3, d1))
-    r0 = add8(fma8(four, d0, mul8(five, sub8(zeros8(), d2))), d4)
-    r5 = add8(fma8(four, d1, mul8(five, sub8(zeros8(), d3))), d5)
-    return r0, add8(t1, t2), sub8(t1, t2), add8(t3, t4), sub8(t3, t4), r5
+def _bt(ops, d, k):
+    """B^T applied to one line of six vectors d (the window's column or row): 6 vectors.
+    k: the constants (2, 4, 5, 0) as vectors."""
+    _, _, add, sub, mul, fma, _ = ops
+    two, four, five, zero = k
+    d0, d1, d2, d3, d4, d5 = d
+    t1 = fma(four, sub(zero, d2), d4)  # d4 - 4 d2
+    t2 = fma(four, sub(zero, d1), d3)  # d3 - 4 d1
+    t3 = sub(d4, d2)
+    t4 = mul(two, sub(d3, d1))
+    r0 = add(fma(four, d0, mul(five, sub(zero, d2))), d4)
+    r5 = add(fma(four, d1, mul(five, sub(zero, d3))), d5)
+    return r0, add(t1, t2), sub(t1, t2), add(t3, t4), sub(t3, t4), r5
+
+
+@njit(**_INLINE)
+def _input_group(ops, lanes, src, dst, t, constants):
+    """V = B^T d B for one tile's group of ``lanes`` channels: d at src = (xf, i, row, c)
+    (the window's first value, then a row and a pixel apart), V[xi] at dst = (vf, o,
+    plane) + xi plane; t: scratch of 36 vectors."""
+    load, store, _, _, _, _, splat = ops
+    xf, i, row, c = src
+    vf, o, plane = dst
+    k = (splat(constants, 0), splat(constants, 1), splat(constants, 2), splat(constants, 3))
+    for j in range(ALPHA):  # B^T d, one window column at a time
+        e = i + j * c
+        r = _bt(ops, (load(xf, e), load(xf, e + row), load(xf, e + 2 * row),
+                      load(xf, e + 3 * row), load(xf, e + 4 * row), load(xf, e + 5 * row)), k)
+        for q in range(ALPHA):
+            store(t, (q * ALPHA + j) * lanes, r[q])
+    for q in range(ALPHA):  # (B^T d) B, one row at a time, to V[6 q .. 6 q + 5]
+        e = q * ALPHA * lanes
+        r = _bt(ops, (load(t, e), load(t, e + lanes), load(t, e + 2 * lanes),
+                      load(t, e + 3 * lanes), load(t, e + 4 * lanes), load(t, e + 5 * lanes)), k)
+        for j in range(ALPHA):
+            store(vf, o + (ALPHA * q + j) * plane, r[j])
 
 
 @njit(**_JIT)
 def input_transform(xp: np.ndarray, tile_row0: int, tile_row1: int, vf: np.ndarray,
-                    plane: int, constants: np.ndarray) -> None:
+                    plane: int, constants: np.ndarray, wide: bool) -> None:
     """V = B^T d B for the tiles of tile rows tile_row0..tile_row1 (tile row = n * H/4 +
     ty, W/4 tiles each, T of them in order), d the 6 x 6 window of the padded input xp
     [N, H+2, W+2, C] under the tile: V[xi][tile, c] at vf[xi * plane + tile * C + c];
-    8 channels a vector (C % 8 == 0). constants = (2, 4, 5)."""
+    vectors of 16 channels where ``wide`` and C % 16 == 0, else 8 (C % 8 == 0).
+    constants = (2, 4, 5, 0)."""
     _, padded_height, padded_width, c = xp.shape
     tiles_h, tiles_w = (padded_height - 2) // TILE, (padded_width - 2) // TILE
     xf = xp.ravel()
-    two, four, five = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
+    lanes = 16 if wide and c % 16 == 0 else 8
     row = padded_width * c  # floats from one padded row to the next
-    t = np.empty(PLANES * 8, dtype=np.float32)  # B^T d, [6 rows][6 columns][8 lanes]
+    t = np.empty(PLANES * 16, dtype=np.float32)  # B^T d, [6 rows][6 columns][lanes]
     tile = 0
     for tr in range(tile_row0, tile_row1):
         n, ty = tr // tiles_h, tr % tiles_h
         for tx in range(tiles_w):
             base = ((n * padded_height + TILE * ty) * padded_width + TILE * tx) * c
-            for ch in range(0, c, 8):
-                for j in range(ALPHA):  # B^T d, one window column at a time
-                    i = base + j * c + ch
-                    r = _bt(load8(xf, i), load8(xf, i + row), load8(xf, i + 2 * row),
-                            load8(xf, i + 3 * row), load8(xf, i + 4 * row),
-                            load8(xf, i + 5 * row), two, four, five)
-                    for q in range(ALPHA):
-                        store8(t, (q * ALPHA + j) * 8, r[q])
-                o = tile * c + ch
-                for q in range(ALPHA):  # (B^T d) B, one row at a time, to V[6 q .. 6 q + 5]
-                    e = q * ALPHA * 8
-                    r = _bt(load8(t, e), load8(t, e + 8), load8(t, e + 16), load8(t, e + 24),
-                            load8(t, e + 32), load8(t, e + 40), two, four, five)
-                    for j in range(ALPHA):
-                        store8(vf, o + (ALPHA * q + j) * plane, r[j])
+            for ch in range(0, c, lanes):
+                src, dst = (xf, base + ch, row, c), (vf, tile * c + ch, plane)
+                if lanes == 16:
+                    _input_group((load16, store16, add16, sub16, mul16, fma16, splat16), 16,
+                                 src, dst, t, constants)
+                else:
+                    _input_group((load8, store8, add8, sub8, mul8, fma8, splat8), 8, src, dst,
+                                 t, constants)
             tile += 1
 
 
 @njit(**_INLINE)
-def _at(m0, m1, m2, m3, m4, m5, two, four, eight):
-    """A^T applied to one line of six vectors: 4 vectors."""
-    a, b = add8(m1, m2), sub8(m1, m2)
-    c, d = add8(m3, m4), sub8(m3, m4)
-    return (add8(add8(m0, a), c), fma8(two, d, b), fma8(four, c, a),
-            add8(fma8(eight, d, b), m5))
+def _at(ops, m, k):
+    """A^T applied to one line of six vectors m: 4 vectors. k: (2, 4, 8) as vectors."""
+    _, _, add, sub, _, fma, _ = ops
+    two, four, eight = k
+    m0, m1, m2, m3, m4, m5 = m
+    a, b = add(m1, m2), sub(m1, m2)
+    c, d = add(m3, m4), sub(m3, m4)
+    return (add(add(m0, a), c), fma(two, d, b), fma(four, c, a), add(fma(eight, d, b), m5))
+
+
+@njit(**_INLINE)
+def _output_group(ops, relu_op, lanes, src, dst, s, bias_constants):
+    """y's 4 x 4 block of one tile's group of ``lanes`` channels = A^T M A + bias (ReLU'd
+    if relu_op is given): M[xi] at src = (mf, i, plane) + xi plane, y at dst = (yf, top,
+    row, k) (the block's first value, then a row and a pixel apart); s: scratch of 24
+    vectors. bias_constants = (b, ch, relu, constants)."""
+    load, store, add, _, _, _, splat = ops
+    mf, i, plane = src
+    yf, top, row, k = dst
+    b, ch, relu, constants = bias_constants
+    kk = (splat(constants, 0), splat(constants, 1), splat(constants, 2))
+    for j in range(ALPHA):  # A^T M, one tile column at a time
+        r = _at(ops, (load(mf, i + j * plane), load(mf, i + (ALPHA + j) * plane),
+                      load(mf, i + (2 * ALPHA + j) * plane), load(mf, i + (3 * ALPHA + j) * plane),
+                      load(mf, i + (4 * ALPHA + j) * plane),
+                      load(mf, i + (5 * ALPHA + j) * plane)), kk)
+        for q in range(TILE):
+            store(s, (q * ALPHA + j) * lanes, r[q])
+    bias = load(b, ch)
+    for q in range(TILE):  # (A^T M) A + b, one output row at a time
+        e = q * ALPHA * lanes
+        r = _at(ops, (load(s, e), load(s, e + lanes), load(s, e + 2 * lanes),
+                      load(s, e + 3 * lanes), load(s, e + 4 * lanes), load(s, e + 5 * lanes)), kk)
+        o = top + q * row
+        for p in range(TILE):
+            out = add(r[p], bias)
+            if relu:
+                out = relu_op(out)
+            store(yf, o + p * k, out)
 
 
 @njit(**_JIT)
 def output_transform(mf: np.ndarray, plane: int, b: np.ndarray, relu: bool, y: np.ndarray,
-                     tile_row0: int, tile_row1: int, constants: np.ndarray) -> None:
+                     tile_row0: int, tile_row1: int, constants: np.ndarray, wide: bool) -> None:
     """y's 4 x 4 block under each tile of tile rows tile_row0..tile_row1 = A^T M A + b
-    (ReLU'd if asked), M[xi][tile, k] at mf[xi * plane + tile * K + k]; 8 channels a
-    vector (K % 8 == 0). constants = (2, 4, 8)."""
+    (ReLU'd if asked), M[xi][tile, k] at mf[xi * plane + tile * K + k]; vectors of 16
+    channels where ``wide`` and K % 16 == 0, else 8 (K % 8 == 0). constants = (2, 4, 8)."""
     _, height, width, k = y.shape
     tiles_h, tiles_w = height // TILE, width // TILE
     yf = y.ravel()
-    two, four, eight = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
-    s = np.empty(TILE * ALPHA * 8, dtype=np.float32)  # A^T M, [4 rows][6 columns][8 lanes]
+    lanes = 16 if wide and k % 16 == 0 else 8
+    s = np.empty(TILE * ALPHA * 16, dtype=np.float32)  # A^T M, [4 rows][6 columns][lanes]
     tile = 0
     for tr in range(tile_row0, tile_row1):
         n, ty = tr // tiles_h, tr % tiles_h
         for tx in range(tiles_w):
             top = ((n * height + TILE * ty) * width + TILE * tx) * k
-            for ch in range(0, k, 8):
-                i = tile * k + ch
-                for j in range(ALPHA):  # A^T M, one tile column at a time
-                    r = _at(load8(mf, i + j * plane), load8(mf, i + (ALPHA + j) * plane),
-                            load8(mf, i + (2 * ALPHA + j) * plane),
-                            load8(mf, i + (3 * ALPHA + j) * plane),
-                            load8(mf, i + (4 * ALPHA + j) * plane),
-                            load8(mf, i + (5 * ALPHA + j) * plane), two, four, eight)
-                    for q in range(TILE):
-                        store8(s, (q * ALPHA + j) * 8, r[q])
-                bias = load8(b, ch)
-                for q in range(TILE):  # (A^T M) A + b, one output row at a time
-                    e = q * ALPHA * 8
-                    r = _at(load8(s, e), load8(s, e + 8), load8(s, e + 16), load8(s, e + 24),
-                            load8(s, e + 32), load8(s, e + 40), two, four, eight)
-                    o = top + q * width * k + ch
-                    for p in range(TILE):
-                        out = add8(r[p], bias)
-                        if relu:
-                            out = relu8(out)
-                        store8(yf, o + p * k, out)
+            for ch in range(0, k, lanes):
+                src, dst = (mf, tile * k + ch, plane), (yf, top + ch, width * k, k)
+                rest = (b, ch, relu, constants)
+                if lanes == 16:
+                    _output_group((load16, store16, add16, sub16, mul16, fma16, splat16),
+                                  relu16, 16, src, dst, s, rest)
+                else:
+                    _output_group((load8, store8, add8, sub8, mul8, fma8, splat8), relu8, 8,
+                                  src, dst, s, rest)
             tile += 1
 
 
@@ -373,7 +437,7 @@ def products(vf: np.ndarray, v_plane: int, u_packed: np.ndarray, c: int, k: int,
             j0 += block
 
 
-_INPUT_CONSTANTS = np.array([2, 4, 5], dtype=np.float32)
+_INPUT_CONSTANTS = np.array([2, 4, 5, 0], dtype=np.float32)
 _DZ_CONSTANTS = np.array([2, 4, 1 / 4, -1 / 6, 1 / 24], dtype=np.float32)
 OUTPUT_CONSTANTS = np.array([2, 4, 8], dtype=np.float32)
 
@@ -387,9 +451,9 @@ def conv3x3_winograd_tile_rows(xp, u_packed, b, relu, y, tile_row0, tile_row1, v
     c, k = xp.shape[3], y.shape[3]
     tiles = (tile_row1 - tile_row0) * (y.shape[2] // TILE)
     v_plane, m_plane = plane_floats(tiles, c), plane_floats(tiles, k)
-    input_transform(xp, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS)
+    input_transform(xp, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS, wide)
     products(v, v_plane, u_packed, c, k, tiles, m, m_plane, wide)
-    output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, OUTPUT_CONSTANTS)
+    output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, OUTPUT_CONSTANTS, wide)
 
 
 # ---- the weight gradient: dW[r, s][c, k] = sum over pixels p of x_pad[p + (r, s), c] dz[p, k].
@@ -420,14 +484,40 @@ WEIGHT_GRAD_BLOCKS = 8
 
 
 @njit(**_INLINE)
-def _gw(d0, d1, d2, d3, two, four, quarter, minus_sixth, twenty_fourth):
-    """G_W applied to one line of four vectors (dz's tile column or row): 6 vectors."""
-    s02, s13 = add8(d0, d2), add8(d1, d3)
-    u = fma8(four, d2, d0)  # d0 + 4 d2
-    v = mul8(two, fma8(four, d3, d1))  # 2 d1 + 8 d3
-    return (mul8(quarter, d0), mul8(minus_sixth, add8(s02, s13)),
-            mul8(minus_sixth, sub8(s02, s13)), mul8(twenty_fourth, add8(u, v)),
-            mul8(twenty_fourth, sub8(u, v)), d3)
+def _gw(ops, d, k):
+    """G_W applied to one line of four vectors d (dz's tile column or row): 6 vectors. k:
+    the constants (2, 4, 1/4, -1/6, 1/24) as vectors."""
+    _, _, add, sub, mul, fma, _ = ops
+    two, four, quarter, minus_sixth, twenty_fourth = k
+    d0, d1, d2, d3 = d
+    s02, s13 = add(d0, d2), add(d1, d3)
+    u = fma(four, d2, d0)  # d0 + 4 d2
+    v = mul(two, fma(four, d3, d1))  # 2 d1 + 8 d3
+    return (mul(quarter, d0), mul(minus_sixth, add(s02, s13)), mul(minus_sixth, sub(s02, s13)),
+            mul(twenty_fourth, add(u, v)), mul(twenty_fourth, sub(u, v)), d3)
+
+
+@njit(**_INLINE)
+def _dz_group(ops, lanes, src, dst, t, constants):
+    """Z = G_W d G_W^T for one tile's group of ``lanes`` channels: d at src = (df, i, row,
+    k), Z[xi] at dst = (zf, o, plane) + xi plane; t: scratch of 24 vectors."""
+    load, store, _, _, _, _, splat = ops
+    df, i, row, k = src
+    zf, o, plane = dst
+    kk = (splat(constants, 0), splat(constants, 1), splat(constants, 2), splat(constants, 3),
+          splat(constants, 4))
+    for j in range(TILE):  # G_W d, one tile column at a time
+        e = i + j * k
+        r = _gw(ops, (load(df, e), load(df, e + row), load(df, e + 2 * row),
+                      load(df, e + 3 * row)), kk)
+        for q in range(ALPHA):
+            store(t, (q * TILE + j) * lanes, r[q])
+    for q in range(ALPHA):  # (G_W d) G_W^T, one row at a time
+        e = q * TILE * lanes
+        r = _gw(ops, (load(t, e), load(t, e + lanes), load(t, e + 2 * lanes),
+                      load(t, e + 3 * lanes)), kk)
+        for j in range(ALPHA):
+            store(zf, o + (ALPHA * q + j) * plane, r[j])
 
 
 @njit(**_JIT)
@@ -437,39 +527,32 @@ def dz_transform(dz: np.ndarray, tile_row0: int, tile_row1: int, zf: np.ndarray,
     tile_row1: Z[xi] at zf[xi * plane:], laid out per block of channels
     (``cpu_conv_packed.channel_blocks``) as [tiles, width] panels (block j0's at T j0), so
     that the products read each block's values as one run (in place, a tile's channels
-    would be K floats apart: at K = 256, 1 KB, L1's sets collide)."""
+    would be K floats apart: at K = 256, 1 KB, L1's sets collide). Vectors of 16 channels
+    in blocks of 16 or more where ``wide``, else 8."""
     _, height, width, k = dz.shape
     tiles_h, tiles_w = height // TILE, width // TILE
     tiles = (tile_row1 - tile_row0) * tiles_w
     df = dz.ravel()
-    two, four, quarter = splat8(constants, 0), splat8(constants, 1), splat8(constants, 2)
-    minus_sixth, twenty_fourth = splat8(constants, 3), splat8(constants, 4)
     row = width * k
-    t = np.empty(ALPHA * TILE * 8, dtype=np.float32)  # G_W d, [6 rows][4 columns][8 lanes]
+    t = np.empty(ALPHA * TILE * 16, dtype=np.float32)  # G_W d, [6 rows][4 columns][lanes]
     j0 = 0
     while j0 < k:
         block = packed._block_width(k - j0, wide)
+        lanes = 16 if wide and block % 16 == 0 else 8
         tile = 0
         for tr in range(tile_row0, tile_row1):
             n, ty = tr // tiles_h, tr % tiles_h
             for tx in range(tiles_w):
                 base = ((n * height + TILE * ty) * width + TILE * tx) * k
-                for ch in range(j0, j0 + block, 8):
-                    for j in range(TILE):  # G_W d, one tile column at a time
-                        i = base + j * k + ch
-                        r = _gw(load8(df, i), load8(df, i + row), load8(df, i + 2 * row),
-                                load8(df, i + 3 * row), two, four, quarter, minus_sixth,
-                                twenty_fourth)
-                        for q in range(ALPHA):
-                            store8(t, (q * TILE + j) * 8, r[q])
-                    o = tiles * j0 + tile * block + (ch - j0)
-                    for q in range(ALPHA):  # (G_W d) G_W^T, one row at a time
-                        e = q * TILE * 8
-                        r = _gw(load8(t, e), load8(t, e + 8), load8(t, e + 16),
-                                load8(t, e + 24), two, four, quarter, minus_sixth,
-                                twenty_fourth)
-                        for j in range(ALPHA):
-                            store8(zf, o + (ALPHA * q + j) * plane, r[j])
+                for ch in range(j0, j0 + block, lanes):
+                    src = (df, base + ch, row, k)
+                    dst = (zf, tiles * j0 + tile * block + (ch - j0), plane)
+                    if lanes == 16:
+                        _dz_group((load16, store16, add16, sub16, mul16, fma16, splat16), 16,
+                                  src, dst, t, constants)
+                    else:
+                        _dz_group((load8, store8, add8, sub8, mul8, fma8, splat8), 8, src,
+                                  dst, t, constants)
                 tile += 1
         j0 += block
 
@@ -571,36 +654,52 @@ def weight_grad_products(vf: np.ndarray, v_plane: int, zf: np.ndarray, z_plane: 
 
 
 @njit(**_INLINE)
-def _aw(m0, m1, m2, m3, m4, m5, two, four):
-    """A_W^T applied to one line of six vectors: 3 vectors."""
-    a, b = add8(m1, m2), sub8(m1, m2)
-    c, d = add8(m3, m4), sub8(m3, m4)
-    return add8(add8(m0, a), c), fma8(two, d, b), add8(fma8(four, c, a), m5)
+def _aw(ops, m, k):
+    """A_W^T applied to one line of six vectors m: 3 vectors. k: (2, 4) as vectors."""
+    _, _, add, sub, _, fma, _ = ops
+    two, four = k
+    m0, m1, m2, m3, m4, m5 = m
+    a, b = add(m1, m2), sub(m1, m2)
+    c, d = add(m3, m4), sub(m3, m4)
+    return add(add(m0, a), c), fma(two, d, b), add(fma(four, c, a), m5)
+
+
+@njit(**_INLINE)
+def _weight_grad_group(ops, lanes, mf, e, plane, of, s, constants):
+    """dW_tk's 9 taps of the ``lanes`` (c, k) pairs at flat [C, K] index e."""
+    load, store, _, _, _, _, splat = ops
+    kk = (splat(constants, 0), splat(constants, 1))
+    for j in range(ALPHA):
+        r = _aw(ops, (load(mf, e + j * plane), load(mf, e + (ALPHA + j) * plane),
+                      load(mf, e + (2 * ALPHA + j) * plane), load(mf, e + (3 * ALPHA + j) * plane),
+                      load(mf, e + (4 * ALPHA + j) * plane),
+                      load(mf, e + (5 * ALPHA + j) * plane)), kk)
+        for q in range(3):
+            store(s, (q * ALPHA + j) * lanes, r[q])
+    for q in range(3):
+        b = q * ALPHA * lanes
+        r = _aw(ops, (load(s, b), load(s, b + lanes), load(s, b + 2 * lanes),
+                      load(s, b + 3 * lanes), load(s, b + 4 * lanes), load(s, b + 5 * lanes)), kk)
+        for p in range(3):  # tap (q, p): rows (3 q + p) C + c of dW_tk
+            store(of, (3 * q + p) * plane + e, r[p])
 
 
 @njit(**_JIT)
 def weight_grad_output(mf: np.ndarray, c: int, k: int, out: np.ndarray,
-                       constants: np.ndarray) -> None:
-    """dW_tk [9C, K] (tap (r, s, c) major) = A_W^T M A_W for every (c, k), M [36, C, K]."""
-    two, four = splat8(constants, 0), splat8(constants, 1)
+                       constants: np.ndarray, wide: bool) -> None:
+    """dW_tk [9C, K] (tap (r, s, c) major) = A_W^T M A_W for every (c, k), M [36, C, K]:
+    16 pairs a vector where ``wide`` and K % 16 == 0, else 8."""
     of = out.ravel()
     plane = c * k
-    s = np.empty(3 * ALPHA * 8, dtype=np.float32)
-    for e in range(0, plane, 8):  # one (c, 8 channels k) at a time
-        for j in range(ALPHA):
-            r = _aw(load8(mf, e + j * plane), load8(mf, e + (ALPHA + j) * plane),
-                    load8(mf, e + (2 * ALPHA + j) * plane),
-                    load8(mf, e + (3 * ALPHA + j) * plane),
-                    load8(mf, e + (4 * ALPHA + j) * plane),
-                    load8(mf, e + (5 * ALPHA + j) * plane), two, four)
-            for q in range(3):
-                store8(s, (q * ALPHA + j) * 8, r[q])
-        for q in range(3):
-            b = q * ALPHA * 8
-            r = _aw(load8(s, b), load8(s, b + 8), load8(s, b + 16), load8(s, b + 24),
-                    load8(s, b + 32), load8(s, b + 40), two, four)
-            for p in range(3):  # tap (q, p): rows (3 q + p) C + c of dW_tk
-                store8(of, (3 * q + p) * plane + e, r[p])
+    lanes = 16 if wide and k % 16 == 0 else 8
+    s = np.empty(3 * ALPHA * 16, dtype=np.float32)
+    for e in range(0, plane, lanes):
+        if lanes == 16:
+            _weight_grad_group((load16, store16, add16, sub16, mul16, fma16, splat16), 16, mf,
+                               e, plane, of, s, constants)
+        else:
+            _weight_grad_group((load8, store8, add8, sub8, mul8, fma8, splat8), 8, mf, e,
+                               plane, of, s, constants)
 
 
 def weight_grad_tile_rows(xp, dz, tile_row0, tile_row1, m, v, z, wide=packed.WIDE_BLOCKS):
@@ -614,7 +713,7 @@ def weight_grad_tile_rows(xp, dz, tile_row0, tile_row1, m, v, z, wide=packed.WID
         t1 = min(tile_row1, t0 + rows_per_pass)
         tiles = (t1 - t0) * per_row
         v_plane, z_plane = plane_floats(tiles, c), plane_floats(tiles, k)
-        input_transform(xp, t0, t1, v, v_plane, _INPUT_CONSTANTS)
+        input_transform(xp, t0, t1, v, v_plane, _INPUT_CONSTANTS, wide)
         dz_transform(dz, t0, t1, z, z_plane, _DZ_CONSTANTS, wide)
         weight_grad_products(v, v_plane, z, z_plane, c, k, tiles, m, t0 == tile_row0, wide)
 

@@ -238,6 +238,36 @@ def mul8(typingctx, a, b):
     return float32x8(a, b), codegen
 
 
+@intrinsic
+def add16(typingctx, a, b):
+    """a + b, lane by lane (16 lanes)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+
+    return float32x16(a, b), codegen
+
+
+@intrinsic
+def sub16(typingctx, a, b):
+    """a - b, lane by lane (16 lanes)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(*args)
+
+    return float32x16(a, b), codegen
+
+
+@intrinsic
+def mul16(typingctx, a, b):
+    """a * b, lane by lane (16 lanes)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(*args)
+
+    return float32x16(a, b), codegen
+
+
 # ---- eight float64 lanes: exact sums of float32 values
 
 
