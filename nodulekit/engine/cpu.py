@@ -96,9 +96,9 @@ CONV_VARIANTS = {
               "3x3 forward, data and weight gradients (with K or C <= 16 on cores with "
               "full-width 16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); "
               "needs K % 8 == 0",
-    "winograd": "Winograd's F(2x2, 3x3): 16 multiply-adds for 4 outputs instead of 36, "
-                "as 16 SGEMMs between additions-only transforms (cpu_conv_winograd.py); "
-                "3x3 forward and data gradient, H and W even",
+    "winograd": "Winograd's F(4x4, 3x3) (forward, data gradient) and F(3x3, 4x4) (weight "
+                "gradient): 4x fewer multiply-adds, as 36 products between transforms "
+                "(cpu_conv_winograd.py); H and W multiples of 4, C and K of 8",
 }
 
 
@@ -371,9 +371,7 @@ class CPUBackend(Backend):
         n, h, w, c = x.shape
         k = w_tk.shape[1]
         wide = cpu_conv_packed.WIDE_BLOCKS
-        u = cpu_conv_winograd.pack_transformed_weights(
-            cpu_conv_winograd.transform_weights(w_tk), wide)
-        xp = self._pad(x)
+        u = self._winograd_weights(w_tk, wide)
         y = out2d.reshape(n, h, w, k)
         # blocks of whole tile rows, counted in tiles so that Workers.plan's smallest block
         # (64 rows) is 64 tiles, not 64 tile rows
@@ -388,7 +386,7 @@ class CPUBackend(Backend):
         def tile_rows(m0, m1, worker):
             v, m = scratch[worker]
             t0, t1 = m0 // per_row, m1 // per_row
-            wg.conv3x3_winograd_tile_rows(xp, u, b, relu, y, t0, t1, v, m, wide)
+            wg.conv3x3_winograd_tile_rows(x, u, b, relu, y, t0, t1, v, m, wide)
             then(wg.TILE * t0 * w, wg.TILE * t1 * w)
 
         self.workers.run(tile_rows, tiles, step, align=per_row,
@@ -485,6 +483,18 @@ class CPUBackend(Backend):
                 xp, dz, r0, r1, out, cpu_weight_grad_taps.PIXEL_CHUNK))
         return np.ascontiguousarray(acc[:, :, :3 * c]).reshape(k, 3, 3, c)
 
+    def _winograd_weights(self, w_tk, wide):
+        """U = G g G^T in the products' packed layout, blocks of input channels on the
+        threads (one pass: 60 ms of a width-32 step as two passes on one thread)."""
+        taps, k = w_tk.shape
+        c = taps // 9
+        w_tk = np.ascontiguousarray(w_tk, dtype=np.float32)
+        out = aligned_empty((cpu_conv_winograd.PLANES * c * k,))
+        offsets = cpu_conv_winograd.packed_offsets(k, wide)
+        self.workers.run(lambda c0, c1, _: cpu_conv_winograd.transform_and_pack_rows(
+            w_tk, out, offsets, c0, c1), c, -(-c // 4))
+        return out
+
     def _weight_grad_winograd(self, x, dz):
         """dW^T [9C, K] with cpu_conv_winograd's F(3x3, 4x4): one partial sum of the 36
         products per block of tile rows (WEIGHT_GRAD_BLOCKS of them, whatever the thread
@@ -492,7 +502,6 @@ class CPUBackend(Backend):
         wg = cpu_conv_winograd
         n, h, w, c = x.shape
         k = dz.shape[3]
-        xp = self._pad(x)
         per_row, tile_rows = w // wg.TILE, n * h // wg.TILE
         tiles = tile_rows * per_row
         step, blocks = self.workers.plan(tiles, -(-tile_rows // wg.WEIGHT_GRAD_BLOCKS) * per_row,
@@ -506,7 +515,7 @@ class CPUBackend(Backend):
 
         def tile_rows_job(m0, m1, worker):
             v, z = scratch[worker]
-            wg.weight_grad_tile_rows(xp, dz, m0 // per_row, m1 // per_row,
+            wg.weight_grad_tile_rows(x, dz, m0 // per_row, m1 // per_row,
                                      partial[m0 // step], v, z, wide)
 
         self.workers.run(tile_rows_job, tiles, step, align=per_row,

@@ -237,26 +237,54 @@ def _input_group(ops, lanes, src, dst, t, constants):
 
 
 @njit(**_JIT)
-def input_transform(xp: np.ndarray, tile_row0: int, tile_row1: int, vf: np.ndarray,
+def _edge_window(xf, shape, corner, ch, lanes, window):
+    """A border tile's 6 x 6 window of ``lanes`` channels from ch, zeros where it hangs
+    over the image (the 'same' padding), copied into window [6][6][lanes]."""
+    height, width, c = shape
+    n, y0, x0 = corner
+    for i in range(ALPHA):
+        for j in range(ALPHA):
+            yy, xx = y0 + i, x0 + j
+            o = (i * ALPHA + j) * lanes
+            if 0 <= yy < height and 0 <= xx < width:
+                src = ((n * height + yy) * width + xx) * c + ch
+                for q in range(lanes):
+                    window[o + q] = xf[src + q]
+            else:
+                for q in range(lanes):
+                    window[o + q] = 0.0
+
+
+@njit(**_JIT)
+def input_transform(x: np.ndarray, tile_row0: int, tile_row1: int, vf: np.ndarray,
                     plane: int, constants: np.ndarray, wide: bool) -> None:
     """V = B^T d B for the tiles of tile rows tile_row0..tile_row1 (tile row = n * H/4 +
-    ty, W/4 tiles each, T of them in order), d the 6 x 6 window of the padded input xp
-    [N, H+2, W+2, C] under the tile: V[xi][tile, c] at vf[xi * plane + tile * C + c];
-    vectors of 16 channels where ``wide`` and C % 16 == 0, else 8 (C % 8 == 0).
-    constants = (2, 4, 5, 0)."""
-    _, padded_height, padded_width, c = xp.shape
-    tiles_h, tiles_w = (padded_height - 2) // TILE, (padded_width - 2) // TILE
-    xf = xp.ravel()
+    ty, W/4 tiles each, T of them in order), d the 6 x 6 window of x [N, H, W, C] under
+    the tile (its rows 4 ty - 1 .. 4 ty + 4, zero beyond the image: the 'same' padding,
+    without a padded copy of x; only the border tiles' windows are gathered first):
+    V[xi][tile, c] at vf[xi * plane + tile * C + c]; vectors of 16 channels where ``wide``
+    and C % 16 == 0, else 8 (C % 8 == 0). constants = (2, 4, 5, 0)."""
+    _, height, width, c = x.shape
+    tiles_h, tiles_w = height // TILE, width // TILE
+    xf = x.ravel()
     lanes = 16 if wide and c % 16 == 0 else 8
-    row = padded_width * c  # floats from one padded row to the next
+    row = width * c  # floats from one image row to the next
     t = np.empty(PLANES * 16, dtype=np.float32)  # B^T d, [6 rows][6 columns][lanes]
+    window = np.empty(PLANES * 16, dtype=np.float32)  # a border tile's window
     tile = 0
     for tr in range(tile_row0, tile_row1):
         n, ty = tr // tiles_h, tr % tiles_h
         for tx in range(tiles_w):
-            base = ((n * padded_height + TILE * ty) * padded_width + TILE * tx) * c
+            y0, x0 = TILE * ty - 1, TILE * tx - 1  # the window's first row and column
+            inside = 0 < ty < tiles_h - 1 and 0 < tx < tiles_w - 1
+            base = ((n * height + y0) * width + x0) * c
             for ch in range(0, c, lanes):
-                src, dst = (xf, base + ch, row, c), (vf, tile * c + ch, plane)
+                dst = (vf, tile * c + ch, plane)
+                if inside:
+                    src = (xf, base + ch, row, c)
+                else:
+                    _edge_window(xf, (height, width, c), (n, y0, x0), ch, lanes, window)
+                    src = (window, 0, ALPHA * lanes, lanes)
                 if lanes == 16:
                     _input_group((load16, store16, add16, sub16, mul16, fma16, splat16), 16,
                                  src, dst, t, constants)
@@ -365,6 +393,48 @@ def pack_transformed_weights(u: np.ndarray, wide: bool = packed.WIDE_BLOCKS) -> 
     return out.reshape(-1)
 
 
+def packed_offsets(k: int, wide: bool = packed.WIDE_BLOCKS) -> tuple[np.ndarray, np.ndarray]:
+    """For each group of 8 output channels (k = 8 g) of a block (j0, width): (k - j0,
+    width). In a plane of the packed layout (``pack_transformed_weights``) the group's
+    value of input channel c then sits at C j0 + (k - j0) + c width."""
+    base = np.empty(k // 8, dtype=np.int64)
+    widths = np.empty(k // 8, dtype=np.int64)
+    for j0, width in packed.channel_blocks(k, wide):
+        for kk in range(j0, j0 + width, 8):
+            base[kk // 8], widths[kk // 8] = kk - j0, width
+    return base, widths
+
+
+def transform_and_pack_rows(w_tk: np.ndarray, out: np.ndarray, offsets, c0: int,
+                            c1: int) -> None:
+    """Input channels c0..c1 of U = G g G^T, written straight into the packed layout of
+    ``pack_transformed_weights`` (out: 36 C K floats), the same sums as
+    ``transform_weights``: the two passes in one, on a block of rows (the caller runs the
+    blocks on its threads)."""
+    taps, k = w_tk.shape
+    c = taps // 9
+    base, widths = offsets
+    _transform_pack_rows(w_tk.reshape(9, c * k), _WEIGHT_TRANSFORM, base, widths, c, out,
+                         c0, c1)
+
+
+@njit(**_JIT)
+def _transform_pack_rows(w9, coefficients, base, widths, c, out, c0, c1):
+    size = w9.shape[1]
+    k = size // c
+    wf, cf = w9.ravel(), coefficients.ravel()
+    for ch in range(c0, c1):
+        for g in range(k // 8):
+            e = ch * k + 8 * g
+            o = c * (8 * g - base[g]) + base[g] + ch * widths[g]  # C j0 + (k - j0) + c width
+            for xi in range(PLANES):
+                a = zeros8()
+                for t in range(9):
+                    if cf[9 * xi + t] != 0.0:
+                        a = fma8(splat8(cf, 9 * xi + t), load8(wf, t * size + e), a)
+                store8(out, xi * size + o, a)
+
+
 @njit(**_INLINE)
 def _product_block(vectors, spread, fma, store, width, arrays, at, geometry):
     """M[o : +pixels tiles, j0 : +width] = sum over c of V[tile, c] U[c, j0 : +width]:
@@ -442,16 +512,16 @@ _DZ_CONSTANTS = np.array([2, 4, 1 / 4, -1 / 6, 1 / 24], dtype=np.float32)
 OUTPUT_CONSTANTS = np.array([2, 4, 8], dtype=np.float32)
 
 
-def conv3x3_winograd_tile_rows(xp, u_packed, b, relu, y, tile_row0, tile_row1, v, m,
+def conv3x3_winograd_tile_rows(x, u_packed, b, relu, y, tile_row0, tile_row1, v, m,
                                wide=packed.WIDE_BLOCKS):
-    """One block: y's image rows 4 tile_row0 .. 4 tile_row1 (of its N * H) from the padded
-    input xp [N, H+2, W+2, C] and the packed transformed weights
-    (``pack_transformed_weights``); v and m are flat scratch of at least 36
-    plane_floats(tiles, C) and 36 plane_floats(tiles, K) floats."""
-    c, k = xp.shape[3], y.shape[3]
+    """One block: y's image rows 4 tile_row0 .. 4 tile_row1 (of its N * H) from the input
+    x [N, H, W, C] and the packed transformed weights (``pack_transformed_weights``); v and
+    m are flat scratch of at least 36 plane_floats(tiles, C) and 36 plane_floats(tiles, K)
+    floats."""
+    c, k = x.shape[3], y.shape[3]
     tiles = (tile_row1 - tile_row0) * (y.shape[2] // TILE)
     v_plane, m_plane = plane_floats(tiles, c), plane_floats(tiles, k)
-    input_transform(xp, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS, wide)
+    input_transform(x, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS, wide)
     products(v, v_plane, u_packed, c, k, tiles, m, m_plane, wide)
     output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, OUTPUT_CONSTANTS, wide)
 
@@ -702,18 +772,18 @@ def weight_grad_output(mf: np.ndarray, c: int, k: int, out: np.ndarray,
                                plane, of, s, constants)
 
 
-def weight_grad_tile_rows(xp, dz, tile_row0, tile_row1, m, v, z, wide=packed.WIDE_BLOCKS):
+def weight_grad_tile_rows(x, dz, tile_row0, tile_row1, m, v, z, wide=packed.WIDE_BLOCKS):
     """m [36 C K] = the products' sum over the tiles of tile rows tile_row0..tile_row1, in
     passes of WEIGHT_GRAD_TILES tiles (v, z: scratch of 36 plane_floats(pass tiles, C or
     K) floats)."""
-    c, k = xp.shape[3], dz.shape[3]
+    c, k = x.shape[3], dz.shape[3]
     per_row = dz.shape[2] // TILE
     rows_per_pass = max(1, WEIGHT_GRAD_TILES // per_row)
     for t0 in range(tile_row0, tile_row1, rows_per_pass):
         t1 = min(tile_row1, t0 + rows_per_pass)
         tiles = (t1 - t0) * per_row
         v_plane, z_plane = plane_floats(tiles, c), plane_floats(tiles, k)
-        input_transform(xp, t0, t1, v, v_plane, _INPUT_CONSTANTS, wide)
+        input_transform(x, t0, t1, v, v_plane, _INPUT_CONSTANTS, wide)
         dz_transform(dz, t0, t1, z, z_plane, _DZ_CONSTANTS, wide)
         weight_grad_products(v, v_plane, z, z_plane, c, k, tiles, m, t0 == tile_row0, wide)
 
