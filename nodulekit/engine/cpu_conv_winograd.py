@@ -29,7 +29,11 @@ channels, the elementwise products become 36 matrix products, one per position x
 The products are the packed convolution's register blocks (``cpu_conv_packed``, 4 tiles x
 64 channels of 16 lanes with AVX-512) with C "taps" where the direct kernel has 9C. One
 block of about BLOCK_TILES tiles (whole tile rows) goes through all three stages on one
-thread while its V and M (36 x tiles x (C + K) floats) stay in the core's L2.
+thread while its V and M (36 x tiles x (C + K) floats) stay in the core's L2. There is no
+padded copy of x: a tile on the image's border gathers its window first, zeros beyond
+the edge, and the others read x in place. The transforms run on vectors of 16 channels
+where Numba compiles for AVX-512 (C a multiple of 16), else 8; the weights' transform
+writes the products' packed layout directly, in blocks of input channels on the threads.
 
 The weight gradient turns the same picture around: over one 4 x 4 tile of dz and the
 6 x 6 window of x under it, dW is a 3 x 3 correlation with a 4 x 4 "filter" (dz's tile):
