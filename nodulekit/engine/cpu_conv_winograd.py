@@ -631,16 +631,7 @@ def dz_transform(dz: np.ndarray, tile_row0: int, tile_row1: int, zf: np.ndarray,
         j0 += block
 
 
-@njit(**_INLINE)
-def _vectors_1x8(f, i):
-    return (load8(f, i),)
-
-
-@njit(**_INLINE)
-def _vectors_2x8(f, i):
-    return (load8(f, i), load8(f, i + uint64(8)))
-
-
+# register_blocks' 4-row blocks of 8 lanes take their operand vectors one by one
 @njit(**_INLINE)
 def _fma_4x16(xf, i, c, w, a):
     return fma_4x16(xf, i, w[0], w[1], a)
@@ -649,26 +640,6 @@ def _fma_4x16(xf, i, c, w, a):
 @njit(**_INLINE)
 def _fma_4x8(xf, i, c, w, a):
     return fma_4x8(xf, i, w[0], a)
-
-
-@njit(**_INLINE)
-def _load_4x16(f, o, k):
-    return load_4x16(f, o, k)
-
-
-@njit(**_INLINE)
-def _store_4x16(f, o, k, a):
-    store_4x16(f, o, k, a)
-
-
-@njit(**_INLINE)
-def _load_4x8(f, o, k):
-    return load_4x8(f, o, k)
-
-
-@njit(**_INLINE)
-def _store_4x8(f, o, k, a):
-    store_4x8(f, o, k, a)
 
 
 @njit(**_INLINE)
@@ -713,17 +684,17 @@ def weight_grad_products(vf: np.ndarray, v_plane: int, zf: np.ndarray, z_plane: 
                     _grad_block(packed._vectors_2x16, fma_8x32, load_8x32, store_8x32, 32,
                                 arrays, at, geometry, first)
                 elif wide and block == 16:
-                    _grad_block(_vectors_2x8, fma_8x16, load_8x16, store_8x16, 16, arrays, at,
-                                geometry, first)
+                    _grad_block(packed._vectors_2x8, fma_8x16, load_8x16, store_8x16, 16,
+                                arrays, at, geometry, first)
                 elif wide:
-                    _grad_block(_vectors_1x8, fma_8x8, load_8x8, store_8x8, 8, arrays, at,
-                                geometry, first)
-                elif block == 16:
-                    _grad_block(_vectors_2x8, _fma_4x16, _load_4x16, _store_4x16, 16, arrays,
+                    _grad_block(packed._vectors_1x8, fma_8x8, load_8x8, store_8x8, 8, arrays,
                                 at, geometry, first)
+                elif block == 16:
+                    _grad_block(packed._vectors_2x8, _fma_4x16, load_4x16, store_4x16, 16,
+                                arrays, at, geometry, first)
                 else:
-                    _grad_block(_vectors_1x8, _fma_4x8, _load_4x8, _store_4x8, 8, arrays, at,
-                                geometry, first)
+                    _grad_block(packed._vectors_1x8, _fma_4x8, load_4x8, store_4x8, 8, arrays,
+                                at, geometry, first)
             j0 += block
 
 
