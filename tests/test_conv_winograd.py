@@ -36,12 +36,22 @@ def test_the_transforms_compute_the_correlations():
     np.testing.assert_allclose(y, want, atol=1e-12)
 
 
+def packed_weights(w_tk, wide):
+    """What the backend hands the products: U in its packed layout, in blocks of rows."""
+    c, k = w_tk.shape[0] // 9, w_tk.shape[1]
+    out = np.empty(wg.PLANES * c * k, dtype=np.float32)
+    offsets = wg.packed_offsets(k, wide)
+    for c0 in range(0, c, 5):
+        wg.transform_and_pack_rows(w_tk, out, offsets, c0, min(c, c0 + 5))
+    return out
+
+
 @pytest.mark.parametrize("c,k", [(8, 8), (24, 56), (128, 72)])
 def test_the_weights_transform_and_packing(c, k):
     """U = G g G^T for every channel pair, against float64 (float32 FMAs in tap order: a
-    few ulps); packed per plane exactly as cpu_conv_packed packs one [C, K] matrix, for
-    both register-block families; and the fused pass (transform_and_pack_rows) the same
-    bits."""
+    few ulps); and the packed layout, in blocks of rows as the backend runs it, holds in
+    each plane exactly what cpu_conv_packed packs from that plane's [C, K], for both
+    register-block families."""
     rng = np.random.default_rng(1)
     w_tk = rng.standard_normal((9 * c, k)).astype(np.float32)
     u = wg.transform_weights(w_tk)
@@ -49,16 +59,10 @@ def test_the_weights_transform_and_packing(c, k):
     want = np.einsum("ir,js,rsck->ijck", wg.G, wg.G, g).reshape(wg.PLANES, c, k)
     np.testing.assert_allclose(u, want, rtol=0, atol=1e-6 * np.abs(want).max())
     for wide in (True, False):
-        packed = wg.pack_transformed_weights(u, wide)
+        packed = packed_weights(w_tk, wide)
         for xi in (0, 17, 35):
             np.testing.assert_array_equal(
                 packed[xi * c * k:(xi + 1) * c * k], cpu_conv_packed.pack_weights(u[xi], wide))
-        # the two passes in one, in blocks of rows (as the backend runs them)
-        fused = np.empty(wg.PLANES * c * k, dtype=np.float32)
-        offsets = wg.packed_offsets(k, wide)
-        for c0 in range(0, c, 5):
-            wg.transform_and_pack_rows(w_tk, fused, offsets, c0, min(c, c0 + 5))
-        np.testing.assert_array_equal(fused, packed)
 
 
 def reference_conv(x, w, dy):
@@ -120,14 +124,14 @@ def test_the_same_bits_with_any_threads_and_either_block_family():
     for one, two in zip(*results, strict=True):
         np.testing.assert_array_equal(one, two)
 
-    u = wg.transform_weights(np.ascontiguousarray(wt.transpose(1, 2, 3, 0).reshape(9 * c, k)))
+    w_tk = np.ascontiguousarray(wt.transpose(1, 2, 3, 0).reshape(9 * c, k))
     tiles = n * h // 4 * (w // 4)
     outputs = []
     for wide in (True, False):
         y = np.empty((n, h, w, k), dtype=np.float32)
         v = np.empty(wg.PLANES * wg.plane_floats(tiles, c), dtype=np.float32)
         m = np.empty(wg.PLANES * wg.plane_floats(tiles, k), dtype=np.float32)
-        wg.conv3x3_winograd_tile_rows(x, wg.pack_transformed_weights(u, wide), b, True, y, 0,
+        wg.conv3x3_winograd_tile_rows(x, packed_weights(w_tk, wide), b, True, y, 0,
                                       n * h // 4, v, m, wide)
         pass_tiles = max(1, wg.WEIGHT_GRAD_TILES // (w // 4)) * (w // 4)
         vz = [np.empty(wg.PLANES * wg.plane_floats(pass_tiles, ch), dtype=np.float32)

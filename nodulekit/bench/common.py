@@ -194,3 +194,15 @@ def shape_config(model, backend, torch_device: str, cudnn_benchmark: bool, **sha
     return {**shape, "parameters": model.num_parameters, "precision": backend.precision,
             "torch_memory_format": "channels_last", "timing": "interleaved",
             "cudnn_benchmark": cudnn_benchmark if torch_device == "cuda" else None}
+
+
+def network_lines(r: dict, batch_text: str) -> list[str]:
+    """The first two lines of a `bench step` / `bench infer` report: the device, and the
+    network with ``batch_text`` (what one timed call runs) after it."""
+    c = r["config"]
+    return [
+        f"device: {r['device']}  ({r['device_choice']})",
+        f"U-Net depth {c['depth']} width {c['width']}"
+        + (f", {c['norm']} norm" if c.get("norm", "none") != "none" else "")
+        + f" ({c['parameters']:,} parameters), " + batch_text,
+    ]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from nodulekit.bench.common import (
+    network_lines,
     phase_logger,
     provenance,
     require_torch,
@@ -124,11 +125,8 @@ def format_infer(r: dict) -> str:
 
     c = r["config"]
     return "\n".join([
-        f"device: {r['device']}  ({r['device_choice']})",
-        f"U-Net depth {c['depth']} width {c['width']}"
-        + (f", {c['norm']} norm" if c.get("norm", "none") != "none" else "")
-        + f" ({c['parameters']:,} parameters), batch {c['batch']} x {c['size']}x{c['size']} "
-        f"whole slices, {c['precision']}, nothing kept for a backward pass",
+        *network_lines(r, f"batch {c['batch']} x {c['size']}x{c['size']} whole slices, "
+                          f"{c['precision']}, nothing kept for a backward pass"),
         f"logits: ours and torch at most {r['logits_max_abs_diff']:.2g} apart "
         f"(largest {r['logits_max_abs']:.3g})",
         f"inference (median of {c['repeats']} batches after {c['warmup']} warm-up, in turns):",

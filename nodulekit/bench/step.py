@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from nodulekit.bench.common import (
+    network_lines,
     phase_logger,
     provenance,
     require_torch,
@@ -164,11 +165,7 @@ def torch_train_step(ours, image, mask, lr: float, device: str = "cpu",
 def format_step(r: dict) -> str:
     c = r["config"]
     return "\n".join([
-        f"device: {r['device']}  ({r['device_choice']})",
-        f"U-Net depth {c['depth']} width {c['width']}"
-        + (f", {c['norm']} norm" if c.get("norm", "none") != "none" else "")
-        + f" ({c['parameters']:,} parameters), "
-        f"batch {c['batch']} x {c['size']}x{c['size']}, {c['precision']}",
+        *network_lines(r, f"batch {c['batch']} x {c['size']}x{c['size']}, {c['precision']}"),
         f"first-step loss: ours {r['first_step_loss']['ours']:.6f}  "
         f"torch {r['first_step_loss']['torch']:.6f}",
         f"training step (median of {c['repeats']} after {c['warmup']} warm-up, in turns):",

@@ -365,9 +365,9 @@ class CPUBackend(Backend):
         return out2d
 
     def _conv_winograd(self, x, w_tk, b, relu, out2d, then):
-        """out2d = relu?(conv3x3(x) + b) with ``cpu_conv_winograd``: x copied into a
-        zero-padded buffer, the weights transformed, then blocks of tile rows (two image
-        rows each) on the threads (``then`` as in `_conv`)."""
+        """out2d = relu?(conv3x3(x) + b) with ``cpu_conv_winograd``: the weights transformed,
+        then blocks of tile rows (four image rows each) on the threads (``then`` as in
+        `_conv`)."""
         n, h, w, c = x.shape
         k = w_tk.shape[1]
         wide = cpu_conv_packed.WIDE_BLOCKS
@@ -520,9 +520,7 @@ class CPUBackend(Backend):
 
         self.workers.run(tile_rows_job, tiles, step, align=per_row,
                          blocks_at_least=wg.WEIGHT_GRAD_BLOCKS)
-        out = np.empty((9 * c, k), dtype=np.float32)
-        wg.weight_grad_output(partial.sum(axis=0), c, k, out, wg.OUTPUT_CONSTANTS, wide)
-        return out
+        return wg.weight_grad_output(partial.sum(axis=0), c, k, wide)
 
     def _weight_grad_3x3(self, x, dz):
         """dW^T [9C, K] with packed's kernel or register_blocked's, or None where

@@ -160,36 +160,19 @@ def supports(c: int, k: int, height: int, width: int) -> bool:
 # U[xi] = sum over the 9 taps (r, s) of G[i, r] G[j, s] g[r, s], xi = 6 i + j: a [36, 9]
 # matrix of coefficients, 144 of them nonzero
 _WEIGHT_TRANSFORM = np.einsum("ir,js->ijrs", G, G).reshape(PLANES, 9).astype(np.float32)
-# elements of the [C, K] planes per pass: the 9 taps' runs stay in L1 while 36 are written
-_TRANSFORM_RUN = 512
 
 
 def transform_weights(w_tk: np.ndarray) -> np.ndarray:
     """w_tk [9C, K] (tap (r, s, c) major) -> U [36, C, K] = G g G^T for every (c, k), in
     float32, each element's nonzero terms fused-multiply-added in tap order (so the same on
     every machine, unlike a BLAS product of [36, 9] by [9, C K], whose kernel depends on
-    the CPU); C K a multiple of 8."""
+    the CPU); K a multiple of 8. The layout of one block of all K channels: the kernel the
+    backend runs (``transform_and_pack_rows``), unpacked."""
     taps, k = w_tk.shape
     c = taps // 9
-    u = np.empty((PLANES, c * k), dtype=np.float32)
-    _transform_weights(np.ascontiguousarray(w_tk, dtype=np.float32).reshape(9, c * k),
-                       _WEIGHT_TRANSFORM, u)
-    return u.reshape(PLANES, c, k)
-
-
-@njit(**_JIT)
-def _transform_weights(w9, coefficients, u):
-    size = w9.shape[1]
-    wf, cf, uf = w9.ravel(), coefficients.ravel(), u.ravel()
-    for e0 in range(0, size, _TRANSFORM_RUN):
-        e1 = min(size, e0 + _TRANSFORM_RUN)
-        for xi in range(PLANES):
-            for e in range(e0, e1, 8):  # size is a multiple of 8 (K is)
-                a = zeros8()
-                for t in range(9):
-                    if cf[9 * xi + t] != 0.0:
-                        a = fma8(splat8(cf, 9 * xi + t), load8(wf, t * size + e), a)
-                store8(uf, xi * size + e, a)
+    out = np.empty(PLANES * c * k, dtype=np.float32)
+    transform_and_pack_rows(w_tk, out, (np.arange(0, k, 8), np.full(k // 8, k)), 0, c)
+    return out.reshape(PLANES, c, k)
 
 
 def tile_rows_per_block(width: int) -> int:
@@ -378,29 +361,12 @@ def plane_floats(tiles: int, channels: int) -> int:
     return tiles * channels + PLANE_PAD
 
 
-def pack_transformed_weights(u: np.ndarray, wide: bool = packed.WIDE_BLOCKS) -> np.ndarray:
-    """U [36, C, K] -> for each xi, its [C, K] packed per block of output channels as
-    ``cpu_conv_packed.pack_weights`` packs [9C, K]: block (j0, width) of plane xi is the
-    [C, width] slab at xi C K + C j0."""
-    planes, c, k = u.shape
-    out = np.empty((planes, c * k), dtype=np.float32)
-    blocks = packed.channel_blocks(k, wide)
-    full = sum(width for _, width in blocks if width == blocks[0][1])  # the leading run
-    width = blocks[0][1]
-    # the leading blocks of one width in one transposed copy, the tail (at most three
-    # narrower blocks) one by one
-    out[:, : c * full].reshape(planes, full // width, c, width)[...] = (
-        u[:, :, :full].reshape(planes, c, full // width, width).transpose(0, 2, 1, 3))
-    for j0, w in blocks:
-        if j0 >= full:
-            out[:, c * j0: c * (j0 + w)].reshape(planes, c, w)[...] = u[:, :, j0:j0 + w]
-    return out.reshape(-1)
-
-
 def packed_offsets(k: int, wide: bool = packed.WIDE_BLOCKS) -> tuple[np.ndarray, np.ndarray]:
-    """For each group of 8 output channels (k = 8 g) of a block (j0, width): (k - j0,
-    width). In a plane of the packed layout (``pack_transformed_weights``) the group's
-    value of input channel c then sits at C j0 + (k - j0) + c width."""
+    """Where ``transform_and_pack_rows`` puts each group of 8 output channels (k = 8 g):
+    the products read each plane's [C, K] packed per block of output channels (j0, width)
+    as ``cpu_conv_packed.pack_weights`` packs [9C, K], one [C, width] slab a block, at
+    C j0. The group's value of input channel c sits at C j0 + (k - j0) + c width of the
+    plane; returned as (k - j0, width) per group."""
     base = np.empty(k // 8, dtype=np.int64)
     widths = np.empty(k // 8, dtype=np.int64)
     for j0, width in packed.channel_blocks(k, wide):
@@ -411,15 +377,14 @@ def packed_offsets(k: int, wide: bool = packed.WIDE_BLOCKS) -> tuple[np.ndarray,
 
 def transform_and_pack_rows(w_tk: np.ndarray, out: np.ndarray, offsets, c0: int,
                             c1: int) -> None:
-    """Input channels c0..c1 of U = G g G^T, written straight into the packed layout of
-    ``pack_transformed_weights`` (out: 36 C K floats), the same sums as
-    ``transform_weights``: the two passes in one, on a block of rows (the caller runs the
-    blocks on its threads)."""
+    """Input channels c0..c1 of U = G g G^T (see ``transform_weights``), written straight
+    into the products' packed layout (``packed_offsets``; out: 36 C K floats): a block of
+    rows, the caller runs the blocks on its threads."""
     taps, k = w_tk.shape
     c = taps // 9
     base, widths = offsets
-    _transform_pack_rows(w_tk.reshape(9, c * k), _WEIGHT_TRANSFORM, base, widths, c, out,
-                         c0, c1)
+    w9 = np.ascontiguousarray(w_tk, dtype=np.float32).reshape(9, c * k)
+    _transform_pack_rows(w9, _WEIGHT_TRANSFORM, base, widths, c, out, c0, c1)
 
 
 @njit(**_JIT)
@@ -465,7 +430,7 @@ def _one_tile(vf, uf, mf, vi, ui, o, c, block):
 @njit(**_JIT)
 def products(vf: np.ndarray, v_plane: int, u_packed: np.ndarray, c: int, k: int,
              tiles: int, mf: np.ndarray, m_plane: int, wide: bool) -> None:
-    """M[xi] [tiles, K] = V[xi] [tiles, C] @ U[xi] [C, K] for the 16 xi, with the packed
+    """M[xi] [tiles, K] = V[xi] [tiles, C] @ U[xi] [C, K] for the 36 xi, with the packed
     convolution's register blocks (the "pixels" are tiles, C floats apart in V, and the
     "taps" the C input channels): each output one chain of FMAs in channel order."""
     zero = np.zeros(64, dtype=np.float32)
@@ -513,13 +478,13 @@ def products(vf: np.ndarray, v_plane: int, u_packed: np.ndarray, c: int, k: int,
 
 _INPUT_CONSTANTS = np.array([2, 4, 5, 0], dtype=np.float32)
 _DZ_CONSTANTS = np.array([2, 4, 1 / 4, -1 / 6, 1 / 24], dtype=np.float32)
-OUTPUT_CONSTANTS = np.array([2, 4, 8], dtype=np.float32)
+_OUTPUT_CONSTANTS = np.array([2, 4, 8], dtype=np.float32)
 
 
 def conv3x3_winograd_tile_rows(x, u_packed, b, relu, y, tile_row0, tile_row1, v, m,
                                wide=packed.WIDE_BLOCKS):
     """One block: y's image rows 4 tile_row0 .. 4 tile_row1 (of its N * H) from the input
-    x [N, H, W, C] and the packed transformed weights (``pack_transformed_weights``); v and
+    x [N, H, W, C] and the packed transformed weights (``transform_and_pack_rows``); v and
     m are flat scratch of at least 36 plane_floats(tiles, C) and 36 plane_floats(tiles, K)
     floats."""
     c, k = x.shape[3], y.shape[3]
@@ -527,7 +492,7 @@ def conv3x3_winograd_tile_rows(x, u_packed, b, relu, y, tile_row0, tile_row1, v,
     v_plane, m_plane = plane_floats(tiles, c), plane_floats(tiles, k)
     input_transform(x, tile_row0, tile_row1, v, v_plane, _INPUT_CONSTANTS, wide)
     products(v, v_plane, u_packed, c, k, tiles, m, m_plane, wide)
-    output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, OUTPUT_CONSTANTS, wide)
+    output_transform(m, m_plane, b, relu, y, tile_row0, tile_row1, _OUTPUT_CONSTANTS, wide)
 
 
 # ---- the weight gradient: dW[r, s][c, k] = sum over pixels p of x_pad[p + (r, s), c] dz[p, k].
@@ -729,9 +694,17 @@ def _weight_grad_group(ops, lanes, mf, e, plane, of, s, constants):
             store(of, (3 * q + p) * plane + e, r[p])
 
 
+def weight_grad_output(m: np.ndarray, c: int, k: int, wide: bool = packed.WIDE_BLOCKS
+                       ) -> np.ndarray:
+    """dW_tk [9C, K] (tap (r, s, c) major) = A_W^T M A_W from the products' sum M [36 C K]."""
+    out = np.empty((9 * c, k), dtype=np.float32)
+    _weight_grad_output(m, c, k, out, _OUTPUT_CONSTANTS, wide)
+    return out
+
+
 @njit(**_JIT)
-def weight_grad_output(mf: np.ndarray, c: int, k: int, out: np.ndarray,
-                       constants: np.ndarray, wide: bool) -> None:
+def _weight_grad_output(mf: np.ndarray, c: int, k: int, out: np.ndarray,
+                        constants: np.ndarray, wide: bool) -> None:
     """dW_tk [9C, K] (tap (r, s, c) major) = A_W^T M A_W for every (c, k), M [36, C, K]:
     16 pairs a vector where ``wide`` and K % 16 == 0, else 8."""
     of = out.ravel()

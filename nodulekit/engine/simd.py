@@ -11,8 +11,8 @@ intrinsics a C programmer would write (``_mm256_loadu_ps``, ``_mm256_broadcast_s
 loop that carries twelve of them carries twelve registers.
 
 ``float32x16`` is the same with sixteen lanes (one AVX-512 register: ``_mm512_*``); the
-six operations both have (load, store, splat, zeros, fma, relu) are made by one factory per
-kind, so ``load8`` and ``load16`` are the same code for another vector type.
+nine operations both have (load, store, splat, zeros, fma, relu, add, sub, mul) are made by
+one factory per kind, so ``load8`` and ``load16`` are the same code for another vector type.
 
 ``float64x8`` (eight float64 lanes, ``<8 x double>``: two AVX2 registers) holds sums of
 float32 values widened exactly (``widen8``), for reductions that must not lose digits (the
@@ -148,7 +148,7 @@ def _float32_memory_ops(vector, llvm_vector):
 
 
 def _float32_arithmetic(vector, llvm_vector):
-    """zeros, fma and relu for one float32 vector type."""
+    """zeros, fma, relu, add, sub and mul for one float32 vector type."""
     lanes = llvm_vector.count
     zero = ir.Constant(llvm_vector, [0.0] * lanes)
 
@@ -182,27 +182,31 @@ def _float32_arithmetic(vector, llvm_vector):
 
         return vector(a), codegen
 
-    return zeros, fma, relu
+    def lanewise(method, doc):
+        @intrinsic
+        def op(typingctx, a, b):
+            def codegen(context, builder, sig, args):
+                return getattr(builder, method)(*args)
+
+            return vector(a, b), codegen
+
+        op.__doc__ = doc
+        return op
+
+    add = lanewise("fadd", "a + b, lane by lane.")
+    sub = lanewise("fsub", "a - b, lane by lane.")
+    mul = lanewise("fmul", "a * b, lane by lane.")
+    return zeros, fma, relu, add, sub, mul
 
 
 load8, store8, splat8 = _float32_memory_ops(float32x8, _V8)
-zeros8, fma8, relu8 = _float32_arithmetic(float32x8, _V8)
+zeros8, fma8, relu8, add8, sub8, mul8 = _float32_arithmetic(float32x8, _V8)
 # sixteen lanes: one AVX-512 register (LLVM splits it into two AVX2 registers, correctly,
 # where there is no AVX-512). Where the FMA pipes are 512 bits wide (Zen 5, Intel's server
 # cores) a 16-lane FMA does twice an 8-lane one's work per instruction; on Zen 4, which runs
 # it through its 256-bit pipes in two halves, the two are equal.
 load16, store16, splat16 = _float32_memory_ops(float32x16, _V16)
-zeros16, fma16, relu16 = _float32_arithmetic(float32x16, _V16)
-
-
-@intrinsic
-def add8(typingctx, a, b):
-    """a + b, lane by lane."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(*args)
-
-    return float32x8(a, b), codegen
+zeros16, fma16, relu16, add16, sub16, mul16 = _float32_arithmetic(float32x16, _V16)
 
 
 @intrinsic
@@ -216,56 +220,6 @@ def relu_grad8(typingctx, g, y):
         return builder.select(off, zero, args[0])
 
     return float32x8(g, y), codegen
-
-
-@intrinsic
-def sub8(typingctx, a, b):
-    """a - b, lane by lane."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fsub(*args)
-
-    return float32x8(a, b), codegen
-
-
-@intrinsic
-def mul8(typingctx, a, b):
-    """a * b, lane by lane."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fmul(*args)
-
-    return float32x8(a, b), codegen
-
-
-@intrinsic
-def add16(typingctx, a, b):
-    """a + b, lane by lane (16 lanes)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(*args)
-
-    return float32x16(a, b), codegen
-
-
-@intrinsic
-def sub16(typingctx, a, b):
-    """a - b, lane by lane (16 lanes)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fsub(*args)
-
-    return float32x16(a, b), codegen
-
-
-@intrinsic
-def mul16(typingctx, a, b):
-    """a * b, lane by lane (16 lanes)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fmul(*args)
-
-    return float32x16(a, b), codegen
 
 
 # ---- eight float64 lanes: exact sums of float32 values
