@@ -362,8 +362,10 @@ UPCONV = {
     "n2-4x4-c3-k2": UpconvCase(2, 4, 4, 3, 2),
     "n1-7x6-c2-k3": UpconvCase(1, 7, 6, 2, 3),
     "n2-1x1-c4-k1": UpconvCase(2, 1, 1, 4, 1),
-    # the CPU backend's register-blocked version: forward needs K % 16, backward C % 16
+    # the CPU backend's register-blocked version: forward needs K % 8, backward C % 16;
+    # packed (version 3): K % 8 and, backward, C % 8
     "n2-3x5-c16-k16": UpconvCase(2, 3, 5, 16, 16),
+    "n2-3x9-c24-k72": UpconvCase(2, 3, 9, 24, 72),
     "n1-4x7-c32-k48": UpconvCase(1, 4, 7, 32, 48),
     "n1-2x3-c16-k20": UpconvCase(1, 2, 3, 16, 20),
     "n2-5x3-c8-k16": UpconvCase(2, 5, 3, 8, 16),
@@ -388,7 +390,8 @@ def _upconv_reduce(case):
     return dict(y=c, dx=4 * k, dw=n * h * w, db=4 * n * h * w)
 
 
-@each_backend_and_case((ALL_BACKENDS, UPCONV), (CUDA_BACKENDS, UPCONV_CUDA_ONLY))
+@each_backend_and_case((ALL_BACKENDS + CPU_CONV_VERSIONS, UPCONV),
+                       (CUDA_BACKENDS, UPCONV_CUDA_ONLY))
 def test_upconv2x2(backend, case, rng):
     device = torch_device(backend)
 
@@ -484,6 +487,7 @@ UPCONCAT = {
     "n2-3x7-c32-k16-cs16": UpconvConcatCase(2, 3, 7, 32, 16, 16),
     "n1-5x2-c16-k32-cs3": UpconvConcatCase(1, 5, 2, 16, 32, 3),
     "n2-4x7-c16-k8-cs8": UpconvConcatCase(2, 4, 7, 16, 8, 8),
+    "n2-3x9-c24-k40-cs5": UpconvConcatCase(2, 3, 9, 24, 40, 5),
 }
 
 
@@ -491,9 +495,10 @@ UPCONCAT = {
 def test_upconv2x2_concat_and_split_backward(backend, case, rng):
     """The U-Net's decoder pair as one op equals concat(skip, upconv) and, backward,
     split then upconv backward (the CPU backend scatters into / gathers from the concat
-    buffer directly). ``cpu-<version>``: each CPU version held to it (the register-blocked
-    one reads and writes the concat buffer in place where K % 16 == 0 forward and C % 16
-    == 0 backward; the other goes through a temporary)."""
+    buffer directly). ``cpu-<version>``: each CPU version held to it (register_blocked
+    reads and writes the concat buffer in place where K % 8 == 0 forward and C % 16 == 0
+    backward, packed where K % 8 == 0 and, backward, C % 8 == 0; patches_gemm goes through
+    a temporary)."""
     n, h, w, c, k, cs = case
     inputs = dict(skip=rand(rng, n, 2 * h, 2 * w, cs), x=rand(rng, n, h, w, c),
                   w=rand(rng, k, 2, 2, c, scale=c ** -.5), b=rand(rng, k, scale=0.5),

@@ -7,8 +7,7 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
   at a time so the patch matrix stays small (it would be 9*C floats per pixel for the
   whole batch) and warm in cache when the GEMM reads it. In NHWC a patch row is three
   straight copies and the GEMM's output is already the NHWC output, so nothing is
-  transposed. Kept for the shapes the others do not take (K % 8 != 0) and the deep
-  up-convolutions.
+  transposed. Kept for the shapes the others do not take (K % 8 != 0).
 - ``register_blocked`` (``cpu_conv.py``, ``cpu_upconv.py``): no patch matrix; 6 pixels
   x 16 output channels accumulate in vector registers. Best where K is small (BLAS
   reaches half the FMA peak at 16 output columns) and image rows are long: the top levels.
@@ -19,6 +18,9 @@ vocabulary the CUDA backend shares), chosen per shape (``conv_variant='auto'``) 
   data and weight gradients. Its weight gradient with K or C <= 16, where 16-lane FMAs
   run at full width, is vectorised over the taps instead of the output channels
   (``cpu_weight_grad_taps.py``: 48 consecutive taps of the padded input x 8 channels).
+  The up-convolution's version 3 (``cpu_upconv_packed.py``) runs the same register blocks
+  along image rows (each (a, b) a 1x1 convolution whose outputs land two pixels apart):
+  every up-convolution with 16 or more output channels.
 
 The backward pass reuses the forward machinery:
 
@@ -42,6 +44,7 @@ from nodulekit.engine import (
     cpu_conv_winograd,
     cpu_norm,
     cpu_upconv,
+    cpu_upconv_packed,
     cpu_weight_grad_taps,
     fma_width,
 )
@@ -55,6 +58,9 @@ from nodulekit.engine.simd import aligned_copy, aligned_empty
 # 512 KiB L2 per core) 1 MiB was as fast or faster than 256 and 512 KiB, and 2-4 MiB no better.
 PATCH_BLOCK_BYTES = 1 << 20
 
+
+# version 3 of the up-convolution splits its columns in four where its weights pass this
+UPCONV_WEIGHTS_WHOLE_BYTES = 512 << 10
 
 # the packed weight gradient's row blocks (one partial sum each); fixed, so the sums are
 # split the same way on any machine
@@ -95,7 +101,8 @@ CONV_VARIANTS = {
               "blocks of 16 lanes with AVX-512 (6 x 16 of 8 without) (cpu_conv_packed.py); "
               "3x3 forward, data and weight gradients (with K or C <= 16 on cores with "
               "full-width 16-lane FMAs: vectorised over taps, cpu_weight_grad_taps.py); "
-              "needs K % 8 == 0",
+              "needs K % 8 == 0; the up-convolution in the same blocks along image rows "
+              "(cpu_upconv_packed.py)",
     "winograd": "Winograd's F(4x4, 3x3) (forward, data gradient) and F(3x3, 4x4) (weight "
                 "gradient): 4x fewer multiply-adds, as 36 products between transforms "
                 "(cpu_conv_winograd.py); H and W multiples of 4, C and K of 8",
@@ -232,6 +239,24 @@ def _register_blocked_upconv_forward(variant: str, c: int, k: int) -> bool:
     if variant == "patches_gemm" or k % 8:
         return False
     return variant == "register_blocked" or c * k <= 128 * 64
+
+
+def _upconv_parts(c: int, k: int, channels: int | None = None) -> int:
+    """Version 3's parts of the columns: 4 where the weights (16 C K bytes) would not stay
+    in a core's L2 over a job's rows, so that each job streams a quarter of them. The
+    forward's parts are (a, b) positions; the data gradient's are runs of `channels` (C),
+    which must fall on whole 64-channel blocks."""
+    if 16 * c * k <= UPCONV_WEIGHTS_WHOLE_BYTES:
+        return 1
+    return 4 if channels is None or channels % 256 == 0 else 1
+
+
+def _packed_upconv(variant: str, k: int) -> bool:
+    # version 3 (``cpu_upconv_packed``), where its K % 8 (and, backward, C % 8) holds:
+    # 'packed' always; 'auto' from 16 output channels (with 8, one 8-lane vector a pixel,
+    # version 2's 6-pixel blocks measured as fast or faster: 0.85 against 1.1 ms forward
+    # at 8 x 64 x 64, 16 -> 8, on the Xeon; the same bits either way)
+    return variant == "packed" or (variant == "auto" and k >= 16)
 
 
 def _register_blocked_upconv_backward(variant: str, c: int, k: int, rows: int,
@@ -693,6 +718,24 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k = w.shape[0]
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
+        if _packed_upconv(self.direct_variant, k) and cpu_upconv_packed.supports_forward(c, k):
+            # version 3: image rows, the packed convolution's register blocks
+            w_packed = cpu_upconv_packed.pack_forward_weights(w)
+            wide = cpu_conv_packed.WIDE_BLOCKS
+            pixels, parts = n * h * wd, _upconv_parts(c, k)
+            step, blocks = self.workers.plan(pixels, _block_rows(c + 4 * k), align=wd,
+                                             blocks_at_least=max(1, 16 // parts))
+
+            def rows_and_positions(u0, u1, _):
+                for u in range(u0, u1):  # (a, b) parts major: a part's weights stay hot
+                    part, m0 = divmod(u, blocks)
+                    r0, r1 = m0 * step // wd, min(pixels, (m0 + 1) * step) // wd
+                    cpu_upconv_packed.upconv2x2_concat_rows(
+                        skip, x, w_packed, b, y, r0, r1, 4 * part // parts,
+                        4 * (part + 1) // parts, wide)
+
+            self.workers.run(rows_and_positions, blocks * parts, 1, rows_at_least=1)
+            return y
         if _register_blocked_upconv_forward(self.direct_variant, c, k):
             # the GEMM's register blocks write straight into the concat buffer
             w_cabk = aligned_copy(w.transpose(3, 1, 2, 0))
@@ -714,6 +757,9 @@ class CPUBackend(Backend):
         n, h, wd, c = x.shape
         k = w.shape[0]
         rows = n * h * wd
+        if (_packed_upconv(self.direct_variant, k)
+                and cpu_upconv_packed.supports_backward(c, k)):
+            return self._upconv2x2_split_backward_packed(dcat, ca, x, w)
         step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
         if _register_blocked_upconv_backward(self.direct_variant, c, k, rows, blocks):
             return self._upconv2x2_split_backward_blocked(dcat, ca, x, w, step, blocks)
@@ -751,6 +797,59 @@ class CPUBackend(Backend):
 
         self.workers.run(pixels, rows, step)
         dw = np.ascontiguousarray(partial.sum(axis=0).reshape(2, 2, k, c).transpose(2, 0, 1, 3))
+        d2d = dcat.reshape(-1, dcat.shape[3])
+        db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
+        kern.column_sums(d2d, ca, db_partial)
+        return dskip, dx, dw, db_partial.sum(axis=0)
+
+    def _upconv2x2_split_backward_packed(self, dcat, ca, x, w):
+        """Version 3 (``cpu_upconv_packed``): dx on blocks of image rows; dW per block of
+        rows (partials added in order, as version 2) where those partials stay small next
+        to the data, else over all pixels at once, split over k (nothing to add up)."""
+        n, h, wd, c = x.shape
+        k = w.shape[0]
+        wide = cpu_conv_packed.WIDE_BLOCKS
+        dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
+        dx = np.empty_like(x)
+        w_packed = cpu_upconv_packed.pack_data_grad_weights(w)
+        zeros = np.zeros(c, dtype=np.float32)
+        pixels, parts = n * h * wd, _upconv_parts(c, k, c)
+        step, blocks = self.workers.plan(pixels, _block_rows(c + 4 * k), align=wd,
+                                         blocks_at_least=max(1, 16 // parts))
+
+        def rows_and_channels(u0, u1, _):
+            for u in range(u0, u1):  # channel parts major: a part's weights stay hot
+                part, m0 = divmod(u, blocks)
+                r0, r1 = m0 * step // wd, min(pixels, (m0 + 1) * step) // wd
+                cpu_upconv_packed.upconv2x2_split_dx_rows(
+                    dcat, w_packed, zeros, dskip, dx, r0, r1, c * part // parts,
+                    c * (part + 1) // parts, wide)
+
+        self.workers.run(rows_and_channels, blocks * parts, 1, rows_at_least=1)
+        step = _block_rows(c + 4 * k)
+        # the weight gradient: version 2's blocks of pixels (so its bits), or all at once
+        step, blocks = self.workers.plan(pixels, step)
+        if blocks * 4 * k < pixels:
+            partial = np.empty((blocks, 4 * k, c), dtype=np.float32)
+
+            def block(m0, m1, _):
+                cpu_upconv_packed.upconv2x2_weight_grad_pixels(dcat, x, m0, m1, 0, k,
+                                                               partial[m0 // step], wide)
+
+            self.workers.run(block, pixels, step)
+            dwm = partial.sum(axis=0)
+        else:
+            dwm = np.empty((4 * k, c), dtype=np.float32)
+
+            def k_range(k0, k1, _):
+                cpu_upconv_packed.upconv2x2_weight_grad_pixels(dcat, x, 0, pixels, k0, k1,
+                                                               dwm, wide)
+
+            # four runs of k's, each summed over all pixels: no partials; each run reads
+            # all of x, so no more runs than the cores need
+            self.workers.run(k_range, k, -(-k // 4), align=8, blocks_at_least=4,
+                             rows_at_least=8)
+        dw = np.ascontiguousarray(dwm.reshape(2, 2, k, c).transpose(2, 0, 1, 3))
         d2d = dcat.reshape(-1, dcat.shape[3])
         db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
         kern.column_sums(d2d, ca, db_partial)

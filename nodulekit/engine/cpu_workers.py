@@ -39,22 +39,24 @@ class Workers:
         _limit_blas_to_one_thread()
 
     @staticmethod
-    def plan(rows: int, step: int, align: int = 1,
-             blocks_at_least: int = BLOCKS_AT_LEAST) -> tuple[int, int]:
+    def plan(rows: int, step: int, align: int = 1, blocks_at_least: int = BLOCKS_AT_LEAST,
+             rows_at_least: int = BLOCK_ROWS_AT_LEAST) -> tuple[int, int]:
         """(rows per block, number of blocks) that ``run`` will use.
 
         Several blocks per thread so a busy core can hand work over, but not tiny ones (a
         GEMM on few rows is slow). Blocks are whole multiples of ``align`` rows (an image
         row of pixels, for kernels that work row by row). The plan does not depend on the
         thread count, so sums over blocks come out the same on any machine.
-        ``blocks_at_least`` lowers the block count for kernels whose blocks should stay large.
+        ``blocks_at_least`` lowers the block count for kernels whose blocks should stay large;
+        ``rows_at_least`` lowers the smallest block for jobs whose "rows" are not pixels.
         """
-        step = max(BLOCK_ROWS_AT_LEAST, min(step, -(-rows // blocks_at_least)))
+        step = max(rows_at_least, min(step, -(-rows // blocks_at_least)))
         step = -(-step // align) * align
         return step, -(-rows // step)
 
     def run(self, job, rows: int, step: int, align: int = 1,
-            blocks_at_least: int = BLOCKS_AT_LEAST) -> None:
+            blocks_at_least: int = BLOCKS_AT_LEAST,
+            rows_at_least: int = BLOCK_ROWS_AT_LEAST) -> None:
         """job(m0, m1, worker) over [0, rows) in blocks of ``step`` rows, all threads.
 
         Blocks go to whichever thread is free (a busy core just takes fewer). Results
@@ -62,7 +64,7 @@ class Workers:
         ``plan``) and added in block order by the caller: that keeps them bit-identical
         from run to run, which exact resume relies on.
         """
-        step, _ = self.plan(rows, step, align, blocks_at_least)
+        step, _ = self.plan(rows, step, align, blocks_at_least, rows_at_least)
         blocks = iter(range(0, rows, step))
         lock = threading.Lock()
 
