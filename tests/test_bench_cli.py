@@ -135,6 +135,13 @@ def test_bench_step_times_ours_and_torch_in_turns():
     assert data["ratio_to_best_torch_ours_in_turns"] == data["ours_ms"] / best["ms"]
     assert "ours, between those runs" in result.output
     assert "ratio ours / torch at its best" in result.output
+    # then that setting again, each run followed by ours: the ratio from fresh pairs
+    paired = data["torch_best_paired"]
+    assert paired["setting"] == best["setting"] and len(paired["rounds"]) == 3
+    assert all(p["torch_ms"] > 0 and p["ours_ms"] > 0 for p in paired["rounds"])
+    assert paired["ratio_median"] == statistics.median(
+        p["ours_ms"] / p["torch_ms"] for p in paired["rounds"])
+    assert "each followed by ours: ratio" in result.output
     # the CPU's vector extensions recorded beside the numbers (machines of one name differ)
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()

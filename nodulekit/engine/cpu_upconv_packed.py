@@ -46,7 +46,8 @@ the FMAs: forward 7.6-8.4 ms (128-141 GFLOP/s, against 10-13.5 ms for version 2 
 BLAS), backward 16-19 ms (113-131, against 20-29). dec0.up (64 -> 32, 4 x 128 x 128)
 moves at least 117 MB forward (the skip read, the 67 MB concat buffer written): 4.5 ms at
 the 26 GB/s the copy ceiling measures; it took 12.7 ms (17.5 before); the skip's copy
-alone takes 9.7 ms on one core, as long as NumPy's slice assignment. All four: 163 ms of the step before, 112 after.
+alone takes 9.7 ms on one core, as long as NumPy's slice assignment. All four: 163 ms of
+the step before, 112 after.
 
 Run it: ``nodulekit profile --width 32 --size 256`` (the up-convolutions' rows) or
 ``python -m nodulekit.engine.cpu_upconv_packed`` (versions 2 and 3 and BLAS on the
