@@ -74,6 +74,21 @@ def test_at_equal_scores_the_soft_dice_on_nodule_slices_comes_first():
     assert selection.key(old)[1] == 0.0
 
 
+def test_the_latest_epoch_that_finds_a_nodule_is_kept_not_the_highest_score():
+    """The rule since 2026-12-05: among epochs that find a validation nodule the latest
+    (the learning rate's last steps), whatever the scores; an epoch that finds nothing
+    after it does not replace it, and never beats one that finds."""
+    better = np.array([[0, 0, 0]] * 5 + [[0, 4, 0]] * 3 + [[8, 1, 1], [8, 1, 1]])
+    rows = [_row(1, better), _row(2, FOUND)]
+    assert rows[0][selection.METRIC] > rows[1][selection.METRIC] > 0
+    assert selection.select(rows) == 2
+    assert selection.select(rows + [_row(3, NOTHING)]) == 2
+    assert selection.select([_row(1, NOTHING), _row(2, better), _row(3, NOTHING)]) == 2
+    assert selection.found_score(rows[0]) == rows[0][selection.METRIC]
+    assert selection.found_score({"epoch": 1}) == 0.0
+    assert "latest" in selection.describe()["rule"]
+
+
 def test_found_dice_counts_a_slice_only_where_it_overlaps_with_iou_at_least_0_1():
     counts = np.array([
         [0, 5, 0],  # empty slice: not in the mean
@@ -150,10 +165,10 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["selection"]["metric"] == selection.METRIC
     epoch_lines = [x for x in lines if x.startswith("epoch ")]
-    assert "nodule Dice" in epoch_lines[1] and "* best" in epoch_lines[1]
+    assert "nodule Dice" in epoch_lines[1] and "* kept" in epoch_lines[1]
     se = rows[1][selection.SCORE_SE]  # beside the score: in metrics.csv and the line
     assert se > 0 and f"(found {found:.4f} +- {se:.4f})" in epoch_lines[1]
-    assert "* best" not in epoch_lines[2]
+    assert "* kept" not in epoch_lines[2]
     # the time left: after every epoch but the last
     assert all("left)" in x for x in epoch_lines[:2]) and "left)" not in epoch_lines[2]
 

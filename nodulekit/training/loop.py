@@ -12,8 +12,8 @@ The loop, as `Training.run` reads:
                       Dice and the empty-slice false-positive rate (after every
                       `val_interval`-th epoch and the last; of the weights' moving average
                       with `weight_ema`, `nn.ema`)
-        save          checkpoint_best.h5 when the validation found-nodule Dice improved
-                      (`nodulekit.evaluation.selection`: a model predicting nothing scores 0),
+        save          checkpoint_best.h5 when the epoch finds a validation nodule
+                      (`nodulekit.evaluation.selection`: the latest that does is kept),
                       checkpoint_last.h5, metrics.csv, progress.png
     test              the best model on the test split (`nodulekit.evaluation`)
 
@@ -317,8 +317,8 @@ class Training:
         self._continue_selection()
         self.report(f"resuming from {ckpt.path}: {ckpt.epoch} epoch(s), {ckpt.global_step} "
                     f"steps done; " + (
-                        f"best validation found-nodule Dice {self.best_score:.4f} (epoch "
-                        f"{self.best_epoch})" if not self.rescore_best else
+                        f"kept epoch {self.best_epoch} (validation found-nodule Dice "
+                        f"{self.best_score:.4f})" if not self.rescore_best else
                         f"best epoch {self.best_epoch}, kept on an earlier nodulekit's "
                         "rule: re-scored below"))
 
@@ -446,13 +446,25 @@ class Training:
         """The end-of-run line's part on checkpoint_best (a warning when it finds nothing)."""
         if not self.n_val:
             return f"no validation split: checkpoint_best.h5 is the last epoch ({self.best_epoch})"
-        words = (f"best validation found-nodule Dice {self.best_score:.4f} at epoch "
-                 f"{self.best_epoch} (checkpoint_best.h5)")
+        words = (f"kept epoch {self.best_epoch} (checkpoint_best.h5: the latest that finds a "
+                 f"validation nodule; found-nodule Dice {self.best_score:.4f}"
+                 + self._highest_words() + ")")
         if self.best_score <= 0:
             words += ("\nwarning: no epoch found a validation nodule (a prediction overlapping "
                       "a nodule slice's truth with IoU >= 0.1); checkpoint_best.h5 finds none "
                       "either (see metrics.csv)")
         return words
+
+    def _highest_words(self) -> str:
+        """", the highest was epoch E's S" where that is another epoch (else "")."""
+        from nodulekit.evaluation import selection
+
+        scored = [(selection.found_score(r), int(r["epoch"])) for r in self.history
+                  if math.isfinite(float(r.get(selection.METRIC, math.nan)))]
+        if not scored:
+            return ""
+        score, epoch = max(scored, key=lambda se: (se[0], -se[1]))
+        return f"; the highest was epoch {epoch}'s {score:.4f}" if epoch != self.best_epoch else ""
 
     def run_epoch(self, epoch: int) -> None:
         from nodulekit.evaluation import selection
@@ -466,7 +478,8 @@ class Training:
         improved = key is not None and selection.improves(key, self.best_key)
         row["best"] = bool(improved)
         if improved:
-            self.best_epoch, self.best_score, self.best_key = epoch + 1, key[0], key
+            self.best_epoch, self.best_key = epoch + 1, key
+            self.best_score = selection.found_score(row)
         self.history.append(row)
         if self.comm.is_root:
             self.save(epoch, improved)
@@ -602,12 +615,12 @@ class Training:
         row.update({k: cols[k] for k in (selection.NODULE_DICE, selection.METRIC,
                                          selection.SOFT_TIE_BREAK, selection.TIE_BREAK)})
         self.best_key = selection.key(row)
-        self.best_score = self.best_key[0]
+        self.best_score = selection.found_score(row)
         self.report(f"checkpoint_best.h5 (epoch {self.best_epoch}) was kept on an earlier "
                     "nodulekit's rule; re-scored on validation: found-nodule Dice "
                     f"{cols[selection.METRIC]:.4f}, empty-slice false positives "
-                    f"{cols[selection.TIE_BREAK]:.1%}; an epoch of this session replaces it "
-                    "only with a higher found-nodule Dice")
+                    f"{cols[selection.TIE_BREAK]:.1%}; an epoch of this session that finds a "
+                    "validation nodule replaces it")
 
     def _shared_model(self, path: Path):
         """(the checkpoint at `path` as a model on every rank, None) or (None, why not)."""
@@ -777,7 +790,7 @@ def _epoch_line(row: dict, epochs: int, skipped: int = 0) -> str:
             f"empty FP {pct(row['val_empty_fp'])}  "
             + _filter_words(row) +
             f"{row['seconds']:6.1f} s  {row['images_per_s']:6.1f} img/s"
-            + ("  * best" if row["best"] else ""))
+            + ("  * kept" if row["best"] else ""))
 
 
 def _time_left(seconds: list[float], epochs_left: int) -> str:

@@ -6,10 +6,10 @@ A run folder holds::
     metrics.csv            one row per epoch (see METRIC_COLUMNS)
     progress.png           loss and Dice curves per epoch (like the paper's Fig. 3)
     checkpoint_last.h5     written after every epoch
-    checkpoint_best.h5     the epoch with the best validation nodule-slice mean Dice so far
+    checkpoint_best.h5     the epoch kept so far: the latest that finds a validation nodule
                            (`nodulekit.evaluation.selection`; config.json's "selection")
     train.log              everything printed, with a time stamp per line
-    test/summary.json      the best model on the test split (when the cache has one)
+    test/summary.json      the kept model on the test split (when the cache has one)
     .lock                  who writes the folder now (`nodulekit.training.runlock`)
 
 Every file but the log is written to a temporary file beside it (``.NAME.<pid>-<random>
@@ -224,7 +224,7 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     ax_score.plot(epochs, col("val_nodule_dice"), "D-", lw=1, color="tab:purple",
                   label="Dice, nodule slices")
     ax_score.plot(epochs, col("val_nodule_found_dice"), "o-", lw=2, color="black",
-                  label="Dice, nodule slices, found only (selects best)")
+                  label="Dice, nodule slices, found only (> 0: may be kept)")
     ax_score.plot(epochs, col("val_empty_fp"), "x:", color="tab:red",
                   label="empty slices with a false positive")
     ax_score.plot(epochs, col("val_filtered_nodule_dice"), "D--", color="tab:green",
@@ -235,7 +235,7 @@ def plot_progress(path: str | os.PathLike, history: list[dict], title: str = "")
     if best:
         b = best[-1]
         ax_score.axvline(b["epoch"], color="grey", ls="--", lw=1,
-                         label=f"best (epoch {b['epoch']})")
+                         label=f"kept (epoch {b['epoch']})")
     ax_score.set_xlabel("epoch")
     ax_score.set_ylabel("validation (mean per slice, or fraction)")
     ax_score.set_ylim(0, 1)
