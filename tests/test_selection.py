@@ -173,6 +173,27 @@ def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkey
     assert all("left)" in x for x in epoch_lines[:2]) and "left)" not in epoch_lines[2]
 
 
+def test_training_keeps_the_last_finder_and_names_the_highest(tiny_data, tmp_path,
+                                                            monkeypatch):
+    """End to end under the rule since 2026-12-05: epoch 1 scores higher, epoch 2 also
+    finds nodules and is kept; the end-of-run line names both."""
+    better = np.array([[0, 0, 0]] * 5 + [[0, 4, 0]] * 3 + [[8, 1, 1], [8, 1, 1]])
+    found, highest = _row(2, FOUND)[selection.METRIC], _row(1, better)[selection.METRIC]
+    assert highest > found > 0
+    script = iter([better, FOUND])
+    real = selection.validation_columns
+    monkeypatch.setattr(selection, "validation_columns",
+                        lambda counts, loss, soft_dice=None: real(next(script), loss))
+    _, cache = tiny_data
+    lines = []
+    result = tiny_train(cache, tmp_path / "run", epochs=2, test=False, echo=lines.append)
+    assert result.best_epoch == 2 and result.best_score == pytest.approx(found)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_best.h5").epoch == 2
+    end = next(x for x in lines if x.startswith("trained "))
+    assert "kept epoch 2 (checkpoint_best.h5" in end
+    assert f"the highest was epoch 1's {highest:.4f}" in end
+
+
 def test_time_left_paces_by_the_epochs_after_the_first():
     from nodulekit.training.loop import _time_left
 

@@ -241,14 +241,20 @@ def _register_blocked_upconv_forward(variant: str, c: int, k: int) -> bool:
     return variant == "register_blocked" or c * k <= 128 * 64
 
 
-def _upconv_parts(c: int, k: int, channels: int | None = None) -> int:
+def _upconv_parts(c: int, k: int, by_channels: bool = False) -> int:
     """Version 3's parts of the columns: 4 where the weights (16 C K bytes) would not stay
     in a core's L2 over a job's rows, so that each job streams a quarter of them. The
-    forward's parts are (a, b) positions; the data gradient's are runs of `channels` (C),
-    which must fall on whole 64-channel blocks."""
+    forward's parts are (a, b) positions; the data gradient's (by_channels) are runs of C
+    input channels, which must fall on whole 64-channel blocks."""
     if 16 * c * k <= UPCONV_WEIGHTS_WHOLE_BYTES:
         return 1
-    return 4 if channels is None or channels % 256 == 0 else 1
+    return 4 if not by_channels or c % 256 == 0 else 1
+
+
+def _per_block_partials(k: int, rows: int, blocks: int) -> bool:
+    # the up-convolution's weight gradient as one partial [4K, C] per block of pixels,
+    # added in order (versions 2 and 3), while those partials stay small next to the data
+    return blocks * 4 * k < rows
 
 
 def _packed_upconv(variant: str, k: int) -> bool:
@@ -265,7 +271,19 @@ def _register_blocked_upconv_backward(variant: str, c: int, k: int, rows: int,
     # to the data
     if variant == "patches_gemm" or c % 16:
         return False
-    return variant == "register_blocked" or blocks * 4 * k < rows
+    return variant == "register_blocked" or _per_block_partials(k, rows, blocks)
+
+
+def _upconv_weight_and_bias_grads(dw_abkc: np.ndarray, dcat: np.ndarray, ca: int):
+    """(dW [K, 2, 2, C] from its [(a, b, k), C] sum, db: the column sums of the concat
+    gradient's up-convolution channels, ca on)."""
+    four_k, c = dw_abkc.shape
+    k = four_k // 4
+    dw = np.ascontiguousarray(dw_abkc.reshape(2, 2, k, c).transpose(2, 0, 1, 3))
+    d2d = dcat.reshape(-1, dcat.shape[3])
+    db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
+    kern.column_sums(d2d, ca, db_partial)
+    return dw, db_partial.sum(axis=0)
 
 
 def _reduction_blocks(rows: int) -> int:
@@ -721,20 +739,14 @@ class CPUBackend(Backend):
         if _packed_upconv(self.direct_variant, k) and cpu_upconv_packed.supports_forward(c, k):
             # version 3: image rows, the packed convolution's register blocks
             w_packed = cpu_upconv_packed.pack_forward_weights(w)
-            wide = cpu_conv_packed.WIDE_BLOCKS
-            pixels, parts = n * h * wd, _upconv_parts(c, k)
-            step, blocks = self.workers.plan(pixels, _block_rows(c + 4 * k), align=wd,
-                                             blocks_at_least=max(1, 16 // parts))
+            wide, parts = cpu_conv_packed.WIDE_BLOCKS, _upconv_parts(c, k)
 
-            def rows_and_positions(u0, u1, _):
-                for u in range(u0, u1):  # (a, b) parts major: a part's weights stay hot
-                    part, m0 = divmod(u, blocks)
-                    r0, r1 = m0 * step // wd, min(pixels, (m0 + 1) * step) // wd
-                    cpu_upconv_packed.upconv2x2_concat_rows(
-                        skip, x, w_packed, b, y, r0, r1, 4 * part // parts,
-                        4 * (part + 1) // parts, wide)
+            def rows(r0, r1, part):  # a part: (a, b) positions
+                cpu_upconv_packed.upconv2x2_concat_rows(
+                    skip, x, w_packed, b, y, r0, r1, 4 * part // parts,
+                    4 * (part + 1) // parts, wide)
 
-            self.workers.run(rows_and_positions, blocks * parts, 1, rows_at_least=1)
+            self._rows_in_parts(x.shape, c + 4 * k, parts, rows)
             return y
         if _register_blocked_upconv_forward(self.direct_variant, c, k):
             # the GEMM's register blocks write straight into the concat buffer
@@ -750,9 +762,10 @@ class CPUBackend(Backend):
         return y
 
     def _upconv2x2_split_backward(self, dcat, ca, x, w):
-        """(dskip, dx, dw, db). register_blocked (C % 16 == 0, enough pixels to keep the
-        weight gradient's per-block partials small): register blocks read the gradient
-        where it lies in dcat. patches_gemm: the split and the gather to the GEMM's layout
+        """(dskip, dx, dw, db). packed (version 3, `_upconv2x2_split_backward_packed`: 16 or
+        more output channels under 'auto'); register_blocked (C % 16 == 0, enough pixels to
+        keep the weight gradient's per-block partials small): register blocks read the
+        gradient where it lies in dcat. patches_gemm: the split and the gather to the GEMM's layout
         in one pass (g [N,H,W,2,2,K]), then dx = g @ W^T and dW = x^T @ g on all threads."""
         n, h, wd, c = x.shape
         k = w.shape[0]
@@ -796,11 +809,23 @@ class CPUBackend(Backend):
             cpu_upconv.upconv2x2_weight_grad_pixels(dcat, x, m0, m1, partial[m0 // step])
 
         self.workers.run(pixels, rows, step)
-        dw = np.ascontiguousarray(partial.sum(axis=0).reshape(2, 2, k, c).transpose(2, 0, 1, 3))
-        d2d = dcat.reshape(-1, dcat.shape[3])
-        db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
-        kern.column_sums(d2d, ca, db_partial)
-        return dskip, dx, dw, db_partial.sum(axis=0)
+        return (dskip, dx, *_upconv_weight_and_bias_grads(partial.sum(axis=0), dcat, ca))
+
+    def _rows_in_parts(self, shape, columns, parts, call):
+        """call(r0, r1, part) over blocks of whole image rows of an [N, H, W, C] input x
+        `parts` parts of the columns, on the threads; a part's blocks one after another, so
+        its weights stay in cache."""
+        n, h, wd, _ = shape
+        pixels = n * h * wd
+        step, blocks = self.workers.plan(pixels, _block_rows(columns), align=wd,
+                                         blocks_at_least=max(1, 16 // parts))
+
+        def job(u0, u1, _):
+            for u in range(u0, u1):
+                part, m0 = divmod(u, blocks)
+                call(m0 * step // wd, min(pixels, (m0 + 1) * step) // wd, part)
+
+        self.workers.run(job, blocks * parts, 1, rows_at_least=1)
 
     def _upconv2x2_split_backward_packed(self, dcat, ca, x, w):
         """Version 3 (``cpu_upconv_packed``): dx on blocks of image rows; dW per block of
@@ -813,23 +838,18 @@ class CPUBackend(Backend):
         dx = np.empty_like(x)
         w_packed = cpu_upconv_packed.pack_data_grad_weights(w)
         zeros = np.zeros(c, dtype=np.float32)
-        pixels, parts = n * h * wd, _upconv_parts(c, k, c)
-        step, blocks = self.workers.plan(pixels, _block_rows(c + 4 * k), align=wd,
-                                         blocks_at_least=max(1, 16 // parts))
+        parts = _upconv_parts(c, k, by_channels=True)
 
-        def rows_and_channels(u0, u1, _):
-            for u in range(u0, u1):  # channel parts major: a part's weights stay hot
-                part, m0 = divmod(u, blocks)
-                r0, r1 = m0 * step // wd, min(pixels, (m0 + 1) * step) // wd
-                cpu_upconv_packed.upconv2x2_split_dx_rows(
-                    dcat, w_packed, zeros, dskip, dx, r0, r1, c * part // parts,
-                    c * (part + 1) // parts, wide)
+        def rows(r0, r1, part):  # a part: runs of input channels
+            cpu_upconv_packed.upconv2x2_split_dx_rows(
+                dcat, w_packed, zeros, dskip, dx, r0, r1, c * part // parts,
+                c * (part + 1) // parts, wide)
 
-        self.workers.run(rows_and_channels, blocks * parts, 1, rows_at_least=1)
-        step = _block_rows(c + 4 * k)
+        self._rows_in_parts(x.shape, c + 4 * k, parts, rows)
         # the weight gradient: version 2's blocks of pixels (so its bits), or all at once
-        step, blocks = self.workers.plan(pixels, step)
-        if blocks * 4 * k < pixels:
+        pixels = n * h * wd
+        step, blocks = self.workers.plan(pixels, _block_rows(c + 4 * k))
+        if _per_block_partials(k, pixels, blocks):
             partial = np.empty((blocks, 4 * k, c), dtype=np.float32)
 
             def block(m0, m1, _):
@@ -849,11 +869,7 @@ class CPUBackend(Backend):
             # all of x, so no more runs than the cores need
             self.workers.run(k_range, k, -(-k // 4), align=8, blocks_at_least=4,
                              rows_at_least=8)
-        dw = np.ascontiguousarray(dwm.reshape(2, 2, k, c).transpose(2, 0, 1, 3))
-        d2d = dcat.reshape(-1, dcat.shape[3])
-        db_partial = np.empty((_reduction_blocks(d2d.shape[0]), k), dtype=np.float32)
-        kern.column_sums(d2d, ca, db_partial)
-        return dskip, dx, dw, db_partial.sum(axis=0)
+        return (dskip, dx, *_upconv_weight_and_bias_grads(dwm, dcat, ca))
 
     # ------------------------------------------------------------------ concat
     def _concat_channels(self, a, b):

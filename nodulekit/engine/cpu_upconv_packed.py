@@ -25,7 +25,8 @@ the strides as arguments. The data gradient is the same block over the reduction
 (a, b, k): four runs of K values, one per (a, b), in the concat buffer's gradient where
 it lies. The weight gradient turns the block around as the packed convolution does:
 rows are consecutive k's (broadcast from the gradient), columns are channels of x, and
-the sum runs over the pixels in order, in chunks that stay in L1.
+the sum runs over the pixels in order, in chunks whose 64-channel blocks of x stay in L1
+while every k passes over them.
 
 Every output is one chain of FMAs in a fixed order (forward: the bias, then c = 0..C-1;
 data gradient: zero, then (a, b) in order, k = 0..K-1 in each; weight gradient: zero,

@@ -32,19 +32,18 @@ that finds nodules exists:
   with validation nodule-slice Dice 0.006 that marked every empty test slice (64.7 false
   positives per scan) over later epochs that marked 28%. Its touches have IoU far below 0.1.
 
-Among epochs that find nothing (where no epoch finds a nodule) the higher **validation
-nodule-slice soft Dice** (``val_nodule_soft_dice``: the loss's per-slice Dice of the
-sigmoid, smoothing 1, over the same slices): where no epoch finds a validation nodule (a
-small validation split of small nodules) it still tells an epoch that moved probability
-onto them from one that predicts nothing. Then to the lower **empty-slice false-positive
-rate** (``val_empty_fp``: the fraction of the validation slices with empty truth on which
-anything was predicted), then to the earlier epoch.
+Where no epoch finds a validation nodule (a small validation split of small nodules) the
+higher **validation nodule-slice soft Dice** decides (``val_nodule_soft_dice``: the loss's
+per-slice Dice of the sigmoid, smoothing 1, over the same slices): it still tells an epoch
+that moved probability onto them from one that predicts nothing. Then the lower
+**empty-slice false-positive rate** (``val_empty_fp``: the fraction of the validation
+slices with empty truth on which anything was predicted), then the earlier epoch.
 
-The false-positive rate decides ties only, not the score: the paper's first stage trains on
-nodule slices alone and marks something on most empty slices (README, "Normalisation
-layers"), so a score that multiplied the two would rate every epoch of that stage near 0
-and keep an arbitrary one. It is in metrics.csv, progress.png and the epoch line beside the
-score, to be read with it.
+The false-positive rate decides only among epochs that find nothing, never the score: the
+paper's first stage trains on nodule slices alone and marks something on most empty slices
+(README, "Normalisation layers"), so a score that multiplied the two would rate every epoch
+of that stage near 0 and keep an arbitrary one. It is in metrics.csv, progress.png and the
+epoch line beside the score, to be read with it.
 
 A validation split without a slice with a nodule scores every epoch 0 (the false-positive
 rate then decides); a run without a validation split keeps its last epoch.
