@@ -55,6 +55,13 @@ def worktree_differs(where: str | None = None) -> bool | None:
     return {0: False, 1: True}.get(out.returncode)
 
 
+# The variables that make both sides compile for less than the host has: Numba's target CPU
+# and features for ours, ATen's kernels and oneDNN's JIT for torch. README, "Benchmarks":
+# an AVX2 core measured on an AVX-512 one with all four set.
+ISA_ENV = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NODULEKIT_FMA_WIDTH",
+           "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
 def provenance(backend_name: str) -> dict:
     import numpy
 
@@ -85,8 +92,12 @@ def provenance(backend_name: str) -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except ImportError:
         pass
+    restricted = {name: os.environ[name] for name in ISA_ENV if name in os.environ}
+    if restricted:  # a run compiled for less than the host has (an AVX2 proxy): say so
+        info["instruction_sets_restricted_by"] = restricted
     return info
 
 
