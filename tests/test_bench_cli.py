@@ -251,3 +251,17 @@ def test_bench_norm_times_the_three_norms_in_turns():
             a / b for a, b in zip(s["samples"], none["samples"], strict=True))
     assert data["budget"] == 0.15 and data["malloc"]
     assert "instance norm costs" in result.output
+
+
+def test_provenance_records_a_run_restricted_to_fewer_instruction_sets(monkeypatch):
+    """A proxy run (an AVX2 core measured on an AVX-512 one) must say so in its JSON: the
+    variables that restricted either side, and the ISA torch's kernels used."""
+    from nodulekit.bench.common import ISA_ENV, provenance
+
+    for name in ISA_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert "instruction_sets_restricted_by" not in provenance("cpu")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    info = provenance("cpu")
+    assert info["instruction_sets_restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2"}
+    assert isinstance(info["torch_cpu_capability"], str)
