@@ -165,12 +165,48 @@ def test_json_schema(small_profile):
     assert {"wall_ms", "ops_ms", "outside_ops_ms", "outside_ops_share", "ops_over_wall",
             "uninstrumented_ms", "flops", "bytes", "gflops", "calls"} <= set(data["step"])
     assert {"fma_gflops", "copy_gbps", "cache_copy_gbps", "gemm_gflops"} <= set(data["peaks"])
-    op_keys = {"index", "phase", "layer", "op", "kind", "shapes", "ms", "share", "flops",
+    op_keys = {"index", "phase", "layer", "op", "kind", "kernel", "shapes", "ms", "share",
+               "flops",
                "bytes", "bytes_read", "bytes_written", "gflops", "gbps", "intensity",
                "roofline_gflops", "bound", "roofline_pct", "cache_roofline_pct"}
     for o in data["ops"]:
         assert set(o) == op_keys
     assert {"kind", "phase", "calls", "ms", "share", "roofline_pct"} <= set(data["kinds"][0])
+
+
+def test_each_convolution_names_the_kernels_it_ran(small_profile):
+    """The CPU backend's kernel log reaches the profile: every 3x3 forward call names one
+    of the convolution versions, every backward call its weight gradient's kernel and (but
+    for the first layer, whose dx nobody needs) its data gradient's; other ops none."""
+    from nodulekit.engine.cpu import CONV_VARIANTS
+
+    for o in small_profile["ops"]:
+        if o["kind"] == "conv3x3" and o["phase"] == "forward":
+            assert o["kernel"] in CONV_VARIANTS, o
+        elif o["kind"] == "conv3x3":
+            parts = o["kernel"].split(", ")
+            assert parts[0].startswith("dW "), o
+            assert parts[0][3:] in (*CONV_VARIANTS, "taps"), o
+            assert len(parts) == (1 if o["layer"] == "enc0.conv1" else 2), o
+            assert all(p[3:] in CONV_VARIANTS for p in parts[1:] if p.startswith("dx ")), o
+        elif o["kind"] == "upconv2x2":
+            assert "up-convolution version" in o["kernel"] or "patches_gemm" in o["kernel"], o
+        elif o["kind"] in ("maxpool", "adam", "loss"):
+            assert o["kernel"] is None, o
+
+
+@pytest.mark.parametrize("variant", ["patches_gemm", "register_blocked", "packed",
+                                     "winograd"])
+def test_a_named_variant_is_the_kernel_logged(variant):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 3, 3, 32)).astype(np.float32)
+    be = CPUBackend(conv_variant=variant)
+    be.kernel_log = []
+    y = be.conv2d_forward(x, w, np.zeros(32, np.float32), relu=True)
+    be.conv2d_backward(np.ones_like(y), x, w, y, relu=True)
+    assert be.kernel_log == [variant, f"dW {variant}", f"dx {variant}"]
+    assert CPUBackend.kernel_log is None  # the class keeps none: only this instance logs
 
 
 def test_the_plot_is_a_png(small_profile, tmp_path):

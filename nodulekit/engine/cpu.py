@@ -316,6 +316,15 @@ class CPUBackend(Backend):
     name = "cpu"
     xp = np
     dtype = np.dtype(np.float32)
+    # Which kernels the op calls ran, for `nodulekit profile` (a list while it records, else
+    # None): the names of cpu.CONV_VARIANTS, plus "taps" (cpu_weight_grad_taps), "1x1" and
+    # the up-convolution's versions; a backward call's entries start with "dW" or "dx".
+    kernel_log: list | None = None
+    _note_prefix = ""
+
+    def _note(self, kernel: str) -> None:
+        if self.kernel_log is not None:
+            self.kernel_log.append(self._note_prefix + kernel)
 
     def __init__(self, precision: str = "fp32", threads: int | None = None,
                  conv_variant: str = "auto"):
@@ -349,10 +358,13 @@ class CPUBackend(Backend):
         k = w2d.shape[0]
         w2t = w2d.T  # a transposed view: BLAS reads it as is (no copy of a 2.4 MB weight)
         if r_size == 3 and _winograd_conv(self.conv_variant, c, k, h, w, n):
+            self._note("winograd")
             return self._conv_winograd(x, w2t, b, relu, out2d, then)
         if r_size == 3 and _packed_conv(self.direct_variant, c, k, w):
+            self._note("packed")
             return self._conv_packed(x, w2t, b, relu, out2d, then)
         if r_size == 3 and _register_blocked_conv(self.direct_variant, c, k, w):
+            self._note("register_blocked")
             w_tk = aligned_copy(w2t)  # [9C, K]; small wherever register_blocked is
             y = out2d.reshape(n, h, w, k)
 
@@ -363,6 +375,7 @@ class CPUBackend(Backend):
             self.workers.run(image_rows, rows, _conv_block_rows(r_size * r_size * c), align=w)
             return out2d
         if r_size == 1:
+            self._note("1x1 (BLAS rows)")
             x2d = x.reshape(rows, c)
             # one input channel (the head's data gradient): an outer product, not a GEMM
             product = np.multiply if c == 1 else np.matmul
@@ -374,6 +387,7 @@ class CPUBackend(Backend):
 
             self.workers.run(job1, rows, _block_rows(c + k))
             return out2d
+        self._note("patches_gemm")
         cols_n = r_size * r_size * c
         step, _ = self.workers.plan(rows, _block_rows(cols_n))
         scratch = self.workers.scratch("patches", [((step, cols_n), np.float32)])
@@ -578,14 +592,17 @@ class CPUBackend(Backend):
         n, h, w, c = x.shape
         k = dz.shape[3]
         if _winograd_weight_grad(self.conv_variant, c, k, h, w, n):
+            self._note("dW winograd")
             return self._weight_grad_winograd(x, dz)
         if _packed_weight_grad(self.direct_variant, c, k):
+            self._note("dW packed")
             return self._weight_grad_packed(x, dz)
         rows = n * h * w
         step, blocks = self.workers.plan(rows, _block_rows(9 * c), align=w)
         if not _register_blocked_weight_grad(self.direct_variant, c, k, w) or (
                 blocks * k >= rows and self.direct_variant in ("auto", "packed")):
             return None
+        self._note("dW register_blocked")
         return self._image_row_partials(
             (n * h, w), step, blocks, (9 * c, k),
             lambda r0, r1, out: cpu_conv.conv3x3_weight_grad_rows(x, dz, r0, r1, out))
@@ -635,6 +652,8 @@ class CPUBackend(Backend):
         k = w.shape[0]
         rows = n * h * wd
         acc = self._weight_grad_3x3(x, dz2d.reshape(n, h, wd, k)) if r == 3 else None
+        if acc is None:
+            self._note("dW patches_gemm" if r > 1 else "dW 1x1 (BLAS)")
         if acc is None and r == 1:
             acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
         elif acc is None:
@@ -651,6 +670,7 @@ class CPUBackend(Backend):
         k, r = w.shape[0], w.shape[1]
         rows = n * h * wd
         if r == 1 and k == 1:  # the head: one fused pass
+            self._note("head (one fused pass)")
             dx = np.empty_like(x) if need_dx else np.empty((0, c), dtype=np.float32)
             blocks = _reduction_blocks(rows)
             dw_partial = np.empty((blocks, c), dtype=np.float32)
@@ -673,6 +693,7 @@ class CPUBackend(Backend):
 
         if (r == 3 and _taps_weight_grad(self.direct_variant, c, k)
                 and not _winograd_weight_grad(self.conv_variant, c, k, h, wd, n)):
+            self._note("dW taps")
             dw = self._weight_grad_taps(x, dz2d.reshape(n, h, wd, k))  # dW's own layout
         else:
             dw = self._weight_grad_transposed(dz2d, x, w, r)
@@ -684,8 +705,12 @@ class CPUBackend(Backend):
             # a 256 x 3 x 3 x 256 kernel) and handed over transposed, as _conv wants.
             w_flip = np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
             dx = aligned_empty((n, h, wd, c))
-            self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(-1, c).T, r,
-                       np.zeros(c, dtype=np.float32), False, dx.reshape(rows, c))
+            self._note_prefix = "dx "
+            try:
+                self._conv(dz2d.reshape(n, h, wd, k), w_flip.reshape(-1, c).T, r,
+                           np.zeros(c, dtype=np.float32), False, dx.reshape(rows, c))
+            finally:
+                self._note_prefix = ""
         return dx, dw, db
 
     # ------------------------------------------------------------------ max-pool
@@ -738,6 +763,7 @@ class CPUBackend(Backend):
         y = np.empty(skip.shape[:3] + (skip.shape[3] + k,), dtype=np.float32)
         if _packed_upconv(self.direct_variant, k) and cpu_upconv_packed.supports_forward(c, k):
             # version 3: image rows, the packed convolution's register blocks
+            self._note("packed (up-convolution version 3)")
             w_packed = cpu_upconv_packed.pack_forward_weights(w)
             wide, parts = cpu_conv_packed.WIDE_BLOCKS, _upconv_parts(c, k)
 
@@ -750,6 +776,7 @@ class CPUBackend(Backend):
             return y
         if _register_blocked_upconv_forward(self.direct_variant, c, k):
             # the GEMM's register blocks write straight into the concat buffer
+            self._note("register_blocked (up-convolution version 2)")
             w_cabk = aligned_copy(w.transpose(3, 1, 2, 0))
 
             def pixels(m0, m1, _):
@@ -757,6 +784,7 @@ class CPUBackend(Backend):
 
             self.workers.run(pixels, n * h * wd, _block_rows(c + 4 * k))
             return y
+        self._note("patches_gemm (SGEMM + scatter)")
         tmp = self._upconv_gemm(x, w)
         kern.concat_upconv(skip, tmp, b, y)
         return y
@@ -772,10 +800,13 @@ class CPUBackend(Backend):
         rows = n * h * wd
         if (_packed_upconv(self.direct_variant, k)
                 and cpu_upconv_packed.supports_backward(c, k)):
+            self._note("dx and dW packed (up-convolution version 3)")
             return self._upconv2x2_split_backward_packed(dcat, ca, x, w)
         step, blocks = self.workers.plan(rows, _block_rows(c + 4 * k))
         if _register_blocked_upconv_backward(self.direct_variant, c, k, rows, blocks):
+            self._note("dx and dW register_blocked (up-convolution version 2)")
             return self._upconv2x2_split_backward_blocked(dcat, ca, x, w, step, blocks)
+        self._note("dx and dW patches_gemm (gather + SGEMM)")
         dskip = np.empty(dcat.shape[:3] + (ca,), dtype=np.float32)
         g = np.empty((n, h, wd, 2, 2, k), dtype=np.float32)
         kern.split_gather(dcat, dskip, g)

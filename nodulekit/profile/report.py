@@ -48,14 +48,15 @@ def format_peaks(peaks: dict) -> str:
 def format_ops(ops: list[dict]) -> str:
     head = (f"{'#':>3s}  {'layer':<13s}{'op':<26s}{'ms':>8s}{'share':>7s}{'MFLOP':>9s}"
             f"{'MB':>7s}{'GFLOP/s':>9s}{'GB/s':>7s}{'FLOP/B':>8s}{'bound':>8s}{'%roof':>7s}"
-            f"{'%L3':>6s}")
+            f"{'%L3':>6s}  kernel")
     lines = [head, "-" * len(head)]
     for o in ops:
         intensity = "-" if o["intensity"] is None else f"{o['intensity']:.1f}"
         lines.append(f"{o['index']:3d}  {o['layer']:<13s}{o['op']:<26s}{o['ms']:8.3f}"
                      f"{100 * o['share']:6.1f}%{o['flops'] / 1e6:9.1f}{o['bytes'] / 1e6:7.1f}"
                      f"{o['gflops']:9.1f}{o['gbps']:7.1f}{intensity:>8s}{o['bound']:>8s}"
-                     f"{_pct(o['roofline_pct']):>7s}{_pct(o['cache_roofline_pct']):>6s}")
+                     f"{_pct(o['roofline_pct']):>7s}{_pct(o['cache_roofline_pct']):>6s}"
+                     f"  {o.get('kernel') or ''}".rstrip())
     return "\n".join(lines)
 
 

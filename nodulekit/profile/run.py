@@ -58,10 +58,12 @@ def summarise(times: StepTimes, expected: list, peaks: dict) -> tuple[dict, list
     op_sums = [sum(step) for step in times.op_ms]
     labels = layers.label_calls([c[0] for c in times.calls], expected)
     ops = []
-    for i, ((op, n, kind, shapes), label, ms) in enumerate(
-            zip(times.calls, labels, per_call, strict=True)):
+    kernels = times.kernels or [None] * len(times.calls)
+    for i, ((op, n, kind, shapes), label, ms, kernel) in enumerate(
+            zip(times.calls, labels, per_call, kernels, strict=True)):
         ops.append({"index": i, "phase": label.phase, "layer": label.layer, "op": op,
-                    "kind": kind, "shapes": {k: list(v) for k, v in shapes.items()},
+                    "kind": kind, "kernel": kernel or None,
+                    "shapes": {k: list(v) for k, v in shapes.items()},
                     "ms": ms, "share": ms / wall, "flops": n.flops, "bytes": n.bytes,
                     "bytes_read": n.bytes_read, "bytes_written": n.bytes_written,
                     **roofline.place(n.flops, n.bytes, ms, peaks)})

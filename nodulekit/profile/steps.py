@@ -23,6 +23,7 @@ class StepTimes:
     """What the timed steps measured: the calls (counted once), each step's op times."""
 
     calls: list = field(default_factory=list)  # (op, OpCount, kind, shapes): TimedBackend
+    kernels: list = field(default_factory=list)  # per call, the kernels it ran (or None)
     op_ms: list[list[float]] = field(default_factory=list)  # [step][call]
     wall_ms: list[float] = field(default_factory=list)  # the timed steps
     plain_ms: list[float] = field(default_factory=list)  # the steps without timers
@@ -69,6 +70,7 @@ class StepProfiler:
             raise RuntimeError("the training step called different ops from one step to the "
                                "next; a profile needs the same calls each step")
         times.calls = times.calls or list(timed.calls)
+        times.kernels = times.kernels or list(timed.kernels)
         times.op_ms.append([ms for _, ms in calls])
         self._use(self.backend)
         times.plain_ms.append(self._run())

@@ -90,6 +90,9 @@ class TimedBackend:
         self._pending: list = []
         self._counting = False
         self.calls: list[tuple] = []
+        # per counted call, the kernels the backend says it ran (its ``kernel_log``; None
+        # for a backend that keeps none, as the CUDA one)
+        self.kernels: list[str | None] = []
 
     def __getattr__(self, name):
         if name.startswith("__"):  # copy, pickle: not the backend's to answer
@@ -99,13 +102,21 @@ class TimedBackend:
             return attr
         clock = self._clock
 
+        backend = self._backend
+        logs = self._counting and hasattr(backend, "kernel_log")
+
         def timed(*args, **kwargs):
+            if logs:  # the counted step only (a few list appends inside its clock)
+                backend.kernel_log = []
             started = clock.start()
             result = attr(*args, **kwargs)
             self._pending.append(clock.stop(started))
             self._ops.append(name)
             if self._counting:  # after the clock stopped: the count costs the op nothing
                 self._count(name, args, kwargs, result)
+                self.kernels.append(", ".join(backend.kernel_log) if logs else None)
+                if logs:
+                    backend.kernel_log = None
             return result
 
         return timed
@@ -119,7 +130,7 @@ class TimedBackend:
     def begin_step(self, count: bool = False) -> None:
         self._ops, self._pending, self._counting = [], [], count
         if count:
-            self.calls = []
+            self.calls, self.kernels = [], []
 
     def end_step(self) -> list[tuple[str, float]]:
         """[(op, ms)] of the step's calls, in order (waits for the GPU's events)."""
