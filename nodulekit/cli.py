@@ -335,10 +335,12 @@ def _write_json(result, json_path):
               help="Also write the results as JSON here ('-' for stdout).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw the roofline, every op a point, as a PNG here.")
-def profile(json_path, plot_path, **options):
+@click.option("--markdown", "markdown_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the op table as Markdown here (docs/one-step.md's tables).")
+def profile(json_path, plot_path, markdown_path, **options):
     """One training step op by op: each op's time, FLOPs, bytes, GFLOP/s, GB/s and % of
     the roofline of this device (its FMA peak and copy bandwidth, measured here, cached)."""
-    from nodulekit.profile.report import format_profile
+    from nodulekit.profile.report import format_profile, markdown_ops
     from nodulekit.profile.roofline import plot_roofline
     from nodulekit.profile.run import ProfileOptions, run_profile
 
@@ -348,6 +350,9 @@ def profile(json_path, plot_path, **options):
     if plot_path:
         plot_roofline(result, plot_path)
         click.echo(f"wrote {plot_path}")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown_ops(result))
+        click.echo(f"wrote {markdown_path}")
     _write_json(result, json_path)
 
 

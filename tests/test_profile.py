@@ -209,6 +209,16 @@ def test_a_named_variant_is_the_kernel_logged(variant):
     assert CPUBackend.kernel_log is None  # the class keeps none: only this instance logs
 
 
+def test_the_markdown_table_has_a_row_per_op(small_profile):
+    from nodulekit.profile.report import markdown_ops
+
+    text = markdown_ops(small_profile)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(small_profile["ops"])  # the header, then every op
+    first = small_profile["ops"][0]
+    assert rows[1].startswith(f"| 0 | {first['layer']} | `{first['op']}` | {first['kernel']} |")
+
+
 def test_the_plot_is_a_png(small_profile, tmp_path):
     path = tmp_path / "roofline.png"
     roofline.plot_roofline(small_profile, str(path))

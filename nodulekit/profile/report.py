@@ -60,6 +60,24 @@ def format_ops(ops: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_ops(result: dict) -> str:
+    """Every op of the step as a Markdown table (its kernels, time, rate and % of the
+    roofline), headed by the device, the shape and the step's totals."""
+    c, s = result["config"], result["step"]
+    lines = [f"{result['device']}, commit {str(result.get('commit'))[:7]}: width {c['width']}, "
+             f"depth {c['depth']}, batch {c['batch']} x {c['size']} x {c['size']}, norm "
+             f"{c['norm']}; the step {s['wall_ms']:.1f} ms ({s['gflops']:.0f} GFLOP/s), the "
+             f"ops {100 * s['ops_over_wall']:.1f}% of it.", "",
+             "| # | layer | op | kernel | MFLOP | MB | ms | share | GFLOP/s | % roof |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for o in result["ops"]:
+        lines.append(f"| {o['index']} | {o['layer']} | `{o['op']}` | {o.get('kernel') or '-'} "
+                     f"| {o['flops'] / 1e6:.1f} | {o['bytes'] / 1e6:.1f} | {o['ms']:.2f} "
+                     f"| {100 * o['share']:.1f}% | {o['gflops']:.0f} "
+                     f"| {_pct(o['roofline_pct'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_kinds(kinds: list[dict]) -> str:
     lines = [f"{'by kind':<22s}{'calls':>6s}{'ms':>9s}{'share':>8s}{'GFLOP/s':>9s}{'GB/s':>7s}"
              f"{'%roof':>7s}"]
