@@ -128,12 +128,36 @@ def small_profile():
 
 def test_op_times_add_up_to_the_step(small_profile):
     """The ops' times, summed per step, are within 10% of that step's wall time (median
-    over the steps): what runs outside the ops is shown, and small."""
+    over the steps): what runs outside the ops is shown, and small. The shares (each op's
+    own median over the steps, over the median step) are another statistic: a hiccup of
+    the shared host lands in some op of a step and in that step's wall time, not in that
+    op's median, and they once summed to 0.79 of the wall where the steps' ops were 0.98
+    (a fresh clone's tests, 2026-12-06). They are checked exactly on known times below."""
     step = small_profile["step"]
     assert 0.90 <= step["ops_over_wall"] <= 1.0, step
     assert step["outside_ops_ms"] == pytest.approx(step["wall_ms"] - step["ops_ms"])
-    assert sum(o["share"] for o in small_profile["ops"]) == pytest.approx(
-        step["ops_ms"] / step["wall_ms"], rel=0.1)
+    assert 0.5 < sum(o["share"] for o in small_profile["ops"]) <= 1.0 + 1e-9
+
+
+def test_each_op_is_its_median_and_the_shares_add_up():
+    """`summarise` on made-up times: each op's ms is its median over the steps (one slow
+    call does not move it), its share that over the median wall time, so that the shares
+    add up to the ops' sum over the wall when the steps agree."""
+    from nodulekit.profile.run import summarise
+    from nodulekit.profile.steps import StepProfiler, take_turns
+
+    opts = ProfileOptions(repeats=1, warmup=0, width=8, depth=2, size=32, batch=1)
+    (times,) = take_turns([StepProfiler(CPUBackend(), "cpu", opts)], 1, 0)
+    n = len(times.calls)
+    times.op_ms = [[2.0] * n, [2.0] * (n - 1) + [50.0], [2.0] * n]  # a hiccup in one call
+    times.wall_ms = [2.0 * n + 2, 2.0 * n + 50, 2.0 * n + 2]
+    times.plain_ms = list(times.wall_ms)
+    step, ops = summarise(times, layers.step_calls(2, 8, 32, 1, "none"), PEAKS)
+    assert [o["ms"] for o in ops] == [2.0] * n
+    assert step["wall_ms"] == 2.0 * n + 2 and step["ops_ms"] == 2.0 * n
+    assert sum(o["share"] for o in ops) == pytest.approx(2.0 * n / (2.0 * n + 2))
+    assert step["ops_over_wall"] == pytest.approx(2.0 * n / (2.0 * n + 2))
+    assert step["outside_ops_ms"] == pytest.approx(2.0)
 
 
 def test_the_step_is_labelled_by_layer_and_its_flops_are_inspects(small_profile):

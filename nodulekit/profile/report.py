@@ -91,6 +91,7 @@ def format_kinds(kinds: list[dict]) -> str:
 
 def format_step(result: dict) -> str:
     s, c, peaks = result["step"], result["config"], result["peaks"]
+    medians = sum(o["ms"] for o in result["ops"])
     return "\n".join([
         f"step: wall {s['wall_ms']:.1f} ms ({s['gflops']:.0f} GFLOP/s, "
         f"{100 * s['gflops'] / peaks['fma_gflops']:.0f}% of the FMA peak); the ops add up to "
@@ -99,6 +100,9 @@ def format_step(result: dict) -> str:
         "the network's Python, gradient copies into the flat buffer, skip-gradient adds)",
         f"  the same step without the profiler's timers: {s['uninstrumented_ms']:.1f} ms "
         f"(median of {c['repeats']}, in turns with the timed ones)",
+        f"  the table's ops (each its own median) add up to {medians:.1f} ms, "
+        f"{100 * medians / s['wall_ms']:.1f}% of the wall: less where the host's hiccups "
+        "fell into some op of some steps",
     ])
 
 
