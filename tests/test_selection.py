@@ -144,17 +144,26 @@ def test_metrics_csv_reads_columns_an_older_run_lacks(tmp_path):
     assert [r["best"] for r in back] == [1, 1]
 
 
-def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkeypatch):
-    """End to end: validation scripted so that epochs 1 and 3 predict nothing (the higher
-    all-slice mean Dice and IoU) and epoch 2 finds nodules; checkpoint_best is epoch 2."""
-    found = _row(2, FOUND)[selection.METRIC]
-    script = iter([NOTHING, FOUND, NOTHING])
+def _train_with_validation(epoch_counts, tiny_data, tmp_path, monkeypatch):
+    """A tiny run of one epoch per entry whose validation scores the given confusion counts
+    (scripted, epoch by epoch); (its result, the lines it printed)."""
+    script = iter(epoch_counts)
     real = selection.validation_columns
     monkeypatch.setattr(selection, "validation_columns",
                         lambda counts, loss, soft_dice=None: real(next(script), loss))
     _, cache = tiny_data
     lines = []
-    result = tiny_train(cache, tmp_path / "run", epochs=3, test=False, echo=lines.append)
+    result = tiny_train(cache, tmp_path / "run", epochs=len(epoch_counts), test=False,
+                        echo=lines.append)
+    return result, lines
+
+
+def test_training_keeps_the_epoch_that_found_nodules(tiny_data, tmp_path, monkeypatch):
+    """End to end: validation scripted so that epochs 1 and 3 predict nothing (the higher
+    all-slice mean Dice and IoU) and epoch 2 finds nodules; checkpoint_best is epoch 2."""
+    found = _row(2, FOUND)[selection.METRIC]
+    result, lines = _train_with_validation([NOTHING, FOUND, NOTHING], tiny_data, tmp_path,
+                                           monkeypatch)
     assert result.best_epoch == 2 and result.best_score == pytest.approx(found)
     best = load_checkpoint(tmp_path / "run" / "checkpoint_best.h5")
     assert best.epoch == 2 and best.best_epoch == 2
@@ -180,13 +189,7 @@ def test_training_keeps_the_last_finder_and_names_the_highest(tiny_data, tmp_pat
     better = np.array([[0, 0, 0]] * 5 + [[0, 4, 0]] * 3 + [[8, 1, 1], [8, 1, 1]])
     found, highest = _row(2, FOUND)[selection.METRIC], _row(1, better)[selection.METRIC]
     assert highest > found > 0
-    script = iter([better, FOUND])
-    real = selection.validation_columns
-    monkeypatch.setattr(selection, "validation_columns",
-                        lambda counts, loss, soft_dice=None: real(next(script), loss))
-    _, cache = tiny_data
-    lines = []
-    result = tiny_train(cache, tmp_path / "run", epochs=2, test=False, echo=lines.append)
+    result, lines = _train_with_validation([better, FOUND], tiny_data, tmp_path, monkeypatch)
     assert result.best_epoch == 2 and result.best_score == pytest.approx(found)
     assert load_checkpoint(tmp_path / "run" / "checkpoint_best.h5").epoch == 2
     end = next(x for x in lines if x.startswith("trained "))

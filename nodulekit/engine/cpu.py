@@ -652,11 +652,12 @@ class CPUBackend(Backend):
         k = w.shape[0]
         rows = n * h * wd
         acc = self._weight_grad_3x3(x, dz2d.reshape(n, h, wd, k)) if r == 3 else None
-        if acc is None:
-            self._note("dW patches_gemm" if r > 1 else "dW 1x1 (BLAS)")
         if acc is None and r == 1:
+            self._note("dW 1x1 (BLAS)")
             acc = self._gram(dz2d, rows, c, _block_rows(c + k), a2d=x.reshape(rows, c))
         elif acc is None:
+            self._note("dW patches_gemm")
+
             def fill(m0, m1, out):
                 kern.im2col_rows(x, m0, m1, r, out)
 
