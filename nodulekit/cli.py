@@ -464,7 +464,7 @@ def _patch_value(ctx, param, value):
 @click.option("--recipe", type=click.Choice(["nodulekit", "paper"]), default=None,
               help="The defaults of --lr --lr-schedule --smooth --dice --head-prior --bce-weight "
                    "--nodule-dice-weight --lr-scaling --empty-fraction --norm "
-                   "--foreground-fraction --context-slices: "
+                   "--foreground-fraction --nodule-balance --context-slices: "
                    "'nodulekit' (learns on data nobody tuned for; README, 'Recipes') or "
                    "'paper' (Dice s=1 per sample, Adam 1e-4, no norm)  [default: nodulekit]")
 @click.option("--norm", type=click.Choice(["none", "instance", "batch"]), default=None,
@@ -480,6 +480,12 @@ def _patch_value(ctx, param, value):
               help="Of the patches, the fraction placed on a nodule (nnU-Net's foreground "
                    "oversampling); the rest are uniform over the slice  [default: nodulekit: "
                    "0.5; paper: 1/3]")
+@click.option("--nodule-balance", type=click.FloatRange(0, 1), default=None, metavar="F",
+              help="Of an epoch's nodule samples, the share F drawn nodule by nodule (a 3-D "
+                   "nodule uniformly, then one of its slices; a patch placed on a nodule goes "
+                   "on that one): a 4 mm nodule then comes as often as a 30 mm one; the rest "
+                   "are nodule slices, each at most once  [default: 0: every nodule slice "
+                   "once an epoch]")
 @click.option("--context-slices", type=click.IntRange(min=0), default=None,
               help="Feed the K slices below and above as extra input channels (2.5D; at a "
                    "scan's edge the last slice repeats)  [default: 0]")

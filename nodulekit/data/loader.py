@@ -26,7 +26,14 @@ the edge slice repeats. ``mask`` stays the centre slice's.
 What an epoch is (the paper's sampling): with ``sampling="nodules"`` the split's slices that
 contain a nodule, plus, when ``empty_fraction`` > 0, that fraction of its empty slices drawn
 afresh each epoch (the paper's fine-tuning uses 2%); with ``sampling="all"`` every slice in
-cache order (evaluation). Everything random (which empty slices, the order, the
+cache order (evaluation). A nodule spans slices in proportion to its diameter, so an epoch of
+nodule slices shows a 30 mm nodule about ten times as often as a 3 mm one; with
+``nodule_balance`` B > 0 (`CropOptions`) a share B of the epoch's nodule samples (as many as
+it has nodule slices) is drawn nodule by nodule instead: a 3-D nodule uniformly (`NoduleIndex`:
+each slice's 8-connected components inside the region, joined where they overlap on
+consecutive slices of a scan), then one of its slices uniformly, and a crop placed on a
+nodule goes on that nodule's section there; the other 1 - B are nodule slices drawn without
+repeats. Everything random (which empty slices, the order, the
 augmentation parameters of each sample, which samples are placed on a nodule, the crop
 positions) is drawn up front in the main thread from one RNG seeded by (seed, epoch), so an
 epoch's batches depend on nothing else: not on `num_workers`, not on `queue_size`, not on
@@ -64,6 +71,7 @@ import numpy as np
 
 from nodulekit.data.cache import READ_ERRORS, Cache, CacheError, CacheSplit, damaged
 from nodulekit.data.checksum import CHECKSUM_BYTES, chunk_ok
+from nodulekit.data.nodules import box_components, overlap
 
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
@@ -74,6 +82,64 @@ FOREGROUND_FRACTION = 1.0 / 3.0  # nnU-Net's oversample_foreground_percent
 MAX_FOREGROUND_PIXELS = 1024
 SAMPLINGS = ("nodules", "all")
 SHARDS = ("batches", "within", "blocks")
+
+
+def _evenly(found: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of `found`, evenly spaced (all of them when there are fewer)."""
+    if len(found) <= most:
+        return found
+    return found[np.linspace(0, len(found) - 1, most).round().astype(np.int64)]
+
+
+@dataclass(frozen=True)
+class NoduleIndex:
+    """The 3-D nodules of a split, for drawing samples nodule by nodule.
+
+    A *section* is one nodule's 8-connected component on one slice. ``row`` int64 [S]:
+    each section's cache row; its pixels (flat y * W + x in the slice, at most
+    `MAX_FOREGROUND_PIXELS`, evenly spaced) are ``pixels[offsets[s]:offsets[s + 1]]``;
+    ``by_nodule`` lists the sections nodule by nodule, nodule j's being
+    ``by_nodule[starts[j]:starts[j + 1]]``.
+    """
+
+    row: np.ndarray
+    offsets: np.ndarray
+    pixels: np.ndarray
+    by_nodule: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def build(cls, row: np.ndarray, sections: list[np.ndarray], edges: list[tuple[int, int]],
+              most: int) -> NoduleIndex:
+        """From each section's row and pixels and the pairs of sections that are one
+        nodule (overlapping sections of consecutive slices)."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(sections)
+        pairs = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])),
+                           shape=(n, n))
+        count, nodule = connected_components(graph, directed=False)
+        kept = [_evenly(p, most).astype(np.int32) for p in sections]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in kept], out=offsets[1:])
+        flat = np.concatenate(kept) if kept else np.zeros(0, np.int32)
+        by_nodule = np.argsort(nodule, kind="stable").astype(np.int64)
+        starts = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.bincount(nodule, minlength=count), out=starts[1:])
+        return cls(row=row, offsets=offsets, pixels=flat, by_nodule=by_nodule, starts=starts)
+
+    @property
+    def nodules(self) -> int:
+        return len(self.starts) - 1
+
+    def draw(self, n: int, rng) -> np.ndarray:
+        """n sections (int64): a nodule uniformly, then one of its sections uniformly."""
+        which = rng.integers(0, self.nodules, n)
+        size = self.starts[which + 1] - self.starts[which]
+        k = np.minimum((rng.random(n) * size).astype(np.int64), size - 1)
+        return self.by_nodule[self.starts[which] + k]
 
 
 def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -115,6 +181,8 @@ class EpochPlan:
     aug: list[np.ndarray]  # float32 [b, 3] per batch
     origin: list[np.ndarray] | None = None  # int64 [b, 2] per batch (None: whole slices)
     foreground: list[np.ndarray] | None = None  # bool [b] per batch: crop placed on a nodule
+    # int64 [b] per batch, per_nodule only: the nodule section drawn (NoduleIndex; -1: none)
+    section: list[np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +227,10 @@ class CropOptions:
     patch: (H, W) (or one int: square) of the training crops inside the region; None or the
         region's size: the whole region, no random crop.
     foreground_fraction: of the samples, the fraction whose crop is placed on a nodule.
+    nodule_balance: of the epoch's nodule samples, the share drawn nodule by nodule (module
+        doc): a 3-D nodule uniformly, then one of its slices, so that every nodule comes as
+        often as every other whatever its size; the rest are nodule slices drawn without
+        repeats. 0: each nodule slice once (what an epoch was before).
     context_slices: K slices below and above as extra channels (hu [B, 2K+1, H, W]).
     progress: a progress bar while the nodule pixels are indexed (when that takes a while).
     """
@@ -166,6 +238,7 @@ class CropOptions:
     region: tuple[int, int] | None = None
     patch: tuple[int, int] | int | None = None
     foreground_fraction: float = FOREGROUND_FRACTION
+    nodule_balance: float = 0.0
     context_slices: int = 0
     progress: bool = False
 
@@ -212,6 +285,8 @@ class Loader:
         if not 0.0 <= crop.foreground_fraction <= 1.0:
             raise LoaderError("foreground_fraction must be in [0, 1], got "
                               f"{crop.foreground_fraction}")
+        if not 0.0 <= crop.nodule_balance <= 1.0:
+            raise LoaderError(f"nodule_balance must be in [0, 1], got {crop.nodule_balance}")
         if crop.context_slices < 0:
             raise LoaderError(f"context_slices must be >= 0, got {crop.context_slices}")
         self.sample_options, self.read_options = sample, read
@@ -287,7 +362,11 @@ class Loader:
                                              m["slice_position"], m["slice"],
                                              m["instance_number"])
         self._fg_offsets = self._fg_pixels = None
-        if self._cropping and self.foreground_fraction > 0:
+        self.nodule_balance = (float(crop.nodule_balance) if self.sampling == "nodules"
+                               else 0.0)
+        self.per_nodule = self.nodule_balance > 0
+        self._nodules: NoduleIndex | None = None
+        if self.per_nodule or (self._cropping and self.foreground_fraction > 0):
             self._fg_offsets, self._fg_pixels = self._index_foreground(crop.progress)
 
     def _index_foreground(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -299,14 +378,14 @@ class Loader:
         w = self.split.image_shape[1]
         r0, c0, rh, rw = self.region
 
-        def pixels(row: int) -> np.ndarray:
+        def pixels(row: int):
             window = self._reader.mask(int(row))[r0:r0 + rh, c0:c0 + rw]
-            found = np.flatnonzero(window)
-            if len(found) > MAX_FOREGROUND_PIXELS:
-                found = found[np.linspace(0, len(found) - 1, MAX_FOREGROUND_PIXELS)
-                              .round().astype(np.int64)]
+            found = _evenly(np.flatnonzero(window), MAX_FOREGROUND_PIXELS)
             y, x = np.divmod(found, rw)
-            return ((y + r0) * w + (x + c0)).astype(np.int32)
+            at = ((y + r0) * w + (x + c0)).astype(np.int32)
+            if not self.per_nodule:
+                return at, None
+            return at, box_components(window, r0, c0, w)  # flat in the slice, uncapped
 
         if self.num_workers and len(rows) > 1:
             self._executor = ThreadPoolExecutor(self.num_workers,
@@ -314,14 +393,42 @@ class Loader:
             found = self._executor.map(pixels, rows)
         else:
             found = map(pixels, rows)
-        parts = list(tqdm(found, total=len(rows), desc="indexing nodule pixels",
-                          unit="slice", leave=False, delay=2.0, disable=not progress))
+        both = list(tqdm(found, total=len(rows), desc="indexing nodule pixels",
+                         unit="slice", leave=False, delay=2.0, disable=not progress))
+        parts = [at for at, _ in both]
+        if self.per_nodule:
+            index = self._link_nodules(rows, [c for _, c in both])
+            self._nodules = index if index.nodules else None  # none inside the region
         counts = np.zeros(len(self.split), dtype=np.int64)
         counts[rows] = [len(p) for p in parts]
         offsets = np.zeros(len(self.split) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return offsets, flat
+
+    def _link_nodules(self, rows: np.ndarray, parts: list[list[np.ndarray]]) -> NoduleIndex:
+        """The 3-D nodules of the split's nodule slices: each slice's components (inside
+        the region) joined with those of the next slice of its scan that they overlap."""
+        m = self.split.meta
+        above = context_table(1, m["patient"], m["exam"], m["slice_position"], m["slice"],
+                              m["instance_number"])[:, 2]
+        first = {}  # row -> its first component's number
+        comp_row, pixels = [], []
+        for row, comps in zip(rows.tolist(), parts, strict=True):
+            first[row] = len(comp_row)
+            comp_row += [row] * len(comps)
+            pixels += comps
+        edges = []
+        for row, comps in zip(rows.tolist(), parts, strict=True):
+            up = int(above[row])
+            if up == row or up not in first:
+                continue
+            ours, theirs = first[row], first[up]
+            n_up = len(parts[int(np.searchsorted(rows, up))])
+            edges += [(ours + i, theirs + j) for i, a in enumerate(comps)
+                      for j in range(n_up) if overlap(a, pixels[theirs + j])]
+        return NoduleIndex.build(np.asarray(comp_row, np.int64), pixels, edges,
+                                 MAX_FOREGROUND_PIXELS)
 
     # ------------------------------------------------------------------------- planning
 
@@ -361,16 +468,28 @@ class Loader:
         """The epoch's batches (rows, augmentation, crops) for this rank; cheap, no I/O."""
         rng = np.random.default_rng([self.seed, int(epoch)])
         rows = self._base_rows
+        section = None  # per sample: the nodule section its crop goes on (-1: any pixel)
+        if self._nodules is not None:
+            n_nodule = int(round(self.nodule_balance * len(rows)))
+            slices = rows[:0] if n_nodule == len(rows) else np.sort(
+                rng.choice(rows, size=len(rows) - n_nodule, replace=False))
+            drawn = self._nodules.draw(n_nodule, rng)
+            rows = np.concatenate([slices, self._nodules.row[drawn]])
+            section = np.concatenate([np.full(len(slices), -1, np.int64), drawn])
         if self._n_empty:
             extra = rng.choice(self._empty_rows, size=self._n_empty, replace=False)
             rows = np.concatenate([rows, np.sort(extra)])
+            if section is not None:
+                section = np.concatenate([section, np.full(len(extra), -1, np.int64)])
         if self.shuffle:
-            rows = rows[rng.permutation(len(rows))]
+            order = rng.permutation(len(rows))
+            rows = rows[order]
+            section = None if section is None else section[order]
         aug = np.zeros((len(rows), 3), dtype=np.float32)
         if self.augment:
             aug[:, 0:2] = rng.random((len(rows), 2)) < 0.5
             aug[:, 2] = rng.uniform(-self.max_angle_deg, self.max_angle_deg, len(rows))
-        origin, foreground = self._place(rows, rng)  # last: the draws above stay as they were
+        origin, foreground = self._place(rows, rng, section)  # last: the draws above stay
         b = self.batch_size
         starts = [k * b for k in range(self._batches_all_ranks())]
         if self.shard == "within":
@@ -387,11 +506,13 @@ class Loader:
             return None if a is None else [a[lo:hi] for lo, hi in spans]
 
         return EpochPlan(rows=cut(rows), aug=cut(aug), origin=cut(origin),
-                         foreground=cut(foreground))
+                         foreground=cut(foreground), section=cut(section))
 
-    def _place(self, rows: np.ndarray, rng) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _place(self, rows: np.ndarray, rng, section: np.ndarray | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(origin int64 [n, 2], placed-on-a-nodule bool [n]) of each sample's window; (None,
-        None) for whole slices. Draws nothing unless the patch is smaller than the region."""
+        None) for whole slices. Draws nothing unless the patch is smaller than the region.
+        With `section` (per_nodule) a crop placed on a nodule goes on that nodule section."""
         n = len(rows)
         r0, c0, rh, rw = self.region
         if not self._windowed:
@@ -408,10 +529,17 @@ class Loader:
         if self._fg_offsets is not None:
             first = self._fg_offsets[rows]
             count = self._fg_offsets[rows + 1] - first
+            pixels = self._fg_pixels
+            if section is not None:  # a drawn section: its pixels, after the rows' in `pixels`
+                on = section >= 0
+                index = self._nodules
+                first[on] = index.offsets[section[on]] + len(pixels)
+                count[on] = index.offsets[section[on] + 1] - index.offsets[section[on]]
+                pixels = np.concatenate([pixels, index.pixels])
             placed = wants & (count > 0)
             k = first[placed] + np.minimum((pick[placed] * count[placed]).astype(np.int64),
                                            count[placed] - 1)
-            y, x = np.divmod(self._fg_pixels[k].astype(np.int64), self.split.image_shape[1])
+            y, x = np.divmod(pixels[k].astype(np.int64), self.split.image_shape[1])
             hi[placed] = np.minimum(np.stack([y, x], axis=1), hi[placed])
             lo[placed] = np.maximum(np.stack([y - ph + 1, x - pw + 1], axis=1), lo[placed])
         origin = lo + np.minimum((where * (hi - lo + 1)).astype(np.int64), hi - lo)

@@ -27,10 +27,12 @@ over four seeds of the demo they raised the test nodule-slice Dice from 0.31 to 
 average and the clean empty slices from 77% to 92% (README, "Recipes"). Every part is an
 option of its own (`smooth`, `dice`, `head_prior`, `lr_schedule`, `bce_weight`,
 `nodule_dice_weight`, `lr_scaling`, `empty_fraction`, `norm`, `foreground_fraction`,
-`context_slices`). The latest, `nodule_dice_weight`: a Dice per nodule added to the batch
-Dice, so that a 4 mm nodule weighs what a 30 mm one does (`nn.loss.nodule_dice_loss`); on
-two synthetic sets its runs found more of the 3-10 mm nodules, on training and test slices,
-and marked more empty slices (README, "Recipes").
+`nodule_balance`, `context_slices`). The latest, `nodule_dice_weight`: a Dice per nodule
+added to the batch Dice, so that a 4 mm nodule weighs what a 30 mm one does
+(`nn.loss.nodule_dice_loss`); on two synthetic sets its runs found more of the 3-10 mm
+nodules, on training and test slices, and marked more empty slices (README, "Recipes").
+`nodule_balance` (0 in both recipes) draws nodule samples nodule by nodule instead of slice
+by slice: on the demo it traded 10-30 mm Dice for 3-10 mm nodules found (README, "Recipes").
 
 Patches (`patch`, `foreground_fraction`): training crops of the cache's native-resolution
 slices, a third of them placed on a nodule (nnU-Net's recipe; `nodulekit.data.loader`);
@@ -61,13 +63,14 @@ RECIPES = {
                   "nodule_dice_weight": 1.0, "nodule_bce_weight": 0.0,
                   "head_prior": 0.01, "lr_schedule": "poly", "lr_scaling": "none",
                   "empty_fraction": 0.3, "norm": "batch", "patch": None,
-                  "foreground_fraction": 0.5, "context_slices": 0, "weight_ema": 0.0},
+                  "foreground_fraction": 0.5, "nodule_balance": 0.0, "context_slices": 0,
+                  "weight_ema": 0.0},
     "paper": {"lr": 1e-4, "smooth": 1.0, "dice": "sample", "bce_weight": 0.0,
               "nodule_dice_weight": 0.0, "nodule_bce_weight": 0.0,
               "head_prior": 0.5, "lr_schedule": "constant", "lr_scaling": "none",
               "empty_fraction": 0.0, "norm": "none", "patch": None,
-              "foreground_fraction": FOREGROUND_FRACTION, "context_slices": 0,
-              "weight_ema": 0.0},
+              "foreground_fraction": FOREGROUND_FRACTION, "nodule_balance": 0.0,
+              "context_slices": 0, "weight_ema": 0.0},
 }
 DEFAULT_RECIPE = "nodulekit"
 SIZE_DEFAULTS = {
@@ -149,6 +152,7 @@ class TrainOptions:
     recipe: str | None = _option()  # RECIPES' name: the defaults of the options above
     patch: int | str | None = _option()  # training crop side; None or "auto": `resolve_patch`
     foreground_fraction: float | None = _option()  # crops placed on a nodule (default 1/3)
+    nodule_balance: float | None = _option()  # nodule samples drawn nodule by nodule
     context_slices: int | None = _option()  # K slices below and above as input channels
     weight_ema: float | None = _option()  # decay of the weight average (nn.ema); 0: none
     # a data-set folder's pixels resampled in-plane to this (mm) when preprocessed
@@ -233,6 +237,9 @@ class TrainConfig:
     # training crops (H, W); None: whole slices (image_shape), as every run before patches
     patch: list[int] | None = None
     foreground_fraction: float = FOREGROUND_FRACTION  # of the crops, placed on a nodule
+    # of the nodule samples, the share drawn nodule by nodule (data.loader; 0: each nodule
+    # slice once an epoch, every run before the option)
+    nodule_balance: float = 0.0
     context_slices: int = 0  # K slices below and above as extra input channels
     # the cache's in-plane pixel size when `preprocess --spacing` resampled it (mm); None:
     # native pixels. `predict` resamples its inputs to it and maps the masks back.
@@ -324,6 +331,8 @@ class TrainConfig:
             problems.append(f"nodule Dice weight must be >= 0, got {self.nodule_dice_weight}")
         if not self.nodule_bce_weight >= 0:
             problems.append(f"nodule BCE weight must be >= 0, got {self.nodule_bce_weight}")
+        if not 0.0 <= self.nodule_balance <= 1.0:
+            problems.append(f"nodule balance must be in [0, 1], got {self.nodule_balance}")
         if not 0.0 <= self.weight_ema < 1.0:
             problems.append(f"weight EMA decay must be in [0, 1), got {self.weight_ema}")
         if not self.smooth >= 0:

@@ -351,6 +351,7 @@ class Training:
         # the loader gives the network's input: the centre crop (--size), or patches in it
         crop = CropOptions(region=tuple(config.image_shape), patch=tuple(config.train_shape),
                            foreground_fraction=config.foreground_fraction,
+                           nodule_balance=config.nodule_balance,
                            context_slices=config.context_slices, progress=self.progress)
         self.loader = train_loader(self.cache, batch_size=config.batch_size,
                                    empty_fraction=config.empty_fraction, seed=config.seed,
@@ -370,6 +371,9 @@ class Training:
         if config.train_shape != list(config.image_shape):
             crop += (f"; {'x'.join(map(str, config.train_shape))} patches, "
                      f"{config.foreground_fraction:.0%} placed on a nodule")
+        if config.nodule_balance:
+            crop += (f"; {config.nodule_balance:.0%} of the nodule samples drawn nodule by "
+                     "nodule")
         if config.context_slices:
             crop += (f"; {config.context_slices} slice(s) below and above as channels "
                      f"({config.in_channels} in all)")

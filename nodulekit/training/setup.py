@@ -102,7 +102,8 @@ def _config(options: TrainOptions, kind: str, o: dict, *, out: Path, cache: Path
         bce_weight=float(o["bce_weight"]), nodule_dice_weight=float(o["nodule_dice_weight"]),
         nodule_bce_weight=float(o["nodule_bce_weight"]),
         norm=str(o["norm"]), patch=patch,
-        foreground_fraction=float(o["foreground_fraction"]), context_slices=context,
+        foreground_fraction=float(o["foreground_fraction"]),
+        nodule_balance=float(o["nodule_balance"]), context_slices=context,
         in_channels=2 * context + 1, recipe=str(o["recipe"]), spacing_mm=spacing,
         cache_identity=identity)
 
