@@ -201,7 +201,8 @@ def test_json_schema(small_profile):
 def test_each_convolution_names_the_kernels_it_ran(small_profile):
     """The CPU backend's kernel log reaches the profile: every 3x3 forward call names one
     of the convolution versions, every backward call its weight gradient's kernel and (but
-    for the first layer, whose dx nobody needs) its data gradient's; other ops none."""
+    for the first layer, whose dx nobody needs) its data gradient's; pooling, the loss and
+    Adam theirs."""
     from nodulekit.engine.cpu import CONV_VARIANTS
 
     for o in small_profile["ops"]:
@@ -215,8 +216,33 @@ def test_each_convolution_names_the_kernels_it_ran(small_profile):
             assert all(p[3:] in CONV_VARIANTS for p in parts[1:] if p.startswith("dx ")), o
         elif o["kind"] == "upconv2x2":
             assert "up-convolution version" in o["kernel"] or "patches_gemm" in o["kernel"], o
-        elif o["kind"] in ("maxpool", "adam", "loss"):
-            assert o["kernel"] is None, o
+        elif o["kind"] == "maxpool":
+            assert o["kernel"] == f"{o['op']} " + ("(rows in parallel)" if o["phase"] ==
+                                                   "forward" else "(argmax scatter)"), o
+        elif o["kind"] in ("adam", "loss"):
+            assert o["kernel"] in ("adam_step (one fused pass)",
+                                   "sigmoid_dice_loss (samples in parallel)"), o
+    kinds = {o["kind"] for o in small_profile["ops"]}
+    assert {"maxpool", "adam", "loss"} <= kinds, kinds
+
+
+def test_batch_norm_names_its_passes_serial_or_parallel(monkeypatch):
+    """Batch norm logs its two passes each way, and whether each ran on the calling thread
+    or in parallel: with the threshold between the two levels' sizes (2 x 64 x 64 x 16 and
+    2 x 32 x 32 x 32 elements), the top level's run in parallel and the deeper one's not."""
+    from nodulekit.engine import cpu_norm
+
+    monkeypatch.setattr(cpu_norm, "SERIAL_ELEMENTS", 100_000)
+    result = run_profile(ProfileOptions(repeats=1, warmup=0, norm="batch", **SMALL),
+                         peaks=PEAKS)
+    norms = [o for o in result["ops"] if o["kind"] == "norm"]
+    assert len(norms) == 2 * 2 * 5  # 2 per level (2 levels down, the bottom, 2 up) each way
+    for o in norms:
+        way = "parallel" if o["layer"].startswith(("enc0.", "dec0.")) else "serial"
+        first, second = (("moments", "apply") if o["phase"] == "forward"
+                         else ("grad_sums", "grad_apply"))
+        assert o["kernel"].startswith(f"{first} ({way}, blocks of "), o
+        assert o["kernel"].endswith(f" px), {second} ({way})"), o
 
 
 @pytest.mark.parametrize("variant", ["patches_gemm", "register_blocked", "packed",

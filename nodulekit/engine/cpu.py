@@ -312,6 +312,11 @@ def _shared_workers(threads: int | None) -> Workers:
     return _WORKERS[threads]
 
 
+def _threads(x: np.ndarray) -> str:
+    """Which way a normalisation pass over `x` runs (cpu_norm: small tensors serially)."""
+    return "serial" if x.size < cpu_norm.SERIAL_ELEMENTS else "parallel"
+
+
 class CPUBackend(Backend):
     name = "cpu"
     xp = np
@@ -720,12 +725,14 @@ class CPUBackend(Backend):
         y = np.empty((n, h // 2, w // 2, c), dtype=np.float32)
         argmax = np.empty(y.shape, dtype=np.uint8)
         kern.maxpool2x2_forward(x, y, argmax)
+        self._note("maxpool2x2_forward (rows in parallel)")
         return y, argmax
 
     def _maxpool2x2_backward(self, dy, argmax, input_hw):
         n, _, _, c = dy.shape
         dx = np.empty((n, input_hw[0], input_hw[1], c), dtype=np.float32)
         kern.maxpool2x2_backward(dy, argmax, dx)
+        self._note("maxpool2x2_backward (argmax scatter)")
         return dx
 
     # ------------------------------------------------------------------ up-convolution
@@ -922,6 +929,7 @@ class CPUBackend(Backend):
         dlogits = np.empty_like(logits)
         kern.sigmoid_dice_loss(logits.reshape(n, -1), target.reshape(n, -1), smooth, dice,
                                dlogits.reshape(n, -1))
+        self._note("sigmoid_dice_loss (samples in parallel)")
         return np.asarray(np.mean(1.0 - dice)), dice, dlogits
 
     def _confusion_counts(self, logits, target):
@@ -936,6 +944,7 @@ class CPUBackend(Backend):
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         kern.adam_step(param, grad, m, v, (lr / bc1, beta1, beta2, eps, np.sqrt(bc2)))
+        self._note("adam_step (one fused pass)")
 
     # ------------------------------------------------------------------ normalisation
     # (the passes of ops.Backend's instance / batch norm; kernels and their order of
@@ -948,6 +957,7 @@ class CPUBackend(Backend):
         block = cpu_norm.block_pixels(h * w, c)
         partial = np.empty((n, -(-(h * w) // block), 2, c), dtype=np.float64)
         cpu_norm.moments(x.reshape(n, h * w, c), block, partial)
+        self._note(f"moments ({_threads(x)}, blocks of {block} px)")
         return partial
 
     # instance norm: ops.Backend's passes, with the per-channel arithmetic between them in
@@ -1000,6 +1010,7 @@ class CPUBackend(Backend):
         n, h, w, c = x.shape
         y = np.empty_like(x)
         cpu_norm.apply(x.reshape(n, h * w, c), mean, scale, beta, relu, y.reshape(n, h * w, c))
+        self._note(f"apply ({_threads(x)})")
         return y
 
     def _norm_grad_sums(self, dy, x, y, mean, invstd, relu):
@@ -1013,6 +1024,7 @@ class CPUBackend(Backend):
         cpu_norm.grad_sums(dy.reshape(shape), x.reshape(shape),
                            (y if relu else dy).reshape(shape), mean, invstd, relu, block,
                            partial)
+        self._note(f"grad_sums ({_threads(x)}, blocks of {block} px)")
         return partial
 
     def _norm_grad_apply(self, dy, x, y, mean, invstd, coef, relu):
@@ -1022,6 +1034,7 @@ class CPUBackend(Backend):
         cpu_norm.grad_apply(dy.reshape(shape), x.reshape(shape),
                             (y if relu else dy).reshape(shape), mean, invstd, coef, relu,
                             dx.reshape(shape))
+        self._note(f"grad_apply ({_threads(x)})")
         return dx
 
     # ------------------------------------------------------------------ input pipeline
@@ -1030,4 +1043,5 @@ class CPUBackend(Backend):
         image = np.empty((n, h, w, 1), dtype=np.float32)
         mask_out = np.empty((n, h, w, 1), dtype=np.uint8)
         kern.window_augment(hu, mask, aug, center, width, AIR_HU, image, mask_out)
+        self._note("window_augment (bilinear, samples in parallel)")
         return image, mask_out
