@@ -71,7 +71,7 @@ import numpy as np
 
 from nodulekit.data.cache import READ_ERRORS, Cache, CacheError, CacheSplit, damaged
 from nodulekit.data.checksum import CHECKSUM_BYTES, chunk_ok
-from nodulekit.data.nodules import box_components, overlap
+from nodulekit.data.nodules import components, overlap
 
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
@@ -385,7 +385,11 @@ class Loader:
             at = ((y + r0) * w + (x + c0)).astype(np.int32)
             if not self.per_nodule:
                 return at, None
-            return at, box_components(window, r0, c0, w)  # flat in the slice, uncapped
+            sections = []  # flat in the slice, all their pixels (sorted: the window's are)
+            for part in components(window):
+                py, px = np.divmod(part, rw)
+                sections.append((py + r0) * w + (px + c0))
+            return at, sections
 
         if self.num_workers and len(rows) > 1:
             self._executor = ThreadPoolExecutor(self.num_workers,
