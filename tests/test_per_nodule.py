@@ -1,4 +1,4 @@
-"""Sampling nodule by nodule (`CropOptions(per_nodule=True)`): the split's sections joined
+"""Sampling nodule by nodule (`CropOptions(nodule_balance=B)`): the split's sections joined
 into 3-D nodules across consecutive slices, every nodule drawn as often as every other
 whatever its size, crops placed on the section drawn, and the epoch as long as before."""
 
@@ -42,10 +42,10 @@ def scans(tmp_path_factory):
     return path, mask
 
 
-def _loader(path, per_nodule=True, fraction=0.5):
+def _loader(path, balance=1.0, fraction=0.5):
     return train_loader(path, batch_size=4, empty_fraction=0.25, seed=3, num_workers=0,
                         crop=CropOptions(patch=PATCH, foreground_fraction=fraction,
-                                         nodule_balance=float(per_nodule)))
+                                         nodule_balance=balance))
 
 
 def _nodule_of_section(index) -> np.ndarray:
@@ -73,10 +73,10 @@ def test_sections_are_joined_into_nodules_across_consecutive_slices(scans):
 
 def test_every_nodule_is_drawn_equally_often_and_the_epoch_keeps_its_length(scans):
     """Over 200 epochs each of the 5 nodules gets a binomial 1/5 of the nodule samples
-    (within 4 standard deviations), its sections alike; without per_nodule the 8-slice
+    (within 4 standard deviations), its sections alike; with B = 0 the 8-slice
     nodule gets 8 of the 17 nodule slices' samples."""
     path, _ = scans
-    with _loader(path) as loader, _loader(path, per_nodule=False) as by_slice:
+    with _loader(path) as loader, _loader(path, balance=0.0) as by_slice:
         assert loader.samples_per_epoch == by_slice.samples_per_epoch
         assert len(loader) == len(by_slice)
         which = _nodule_of_section(loader._nodules)

@@ -71,7 +71,7 @@ import numpy as np
 
 from nodulekit.data.cache import READ_ERRORS, Cache, CacheError, CacheSplit, damaged
 from nodulekit.data.checksum import CHECKSUM_BYTES, chunk_ok
-from nodulekit.data.nodules import components, overlap
+from nodulekit.data.nodules import NoduleLinker, components
 
 AUG_COLUMNS = ("flip_h", "flip_v", "angle_deg")
 MAX_ANGLE_DEG = 20.0
@@ -109,18 +109,15 @@ class NoduleIndex:
     starts: np.ndarray
 
     @classmethod
-    def build(cls, row: np.ndarray, sections: list[np.ndarray], edges: list[tuple[int, int]],
+    def build(cls, row: np.ndarray, sections: list[np.ndarray], label: np.ndarray,
               most: int) -> NoduleIndex:
-        """From each section's row and pixels and the pairs of sections that are one
-        nodule (overlapping sections of consecutive slices)."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
+        """From each section's row, pixels and nodule label (any numbering: the nodules are
+        renumbered in the order of their first section)."""
         n = len(sections)
-        pairs = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-        graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])),
-                           shape=(n, n))
-        count, nodule = connected_components(graph, directed=False)
+        _, first, nodule = np.unique(label, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        nodule, count = rank[nodule.reshape(-1)], len(first)
         kept = [_evenly(p, most).astype(np.int32) for p in sections]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum([len(p) for p in kept], out=offsets[1:])
@@ -181,7 +178,7 @@ class EpochPlan:
     aug: list[np.ndarray]  # float32 [b, 3] per batch
     origin: list[np.ndarray] | None = None  # int64 [b, 2] per batch (None: whole slices)
     foreground: list[np.ndarray] | None = None  # bool [b] per batch: crop placed on a nodule
-    # int64 [b] per batch, per_nodule only: the nodule section drawn (NoduleIndex; -1: none)
+    # int64 [b] per batch, nodule_balance > 0 only: the section drawn (NoduleIndex; -1: none)
     section: list[np.ndarray] | None = None
 
 
@@ -364,9 +361,9 @@ class Loader:
         self._fg_offsets = self._fg_pixels = None
         self.nodule_balance = (float(crop.nodule_balance) if self.sampling == "nodules"
                                else 0.0)
-        self.per_nodule = self.nodule_balance > 0
         self._nodules: NoduleIndex | None = None
-        if self.per_nodule or (self._cropping and self.foreground_fraction > 0):
+        self._section_first = None  # each section's first pixel in _fg_pixels
+        if self.nodule_balance or (self._cropping and self.foreground_fraction > 0):
             self._fg_offsets, self._fg_pixels = self._index_foreground(crop.progress)
 
     def _index_foreground(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +380,7 @@ class Loader:
             found = _evenly(np.flatnonzero(window), MAX_FOREGROUND_PIXELS)
             y, x = np.divmod(found, rw)
             at = ((y + r0) * w + (x + c0)).astype(np.int32)
-            if not self.per_nodule:
+            if not self.nodule_balance:
                 return at, None
             sections = []  # flat in the slice, all their pixels (sorted: the window's are)
             for part in components(window):
@@ -400,38 +397,40 @@ class Loader:
         both = list(tqdm(found, total=len(rows), desc="indexing nodule pixels",
                          unit="slice", leave=False, delay=2.0, disable=not progress))
         parts = [at for at, _ in both]
-        if self.per_nodule:
-            index = self._link_nodules(rows, [c for _, c in both])
-            self._nodules = index if index.nodules else None  # none inside the region
         counts = np.zeros(len(self.split), dtype=np.int64)
         counts[rows] = [len(p) for p in parts]
         offsets = np.zeros(len(self.split) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        if self.nodule_balance:
+            index = self._link_nodules(rows, [c for _, c in both])
+            if index.nodules:  # else none inside the region: sampling by slice
+                self._nodules = index
+                # the sections' pixels after the rows', joined once for `_place`
+                self._section_first = index.offsets + len(flat)
+                flat = np.concatenate([flat, index.pixels])
         return offsets, flat
 
     def _link_nodules(self, rows: np.ndarray, parts: list[list[np.ndarray]]) -> NoduleIndex:
         """The 3-D nodules of the split's nodule slices: each slice's components (inside
-        the region) joined with those of the next slice of its scan that they overlap."""
+        the region), numbered in row order, joined as preprocessing joins them
+        (`NoduleLinker`, fed each scan's slices in order)."""
         m = self.split.meta
-        above = context_table(1, m["patient"], m["exam"], m["slice_position"], m["slice"],
-                              m["instance_number"])[:, 2]
-        first = {}  # row -> its first component's number
-        comp_row, pixels = [], []
-        for row, comps in zip(rows.tolist(), parts, strict=True):
-            first[row] = len(comp_row)
-            comp_row += [row] * len(comps)
-            pixels += comps
-        edges = []
-        for row, comps in zip(rows.tolist(), parts, strict=True):
-            up = int(above[row])
-            if up == row or up not in first:
-                continue
-            ours, theirs = first[row], first[up]
-            n_up = len(parts[int(np.searchsorted(rows, up))])
-            edges += [(ours + i, theirs + j) for i, a in enumerate(comps)
-                      for j in range(n_up) if overlap(a, pixels[theirs + j])]
-        return NoduleIndex.build(np.asarray(comp_row, np.int64), pixels, edges,
+        of_row = dict(zip(rows.tolist(), parts, strict=True))
+        first = np.zeros(len(self.split) + 1, dtype=np.int64)  # row -> its first section
+        first[rows + 1] = [len(p) for p in parts]
+        np.cumsum(first, out=first)
+        linker, fed = NoduleLinker(), []
+        for order in scan_orders(m["patient"], m["exam"], m["slice_position"], m["slice"],
+                                 m["instance_number"]):
+            for position, row in enumerate(order.tolist()):
+                sections = of_row.get(row, [])
+                linker.add(row, position, sections)
+                fed += range(first[row], first[row] + len(sections))
+        label = np.empty(len(fed), dtype=np.int64)
+        label[fed] = linker.labels()
+        section_row = np.repeat(rows, [len(p) for p in parts])
+        return NoduleIndex.build(section_row, [c for p in parts for c in p], label,
                                  MAX_FOREGROUND_PIXELS)
 
     # ------------------------------------------------------------------------- planning
@@ -516,7 +515,7 @@ class Loader:
                ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(origin int64 [n, 2], placed-on-a-nodule bool [n]) of each sample's window; (None,
         None) for whole slices. Draws nothing unless the patch is smaller than the region.
-        With `section` (per_nodule) a crop placed on a nodule goes on that nodule section."""
+        With `section` (nodule_balance) a crop placed on a nodule goes on that section."""
         n = len(rows)
         r0, c0, rh, rw = self.region
         if not self._windowed:
@@ -534,12 +533,10 @@ class Loader:
             first = self._fg_offsets[rows]
             count = self._fg_offsets[rows + 1] - first
             pixels = self._fg_pixels
-            if section is not None:  # a drawn section: its pixels, after the rows' in `pixels`
+            if section is not None:  # a drawn section: its own pixels
                 on = section >= 0
-                index = self._nodules
-                first[on] = index.offsets[section[on]] + len(pixels)
-                count[on] = index.offsets[section[on] + 1] - index.offsets[section[on]]
-                pixels = np.concatenate([pixels, index.pixels])
+                first[on] = self._section_first[section[on]]
+                count[on] = self._section_first[section[on] + 1] - first[on]
             placed = wants & (count > 0)
             k = first[placed] + np.minimum((pick[placed] * count[placed]).astype(np.int64),
                                            count[placed] - 1)
@@ -695,21 +692,27 @@ def context_table(k: int, patient, exam, slice_position=None, slice_number=None,
     None (absent). `predict` can call it with its series: patient, series, z position.
     """
     k = int(k)
+    offsets = np.arange(-k, k + 1)
+    table = np.empty((len(np.asarray(patient).reshape(-1)), 2 * k + 1), dtype=np.int64)
+    for order in scan_orders(patient, exam, slice_position, slice_number, instance_number):
+        at = np.clip(np.arange(len(order))[:, None] + offsets, 0, len(order) - 1)
+        table[order] = order[at]
+    return table
+
+
+def scan_orders(patient, exam, slice_position=None, slice_number=None,
+                instance_number=None) -> list[np.ndarray]:
+    """Each scan's (patient and exam's) slice indices from the lowest slice up, ordered as
+    `context_table` says."""
     patient = np.asarray(patient).reshape(-1)
-    n = len(patient)
     exam = np.asarray(exam).reshape(-1)
     scans: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(patient.tolist(), exam.tolist(), strict=True)):
         scans.setdefault(key, []).append(i)
     keys = [None if v is None else np.asarray(v).reshape(-1)
             for v in (slice_position, slice_number, instance_number)]
-    offsets = np.arange(-k, k + 1)
-    table = np.empty((n, 2 * k + 1), dtype=np.int64)
-    for members in scans.values():
-        order = _scan_order(np.asarray(members, dtype=np.int64), keys)
-        at = np.clip(np.arange(len(order))[:, None] + offsets, 0, len(order) - 1)
-        table[order] = order[at]
-    return table
+    return [_scan_order(np.asarray(members, dtype=np.int64), keys)
+            for members in scans.values()]
 
 
 def _scan_order(rows: np.ndarray, keys: list) -> np.ndarray:

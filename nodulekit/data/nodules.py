@@ -129,9 +129,12 @@ class NoduleLinker:
         self._prev_key: int | None = None
 
     def add(self, row: int, slice_key: int, parts: list[np.ndarray],
-            section_mm: list[float]) -> None:
+            section_mm: list[float] | None = None) -> None:
         """One slice: its cache row, its position in the exam (consecutive slices differ by
-        1), its components' flat pixel indices and section diameters."""
+        1), its components' flat pixel indices and section diameters (None: not needed,
+        for `labels` alone)."""
+        if section_mm is None:
+            section_mm = [0.0] * len(parts)
         adjacent = self._prev_key is not None and slice_key - self._prev_key == 1
         nodes = []
         current = []
@@ -147,17 +150,24 @@ class NoduleLinker:
         self._prev = current
         self._prev_key = slice_key
 
-    def finish(self) -> dict[int, list[float]]:
+    def labels(self) -> np.ndarray:
+        """int64 [components added]: each component's 3-D nodule, 0..count-1, components
+        numbered in the order they were added."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
         n = len(self._section)
         if n == 0:
-            return {row: [] for row, _ in self._rows}
+            return np.zeros(0, dtype=np.int64)
         edges = np.asarray(self._edges, dtype=np.int64).reshape(-1, 2)
         graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])),
                            shape=(n, n))
-        _, nodule = connected_components(graph, directed=False)
+        return connected_components(graph, directed=False)[1].astype(np.int64)
+
+    def finish(self) -> dict[int, list[float]]:
+        if not self._section:
+            return {row: [] for row, _ in self._rows}
+        nodule = self.labels()
         biggest = np.zeros(nodule.max() + 1)
         np.maximum.at(biggest, nodule, np.asarray(self._section))
         return {row: [float(biggest[nodule[i]]) for i in nodes] for row, nodes in self._rows}
