@@ -312,11 +312,6 @@ def _shared_workers(threads: int | None) -> Workers:
     return _WORKERS[threads]
 
 
-def _threads(x: np.ndarray) -> str:
-    """Which way a normalisation pass over `x` runs (cpu_norm: small tensors serially)."""
-    return "serial" if x.size < cpu_norm.SERIAL_ELEMENTS else "parallel"
-
-
 class CPUBackend(Backend):
     name = "cpu"
     xp = np
@@ -330,6 +325,15 @@ class CPUBackend(Backend):
     def _note(self, kernel: str) -> None:
         if self.kernel_log is not None:
             self.kernel_log.append(self._note_prefix + kernel)
+
+    def _note_norm(self, name: str, x: np.ndarray, block: int | None = None) -> None:
+        """A normalisation pass: serial or parallel (cpu_norm runs small tensors on the
+        calling thread), and the sums' block; formatted only while a profile listens."""
+        if self.kernel_log is None:
+            return
+        way = "serial" if x.size < cpu_norm.SERIAL_ELEMENTS else "parallel"
+        self._note(f"{name} ({way})" if block is None else
+                   f"{name} ({way}, blocks of {block} px)")
 
     def __init__(self, precision: str = "fp32", threads: int | None = None,
                  conv_variant: str = "auto"):
@@ -957,7 +961,7 @@ class CPUBackend(Backend):
         block = cpu_norm.block_pixels(h * w, c)
         partial = np.empty((n, -(-(h * w) // block), 2, c), dtype=np.float64)
         cpu_norm.moments(x.reshape(n, h * w, c), block, partial)
-        self._note(f"moments ({_threads(x)}, blocks of {block} px)")
+        self._note_norm("moments", x, block)
         return partial
 
     # instance norm: ops.Backend's passes, with the per-channel arithmetic between them in
@@ -1010,7 +1014,7 @@ class CPUBackend(Backend):
         n, h, w, c = x.shape
         y = np.empty_like(x)
         cpu_norm.apply(x.reshape(n, h * w, c), mean, scale, beta, relu, y.reshape(n, h * w, c))
-        self._note(f"apply ({_threads(x)})")
+        self._note_norm("apply", x)
         return y
 
     def _norm_grad_sums(self, dy, x, y, mean, invstd, relu):
@@ -1024,7 +1028,7 @@ class CPUBackend(Backend):
         cpu_norm.grad_sums(dy.reshape(shape), x.reshape(shape),
                            (y if relu else dy).reshape(shape), mean, invstd, relu, block,
                            partial)
-        self._note(f"grad_sums ({_threads(x)}, blocks of {block} px)")
+        self._note_norm("grad_sums", x, block)
         return partial
 
     def _norm_grad_apply(self, dy, x, y, mean, invstd, coef, relu):
@@ -1034,7 +1038,7 @@ class CPUBackend(Backend):
         cpu_norm.grad_apply(dy.reshape(shape), x.reshape(shape),
                             (y if relu else dy).reshape(shape), mean, invstd, coef, relu,
                             dx.reshape(shape))
-        self._note(f"grad_apply ({_threads(x)})")
+        self._note_norm("grad_apply", x)
         return dx
 
     # ------------------------------------------------------------------ input pipeline
