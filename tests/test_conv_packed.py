@@ -136,6 +136,30 @@ def test_block_family_follows_the_cpu_numba_compiles_for(monkeypatch):
     assert not packed._compiles_for_avx512()
 
 
+def test_an_avx2_host_gets_the_16_register_blocks(monkeypatch):
+    """The host's feature list names the features it lacks too ("-avx512f" on an AVX2
+    core such as Zen 3): only "+avx512f" means 32 registers."""
+    from numba import config
+
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+
+    class Host:
+        def __init__(self, flat):
+            self.flat = flat
+
+        def flatten(self):
+            return self.flat
+
+    avx2 = "+64bit,+avx,+avx2,-avx512bw,-avx512f,-avx512vl,+fma"
+    monkeypatch.setattr(packed.llvm, "get_host_cpu_features", lambda: Host(avx2))
+    assert not packed._compiles_for_avx512()
+    monkeypatch.setattr(packed.llvm, "get_host_cpu_features",
+                        lambda: Host(avx2.replace("-avx512f", "+avx512f")))
+    assert packed._compiles_for_avx512()
+    assert not packed.enables_avx512("+avx2,+fma,-avx512f,+avx512fp16")
+
+
 @pytest.mark.parametrize("n,h,w,c,k", SHAPES)
 def test_both_block_families_give_the_same_bits(rng, n, h, w, c, k):
     """Every output is one chain of FMAs in the same order whatever the block (bias, then

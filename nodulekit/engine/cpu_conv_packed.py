@@ -153,10 +153,17 @@ def _compiles_for_avx512() -> bool:
     """Whether Numba compiles for a CPU with AVX-512 (32 vector registers): the host's
     features unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise."""
     if config.CPU_FEATURES is not None:
-        return "+avx512f" in config.CPU_FEATURES.split(",")
+        return enables_avx512(config.CPU_FEATURES)
     if config.CPU_NAME not in (None, "host"):
         return False  # a named CPU without features: assume the narrower register file
-    return "avx512f" in llvm.get_host_cpu_features().flatten()
+    return enables_avx512(llvm.get_host_cpu_features().flatten())
+
+
+def enables_avx512(features: str) -> bool:
+    """Whether an LLVM feature list ("+avx2,-avx512f,...") turns AVX-512 on. The host's
+    list names every feature it knows, the missing ones as "-avx512f": a substring test
+    would find it there too (and did, putting the 32-register blocks on AVX2 cores)."""
+    return "+avx512f" in features.replace(" ", "").split(",")
 
 
 # 4 x 64 and 8 x 32 blocks of 16 lanes, 8 x 16 and 8 x 8 of 8 (16 accumulators) where the
