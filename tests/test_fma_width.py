@@ -59,8 +59,12 @@ def test_the_measurement_compares_the_two_widths():
     assert m["gflops_8_lanes"] > 0 and m["gflops_16_lanes"] > 0
     assert m["ratio"] == pytest.approx(m["gflops_16_lanes"] / m["gflops_8_lanes"])
     assert m["full_width"] == (m["ratio"] >= fma_width.THRESHOLD)
-    # 16 lanes never do more than twice 8 lanes' work (timer noise aside), nor much less
-    assert 0.7 < m["ratio"] < 2.4
+    # 16 lanes never do more than twice 8 lanes' work (timer noise aside)
+    assert m["ratio"] < 2.4
+    if cpu_conv_packed.WIDE_BLOCKS:  # AVX-512: a 16-lane FMA is one instruction, not much slower
+        assert m["ratio"] > 0.7
+    else:  # AVX2: two 8-lane halves, and the 16-lane chains spill (0.57 on a Zen 3)
+        assert not m["full_width"]
 
 
 @pytest.mark.parametrize("c, k, width", [(32, 32, 256), (64, 32, 256), (32, 64, 128)])

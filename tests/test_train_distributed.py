@@ -50,6 +50,19 @@ DEMO_OPTS = {"bce_weight": 0.01, "lr_scaling": "fan_in", "smooth": 0.01, "dice":
 # Tolerances ("float32 rounding"): measured differences are ~1e-6 of the weights' movement,
 # ~2e-7 of Adam's moments and ~3e-10 of the losses; see _same_training.
 WEIGHTS_RTOL, MOMENTS_RTOL, METRICS_RTOL = 2e-5, 1e-5, 1e-6
+# With batch norm the two runs normalise with statistics summed in another order, and a
+# ReLU after a norm layer can then pass a pixel's gradient in one run and not in the other
+# where the pre-activation lies a rounding away from 0: what the pattern below points to,
+# though no single pixel was traced. Measured on the 2-core Zen 3 (family 25 model 1,
+# 2026-12-06): every gradient from the head back to dec0's second norm agreed to 1e-7,
+# then dec0.norm1's beta gradient (a plain sum of the masked dy) differed by 2.5e-4 while
+# its gamma gradient (the same sum weighted by x-hat, about 0 at those pixels) agreed to
+# 2e-7, and every layer before it
+# inherited that: weights 4.4e-5 of their movement, Adam's m 4.2e-4, v 7.3e-5; the Xeon's
+# kernels had stayed under the plain tolerances. These leave 10x room and still catch a sum
+# where the mean belongs (m 100% off) and unsynchronised statistics (the losses, which
+# keep METRICS_RTOL: 3e-10 measured).
+BN_WEIGHTS_RTOL, BN_MOMENTS_RTOL = 4e-4, 4e-3
 
 
 def _mpiexec() -> str:
@@ -73,7 +86,8 @@ def _train_cmd(cache, out, *extra) -> list[str]:
             *TINY_ARGS, *extra]
 
 
-def _same_training(single: Path, ranks: Path) -> None:
+def _same_training(single: Path, ranks: Path, weights_rtol: float = WEIGHTS_RTOL,
+                   moments_rtol: float = MOMENTS_RTOL) -> None:
     """Two run folders hold the same training, to float32 rounding.
 
     One process sums the weight gradients of its 4 samples in one order; 2 ranks sum 2
@@ -100,9 +114,9 @@ def _same_training(single: Path, ranks: Path) -> None:
 
     moved = a.params.astype(np.float64) - start
     assert np.linalg.norm(moved) > 1e-2, "the weights hardly moved: the test shows nothing"
-    assert rel(b.params, a.params, moved) < WEIGHTS_RTOL
-    assert rel(b.adam["m"], a.adam["m"], a.adam["m"]) < MOMENTS_RTOL
-    assert rel(b.adam["v"], a.adam["v"], a.adam["v"]) < MOMENTS_RTOL
+    assert rel(b.params, a.params, moved) < weights_rtol
+    assert rel(b.adam["m"], a.adam["m"], a.adam["m"]) < moments_rtol
+    assert rel(b.adam["v"], a.adam["v"], a.adam["v"]) < moments_rtol
     assert a.adam["step"] == b.adam["step"]
     for ra, rb in zip(a.history, b.history, strict=True):
         for key in ("train_loss", "train_bce", "val_loss", "val_dice", "val_iou",
@@ -155,7 +169,7 @@ def test_two_ranks_with_batch_norm_equal_one_process(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data-parallel: 2 ranks over MPI" in proc.stdout and "batch norm" in proc.stdout
     tiny_train(cache, tmp_path / "single", epochs=2, test=False, norm="batch", weight_ema=0.9)
-    _same_training(tmp_path / "single", run)
+    _same_training(tmp_path / "single", run, BN_WEIGHTS_RTOL, BN_MOMENTS_RTOL)
     a = load_checkpoint(tmp_path / "single" / "checkpoint_last.h5")
     b = load_checkpoint(run / "checkpoint_last.h5")
     assert a.config["norm"] == b.config["norm"] == "batch"
