@@ -145,7 +145,7 @@ class NoduleLinker:
             current.append((node, pixels))
             if adjacent:
                 self._edges += [(node, other) for other, other_pixels in self._prev
-                                if overlap(pixels, other_pixels)]
+                                if _overlap(pixels, other_pixels)]
         self._rows.append((row, nodes))
         self._prev = current
         self._prev_key = slice_key
@@ -173,7 +173,7 @@ class NoduleLinker:
         return {row: [float(biggest[nodule[i]]) for i in nodes] for row, nodes in self._rows}
 
 
-def overlap(a: np.ndarray, b: np.ndarray) -> bool:
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two sorted arrays of unique flat pixel indices share a pixel."""
     if a[0] > b[-1] or b[0] > a[-1]:  # both sorted: disjoint ranges cannot share a pixel
         return False
